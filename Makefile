@@ -1,0 +1,48 @@
+# The front door. `make demo` and `make test` work on a fresh Debian 12/13
+# machine as root: they create the virtual environment, install what is
+# missing (once: later runs reuse it) and run.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Rebuilt only when what the environment installs changes.
+VENV_STAMP := $(VENV)/.splitpilot-installed
+PYTEST_ARGS ?=
+
+.PHONY: help demo test venv sysdeps proto lint bench clean
+
+help:
+	@echo "make demo    - set up and run the main job end to end on the embedded default"
+	@echo "make test    - set up everything (Debian packages too) and run the whole test suite"
+	@echo "make bench   - run the benchmarks in bench/"
+	@echo "make proto   - regenerate splitpilot/ (generated code) from proto/"
+	@echo "make lint    - ruff over the hand-written code"
+	@echo "make clean   - remove the virtual environment and caches"
+
+$(VENV_STAMP): setup.cfg pyproject.toml scripts/bootstrap-venv.sh
+	scripts/bootstrap-venv.sh $(PYTHON) $(VENV)
+	@touch $@
+
+venv: $(VENV_STAMP)
+
+sysdeps:
+	@scripts/install-system-deps.sh
+
+demo: $(VENV_STAMP)
+	$(BIN)/splitpilot demo
+
+test: sysdeps $(VENV_STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV_STAMP)
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
+
+proto: $(VENV_STAMP)
+	$(BIN)/python tools/protogen.py
+
+lint: $(VENV_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
+	$(BIN)/ruff check pilot condor_plugin submit tests bench tools
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build *.egg-info

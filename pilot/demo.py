@@ -1,0 +1,145 @@
+"""`splitpilot demo`: run what exists of the main job, end to end, with progress.
+
+Until the pilot (issue 5) and HTCondor (issue 6) land, the demo runs the
+agent <-> wrapper protocol between two real processes: this process plays
+the agent, and each job gets a real child process playing the wrapper
+(`pilot.pipe.loopback`), spoken to only through its stdin and stdout. The
+last job is stopped midway with a Stop notice to show the graceful drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from pilot import __version__
+from pilot.errors import UsageError
+from pilot.pipe import messages as m
+from pilot.pipe.channel import PipeChannel
+from pilot.pipe.protocol import Role
+
+PINGS_PER_JOB = 20
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    job_id: int
+    final_state: str
+    failure_class: str
+    heartbeats: int
+    log_bytes: int
+    frames_in: int
+    bytes_in: int
+    bytes_out: int
+    ping_p50_us: float
+    seconds: float
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the main job end to end on the embedded default",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--jobs", type=int, default=3, metavar="N",
+                        help="number of jobs to run, one wrapper process each (default 3)")
+    parser.add_argument("--steps", type=int, default=6, metavar="N",
+                        help="heartbeats each simulated job sends before it finishes (default 6)")
+    parser.set_defaults(handler=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.jobs < 1 or args.steps < 1:
+        raise UsageError("--jobs and --steps must be at least 1")
+    print("splitpilot demo: the pilot and HTCondor parts have not landed yet; this runs the\n"
+          "agent <-> wrapper protocol between real processes (agent here, one wrapper process\n"
+          "per job, frames over the wrapper's stdin/stdout). The last job gets a Stop notice.\n",
+          flush=True)
+    outcomes = []
+    for index in range(args.jobs):
+        stop_after = max(1, args.steps // 2) if index == args.jobs - 1 and args.jobs > 1 else None
+        outcomes.append(run_one_job(1000 + index, args.steps, stop_after))
+    print_summary(outcomes)
+    expected_done = args.jobs - 1 if args.jobs > 1 else 1
+    done = sum(o.final_state == "JOB_STATE_DONE" for o in outcomes)
+    return 0 if done == expected_done else 1
+
+
+def run_one_job(job_id: int, steps: int, stop_after: int | None) -> JobOutcome:
+    start = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "pilot.pipe.loopback"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert process.stdin is not None and process.stdout is not None
+    channel = PipeChannel(Role.AGENT, process.stdout.fileno(), process.stdin.fileno())
+    heartbeats = log_bytes = frames_in = 0
+    try:
+        channel.send(m.make_hello(agent_id="demo-agent", software_version=__version__))
+        ready = channel.expect(m.Ready, timeout=30)
+        print(f"job {job_id}: wrapper pid {ready.pid} ready, protocol "
+              f"{ready.protocol_major}.{ready.protocol_minor}", flush=True)
+        rtts = measure_rtt(channel, PINGS_PER_JOB)
+        spec = m.JobSpec(executable="loopback", arguments=[str(steps)], owner="demo", name=f"demo-{job_id}",
+                         requirements=m.Requirements(cores=1, memory_mb=100, disk_mb=10, walltime_s=60))
+        channel.send(m.JobStart(job_id=job_id, attempt=1, spec=spec, sandbox_dir="/tmp",
+                                limits=m.Limits(cores=1, memory_mb=100, disk_mb=10, walltime_s=60)))
+        result = None
+        while result is None:
+            event = channel.expect(m.StateChange, m.Heartbeat, m.LogChunk, m.Result, timeout=30)
+            frames_in += 1
+            if isinstance(event, m.StateChange):
+                print(f"job {job_id}: {m.JobState.Name(event.state)} {event.detail}", flush=True)
+            elif isinstance(event, m.Heartbeat):
+                heartbeats += 1
+                print(f"job {job_id}: heartbeat {heartbeats}, wall {event.wall_seconds:.2f} s", flush=True)
+                if stop_after is not None and heartbeats == stop_after:
+                    channel.send(m.Stop(reason=m.StopReason.STOP_REASON_SLOT_END,
+                                        detail="demo: the slot ends", deadline_s=10))
+                    print(f"job {job_id}: sent Stop (slot end, 10 s deadline)", flush=True)
+            elif isinstance(event, m.LogChunk):
+                log_bytes += len(event.data)
+            elif isinstance(event, m.Result):
+                result = event
+        print(f"job {job_id}: result {m.JobState.Name(result.final_state)} "
+              f"({m.FailureClass.Name(result.failure_class)}): {result.message}", flush=True)
+        channel.close_write()
+        process.wait(timeout=30)
+    finally:
+        channel.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return JobOutcome(job_id, m.JobState.Name(result.final_state), m.FailureClass.Name(result.failure_class),
+                      heartbeats, log_bytes, frames_in, channel.bytes_received, channel.bytes_sent,
+                      statistics.median(rtts) * 1e6 if rtts else float("nan"), time.monotonic() - start)
+
+
+def measure_rtt(channel: PipeChannel, count: int) -> list[float]:
+    """Ping/Pong round trips through the wrapper process, in seconds."""
+    rtts = []
+    for nonce in range(count):
+        sent = time.perf_counter()
+        channel.send(m.Ping(nonce=nonce))
+        pong = channel.expect(m.Pong, timeout=10)
+        rtts.append(time.perf_counter() - sent)
+        if pong.nonce != nonce:
+            raise RuntimeError(f"pong {pong.nonce} answers ping {nonce}")
+    return rtts
+
+
+def print_summary(outcomes: list[JobOutcome]) -> None:
+    header = ("job", "final state", "failure class", "heartbeats", "log B", "frames in",
+              "bytes in", "bytes out", "ping p50", "seconds")
+    rows = [(str(o.job_id), o.final_state.removeprefix("JOB_STATE_"),
+             o.failure_class.removeprefix("FAILURE_CLASS_"), str(o.heartbeats), str(o.log_bytes),
+             str(o.frames_in), str(o.bytes_in), str(o.bytes_out), f"{o.ping_p50_us:.0f} us",
+             f"{o.seconds:.2f}") for o in outcomes]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print()
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(flush=True)

@@ -1,0 +1,68 @@
+"""The pipe's message types, its version, and helpers to build greetings.
+
+Everything else in pilot.pipe imports the generated classes through here, so
+the generated package's layout is known in one place.
+"""
+
+from __future__ import annotations
+
+import os
+
+from splitpilot.job.v1 import job_pb2
+from splitpilot.pipe.v1 import pipe_pb2
+
+#: (major, minor) of the pipe protocol this code speaks. The major equals the
+#: `.v1` in the proto package; a new minor only adds optional fields.
+PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+
+# Re-exported message and enum types, so callers write `messages.Heartbeat`.
+AgentMessage = pipe_pb2.AgentMessage
+WrapperMessage = pipe_pb2.WrapperMessage
+Hello = pipe_pb2.Hello
+JobStart = pipe_pb2.JobStart
+JobToken = pipe_pb2.JobToken
+BrokerEndpoint = pipe_pb2.BrokerEndpoint
+Limits = pipe_pb2.Limits
+Stop = pipe_pb2.Stop
+StopReason = pipe_pb2.StopReason
+TokenRefresh = pipe_pb2.TokenRefresh
+Ping = pipe_pb2.Ping
+Ready = pipe_pb2.Ready
+StateChange = pipe_pb2.StateChange
+Heartbeat = pipe_pb2.Heartbeat
+LogChunk = pipe_pb2.LogChunk
+LogStream = pipe_pb2.LogStream
+Result = pipe_pb2.Result
+FailureClass = pipe_pb2.FailureClass
+Pong = pipe_pb2.Pong
+Error = pipe_pb2.Error
+ErrorCode = pipe_pb2.ErrorCode
+JobSpec = job_pb2.JobSpec
+JobState = job_pb2.JobState
+InputFile = job_pb2.InputFile
+Requirements = job_pb2.Requirements
+
+
+def _kinds(envelope: type) -> dict[type, str]:
+    """Map each message class of an envelope's `kind` oneof to its field name."""
+    oneof = envelope.DESCRIPTOR.oneofs_by_name["kind"]
+    return {getattr(pipe_pb2, field.message_type.name): field.name for field in oneof.fields}
+
+
+#: Message class -> envelope field name, per direction.
+AGENT_KINDS: dict[type, str] = _kinds(AgentMessage)
+WRAPPER_KINDS: dict[type, str] = _kinds(WrapperMessage)
+
+
+def make_hello(agent_id: str, software_version: str = "") -> pipe_pb2.Hello:
+    """The agent's greeting with this side's protocol version filled in."""
+    major, minor = PROTOCOL_VERSION
+    return Hello(protocol_major=major, protocol_minor=minor, agent_id=agent_id,
+                 software_version=software_version)
+
+
+def make_ready(capabilities: tuple[str, ...] = (), software_version: str = "") -> pipe_pb2.Ready:
+    """The wrapper's greeting with this side's protocol version and pid."""
+    major, minor = PROTOCOL_VERSION
+    return Ready(protocol_major=major, protocol_minor=minor, pid=os.getpid(),
+                 capabilities=list(capabilities), software_version=software_version)

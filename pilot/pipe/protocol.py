@@ -1,0 +1,235 @@
+"""The sans-I/O core of the agent <-> wrapper protocol.
+
+A `Connection` holds one side's view of the conversation: our state, the
+peer's state, and a frame decoder. It does no I/O: `send(message)` checks
+the message is legal and returns the bytes to write; `receive_data(bytes)`
+takes what was read (b"" for end of file) and `next_event()` returns the
+peer's messages one by one. The I/O adapters (pilot.pipe.channel for
+blocking pipes; an agent's selector loop later) stay thin around it.
+
+All the rules of the conversation are in the single table `TRANSITIONS`:
+for each (sender, sender's state, message kind), the sender's next state.
+Anything not in the table is illegal, whichever side tries it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+from google.protobuf.message import DecodeError
+
+from pilot.pipe import messages
+from pilot.pipe.errors import (
+    PeerClosed,
+    ProtocolError,
+    UndecodableMessage,
+    UnexpectedMessage,
+    UnsupportedVersion,
+)
+from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
+
+
+class Role(enum.Enum):
+    """Which end of the pipe a Connection is."""
+
+    AGENT = "agent"
+    WRAPPER = "wrapper"
+
+    @property
+    def peer(self) -> Role:
+        return Role.WRAPPER if self is Role.AGENT else Role.AGENT
+
+
+class State(enum.Enum):
+    """Where one side is in the conversation."""
+
+    START = "START"          # nothing sent yet
+    GREETED = "GREETED"      # sent Hello (agent) or Ready (wrapper)
+    JOB = "JOB"              # agent: sent JobStart
+    STOPPING = "STOPPING"    # agent: sent Stop
+    FINISHED = "FINISHED"    # wrapper: sent Result or Error
+    CLOSED = "CLOSED"        # sent end of file
+    ERROR = "ERROR"          # broke the protocol; nothing more is accepted
+
+
+A, W = Role.AGENT, Role.WRAPPER
+S = State
+
+#: (sender, sender's state, message kind) -> sender's next state.
+TRANSITIONS: Final[dict[tuple[Role, State, str], State]] = {
+    # agent -> wrapper
+    (A, S.START, "hello"): S.GREETED,
+    (A, S.GREETED, "job_start"): S.JOB,
+    (A, S.GREETED, "ping"): S.GREETED,
+    (A, S.JOB, "ping"): S.JOB,
+    (A, S.JOB, "token_refresh"): S.JOB,
+    (A, S.JOB, "stop"): S.STOPPING,
+    (A, S.STOPPING, "ping"): S.STOPPING,
+    (A, S.STOPPING, "token_refresh"): S.STOPPING,
+    (A, S.STOPPING, "stop"): S.STOPPING,  # a later Stop may shorten the deadline
+    # wrapper -> agent
+    (W, S.START, "ready"): S.GREETED,
+    (W, S.START, "error"): S.FINISHED,
+    (W, S.GREETED, "pong"): S.GREETED,
+    (W, S.GREETED, "state_change"): S.GREETED,
+    (W, S.GREETED, "heartbeat"): S.GREETED,
+    (W, S.GREETED, "log_chunk"): S.GREETED,
+    (W, S.GREETED, "result"): S.FINISHED,
+    (W, S.GREETED, "error"): S.FINISHED,
+}
+
+#: Wrapper messages that speak of the job: legal only once the agent has
+#: sent JobStart (the wrapper cannot report on a job it was never given).
+NEEDS_JOB: Final[frozenset[str]] = frozenset({"state_change", "heartbeat", "log_chunk", "result"})
+
+#: States in which a side may end its stream without leaving the peer
+#: waiting for something (end of file there is a clean close).
+CLEAN_CLOSE: Final[dict[Role, frozenset[State]]] = {
+    # The agent may close the wrapper's stdin at any time once it sent the
+    # job: the wrapper then stops the payload as on a Stop.
+    A: frozenset({S.JOB, S.STOPPING}),
+    W: frozenset({S.FINISHED}),
+}
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class _ConnectionClosed:
+    def __repr__(self) -> str:
+        return "ConnectionClosed"
+
+
+#: next_event(): no complete message buffered; feed more bytes.
+NEED_DATA: Final = _NeedData()
+#: next_event(): the peer ended its stream cleanly, in a state that allows it.
+ConnectionClosed: Final = _ConnectionClosed()
+
+
+class Connection:
+    """One side of the pipe protocol, without I/O.
+
+    Events returned by `next_event` are the peer's messages themselves
+    (e.g. a `messages.Heartbeat`), `ConnectionClosed`, or `NEED_DATA`.
+    Errors raised are `pilot.pipe.errors.ProtocolError` subclasses; a remote
+    error is sticky (the peer's stream is not trusted any further).
+    """
+
+    def __init__(self, role: Role, *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self.role = role
+        self.max_frame_bytes = max_frame_bytes
+        self.our_state = State.START
+        self.their_state = State.START
+        self.peer_version: tuple[int, int] | None = None
+        self._decoder = FrameDecoder(max_frame_bytes)
+        if role is Role.AGENT:
+            self._out_envelope, self._out_kinds = messages.AgentMessage, messages.AGENT_KINDS
+            self._in_envelope = messages.WrapperMessage
+        else:
+            self._out_envelope, self._out_kinds = messages.WrapperMessage, messages.WRAPPER_KINDS
+            self._in_envelope = messages.AgentMessage
+        self._in_parse = self._in_envelope.FromString
+        self._job_sent = False      # the agent has sent JobStart (both sides track it)
+        self._pings_unanswered = 0  # Pings sent by the agent and not yet answered
+        self._error: ProtocolError | None = None
+
+    # ----------------------------------------------------------- sending
+
+    def send(self, message) -> bytes:
+        """Check MESSAGE is legal now, advance our state, return its frame."""
+        kind = self._out_kinds.get(type(message))
+        if kind is None:
+            raise UnexpectedMessage(type(message).__name__, self.role.value, self.our_state.value,
+                                    local=True, why=f"is not a message the {self.role.value} sends")
+        new_state = self._transition(self.role, self.our_state, kind, local=True)
+        envelope = self._out_envelope()
+        getattr(envelope, kind).CopyFrom(message)
+        frame = encode_frame(envelope.SerializeToString(), self.max_frame_bytes)
+        self._after(self.role, kind)
+        self.our_state = new_state
+        return frame
+
+    def send_eof(self) -> None:
+        """Record that we close our stream (the adapter closes the fd)."""
+        self.our_state = State.CLOSED
+
+    # ---------------------------------------------------------- receiving
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes read from the peer; b"" means end of file."""
+        if data:
+            self._decoder.feed(data)
+        else:
+            self._decoder.feed_eof()
+
+    def next_event(self):
+        """Return the peer's next message, ConnectionClosed or NEED_DATA."""
+        if self._error is not None:
+            raise self._error
+        try:
+            frame = self._decoder.next_frame()
+            if frame is None:
+                return NEED_DATA
+            if frame is FrameDecoder.EOF:
+                return self._peer_closed()
+            try:
+                envelope = self._in_parse(frame)
+            except DecodeError as exc:
+                raise UndecodableMessage(str(exc) or "invalid protobuf") from None
+            kind = envelope.WhichOneof("kind")
+            if kind is None:
+                raise UndecodableMessage(
+                    f"{self._in_envelope.DESCRIPTOR.name} with no message set (an unknown kind "
+                    "from a newer peer, or not a message of this protocol)")
+            peer = self.role.peer
+            new_state = self._transition(peer, self.their_state, kind, local=False)
+            message = getattr(envelope, kind)
+            if kind == "hello" or kind == "ready":
+                self._check_version(message)
+            self._after(peer, kind)
+            self.their_state = new_state
+            return message
+        except ProtocolError as exc:
+            self._error = exc
+            self.their_state = State.ERROR
+            raise
+
+    # ----------------------------------------------------------- internals
+
+    def _transition(self, sender: Role, state: State, kind: str, *, local: bool) -> State:
+        new_state = TRANSITIONS.get((sender, state, kind))
+        if new_state is None:
+            raise UnexpectedMessage(kind, sender.value, state.value, local=local)
+        if sender is Role.WRAPPER:
+            if kind in NEEDS_JOB and not self._job_sent:
+                raise UnexpectedMessage(kind, sender.value, state.value, local=local,
+                                        why="is about a job, but the agent has not sent JobStart")
+            if kind == "pong" and self._pings_unanswered == 0:
+                raise UnexpectedMessage(kind, sender.value, state.value, local=local,
+                                        why="answers no Ping")
+        return new_state
+
+    def _after(self, sender: Role, kind: str) -> None:
+        if kind == "job_start":
+            self._job_sent = True
+        elif kind == "ping":
+            self._pings_unanswered += 1
+        elif kind == "pong":
+            self._pings_unanswered -= 1
+
+    def _check_version(self, greeting) -> None:
+        theirs = (greeting.protocol_major, greeting.protocol_minor)
+        self.peer_version = theirs
+        if theirs[0] != messages.PROTOCOL_VERSION[0]:
+            raise UnsupportedVersion(messages.PROTOCOL_VERSION, theirs)
+
+    def _peer_closed(self):
+        if self.their_state in CLEAN_CLOSE[self.role.peer]:
+            self.their_state = State.CLOSED
+            return ConnectionClosed
+        if self.their_state is State.CLOSED:
+            return ConnectionClosed
+        raise PeerClosed(self.their_state.value)

@@ -1,0 +1,34 @@
+#!/bin/sh
+# Install the Debian packages the test suite needs; do nothing when they are
+# already there (idempotent, no apt-get update unless something is missing).
+#   protobuf-compiler, libprotobuf-java: the Java peer compiled from proto/
+#   a JDK (javac): the same test
+set -eu
+
+packages="protobuf-compiler libprotobuf-java"
+command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"
+
+missing=""
+for pkg in $packages; do
+    status=$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)
+    case "$status" in
+        *"install ok installed"*) ;;
+        *) missing="$missing $pkg" ;;
+    esac
+done
+
+if [ -z "$missing" ]; then
+    echo "system packages: all present ($packages)"
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-system-deps: missing Debian packages:$missing" >&2
+    echo "fix: run as root, or: sudo apt-get install -y --no-install-recommends$missing" >&2
+    exit 1
+fi
+echo "system packages: installing$missing"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# shellcheck disable=SC2086
+apt-get install -y -qq --no-install-recommends $missing >/dev/null
+echo "system packages: installed$missing"
