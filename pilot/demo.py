@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,8 +18,7 @@ from dataclasses import dataclass
 from pilot import __version__
 from pilot.errors import UsageError
 from pilot.pipe import messages as m
-from pilot.pipe.channel import PipeChannel
-from pilot.pipe.protocol import Role
+from pilot.pipe.channel import PipeChannel, spawn_with_channel
 
 PINGS_PER_JOB = 20
 
@@ -72,10 +70,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def run_one_job(job_id: int, steps: int, stop_after: int | None) -> JobOutcome:
     start = time.monotonic()
-    process = subprocess.Popen([sys.executable, "-m", "pilot.pipe.loopback"],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert process.stdin is not None and process.stdout is not None
-    channel = PipeChannel(Role.AGENT, process.stdout.fileno(), process.stdin.fileno())
+    process, channel = spawn_with_channel([sys.executable, "-m", "pilot.pipe.loopback"])
     heartbeats = log_bytes = frames_in = 0
     try:
         channel.send(m.make_hello(agent_id="demo-agent", software_version=__version__))

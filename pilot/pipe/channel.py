@@ -8,16 +8,27 @@ side buffer more than one frame plus one read.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
+import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 
 from pilot.pipe.errors import PeerClosed, ProtocolError, UnexpectedMessage
 from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES
+from pilot.pipe.memory import keep_frames_on_heap
 from pilot.pipe.protocol import NEED_DATA, Connection, ConnectionClosed, Role
 
 READ_SIZE = 64 * 1024
+
+#: Capacity asked for the two pipes of a spawned wrapper. Linux's default,
+#: 64 KiB, makes a 1 MiB LogChunk cost 16 sleep/wake-up rounds between the
+#: two processes. Larger pipes count against the user's pipe-user-pages-soft
+#: budget (64 MiB by default, shared by every process of the glidein's user,
+#: payloads included), so this stays moderate.
+PIPE_SIZE = 256 * 1024
 
 
 class PipeTimeout(ProtocolError):
@@ -36,11 +47,13 @@ class PipeChannel:
     """Send and receive protocol messages over two file descriptors.
 
     The channel owns the fds and closes them in `close()` (or on leaving a
-    `with` block).
+    `with` block). Creating one tunes this process's malloc for frame-sized
+    buffers (see pilot.pipe.memory).
     """
 
     def __init__(self, role: Role, read_fd: int, write_fd: int, *,
                  max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        keep_frames_on_heap(max_frame_bytes)
         self.conn = Connection(role, max_frame_bytes=max_frame_bytes)
         self.read_fd = read_fd
         self.write_fd = write_fd
@@ -123,6 +136,40 @@ class PipeChannel:
                                     self.conn.their_state.value, local=False,
                                     why=f"arrived where {names} was expected")
         return event
+
+
+def spawn_with_channel(argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+                       stderr=None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+                       pipe_size: int = PIPE_SIZE) -> tuple[subprocess.Popen, PipeChannel]:
+    """Start ARGV with its stdin/stdout as our pipe; return it and our channel.
+
+    The channel owns our ends of both pipes (close it when done); the
+    process's stderr goes to STDERR (default: inherited). No other fd is
+    inherited by the child.
+    """
+    child_in, to_child = os.pipe()
+    from_child, child_out = os.pipe()
+    for fd in (to_child, from_child):
+        _try_set_pipe_size(fd, pipe_size)
+    try:
+        process = subprocess.Popen(list(argv), stdin=child_in, stdout=child_out, stderr=stderr,
+                                   env=None if env is None else dict(env), cwd=cwd, close_fds=True)
+    except BaseException:
+        for fd in (to_child, from_child):
+            os.close(fd)
+        raise
+    finally:
+        os.close(child_in)
+        os.close(child_out)
+    return process, PipeChannel(Role.AGENT, from_child, to_child, max_frame_bytes=max_frame_bytes)
+
+
+def _try_set_pipe_size(fd: int, size: int) -> None:
+    """Ask for a pipe capacity; the kernel may refuse (limits): keep the default."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:
+        pass
 
 
 def claim_stdio() -> tuple[int, int]:

@@ -33,6 +33,13 @@ _ONE_BYTE_PREFIX = tuple(bytes((n,)) for n in range(128))
 # memmove per 64 KiB rather than one per frame.
 _COMPACT_AFTER = 64 * 1024
 
+# A frame longer than this that is still incomplete gets a buffer of its own,
+# allocated once at its announced size (already checked against the cap), and
+# later reads are copied straight into it. Growing one shared buffer instead
+# costs repeated reallocations and copies: 1 MiB frames ran at 15% of the
+# raw pipe bandwidth that way.
+_LARGE_FRAME = 64 * 1024
+
 
 def check_max_frame_bytes(value: int) -> int:
     """Validate a configured frame cap and return it."""
@@ -78,7 +85,7 @@ class FrameDecoder:
 
     EOF = object()
 
-    __slots__ = ("max_frame_bytes", "_buf", "_pos", "_eof", "_error")
+    __slots__ = ("max_frame_bytes", "_buf", "_pos", "_eof", "_error", "_large", "_large_filled")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
         self.max_frame_bytes = check_max_frame_bytes(max_frame_bytes)
@@ -86,24 +93,43 @@ class FrameDecoder:
         self._pos = 0
         self._eof = False
         self._error: Exception | None = None
+        self._large: bytearray | None = None  # a large frame being filled
+        self._large_filled = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as frames."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._large_filled
 
     def feed(self, data: bytes) -> None:
         if self._eof:
             raise ValueError("feed() after feed_eof()")
+        large = self._large
+        if large is not None:
+            filled = self._large_filled
+            take = min(len(large) - filled, len(data))
+            large[filled:filled + take] = memoryview(data)[:take]
+            self._large_filled = filled + take
+            data = data[take:]
         if data:
             self._buf += data
 
     def feed_eof(self) -> None:
         self._eof = True
 
-    def next_frame(self) -> bytes | object | None:
+    def next_frame(self) -> bytes | bytearray | object | None:
+        """The next frame's bytes, None (need more data) or `EOF`."""
         if self._error is not None:
             raise self._error
+        large = self._large
+        if large is not None:
+            if self._large_filled < len(large):
+                if self._eof:
+                    return self._fail(TruncatedFrame(len(large), self._large_filled))
+                return None
+            self._large = None
+            self._large_filled = 0
+            return large
         buf = self._buf
         pos = self._pos
         end = len(buf)
@@ -146,6 +172,14 @@ class FrameDecoder:
         if stop > end:
             if self._eof:
                 return self._fail(TruncatedFrame(size, end - start))
+            if size > _LARGE_FRAME:
+                large = bytearray(size)
+                have = end - start
+                large[:have] = buf[start:end]
+                self._large = large
+                self._large_filled = have
+                buf.clear()
+                self._pos = 0
             return None
         frame = bytes(buf[start:stop])
         if stop >= _COMPACT_AFTER:

@@ -86,9 +86,10 @@ NEEDS_JOB: Final[frozenset[str]] = frozenset({"state_change", "heartbeat", "log_
 #: States in which a side may end its stream without leaving the peer
 #: waiting for something (end of file there is a clean close).
 CLEAN_CLOSE: Final[dict[Role, frozenset[State]]] = {
-    # The agent may close the wrapper's stdin at any time once it sent the
-    # job: the wrapper then stops the payload as on a Stop.
-    A: frozenset({S.JOB, S.STOPPING}),
+    # The agent may close the wrapper's stdin at any time after Hello: before
+    # JobStart when it only probed the wrapper (a runtime self-test), after it
+    # when it went away, and the wrapper then stops the payload as on a Stop.
+    A: frozenset({S.GREETED, S.JOB, S.STOPPING}),
     W: frozenset({S.FINISHED}),
 }
 
