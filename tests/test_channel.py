@@ -72,9 +72,8 @@ def test_stray_output_after_claim_goes_to_stderr_and_children_cannot_reach_the_p
         channel.send(m.make_hello("a"))
         assert isinstance(channel.expect(m.Ready, timeout=20), m.Ready)
         channel.close_write()
-        # Nothing else arrived on the pipe: the next thing is its end (without a Result).
-        with pytest.raises(PeerClosed):
-            channel.receive(timeout=20)
+        # Nothing else arrived on the pipe: the next thing is its (probe-clean) end.
+        assert channel.receive(timeout=20) is ConnectionClosed
     finally:
         finish(process, channel)
     err = process.stderr.read().decode()
@@ -201,3 +200,37 @@ def test_channel_counts_bytes(tmp_path):
     assert agent.bytes_sent == len(os.read(r, 1000))
     agent.close()
     os.close(r)
+
+
+def test_send_times_out_when_the_peer_does_not_read():
+    process, channel = spawn_python("import time; time.sleep(30)")
+    try:
+        channel.send(m.make_hello("a"))
+        channel.send(sample_job_start())
+        big = m.TokenRefresh(token=m.JobToken(certificate_pem=b"c" * (3 << 20)))
+        with pytest.raises(PipeTimeout) as err:
+            channel.send(big, timeout=0.3)  # 3 MiB cannot fit the pipe: nobody reads
+        assert err.value.sending
+    finally:
+        process.kill()
+        finish(process, channel)
+
+
+def test_expect_after_a_clean_close_names_what_was_expected():
+    process, channel = spawn_with_channel([sys.executable, "-m", "pilot.pipe.loopback"],
+                                          stderr=subprocess.DEVNULL)
+    try:
+        channel.send(m.make_hello("a"))
+        channel.expect(m.Ready, timeout=20)
+        channel.close_write()  # a probe: Hello, Ready, close; the wrapper ends quietly
+        with pytest.raises(PeerClosed) as err:
+            channel.expect(m.StateChange, timeout=20)
+        assert err.value.expected == "StateChange" and "where StateChange was expected" in str(err.value)
+    finally:
+        finish(process, channel)
+
+
+def test_frame_buffers_are_kept_on_the_heap_under_glibc():
+    from pilot.pipe.memory import keep_frames_on_heap
+    assert keep_frames_on_heap() is True  # Debian's glibc has mallopt
+    assert keep_frames_on_heap() is True  # idempotent

@@ -226,3 +226,19 @@ def test_messages_after_result_are_refused(running):
     pump(wrapper, agent, SAMPLES["result"])
     with pytest.raises(UnexpectedMessage):
         wrapper.send(m.Heartbeat())
+
+
+def test_send_many_is_all_or_nothing(pair):
+    agent, _ = pair
+    with pytest.raises(UnexpectedMessage):
+        agent.send_many([sample_job_start(), m.Ping(nonce=1), m.make_hello("again")])
+    assert agent.our_state is State.GREETED and not agent._job_sent and agent._pings_unanswered == 0
+    frames = agent.send_many([sample_job_start(), m.Ping(nonce=1)])
+    assert agent.our_state is State.JOB and frames
+
+
+def test_probed_wrapper_may_close_after_ready(pair):
+    agent, _ = pair
+    agent.send_eof()  # the agent only probed the wrapper: no job
+    agent.receive_data(b"")
+    assert agent.next_event() is ConnectionClosed

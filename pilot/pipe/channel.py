@@ -32,15 +32,21 @@ PIPE_SIZE = 256 * 1024
 
 
 class PipeTimeout(ProtocolError):
-    """No complete message arrived in time.
+    """The peer did not send (or read) a complete message in time.
 
     Attributes:
         seconds: the timeout that expired.
+        sending: True when our write timed out, False when our read did.
     """
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"no message from the peer within {seconds:g} s (is it hung?)")
+    def __init__(self, seconds: float, *, sending: bool = False) -> None:
+        if sending:
+            what = f"the peer did not read our message within {seconds:g} s"
+        else:
+            what = f"no message from the peer within {seconds:g} s"
+        super().__init__(f"{what} (is it hung?)")
         self.seconds = seconds
+        self.sending = sending
 
 
 class PipeChannel:
@@ -69,21 +75,35 @@ class PipeChannel:
 
     # ------------------------------------------------------------ sending
 
-    def send(self, message) -> None:
-        """Send one message; raises PeerClosed if the peer's end is gone."""
-        self._write(self.conn.send(message))
+    def send(self, message, timeout: float | None = None) -> None:
+        """Send one message.
 
-    def send_many(self, batch) -> None:
+        Raises PeerClosed if the peer's end is gone, and PipeTimeout if the
+        peer does not read it within TIMEOUT seconds (None: wait for ever).
+        """
+        self._write(self.conn.send(message), timeout)
+
+    def send_many(self, batch, timeout: float | None = None) -> None:
         """Send several messages with one write (fewer system calls)."""
-        self._write(b"".join([self.conn.send(m) for m in batch]))
+        self._write(self.conn.send_many(batch), timeout)
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, timeout: float | None) -> None:
         self.bytes_sent += len(data)
         view = memoryview(data)
         try:
+            if timeout is None:
+                while view:
+                    view = view[os.write(self.write_fd, view):]
+                return
+            # select() reports a pipe writable when PIPE_BUF bytes fit, and a
+            # write of at most PIPE_BUF then never blocks: so the deadline
+            # holds without making the shared fd non-blocking.
+            deadline = time.monotonic() + timeout
             while view:
-                written = os.write(self.write_fd, view)
-                view = view[written:]
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.write_fd], [], left)[1]:
+                    raise PipeTimeout(timeout, sending=True)
+                view = view[os.write(self.write_fd, view[:select.PIPE_BUF]):]
         except BrokenPipeError:
             raise PeerClosed(self.conn.their_state.value) from None
 
@@ -127,11 +147,14 @@ class PipeChannel:
 
     def expect(self, *types: type, timeout: float | None = None):
         """Receive one message that must be of one of TYPES."""
-        event = self.receive(timeout)
+        names = " or ".join(t.__name__ for t in types)
+        try:
+            event = self.receive(timeout)
+        except PeerClosed as exc:
+            raise PeerClosed(exc.state, expected=names) from None
         if event is ConnectionClosed:
-            raise PeerClosed(self.conn.their_state.value)
+            raise PeerClosed(self.conn.their_state.value, expected=names)
         if not isinstance(event, types):
-            names = " or ".join(t.__name__ for t in types)
             raise UnexpectedMessage(type(event).__name__, self.conn.role.peer.value,
                                     self.conn.their_state.value, local=False,
                                     why=f"arrived where {names} was expected")

@@ -36,18 +36,22 @@ class ProtocolError(SplitpilotError):
 
 
 class PeerClosed(ProtocolError):
-    """Clean end of file where the conversation required another message.
+    """End of the peer's stream where the conversation required more.
 
     Attributes:
         state: the peer's protocol state when its stream ended.
+        expected: what was awaited, when a caller asked for something
+            specific (PipeChannel.expect); empty otherwise.
     """
 
-    def __init__(self, state: str) -> None:
-        super().__init__(
-            f"the peer closed the pipe in state {state} without finishing the conversation "
-            "(it exited or crashed; check its stderr)"
-        )
+    def __init__(self, state: str, expected: str = "") -> None:
+        if expected:
+            what = f"the peer closed the pipe where {expected} was expected"
+        else:
+            what = f"the peer closed the pipe in state {state} without finishing the conversation"
+        super().__init__(f"{what} (it exited or crashed; check its stderr)")
         self.state = state
+        self.expected = expected
 
 
 class TruncatedFrame(ProtocolError):

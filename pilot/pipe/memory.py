@@ -13,7 +13,6 @@ much freed memory the process keeps.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES
 
@@ -24,7 +23,7 @@ _M_MMAP_THRESHOLD = -3
 # glibc clamps the mmap threshold to HEAP_MAX / 2 (32 MiB on 64-bit).
 _MMAP_THRESHOLD_CEILING = 32 * 1024 * 1024
 
-_applied = False
+_outcome: bool | None = None  # None until tried: the lookup runs once per process
 
 
 def keep_frames_on_heap(max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bool:
@@ -33,16 +32,15 @@ def keep_frames_on_heap(max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> bool:
     Idempotent and process-wide. Without glibc (musl images) it does
     nothing: the protocol works the same, large frames are just slower.
     """
-    global _applied
-    if _applied:
-        return True
-    name = ctypes.util.find_library("c")
+    global _outcome
+    if _outcome is not None:
+        return _outcome
+    _outcome = False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # The interpreter's own symbols: libc is already loaded, no lookup.
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError):
         return False
     threshold = min(_MMAP_THRESHOLD_CEILING, max(2 * max_frame_bytes, 1024 * 1024))
-    ok = mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 * threshold) == 1
-    _applied = ok
-    return ok
+    _outcome = mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 * threshold) == 1
+    return _outcome

@@ -153,6 +153,16 @@ class Connection:
         self.our_state = new_state
         return frame
 
+    def send_many(self, batch) -> bytes:
+        """Like send() for several messages, all or nothing: if one is
+        illegal, none counts as sent and the state is as before."""
+        saved = (self.our_state, self._job_sent, self._pings_unanswered)
+        try:
+            return b"".join([self.send(message) for message in batch])
+        except BaseException:
+            self.our_state, self._job_sent, self._pings_unanswered = saved
+            raise
+
     def send_eof(self) -> None:
         """Record that we close our stream (the adapter closes the fd)."""
         self.our_state = State.CLOSED
@@ -228,9 +238,12 @@ class Connection:
             raise UnsupportedVersion(messages.PROTOCOL_VERSION, theirs)
 
     def _peer_closed(self):
-        if self.their_state in CLEAN_CLOSE[self.role.peer]:
+        state = self.their_state
+        # A probed wrapper (the agent closed after Hello without a job) ends
+        # after Ready: nothing was left unsaid.
+        probed = (self.role is Role.AGENT and state is State.GREETED
+                  and self.our_state is State.CLOSED and not self._job_sent)
+        if state in CLEAN_CLOSE[self.role.peer] or state is State.CLOSED or probed:
             self.their_state = State.CLOSED
             return ConnectionClosed
-        if self.their_state is State.CLOSED:
-            return ConnectionClosed
-        raise PeerClosed(self.their_state.value)
+        raise PeerClosed(state.value)
