@@ -54,6 +54,10 @@ def peer_main(mode: str) -> int:
             sent += os.write(write_fd, view[: min(CHUNK, total - sent)])
         os.close(write_fd)
         return 0
+    if mode == "raw-pong":  # the round-trip baseline: one byte each way, no framing
+        while os.read(read_fd, 1):
+            os.write(write_fd, b"p")
+        return 0
     channel = PipeChannel(Role.WRAPPER, read_fd, write_fd)
     channel.send(m.make_ready())
     channel.expect(m.Hello)
@@ -77,7 +81,11 @@ def peer_main(mode: str) -> int:
             for _ in range(full):
                 channel.send_many([frame] * batch)
             channel.send_many([frame] * rest)
-    elif mode == "logchunks":
+    elif mode == "logchunks":  # the wrapper's bulk path: no copy of the chunk in Python
+        data = os.urandom(MIB)
+        for i in range(count):
+            channel.send_log_chunk(data, stream=m.LogStream.LOG_STREAM_STDOUT, offset=i * MIB)
+    elif mode == "logchunk-messages":  # the same through LogChunk objects (two more copies)
         data = os.urandom(MIB)
         for i in range(count):
             channel.send(m.LogChunk(stream=m.LogStream.LOG_STREAM_STDOUT, offset=i * MIB, data=data))
@@ -152,6 +160,19 @@ def round_trips(count: int) -> list[float]:
     return samples[200:]  # the first round trips warm caches up
 
 
+def raw_round_trips(count: int) -> list[float]:
+    process, channel = spawn("raw-pong")
+    rfd, wfd = channel.read_fd, channel.write_fd
+    samples = []
+    for _ in range(count + 200):
+        t0 = time.perf_counter()
+        os.write(wfd, b"q")
+        os.read(rfd, 1)
+        samples.append(time.perf_counter() - t0)
+    finish(process, channel)
+    return samples[200:]
+
+
 def percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -182,13 +203,20 @@ def main() -> int:
     batched = statistics.median(one_way("heartbeats", frames, batch=64)[0] for _ in range(reps))
     print(f"heartbeat frames, 64 per write:  {batched:10,.0f} frames/s")
 
+    raw_rtts = raw_round_trips(20_000 // scale)
+    raw_p50 = percentile(raw_rtts, 0.5) * 1e6
+    print(f"raw 1-byte round trip:          p50 {raw_p50:6.1f} us  p90 {percentile(raw_rtts, 0.9) * 1e6:6.1f} us")
     rtts = round_trips(20_000 // scale)
     p50, p90, p99 = (percentile(rtts, q) * 1e6 for q in (0.5, 0.9, 0.99))
-    print(f"ping/pong round trip:           p50 {p50:6.1f} us  p90 {p90:6.1f} us  p99 {p99:6.1f} us")
+    print(f"ping/pong round trip:           p50 {p50:6.1f} us  p90 {p90:6.1f} us  p99 {p99:6.1f} us"
+          f"  ({p50 / raw_p50:.2f}x the raw round trip)")
 
-    log_rates = [one_way("logchunks", chunks)[0] * MIB for _ in range(reps)]
-    log_bw = statistics.median(log_rates)
-    print(f"1 MiB LogChunk frames:          {log_bw / 1e9:8.3f} GB/s = {log_bw / raw:.0%} of raw")
+    log_bw = statistics.median(one_way("logchunks", chunks)[0] * MIB for _ in range(reps))
+    print(f"1 MiB LogChunk frames:          {log_bw / 1e9:8.3f} GB/s = {log_bw / raw:.0%} of raw"
+          " (send_log_chunk, the wrapper's path)")
+    obj_bw = statistics.median(one_way("logchunk-messages", chunks)[0] * MIB for _ in range(reps))
+    print(f"1 MiB LogChunk messages:        {obj_bw / 1e9:8.3f} GB/s = {obj_bw / raw:.0%} of raw"
+          " (send(LogChunk(...)): copies in and out of the message)")
 
     print(f"targets: frames/s >= 200,000 ({fps / 200_000:.2f}x), rtt p50 <= 100 us ({p50:.0f} us), "
           f"LogChunk >= 50% of raw ({log_bw / raw:.0%})")

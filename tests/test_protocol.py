@@ -98,7 +98,7 @@ def test_table_decides_both_sending_and_receiving(role, state, kind):
     sender.our_state, receiver.their_state = state, state
     for conn in (sender, receiver):
         conn._job_sent = job_sent
-        conn._pings_unanswered = 1
+        conn._pending_pings.append(1)
     if expected is None:
         with pytest.raises(UnexpectedMessage) as err:
             sender.send(SAMPLES[kind])
@@ -232,7 +232,7 @@ def test_send_many_is_all_or_nothing(pair):
     agent, _ = pair
     with pytest.raises(UnexpectedMessage):
         agent.send_many([sample_job_start(), m.Ping(nonce=1), m.make_hello("again")])
-    assert agent.our_state is State.GREETED and not agent._job_sent and agent._pings_unanswered == 0
+    assert agent.our_state is State.GREETED and not agent._job_sent and not agent._pending_pings
     frames = agent.send_many([sample_job_start(), m.Ping(nonce=1)])
     assert agent.our_state is State.JOB and frames
 
@@ -242,3 +242,58 @@ def test_probed_wrapper_may_close_after_ready(pair):
     agent.send_eof()  # the agent only probed the wrapper: no job
     agent.receive_data(b"")
     assert agent.next_event() is ConnectionClosed
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLES))
+def test_hand_built_envelope_equals_protobuf_serialisation(kind):
+    """Connection writes key + length + message instead of copying into an envelope."""
+    role = Role.AGENT if kind in KINDS[Role.AGENT] else Role.WRAPPER
+    for message in (SAMPLES[kind], type(SAMPLES[kind])()):  # a full one and an empty one
+        sender = Connection(role)
+        sender.our_state = next(state for (r, state, k) in TRANSITIONS if r is role and k == kind)
+        sender._job_sent = True
+        sender._pending_pings.append(message.nonce if kind == "pong" else 1)
+        assert sender.send(message) == _frame_of(role, kind, message)
+
+
+def test_large_message_frame_equals_protobuf_serialisation(running):
+    _, wrapper = running
+    chunk = m.LogChunk(data=b"\x00\xff" * 300_000, offset=2**40)
+    assert wrapper.send(chunk) == _frame_of(Role.WRAPPER, "log_chunk", chunk)
+
+
+def _frame_of(role: Role, kind: str, message) -> bytes:
+    envelope = m.AgentMessage() if role is Role.AGENT else m.WrapperMessage()
+    getattr(envelope, kind).CopyFrom(message)
+    return encode_frame(envelope.SerializeToString())
+
+
+@pytest.mark.parametrize("data", [b"", b"x", b"y" * 200, b"z" * 100_000])
+@pytest.mark.parametrize("stream,offset,skipped", [(0, 0, False), (1, 0, False), (2, 2**50, False),
+                                                   (1, 7, True)])
+def test_zero_copy_log_chunk_equals_protobuf_serialisation(running, data, stream, offset, skipped):
+    agent, wrapper = running
+    header, body = wrapper.send_log_chunk(data, stream=stream, offset=offset, skipped_before=skipped)
+    expected = m.LogChunk(stream=stream, offset=offset, data=data, skipped_before=skipped)
+    assert header + body == _frame_of(Role.WRAPPER, "log_chunk", expected)
+    agent.receive_data(header + body)
+    assert agent.next_event() == expected
+
+
+def test_zero_copy_log_chunk_obeys_the_table(pair):
+    _, wrapper = pair
+    with pytest.raises(UnexpectedMessage, match="has not sent JobStart"):
+        wrapper.send_log_chunk(b"x", stream=1, offset=0)
+
+
+def test_pongs_answer_pings_in_order(running):
+    agent, wrapper = running
+    pump(agent, wrapper, m.Ping(nonce=10))
+    pump(agent, wrapper, m.Ping(nonce=11))
+    with pytest.raises(UnexpectedMessage, match="oldest unanswered Ping is 10"):
+        wrapper.send(m.Pong(nonce=11))
+    assert pump(wrapper, agent, m.Pong(nonce=10)).nonce == 10
+    agent.receive_data(_frame_of(Role.WRAPPER, "pong", m.Pong(nonce=99)))
+    with pytest.raises(UnexpectedMessage, match="carries nonce 99") as err:
+        agent.next_event()
+    assert not err.value.local

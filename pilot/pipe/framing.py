@@ -114,6 +114,25 @@ class FrameDecoder:
         if data:
             self._buf += data
 
+    def get_buffer(self) -> memoryview | None:
+        """Where a reader may read the next bytes directly, or None.
+
+        While a large frame is being received, this is the unfilled rest of
+        its buffer: reading into it (os.readv) and reporting the count with
+        `buffer_updated` saves a copy and an allocation per read. Otherwise
+        readers use `feed`.
+        """
+        large = self._large
+        if large is None or self._eof:
+            return None
+        return memoryview(large)[self._large_filled:]
+
+    def buffer_updated(self, count: int) -> None:
+        """COUNT bytes were read into the view from `get_buffer`."""
+        if self._large is None or not 0 < count <= len(self._large) - self._large_filled:
+            raise ValueError(f"buffer_updated({count}) does not match the buffer given out")
+        self._large_filled += count
+
     def feed_eof(self) -> None:
         self._eof = True
 

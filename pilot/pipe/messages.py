@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from pilot.pipe.framing import encode_varint
 from splitpilot.job.v1 import job_pb2
 from splitpilot.pipe.v1 import pipe_pb2
 
@@ -52,6 +53,19 @@ def _kinds(envelope: type) -> dict[type, str]:
 #: Message class -> envelope field name, per direction.
 AGENT_KINDS: dict[type, str] = _kinds(AgentMessage)
 WRAPPER_KINDS: dict[type, str] = _kinds(WrapperMessage)
+
+
+def _tags(envelope: type) -> dict[str, bytes]:
+    """Envelope field name -> the encoded key of that field (number, wire type 2)."""
+    oneof = envelope.DESCRIPTOR.oneofs_by_name["kind"]
+    return {field.name: encode_varint(field.number << 3 | 2) for field in oneof.fields}
+
+
+#: Envelope field name -> its encoded field key. An envelope holding one
+#: message serialises as this key, the message's length, and its bytes; the
+#: Connection writes that by hand instead of copying each message into an
+#: envelope object first (tests check the bytes are identical).
+ENVELOPE_KEYS: dict[str, bytes] = {**_tags(AgentMessage), **_tags(WrapperMessage)}
 
 
 def make_hello(agent_id: str, software_version: str = "") -> pipe_pb2.Hello:

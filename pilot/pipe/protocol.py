@@ -14,6 +14,7 @@ Anything not in the table is illegal, whichever side tries it.
 
 from __future__ import annotations
 
+import collections
 import enum
 from typing import Final
 
@@ -21,13 +22,15 @@ from google.protobuf.message import DecodeError
 
 from pilot.pipe import messages
 from pilot.pipe.errors import (
+    FrameTooLarge,
     PeerClosed,
     ProtocolError,
     UndecodableMessage,
     UnexpectedMessage,
     UnsupportedVersion,
 )
-from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_varint
+from pilot.pipe.messages import ENVELOPE_KEYS
 
 
 class Role(enum.Enum):
@@ -127,40 +130,87 @@ class Connection:
         self.peer_version: tuple[int, int] | None = None
         self._decoder = FrameDecoder(max_frame_bytes)
         if role is Role.AGENT:
-            self._out_envelope, self._out_kinds = messages.AgentMessage, messages.AGENT_KINDS
-            self._in_envelope = messages.WrapperMessage
+            self._out_kinds, self._in_envelope = messages.AGENT_KINDS, messages.WrapperMessage
         else:
-            self._out_envelope, self._out_kinds = messages.WrapperMessage, messages.WRAPPER_KINDS
-            self._in_envelope = messages.AgentMessage
+            self._out_kinds, self._in_envelope = messages.WRAPPER_KINDS, messages.AgentMessage
         self._in_parse = self._in_envelope.FromString
         self._job_sent = False      # the agent has sent JobStart (both sides track it)
-        self._pings_unanswered = 0  # Pings sent by the agent and not yet answered
+        # Nonces of the agent's Pings not yet answered, oldest first: Pongs
+        # answer them in order.
+        self._pending_pings: collections.deque[int] = collections.deque()
         self._error: ProtocolError | None = None
 
     # ----------------------------------------------------------- sending
 
     def send(self, message) -> bytes:
         """Check MESSAGE is legal now, advance our state, return its frame."""
+        header, body = self.send_parts(message)
+        return header + body
+
+    def send_parts(self, message) -> tuple[bytes, bytes]:
+        """Like send(), but the frame comes as (header, body) so that a large
+        message can be written with writev() without being copied again."""
         kind = self._out_kinds.get(type(message))
         if kind is None:
             raise UnexpectedMessage(type(message).__name__, self.role.value, self.our_state.value,
                                     local=True, why=f"is not a message the {self.role.value} sends")
-        new_state = self._transition(self.role, self.our_state, kind, local=True)
-        envelope = self._out_envelope()
-        getattr(envelope, kind).CopyFrom(message)
-        frame = encode_frame(envelope.SerializeToString(), self.max_frame_bytes)
-        self._after(self.role, kind)
+        new_state = self._transition(self.role, self.our_state, kind, local=True, message=message)
+        body = message.SerializeToString()
+        key = ENVELOPE_KEYS[kind]
+        size = len(body)
+        inner_prefix = encode_varint(size)
+        envelope_size = len(key) + len(inner_prefix) + size
+        if envelope_size > self.max_frame_bytes:
+            raise FrameTooLarge(envelope_size, self.max_frame_bytes, local=True)
+        header = encode_varint(envelope_size) + key + inner_prefix
+        self._after(self.role, kind, message)
         self.our_state = new_state
-        return frame
+        return header, body
+
+    def send_log_chunk(self, data: bytes, *, stream: int, offset: int,
+                       skipped_before: bool = False) -> tuple[bytes, bytes]:
+        """Frame a LogChunk around DATA without copying DATA: (header, DATA).
+
+        The bulk path of the protocol: building a LogChunk message copies the
+        bytes in and serialising copies them out again, which for 1 MiB
+        chunks costs more than the pipe itself. The fields are encoded here
+        exactly as protobuf would (field order, proto3 defaults omitted;
+        tests compare the bytes), with DATA last so it can follow the header
+        in a writev().
+        """
+        kind = "log_chunk"
+        new_state = self._transition(self.role, self.our_state, kind, local=True)
+        fields = bytearray()
+        if stream:
+            fields += b"\x08" + encode_varint(stream)
+        if offset:
+            fields += b"\x10" + encode_varint(offset)
+        if skipped_before:
+            # Field 4 comes after field 3 in protobuf's order, so it cannot
+            # follow DATA; a chunk with skipped_before set takes the copy.
+            chunk = messages.LogChunk(stream=stream, offset=offset, data=data, skipped_before=True)
+            return self.send_parts(chunk)
+        if data:
+            fields += b"\x1a" + encode_varint(len(data))
+        body_size = len(fields) + len(data)
+        key = ENVELOPE_KEYS[kind]
+        inner_prefix = encode_varint(body_size)
+        envelope_size = len(key) + len(inner_prefix) + body_size
+        if envelope_size > self.max_frame_bytes:
+            raise FrameTooLarge(envelope_size, self.max_frame_bytes, local=True)
+        header = encode_varint(envelope_size) + key + inner_prefix + bytes(fields)
+        self._after(self.role, kind, None)
+        self.our_state = new_state
+        return header, data
 
     def send_many(self, batch) -> bytes:
         """Like send() for several messages, all or nothing: if one is
         illegal, none counts as sent and the state is as before."""
-        saved = (self.our_state, self._job_sent, self._pings_unanswered)
+        saved = (self.our_state, self._job_sent, self._pending_pings.copy())
         try:
             return b"".join([self.send(message) for message in batch])
         except BaseException:
-            self.our_state, self._job_sent, self._pings_unanswered = saved
+            self.our_state, self._job_sent, self._pending_pings = saved
             raise
 
     def send_eof(self) -> None:
@@ -175,6 +225,15 @@ class Connection:
             self._decoder.feed(data)
         else:
             self._decoder.feed_eof()
+
+    def get_buffer(self) -> memoryview | None:
+        """A buffer to read the peer's next bytes into directly, or None
+        (then use receive_data); see FrameDecoder.get_buffer."""
+        return self._decoder.get_buffer()
+
+    def buffer_updated(self, count: int) -> None:
+        """COUNT bytes (more than 0) were read into get_buffer()'s view."""
+        self._decoder.buffer_updated(count)
 
     def next_event(self):
         """Return the peer's next message, ConnectionClosed or NEED_DATA."""
@@ -196,11 +255,11 @@ class Connection:
                     f"{self._in_envelope.DESCRIPTOR.name} with no message set (an unknown kind "
                     "from a newer peer, or not a message of this protocol)")
             peer = self.role.peer
-            new_state = self._transition(peer, self.their_state, kind, local=False)
             message = getattr(envelope, kind)
+            new_state = self._transition(peer, self.their_state, kind, local=False, message=message)
             if kind == "hello" or kind == "ready":
                 self._check_version(message)
-            self._after(peer, kind)
+            self._after(peer, kind, message)
             self.their_state = new_state
             return message
         except ProtocolError as exc:
@@ -210,7 +269,7 @@ class Connection:
 
     # ----------------------------------------------------------- internals
 
-    def _transition(self, sender: Role, state: State, kind: str, *, local: bool) -> State:
+    def _transition(self, sender: Role, state: State, kind: str, *, local: bool, message=None) -> State:
         new_state = TRANSITIONS.get((sender, state, kind))
         if new_state is None:
             raise UnexpectedMessage(kind, sender.value, state.value, local=local)
@@ -218,18 +277,24 @@ class Connection:
             if kind in NEEDS_JOB and not self._job_sent:
                 raise UnexpectedMessage(kind, sender.value, state.value, local=local,
                                         why="is about a job, but the agent has not sent JobStart")
-            if kind == "pong" and self._pings_unanswered == 0:
-                raise UnexpectedMessage(kind, sender.value, state.value, local=local,
-                                        why="answers no Ping")
+            if kind == "pong":
+                pending = self._pending_pings
+                if not pending:
+                    raise UnexpectedMessage(kind, sender.value, state.value, local=local,
+                                            why="answers no Ping")
+                if message is not None and message.nonce != pending[0]:
+                    raise UnexpectedMessage(kind, sender.value, state.value, local=local,
+                                            why=f"carries nonce {message.nonce}, but the oldest "
+                                                f"unanswered Ping is {pending[0]}")
         return new_state
 
-    def _after(self, sender: Role, kind: str) -> None:
+    def _after(self, sender: Role, kind: str, message) -> None:
         if kind == "job_start":
             self._job_sent = True
         elif kind == "ping":
-            self._pings_unanswered += 1
+            self._pending_pings.append(message.nonce)
         elif kind == "pong":
-            self._pings_unanswered -= 1
+            self._pending_pings.popleft()
 
     def _check_version(self, greeting) -> None:
         theirs = (greeting.protocol_major, greeting.protocol_minor)
