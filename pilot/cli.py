@@ -22,6 +22,7 @@ from pilot.errors import SplitpilotError
 #: Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "pilot.demo",
+    "pilot.tokens.cli",
     "pilot.pipe.dump",
 )
 
