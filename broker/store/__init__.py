@@ -1,0 +1,1 @@
+"""Broker persistence: the JobStore interface and its SQLite and PostgreSQL stores."""

@@ -1,0 +1,312 @@
+"""The storage interface of the broker, shared by the SQLite and PostgreSQL stores.
+
+A store owns every piece of durable broker state: jobs, attempts, their
+history, pilots, sites and output records. Each method is one transaction:
+a state and its last-update time are always written together, and a match
+claims exactly one job attempt even under concurrency (several threads of
+one broker, or several broker processes on one PostgreSQL database).
+
+Matching cost does not grow with the queue: jobs are grouped into
+requirement classes (identical cores, memory, disk, walltime, platform,
+container, site lists), and a match looks at the head job of each class that
+fits the slot through an index (class, priority, id) over waiting jobs only.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from broker.lifecycle import JobState, RequeueCause
+from pilot.errors import SplitpilotError
+from splitpilot.job.v1 import job_pb2
+
+
+# ------------------------------------------------------------------ errors
+
+class StoreError(SplitpilotError):
+    """Root of store errors."""
+
+
+class UnknownJob(StoreError):
+    """Attributes: job_id."""
+
+    exit_code = 2
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"no job {job_id}; fix: check the id with `splitpilot job status`")
+        self.job_id = job_id
+
+
+class InvalidTransition(StoreError):
+    """A state change the life cycle does not allow. Attributes: job_id, current, requested."""
+
+    def __init__(self, job_id: int, current: JobState, requested: JobState, why: str = "") -> None:
+        super().__init__(f"job {job_id}: {current.name} -> {requested.name} is not allowed"
+                         + (f" ({why})" if why else ""))
+        self.job_id = job_id
+        self.current = current
+        self.requested = requested
+
+
+class StaleAttemptError(StoreError):
+    """The caller acts for an attempt that is no longer current (fencing).
+
+    Attributes: job_id, attempt (presented), current (the job's attempt).
+    """
+
+    def __init__(self, job_id: int, attempt: int, current: int) -> None:
+        super().__init__(f"job {job_id}: attempt {attempt} is over (the job is at attempt {current}); "
+                         "this wrapper must stop")
+        self.job_id = job_id
+        self.attempt = attempt
+        self.current = current
+
+
+class OutOfOrderUpdate(StoreError):
+    """An update whose sequence number is not the next one.
+
+    Attributes: job_id, attempt, sequence (presented), expected.
+    """
+
+    def __init__(self, job_id: int, attempt: int, sequence: int, expected: int) -> None:
+        super().__init__(f"job {job_id} attempt {attempt}: update {sequence} arrived, expected {expected}")
+        self.job_id = job_id
+        self.attempt = attempt
+        self.sequence = sequence
+        self.expected = expected
+
+
+class NotYours(StoreError):
+    """The caller may not act on this job (another owner, another pilot)."""
+
+
+# ------------------------------------------------------------------ values
+
+@dataclass(frozen=True)
+class SlotOffer:
+    """What an agent's slot offers (from MatchRequest.slot and its token)."""
+
+    site: str
+    cores: int
+    memory_mb: int
+    disk_mb: int
+    time_left_s: int
+    platforms: tuple[str, ...] = ()
+    containers: bool = False
+
+
+@dataclass(frozen=True)
+class PilotRef:
+    """Which pilot asks (pilot id from the request, site and subject from its token)."""
+
+    pilot_id: str
+    site: str
+    node: str
+    subject: str = ""
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A job claimed for a pilot: what Match answers (before the token is issued)."""
+
+    job_id: int
+    attempt: int
+    spec: job_pb2.JobSpec
+    owner: str
+
+
+@dataclass(frozen=True)
+class JobEventRecord:
+    time: datetime.datetime
+    state: JobState
+    attempt: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: int
+    spec: job_pb2.JobSpec
+    owner: str
+    state: JobState
+    attempt: int
+    max_attempts: int
+    submitted: datetime.datetime
+    updated: datetime.datetime
+    site: str = ""
+    node: str = ""
+    pilot_id: str = ""
+    exit_code: int | None = None
+    message: str = ""
+    kill_requested: bool = False
+    history: tuple[JobEventRecord, ...] = ()
+    outputs: tuple[OutputRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    state: JobState
+    replay: bool = False
+
+
+@dataclass(frozen=True)
+class PilotRecord:
+    pilot_id: str
+    site: str
+    node: str
+    first_seen: datetime.datetime
+    last_seen: datetime.datetime
+    jobs_matched: int
+    end_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """One attempt the reaper ended."""
+
+    job_id: int
+    attempt: int
+    cause: RequeueCause
+    new_state: JobState
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Tunables of a store (the broker's configuration passes them in)."""
+
+    default_max_attempts: int = 3
+    #: An attempt with no heartbeat for this long is lost (a multiple of the
+    #: wrappers' heartbeat interval: DIRAC uses 2.5 missed cycles).
+    heartbeat_timeout: datetime.timedelta = datetime.timedelta(minutes=5)
+    #: ASSIGNED without STARTED for this long: re-queued (the wrapper never came up).
+    start_timeout: datetime.timedelta = datetime.timedelta(minutes=10)
+    #: WAITING for this long: EXPIRED. None: never.
+    queue_timeout: datetime.timedelta | None = None
+    max_jobs_per_submit: int = 10_000
+    extra: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------- interface
+
+class JobStore(abc.ABC):
+    """Durable broker state. Implementations: SqliteStore, PostgresStore.
+
+    All times are aware UTC datetimes; `now` parameters exist so that tests
+    and the reaper can move time explicitly.
+    """
+
+    settings: StoreSettings
+
+    # --- users
+    @abc.abstractmethod
+    def submit(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime) -> list[int]:
+        """Queue SPECS (all or none) for OWNER; return their ids in order."""
+
+    @abc.abstractmethod
+    def get(self, job_id: int, *, with_history: bool = True) -> JobRecord:
+        """One job; raises UnknownJob."""
+
+    @abc.abstractmethod
+    def list(self, owner: str | None, states: Sequence[JobState] = (), limit: int = 1000,
+             before_job_id: int | None = None) -> list[JobRecord]:
+        """Jobs of OWNER (None: everyone's), newest first, without history."""
+
+    @abc.abstractmethod
+    def counts(self, owner: str | None = None) -> dict[JobState, int]:
+        """Number of jobs per state (of OWNER, or all)."""
+
+    @abc.abstractmethod
+    def kill(self, job_id: int, owner: str | None, reason: str, now: datetime.datetime) -> JobState:
+        """Kill: WAITING/ASSIGNED become KILLED at once; an active job gets
+        kill_requested (its wrapper is told at the next heartbeat). OWNER None
+        means an admin (any job); otherwise NotYours for another's job."""
+
+    # --- agents
+    @abc.abstractmethod
+    def match(self, slot: SlotOffer, pilot: PilotRef, now: datetime.datetime) -> Assignment | None:
+        """Claim the best waiting job that fits SLOT (priority, then age) for
+        PILOT: WAITING -> ASSIGNED, attempt + 1, in one transaction; exactly one
+        caller wins each job attempt. None when nothing fits (or the site is
+        not enabled)."""
+
+    @abc.abstractmethod
+    def pilot_heartbeat(self, pilot: PilotRef, running: Sequence[tuple[int, int]],
+                        now: datetime.datetime) -> list[tuple[int, int]]:
+        """Record the pilot; return the (job, attempt) pairs it must stop."""
+
+    @abc.abstractmethod
+    def pilot_end(self, pilot: PilotRef, jobs_run: int, reason: str, now: datetime.datetime) -> None: ...
+
+    @abc.abstractmethod
+    def attempt_failed(self, job_id: int, attempt: int, pilot: PilotRef, cause: RequeueCause | None,
+                       detail: str, now: datetime.datetime) -> JobState:
+        """The agent reports an attempt that ended without the wrapper's own
+        final report. Only the pilot holding the attempt may (NotYours);
+        StaleAttemptError if the attempt is over. CAUSE WRAPPER,
+        INFRASTRUCTURE or STOPPED re-queues per lifecycle.requeue_target;
+        None means the agent killed it for exceeding a limit: KILLED, final."""
+
+    @abc.abstractmethod
+    def site_state(self, site: str) -> str:
+        """'enabled' (default for unknown sites), 'draining' or 'disabled'."""
+
+    # --- jobs (the wrapper, through its job token)
+    @abc.abstractmethod
+    def job_update(self, job_id: int, attempt: int, state: JobState, sequence: int, detail: str,
+                   exit_code: int | None, now: datetime.datetime) -> UpdateResult:
+        """Apply a state change reported by the job: fencing (StaleAttemptError),
+        sequence (replay of the last update is acknowledged with replay=True;
+        others OutOfOrderUpdate), lifecycle (InvalidTransition). Also counts as
+        a heartbeat."""
+
+    @abc.abstractmethod
+    def job_heartbeat(self, job_id: int, attempt: int, cpu_seconds: float, rss_bytes: int,
+                      sandbox_bytes: int, now: datetime.datetime) -> bool:
+        """Record liveness; return True when the job must stop (killed). Fencing applies."""
+
+    @abc.abstractmethod
+    def add_output(self, job_id: int, attempt: int, output: OutputRecord, now: datetime.datetime) -> None:
+        """Record an uploaded output of the current attempt (fencing applies)."""
+
+    @abc.abstractmethod
+    def current_attempt(self, job_id: int) -> tuple[JobState, int]:
+        """State and attempt now (for token fencing before streaming files)."""
+
+    # --- admins and the reaper
+    @abc.abstractmethod
+    def set_site_state(self, site: str, state: str, reason: str, now: datetime.datetime) -> str:
+        """Set 'enabled' / 'draining' / 'disabled'; return the previous state."""
+
+    @abc.abstractmethod
+    def list_pilots(self, seen_since: datetime.datetime) -> list[PilotRecord]: ...
+
+    @abc.abstractmethod
+    def requeue(self, job_id: int, cause: RequeueCause, detail: str, now: datetime.datetime) -> int:
+        """End the current attempt and queue the next; return the new attempt
+        (or raise InvalidTransition for a final job)."""
+
+    @abc.abstractmethod
+    def reap(self, now: datetime.datetime) -> list[Reaped]:
+        """End attempts whose heartbeat is older than heartbeat_timeout (LOST
+        cause) or that stayed ASSIGNED longer than start_timeout
+        (NEVER_STARTED), and expire jobs waiting longer than queue_timeout.
+        From then on the old attempt's token is refused (fencing)."""
+
+    # --- metrics
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Counters for the metrics endpoint: lost_attempts_total, pilots_seen,
+        empty_pilots_total, matches_total (since the store was created)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
