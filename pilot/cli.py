@@ -23,6 +23,7 @@ from pilot.errors import SplitpilotError
 COMMAND_MODULES: tuple[str, ...] = (
     "pilot.demo",
     "pilot.tokens.cli",
+    "pilot.wrapper.cli",
     "pilot.pipe.dump",
 )
 

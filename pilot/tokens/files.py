@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from pilot.safefiles import write_private, write_public  # noqa: F401 (re-exported)
 from pilot.tokens.errors import KeyFileError, MalformedToken
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -47,36 +48,6 @@ def private_key_pem(key: PrivateKey) -> bytes:
 
 def certificate_pem(chain: list[x509.Certificate]) -> bytes:
     return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in chain)
-
-
-def write_private(path: str, data: bytes) -> None:
-    """Write DATA to PATH as a 0600 file, atomically."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-
-
-def write_public(path: str, data: bytes) -> None:
-    """Write a certificate or other public file (0644), atomically."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def read_private(path: str, policy: KeyPermissions = KeyPermissions.REFUSE, *, warn=None) -> bytes:

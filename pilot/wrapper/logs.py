@@ -1,0 +1,39 @@
+"""Bounded tails of the payload's output files, sent to the agent as LogChunks.
+
+The payload may write gigabytes; the agent gets at most `chunk_limit` bytes
+per stream per tick, always the newest: older unsent bytes are skipped and
+the chunk says so (skipped_before). The files stay in the sandbox and are
+uploaded whole with the outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_CHUNK_LIMIT = 64 * 1024
+
+
+class LogTail:
+    """Reads what was appended to a file since the last call, bounded."""
+
+    def __init__(self, path: str, stream: int, chunk_limit: int = DEFAULT_CHUNK_LIMIT) -> None:
+        self.path = path
+        self.stream = stream
+        self.chunk_limit = chunk_limit
+        self.offset = 0
+
+    def read_new(self) -> tuple[int, bytes, bool] | None:
+        """(offset, data, skipped_before) of new bytes, or None if nothing new."""
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            return None
+        if size <= self.offset:
+            return None
+        skipped = size - self.offset > self.chunk_limit
+        start = size - self.chunk_limit if skipped else self.offset
+        with open(self.path, "rb") as handle:
+            handle.seek(start)
+            data = handle.read(size - start)
+        self.offset = start + len(data)
+        return start, data, skipped

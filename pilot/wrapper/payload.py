@@ -1,0 +1,165 @@
+"""Running the payload: start it, watch it, stop it, and keep nothing behind.
+
+The payload runs in its own session (so a signal reaches its whole process
+group), with stdin on /dev/null and stdout/stderr in files of the sandbox:
+never on the pipe to the agent, and no other descriptor inherited. The
+wrapper makes itself a child subreaper, so descendants that daemonise are
+re-parented to it instead of init: they stay visible and are killed at the
+end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from pilot.procstat import TreeUsage, tree_usage
+
+PR_SET_CHILD_SUBREAPER = 36
+STDOUT_FILE = "payload.stdout"
+STDERR_FILE = "payload.stderr"
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (Linux >= 3.4); False if refused."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class PayloadStartError(Exception):
+    """The payload could not be started (not found, not executable...)."""
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How the payload's main process ended."""
+
+    exit_code: int | None
+    signal: int | None
+
+    @property
+    def success(self) -> bool:
+        return self.exit_code == 0
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            return f"killed by signal {self.signal} ({signal.Signals(self.signal).name})"
+        return f"exit code {self.exit_code}"
+
+
+class Payload:
+    """One started payload process and its descendants."""
+
+    def __init__(self, argv: Sequence[str], sandbox: str, env: Mapping[str, str]) -> None:
+        self.sandbox = sandbox
+        executable = _resolve(argv[0], sandbox, env.get("PATH", os.defpath))
+        self.stdout_path = os.path.join(sandbox, STDOUT_FILE)
+        self.stderr_path = os.path.join(sandbox, STDERR_FILE)
+        with open(self.stdout_path, "ab") as out, open(self.stderr_path, "ab") as err:
+            try:
+                self.process = subprocess.Popen(
+                    [executable, *argv[1:]], cwd=sandbox, env=dict(env), stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=err, start_new_session=True, close_fds=True)
+            except OSError as exc:
+                raise PayloadStartError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+        self.pid = self.process.pid
+        self.started = time.monotonic()
+        self.exit: Exit | None = None
+        self.max_rss = 0
+
+    def poll(self) -> Exit | None:
+        if self.exit is None:
+            status = self.process.poll()
+            if status is not None:
+                self.exit = Exit(status, None) if status >= 0 else Exit(None, -status)
+        return self.exit
+
+    def usage(self) -> TreeUsage:
+        """The payload's live tree: its session, plus whatever was re-parented to us."""
+        result = tree_usage(os.getpid(), session=self.pid, include_root=False)
+        self.max_rss = max(self.max_rss, result.rss_bytes)
+        return result
+
+    @property
+    def wall_seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def terminate(self, grace: float) -> Exit:
+        """SIGTERM the payload's group, wait up to GRACE seconds, then SIGKILL
+        everything that is left (descendants included)."""
+        self._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.kill_everything()
+        return self.wait()
+
+    def wait(self) -> Exit:
+        self.process.wait()
+        return self.poll()  # type: ignore[return-value]
+
+    def kill_everything(self) -> None:
+        """SIGKILL the payload's group and every remaining descendant of ours."""
+        self._signal_group(signal.SIGKILL)
+        me = os.getpid()
+        for _ in range(20):  # daemons may fork while we kill: repeat until none is left
+            others = tree_usage(me, session=self.pid, include_root=False).pids
+            if not others:
+                break
+            for pid in others:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.process.poll()  # Popen reaps its own child: keeps the real exit status
+            _reap_adopted(me, keep=self.pid)
+            time.sleep(0.02)
+        self.process.wait()
+        _reap_adopted(me, keep=self.pid)
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _resolve(executable: str, sandbox: str, path: str) -> str:
+    """A path inside the sandbox (made executable if it is an input), or a PATH lookup."""
+    if not executable:
+        raise PayloadStartError("the job names no executable")
+    if "/" in executable:
+        full = os.path.normpath(os.path.join(sandbox, executable))
+        if os.path.isfile(full) and not os.access(full, os.X_OK):
+            os.chmod(full, os.stat(full).st_mode | 0o100)
+        return full
+    found = shutil.which(executable, path=path)
+    if found is None:
+        in_sandbox = os.path.join(sandbox, executable)
+        if os.path.isfile(in_sandbox):
+            return _resolve("./" + executable, sandbox, path)
+        raise PayloadStartError(f"{executable!r} is neither in the sandbox nor on the PATH ({path})")
+    return found
+
+
+def _reap_adopted(me: int, keep: int) -> None:
+    """Reap dead children of ours (adopted orphans), leaving KEEP to its Popen.
+
+    waitpid(-1) would also reap the payload's main process and steal its exit
+    status from subprocess (which then reports 0).
+    """
+    for pid in tree_usage(me, include_root=False).pids:
+        if pid == keep:
+            continue
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # not our direct child: its own parent reaps it

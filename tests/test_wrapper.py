@@ -1,0 +1,289 @@
+"""The job wrapper as a real process, with a file-backed fake broker.
+
+Each test starts `tests/fake_job_broker.py` (a real Wrapper whose broker
+link is the fake), speaks the pipe protocol to it as the agent does, and
+checks the frames, the broker reports, the sandbox and that nothing of the
+payload survives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pilot.pipe import messages as m
+from pilot.pipe.channel import spawn_with_channel
+from pilot.pipe.protocol import ConnectionClosed
+
+S = m.JobState
+F = m.FailureClass
+HERE = Path(__file__).parent
+
+
+class Run:
+    """One wrapper process and everything it reported."""
+
+    def __init__(self, tmp_path: Path, script: str, *, inputs: dict[str, bytes] | None = None,
+                 patterns=("*.out",), expose_token=False, corrupt_input=False) -> None:
+        self.broker_dir = tmp_path / "broker"
+        self.sandbox = tmp_path / "sandbox"
+        self.broker_dir.mkdir()
+        self.sandbox.mkdir()
+        (self.broker_dir / "inputs").mkdir()
+        sums = {}
+        for name, data in (inputs or {}).items():
+            (self.broker_dir / "inputs" / name).write_bytes(data)
+            sums[name] = hashlib.sha256(data + (b"x" if corrupt_input else b"")).hexdigest()
+        (self.broker_dir / "inputs.json").write_text(json.dumps(sums))
+        (self.broker_dir / "inputs" / "payload.sh").write_text(textwrap.dedent(script))
+        sums["payload.sh"] = hashlib.sha256((self.broker_dir / "inputs" / "payload.sh").read_bytes()).hexdigest()
+        (self.broker_dir / "inputs.json").write_text(json.dumps(sums))
+        spec = m.JobSpec(executable="./payload.sh", arguments=["a b", "$(touch /tmp/pwned)"],
+                         environment={"JOB_MODE": "test"}, output_patterns=list(patterns),
+                         input_files=[m.InputFile(name=n, sha256=s) for n, s in sums.items()])
+        self.job = m.JobStart(job_id=11, attempt=1, spec=spec, sandbox_dir=str(self.sandbox),
+                              token=m.JobToken(certificate_pem=b"JOB-CERT", private_key_pem=b"JOB-KEY"),
+                              expose_token_to_payload=expose_token)
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE.parent) + os.pathsep + str(HERE)}
+        self.process, self.channel = spawn_with_channel([sys.executable, str(HERE / "fake_job_broker.py"),
+                                                         str(self.broker_dir)], env=env, stderr=subprocess.PIPE)
+        self.events: list = []
+
+    def start(self) -> m.Ready:
+        self.channel.send(m.make_hello("test-agent"))
+        self.channel.send(self.job)
+        return self.channel.expect(m.Ready, timeout=30)
+
+    def until(self, predicate, timeout: float = 30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            event = self.channel.receive(timeout=deadline - time.monotonic())
+            self.events.append(event)
+            if predicate(event):
+                return event
+        raise AssertionError(f"condition not met; events: {[type(e).__name__ for e in self.events]}")
+
+    def result(self, timeout: float = 60) -> m.Result:
+        return self.until(lambda e: isinstance(e, m.Result), timeout)
+
+    def finish(self) -> None:
+        try:
+            assert self.channel.receive(timeout=30) is ConnectionClosed
+            self.channel.close_write()
+            self.process.wait(timeout=30)
+        finally:
+            self.channel.close()
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+
+    def states(self) -> list[int]:
+        path = self.broker_dir / "states.jsonl"
+        return [json.loads(line)["state"] for line in path.read_text().splitlines()] if path.exists() else []
+
+    def reported(self) -> list[dict]:
+        return [json.loads(line) for line in (self.broker_dir / "states.jsonl").read_text().splitlines()]
+
+    def log(self, stream: int) -> bytes:
+        return b"".join(e.data for e in self.events if isinstance(e, m.LogChunk) and e.stream == stream)
+
+
+@pytest.fixture
+def run_job(tmp_path):
+    runs = []
+
+    def make(script: str, **kwargs) -> Run:
+        run = Run(tmp_path, script, **kwargs)
+        runs.append(run)
+        return run
+    yield make
+    for run in runs:
+        if run.process.poll() is None:
+            run.process.kill()
+            run.process.wait()
+        run.channel.close()
+
+
+def test_successful_job(run_job):
+    run = run_job("""\
+        #!/bin/sh
+        echo "args: $1|$2"
+        echo "mode $JOB_MODE job $SPLITPILOT_JOB_ID" >&2
+        cat data.txt > copy.out
+        """, inputs={"data.txt": b"hello input\n"})
+    ready = run.start()
+    assert "stop" in ready.capabilities
+    result = run.result()
+    assert result.final_state == S.JOB_STATE_DONE and result.failure_class == F.FAILURE_CLASS_NONE
+    assert result.WhichOneof("termination") == "exit_code" and result.exit_code == 0
+    run.finish()
+    changes = [e.state for e in run.events if isinstance(e, m.StateChange)]
+    assert changes == [S.JOB_STATE_STARTED, S.JOB_STATE_RUNNING, S.JOB_STATE_SAVING]
+    assert run.states() == [S.JOB_STATE_STARTED, S.JOB_STATE_RUNNING, S.JOB_STATE_SAVING, S.JOB_STATE_DONE]
+    outputs = run.broker_dir / "outputs"
+    assert (outputs / "copy.out").read_bytes() == b"hello input\n"
+    # argv reached the payload verbatim, no shell interpretation of $(...)
+    assert (outputs / "payload.stdout").read_bytes() == b"args: a b|$(touch /tmp/pwned)\n"
+    assert (outputs / "payload.stderr").read_bytes() == b"mode test job 11\n"
+    assert b"args: a b" in run.log(m.LogStream.LOG_STREAM_STDOUT)
+    assert run.process.returncode == 0
+
+
+def test_payload_failure_is_a_payload_failure(run_job):
+    run = run_job("#!/bin/sh\necho failing >&2\nexit 3\n")
+    run.start()
+    result = run.result()
+    assert (result.final_state, result.failure_class, result.exit_code) == (
+        S.JOB_STATE_FAILED_EXECUTION, F.FAILURE_CLASS_PAYLOAD, 3)
+    run.finish()
+    assert run.reported()[-1] == {"state": S.JOB_STATE_FAILED_EXECUTION, "detail": "payload failed: exit code 3",
+                                  "exit_code": 3}
+    assert (run.broker_dir / "outputs" / "payload.stderr").read_bytes() == b"failing\n"
+
+
+def test_corrupt_input_is_an_input_failure(run_job):
+    run = run_job("#!/bin/sh\ntrue\n", inputs={"data.txt": b"abc"}, corrupt_input=True)
+    run.start()
+    result = run.result()
+    assert result.final_state == S.JOB_STATE_FAILED_INPUT and result.failure_class == F.FAILURE_CLASS_INPUT
+    assert "checksum mismatch" in result.message
+    assert result.WhichOneof("termination") is None  # the payload never ran
+    run.finish()
+
+
+def test_missing_executable_is_a_payload_failure(run_job):
+    run = run_job("#!/bin/sh\n")
+    run.job.spec.executable = "no-such-program-anywhere"
+    run.start()
+    result = run.result()
+    assert result.final_state == S.JOB_STATE_FAILED_EXECUTION and "neither in the sandbox" in result.message
+    run.finish()
+
+
+def test_upload_failure_is_an_output_failure(run_job):
+    run = run_job("#!/bin/sh\necho x > a.out\n")
+    (run.broker_dir / "FAIL_UPLOAD").touch()
+    run.start()
+    result = run.result()
+    assert result.final_state == S.JOB_STATE_FAILED_OUTPUT and result.failure_class == F.FAILURE_CLASS_OUTPUT
+    run.finish()
+
+
+def test_stop_terminates_even_a_stubborn_payload_and_keeps_logs(run_job):
+    run = run_job("""\
+        #!/bin/sh
+        trap 'echo ignoring TERM' TERM
+        echo partial > partial.out
+        sleep 1000 &
+        while true; do sleep 0.1; done
+        """)
+    run.start()
+    run.until(lambda e: isinstance(e, m.StateChange) and e.state == S.JOB_STATE_RUNNING)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    run.channel.send(m.Stop(reason=m.StopReason.STOP_REASON_PREEMPTED, detail="glidein removed", deadline_s=4))
+    result = run.result()
+    assert time.monotonic() - sent < 4 + 2  # the deadline (plus saving) was honoured
+    assert result.failure_class == F.FAILURE_CLASS_STOPPED and "STOP_REASON_PREEMPTED" in result.message
+    assert result.signal == 9  # ignored SIGTERM, got SIGKILL
+    run.finish()
+    assert (run.broker_dir / "outputs" / "partial.out").read_bytes() == b"partial\n"
+    assert S.JOB_STATE_DONE not in run.states()  # the agent reports stops; the wrapper does not
+
+
+def test_kill_at_the_broker_reaches_the_payload(run_job):
+    run = run_job("#!/bin/sh\nsleep 1000\n")
+    run.start()
+    run.until(lambda e: isinstance(e, m.StateChange) and e.state == S.JOB_STATE_RUNNING)
+    (run.broker_dir / "KILL").touch()
+    result = run.result()
+    assert result.final_state == S.JOB_STATE_KILLED and result.failure_class == F.FAILURE_CLASS_KILLED
+    run.finish()
+    assert run.states()[-1] == S.JOB_STATE_KILLED
+
+
+def test_daemons_are_killed_and_descriptors_are_not_inherited(run_job, tmp_path):
+    marker = tmp_path / "daemon.pid"
+    run = run_job(f"""\
+        #!/bin/sh
+        ls /proc/self/fd > fds.out
+        # a double-forked, setsid daemon that would outlive a naive wrapper
+        setsid sh -c 'echo $$ > {marker}; exec sleep 1000' < /dev/null > /dev/null 2>&1 &
+        sleep 0.5
+        exec 1>&- 2>&-   # closes its stdout/stderr: must not disturb the protocol
+        exit 0
+        """)
+    run.start()
+    result = run.result()
+    assert result.final_state == S.JOB_STATE_DONE
+    run.finish()
+    daemon = int(marker.read_text())
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{daemon}") or "Z" in Path(f"/proc/{daemon}/stat").read_text().split()[2]
+    fds = (run.broker_dir / "outputs" / "fds.out").read_text().split()
+    assert set(fds) <= {"0", "1", "2", "3"}  # 3: ls's own directory handle
+
+
+def test_flood_of_output_does_not_reach_the_pipe(run_job):
+    run = run_job("#!/bin/sh\nhead -c 200000000 /dev/zero | tr '\\0' 'x'\necho done-marker\n")
+    run.start()
+    result = run.result(timeout=120)
+    assert result.final_state == S.JOB_STATE_DONE
+    run.finish()
+    chunks = [e for e in run.events if isinstance(e, m.LogChunk)]
+    assert sum(len(c.data) for c in chunks) < 10 * 1024 * 1024  # bounded tails, not 200 MB
+    assert any(c.skipped_before for c in chunks)
+    assert os.path.getsize(run.broker_dir / "outputs" / "payload.stdout") == 200_000_000 + len("done-marker\n")
+
+
+def test_token_exposed_only_when_asked(run_job):
+    script = "#!/bin/sh\nenv > env.out\ncat \"$SPLITPILOT_JOB_TOKEN_FILE\" > seen.out 2>/dev/null\ntrue\n"
+    run = run_job(script, expose_token=True)
+    run.start()
+    assert run.result().final_state == S.JOB_STATE_DONE
+    run.finish()
+    token_file = run.sandbox / ".job-token.pem"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert (run.broker_dir / "outputs" / "seen.out").read_bytes() == b"JOB-CERTJOB-KEY"
+    assert not (run.broker_dir / "outputs" / ".job-token.pem").exists()  # never uploaded
+
+
+def test_token_not_on_disk_or_in_env_by_default(run_job):
+    run = run_job("#!/bin/sh\nenv > env.out\nls -a > ls.out\n")
+    run.start()
+    assert run.result().final_state == S.JOB_STATE_DONE
+    run.finish()
+    outputs = run.broker_dir / "outputs"
+    assert b"JOB-KEY" not in (outputs / "env.out").read_bytes()
+    assert ".job-token.pem" not in (outputs / "ls.out").read_text()
+
+
+def test_bad_job_start_gets_an_error(run_job):
+    run = run_job("#!/bin/sh\n")
+    run.job.sandbox_dir = "/nonexistent/sandbox"
+    run.channel.send(m.make_hello("a"))
+    run.channel.send(run.job)
+    run.channel.expect(m.Ready, timeout=30)
+    error = run.channel.expect(m.Error, timeout=30)
+    assert error.code == m.ErrorCode.ERROR_CODE_BAD_JOB and "does not exist" in error.message
+    run.finish()
+    assert run.process.returncode == 2
+
+
+def test_agent_disappearing_stops_the_payload(run_job, tmp_path):
+    marker = tmp_path / "payload.pid"
+    run = run_job(f"#!/bin/sh\necho $$ > {marker}\nsleep 1000\n")
+    run.start()
+    run.until(lambda e: isinstance(e, m.StateChange) and e.state == S.JOB_STATE_RUNNING)
+    run.channel.close()  # the agent died
+    run.process.wait(timeout=30)
+    pid = int(marker.read_text())
+    assert not os.path.exists(f"/proc/{pid}")
