@@ -1,0 +1,239 @@
+"""The job agent's main loop: match, run, watch, and leave in good order.
+
+It offers what is free of its slot to the broker, runs several jobs at once
+on a multi-core slot (partitioning cores, memory and disk), backs off when
+nothing matches and leaves after a configured idle time (reporting an empty
+pilot when it ran nothing), stops matching when the time left cannot fit a
+job, and stops taking work after K consecutive wrapper or infrastructure
+failures (black-hole guard). On SIGTERM (HTCondor preempting or removing the
+glidein) and at the slot's end it sends every job a Stop with a deadline;
+stopped jobs are reported so that the broker re-queues them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pilot.agent.brokerlink import AgentBroker, NoOffer, Offer, SlotRequest
+from pilot.agent.jobrun import Ending, JobRun, Outcome, RunSettings
+from pilot.agent.slot import SlotResources
+from pilot.pipe import messages as m
+
+# splitpilot.broker.v1.AttemptFailure values (kept numeric: the agent does not import the broker schema)
+ATTEMPT_FAILURE = {Ending.WRAPPER_FAILED: 1, Ending.INFRASTRUCTURE: 2, Ending.STOPPED: 3, Ending.LIMIT: 4}
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    work_dir: str
+    pilot_id: str = field(default_factory=lambda: f"pilot-{uuid.uuid4().hex[:12]}")
+    node: str = field(default_factory=socket.gethostname)
+    idle_timeout_s: float = 300.0
+    min_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    min_job_time_s: float = 60.0        # do not match when less time than this is left
+    black_hole_failures: int = 3
+    pilot_heartbeat_s: float = 60.0
+    platforms: tuple[str, ...] = ()
+    run: RunSettings = RunSettings()
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} agent: {message}", file=sys.stderr, flush=True)
+
+
+class Agent:
+    """One pilot's agent. `make_run(offer, free_share) -> JobRun` builds the
+    per-job runner (the launcher and mounts live there)."""
+
+    def __init__(self, broker: AgentBroker, slot: SlotResources, settings: AgentSettings,
+                 make_run: Callable[[Offer, Callable], JobRun], containers: bool) -> None:
+        self.broker = broker
+        self.slot = slot
+        self.settings = settings
+        self.make_run = make_run
+        self.containers = containers
+        self.running: dict[tuple[int, int], JobRun] = {}
+        self.outcomes: list[Outcome] = []
+        self.jobs_run = 0
+        self.consecutive_failures = 0
+        self.black_hole = False
+        self.shutdown = threading.Event()
+        self.shutdown_reason = ""
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- signals
+
+    def install_signal_handlers(self) -> None:
+        def on_term(signum, _frame):
+            self.request_shutdown(f"signal {signal.Signals(signum).name}", m.StopReason.STOP_REASON_PREEMPTED)
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+
+    def request_shutdown(self, reason: str, stop_reason: int = m.StopReason.STOP_REASON_AGENT_SHUTDOWN) -> None:
+        if not self.shutdown.is_set():
+            self.shutdown_reason = reason
+            self.shutdown.set()
+            log(f"shutting down ({reason}): stopping {len(self.running)} job(s)")
+            with self._lock:
+                runs = list(self.running.values())
+            for run in runs:
+                run.request_stop(stop_reason, reason, self.settings.run.stop_deadline_s)
+            self._wake.set()
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        log(f"pilot {self.settings.pilot_id} on {self.settings.node}: {self.slot.cores} cores, "
+            f"{self.slot.memory_mb} MiB, {self.slot.disk_mb} MiB disk, {self.slot.time_left():.0f} s left "
+            f"({self.slot.source})")
+        idle_since = time.monotonic()
+        backoff = self.settings.min_backoff_s
+        next_pilot_heartbeat = time.monotonic() + self.settings.pilot_heartbeat_s
+        end_reason = ""
+        while True:
+            if self.shutdown.is_set():
+                end_reason = end_reason or self.shutdown_reason
+                break
+            if self.slot.time_left() <= self.settings.run.stop_deadline_s:
+                self.request_shutdown("the slot's lifetime ends", m.StopReason.STOP_REASON_SLOT_END)
+                continue
+            if time.monotonic() >= next_pilot_heartbeat:
+                self._pilot_heartbeat()
+                next_pilot_heartbeat = time.monotonic() + self.settings.pilot_heartbeat_s
+            wait = backoff
+            if self._may_match():
+                offer = self._match()
+                if isinstance(offer, Offer):
+                    self._start(offer)
+                    idle_since, backoff, wait = time.monotonic(), self.settings.min_backoff_s, 0.0
+                elif offer is not None:
+                    if offer.leave:
+                        end_reason = f"the broker says leave: {offer.reason}"
+                        self.request_shutdown(end_reason)
+                        continue
+                    wait = backoff = min(self.settings.max_backoff_s, max(offer.retry_after_s, backoff * 2))
+            with self._lock:
+                busy = bool(self.running)
+            if busy:
+                idle_since = time.monotonic()
+            elif self.black_hole:
+                end_reason = f"black hole: {self.consecutive_failures} consecutive wrapper/infrastructure failures"
+                break
+            elif time.monotonic() - idle_since > self.settings.idle_timeout_s:
+                end_reason = "idle" if self.jobs_run else "idle: no job matched (empty pilot)"
+                break
+            elif self.slot.time_left() < self.settings.min_job_time_s:
+                end_reason = "too little time left for any job"
+                break
+            self._wake.wait(wait)
+            self._wake.clear()
+        self._drain()
+        log(f"leaving: {end_reason}; ran {self.jobs_run} job(s)")
+        try:
+            self.broker.report_pilot_end(self.settings.pilot_id, self.settings.node, self.jobs_run, end_reason)
+        except Exception as exc:  # noqa: BLE001 - leaving anyway
+            log(f"could not report the pilot's end: {exc}")
+        return 0 if not self.black_hole else 3
+
+    def _may_match(self) -> bool:
+        if self.shutdown.is_set() or self.black_hole:
+            return False
+        free = self._free()
+        return free.cores >= 1 and free.time_left_s >= self.settings.min_job_time_s
+
+    def _free(self) -> SlotRequest:
+        with self._lock:
+            runs = list(self.running.values())
+        cores = self.slot.cores - sum(max(1, r.limits.cores) for r in runs)
+        memory = self.slot.memory_mb - sum(r.limits.memory_mb for r in runs)
+        disk = self.slot.disk_mb - sum(r.limits.disk_mb for r in runs)
+        time_left = int(self.slot.time_left() - self.settings.run.stop_deadline_s)
+        return SlotRequest(max(0, cores), max(0, memory), max(0, disk), max(0, time_left),
+                           self.settings.platforms, self.containers)
+
+    def _match(self) -> Offer | NoOffer | None:
+        try:
+            return self.broker.match(self._free(), self.settings.pilot_id, self.settings.node)
+        except Exception as exc:  # noqa: BLE001 - the broker may be down for a while: back off
+            log(f"match failed: {exc}")
+            return NoOffer(f"broker unreachable: {exc}", self.settings.min_backoff_s * 4)
+
+    def _start(self, offer: Offer) -> None:
+        run = self.make_run(offer, self._on_done)
+        with self._lock:
+            self.running[(offer.job_id, offer.attempt)] = run
+        self.jobs_run += 1
+        log(f"job {offer.job_id}.{offer.attempt} matched ({offer.spec.name or offer.spec.executable}): "
+            f"{run.limits.cores} core(s), {run.limits.memory_mb} MiB")
+        run.start()
+
+    def _on_done(self, run: JobRun, outcome: Outcome) -> None:
+        with self._lock:
+            self.running.pop((outcome.job_id, outcome.attempt), None)
+            self.outcomes.append(outcome)
+        state = m.JobState.Name(outcome.result.final_state) if outcome.result else "no result"
+        log(f"job {outcome.job_id}.{outcome.attempt} ended: {outcome.ending.value} ({state}): {outcome.detail}")
+        if outcome.ending in ATTEMPT_FAILURE:
+            try:
+                self.broker.report_attempt_failure(outcome.job_id, outcome.attempt, ATTEMPT_FAILURE[outcome.ending],
+                                                   outcome.detail, self.settings.pilot_id)
+            except Exception as exc:  # noqa: BLE001 - the broker's reaper re-queues it later anyway
+                log(f"could not report job {outcome.job_id}.{outcome.attempt}: {exc}")
+        if outcome.counts_as_node_failure:
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.settings.black_hole_failures and not self.black_hole:
+                self.black_hole = True
+                log(f"black-hole guard: {self.consecutive_failures} consecutive failures of this node; "
+                    "taking no more work")
+        elif outcome.ending is Ending.REPORTED:
+            self.consecutive_failures = 0
+        self._wake.set()
+
+    def _pilot_heartbeat(self) -> None:
+        with self._lock:
+            running = list(self.running)
+        try:
+            stop, leave = self.broker.pilot_heartbeat(self.settings.pilot_id, self.settings.node, running,
+                                                      self.slot.cores - self._free().cores)
+        except Exception as exc:  # noqa: BLE001 - next time
+            log(f"pilot heartbeat failed: {exc}")
+            return
+        for key in stop:
+            with self._lock:
+                run = self.running.get(tuple(key))
+            if run is not None:
+                run.request_stop(m.StopReason.STOP_REASON_KILLED, "killed at the broker", 10)
+        if leave:
+            self.request_shutdown("the site is drained or disabled")
+
+    def _drain(self) -> None:
+        """Wait for every job to end (their Stop deadlines bound this)."""
+        while True:
+            with self._lock:
+                runs = list(self.running.values())
+            if not runs:
+                return
+            for run in runs:
+                run.join(timeout=1.0)
+
+
+def job_limits(spec: m.JobSpec) -> m.Limits:
+    req = spec.requirements
+    return m.Limits(cores=max(1, req.cores), memory_mb=req.memory_mb, disk_mb=req.disk_mb,
+                    walltime_s=req.walltime_s)
+
+
+def sandbox_for(work_dir: str, offer: Offer) -> str:
+    path = os.path.join(work_dir, f"job-{offer.job_id}-{offer.attempt}", "sandbox")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
