@@ -1,4 +1,8 @@
-"""HTCondor side of splitpilot: glidein packaging, the factory, mini-condor.
+"""HTCondor side of splitpilot: the mini-condor, glidein packaging, the factory.
 
-Empty until the HTCondor integration lands (issue 6).
+- `condor_plugin.minicondor`: a real HTCondor pool on one machine (MiniCondor),
+  in a cached Debian 13 node root where the host has no condor_master;
+- `condor_plugin.noderoot`, `nodedaemons`, `nodeproc`: building the root,
+  configuring the daemons, checking nothing is left behind;
+- `condor_plugin.minicondor_cli`: `splitpilot minicondor start|stop|status|env|build`.
 """
