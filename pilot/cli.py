@@ -23,7 +23,6 @@ from pilot.errors import SplitpilotError
 COMMAND_MODULES: tuple[str, ...] = (
     "pilot.demo",
     "pilot.tokens.cli",
-    "broker.cli",
     "pilot.wrapper.cli",
     "condor_plugin.minicondor_cli",
     "pilot.pipe.dump",

@@ -5,7 +5,7 @@
 #   a JDK (javac): the same test
 set -eu
 
-packages="protobuf-compiler libprotobuf-java"
+packages="protobuf-compiler libprotobuf-java bubblewrap podman runc debootstrap catatonit postgresql"
 command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"
 
 missing=""

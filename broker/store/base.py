@@ -83,6 +83,18 @@ class NotYours(StoreError):
     """The caller may not act on this job (another owner, another pilot)."""
 
 
+class TooManyJobs(StoreError):
+    """A submission larger than StoreSettings.max_jobs_per_submit. Attributes: count, limit."""
+
+    exit_code = 2
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(f"{count} jobs in one submission; at most {limit} are accepted at once; "
+                         "fix: submit them in several batches")
+        self.count = count
+        self.limit = limit
+
+
 # ------------------------------------------------------------------ values
 
 @dataclass(frozen=True)
@@ -172,11 +184,11 @@ class PilotRecord:
 
 @dataclass(frozen=True)
 class Reaped:
-    """One attempt the reaper ended."""
+    """One attempt the reaper ended (cause None: a waiting job expired)."""
 
     job_id: int
     attempt: int
-    cause: RequeueCause
+    cause: RequeueCause | None
     new_state: JobState
 
 
