@@ -60,3 +60,36 @@ class AgentBroker(Protocol):
         """FAILURE: a splitpilot.broker.v1.AttemptFailure value."""
 
     def close(self) -> None: ...
+
+
+class GrpcAgentBroker:
+    """AgentBroker over gRPC: broker.client.AgentClient with the agent token."""
+
+    def __init__(self, address: str, token, ca_pem: bytes | None = None) -> None:
+        from broker.client import AgentClient  # late: grpc is heavy and only the agent needs it here
+
+        self._client = AgentClient(address, token, ca_pem)
+        self.address = address
+        self.ca_pem = self._client.ca_pem
+
+    def match(self, slot: SlotRequest, pilot_id: str, node: str) -> Offer | NoOffer:
+        answer = self._client.match(dict(cores=slot.cores, memory_mb=slot.memory_mb, disk_mb=slot.disk_mb,
+                                         time_left_s=slot.time_left_s, platforms=list(slot.platforms),
+                                         containers=slot.containers), pilot_id, node)
+        if not answer.matched:
+            return NoOffer(answer.reason, float(answer.retry_after_s or 1), answer.leave)
+        return Offer(answer.job_id, answer.attempt, answer.spec, answer.token_pem, answer.key_pem,
+                     int(answer.not_after.timestamp()))
+
+    def pilot_heartbeat(self, pilot_id, node, running, cores_in_use):
+        answer = self._client.pilot_heartbeat(pilot_id, node, running, cores_in_use)
+        return answer.stop, answer.leave
+
+    def report_pilot_end(self, pilot_id, node, jobs_run, reason):
+        self._client.report_pilot_end(pilot_id, node, jobs_run, reason)
+
+    def report_attempt_failure(self, job_id, attempt, failure, detail, pilot_id):
+        self._client.report_attempt_failure(job_id, attempt, failure, detail, pilot_id)
+
+    def close(self):
+        self._client.close()

@@ -1,0 +1,186 @@
+"""`splitpilot agent`: the job agent a glidein starts.
+
+    splitpilot agent --broker HOST:PORT --token FILE|- --work-dir DIR [options]
+
+The agent token comes from FILE (removed after reading) or stdin ('-'); it
+stays in this process's memory, which is made non-dumpable, and credential
+variables are removed from the environment before any child starts. The
+wrapper runs in the best container runtime that passes a self-test (policy
+`prefer`: fall back to no container, loudly; `require`: match nothing
+without one; `off`). `--dry-run JOBFILE` prints the exact command and
+environment a job from JOBFILE would get, without running or matching
+anything.
+
+Exit codes: 0 left normally (idle, lifetime, drained), 1 failure, 2 usage,
+3 black hole (the node failed K jobs in a row) or no usable runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+
+from pilot.durations import parse_duration
+from pilot.errors import UsageError
+
+WRAPPER_ARGV = ("python3", "-m", "pilot.wrapper")
+DEFAULT_RUNTIMES = "apptainer,singularity,podman,bubblewrap"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("agent", help="run the job agent (what a glidein starts)", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--broker", metavar="HOST:PORT", help="the broker's address (required unless --dry-run)")
+    parser.add_argument("--token", metavar="FILE", help="the agent token: a file (removed after reading) or '-' "
+                                                        "for stdin (required unless --dry-run)")
+    parser.add_argument("--ca-cert", metavar="FILE", help="CA certificate of the broker (default: the last "
+                                                          "certificate of the token's chain)")
+    parser.add_argument("--work-dir", required=True, metavar="DIR", help="where job sandboxes are made")
+    parser.add_argument("--software-dir", metavar="DIR",
+                        help="the read-only software area with setup.sh (default: built from this "
+                             "installation into WORK_DIR/software)")
+    parser.add_argument("--lifetime", default="24h", metavar="DURATION",
+                        help="how long this pilot may live (default %(default)s; capped by the machine ad)")
+    parser.add_argument("--idle-timeout", default="5m", metavar="DURATION",
+                        help="leave after this long without a job (default %(default)s)")
+    parser.add_argument("--container-policy", choices=("require", "prefer", "off"), default="prefer",
+                        help="require: no container, no jobs; prefer: fall back to none, loudly; off: never")
+    parser.add_argument("--runtimes", default=DEFAULT_RUNTIMES, metavar="LIST",
+                        help="container runtimes to try, in order (default %(default)s)")
+    parser.add_argument("--image", metavar="IMAGE", help="container image (a directory for apptainer and "
+                                                         "bubblewrap, an image name for podman)")
+    parser.add_argument("--platform", action="append", default=[], metavar="TAG",
+                        help="platform tag this node offers (repeatable)")
+    parser.add_argument("--black-hole", type=int, default=3, metavar="K",
+                        help="stop taking work after K consecutive wrapper/infrastructure failures (default 3)")
+    parser.add_argument("--stop-deadline", type=int, default=30, metavar="SECONDS",
+                        help="Stop deadline given to jobs at slot end or SIGTERM (default 30)")
+    parser.add_argument("--dry-run", metavar="JOBFILE",
+                        help="print the command and environment a job of JOBFILE would run with, then exit")
+    parser.set_defaults(handler=run_agent)
+
+
+def _runtime(args, software: str, work_dir: str):
+    from pilot.launch import Mounts, detect
+
+    probe_sandbox = tempfile.mkdtemp(prefix="probe-", dir=work_dir)
+    try:
+        selection = detect([r for r in args.runtimes.split(",") if r], args.container_policy, args.image,
+                           Mounts.on_host(probe_sandbox, software))
+    finally:
+        subprocess.run(["rm", "-rf", probe_sandbox], check=False)
+    for attempt in selection.attempts:
+        print(f"agent: runtime {attempt.name}: {'ok' if attempt.ok else attempt.reason}", file=sys.stderr)
+    return selection
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from pilot.agent.secrets import make_non_dumpable, read_token, scrub_environment
+
+    # Before anything else: protect the memory that will hold the token.
+    non_dumpable = make_non_dumpable()
+    scrub_environment()
+    work_dir = os.path.abspath(args.work_dir)
+    os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    software = args.software_dir or _software_area(work_dir)
+    if args.dry_run:
+        return _dry_run(args, software, work_dir)
+    if not args.broker or not args.token:
+        raise UsageError("--broker and --token are required (or give --dry-run JOBFILE)")
+    token_pem = read_token(args.token)
+    from pilot.agent.agent import Agent, AgentSettings, job_limits, log, sandbox_for
+    from pilot.agent.brokerlink import GrpcAgentBroker
+    from pilot.agent.jobrun import JobRun, RunSettings
+    from pilot.agent.limits import prepare_delegation
+    from pilot.agent.slot import discover
+    from pilot.launch import Mounts, spawn, wrapper_command
+    from pilot.tokens import TokenRole, parse_identity, parse_token_pem
+
+    token = parse_token_pem(token_pem, "agent token")
+    identity = parse_identity(token.certificate)
+    if identity.role is not TokenRole.AGENT:
+        raise UsageError(f"the token is a {identity.role.value} token; the agent needs an agent token "
+                         "(splitpilot token issue --role agent --site SITE)")
+    if identity.not_after <= datetime.datetime.now(datetime.UTC):
+        raise UsageError(f"the agent token expired at {identity.not_after:%Y-%m-%d %H:%M:%S}Z; the glidein "
+                         "needs a fresh one from its factory")
+    log(f"agent token for site {identity.site} (queue {identity.queue}), valid until "
+        f"{identity.not_after:%Y-%m-%d %H:%M:%S}Z; memory protected: {'yes' if non_dumpable else 'NO'}")
+    ca_pem = open(args.ca_cert, "rb").read() if args.ca_cert else None
+    selection = _runtime(args, software, work_dir)
+    if selection.launcher is None:
+        log("no container runtime passed its self-test and the policy is 'require': taking no jobs")
+        broker = GrpcAgentBroker(args.broker, token, ca_pem)
+        broker.report_pilot_end("", os.uname().nodename, 0, "no usable container runtime")
+        return 3
+    launcher = selection.launcher
+    broker = GrpcAgentBroker(args.broker, token, ca_pem)
+    lifetime = parse_duration(args.lifetime, what="--lifetime").total_seconds()
+    lifetime = min(lifetime, (identity.not_after - datetime.datetime.now(datetime.UTC)).total_seconds())
+    slot = discover(work_dir, lifetime)
+    settings = AgentSettings(work_dir=work_dir, idle_timeout_s=parse_duration(args.idle_timeout).total_seconds(),
+                             black_hole_failures=args.black_hole, platforms=tuple(args.platform),
+                             run=RunSettings(stop_deadline_s=args.stop_deadline))
+    cgroup_parent = prepare_delegation()
+    log(f"runtime: {launcher.describe()}; memory limits: {'cgroup v2' if cgroup_parent else 'watchdog'}")
+
+    def make_run(offer, on_done):
+        sandbox = sandbox_for(work_dir, offer)
+        mounts = Mounts.on_host(sandbox, software)
+        argv = wrapper_command(launcher, mounts, WRAPPER_ARGV)
+        log_path = os.path.join(os.path.dirname(sandbox), "..", f"job-{offer.job_id}-{offer.attempt}.wrapper.log")
+
+        def start():
+            with open(os.path.normpath(log_path), "ab") as stderr:
+                return spawn(launcher, argv, mounts, stderr=stderr)
+        return JobRun(offer, spawn_wrapper=start, sandbox_host=sandbox, sandbox_inside=launcher.workdir(mounts),
+                      software_inside=launcher.software_dir(mounts), broker_address=broker.address,
+                      ca_pem=broker.ca_pem, agent_id=settings.pilot_id, limits=job_limits(offer.spec),
+                      deadline_unix=int(slot.end_of_life), settings=settings.run, on_done=on_done,
+                      cgroup_parent=cgroup_parent)
+
+    agent = Agent(broker, slot, settings, make_run, containers=launcher.name != "process")
+    agent.install_signal_handlers()
+    try:
+        return agent.run()
+    finally:
+        broker.close()
+
+
+def _software_area(work_dir: str) -> str:
+    from pilot.launch import build_software_area
+
+    path = os.path.join(work_dir, "software")
+    if not os.path.exists(os.path.join(path, "setup.sh")):
+        build_software_area(tempfile.mkdtemp(prefix=".software-", dir=work_dir) + "/area")
+        staging = [p for p in os.listdir(work_dir) if p.startswith(".software-")]
+        os.replace(os.path.join(work_dir, staging[-1], "area"), path)
+        os.rmdir(os.path.join(work_dir, staging[-1]))
+    return path
+
+
+def _dry_run(args, software: str, work_dir: str) -> int:
+    from broker.jobfile import load_job_file
+    from pilot.launch import Mounts, dry_run, wrapper_command
+
+    jobs = load_job_file(args.dry_run)
+    selection = _runtime(args, software, work_dir)
+    launcher = selection.launcher
+    for index, job in enumerate(jobs):
+        spec = job.spec
+        mounts = Mounts.on_host(os.path.join(work_dir, f"job-DRYRUN{index}-1", "sandbox"), software)
+        print(f"# job {index + 1} ({spec.name or spec.executable}): {spec.executable} {' '.join(spec.arguments)}")
+        if launcher is None:
+            print("# no container runtime passed its self-test and the policy is 'require': this job would "
+                  "not be matched\n")
+            continue
+        print(dry_run(launcher, wrapper_command(launcher, mounts, WRAPPER_ARGV), mounts), end="")
+        print(f"# then, over the wrapper's stdin: Hello, JobStart (job token and key; sandbox "
+              f"{launcher.workdir(mounts)}; software {launcher.software_dir(mounts)}; limits "
+              f"{spec.requirements.cores} core(s), {spec.requirements.memory_mb} MiB, "
+              f"{spec.requirements.walltime_s} s)\n")
+    return 0
