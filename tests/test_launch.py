@@ -1,0 +1,837 @@
+"""Launchers: exact commands, the setup script's quoting, and real runs in every runtime here.
+
+Real runs use an image made from this host's own python3 and libraries
+(pilot.launch.testimage, cached across runs) that does not contain
+splitpilot, and a software area built from this installation (read-only
+inside). Runtimes: no container, bubblewrap (host root and image folder),
+podman (an imported image and the folder through --rootfs), apptainer and
+docker where present. Only apptainer and docker may be skipped, when absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import io
+import json
+import os
+import pickle
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import sample_job_start
+
+from pilot.launch import (
+    LAUNCHERS,
+    ApptainerLauncher,
+    Bind,
+    BubblewrapLauncher,
+    DockerLauncher,
+    LaunchConfigError,
+    Launcher,
+    Mounts,
+    NoUsableRuntime,
+    PodmanLauncher,
+    ProcessLauncher,
+    SingularityLauncher,
+    build_software_area,
+    clear_cache,
+    detect,
+    detection,
+    dry_run,
+    make_launcher,
+    setup_command,
+    spawn,
+    wrapper_command,
+)
+from pilot.launch.environment import SETUP_SHELL
+from pilot.launch.software import SETUP_SH
+from pilot.launch.testimage import ensure_image, ensure_rootfs
+from pilot.pipe import messages as m
+from pilot.pipe.errors import PeerClosed
+from pilot.pipe.protocol import ConnectionClosed
+
+TIMEOUT = 60.0
+SECRET_NAME = "SPLITPILOT_AGENT_TOKEN"
+APPTAINER_ELSEWHERE = ("apptainer is not on PATH on this host; this test runs for real where it is, e.g. "
+                       "inside the Debian 13 node root of the mini-condor set-up (see shared notes)")
+DOCKER_ELSEWHERE = "no Docker daemon reachable here; this test runs for real on hosts with a Docker engine"
+
+# A fixed mount set for the pure argv tests.
+M = Mounts("/scratch/job1", "/opt/sw")
+M_ALL = Mounts("/scratch/job1", "/opt/sw", cvmfs=True,
+               extra=(Bind("/data/site", "/site/data"), Bind("/scratch/shared", "/site/scratch", read_only=False)))
+ARGV = ["/bin/sh", "-c", ". /sw/x", "arg with space"]
+
+
+# ------------------------------------------------------------------ pure argv
+
+
+def test_process_launcher_returns_argv_unchanged_and_runs_in_the_sandbox():
+    launcher = ProcessLauncher()
+    assert launcher.wrap(ARGV, M) == ARGV
+    assert launcher.cwd(M) == "/scratch/job1"
+    assert launcher.workdir(M) == "/scratch/job1" and launcher.software_dir(M) == "/opt/sw"
+    assert launcher.environment(M, {SECRET_NAME: "s", "PATH": "/evil"}) == {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/scratch/job1", "LANG": "C.UTF-8",
+        "TMPDIR": "/scratch/job1"}
+
+
+HOST_SYSTEM = ["--ro-bind", "/usr", "/usr", "--ro-bind-try", "/bin", "/bin", "--ro-bind-try", "/sbin", "/sbin",
+               "--ro-bind-try", "/lib", "/lib", "--ro-bind-try", "/lib64", "/lib64",
+               "--ro-bind-try", "/lib32", "/lib32", "--ro-bind-try", "/libx32", "/libx32",
+               "--ro-bind-try", "/opt", "/opt"]
+HOST_ETC = [x for path in ("/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/host.conf",
+                           "/etc/resolv.conf", "/etc/localtime", "/etc/ld.so.cache", "/etc/ld.so.conf",
+                           "/etc/ld.so.conf.d", "/etc/alternatives", "/etc/ssl", "/etc/ca-certificates", "/etc/pki",
+                           "/etc/os-release")
+            for x in ("--ro-bind-try", path, path)]
+BWRAP_HEAD = ["bwrap", "--unshare-all", "--share-net", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+BWRAP_FS = ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+
+
+def test_bubblewrap_argv_on_the_host_root():
+    assert BubblewrapLauncher().wrap(ARGV, M) == [
+        *BWRAP_HEAD, *HOST_SYSTEM, *HOST_ETC, *BWRAP_FS,
+        "--bind", "/scratch/job1", "/workdir", "--ro-bind", "/opt/sw", "/sw",
+        "--chdir", "/workdir", "--", *ARGV]
+
+
+def test_bubblewrap_argv_with_an_image_folder_cvmfs_and_site_binds():
+    image_system = [x.replace("/", "/images/el9/", 1) if i % 3 == 1 else x for i, x in enumerate(HOST_SYSTEM)]
+    assert BubblewrapLauncher(image="/images/el9/").wrap(ARGV, M_ALL) == [
+        *BWRAP_HEAD, *image_system, "--ro-bind", "/images/el9/etc", "/etc", *BWRAP_FS,
+        "--bind", "/scratch/job1", "/workdir", "--ro-bind", "/opt/sw", "/sw", "--ro-bind", "/cvmfs", "/cvmfs",
+        "--ro-bind", "/data/site", "/site/data", "--bind", "/scratch/shared", "/site/scratch",
+        "--chdir", "/workdir", "--", *ARGV]
+    assert image_system[:3] == ["--ro-bind", "/images/el9/usr", "/usr"]
+
+
+def test_bubblewrap_environment_is_the_wrappers_and_minimal():
+    env = BubblewrapLauncher().environment(M, {SECRET_NAME: "s", "HOME": "/root", "XDG_RUNTIME_DIR": "/run/x"})
+    assert env == {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/workdir", "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
+
+
+def test_apptainer_and_singularity_argv():
+    assert ApptainerLauncher(image="/cvmfs/unpacked/el9").wrap(ARGV, M) == [
+        "apptainer", "exec", "--containall", "--no-home", "--pwd", "/workdir",
+        "-B", "/scratch/job1:/workdir,/opt/sw:/sw:ro", "/cvmfs/unpacked/el9", *ARGV]
+    assert SingularityLauncher(image="el9.sif").wrap(ARGV, M_ALL) == [
+        "singularity", "exec", "--containall", "--no-home", "--pwd", "/workdir",
+        "-B", "/scratch/job1:/workdir,/opt/sw:/sw:ro,/cvmfs:/cvmfs:ro,/data/site:/site/data:ro,"
+              "/scratch/shared:/site/scratch",
+        "el9.sif", *ARGV]
+
+
+PODMAN_FIXED = dict(user="1000:1000", ulimits=("nofile=1024:4096", "nproc=4096:4096"))
+
+
+def test_podman_argv_with_an_image_name():
+    assert PodmanLauncher(image="localhost/el9:1", **PODMAN_FIXED).wrap(ARGV, M_ALL) == [
+        "podman", "run", "--rm", "-i", "--pull=missing", "--quiet", "--runtime=runc", "--cgroup-manager=cgroupfs",
+        "--network=host", "--log-driver=none", "--detach-keys=", "--entrypoint=", "--init",
+        "--ulimit=nofile=1024:4096", "--ulimit=nproc=4096:4096", "--user=1000:1000",
+        "-v", "/scratch/job1:/workdir", "-v", "/opt/sw:/sw:ro", "-v", "/cvmfs:/cvmfs:ro",
+        "-v", "/data/site:/site/data:ro", "-v", "/scratch/shared:/site/scratch",
+        "-w", "/workdir", "localhost/el9:1", *ARGV]
+
+
+def test_podman_argv_with_a_root_folder_and_defaults_switched_off():
+    launcher = PodmanLauncher(image="/images/el9", user="0:0", oci_runtime=None, cgroup_manager=None, ulimits=(),
+                              pull="never", quiet=False, init=False)
+    assert launcher.wrap(ARGV, M) == [
+        "podman", "run", "--rm", "-i", "--pull=never", "--network=host", "--log-driver=none", "--detach-keys=",
+        "--entrypoint=", "--user=0:0", "--rootfs", "-v", "/scratch/job1:/workdir", "-v", "/opt/sw:/sw:ro",
+        "-w", "/workdir", "/images/el9:O", *ARGV]
+
+
+def test_podman_defaults_take_the_agents_identity_and_limits():
+    launcher = PodmanLauncher(image="x")
+    assert launcher.user == f"{os.getuid()}:{os.getgid()}"
+    nofile, nproc = launcher.ulimits
+    assert nofile.startswith("nofile=") and nproc.startswith("nproc=")
+    assert all(int(v) <= 32768 for v in nproc.removeprefix("nproc=").split(":"))
+
+
+def test_docker_argv():
+    assert DockerLauncher(image="registry.example.org/el9:1", user="1000:1000").wrap(ARGV, M) == [
+        "docker", "run", "--rm", "-i", "--pull=missing", "--quiet", "--network=host", "--log-driver=none",
+        "--entrypoint=", "--init", "--user=1000:1000", "-v", "/scratch/job1:/workdir", "-v", "/opt/sw:/sw:ro",
+        "-w", "/workdir", "registry.example.org/el9:1", *ARGV]
+
+
+def test_no_launcher_asks_for_a_tty_or_shell_string():
+    for launcher in (ProcessLauncher(), BubblewrapLauncher(), ApptainerLauncher(image="i"), PodmanLauncher(image="i"),
+                     DockerLauncher(image="i")):
+        command = launcher.wrap(["prog", "$(reboot)"], M_ALL)
+        assert command[-2:] == ["prog", "$(reboot)"]
+        assert not {"-t", "--tty", "-it", "-ti", "--interactive-tty"} & set(command)
+
+
+def test_container_runtimes_get_only_their_own_settings_from_the_caller():
+    caller = {SECRET_NAME: "secret", "PATH": "/opt/podman/bin:/usr/bin", "HOME": "/home/pilot",
+              "XDG_RUNTIME_DIR": "/run/user/1000", "DOCKER_HOST": "unix:///d.sock", "APPTAINER_CACHEDIR": "/c",
+              "APPTAINERENV_X": "leak", "HTTPS_PROXY": "http://user:pw@proxy", "LD_PRELOAD": "/evil.so"}
+    base = {"PATH": "/opt/podman/bin:/usr/bin", "HOME": "/home/pilot", "LANG": "C.UTF-8"}
+    assert PodmanLauncher(image="i").environment(M, caller) == {**base, "XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert DockerLauncher(image="i").environment(M, caller) == {
+        **base, "XDG_RUNTIME_DIR": "/run/user/1000", "DOCKER_HOST": "unix:///d.sock"}
+    assert ApptainerLauncher(image="i").environment(M, caller) == {
+        **base, "XDG_RUNTIME_DIR": "/run/user/1000", "APPTAINER_CACHEDIR": "/c"}
+    assert PodmanLauncher(image="i").environment(M, {})["PATH"].endswith("/usr/sbin:/usr/bin:/sbin:/bin")
+
+
+@pytest.mark.parametrize("bad, fix", [
+    (lambda: Mounts("relative/sb", "/sw"), "not absolute"),
+    (lambda: Mounts("/a:b", "/sw"), "a colon"),
+    (lambda: Mounts("/sb", "/s,w"), "a comma"),
+    (lambda: Mounts("/sb", "/sw\nx"), "a newline"),
+    (lambda: Bind("/data", "/workdir/data"), "overlaps /workdir"),
+    (lambda: Bind("/data", "/"), "overlaps"),
+    (lambda: Mounts("/sb", "/sw", extra=(Bind("/a", "/x"), Bind("/b", "/x"))), "two extra binds"),
+    (lambda: PodmanLauncher(image=""), "needs an image"),
+    (lambda: ApptainerLauncher(image=None), "needs an image"),
+    (lambda: PodmanLauncher(image="--privileged"), "read as an option"),
+    (lambda: PodmanLauncher(image="/images/a:b"), "--rootfs cannot take"),
+    (lambda: DockerLauncher(image="/images/el9"), "docker cannot run the folder"),
+    (lambda: BubblewrapLauncher(image="localhost/el9"), "absolute path of an unpacked root folder"),
+    (lambda: make_launcher("lxc"), "unknown container runtime"),
+])
+def test_configuration_errors_name_the_fix(bad, fix):
+    with pytest.raises(LaunchConfigError) as err:
+        bad()
+    assert fix in str(err.value)
+    assert err.value.exit_code == 2  # a usage error: fix the configuration
+
+
+def test_bad_argv_is_refused_before_any_runtime_sees_it():
+    for launcher in (ProcessLauncher(), PodmanLauncher(image="i")):
+        with pytest.raises(TypeError):
+            launcher.wrap("python3 -m x", M)
+        with pytest.raises(ValueError):
+            launcher.wrap([], M)
+        with pytest.raises(ValueError):
+            launcher.wrap(["a\0b"], M)
+
+
+def test_make_launcher_names():
+    assert set(LAUNCHERS) == {"process", "bubblewrap", "apptainer", "singularity", "podman", "docker"}
+    assert make_launcher("bwrap") == BubblewrapLauncher()
+    assert make_launcher("process", "ignored") == ProcessLauncher()
+    assert make_launcher("podman", "img").image == "img"
+    assert all(issubclass(cls, Launcher) and cls.name for cls in LAUNCHERS.values())
+
+
+def test_mounts_on_host_binds_cvmfs_only_when_present(tmp_path):
+    assert Mounts.on_host(tmp_path, tmp_path, cvmfs_root=str(tmp_path / "absent")).cvmfs is False
+    (tmp_path / "cvmfs").mkdir()
+    assert Mounts.on_host(tmp_path, tmp_path, cvmfs_root=str(tmp_path / "cvmfs")).cvmfs is True
+
+
+def test_dry_run_shows_the_exact_command_and_environment():
+    launcher = PodmanLauncher(image="localhost/el9:1", **PODMAN_FIXED)
+    argv = wrapper_command(launcher, M, ["python3", "-m", "pilot.wrapper", "it's \"quoted\""])
+    text = dry_run(launcher, argv, M, env={SECRET_NAME: "secret", "PATH": "/usr/bin", "HOME": "/home/p"})
+    assert "secret" not in text
+    lines = text.splitlines()
+    assert lines[0] == "# launcher: podman (image localhost/el9:1)"
+    assert lines[2] == "cd /scratch/job1 &&"
+    words = shlex.split(lines[3])
+    assert words[:5] == ["env", "-i", "HOME=/home/p", "LANG=C.UTF-8", "PATH=/usr/bin"]
+    assert words[5:] == launcher.wrap(argv, M)  # pasting it runs exactly what spawn runs
+
+
+# ---------------------------------------------------------------- setup script
+
+
+def test_setup_command_exact_form():
+    assert setup_command(["python3", "-m", "w"]) == [
+        "/bin/sh", "-c", '. "$1" >&2 && shift && exec "$@"', "sh", "/sw/setup.sh", "python3", "-m", "w"]
+    assert setup_command(["x"], "/cvmfs/a b/setup.sh")[4] == "/cvmfs/a b/setup.sh"
+    with pytest.raises(ValueError):
+        setup_command([])
+
+
+HOSTILE = [
+    'it\'s "quoted"', "$(touch PWNED)", "`touch PWNED2`", "; touch PWNED3", "a\nb\n", "  spaced  out  ", "",
+    "$HOME", "${IFS}", "*", "--rm", "-v", "\\", "'", '"', "$1", "$@", "&& touch PWNED4", "|| true", "\t",
+    "é ü 漢字", "-c", "--",
+]
+
+
+def test_setup_command_passes_hostile_argv_through_a_real_shell(tmp_path):
+    (tmp_path / "setup.sh").write_text('export FROM_SETUP="set by $1"\necho "setup prints on stdout"\n')
+    code = "import json, os, sys; print(json.dumps([sys.argv[1:], os.environ.get('FROM_SETUP')]))"
+    command = setup_command([sys.executable, "-c", code, *HOSTILE], str(tmp_path / "setup.sh"))
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    argv, from_setup = json.loads(done.stdout)  # stdout: the program's output only
+    assert argv == HOSTILE
+    assert from_setup == f"set by {tmp_path}/setup.sh"
+    assert "setup prints on stdout" in done.stderr
+    assert not list(tmp_path.glob("PWNED*"))
+
+
+def test_a_failing_setup_script_stops_the_start(tmp_path):
+    (tmp_path / "setup.sh").write_text("echo 'no python here' >&2\nreturn 7\n")
+    done = subprocess.run(setup_command(["touch", "STARTED"], str(tmp_path / "setup.sh")), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 7 and "no python here" in done.stderr
+    assert not (tmp_path / "STARTED").exists()
+
+
+def test_generated_setup_script_refuses_an_image_without_python(tmp_path):
+    (tmp_path / "setup.sh").write_text(SETUP_SH)
+    done = subprocess.run(setup_command(["true"], str(tmp_path / "setup.sh")), cwd=tmp_path, capture_output=True,
+                          text=True, env={"PATH": "/nonexistent"}, timeout=TIMEOUT)
+    assert done.returncode != 0 and "no python3" in done.stderr
+    assert SETUP_SHELL in setup_command(["x"])
+
+
+# -------------------------------------------------------- real runtimes: fixtures
+
+RUNTIMES = ["process", "bubblewrap-host", "bubblewrap-image", "podman-image", "podman-rootfs", "apptainer",
+            "docker"]
+
+
+def _need(binary: str, packages: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.fail(f"{binary} is not installed; fix: run scripts/install-system-deps.sh (packages: {packages})")
+
+
+@pytest.fixture(scope="session")
+def rootfs() -> str:
+    return str(ensure_rootfs())
+
+
+@pytest.fixture(scope="session")
+def podman_image() -> str:
+    _need("podman", "podman runc")
+    _need("runc", "runc")
+    return ensure_image("podman")
+
+
+@pytest.fixture(scope="session")
+def software(tmp_path_factory) -> str:
+    area = build_software_area(tmp_path_factory.mktemp("software") / "sw")
+    # A second setup script that prints on stdout and stderr, as site scripts do.
+    (area / "noisy-setup.sh").write_text(
+        SETUP_SH + 'echo "setup: hello on stdout"\necho "setup: hello on stderr" >&2\n')
+    return str(area)
+
+
+@pytest.fixture
+def mounts(tmp_path, software) -> Mounts:
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    return Mounts.on_host(sandbox, software)
+
+
+def _launcher_for(kind: str, request) -> Launcher:
+    if kind == "process":
+        return ProcessLauncher()
+    if kind.startswith("bubblewrap"):
+        _need("bwrap", "bubblewrap")
+        return BubblewrapLauncher(image=request.getfixturevalue("rootfs") if kind.endswith("image") else None)
+    if kind == "podman-image":
+        return PodmanLauncher(image=request.getfixturevalue("podman_image"))
+    if kind == "podman-rootfs":
+        _need("podman", "podman runc")
+        return PodmanLauncher(image=request.getfixturevalue("rootfs"))
+    if kind == "apptainer":
+        if shutil.which("apptainer") is None:
+            pytest.skip(APPTAINER_ELSEWHERE)
+        return ApptainerLauncher(image=request.getfixturevalue("rootfs"))
+    if kind == "docker":
+        if not DockerLauncher(image="probe").probe().ok:
+            pytest.skip(DOCKER_ELSEWHERE)
+        return DockerLauncher(image=ensure_image("docker"))
+    raise AssertionError(kind)
+
+
+@pytest.fixture(params=RUNTIMES)
+def launcher(request) -> Launcher:
+    return _launcher_for(request.param, request)
+
+
+def _finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> str:
+    """Wait for PROCESS; return its stderr (it must have been started with stderr=PIPE)."""
+    try:
+        _, err = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return err.decode(errors="replace")
+
+
+def _run_inside(launcher: Launcher, mounts: Mounts, code: str, *, setup: str = "setup.sh",
+                env: dict | None = None) -> tuple[int, str]:
+    """Run python CODE inside the runtime (not a wrapper: no protocol); return (status, stderr)."""
+    argv = wrapper_command(launcher, mounts, ["python3", "-c", textwrap.dedent(code)], setup_name=setup)
+    process, channel = spawn(launcher, argv, mounts, env=env, stderr=subprocess.PIPE)
+    channel.close()
+    err = _finish(process)
+    return process.returncode, err
+
+
+def _play_job(channel, steps: int, *, stop_after: int | None = None) -> dict:
+    """Drive a loopback job; return what arrived, checking each frame's content."""
+    job = sample_job_start()
+    job.spec.arguments[:] = [str(steps)]
+    channel.send(job)
+    seen = {"states": [], "heartbeats": 0, "chunks": [], "pongs": [], "result": None}
+    while seen["result"] is None:
+        event = channel.expect(m.StateChange, m.Heartbeat, m.LogChunk, m.Pong, m.Result, timeout=TIMEOUT)
+        if isinstance(event, m.StateChange):
+            seen["states"].append(event.state)
+        elif isinstance(event, m.Heartbeat):
+            seen["heartbeats"] += 1
+        elif isinstance(event, m.LogChunk):
+            seen["chunks"].append((event.offset, event.data))
+            if len(seen["chunks"]) == 1:
+                channel.send(m.Ping(nonce=99))  # answered while the job runs
+            if stop_after is not None and len(seen["chunks"]) == stop_after:
+                channel.send(m.Stop(reason=m.StopReason.STOP_REASON_SLOT_END, detail="test", deadline_s=30))
+        elif isinstance(event, m.Pong):
+            seen["pongs"].append(event.nonce)
+        else:
+            seen["result"] = event
+    return seen
+
+
+def _check_chunks(chunks: list[tuple[int, bytes]]) -> None:
+    offset = 0
+    for number, (at, data) in enumerate(chunks, start=1):
+        assert at == offset and data == f"step {number} of job 42\n".encode()
+        offset += len(data)
+
+
+# ------------------------------------------------------- real runtimes: the pipe
+
+
+def test_protocol_crosses_the_runtime_boundary_intact(launcher, mounts):
+    process, channel = spawn(launcher, wrapper_command(launcher, mounts), mounts, stderr=subprocess.PIPE)
+    with channel:
+        # Ctrl-P Ctrl-Q (podman's detach keys), Ctrl-C, Ctrl-D inside a frame: a TTY would eat them.
+        channel.send(m.make_hello("agent \x10\x11\x03\x04 under test"))
+        ready = channel.expect(m.Ready, timeout=TIMEOUT)
+        assert (ready.protocol_major, ready.protocol_minor) == m.PROTOCOL_VERSION
+        channel.send(m.Ping(nonce=7))
+        assert channel.expect(m.Pong, timeout=TIMEOUT).nonce == 7
+        seen = _play_job(channel, steps=3)
+        channel.close_write()
+        assert channel.receive(timeout=TIMEOUT) is ConnectionClosed
+    err = _finish(process)
+    assert process.returncode == 0, err
+    assert seen["states"] == [m.JobState.JOB_STATE_STARTED, m.JobState.JOB_STATE_RUNNING,
+                              m.JobState.JOB_STATE_SAVING]
+    assert seen["heartbeats"] == 3 and seen["pongs"] == [99]
+    _check_chunks(seen["chunks"])
+    assert len(seen["chunks"]) == 3
+    assert seen["result"].final_state == m.JobState.JOB_STATE_DONE
+    assert "greeted by agent 'agent \\x10\\x11\\x03\\x04 under test'" in err  # the wrapper's print: on stderr
+
+
+def test_stop_reaches_the_wrapper_inside_the_runtime(launcher, mounts):
+    process, channel = spawn(launcher, wrapper_command(launcher, mounts), mounts, stderr=subprocess.PIPE)
+    with channel:
+        channel.send(m.make_hello("a"))
+        channel.expect(m.Ready, timeout=TIMEOUT)
+        seen = _play_job(channel, steps=10_000, stop_after=2)
+        channel.close_write()
+        assert channel.receive(timeout=TIMEOUT) is ConnectionClosed
+    err = _finish(process)
+    assert process.returncode == 0, err
+    result = seen["result"]
+    assert result.failure_class == m.FailureClass.FAILURE_CLASS_STOPPED
+    assert "STOP_REASON_SLOT_END test" in result.message
+    assert 2 <= len(seen["chunks"]) < 10_000
+    _check_chunks(seen["chunks"])
+
+
+NOISY_WRAPPER = """
+    import subprocess, sys
+    from pilot.pipe import loopback
+    from pilot.pipe.channel import PipeChannel, claim_stdio
+    from pilot.pipe.protocol import Role
+    read_fd, write_fd = claim_stdio()
+    print("wrapper: print after claim", flush=True)
+    subprocess.run(["/bin/sh", "-c", "echo payload says hi on stdout; echo payload says hi on stderr >&2"])
+    with PipeChannel(Role.WRAPPER, read_fd, write_fd) as channel:
+        sys.exit(loopback.run(channel))
+"""
+
+
+def test_frames_stay_intact_when_setup_wrapper_and_payload_print(launcher, mounts):
+    argv = wrapper_command(launcher, mounts, ["python3", "-c", textwrap.dedent(NOISY_WRAPPER)],
+                           setup_name="noisy-setup.sh")
+    process, channel = spawn(launcher, argv, mounts, stderr=subprocess.PIPE)
+    with channel:
+        channel.send(m.make_hello("a"))
+        channel.expect(m.Ready, timeout=TIMEOUT)
+        seen = _play_job(channel, steps=4)
+        channel.close_write()
+        assert channel.receive(timeout=TIMEOUT) is ConnectionClosed
+    err = _finish(process)
+    assert process.returncode == 0, err
+    _check_chunks(seen["chunks"])
+    assert seen["result"].final_state == m.JobState.JOB_STATE_DONE
+    for text in ("setup: hello on stdout", "setup: hello on stderr", "wrapper: print after claim",
+                 "payload says hi on stdout", "payload says hi on stderr"):
+        assert text in err
+
+
+def test_runtime_passes_arbitrary_bytes_both_ways(launcher, mounts):
+    """4 MiB of random bytes (with TTY control sequences) through `cat` inside: nothing altered."""
+    data = b"\x10\x11\x03\x04\x1c\r\n\x1b[0m" * 1000 + os.urandom(4 << 20)
+    process, channel = spawn(launcher, ["/bin/cat"], mounts, stderr=subprocess.PIPE)
+    received = io.BytesIO()
+
+    def feed() -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(channel.write_fd, view[:1 << 16]):]
+        os.close(channel.write_fd)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    while chunk := os.read(channel.read_fd, 1 << 16):
+        received.write(chunk)
+    writer.join(TIMEOUT)
+    channel.write_fd = -1
+    channel.close()
+    err = _finish(process)
+    assert process.returncode == 0, err
+    assert hashlib.sha256(received.getvalue()).digest() == hashlib.sha256(data).digest()
+
+
+def test_podman_pull_messages_go_to_stderr(podman_image, mounts, tmp_path):
+    """Running from an archive makes podman copy the image: its progress must not touch stdout."""
+    archive = Path(ensure_rootfs()).parent / f"{podman_image.rsplit(':', 1)[1]}.oci.tar"
+    if not archive.exists():
+        partial = archive.with_suffix(".partial")
+        subprocess.run(["podman", "save", "--quiet", "--format", "oci-archive", "-o", str(partial), podman_image],
+                       check=True, capture_output=True)
+        partial.rename(archive)
+    for quiet in (False, True):
+        launcher = PodmanLauncher(image=f"oci-archive:{archive}", quiet=quiet)
+        process, channel = spawn(launcher, wrapper_command(launcher, mounts), mounts, stderr=subprocess.PIPE)
+        with channel:
+            channel.send(m.make_hello("a"))
+            channel.expect(m.Ready, timeout=TIMEOUT)
+            seen = _play_job(channel, steps=2)
+            channel.close_write()
+            assert channel.receive(timeout=TIMEOUT) is ConnectionClosed
+        err = _finish(process)
+        assert process.returncode == 0, err
+        _check_chunks(seen["chunks"])
+        assert ("Copying blob" in err) is not quiet, err
+
+
+def _processes_running(marker: str) -> list[int]:
+    """PIDs of `sleep MARKER` processes (not of the runtimes whose arguments name it)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv[0].endswith(b"sleep") and argv[1:2] == [marker.encode()]:
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_sigterm_to_the_runtime_ends_a_wrapper_without_handlers(launcher, mounts):
+    """The agent's hard stop: a signal to the process it started ends the wrapper, whatever the runtime."""
+    marker = f"600.{os.getpid()}{time.monotonic_ns() % 100000}"
+    process, channel = spawn(launcher, ["/bin/sleep", marker], mounts, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + TIMEOUT
+    while not _processes_running(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_running(marker), "the wrapper never started"
+    time.sleep(0.3)  # let the runtime finish setting up its signal forwarding
+    process.terminate()
+    try:
+        err = _finish(process, timeout=20)
+        channel.close()
+        deadline = time.monotonic() + 20
+        while _processes_running(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _processes_running(marker), f"the wrapper outlived its runtime process; stderr: {err}"
+    finally:
+        for pid in _processes_running(marker):  # leave nothing behind, even on failure
+            os.kill(pid, signal.SIGKILL)
+
+
+# ------------------------------------------------- real runtimes: environment
+
+
+SECRECY_PROBE = """
+    import json, os, sys
+    procs = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            for what in ("environ", "cmdline"):
+                try:
+                    with open(f"/proc/{pid}/{what}", "rb") as f:
+                        procs[f"{pid}/{what}"] = f.read().decode("latin-1")
+                except OSError as exc:
+                    procs[f"{pid}/{what}"] = f"unreadable: {exc.strerror}"
+    report = {"environ": dict(os.environ), "argv": sys.argv, "proc": procs, "pid": os.getpid(), "cwd": os.getcwd()}
+    with open("secrecy.json", "w") as f:
+        json.dump(report, f)
+"""
+
+AGENT = """
+import base64, pickle, sys
+from pilot.launch import spawn
+launcher, mounts, argv = pickle.loads(base64.b64decode(sys.argv[1]))
+process, channel = spawn(launcher, argv, mounts)  # env=None: this process's environment, secret included
+channel.close()
+sys.exit(process.wait(60))
+"""
+
+#: Variables a runtime itself adds inside (they carry no value from the agent).
+RUNTIME_ADDED = {"PWD", "SHLVL", "_", "container", "HOSTNAME", "TERM"}
+SETUP_EXPORTS = {"PATH", "HOME", "LANG", "TMPDIR", "PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONDONTWRITEBYTECODE",
+                 "PYTHONSAFEPATH"}
+
+
+def test_the_agents_secret_never_reaches_the_wrapper(launcher, mounts):
+    """An agent whose own environment holds its token starts a wrapper: the wrapper finds it nowhere."""
+    secret = "tok-" + os.urandom(12).hex()
+    argv = wrapper_command(launcher, mounts, ["python3", "-c", textwrap.dedent(SECRECY_PROBE)])
+    env = {**os.environ, SECRET_NAME: secret, "APPTAINERENV_" + SECRET_NAME: secret,
+           "SINGULARITYENV_" + SECRET_NAME: secret, "HTTPS_PROXY": f"http://{secret}@proxy:3128",
+           "http_proxy": f"http://{secret}@proxy:3128", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    blob = base64.b64encode(pickle.dumps((launcher, mounts, argv))).decode()
+    agent = subprocess.run([sys.executable, "-c", AGENT, blob], env=env, capture_output=True, text=True,
+                           timeout=TIMEOUT * 2)
+    assert agent.returncode == 0, agent.stderr
+    report = json.loads((Path(mounts.sandbox) / "secrecy.json").read_text())
+    assert secret not in json.dumps(report["environ"]) and secret not in json.dumps(report["argv"])
+    assert set(report["environ"]) <= SETUP_EXPORTS | RUNTIME_ADDED, report["environ"]
+    assert report["environ"]["HOME"] == launcher.workdir(mounts) == report["cwd"]
+    exposed = sorted(key for key, text in report["proc"].items() if secret in text)
+    if isinstance(launcher, ProcessLauncher):
+        # No container, no PID namespace: the agent's own /proc/PID/environ is readable to its uid.
+        # Known and documented (docs/containers.md): only a container hides the agent's files and processes.
+        assert exposed and all(key.endswith("/environ") for key in exposed)
+    else:
+        assert exposed == [], f"the secret is readable inside at {exposed}"
+        assert len([k for k in report["proc"] if k.endswith("/environ")]) <= 4  # own PID namespace
+
+
+# --------------------------------------------- real runtimes: sandbox and software area
+
+
+FILESYSTEM_PROBE = """
+    import errno, json, os
+    def attempt(path):
+        try:
+            with open(path, "w") as f:
+                f.write("x")
+            return "written"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+    sw = os.environ["PYTHONPATH"].rsplit("/lib/python", 1)[0]
+    result = {
+        "sandbox": attempt("from-inside.txt"),
+        "software": attempt(sw + "/planted.txt"),
+        "tmp": attempt(os.path.join(os.environ.get("TMPDIR", "/tmp"), "t.txt")),
+        "cwd": os.getcwd(),
+        "software_dir": sw,
+    }
+    if os.path.isdir("/site"):
+        result["site_ro"] = attempt("/site/data/planted.txt")
+        result["site_ro_read"] = open("/site/data/given.txt").read()
+        result["site_rw"] = attempt("/site/scratch/from-inside.txt")
+    with open("fs.json", "w") as f:
+        json.dump(result, f)
+"""
+
+
+def test_sandbox_is_writable_and_software_area_read_only(launcher, tmp_path, software):
+    sandbox, site_ro, site_rw = tmp_path / "sandbox", tmp_path / "site-ro", tmp_path / "site-rw"
+    for folder in (sandbox, site_ro, site_rw):
+        folder.mkdir()
+    (site_ro / "given.txt").write_text("from the site")
+    extra = (Bind(str(site_ro), "/site/data"), Bind(str(site_rw), "/site/scratch", read_only=False))
+    mounts = Mounts.on_host(sandbox, software, extra)
+    status, err = _run_inside(launcher, mounts, FILESYSTEM_PROBE)
+    assert status == 0, err
+    result = json.loads((sandbox / "fs.json").read_text())
+    assert result["sandbox"] == "written" and (sandbox / "from-inside.txt").read_text() == "x"
+    assert result["tmp"] == "written"
+    assert result["cwd"] == launcher.workdir(mounts)
+    assert result["software_dir"] == launcher.software_dir(mounts)
+    if isinstance(launcher, ProcessLauncher):
+        # Without a container nothing is read-only for the agent's own uid (documented).
+        assert result["software"] == "written"
+        os.unlink(Path(software) / "planted.txt")
+        assert "site_ro" not in result  # site binds need a container
+    else:
+        assert result["software"] == "EROFS" and not (Path(software) / "planted.txt").exists()
+        assert result["site_ro"] == "EROFS" and result["site_ro_read"] == "from the site"
+        assert result["site_rw"] == "written" and (site_rw / "from-inside.txt").exists()
+
+
+@pytest.mark.parametrize("kind", ["bubblewrap-image", "podman-rootfs", "apptainer"])
+def test_an_image_without_python_fails_with_the_setup_scripts_message(kind, request, mounts, tmp_path):
+    launcher = _launcher_for(kind, request)
+    empty_root = tmp_path / "root"
+    shutil.copytree(launcher.image, empty_root, symlinks=True,
+                    ignore=lambda d, names: [n for n in names if n.startswith("python")])
+    bare = type(launcher)(image=str(empty_root))
+    argv = wrapper_command(bare, mounts)
+    process, channel = spawn(bare, argv, mounts, stderr=subprocess.PIPE)
+    channel.send(m.make_hello("a"))
+    with pytest.raises(PeerClosed):
+        channel.expect(m.Ready, timeout=TIMEOUT)
+    channel.close()
+    err = _finish(process)
+    assert process.returncode == 1 and "this image has no python3" in err
+
+
+# ------------------------------------------------------------- detection
+
+
+@pytest.fixture(autouse=True)
+def _fresh_detection_cache():
+    clear_cache()
+    yield
+    clear_cache()
+
+
+def _image_map(request) -> dict:
+    return {"podman": request.getfixturevalue("podman_image"), "apptainer": request.getfixturevalue("rootfs"),
+            "bubblewrap": request.getfixturevalue("rootfs")}
+
+
+def test_detect_require_picks_the_first_working_runtime(request, mounts):
+    preference = ["apptainer", "podman", "bubblewrap"] if shutil.which("apptainer") is None else ["podman"]
+    selection = detect(preference, "require", _image_map(request), mounts)
+    assert isinstance(selection.launcher, PodmanLauncher)
+    assert selection.launcher.image == request.getfixturevalue("podman_image")
+    assert selection.attempts[-1].ok and selection.attempts[-1].version.startswith("podman version")
+    if len(selection.attempts) == 2:
+        assert "'apptainer' is not on PATH; fix: install apptainer" in selection.reasons["apptainer"]
+    assert selection.require() is selection.launcher
+    # Cached for the process: the next detection starts nothing.
+    again = detect(preference, "require", _image_map(request), mounts, self_test_argv=["/bin/false"])
+    assert again.launcher == selection.launcher and again.attempts[-1].cached
+
+
+@pytest.mark.parametrize("kind", ["bubblewrap-host", "bubblewrap-image", "podman-image", "podman-rootfs",
+                                  "apptainer", "docker"])
+def test_every_runtime_here_passes_its_self_test(kind, request, mounts):
+    launcher = _launcher_for(kind, request)
+    selection = detect([launcher.name], "require", launcher.image, mounts)
+    assert selection.launcher == launcher, selection.reasons
+    assert not list(Path(mounts.sandbox).iterdir())  # the write check cleaned up after itself
+
+
+def test_detect_require_with_nothing_working_matches_nothing(request, mounts):
+    failing = ["/bin/sh", "-c", "echo broken wrapper >&2; exit 3"]
+    selection = detect(["apptainer", "docker", "podman", "bubblewrap", "lxc"], "require", _image_map(request),
+                       mounts, self_test_argv=failing)
+    assert selection.launcher is None and not selection.fell_back
+    reasons = selection.reasons
+    assert set(reasons) == {"apptainer", "docker", "podman", "bubblewrap", "lxc"}
+    assert "broken wrapper" in reasons["podman"] and "broken wrapper" in reasons["bubblewrap"]
+    assert "unknown container runtime 'lxc'" in reasons["lxc"]
+    assert "docker" in reasons and "fix:" in reasons["docker"]
+    with pytest.raises(NoUsableRuntime) as err:
+        selection.require()
+    assert "policy 'require'" in str(err.value) and "'prefer'" in str(err.value)
+    assert err.value.reasons == reasons
+
+
+def test_detect_prefer_falls_back_to_no_container_loudly(request, mounts):
+    warnings = io.StringIO()
+    selection = detect(["podman"], "prefer", "localhost/splitpilot-no-such-image:0", mounts,
+                       self_test_argv=lambda launcher: ["/bin/false"], stderr=warnings)
+    assert selection.launcher == ProcessLauncher() and selection.fell_back
+    assert "WARNING" in warnings.getvalue() and "WITHOUT a container" in warnings.getvalue()
+    assert "podman" in selection.reasons
+
+
+def test_detect_prefer_with_a_working_runtime_does_not_warn(mounts, capsys):
+    selection = detect(["bubblewrap"], "prefer", None, mounts)
+    assert selection.launcher == BubblewrapLauncher() and not selection.fell_back
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_detect_off_probes_nothing(mounts, monkeypatch):
+    monkeypatch.setattr(detection, "_try", lambda *a: pytest.fail("off must not probe"))
+    selection = detect(["podman", "bubblewrap"], "off", "img", mounts)
+    assert selection.launcher == ProcessLauncher() and selection.attempts == ()
+
+
+def test_detect_refuses_an_unknown_policy(mounts):
+    with pytest.raises(LaunchConfigError, match="require, prefer, off"):
+        detect(["bubblewrap"], "sometimes", None, mounts)
+
+
+def test_failed_self_tests_are_retried_after_a_while(mounts, monkeypatch):
+    calls = []
+
+    def argv_for(launcher):
+        calls.append(launcher.name)
+        return ["/bin/false"]
+
+    detect(["bubblewrap"], "require", None, mounts, self_test_argv=argv_for)
+    detect(["bubblewrap"], "require", None, mounts, self_test_argv=argv_for)
+    assert calls == ["bubblewrap"]
+    monkeypatch.setattr(detection, "FAILURE_TTL", 0.0)
+    detect(["bubblewrap"], "require", None, mounts, self_test_argv=argv_for)
+    assert calls == ["bubblewrap", "bubblewrap"]
+
+
+UNPRIVILEGED_AGENT = """
+import json, sys
+from pilot.launch import Mounts, detect, spawn, wrapper_command
+from pilot.pipe import messages as m
+mounts = Mounts(sys.argv[1], sys.argv[2])
+selection = detect(["bubblewrap"], "require", None, mounts)
+print(json.dumps({"ok": selection.launcher is not None, "reasons": selection.reasons}))
+"""
+
+
+def test_bubblewrap_works_for_an_unprivileged_agent():
+    """The agent normally runs as the glidein's own user: no root, no setuid helper."""
+    _need("bwrap", "bubblewrap")
+    # As root, become nobody; as anyone else, stay (the point is not being root).
+    become = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.getuid() == 0 else []
+    base = Path(tempfile.mkdtemp(prefix="splitpilot-unprivileged-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        software = build_software_area(base / "sw")
+        sandbox = base / "sandbox"
+        sandbox.mkdir()
+        if become:
+            os.chown(sandbox, 65534, 65534)
+        done = subprocess.run(
+            [*become, "/usr/bin/python3", "-c", UNPRIVILEGED_AGENT, str(sandbox), str(software)],
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(software / "lib" / "python"), "HOME": "/nonexistent"},
+            cwd=base, capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.splitlines()[-1]) == {"ok": True, "reasons": {}}
+    finally:
+        shutil.rmtree(base)
+
+
+def test_errno_names_used_in_probes_exist():
+    assert errno.EROFS and "EROFS" in errno.errorcode.values()
