@@ -23,7 +23,6 @@ from broker.lifecycle import JobState, RequeueCause
 from pilot.errors import SplitpilotError
 from splitpilot.job.v1 import job_pb2
 
-
 # ------------------------------------------------------------------ errors
 
 class StoreError(SplitpilotError):

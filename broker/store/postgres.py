@@ -1,0 +1,359 @@
+"""The shared store: PostgreSQL through psycopg 3, for several broker processes.
+
+Each process keeps a small pool of connections (`extra["pool_size"]`,
+default 8) in autocommit mode; a method's transaction is an explicit
+`conn.transaction()` at READ COMMITTED, which locks the job row first
+(`SELECT ... FOR UPDATE`) and is retried on a deadlock.
+
+Matching is one statement, atomic on its own, in the common case:
+
+    WITH site AS (the site's admin state, and the newest class id),
+         best AS (the head of every fitting class -- a LATERAL join over the
+                  class ids, each side an index probe of jobs_waiting --
+                  ordered by priority, then age; the first),
+         claimed AS (UPDATE jobs SET state = ASSIGNED, attempt = attempt + 1, ...
+                     WHERE id = (SELECT id FROM jobs WHERE class_id = <best's class>
+                                 AND state = WAITING ORDER BY priority DESC, id
+                                 LIMIT 1 FOR UPDATE SKIP LOCKED)
+                       AND state = WAITING RETURNING ...),
+         history AS (INSERT INTO events ... FROM claimed),
+         counted AS (INSERT INTO counters ... FROM claimed ON CONFLICT ...),
+         seen AS (UPDATE pilots ... RETURNING 1)
+    SELECT ...
+
+SKIP LOCKED makes concurrent matchers take the next job of a class instead
+of waiting; the re-check `state = WAITING` under the row lock makes exactly
+one of them win a job attempt. When every waiting job of the best class is
+being claimed by others, the other classes are tried, best first (HEADS_SQL,
+then CLAIM_SQL per class). When the newest class id is above what this
+process caches, the cache is refreshed and the match repeated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pgerrors
+
+from broker.store.base import Assignment, PilotRef, SlotOffer, StoreError, StoreSettings
+from broker.store.classes import CLASS_INSERT_COLUMNS, RequirementClass
+from broker.store.schema import ALIVE_STATES, ASSIGNED, POSTGRES, SCHEMA_VERSION, WAITING, ddl, to_ms
+from broker.store.sql import CLAIM_SET, JOB_COLUMNS, JOB_INSERT_COLUMNS, SqlStore
+from splitpilot.job.v1 import job_pb2
+
+T = TypeVar("T")
+
+#: Advisory lock keys (arbitrary, fixed): schema creation, class creation.
+_LOCK_SCHEMA = 0x5350_0001
+_LOCK_CLASSES = 0x5350_0002
+_COUNTER_SHARDS = 8
+_RETRIES = 8
+
+
+def _named(sql: str, names: Sequence[str]) -> str:
+    """Replace the `?` placeholders of SQL, in order, by %(name)s."""
+    parts = sql.split("?")
+    assert len(parts) == len(names) + 1, sql
+    return parts[0] + "".join(f"%({name})s{part}" for name, part in zip(names, parts[1:], strict=True))
+
+
+#: The best head of each fitting class (each an index probe of jobs_waiting), best first.
+_HEADS = (
+    "SELECT head.class_id, head.priority, head.id FROM unnest(%(classes)s::bigint[]) AS c(class_id) "
+    "CROSS JOIN LATERAL (SELECT j.class_id, j.priority, j.id FROM jobs j "
+    f"WHERE j.class_id = c.class_id AND j.state = {WAITING} ORDER BY j.priority DESC, j.id LIMIT 1) AS head")
+HEADS_SQL = _HEADS + " ORDER BY head.priority DESC, head.id"
+
+
+def _claim(class_expression: str) -> str:
+    """CTEs that claim the best unlocked waiting job of one class, record it, count it and touch the pilot."""
+    return (
+        f"claimed AS (UPDATE jobs SET {_named(CLAIM_SET, ('now', 'now', 'site', 'node', 'pilot'))} "
+        f"  WHERE id = (SELECT id FROM jobs WHERE class_id = {class_expression} AND state = {WAITING} "
+        "               ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED) "
+        f"    AND state = {WAITING} RETURNING id, attempt, owner, spec), "
+        "history AS (INSERT INTO events (job_id, time, state, attempt, detail) "
+        f"  SELECT id, %(now)s, {ASSIGNED}, attempt, %(detail)s FROM claimed), "
+        "counted AS (INSERT INTO counters (name, shard, value) SELECT 'matches_total', %(shard)s, 1 FROM claimed "
+        "  ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + 1), "
+        "seen AS (UPDATE pilots SET last_seen = %(now)s, "
+        "  jobs_matched = jobs_matched + (SELECT count(*) FROM claimed), site = %(pilot_site)s, node = %(node)s "
+        "  WHERE pilot_id = %(pilot)s RETURNING 1) ")
+
+
+#: The whole match in one round trip: the site's state, the newest class id (is
+#: the cache current?), the best head among the fitting classes, and its claim.
+MATCH_SQL = (
+    "WITH site AS (SELECT coalesce((SELECT state FROM sites WHERE name = %(site)s), 'enabled') AS state, "
+    "                     (SELECT max(id) FROM classes) AS newest), "
+    f"best AS ({_HEADS} WHERE (SELECT state FROM site) = 'enabled' "
+    "         ORDER BY head.priority DESC, head.id LIMIT 1), "
+    + _claim("(SELECT class_id FROM best)") +
+    "SELECT site.state, site.newest, (SELECT count(*) FROM best), (SELECT count(*) FROM seen), "
+    "       claimed.id, claimed.attempt, claimed.owner, claimed.spec "
+    "FROM site LEFT JOIN claimed ON true")
+
+#: Claim from one given class (after MATCH_SQL lost its best class to concurrent matchers).
+CLAIM_SQL = (
+    "WITH " + _claim("%(class_id)s") +
+    "SELECT (SELECT count(*) FROM seen), claimed.id, claimed.attempt, claimed.owner, claimed.spec "
+    "FROM (SELECT 1) AS one LEFT JOIN claimed ON true")
+
+_PLACEHOLDERS: dict[str, str] = {}
+
+
+def _pg(sql: str) -> str:
+    """The shared `?` placeholders as psycopg's `%s` (the shared SQL has no other `?` or `%`)."""
+    converted = _PLACEHOLDERS.get(sql)
+    if converted is None:
+        converted = _PLACEHOLDERS[sql] = sql.replace("?", "%s")
+    return converted
+
+
+class _Cursor:
+    """The Cursor protocol of broker.store.sql on a psycopg connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        return self.conn.execute(_pg(sql), params).fetchall()
+
+    def row(self, sql: str, params: Sequence[Any] = ()) -> tuple | None:
+        return self.conn.execute(_pg(sql), params).fetchone()
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.conn.execute(_pg(sql), params).rowcount
+
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        with self.conn.cursor() as cursor:
+            cursor.executemany(_pg(sql), params)
+
+
+class ConnectionPool:
+    """At most SIZE autocommit connections to URL, shared by the threads of one process."""
+
+    def __init__(self, url: str, size: int) -> None:
+        self.url, self.size = url, size
+        self._idle: list[psycopg.Connection] = []
+        self._open = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        conn = self._acquire()
+        try:
+            yield conn
+        finally:
+            self._release(conn)
+
+    def _acquire(self) -> psycopg.Connection:
+        if os.getpid() != self._pid:  # a forked child must not share the parent's sockets
+            raise StoreError("this store was opened in a parent process; fix: open the store again after fork")
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise StoreError("the store is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._open < self.size:
+                    self._open += 1
+                    break
+                self._cond.wait()
+        try:
+            return psycopg.connect(self.url, autocommit=True, application_name="splitpilot-broker")
+        except BaseException:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify()
+            raise
+
+    def _release(self, conn: psycopg.Connection) -> None:
+        healthy = not conn.closed and not conn.broken and \
+            conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        with self._cond:
+            if healthy and not self._closed:
+                self._idle.append(conn)
+            else:
+                self._open -= 1
+            self._cond.notify()
+        if not healthy or self._closed:
+            conn.close()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
+
+
+class PostgresStore(SqlStore):
+    """JobStore in a PostgreSQL database (URL postgresql://...)."""
+
+    FOR_UPDATE = " FOR UPDATE"
+    FOR_UPDATE_SKIP = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str, settings: StoreSettings | None = None) -> None:
+        super().__init__(settings or StoreSettings())
+        self.url = url
+        self._thread = threading.local()
+        self._pool = ConnectionPool(url, int(self.settings.extra.get("pool_size", 8)))
+        try:
+            self._write(self._create_schema)
+            self._job_sequence = self._read(lambda cur: cur.row(
+                "SELECT pg_get_serial_sequence('jobs', 'id')"))[0]
+            self._read(self._refresh_classes)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    # ----------------------------------------------------------- connections
+    def _write(self, fn: Callable[[_Cursor], T]) -> T:
+        with self._pool.connection() as conn:
+            return self._transact(conn, fn)
+
+    def _transact(self, conn: psycopg.Connection, fn: Callable[[_Cursor], T]) -> T:
+        """FN in a transaction on CONN, retried after a deadlock or serialization failure."""
+        def once() -> T:
+            with conn.transaction():
+                return fn(_Cursor(conn))
+        return self._retry(once)
+
+    def _read(self, fn: Callable[[_Cursor], T], snapshot: bool = False) -> T:
+        with self._pool.connection() as conn:
+            if not snapshot:
+                return fn(_Cursor(conn))
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                result = fn(_Cursor(conn))
+            except BaseException:
+                if not conn.broken:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+    def _shard(self) -> int:
+        """This thread's counter shard: fixed per thread, so that a transaction touches one shard per
+        counter (no lock-order cycles between shards) and threads rarely share one."""
+        shard = getattr(self._thread, "shard", None)
+        if shard is None:
+            shard = self._thread.shard = random.randrange(_COUNTER_SHARDS)
+        return shard
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # ---------------------------------------------------------------- schema
+    @staticmethod
+    def _create_schema(cur: _Cursor) -> None:
+        cur.run("SELECT pg_advisory_xact_lock(?)", (_LOCK_SCHEMA,))  # brokers starting together
+        for statement in ddl(POSTGRES):
+            cur.run(statement)
+        cur.run("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
+                (SCHEMA_VERSION,))
+        version = cur.row("SELECT value FROM meta WHERE key = 'schema_version'")[0]
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"store schema version {version}, this broker knows {SCHEMA_VERSION}")
+
+    def _create_classes(self, classes: Sequence[RequirementClass], now_ms: int) -> None:
+        def body(cur: _Cursor) -> None:
+            # Held to the commit: class ids become visible in increasing order, which
+            # lets every process's cache fetch just the ids above the highest it has.
+            cur.run("SELECT pg_advisory_xact_lock(?)", (_LOCK_CLASSES,))
+            cur.many(f"INSERT INTO classes ({CLASS_INSERT_COLUMNS}) VALUES ({', '.join('?' * 10)}) "
+                     "ON CONFLICT (key) DO NOTHING", [(*c.row(), now_ms) for c in classes])
+        self._write(body)
+        self._read(self._refresh_classes)
+
+    def _insert_jobs(self, cur: _Cursor, rows: list[list], events_detail: str, now_ms: int) -> list[int]:
+        ids = sorted(row[0] for row in cur.rows(
+            "SELECT nextval(?::regclass) FROM generate_series(1, ?)", (self._job_sequence, len(rows))))
+        with cur.conn.cursor() as cursor:
+            with cursor.copy(f"COPY jobs ({JOB_INSERT_COLUMNS}) FROM STDIN") as copy:
+                for job_id, row in zip(ids, rows, strict=True):
+                    copy.write_row((job_id, *row))
+            with cursor.copy("COPY events (job_id, time, state, attempt, detail) FROM STDIN") as copy:
+                for job_id in ids:
+                    copy.write_row((job_id, now_ms, WAITING, 0, events_detail))
+        return ids
+
+    # -------------------------------------------------------------- matching
+    def match(self, slot: SlotOffer, pilot: PilotRef, now: datetime.datetime) -> Assignment | None:
+        ms = to_ms(now)
+        params = {"site": slot.site, "now": ms, "node": pilot.node, "pilot": pilot.pilot_id,
+                  "pilot_site": pilot.site, "shard": self._shard(),
+                  "detail": f"matched to pilot {pilot.pilot_id} at {slot.site} on {pilot.node}"}
+        with self._pool.connection() as conn:
+            for _ in range(2):
+                params["classes"] = list(self._classes.fitting(slot))
+                site_state, newest, heads, known, job_id, attempt, owner, blob = self._retry(
+                    lambda: conn.execute(MATCH_SQL, params).fetchone())
+                stale_cache = newest is not None and newest > self._classes.max_id
+                if stale_cache:
+                    self._refresh_classes(_Cursor(conn))
+                if job_id is not None or not stale_cache or site_state != "enabled":
+                    break
+            if job_id is None and heads:
+                # The best class's waiting jobs were all being claimed: try the others, best first.
+                for class_id, _, _ in conn.execute(HEADS_SQL, params).fetchall():
+                    params["class_id"] = class_id
+                    known, job_id, attempt, owner, blob = self._retry(
+                        lambda: conn.execute(CLAIM_SQL, params).fetchone())
+                    if job_id is not None:
+                        break
+            if not known:  # first contact of this pilot
+                self._transact(conn, lambda cur: self._touch_pilot(cur, pilot, ms, int(job_id is not None)))
+        if job_id is None:
+            return None
+        spec = job_pb2.JobSpec()
+        spec.ParseFromString(blob)
+        return Assignment(job_id=job_id, attempt=attempt, spec=spec, owner=owner)
+
+    @staticmethod
+    def _retry(fn: Callable[[], T]) -> T:
+        for attempt in range(_RETRIES):
+            try:
+                return fn()
+            except (pgerrors.DeadlockDetected, pgerrors.SerializationFailure):
+                if attempt == _RETRIES - 1:
+                    raise
+                time.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    # ---------------------------------------------------------- diagnostics
+    PLANNED_QUERIES = {
+        "match": (MATCH_SQL, {"site": "", "classes": [1, 2, 3], "now": 0, "node": "", "pilot": "",
+                              "pilot_site": "", "shard": 0, "detail": ""}),
+        "class heads": (HEADS_SQL, {"classes": [1, 2, 3]}),
+        "claim": (CLAIM_SQL, {"class_id": 1, "now": 0, "node": "", "pilot": "", "site": "", "pilot_site": "",
+                              "shard": 0, "detail": ""}),
+        "lost heartbeats": (f"SELECT id, attempt FROM jobs WHERE state IN {ALIVE_STATES} AND heartbeat < %s",
+                            (0,)),
+        "never started": (f"SELECT id, attempt FROM jobs WHERE state = {ASSIGNED} AND updated < %s", (0,)),
+        "queue timeout": (f"SELECT id, attempt FROM jobs WHERE state = {WAITING} AND updated < %s", (0,)),
+        "owner's jobs": (f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s ORDER BY id DESC LIMIT 10", ("x",)),
+        "history": ("SELECT time, state, attempt, detail FROM events WHERE job_id = %s ORDER BY id", (1,)),
+    }
+
+    def plans(self) -> dict[str, str]:
+        """EXPLAIN of the queries that must use an index, one text per query."""
+        result = {}
+        with self._pool.connection() as conn:
+            for name, (sql, params) in self.PLANNED_QUERIES.items():
+                result[name] = "\n".join(row[0] for row in conn.execute("EXPLAIN " + sql, params).fetchall())
+        return result

@@ -1,0 +1,496 @@
+"""The JobStore logic both SQL stores share, written once against a tiny cursor API.
+
+`SqlStore` implements every JobStore method as one transaction run through
+`_write(fn)` / `_read(fn)`, which a backend provides (SQLite: a process lock
+and BEGIN IMMEDIATE; PostgreSQL: a pooled connection, row locks and retries
+on deadlock). The SQL text uses `?` placeholders; the PostgreSQL cursor
+turns them into `%s`. What differs lives in the backends: connections,
+bulk loading, class creation and the matching claim.
+
+Rules every method follows:
+  - a state is written with its `updated` time and its history event in the
+    same transaction, after the job row is locked (`FOR UPDATE` on
+    PostgreSQL; SQLite has one writer at a time);
+  - fencing: an attempt may act only while it is the job's attempt and the
+    broker has not ended it (`fenced` = 0); `fenced` is set whenever the
+    broker ends an attempt (re-queue, reap, kill before start, agent report);
+  - update sequences start at 1 per attempt (seq = 0 after a match);
+  - attempts charged against max_attempts exclude stops and admin re-queues
+    (`charged`), as lifecycle.requeue_target says.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
+
+from broker.lifecycle import ACTIVE_STATES, Actor, JobState, RequeueCause, allowed, requeue_target
+from broker.store.base import (
+    InvalidTransition,
+    JobEventRecord,
+    JobRecord,
+    JobStore,
+    NotYours,
+    OutOfOrderUpdate,
+    OutputRecord,
+    PilotRecord,
+    PilotRef,
+    Reaped,
+    StaleAttemptError,
+    StoreSettings,
+    TooManyJobs,
+    UnknownJob,
+    UpdateResult,
+)
+from broker.store.classes import CLASS_COLUMNS, ClassCache, RequirementClass
+from broker.store.schema import ALIVE_STATES, ASSIGNED, COUNTERS, SITE_STATES, WAITING, duration_ms, from_ms, to_ms
+from pilot.errors import UsageError
+from splitpilot.job.v1 import job_pb2
+
+T = TypeVar("T")
+
+
+class Cursor(Protocol):
+    """What the shared code needs from a database connection inside a transaction."""
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]: ...
+
+    def row(self, sql: str, params: Sequence[Any] = ()) -> tuple | None: ...
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Execute; return the number of rows changed."""
+
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None: ...
+
+
+JOB_COLUMNS = ("id, spec, owner, state, attempt, max_attempts, submitted, updated, site, node, pilot_id, "
+               "exit_code, message, kill_requested")
+JOB_INSERT_COLUMNS = ("id, class_id, owner, priority, state, attempt, charged, max_attempts, fenced, seq, "
+                      "kill_requested, submitted, updated, heartbeat, site, node, pilot_id, exit_code, message, spec")
+EVENT_INSERT = "INSERT INTO events (job_id, time, state, attempt, detail) VALUES (?, ?, ?, ?, ?)"
+#: The head of one class: the only read a match makes per class (jobs_waiting).
+HEAD_SQL = (f"SELECT priority, id FROM jobs WHERE class_id = ? AND state = {WAITING} "
+            "ORDER BY priority DESC, id LIMIT 1")
+#: The claim's SET list; parameters: now, now, site, node, pilot_id.
+CLAIM_SET = (f"state = {ASSIGNED}, attempt = attempt + 1, fenced = 0, seq = 0, updated = ?, heartbeat = ?, "
+             "site = ?, node = ?, pilot_id = ?, exit_code = NULL, message = ''")
+REAP_BATCH = 500
+_FREE_CAUSES = (RequeueCause.STOPPED, RequeueCause.ADMIN)
+
+
+def record(row: Sequence, history: Sequence[tuple] = (), outputs: Sequence[tuple] = ()) -> JobRecord:
+    """A JobRecord from a row of JOB_COLUMNS."""
+    spec = job_pb2.JobSpec()
+    spec.ParseFromString(bytes(row[1]))
+    return JobRecord(
+        job_id=int(row[0]), spec=spec, owner=row[2], state=JobState(row[3]), attempt=int(row[4]),
+        max_attempts=int(row[5]), submitted=from_ms(row[6]), updated=from_ms(row[7]), site=row[8],
+        node=row[9], pilot_id=row[10], exit_code=row[11], message=row[12], kill_requested=bool(row[13]),
+        history=tuple(JobEventRecord(from_ms(t), JobState(s), int(a), d) for t, s, a, d in history),
+        outputs=tuple(OutputRecord(n, int(size), sha) for n, size, sha in outputs))
+
+
+def shown_attempt(state: int, attempt: int) -> int:
+    """The attempt a job is at, for refusals: a waiting job is at its next one."""
+    return attempt + 1 if state == WAITING else attempt
+
+
+class SqlStore(JobStore):
+    """JobStore on SQL; subclasses provide connections and the claim."""
+
+    #: Appended to a SELECT of one job row that will be changed.
+    FOR_UPDATE = ""
+    #: Same, for the reaper: rows a concurrent call holds are left for later.
+    FOR_UPDATE_SKIP = ""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self._classes = ClassCache()
+
+    # ----------------------------------------------------------- backend hooks
+    @abc.abstractmethod
+    def _write(self, fn: Callable[[Cursor], T]) -> T:
+        """Run FN in a write transaction (committed when FN returns, rolled back when it raises)."""
+
+    @abc.abstractmethod
+    def _read(self, fn: Callable[[Cursor], T], snapshot: bool = False) -> T:
+        """Run FN outside any write transaction; SNAPSHOT: all its statements see one consistent state
+        (without it, each statement sees the latest commits: enough for one-statement reads)."""
+
+    @abc.abstractmethod
+    def _create_classes(self, classes: Sequence[RequirementClass], now_ms: int) -> None:
+        """Insert these classes (if absent) and commit, then load them into the cache."""
+
+    @abc.abstractmethod
+    def _insert_jobs(self, cur: Cursor, rows: list[list], events_detail: str, now_ms: int) -> list[int]:
+        """Insert job rows (JOB_INSERT_COLUMNS without the id) and their WAITING events; return ids."""
+
+    def _shard(self) -> int:
+        return 0
+
+    # --------------------------------------------------------------- helpers
+    def _bump(self, cur: Cursor, name: str, amount: int = 1) -> None:
+        cur.run("INSERT INTO counters (name, shard, value) VALUES (?, ?, ?) "
+                "ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + excluded.value",
+                (name, self._shard(), amount))
+
+    def _event(self, cur: Cursor, job_id: int, ms: int, state: JobState | int, attempt: int, detail: str) -> None:
+        cur.run(EVENT_INSERT, (job_id, ms, int(state), attempt, detail))
+
+    def _touch_pilot(self, cur: Cursor, pilot: PilotRef, ms: int, matched: int) -> None:
+        """Record a contact from PILOT (creating it on first contact)."""
+        update = ("UPDATE pilots SET last_seen = ?, jobs_matched = jobs_matched + ?, site = ?, node = ? "
+                  "WHERE pilot_id = ?")
+        params = (ms, matched, pilot.site, pilot.node, pilot.pilot_id)
+        if cur.run(update, params):
+            return
+        if cur.run("INSERT INTO pilots (pilot_id, site, node, subject, first_seen, last_seen, jobs_matched, "
+                   "jobs_run, end_reason, ended) VALUES (?, ?, ?, ?, ?, ?, ?, 0, '', NULL) "
+                   "ON CONFLICT (pilot_id) DO NOTHING",
+                   (pilot.pilot_id, pilot.site, pilot.node, pilot.subject, ms, ms, matched)):
+            self._bump(cur, "pilots_seen")
+        else:  # another transaction created it first
+            cur.run(update, params)
+
+    def _refresh_classes(self, cur: Cursor) -> None:
+        newest = cur.row("SELECT max(id) FROM classes")[0]
+        if newest is not None and newest > self._classes.max_id:
+            self._classes.add(cur.rows(f"SELECT {CLASS_COLUMNS} FROM classes WHERE id > ?",
+                                       (self._classes.max_id,)))
+
+    def _site_state(self, cur: Cursor, site: str) -> str:
+        row = cur.row("SELECT state FROM sites WHERE name = ?", (site,))
+        return row[0] if row else "enabled"
+
+    def _lock_job(self, cur: Cursor, job_id: int, columns: str) -> tuple:
+        row = cur.row(f"SELECT {columns} FROM jobs WHERE id = ?{self.FOR_UPDATE}", (job_id,))
+        if row is None:
+            raise UnknownJob(job_id)
+        return row
+
+    def _end_attempt(self, cur: Cursor, job_id: int, attempt: int, charged: int, max_attempts: int,
+                     kill_requested: bool, cause: RequeueCause, detail: str, ms: int) -> JobState:
+        """End the job's current attempt for CAUSE: re-queue it, or fail it when its attempts are used up.
+
+        A job whose owner asked for a kill is not run again: WAITING, then KILLED.
+        """
+        if cause not in _FREE_CAUSES:
+            charged += 1
+        target = requeue_target(cause, charged, max_attempts)
+        why = f"attempt {attempt} ended: {cause.value}" + (f" ({detail})" if detail else "")
+        if target is JobState.WAITING:
+            cur.run(f"UPDATE jobs SET state = {WAITING}, fenced = 1, charged = ?, updated = ?, "
+                    "kill_requested = 0 WHERE id = ?", (charged, ms, job_id))
+            self._event(cur, job_id, ms, JobState.WAITING, attempt, f"{why}; re-queued")
+            if not kill_requested:
+                return target
+            target, why = JobState.KILLED, "killed: its owner asked while it ran"
+        else:
+            why = f"{why}; {charged} of {max_attempts} attempts used"
+        cur.run("UPDATE jobs SET state = ?, fenced = 1, charged = ?, updated = ?, exit_code = NULL, message = ? "
+                "WHERE id = ?", (int(target), charged, ms, why, job_id))
+        self._event(cur, job_id, ms, target, attempt, why)
+        return target
+
+    # ------------------------------------------------------------------ users
+    def submit(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime) -> list[int]:
+        if len(specs) > self.settings.max_jobs_per_submit:
+            raise TooManyJobs(len(specs), self.settings.max_jobs_per_submit)
+        if not specs:
+            return []
+        ms = to_ms(now)
+        requirements = [RequirementClass.of(spec.requirements) for spec in specs]
+        missing = {r.key: r for r in requirements if self._classes.id_of(r.key) is None}
+        if missing:
+            self._create_classes(list(missing.values()), ms)
+        rows = []
+        for spec, requirement in zip(specs, requirements, strict=True):
+            stored = job_pb2.JobSpec()
+            stored.CopyFrom(spec)
+            stored.owner = owner
+            stored.max_attempts = spec.max_attempts or self.settings.default_max_attempts
+            rows.append([self._classes.id_of(requirement.key), owner, stored.priority, WAITING, 0, 0,
+                         stored.max_attempts, 1, 0, 0, ms, ms, ms, "", "", "", None, "",
+                         stored.SerializeToString()])
+        return self._write(lambda cur: self._insert_jobs(cur, rows, f"submitted by {owner}", ms))
+
+    def get(self, job_id: int, *, with_history: bool = True) -> JobRecord:
+        def body(cur: Cursor) -> JobRecord:
+            row = cur.row(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+            if row is None:
+                raise UnknownJob(job_id)
+            history = cur.rows("SELECT time, state, attempt, detail FROM events WHERE job_id = ? ORDER BY id",
+                               (job_id,)) if with_history else ()
+            outputs = () if row[3] == WAITING else cur.rows(
+                "SELECT name, size, sha256 FROM outputs WHERE job_id = ? AND attempt = ? ORDER BY name",
+                (job_id, row[4]))
+            return record(row, history, outputs)
+        return self._read(body, snapshot=True)
+
+    def list(self, owner: str | None, states: Sequence[JobState] = (), limit: int = 1000,
+             before_job_id: int | None = None) -> list[JobRecord]:
+        where, params = [], []
+        if owner is not None:
+            where.append("owner = ?")
+            params.append(owner)
+        if states:
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(int(s) for s in states)
+        if before_job_id:
+            where.append("id < ?")
+            params.append(before_job_id)
+        sql = (f"SELECT {JOB_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+               + " ORDER BY id DESC LIMIT ?")
+        return [record(row) for row in self._read(lambda cur: cur.rows(sql, (*params, max(0, limit))))]
+
+    def counts(self, owner: str | None = None) -> dict[JobState, int]:
+        if owner is None:
+            sql, params = "SELECT state, count(*) FROM jobs GROUP BY state", ()
+        else:
+            sql, params = "SELECT state, count(*) FROM jobs WHERE owner = ? GROUP BY state", (owner,)
+        found = dict(self._read(lambda cur: cur.rows(sql, params)))
+        return {state: int(found.get(int(state), 0)) for state in JobState}
+
+    def kill(self, job_id: int, owner: str | None, reason: str, now: datetime.datetime) -> JobState:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> JobState:
+            job_owner, state, attempt, kill_requested = self._lock_job(
+                cur, job_id, "owner, state, attempt, kill_requested")
+            if owner is not None and owner != job_owner:
+                raise NotYours(f"job {job_id} belongs to another user; fix: kill your own jobs "
+                               "(`splitpilot job list`), or ask an admin")
+            state = JobState(state)
+            by = f"killed by {owner or 'an admin'}" + (f": {reason}" if reason else "")
+            if state.final:
+                return state
+            if allowed(state, JobState.KILLED, Actor.OWNER):
+                cur.run("UPDATE jobs SET state = ?, fenced = 1, updated = ?, exit_code = NULL, message = ? "
+                        "WHERE id = ?", (int(JobState.KILLED), ms, by, job_id))
+                self._event(cur, job_id, ms, JobState.KILLED, attempt, by)
+                return JobState.KILLED
+            if not kill_requested:
+                cur.run("UPDATE jobs SET kill_requested = 1 WHERE id = ?", (job_id,))
+                self._event(cur, job_id, ms, state, attempt, f"kill requested ({by}); the job is told to stop")
+            return state
+        return self._write(body)
+
+    # ----------------------------------------------------------------- agents
+    def pilot_heartbeat(self, pilot: PilotRef, running: Sequence[tuple[int, int]],
+                        now: datetime.datetime) -> list[tuple[int, int]]:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> list[tuple[int, int]]:
+            self._touch_pilot(cur, pilot, ms, 0)
+            ids = sorted({int(job_id) for job_id, _ in running})
+            if not ids:
+                return []
+            jobs = {row[0]: row[1:] for row in cur.rows(
+                "SELECT id, state, attempt, fenced, kill_requested, pilot_id FROM jobs "
+                f"WHERE id IN ({', '.join('?' * len(ids))})", ids)}
+            stop = []
+            for job_id, attempt in running:
+                job = jobs.get(job_id)
+                if (job is None or job[1] != attempt or job[2] or job[3] or job[4] != pilot.pilot_id
+                        or JobState(job[0]) not in ACTIVE_STATES):
+                    stop.append((job_id, attempt))
+            return stop
+        return self._write(body)
+
+    def pilot_end(self, pilot: PilotRef, jobs_run: int, reason: str, now: datetime.datetime) -> None:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> None:
+            self._touch_pilot(cur, pilot, ms, 0)
+            why = "empty" if jobs_run == 0 else reason or "ended"
+            ended = cur.run("UPDATE pilots SET end_reason = ?, jobs_run = ?, ended = ? "
+                            "WHERE pilot_id = ? AND ended IS NULL", (why, jobs_run, ms, pilot.pilot_id))
+            if ended and jobs_run == 0:  # counted once, however often the end is reported
+                self._bump(cur, "empty_pilots_total")
+        self._write(body)
+
+    def attempt_failed(self, job_id: int, attempt: int, pilot: PilotRef, cause: RequeueCause | None,
+                       detail: str, now: datetime.datetime) -> JobState:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> JobState:
+            state, current, fenced, holder, charged, max_attempts, kill_requested = self._lock_job(
+                cur, job_id, "state, attempt, fenced, pilot_id, charged, max_attempts, kill_requested")
+            if attempt != current or attempt < 1:
+                raise StaleAttemptError(job_id, attempt, shown_attempt(state, current))
+            if holder != pilot.pilot_id:
+                raise NotYours(f"job {job_id} attempt {attempt} runs on another pilot, not {pilot.pilot_id}")
+            if fenced or JobState(state) not in ACTIVE_STATES:
+                raise StaleAttemptError(job_id, attempt, shown_attempt(state, current))
+            if cause is not None:
+                return self._end_attempt(cur, job_id, attempt, charged, max_attempts, bool(kill_requested),
+                                         cause, f"reported by pilot {pilot.pilot_id}: {detail}", ms)
+            why = f"killed by the agent for exceeding a limit: {detail}"
+            cur.run("UPDATE jobs SET state = ?, fenced = 1, updated = ?, exit_code = NULL, message = ? "
+                    "WHERE id = ?", (int(JobState.KILLED), ms, why, job_id))
+            self._event(cur, job_id, ms, JobState.KILLED, attempt, why)
+            return JobState.KILLED
+        return self._write(body)
+
+    def site_state(self, site: str) -> str:
+        return self._read(lambda cur: self._site_state(cur, site))
+
+    # ------------------------------------------------------------------- jobs
+    def job_update(self, job_id: int, attempt: int, state: JobState, sequence: int, detail: str,
+                   exit_code: int | None, now: datetime.datetime) -> UpdateResult:
+        ms, state = to_ms(now), JobState(state)
+
+        def body(cur: Cursor) -> UpdateResult:
+            current_state, current, fenced, seq = self._lock_job(cur, job_id, "state, attempt, fenced, seq")
+            current_state = JobState(current_state)
+            if attempt != current or fenced or attempt < 1:
+                raise StaleAttemptError(job_id, attempt, shown_attempt(current_state, current))
+            if sequence == seq and seq > 0 and state == current_state:
+                cur.run("UPDATE jobs SET heartbeat = ? WHERE id = ?", (ms, job_id))
+                return UpdateResult(current_state, replay=True)
+            if sequence != seq + 1:
+                raise OutOfOrderUpdate(job_id, attempt, sequence, seq + 1)
+            if not allowed(current_state, state, Actor.JOB):
+                raise InvalidTransition(job_id, current_state, state, "not a transition the job may report")
+            if state.final:
+                cur.run("UPDATE jobs SET state = ?, updated = ?, heartbeat = ?, seq = ?, exit_code = ?, "
+                        "message = ? WHERE id = ?", (int(state), ms, ms, sequence, exit_code, detail, job_id))
+            else:
+                cur.run("UPDATE jobs SET state = ?, updated = ?, heartbeat = ?, seq = ? WHERE id = ?",
+                        (int(state), ms, ms, sequence, job_id))
+            self._event(cur, job_id, ms, state, attempt, detail)
+            return UpdateResult(state)
+        return self._write(body)
+
+    def job_heartbeat(self, job_id: int, attempt: int, cpu_seconds: float, rss_bytes: int,
+                      sandbox_bytes: int, now: datetime.datetime) -> bool:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> bool:
+            # One conditional statement: a reaper that ended the attempt first makes it change nothing.
+            row = cur.row("UPDATE jobs SET heartbeat = ? WHERE id = ? AND attempt = ? AND fenced = 0 "
+                          "RETURNING state, kill_requested", (ms, job_id, attempt))
+            if row is None:
+                found = cur.row("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,))
+                if found is None:
+                    raise UnknownJob(job_id)
+                raise StaleAttemptError(job_id, attempt, shown_attempt(*found))
+            return bool(row[1]) or JobState(row[0]).final
+        return self._write(body)
+
+    def add_output(self, job_id: int, attempt: int, output: OutputRecord, now: datetime.datetime) -> None:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> None:
+            state, current, fenced = self._lock_job(cur, job_id, "state, attempt, fenced")
+            if attempt != current or fenced or JobState(state) not in ACTIVE_STATES:
+                raise StaleAttemptError(job_id, attempt, shown_attempt(state, current))
+            cur.run("INSERT INTO outputs (job_id, attempt, name, size, sha256, time) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (job_id, attempt, name) DO UPDATE SET size = excluded.size, "
+                    "sha256 = excluded.sha256, time = excluded.time",
+                    (job_id, attempt, output.name, output.size, output.sha256, ms))
+        self._write(body)
+
+    def current_attempt(self, job_id: int) -> tuple[JobState, int]:
+        row = self._read(lambda cur: cur.row("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)))
+        if row is None:
+            raise UnknownJob(job_id)
+        return JobState(row[0]), int(row[1])
+
+    # ------------------------------------------------------ admins and reaper
+    def set_site_state(self, site: str, state: str, reason: str, now: datetime.datetime) -> str:
+        if state not in SITE_STATES:
+            raise UsageError(f"site state {state!r} is not one of {', '.join(SITE_STATES)}")
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> str:
+            previous = self._site_state(cur, site)
+            cur.run("INSERT INTO sites (name, state, reason, updated) VALUES (?, ?, ?, ?) ON CONFLICT (name) "
+                    "DO UPDATE SET state = excluded.state, reason = excluded.reason, updated = excluded.updated",
+                    (site, state, reason, ms))
+            return previous
+        return self._write(body)
+
+    def list_pilots(self, seen_since: datetime.datetime) -> list[PilotRecord]:
+        rows = self._read(lambda cur: cur.rows(
+            "SELECT pilot_id, site, node, first_seen, last_seen, jobs_matched, end_reason FROM pilots "
+            "WHERE last_seen >= ? ORDER BY last_seen DESC, pilot_id", (to_ms(seen_since),)))
+        return [PilotRecord(p, s, n, from_ms(f), from_ms(last), int(m), e) for p, s, n, f, last, m, e in rows]
+
+    def requeue(self, job_id: int, cause: RequeueCause, detail: str, now: datetime.datetime) -> int:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> tuple[JobState, JobState, int]:
+            state, attempt, charged, max_attempts, kill_requested = self._lock_job(
+                cur, job_id, "state, attempt, charged, max_attempts, kill_requested")
+            state = JobState(state)
+            if state.final:
+                raise InvalidTransition(job_id, state, JobState.WAITING, "the job is final")
+            if kill_requested:
+                raise InvalidTransition(job_id, state, JobState.WAITING, "its owner asked to kill it")
+            if state is JobState.WAITING:
+                return state, state, attempt + 1
+            after = self._end_attempt(cur, job_id, attempt, charged, max_attempts, False, cause, detail, ms)
+            return state, after, attempt + 1
+
+        before, after, attempt = self._write(body)
+        if after is not JobState.WAITING:  # committed: the attempt ended and used up the last one
+            raise InvalidTransition(job_id, before, JobState.WAITING, f"attempts used up; the job is {after.name}")
+        return attempt
+
+    def reap(self, now: datetime.datetime) -> list[Reaped]:
+        ms = to_ms(now)
+        reaped: list[Reaped] = []
+        lost = ms - duration_ms(self.settings.heartbeat_timeout)
+        self._reap_kind(reaped, f"state IN {ALIVE_STATES} AND heartbeat < ?", lost, RequeueCause.LOST, ms)
+        unstarted = ms - duration_ms(self.settings.start_timeout)
+        self._reap_kind(reaped, f"state = {ASSIGNED} AND updated < ?", unstarted, RequeueCause.NEVER_STARTED, ms)
+        if self.settings.queue_timeout is not None:
+            expired = ms - duration_ms(self.settings.queue_timeout)
+            self._reap_kind(reaped, f"state = {WAITING} AND updated < ?", expired, None, ms)
+        return reaped
+
+    def _reap_kind(self, reaped: list[Reaped], condition: str, cutoff: int, cause: RequeueCause | None,
+                   ms: int) -> None:
+        """Reap the jobs matching CONDITION in batches; each job is re-checked under its row lock
+        (the CONDITION again, plus its attempt), so a heartbeat or update that landed first wins."""
+        while True:
+            candidates = self._read(lambda cur: cur.rows(
+                f"SELECT id, attempt FROM jobs WHERE {condition} LIMIT {REAP_BATCH}", (cutoff,)))
+            if not candidates:
+                return
+            def batch(cur: Cursor, candidates: list[tuple] = candidates) -> list[Reaped]:
+                found = (self._reap_one(cur, job_id, attempt, condition, cutoff, cause, ms)
+                         for job_id, attempt in candidates)
+                return [r for r in found if r is not None]
+            done = self._write(batch)
+            reaped.extend(done)
+            if not done or len(candidates) < REAP_BATCH:
+                return
+
+    def _reap_one(self, cur: Cursor, job_id: int, attempt: int, condition: str, cutoff: int,
+                  cause: RequeueCause | None, ms: int) -> Reaped | None:
+        row = cur.row(f"SELECT state, charged, max_attempts, kill_requested FROM jobs "
+                      f"WHERE id = ? AND attempt = ? AND {condition}{self.FOR_UPDATE_SKIP}",
+                      (job_id, attempt, cutoff))
+        if row is None:
+            return None
+        state, charged, max_attempts, kill_requested = row
+        if cause is None:
+            why = "waited longer than the queue timeout"
+            cur.run("UPDATE jobs SET state = ?, updated = ?, message = ? WHERE id = ?",
+                    (int(JobState.EXPIRED), ms, why, job_id))
+            self._event(cur, job_id, ms, JobState.EXPIRED, attempt, why)
+            return Reaped(job_id, attempt, None, JobState.EXPIRED)
+        detail = "no heartbeat" if cause is RequeueCause.LOST else "the wrapper never reported STARTED"
+        new_state = self._end_attempt(cur, job_id, attempt, charged, max_attempts, bool(kill_requested),
+                                      cause, detail, ms)
+        self._bump(cur, "lost_attempts_total" if cause is RequeueCause.LOST else "never_started_attempts_total")
+        return Reaped(job_id, attempt, cause, new_state)
+
+    # ---------------------------------------------------------------- metrics
+    def stats(self) -> dict[str, int]:
+        found = dict(self._read(lambda cur: cur.rows("SELECT name, sum(value) FROM counters GROUP BY name")))
+        return {name: int(found.get(name) or 0) for name in COUNTERS}

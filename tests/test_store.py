@@ -1,0 +1,872 @@
+"""The job store, every test against both backends (SQLite and a real PostgreSQL).
+
+Unit tests of each JobStore method and each refusal; reaping; matching rules;
+kills; history; query plans (structural: the match reads indexes, never the
+queue); concurrency across processes (and threads) with exactly one winner
+per job attempt; and, for SQLite, SIGKILL in the middle of work.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import pathlib
+import signal
+import sqlite3
+import tempfile
+import threading
+import time
+from collections import Counter
+
+import psycopg
+import pytest
+from pg import pg_server, pg_url  # noqa: F401  (fixtures)
+
+from broker.lifecycle import TRANSITIONS, Actor, JobState, RequeueCause, allowed
+from broker.store import open_store
+from broker.store.base import (
+    InvalidTransition,
+    NotYours,
+    OutOfOrderUpdate,
+    OutputRecord,
+    PilotRef,
+    SlotOffer,
+    StaleAttemptError,
+    StoreSettings,
+    TooManyJobs,
+    UnknownJob,
+)
+from pilot.errors import UsageError
+from splitpilot.job.v1 import job_pb2
+
+S = JobState
+UTC = datetime.UTC
+T0 = datetime.datetime(2026, 1, 1, tzinfo=UTC)
+SITE = "SITE-A"
+PILOT = PilotRef("pilot-1", SITE, "node-1", "CN=agent")
+OTHER_PILOT = PilotRef("pilot-2", SITE, "node-2")
+SETTINGS = StoreSettings(default_max_attempts=3, heartbeat_timeout=datetime.timedelta(minutes=5),
+                         start_timeout=datetime.timedelta(minutes=10),
+                         queue_timeout=datetime.timedelta(days=2), max_jobs_per_submit=10_000)
+
+
+def at(seconds: float = 0) -> datetime.datetime:
+    return T0 + datetime.timedelta(seconds=seconds)
+
+
+def spec(priority: int = 0, name: str = "", max_attempts: int = 0, **requirements) -> job_pb2.JobSpec:
+    return job_pb2.JobSpec(executable="run.sh", arguments=["--n", "1"], name=name, priority=priority,
+                           max_attempts=max_attempts, owner="forged",
+                           requirements=job_pb2.Requirements(**requirements))
+
+
+def slot(site: str = SITE, cores: int = 8, memory_mb: int = 32_000, disk_mb: int = 100_000,
+         time_left_s: int = 86_400, platforms: tuple[str, ...] = ("el9",), containers: bool = True) -> SlotOffer:
+    return SlotOffer(site, cores, memory_mb, disk_mb, time_left_s, platforms, containers)
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture
+def tmp_path():
+    """A private directory removed after the test (pytest's own tmp_path keeps the last runs)."""
+    with tempfile.TemporaryDirectory(prefix="splitpilot-store-") as directory:
+        yield pathlib.Path(directory)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(url):
+    opened = open_store(url, SETTINGS)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def submit_one(store, when: float = 0, **kw) -> int:
+    return store.submit("alice", [spec(**kw)], at(when))[0]
+
+
+def start(store, job_id: int, when: float = 1, pilot: PilotRef = PILOT) -> int:
+    """Match JOB_ID (the only waiting job that fits) and report STARTED; return the attempt."""
+    assignment = store.match(slot(), pilot, at(when))
+    assert assignment is not None and assignment.job_id == job_id
+    store.job_update(job_id, assignment.attempt, S.STARTED, 1, "wrapper up", None, at(when))
+    return assignment.attempt
+
+
+def drive(store, job_id: int, attempt: int, states, when: float = 2, first_sequence: int = 2) -> int:
+    """Report STATES in order from sequence FIRST_SEQUENCE; return the next sequence."""
+    sequence = first_sequence
+    for state in states:
+        store.job_update(job_id, attempt, state, sequence, "", 0 if state.final else None, at(when))
+        sequence += 1
+    return sequence
+
+
+def history_states(store, job_id: int) -> list[tuple[JobState, int]]:
+    return [(event.state, event.attempt) for event in store.get(job_id).history]
+
+
+# ------------------------------------------------------------ open_store
+
+def test_open_store_urls(tmp_path, pg_url):  # noqa: F811
+    for url in (f"sqlite:///{tmp_path}/a.db", str(tmp_path / "b.db"), f"sqlite:////{tmp_path}/c.db"):
+        opened = open_store(url, SETTINGS)
+        assert type(opened).__name__ == "SqliteStore"
+        opened.close()
+    assert {p.name for p in tmp_path.glob("*.db")} == {"a.db", "b.db", "c.db"}
+    opened = open_store(pg_url, SETTINGS)
+    assert type(opened).__name__ == "PostgresStore"
+    opened.close()
+    with pytest.raises(UsageError, match="unknown scheme"):
+        open_store("mysql://x/y", SETTINGS)
+    with pytest.raises(UsageError):
+        open_store("sqlite://", SETTINGS)
+
+
+def test_reopen_keeps_jobs(url):
+    first = open_store(url, SETTINGS)
+    ids = first.submit("alice", [spec(), spec(cores=2)], at())
+    first.close()
+    second = open_store(url, SETTINGS)
+    try:
+        assert [second.get(i).state for i in ids] == [S.WAITING, S.WAITING]
+        assert second.submit("alice", [spec()], at())[0] > max(ids)
+    finally:
+        second.close()
+
+
+# ------------------------------------------------------------------ submit
+
+def test_submit_records_jobs(store):
+    ids = store.submit("alice", [spec(name="a"), spec(name="b", max_attempts=7, priority=4)], at(5))
+    assert len(ids) == 2 and ids[0] < ids[1]
+    first, second = store.get(ids[0]), store.get(ids[1])
+    assert first.owner == "alice" and first.spec.owner == "alice"  # the caller's, not the spec's
+    assert first.max_attempts == 3 and first.spec.max_attempts == 3  # the default when 0
+    assert second.max_attempts == 7 and second.spec.priority == 4 and second.spec.name == "b"
+    assert first.state is S.WAITING and first.attempt == 0 and first.exit_code is None
+    assert first.submitted == first.updated == at(5)
+    assert [(e.state, e.attempt, e.time) for e in first.history] == [(S.WAITING, 0, at(5))]
+    assert store.submit("alice", [], at()) == []
+    assert store.counts()[S.WAITING] == 2
+
+
+def test_submit_is_all_or_none(store, monkeypatch):
+    small = StoreSettings(max_jobs_per_submit=3)
+    monkeypatch.setattr(store, "settings", small)
+    with pytest.raises(TooManyJobs) as refused:
+        store.submit("alice", [spec()] * 4, at())
+    assert (refused.value.count, refused.value.limit) == (4, 3)
+    original = store._insert_jobs
+
+    def insert_then_fail(cur, *args):
+        original(cur, *args)
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(store, "_insert_jobs", insert_then_fail)
+    with pytest.raises(RuntimeError):
+        store.submit("alice", [spec(), spec(cores=3)], at())
+    monkeypatch.undo()
+    assert sum(store.counts().values()) == 0
+    assert store.match(slot(), PILOT, at(1)) is None
+
+
+def test_naive_datetimes_are_refused(store):
+    with pytest.raises(ValueError, match="naive"):
+        store.submit("alice", [spec()], datetime.datetime(2026, 1, 1))
+
+
+# ------------------------------------------------------------ get and list
+
+def test_unknown_job_everywhere(store):
+    calls = [
+        lambda: store.get(99),
+        lambda: store.current_attempt(99),
+        lambda: store.kill(99, None, "", at()),
+        lambda: store.job_update(99, 1, S.STARTED, 1, "", None, at()),
+        lambda: store.job_heartbeat(99, 1, 0.0, 0, 0, at()),
+        lambda: store.add_output(99, 1, OutputRecord("o", 1, "a" * 64), at()),
+        lambda: store.attempt_failed(99, 1, PILOT, RequeueCause.WRAPPER, "", at()),
+        lambda: store.requeue(99, RequeueCause.ADMIN, "", at()),
+    ]
+    for call in calls:
+        with pytest.raises(UnknownJob) as refused:
+            call()
+        assert refused.value.job_id == 99
+
+
+def test_list_and_counts(store):
+    alice = store.submit("alice", [spec(name=str(i)) for i in range(5)], at())
+    bob = store.submit("bob", [spec(name="b")], at())
+    store.kill(alice[1], "alice", "no", at(1))
+    assert [r.job_id for r in store.list(None)] == [bob[0], *reversed(alice)]
+    assert [r.job_id for r in store.list("alice", limit=2)] == [alice[4], alice[3]]
+    assert [r.job_id for r in store.list("alice", before_job_id=alice[3])] == [alice[2], alice[1], alice[0]]
+    assert [r.job_id for r in store.list("alice", states=[S.KILLED])] == [alice[1]]
+    assert [r.job_id for r in store.list(None, states=[S.WAITING, S.KILLED], limit=100)][:2] == [bob[0], alice[4]]
+    assert store.list("carol") == []
+    assert all(r.history == () for r in store.list(None))
+    assert store.counts("alice")[S.WAITING] == 4 and store.counts("alice")[S.KILLED] == 1
+    assert store.counts()[S.WAITING] == 5 and store.counts("bob")[S.KILLED] == 0
+    assert set(store.counts()) == set(JobState)
+
+
+# ---------------------------------------------------------------- matching
+
+@pytest.mark.parametrize("requirement,refusing,offering", [
+    ({"cores": 4}, {"cores": 3}, {"cores": 4}),
+    ({"memory_mb": 4000}, {"memory_mb": 3999}, {"memory_mb": 4000}),
+    ({"disk_mb": 9000}, {"disk_mb": 8999}, {"disk_mb": 9000}),
+    ({"walltime_s": 7200}, {"time_left_s": 7199}, {"time_left_s": 7200}),
+    ({"platform": "el8"}, {"platforms": ("el9",)}, {"platforms": ("el9", "el8")}),
+    ({"container_image": "img.sif"}, {"containers": False}, {"containers": True}),
+    ({"sites_allowed": ["SITE-B", "SITE-C"]}, {"site": SITE}, {"site": "SITE-C"}),
+    ({"sites_denied": ["SITE-A"]}, {"site": SITE}, {"site": "SITE-B"}),
+    ({"sites_allowed": ["SITE-B"], "sites_denied": ["SITE-B"]}, {"site": "SITE-B"}, None),
+])
+def test_match_checks_each_requirement(store, requirement, refusing, offering):
+    job_id = submit_one(store, **requirement)
+    assert store.match(slot(**refusing), PILOT, at(1)) is None
+    assert store.get(job_id).state is S.WAITING
+    if offering is None:
+        return
+    assignment = store.match(slot(**offering), PILOT, at(2))
+    assert assignment is not None and (assignment.job_id, assignment.attempt) == (job_id, 1)
+    assert assignment.owner == "alice" and assignment.spec.requirements == spec(**requirement).requirements
+
+
+def test_zero_cores_means_one(store):
+    submit_one(store, cores=0)
+    assert store.match(slot(cores=0), PILOT, at(1)) is None
+    assert store.match(slot(cores=1), PILOT, at(1)) is not None
+
+
+def test_match_claims_and_records(store):
+    job_id = submit_one(store)
+    assignment = store.match(slot(), PILOT, at(10))
+    record = store.get(job_id)
+    assert (record.state, record.attempt, record.site, record.node, record.pilot_id) == \
+        (S.ASSIGNED, 1, SITE, "node-1", "pilot-1")
+    assert record.updated == at(10) and assignment.spec.executable == "run.sh"
+    assert history_states(store, job_id) == [(S.WAITING, 0), (S.ASSIGNED, 1)]
+    assert store.current_attempt(job_id) == (S.ASSIGNED, 1)
+    assert store.match(slot(), PILOT, at(11)) is None  # claimed once only
+    assert store.stats()["matches_total"] == 1
+
+
+def test_priority_then_age_across_classes(store):
+    low_old = submit_one(store, 0, priority=1, cores=1)
+    high = submit_one(store, 1, priority=5, cores=2)
+    low_new = submit_one(store, 2, priority=1, cores=3)
+    high_same_class_newer = submit_one(store, 3, priority=5, cores=2)
+    mid = submit_one(store, 4, priority=3, memory_mb=10)
+    too_big = submit_one(store, 5, priority=9, cores=64)
+    order = [store.match(slot(), PILOT, at(10 + i)).job_id for i in range(5)]
+    assert order == [high, high_same_class_newer, mid, low_old, low_new]
+    assert store.match(slot(), PILOT, at(20)) is None
+    assert store.get(too_big).state is S.WAITING
+
+
+def test_site_states(store):
+    job_id = submit_one(store)
+    assert store.site_state(SITE) == "enabled"
+    assert store.set_site_state(SITE, "draining", "maintenance", at(1)) == "enabled"
+    assert store.site_state(SITE) == "draining"
+    assert store.match(slot(), PILOT, at(2)) is None
+    assert store.set_site_state(SITE, "disabled", "broken", at(3)) == "draining"
+    assert store.match(slot(), PILOT, at(4)) is None
+    assert store.match(slot(site="SITE-B"), PilotRef("p-b", "SITE-B", "n"), at(4)).job_id == job_id
+    store.requeue(job_id, RequeueCause.ADMIN, "back", at(5))
+    assert store.set_site_state(SITE, "enabled", "fixed", at(6)) == "disabled"
+    assert store.match(slot(), PILOT, at(7)).job_id == job_id
+    with pytest.raises(UsageError, match="not one of"):
+        store.set_site_state(SITE, "paused", "", at(8))
+
+
+def test_new_classes_seen_by_another_store(store, url):
+    other = open_store(url, SETTINGS)
+    try:
+        assert other.match(slot(), PILOT, at()) is None  # its class cache is loaded (empty)
+        job_id = store.submit("alice", [spec(cores=5, platform="el9")], at(1))[0]
+        assignment = other.match(slot(), PILOT, at(2))
+        assert assignment is not None and assignment.job_id == job_id
+    finally:
+        other.close()
+
+
+# ------------------------------------------------------------------ kills
+
+def test_kill_waiting_and_assigned_at_once(store):
+    waiting, assigned = submit_one(store), submit_one(store, cores=2)
+    assert store.kill(waiting, "alice", "typo", at(1)) is S.KILLED
+    assert store.match(slot(), PILOT, at(2)).job_id == assigned
+    assert store.kill(assigned, None, "admin cleanup", at(3)) is S.KILLED
+    record = store.get(assigned)
+    assert record.state is S.KILLED and "admin cleanup" in record.message and record.updated == at(3)
+    assert history_states(store, assigned)[-1] == (S.KILLED, 1)
+    with pytest.raises(StaleAttemptError):  # the attempt ended with the kill
+        store.job_update(assigned, 1, S.STARTED, 1, "", None, at(4))
+    assert store.pilot_heartbeat(PILOT, [(assigned, 1)], at(5)) == [(assigned, 1)]
+    assert store.kill(assigned, "alice", "again", at(6)) is S.KILLED  # final: unchanged
+
+
+def test_kill_running_is_requested(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id)
+    drive(store, job_id, attempt, [S.RUNNING])
+    assert store.job_heartbeat(job_id, attempt, 1.0, 10, 10, at(3)) is False
+    assert store.kill(job_id, "alice", "wrong input", at(4)) is S.RUNNING
+    record = store.get(job_id)
+    assert record.kill_requested and record.state is S.RUNNING
+    assert store.job_heartbeat(job_id, attempt, 2.0, 10, 10, at(5)) is True
+    assert store.pilot_heartbeat(PILOT, [(job_id, attempt)], at(5)) == [(job_id, attempt)]
+    assert store.job_update(job_id, attempt, S.KILLED, 3, "told to stop", 137, at(6)).state is S.KILLED
+    assert store.get(job_id).exit_code == 137
+    assert store.kill(job_id, "alice", "", at(7)) is S.KILLED
+
+
+def test_kill_refusals(store):
+    job_id = submit_one(store)
+    with pytest.raises(NotYours):
+        store.kill(job_id, "mallory", "", at(1))
+    assert store.get(job_id).state is S.WAITING
+    done = submit_one(store, priority=1)
+    attempt = start(store, done)
+    drive(store, done, attempt, [S.RUNNING, S.SAVING, S.DONE])
+    assert store.kill(done, "alice", "", at(9)) is S.DONE
+
+
+def test_killed_while_running_then_lost_is_not_requeued(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id, when=0)
+    store.kill(job_id, "alice", "stop it", at(1))
+    reaped = store.reap(at(301))
+    assert [(r.job_id, r.cause, r.new_state) for r in reaped] == [(job_id, RequeueCause.LOST, S.KILLED)]
+    assert history_states(store, job_id)[-2:] == [(S.WAITING, attempt), (S.KILLED, attempt)]
+
+
+# -------------------------------------------------------------- job updates
+
+def test_update_life_cycle_to_done(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id)
+    assert store.job_update(job_id, attempt, S.RUNNING, 2, "payload", None, at(3)).state is S.RUNNING
+    assert store.job_update(job_id, attempt, S.SAVING, 3, "", 0, at(4)).state is S.SAVING
+    assert store.get(job_id).exit_code is None  # not final: no exit code yet
+    result = store.job_update(job_id, attempt, S.DONE, 4, "all good", 0, at(5))
+    assert result.state is S.DONE and not result.replay
+    record = store.get(job_id)
+    assert (record.state, record.exit_code, record.message, record.updated) == (S.DONE, 0, "all good", at(5))
+    assert history_states(store, job_id) == [(S.WAITING, 0), (S.ASSIGNED, 1), (S.STARTED, 1), (S.RUNNING, 1),
+                                             (S.SAVING, 1), (S.DONE, 1)]
+    replay = store.job_update(job_id, attempt, S.DONE, 4, "all good", 0, at(6))
+    assert replay.replay and replay.state is S.DONE
+    assert len(store.get(job_id).history) == 6
+    with pytest.raises(InvalidTransition):
+        store.job_update(job_id, attempt, S.RUNNING, 5, "", None, at(7))
+
+
+def test_update_sequence_rules(store):
+    job_id = submit_one(store)
+    assignment = store.match(slot(), PILOT, at(1))
+    attempt = assignment.attempt
+    with pytest.raises(OutOfOrderUpdate) as refused:
+        store.job_update(job_id, attempt, S.STARTED, 2, "", None, at(2))
+    assert (refused.value.sequence, refused.value.expected) == (2, 1)
+    with pytest.raises(OutOfOrderUpdate):
+        store.job_update(job_id, attempt, S.STARTED, 0, "", None, at(2))
+    store.job_update(job_id, attempt, S.STARTED, 1, "", None, at(2))
+    assert store.job_update(job_id, attempt, S.STARTED, 1, "", None, at(3)).replay
+    with pytest.raises(OutOfOrderUpdate):  # same sequence, another state
+        store.job_update(job_id, attempt, S.RUNNING, 1, "", None, at(3))
+    with pytest.raises(OutOfOrderUpdate):
+        store.job_update(job_id, attempt, S.RUNNING, 3, "", None, at(3))
+    store.job_update(job_id, attempt, S.RUNNING, 2, "", None, at(4))
+    with pytest.raises(OutOfOrderUpdate):  # an old one again
+        store.job_update(job_id, attempt, S.STARTED, 1, "", None, at(5))
+    assert store.get(job_id).state is S.RUNNING
+
+
+def _reach(store, job_id: int, state: JobState) -> tuple[int, int]:
+    """Bring a fresh job to STATE (one of the active states); return (attempt, next sequence)."""
+    assignment = store.match(slot(), PILOT, at(1))
+    assert assignment.job_id == job_id
+    path = {S.ASSIGNED: [], S.STARTED: [S.STARTED], S.RUNNING: [S.STARTED, S.RUNNING],
+            S.SAVING: [S.STARTED, S.RUNNING, S.SAVING]}[state]
+    return assignment.attempt, drive(store, job_id, assignment.attempt, path, first_sequence=1)
+
+
+def test_updates_follow_the_lifecycle_table(store):
+    """Every (active state, reported state) pair: applied iff the table allows it for the job."""
+    reportable = sorted({to for (_, to) in TRANSITIONS} | {S.WAITING, S.ASSIGNED, S.LOST}, key=int)
+    checked = 0
+    for current in (S.ASSIGNED, S.STARTED, S.RUNNING, S.SAVING):
+        for target in reportable:
+            job_id = submit_one(store)
+            attempt, sequence = _reach(store, job_id, current)
+            if allowed(current, target, Actor.JOB):
+                assert store.job_update(job_id, attempt, target, sequence, "", 3, at(9)).state is target
+                assert store.get(job_id).state is target
+                checked += 1
+            else:
+                with pytest.raises(InvalidTransition) as refused:
+                    store.job_update(job_id, attempt, target, sequence, "", None, at(9))
+                assert (refused.value.current, refused.value.requested) == (current, target)
+                assert store.get(job_id).state is current
+            store.kill(job_id, None, "clean up", at(10))  # out of the way of the next match
+    assert checked == sum(Actor.JOB in actors for actors in TRANSITIONS.values())
+
+
+def test_heartbeat_refreshes_and_fences(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id, when=0)
+    assert store.job_heartbeat(job_id, attempt, 5.0, 1 << 20, 1 << 10, at(200)) is False
+    assert store.reap(at(450)) == []  # 250 s after the heartbeat: alive
+    with pytest.raises(StaleAttemptError):
+        store.job_heartbeat(job_id, attempt + 1, 5.0, 0, 0, at(201))
+
+
+# ---------------------------------------------------------------- outputs
+
+def test_outputs_belong_to_the_attempt(store):
+    job_id = submit_one(store)
+    first = start(store, job_id)
+    store.add_output(job_id, first, OutputRecord("out.root", 10, "a" * 64), at(2))
+    assert [o.name for o in store.get(job_id).outputs] == ["out.root"]
+    store.requeue(job_id, RequeueCause.ADMIN, "node drained", at(3))
+    assert store.get(job_id).outputs == ()
+    with pytest.raises(StaleAttemptError):
+        store.add_output(job_id, first, OutputRecord("late.root", 1, "b" * 64), at(4))
+    second = start(store, job_id, when=5)
+    assert second == first + 1 and store.get(job_id).outputs == ()
+    store.add_output(job_id, second, OutputRecord("out.root", 20, "c" * 64), at(6))
+    store.add_output(job_id, second, OutputRecord("log.txt", 5, "d" * 64), at(6))
+    store.add_output(job_id, second, OutputRecord("out.root", 21, "e" * 64), at(7))  # re-upload replaces
+    drive(store, job_id, second, [S.RUNNING, S.SAVING, S.DONE], when=8)
+    assert store.get(job_id).outputs == (OutputRecord("log.txt", 5, "d" * 64), OutputRecord("out.root", 21, "e" * 64))
+    with pytest.raises(StaleAttemptError):  # final: nothing more to add
+        store.add_output(job_id, second, OutputRecord("x", 1, "f" * 64), at(9))
+
+
+# ------------------------------------------------------- agent reports
+
+def test_attempt_failed_refusals(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id)
+    with pytest.raises(NotYours):
+        store.attempt_failed(job_id, attempt, OTHER_PILOT, RequeueCause.WRAPPER, "", at(2))
+    with pytest.raises(StaleAttemptError) as refused:
+        store.attempt_failed(job_id, attempt + 1, PILOT, RequeueCause.WRAPPER, "", at(2))
+    assert (refused.value.attempt, refused.value.current) == (2, 1)
+    assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.WRAPPER, "segfault", at(3)) is S.WAITING
+    with pytest.raises(StaleAttemptError) as refused:
+        store.attempt_failed(job_id, attempt, PILOT, RequeueCause.WRAPPER, "again", at(4))
+    assert refused.value.current == 2
+
+
+def test_attempt_failed_causes(store):
+    limited = submit_one(store)
+    attempt = start(store, limited)
+    assert store.attempt_failed(limited, attempt, PILOT, None, "memory 9 GB > 8 GB", at(2)) is S.KILLED
+    record = store.get(limited)
+    assert record.state is S.KILLED and "memory" in record.message
+    with pytest.raises(StaleAttemptError):
+        store.job_update(limited, attempt, S.RUNNING, 2, "", None, at(3))
+
+    broken = submit_one(store, max_attempts=2)
+    states = []
+    for round_ in range(2):
+        attempt = start(store, broken, when=10 + round_)
+        states.append(store.attempt_failed(broken, attempt, PILOT, RequeueCause.INFRASTRUCTURE, "", at(10)))
+    assert states == [S.WAITING, S.FAILED_WRAPPER]
+    assert store.get(broken).attempt == 2
+
+
+def test_stops_do_not_use_up_attempts(store):
+    job_id = submit_one(store, max_attempts=1)
+    for round_ in range(3):
+        attempt = start(store, job_id, when=round_)
+        assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.STOPPED, "preempted", at(round_)) \
+            is S.WAITING
+    attempt = start(store, job_id, when=5)
+    assert attempt == 4
+    assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.WRAPPER, "", at(6)) is S.FAILED_WRAPPER
+
+
+# ------------------------------------------------------------------- pilots
+
+def test_pilots(store):
+    job_id = submit_one(store)
+    assert store.pilot_heartbeat(PILOT, [], at(1)) == []
+    store.match(slot(), PILOT, at(2))
+    store.match(slot(), PILOT, at(3))  # nothing left, still a contact
+    empty = PilotRef("pilot-empty", "SITE-B", "node-9")
+    store.pilot_end(empty, 0, "idle", at(4))
+    store.pilot_end(empty, 0, "idle", at(5))  # reported twice: counted once
+    store.pilot_end(PILOT, 1, "lifetime", at(6))
+    pilots = {p.pilot_id: p for p in store.list_pilots(at(0))}
+    assert set(pilots) == {"pilot-1", "pilot-empty"}
+    mine = pilots["pilot-1"]
+    assert (mine.first_seen, mine.last_seen, mine.jobs_matched, mine.end_reason, mine.site, mine.node) == \
+        (at(1), at(6), 1, "lifetime", SITE, "node-1")
+    assert pilots["pilot-empty"].end_reason == "empty" and pilots["pilot-empty"].jobs_matched == 0
+    assert [p.pilot_id for p in store.list_pilots(at(6))] == ["pilot-1"]
+    assert [p.pilot_id for p in store.list_pilots(at(0))] == ["pilot-1", "pilot-empty"]  # most recent first
+    stats = store.stats()
+    assert (stats["pilots_seen"], stats["empty_pilots_total"], stats["matches_total"]) == (2, 1, 1)
+    assert store.get(job_id).pilot_id == "pilot-1"
+
+
+def test_pilot_heartbeat_lists_what_to_stop(store):
+    running, killed, requeued, theirs = (submit_one(store, priority=p) for p in (1, 2, 3, 4))
+    for job_id in (theirs, requeued, killed, running):  # in priority order
+        assignment = store.match(slot(), OTHER_PILOT if job_id == theirs else PILOT, at(1))
+        assert assignment.job_id == job_id
+        store.job_update(job_id, assignment.attempt, S.STARTED, 1, "", None, at(1))
+    store.kill(killed, "alice", "", at(2))
+    store.requeue(requeued, RequeueCause.ADMIN, "", at(2))
+    reported = [(running, 1), (killed, 1), (requeued, 1), (theirs, 1), (424242, 1), (running, 7)]
+    stop = store.pilot_heartbeat(PILOT, reported, at(3))
+    assert sorted(stop) == sorted([(killed, 1), (requeued, 1), (theirs, 1), (424242, 1), (running, 7)])
+
+
+# ------------------------------------------------------------------ reaping
+
+def test_lost_heartbeat_requeues_with_next_attempt(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id, when=0)
+    drive(store, job_id, attempt, [S.RUNNING], when=10)
+    assert store.reap(at(309)) == []  # 299 s after the last update: alive
+    reaped = store.reap(at(311))
+    assert [(r.job_id, r.attempt, r.cause, r.new_state) for r in reaped] == \
+        [(job_id, 1, RequeueCause.LOST, S.WAITING)]
+    record = store.get(job_id)
+    assert record.state is S.WAITING and record.updated == at(311)
+    assert store.current_attempt(job_id) == (S.WAITING, 1)
+    for refused in (lambda: store.job_update(job_id, 1, S.SAVING, 3, "", None, at(312)),
+                    lambda: store.job_heartbeat(job_id, 1, 0.0, 0, 0, at(312)),
+                    lambda: store.add_output(job_id, 1, OutputRecord("o", 1, "a" * 64), at(312))):
+        with pytest.raises(StaleAttemptError) as stale:
+            refused()
+        assert (stale.value.attempt, stale.value.current) == (1, 2)
+    assignment = store.match(slot(), OTHER_PILOT, at(320))
+    assert (assignment.job_id, assignment.attempt) == (job_id, 2)
+    with pytest.raises(StaleAttemptError):  # the old attempt stays fenced
+        store.job_update(job_id, 1, S.SAVING, 3, "", None, at(321))
+    assert store.stats()["lost_attempts_total"] == 1
+    assert store.reap(at(330)) == []
+
+
+def test_lost_every_attempt_ends_lost(store):
+    job_id = submit_one(store, max_attempts=2)
+    results = []
+    for round_ in range(2):
+        base = round_ * 1000
+        start(store, job_id, when=base)
+        results += [(r.attempt, r.new_state) for r in store.reap(at(base + 301))]
+    assert results == [(1, S.WAITING), (2, S.LOST)]
+    record = store.get(job_id)
+    assert record.state is S.LOST and record.exit_code is None and "2 of 2" in record.message
+    assert history_states(store, job_id)[-1] == (S.LOST, 2)
+    assert store.match(slot(), PILOT, at(5000)) is None
+
+
+def test_never_started_is_requeued(store):
+    job_id = submit_one(store)
+    store.match(slot(), PILOT, at(0))
+    store.job_heartbeat(job_id, 1, 0.0, 0, 0, at(500))  # heartbeats do not count as a start
+    assert store.reap(at(599)) == []
+    reaped = store.reap(at(601))
+    assert [(r.job_id, r.cause, r.new_state) for r in reaped] == [(job_id, RequeueCause.NEVER_STARTED, S.WAITING)]
+    assert store.stats()["never_started_attempts_total"] == 1
+    with pytest.raises(StaleAttemptError):
+        store.job_update(job_id, 1, S.STARTED, 1, "", None, at(602))
+
+
+def test_queue_timeout_expires(store):
+    old = submit_one(store, when=0)
+    young = submit_one(store, when=100_000, cores=2)
+    reaped = store.reap(at(2 * 86_400 + 1))
+    assert [(r.job_id, r.attempt, r.cause, r.new_state) for r in reaped] == [(old, 0, None, S.EXPIRED)]
+    assert store.get(old).state is S.EXPIRED and store.get(young).state is S.WAITING
+    assert history_states(store, old)[-1] == (S.EXPIRED, 0)
+    with pytest.raises(UnknownJob):
+        store.get(young + 1)
+
+
+def test_no_queue_timeout_never_expires(url):
+    opened = open_store(url, StoreSettings(queue_timeout=None))
+    try:
+        job_id = opened.submit("alice", [spec()], at())[0]
+        assert opened.reap(at(10 ** 8)) == []
+        assert opened.get(job_id).state is S.WAITING
+    finally:
+        opened.close()
+
+
+def test_reap_many_in_batches(store):
+    ids = store.submit("alice", [spec() for _ in range(1200)], at())
+    for _ in ids:
+        store.match(slot(), PILOT, at(1))
+    reaped = store.reap(at(700))
+    assert sorted(r.job_id for r in reaped) == ids
+    assert store.counts()[S.WAITING] == 1200
+
+
+# ------------------------------------------------------------------ requeue
+
+def test_admin_requeue(store):
+    job_id = submit_one(store, max_attempts=1)
+    attempt = start(store, job_id)
+    assert store.requeue(job_id, RequeueCause.ADMIN, "bad node", at(2)) == attempt + 1
+    assert store.requeue(job_id, RequeueCause.ADMIN, "again", at(3)) == attempt + 1  # already waiting
+    assert store.get(job_id).state is S.WAITING
+    attempt = start(store, job_id, when=4)
+    drive(store, job_id, attempt, [S.RUNNING, S.FAILED_EXECUTION], when=5)
+    with pytest.raises(InvalidTransition):
+        store.requeue(job_id, RequeueCause.ADMIN, "", at(6))
+    other = submit_one(store, max_attempts=1)
+    attempt = start(store, other, when=7)
+    with pytest.raises(InvalidTransition, match="used up"):
+        store.requeue(other, RequeueCause.WRAPPER, "", at(8))
+    assert store.get(other).state is S.FAILED_WRAPPER
+
+
+# ------------------------------------------------------------------ history
+
+def test_history_is_complete(store):
+    job_id = submit_one(store)
+    first = start(store, job_id, when=1)
+    drive(store, job_id, first, [S.RUNNING], when=2)
+    store.reap(at(400))
+    second = start(store, job_id, when=401)
+    store.attempt_failed(job_id, second, PILOT, RequeueCause.STOPPED, "slot end", at(402))
+    third = start(store, job_id, when=403)
+    drive(store, job_id, third, [S.RUNNING, S.SAVING, S.DONE], when=404)
+    record = store.get(job_id)
+    assert [(e.state, e.attempt) for e in record.history] == [
+        (S.WAITING, 0), (S.ASSIGNED, 1), (S.STARTED, 1), (S.RUNNING, 1), (S.WAITING, 1),
+        (S.ASSIGNED, 2), (S.STARTED, 2), (S.WAITING, 2),
+        (S.ASSIGNED, 3), (S.STARTED, 3), (S.RUNNING, 3), (S.SAVING, 3), (S.DONE, 3)]
+    times = [e.time for e in record.history]
+    assert times == sorted(times) and record.history[-1].time == record.updated
+    assert "lost" in record.history[4].detail and "stopped" in record.history[7].detail
+
+
+# -------------------------------------------------------------- query plans
+
+def _load_mix(store, count: int) -> None:
+    specs = [spec(priority=i % 7, cores=1 + i % 4, memory_mb=1000 * (1 + i % 5),
+                  sites_allowed=[SITE] if i % 3 == 0 else []) for i in range(count)]
+    for begin in range(0, count, 5000):
+        store.submit("alice", specs[begin:begin + 5000], at())
+
+
+def test_plans_use_indexes(store, url):
+    _load_mix(store, 6000)
+    for _ in range(50):
+        assignment = store.match(slot(), PILOT, at(1))
+        store.job_update(assignment.job_id, assignment.attempt, S.STARTED, 1, "", None, at(2))
+    if url.startswith("postgresql"):
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("ANALYZE")
+    plans = store.plans()
+    assert {"claim", "lost heartbeats", "never started", "queue timeout", "owner's jobs", "history"} <= set(plans)
+    text = "\n".join(f"{name}: {plan}" for name, plan in plans.items())
+    if url.startswith("sqlite"):
+        assert "SCAN jobs" not in text and "SCAN events" not in text, text
+        assert "SEARCH jobs USING INDEX jobs_waiting" in plans["class head"], text
+        assert "TEMP B-TREE" not in plans["class head"], text  # the index gives the order
+        assert plans["class heads"].count("SEARCH jobs USING INDEX jobs_waiting") == 3, text
+        assert "jobs_alive" in plans["lost heartbeats"], text
+    else:
+        assert "Seq Scan on jobs" not in text and "Seq Scan on events" not in text, text
+        for name in ("match", "class heads", "claim"):
+            assert "Index" in plans[name] and "jobs_waiting" in plans[name], text
+        assert "Sort" not in plans["claim"], text
+        assert "jobs_alive" in plans["lost heartbeats"], text
+
+
+# -------------------------------------------------------------- concurrency
+
+def _match_until_empty(url: str, worker: int, threads: int, start, results) -> None:
+    """Runs in a child process: match with THREADS threads until nothing is left; put the claims in RESULTS."""
+    try:
+        store = open_store(url, StoreSettings(extra={"pool_size": threads}))
+        claimed: list[tuple[int, int]] = []
+        errors: list[BaseException] = []
+
+        def loop(thread: int) -> None:
+            pilot = PilotRef(f"pilot-{worker}-{thread}", SITE, f"node-{worker}")
+            try:
+                while True:
+                    assignment = store.match(slot(), pilot, datetime.datetime.now(UTC))
+                    if assignment is None:
+                        return
+                    claimed.append((assignment.job_id, assignment.attempt))
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                errors.append(exc)
+        workers = [threading.Thread(target=loop, args=(t,)) for t in range(threads)]
+        start.wait(120)  # every process ready: they all race from here
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join()
+        store.close()
+        results.put((worker, repr(errors[0]) if errors else None, claimed))
+    except BaseException as exc:  # noqa: BLE001
+        results.put((worker, repr(exc), []))
+
+
+def _run_matchers(url: str, processes: int, threads: int, jobs: int) -> None:
+    setup = open_store(url, SETTINGS)
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(processes), context.Queue()
+    children = [context.Process(target=_match_until_empty, args=(url, w, threads, start, results), daemon=True)
+                for w in range(processes)]
+    try:
+        ids = []
+        for begin in range(0, jobs, 1000):
+            ids += setup.submit("alice", [spec(priority=i % 5, cores=1 + i % 3)
+                                          for i in range(begin, min(jobs, begin + 1000))], at())
+        for child in children:
+            child.start()
+        reports = [results.get(timeout=300) for _ in children]
+        assert [error for _, error, _ in reports if error] == []
+        claims = [claim for _, _, claimed in reports for claim in claimed]
+        assert sorted(job for job, _ in claims) == sorted(ids)  # every job, and each once
+        assert {attempt for _, attempt in claims} == {1}
+        assert sum(1 for _, _, claimed in reports if claimed) >= 2, "the matchers did not overlap"
+        assert setup.counts()[S.ASSIGNED] == jobs and setup.counts()[S.WAITING] == 0
+        assert setup.stats()["matches_total"] == jobs
+        for job_id in ids[:: max(1, jobs // 50)]:
+            assert Counter(e.state for e in setup.get(job_id).history)[S.ASSIGNED] == 1
+    finally:
+        for child in children:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+                child.join()
+        setup.close()
+
+
+@pytest.mark.slow
+def test_processes_match_each_job_once(url):
+    _run_matchers(url, processes=8, threads=1, jobs=1500)
+
+
+@pytest.mark.slow
+def test_two_brokers_with_threads_match_each_job_once(pg_url):  # noqa: F811
+    _run_matchers(pg_url, processes=2, threads=4, jobs=2000)
+
+
+@pytest.mark.slow
+def test_threads_of_one_store_match_each_job_once(store):
+    ids = store.submit("alice", [spec(priority=i % 4, cores=1 + i % 2) for i in range(800)], at())
+    claimed, errors = [], []
+
+    def loop(thread: int) -> None:
+        try:
+            pilot = PilotRef(f"pilot-{thread}", SITE, "node")
+            while (assignment := store.match(slot(), pilot, at(1))) is not None:
+                claimed.append(assignment.job_id)
+                store.job_update(assignment.job_id, assignment.attempt, S.STARTED, 1, "", None, at(2))
+                store.job_heartbeat(assignment.job_id, assignment.attempt, 0.0, 0, 0, at(3))
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+    threads = [threading.Thread(target=loop, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert sorted(claimed) == ids
+    assert store.counts()[S.STARTED] == 800
+
+
+# -------------------------------------------------------------- crash safety
+
+def _busy_worker(path: str, ready) -> None:
+    """Runs in a child process until SIGKILLed: match, update, fail, submit."""
+    store = open_store(path, SETTINGS)
+    pilot = PilotRef(f"pilot-{os.getpid()}", SITE, "node")
+    step = 0
+    while True:
+        step += 1
+        if step == 20:
+            ready.set()
+        now = datetime.datetime.now(UTC)
+        assignment = store.match(slot(), pilot, now)
+        if assignment is None:
+            store.submit("alice", [spec(priority=i % 3, cores=1 + i % 2) for i in range(20)], now)
+            continue
+        job, attempt = assignment.job_id, assignment.attempt
+        store.job_update(job, attempt, S.STARTED, 1, "", None, now)
+        if step % 4 == 0:
+            store.attempt_failed(job, attempt, pilot, RequeueCause.WRAPPER, "crash test", now)
+        elif step % 4 == 1:
+            store.job_update(job, attempt, S.RUNNING, 2, "", None, now)
+            store.add_output(job, attempt, OutputRecord("o", 1, "a" * 64), now)
+        else:
+            for sequence, state in enumerate((S.RUNNING, S.SAVING, S.DONE), start=2):
+                store.job_update(job, attempt, state, sequence, "", 0, now)
+
+
+def test_sigkill_leaves_a_consistent_sqlite_file(tmp_path):
+    path = str(tmp_path / "crash.db")
+    setup = open_store(path, SETTINGS)
+    setup.submit("alice", [spec(priority=i % 3, cores=1 + i % 2) for i in range(300)], at())
+    setup.close()
+    context = multiprocessing.get_context("spawn")
+    for delay in (0.0, 0.05, 0.13, 0.31, 0.5):
+        ready = context.Event()
+        child = context.Process(target=_busy_worker, args=(path, ready), daemon=True)
+        child.start()
+        try:
+            assert ready.wait(60), "the worker did not get going"
+            time.sleep(delay)
+        finally:
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(30)
+        assert child.exitcode == -signal.SIGKILL
+
+    reopened = open_store(path, SETTINGS)
+    try:
+        assert reopened.integrity_check() == "ok"
+        total = sum(reopened.counts().values())
+        assert reopened.stats()["matches_total"] > 0
+    finally:
+        reopened.close()
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        jobs = db.execute("SELECT id, state, attempt, fenced, pilot_id FROM jobs").fetchall()
+        assert len(jobs) == total == db.execute("SELECT value FROM meta WHERE key = 'last_job_id'").fetchone()[0]
+        events = db.execute("SELECT job_id, state, attempt FROM events ORDER BY id").fetchall()
+        by_job: dict[int, list[tuple[int, int]]] = {}
+        for job_id, state, attempt in events:
+            by_job.setdefault(job_id, []).append((state, attempt))
+        assigned = Counter((job_id, attempt) for job_id, state, attempt in events if state == S.ASSIGNED)
+        assert max(assigned.values()) == 1  # no attempt assigned twice
+        assert sum(assigned.values()) == db.execute(
+            "SELECT sum(value) FROM counters WHERE name = 'matches_total'").fetchone()[0]
+        for job_id, state, attempt, fenced, pilot_id in jobs:
+            history = by_job[job_id]
+            assert history[0] == (S.WAITING, 0)
+            assert history[-1][0] == state, (job_id, history, state)  # state and its event together
+            assert attempt == max(a for _, a in history) == sum(1 for s, _ in history if s == S.ASSIGNED)
+            if JobState(state).active:
+                assert not fenced and pilot_id and history[-1][1] == attempt
+            if state == S.WAITING:
+                assert fenced
+    finally:
+        db.close()
