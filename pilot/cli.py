@@ -23,6 +23,8 @@ from pilot.errors import SplitpilotError
 COMMAND_MODULES: tuple[str, ...] = (
     "pilot.demo",
     "pilot.tokens.cli",
+    "broker.cli",
+    "pilot.agent.cli",
     "pilot.wrapper.cli",
     "condor_plugin.minicondor_cli",
     "pilot.pipe.dump",

@@ -1,10 +1,10 @@
-"""`splitpilot demo`: run what exists of the main job, end to end, with progress.
+"""`splitpilot demo`: the main job end to end, with progress.
 
-Until the pilot (issue 5) and HTCondor (issue 6) land, the demo runs the
-agent <-> wrapper protocol between two real processes: this process plays
-the agent, and each job gets a real child process playing the wrapper
-(`pilot.pipe.loopback`), spoken to only through its stdin and stdout. The
-last job is stopped midway with a Stop notice to show the graceful drain.
+    splitpilot demo [--local]   a broker, ~20 jobs with inputs and outputs, and a
+                                real agent running them in containers (default)
+    splitpilot demo --protocol  only the agent <-> wrapper pipe between real
+                                processes (the wrapper side is pilot.pipe.loopback);
+                                the last job gets a Stop notice
 """
 
 from __future__ import annotations
@@ -44,20 +44,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--jobs", type=int, default=3, metavar="N",
-                        help="number of jobs to run, one wrapper process each (default 3)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="broker + jobs + one agent on this machine (default)")
+    mode.add_argument("--protocol", action="store_true", help="only the pipe protocol between real processes")
+    parser.add_argument("--jobs", type=int, default=None, metavar="N",
+                        help="number of jobs (default: 20 for --local, 3 for --protocol)")
     parser.add_argument("--steps", type=int, default=6, metavar="N",
-                        help="heartbeats each simulated job sends before it finishes (default 6)")
+                        help="--protocol: heartbeats each simulated job sends before it finishes (default 6)")
+    parser.add_argument("--runtimes", default="bubblewrap,podman,apptainer", metavar="LIST",
+                        help="--local: container runtimes the agent tries, in order (default %(default)s)")
+    parser.add_argument("--keep", action="store_true", help="--local: keep the state directory")
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if not args.protocol:
+        from pilot.localdemo import run_local_demo
+
+        jobs = 20 if args.jobs is None else args.jobs
+        if jobs < 1:
+            raise UsageError("--jobs must be at least 1")
+        return run_local_demo(jobs, args.runtimes, args.keep)
+    args.jobs = 3 if args.jobs is None else args.jobs
     if args.jobs < 1 or args.steps < 1:
         raise UsageError("--jobs and --steps must be at least 1")
-    print("splitpilot demo: the pilot and HTCondor parts have not landed yet; this runs the\n"
-          "agent <-> wrapper protocol between real processes (agent here, one wrapper process\n"
-          "per job, frames over the wrapper's stdin/stdout). The last job gets a Stop notice.\n",
-          flush=True)
+    print("splitpilot demo --protocol: the agent <-> wrapper protocol between real processes\n"
+          "(agent here, one wrapper process per job, frames over the wrapper's stdin/stdout).\n"
+          "The last job gets a Stop notice.\n", flush=True)
     outcomes = []
     for index in range(args.jobs):
         stop_after = max(1, args.steps // 2) if index == args.jobs - 1 and args.jobs > 1 else None

@@ -135,6 +135,9 @@ class Agent:
             elif self.slot.time_left() < self.settings.min_job_time_s:
                 end_reason = "too little time left for any job"
                 break
+            # Never sleep past the idle deadline or the slot's end: both are checked above.
+            wait = min(wait, max(0.0, idle_since + self.settings.idle_timeout_s - time.monotonic()) + 0.01,
+                       max(0.0, self.slot.time_left() - self.settings.run.stop_deadline_s))
             self._wake.wait(wait)
             self._wake.clear()
         self._drain()

@@ -1,0 +1,672 @@
+"""The Python API of the broker: one client class per token role.
+
+    from broker.client import BrokerClient
+    with BrokerClient("broker.example:7443", "~/.splitpilot/token.pem") as broker:
+        ids = broker.submit(["jobs.toml"])          # uploads the inputs first
+        print(broker.status(ids[0]).state)
+        broker.output(ids[0], "results/")           # every output, sha256 verified
+
+    BrokerClient  user (or admin) token: submit, upload, status, list, output, kill
+    AgentClient   agent token: match (with a P-256 job key made here), pilot reports
+    JobClient     a job token held in memory only: states, heartbeats, inputs, outputs
+    AdminClient   admin token: sites, pilots, requeue, everyone's jobs
+
+Every client talks gRPC over mutual TLS: its token is the client
+certificate. The CA certificate that verifies the broker defaults to the
+last certificate of the token's chain (token files written by `splitpilot
+token issue` end with it). Failed calls raise `BrokerError` subclasses
+carrying the gRPC code and the broker's message.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from broker.files import CHUNK_SIZE, check_sandbox_name, copy_verified, sha256_of_file
+from broker.jobfile import JobDescription, load_job_file
+from broker.lifecycle import JobState
+from pilot.errors import SplitpilotError, UsageError
+from pilot.tokens import Identity, TokenFile, parse_identity, read_token_file
+from pilot.tokens.files import KeyPermissions, certificate_pem, load_certificates, private_key_pem
+from splitpilot.broker.v1 import broker_pb2 as pb
+from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
+from splitpilot.job.v1 import job_pb2
+
+DEFAULT_TIMEOUT = 30.0
+STREAM_TIMEOUT = 3600.0
+SUBMIT_BATCH = 5000
+CLIENT_OPTIONS = (
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 32 << 20),
+    ("grpc.keepalive_time_ms", 120_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
+# ------------------------------------------------------------------ errors
+
+class BrokerError(SplitpilotError):
+    """A broker call failed. Attributes: method, code (grpc.StatusCode), details (the broker's message)."""
+
+    def __init__(self, method: str, code: grpc.StatusCode, details: str, address: str = "") -> None:
+        self.method = method
+        self.code = code
+        self.details = details
+        self.address = address
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        return f"broker refused {self.method} ({self.code.name}): {self.details}"
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker could not be reached, or did not answer in time (retrying may help)."""
+
+    def _message(self) -> str:
+        return (f"cannot reach the broker at {self.address} ({self.method}, {self.code.name}: {self.details}); "
+                "fix: check that it runs (splitpilot broker serve), the address (--broker), and that the CA "
+                "certificate (--ca-cert) is the broker's")
+
+
+class AccessDenied(BrokerError):
+    """The token was refused (UNAUTHENTICATED) or may not do this (PERMISSION_DENIED)."""
+
+
+class NotFound(BrokerError):
+    """No such job, input or output (NOT_FOUND)."""
+
+
+class PreconditionFailed(BrokerError):
+    """The job's state does not allow this (FAILED_PRECONDITION): for a job client,
+    usually that its attempt is over (fencing) and the wrapper must stop."""
+
+
+class InvalidRequest(BrokerError):
+    """The request was malformed or over a limit (INVALID_ARGUMENT)."""
+
+    exit_code = 2
+
+
+_ERRORS = {
+    grpc.StatusCode.UNAVAILABLE: BrokerUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: BrokerUnavailable,
+    grpc.StatusCode.UNAUTHENTICATED: AccessDenied,
+    grpc.StatusCode.PERMISSION_DENIED: AccessDenied,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: PreconditionFailed,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidRequest,
+}
+
+
+def _broker_error(method: str, exc: grpc.RpcError, address: str) -> BrokerError:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    return _ERRORS.get(code, BrokerError)(method, code, details, address)
+
+
+# ------------------------------------------------------------------ results
+
+@dataclass(frozen=True)
+class JobEvent:
+    time: datetime.datetime
+    state: JobState
+    attempt: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job as the broker reports it (history only from `status`)."""
+
+    job_id: int
+    name: str
+    owner: str
+    state: JobState
+    attempt: int
+    submitted: datetime.datetime
+    updated: datetime.datetime
+    site: str
+    node: str
+    pilot_id: str
+    exit_code: int | None
+    message: str
+    history: tuple[JobEvent, ...]
+    outputs: tuple[OutputFile, ...]
+    spec: job_pb2.JobSpec
+
+    @classmethod
+    def from_proto(cls, info: pb.JobInfo) -> JobStatus:
+        return cls(job_id=info.job_id, name=info.spec.name, owner=info.spec.owner, state=JobState(info.state),
+                   attempt=info.attempt, submitted=_from_ms(info.submitted_unix_ms),
+                   updated=_from_ms(info.updated_unix_ms), site=info.site, node=info.node, pilot_id=info.pilot_id,
+                   exit_code=info.exit_code if info.HasField("exit_code") else None, message=info.message,
+                   history=tuple(JobEvent(_from_ms(e.time_unix_ms), JobState(e.state), e.attempt, e.detail)
+                                 for e in info.history),
+                   outputs=tuple(OutputFile(o.name, o.size, o.sha256) for o in info.outputs), spec=info.spec)
+
+    @property
+    def final(self) -> bool:
+        return self.state.final
+
+
+@dataclass(frozen=True)
+class JobListing:
+    jobs: list[JobStatus]
+    #: Jobs per state among all those the caller may see (not only this page).
+    counts: dict[JobState, int]
+
+
+@dataclass(frozen=True)
+class NoMatch:
+    """Match found nothing: why, when to ask again, and whether to leave."""
+
+    reason: str
+    retry_after_s: int
+    leave: bool
+    matched = False
+
+
+@dataclass(frozen=True)
+class MatchedJob:
+    """A job given to this agent, with its token and the private key made for it.
+
+    The key exists in memory only: hand it to the wrapper over the pipe, or
+    to `job_client()`, never to a file.
+    """
+
+    job_id: int
+    attempt: int
+    spec: job_pb2.JobSpec = field(repr=False)
+    token_pem: bytes = field(repr=False)
+    key: ec.EllipticCurvePrivateKey = field(repr=False)
+    not_after: datetime.datetime
+    address: str = ""
+    ca_pem: bytes = field(default=b"", repr=False)
+    matched = True
+
+    @property
+    def key_pem(self) -> bytes:
+        return private_key_pem(self.key)
+
+    def job_client(self, **kwargs) -> JobClient:
+        return JobClient(self.address, self.token_pem, self.key, self.ca_pem or None, **kwargs)
+
+
+@dataclass(frozen=True)
+class HeartbeatAnswer:
+    stop: list[tuple[int, int]]
+    leave: bool
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    state: JobState
+    replay: bool
+
+
+# ------------------------------------------------------------------ the base client
+
+def _from_ms(ms: int) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
+
+
+def _read_ca(ca_pem: bytes | str | os.PathLike | None, chain: Sequence[x509.Certificate]) -> bytes:
+    if ca_pem is None:
+        root = chain[-1]
+        if len(chain) < 2 or root.issuer != root.subject:
+            raise UsageError("the token file holds no CA certificate; fix: pass the broker's CA certificate "
+                             "(--ca-cert FILE, or ca_pem=...)")
+        return certificate_pem([root])
+    if isinstance(ca_pem, (bytes, bytearray)):
+        data = bytes(ca_pem)
+    else:
+        try:
+            with open(os.path.expanduser(os.fspath(ca_pem)), "rb") as handle:
+                data = handle.read(1 << 20)
+        except OSError as exc:
+            raise UsageError(f"cannot read the CA certificate {ca_pem}: {exc.strerror}; fix: give the broker's "
+                             "ca.crt (splitpilot ca show)") from None
+    load_certificates(data, "CA certificate")
+    return data
+
+
+class _Client:
+    """A channel with a client certificate, and the error mapping."""
+
+    def __init__(self, address: str, chain: Sequence[x509.Certificate], key, ca_pem, *,
+                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.identity: Identity = parse_identity(chain[0])
+        self.ca_pem = _read_ca(ca_pem, chain)
+        self._server_name = server_name
+        self._open(chain, key)
+
+    def _open(self, chain: Sequence[x509.Certificate], key) -> None:
+        key_pem = key if isinstance(key, bytes) else private_key_pem(key)
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
+                                                   certificate_chain=certificate_pem([chain[0]]))
+        options = list(CLIENT_OPTIONS)
+        if self._server_name:
+            options.append(("grpc.ssl_target_name_override", self._server_name))
+        self._channel = grpc.secure_channel(self.address, credentials, options=options)
+        self._stubs()
+
+    def _stubs(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, stub_method, request, *, timeout: float | None = None):
+        try:
+            return stub_method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            raise _broker_error(method, exc, self.address) from None
+
+    def _stream(self, method: str, stub_method, request, *, timeout: float = STREAM_TIMEOUT) -> Iterator:
+        """A server stream whose errors arrive as BrokerError."""
+        call = stub_method(request, timeout=timeout)
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            raise _broker_error(method, exc, self.address) from None
+        finally:
+            call.cancel()  # a consumer that stopped early (e.g. a checksum mismatch) ends the stream
+
+
+def _private_key(key: bytes | ec.EllipticCurvePrivateKey) -> ec.EllipticCurvePrivateKey:
+    if isinstance(key, (bytes, bytearray)):
+        try:
+            return serialization.load_pem_private_key(bytes(key), password=None)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"unreadable job token key ({exc})") from None
+    return key
+
+
+def _load_token(token: TokenFile | str | os.PathLike) -> TokenFile:
+    if isinstance(token, TokenFile):
+        return token
+    return read_token_file(os.path.expanduser(os.fspath(token)), KeyPermissions.REFUSE)
+
+
+def _file_chunks(path: str, name: str, size: int, sha256: str) -> Iterator[pb.FileChunk]:
+    yield pb.FileChunk(header=pb.FileHeader(name=name, size=size, sha256=sha256))
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK_SIZE):
+            yield pb.FileChunk(data=block)
+
+
+def _receive(chunks: Iterable[pb.FileChunk], dest: str, expect_name: str,
+             expect: tuple[int, str] | None = None) -> str:
+    """Write a FileChunk stream to DEST atomically, verifying size and sha256."""
+    iterator = iter(chunks)
+    first = next(iterator, None)
+    if first is None or first.WhichOneof("kind") != "header":
+        raise SplitpilotError(f"{expect_name}: the broker's stream did not start with a header")
+    header = first.header
+    if expect is not None and (header.size, header.sha256) != expect:
+        raise SplitpilotError(f"{expect_name}: the broker announced size {header.size} sha256 {header.sha256}, "
+                              f"expected {expect[0]} {expect[1]}")
+    copy_verified((c.data for c in iterator), dest, header.sha256, header.size, expect_name)
+    return dest
+
+
+# ------------------------------------------------------------------ users
+
+class BrokerClient(_Client):
+    """Calls with a user (or admin) token: UserService."""
+
+    def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
+                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
+        tf = _load_token(token)
+        super().__init__(address, tf.chain, tf.key, ca_pem, timeout=timeout, server_name=server_name)
+
+    def _stubs(self) -> None:
+        self._stub = rpc_pb.UserServiceStub(self._channel)
+
+    def upload(self, path: str | os.PathLike, name: str | None = None) -> job_pb2.InputFile:
+        """Upload the file at PATH; return the InputFile (name, size, sha256) to put in a spec."""
+        path = os.fspath(path)
+        name = check_sandbox_name(name or os.path.basename(path), "input name")
+        try:
+            sha256, size = sha256_of_file(path)
+        except OSError as exc:
+            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            response = self._stub.UploadFile(_file_chunks(path, name, size, sha256), timeout=STREAM_TIMEOUT)
+        except grpc.RpcError as exc:
+            raise _broker_error("UploadFile", exc, self.address) from None
+        return job_pb2.InputFile(name=name, size=response.size, sha256=response.sha256)
+
+    def submit(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable) -> list[int]:
+        """Queue jobs given as job file paths, JobDescriptions or JobSpecs (or a list
+        of them). Inputs of job files are uploaded first (each file once).
+        More than 5,000 jobs go in several batches, each all-or-nothing."""
+        if isinstance(jobs, (str, os.PathLike, JobDescription, job_pb2.JobSpec)):
+            jobs = [jobs]
+        specs: list[job_pb2.JobSpec] = []
+        uploaded: dict[str, job_pb2.InputFile] = {}
+        for item in jobs:
+            if isinstance(item, (str, os.PathLike)):
+                descriptions = load_job_file(item)
+            elif isinstance(item, JobDescription):
+                descriptions = [item]
+            elif isinstance(item, job_pb2.JobSpec):
+                specs.append(item)
+                continue
+            else:
+                raise UsageError(f"cannot submit a {type(item).__name__}: give job file paths, JobDescriptions "
+                                 "or JobSpecs")
+            for description in descriptions:
+                spec = job_pb2.JobSpec()
+                spec.CopyFrom(description.spec)
+                for ref in description.inputs:
+                    if ref.path not in uploaded:
+                        uploaded[ref.path] = self.upload(ref.path, ref.name)
+                    done = uploaded[ref.path]
+                    spec.input_files.add(name=ref.name, size=done.size, sha256=done.sha256)
+                specs.append(spec)
+        ids: list[int] = []
+        for start in range(0, len(specs), SUBMIT_BATCH):
+            batch = specs[start:start + SUBMIT_BATCH]
+            response = self._call("Submit", self._stub.Submit, pb.SubmitRequest(jobs=batch), timeout=300)
+            ids.extend(response.job_ids)
+        return ids
+
+    def status(self, job_id: int) -> JobStatus:
+        """One job with its history and outputs."""
+        return JobStatus.from_proto(self._call("GetJob", self._stub.GetJob, pb.GetJobRequest(job_id=job_id)))
+
+    def list(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0) -> JobListing:
+        """The caller's jobs, newest first (LIMIT 0: the broker's default, 1,000)."""
+        response = self._call("ListJobs", self._stub.ListJobs, pb.ListJobsRequest(
+            states=[int(s) for s in states], limit=limit, before_job_id=before_job_id))
+        return _listing(response)
+
+    def output(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None) -> list[str]:
+        """Download the outputs of a job (all, or NAMES) into DEST_DIR, verifying
+        each sha256; return the paths written."""
+        job = self.status(job_id)
+        known = {o.name: o for o in job.outputs}
+        written = []
+        for name in (list(known) if names is None else list(names)):
+            check_sandbox_name(name, "output name")
+            output = known.get(name)  # unknown names: the broker answers NOT_FOUND, listing the outputs
+            stream = self._stream("DownloadOutput", self._stub.DownloadOutput,
+                                  pb.DownloadOutputRequest(job_id=job_id, name=name))
+            written.append(_receive(stream, os.path.join(os.fspath(dest_dir), name), name,
+                                    (output.size, output.sha256) if output else None))
+        return written
+
+    def kill(self, job_id: int, reason: str = "") -> JobState:
+        """Kill a job: at once when queued, at its next heartbeat when running."""
+        response = self._call("KillJob", self._stub.KillJob, pb.KillJobRequest(job_id=job_id, reason=reason))
+        return JobState(response.state)
+
+
+def _listing(response: pb.ListJobsResponse) -> JobListing:
+    counts = {JobState(job_pb2.JobState.Value(name)): n for name, n in response.counts_by_state.items()}
+    return JobListing([JobStatus.from_proto(j) for j in response.jobs], counts)
+
+
+# ------------------------------------------------------------------ agents
+
+def _public_der(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _slot(slot: pb.Slot | Mapping) -> pb.Slot:
+    if isinstance(slot, pb.Slot):
+        return slot
+    return pb.Slot(**dict(slot))
+
+
+_FAILURES = {"wrapper": pb.ATTEMPT_FAILURE_WRAPPER, "infrastructure": pb.ATTEMPT_FAILURE_INFRASTRUCTURE,
+             "stopped": pb.ATTEMPT_FAILURE_STOPPED, "limit": pb.ATTEMPT_FAILURE_LIMIT}
+
+
+class AgentClient(_Client):
+    """Calls with an agent token: AgentService."""
+
+    def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
+                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
+        tf = _load_token(token)
+        super().__init__(address, tf.chain, tf.key, ca_pem, timeout=timeout, server_name=server_name)
+
+    def _stubs(self) -> None:
+        self._stub = rpc_pb.AgentServiceStub(self._channel)
+
+    def match(self, slot: pb.Slot | Mapping, pilot_id: str, node: str) -> MatchedJob | NoMatch:
+        """Ask for a job fitting SLOT (a Slot or a dict of its fields). The job
+        key is made here; only its public half is sent."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        response = self._call("Match", self._stub.Match, pb.MatchRequest(
+            slot=_slot(slot), pilot_id=pilot_id, node=node, job_public_key=_public_der(key)))
+        if response.WhichOneof("result") != "job":
+            none = response.no_match
+            return NoMatch(none.reason, none.retry_after_s, none.leave)
+        job = response.job
+        return MatchedJob(job_id=job.job_id, attempt=job.attempt, spec=job.spec, token_pem=job.job_token_pem,
+                          key=key, not_after=datetime.datetime.fromtimestamp(job.token_not_after_unix, datetime.UTC),
+                          address=self.address, ca_pem=self.ca_pem)
+
+    def pilot_heartbeat(self, pilot_id: str, node: str, running: Iterable[tuple[int, int]] = (),
+                        cores_in_use: int = 0) -> HeartbeatAnswer:
+        response = self._call("PilotHeartbeat", self._stub.PilotHeartbeat, pb.PilotHeartbeatRequest(
+            pilot_id=pilot_id, node=node, cores_in_use=cores_in_use,
+            running=[pb.RunningAttempt(job_id=j, attempt=a) for j, a in running]))
+        return HeartbeatAnswer([(r.job_id, r.attempt) for r in response.stop], response.leave)
+
+    def report_pilot_end(self, pilot_id: str, node: str, jobs_run: int, reason: str) -> None:
+        self._call("ReportPilotEnd", self._stub.ReportPilotEnd, pb.ReportPilotEndRequest(
+            pilot_id=pilot_id, node=node, jobs_run=jobs_run, reason=reason))
+
+    def report_attempt_failure(self, job_id: int, attempt: int, failure: str | int, detail: str,
+                               pilot_id: str) -> JobState:
+        """FAILURE: 'wrapper', 'infrastructure', 'stopped', 'limit' (or the AttemptFailure value)."""
+        if isinstance(failure, str):
+            if failure not in _FAILURES:
+                raise UsageError(f"failure {failure!r}: use one of {', '.join(_FAILURES)}")
+            failure = _FAILURES[failure]
+        response = self._call("ReportAttemptFailure", self._stub.ReportAttemptFailure,
+                              pb.ReportAttemptFailureRequest(job_id=job_id, attempt=attempt, failure=failure,
+                                                             detail=detail, pilot_id=pilot_id))
+        return JobState(response.state)
+
+
+# ------------------------------------------------------------------ jobs
+
+_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class JobClient(_Client):
+    """Calls with a job token: JobService. The token and its key stay in memory
+    (the TLS credentials are built from bytes), never on disk.
+
+    CERTIFICATE_PEM is the token's chain (leaf first, as Match returns it);
+    PRIVATE_KEY_PEM its key, as PEM bytes or a key object.
+    """
+
+    def __init__(self, address: str, certificate_pem: bytes, private_key_pem: bytes | ec.EllipticCurvePrivateKey,
+                 ca_pem=None, *, timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None,
+                 retries: int = 3, first_sequence: int = 1) -> None:
+        chain = load_certificates(certificate_pem, "job token")
+        self._key = _private_key(private_key_pem)
+        self._token_pem = certificate_pem
+        self.retries = retries
+        self._next_sequence = first_sequence
+        super().__init__(address, chain, self._key, ca_pem, timeout=timeout, server_name=server_name)
+
+    def _stubs(self) -> None:
+        self._stub = rpc_pb.JobServiceStub(self._channel)
+
+    @property
+    def job_id(self) -> int:
+        return self.identity.job_id
+
+    @property
+    def attempt(self) -> int:
+        return self.identity.attempt
+
+    @property
+    def token_pem(self) -> bytes:
+        return self._token_pem
+
+    @property
+    def not_after(self) -> datetime.datetime:
+        return self.identity.not_after
+
+    def update_state(self, state: JobState | int, detail: str = "", exit_code: int | None = None) -> UpdateResult:
+        """Report a state change (numbered by this client). A transient failure
+        is retried with the same sequence number: the broker acknowledges a
+        replay of an update it already applied."""
+        request = pb.UpdateStateRequest(state=int(state), detail=detail, sequence=self._next_sequence)
+        if exit_code is not None:
+            request.exit_code = exit_code
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._stub.UpdateState(request, timeout=self.timeout)
+                break
+            except grpc.RpcError as exc:
+                if exc.code() in _TRANSIENT and attempt < self.retries:
+                    time.sleep(min(0.5 * 2 ** attempt, 5))
+                    continue
+                raise _broker_error("UpdateState", exc, self.address) from None
+        self._next_sequence += 1
+        return UpdateResult(JobState(response.state), response.replay)
+
+    @property
+    def next_sequence(self) -> int:
+        return self._next_sequence
+
+    def heartbeat(self, cpu_seconds: float = 0.0, rss_bytes: int = 0, sandbox_bytes: int = 0) -> bool:
+        """Report liveness; True when the job was killed and must stop."""
+        response = self._call("Heartbeat", self._stub.Heartbeat, pb.JobHeartbeatRequest(
+            cpu_seconds=cpu_seconds, rss_bytes=rss_bytes, sandbox_bytes=sandbox_bytes))
+        return response.kill
+
+    def get_input(self, name: str, dest: str | os.PathLike) -> str:
+        """Fetch input NAME to DEST (a directory: DEST/NAME), verifying its sha256; return the path."""
+        dest = os.fspath(dest)
+        if os.path.isdir(dest):
+            dest = os.path.join(dest, check_sandbox_name(name, "input name"))
+        stream = self._stream("GetInput", self._stub.GetInput, pb.GetInputRequest(name=name))
+        return _receive(stream, dest, name)
+
+    def put_output(self, path: str | os.PathLike, name: str | None = None) -> OutputFile:
+        """Upload the file at PATH as output NAME (default: its base name)."""
+        path = os.fspath(path)
+        name = check_sandbox_name(name or os.path.basename(path), "output name")
+        sha256, size = sha256_of_file(path)
+        try:
+            response = self._stub.PutOutput(_file_chunks(path, name, size, sha256), timeout=STREAM_TIMEOUT)
+        except grpc.RpcError as exc:
+            raise _broker_error("PutOutput", exc, self.address) from None
+        return OutputFile(name, response.size, response.sha256)
+
+    def replace_token(self, certificate_pem: bytes, private_key_pem: bytes | ec.EllipticCurvePrivateKey) -> None:
+        """Use a token refreshed elsewhere (e.g. by the agent) for later calls: same job and attempt."""
+        chain = load_certificates(certificate_pem, "job token")
+        identity = parse_identity(chain[0])
+        if (identity.job_id, identity.attempt) != (self.job_id, self.attempt):
+            raise UsageError(f"the new token is for job {identity.job_id} attempt {identity.attempt}, not job "
+                             f"{self.job_id} attempt {self.attempt}")
+        self._switch(chain, certificate_pem, _private_key(private_key_pem))
+
+    def _switch(self, chain: Sequence[x509.Certificate], certificate_pem: bytes, key) -> None:
+        old = self._channel
+        self._key, self._token_pem = key, certificate_pem
+        self.identity = parse_identity(chain[0])
+        self._open(chain, key)
+        old.close()
+
+    def refresh_token(self, time_left_s: int = 0) -> datetime.datetime:
+        """Get a new token for a new key (made here); later calls use it. Returns its not_after."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        response = self._call("RefreshToken", self._stub.RefreshToken, pb.RefreshTokenRequest(
+            public_key=_public_der(key), time_left_s=time_left_s))
+        chain = load_certificates(response.job_token_pem, "refreshed job token")
+        self._switch(chain, response.job_token_pem, key)
+        return self.identity.not_after
+
+
+# ------------------------------------------------------------------ admins
+
+_SITE_STATES = {"enabled": pb.SITE_STATE_ENABLED, "draining": pb.SITE_STATE_DRAINING,
+                "disabled": pb.SITE_STATE_DISABLED}
+
+
+@dataclass(frozen=True)
+class PilotInfo:
+    pilot_id: str
+    site: str
+    node: str
+    first_seen: datetime.datetime
+    last_seen: datetime.datetime
+    jobs_matched: int
+    end_reason: str
+
+
+class AdminClient(_Client):
+    """Calls with an admin token: AdminService."""
+
+    def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
+                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
+        tf = _load_token(token)
+        super().__init__(address, tf.chain, tf.key, ca_pem, timeout=timeout, server_name=server_name)
+
+    def _stubs(self) -> None:
+        self._stub = rpc_pb.AdminServiceStub(self._channel)
+
+    def set_site_state(self, site: str, state: str, reason: str = "") -> str:
+        """STATE: 'enabled', 'draining' or 'disabled'; returns the previous state."""
+        if state not in _SITE_STATES:
+            raise UsageError(f"site state {state!r}: use one of {', '.join(_SITE_STATES)}")
+        response = self._call("SetSiteState", self._stub.SetSiteState,
+                              pb.SetSiteStateRequest(site=site, state=_SITE_STATES[state], reason=reason))
+        return {v: k for k, v in _SITE_STATES.items()}.get(response.previous, "unknown")
+
+    def list_pilots(self, seen_within_s: int = 0) -> list[PilotInfo]:
+        response = self._call("ListPilots", self._stub.ListPilots, pb.ListPilotsRequest(seen_within_s=seen_within_s))
+        return [PilotInfo(p.pilot_id, p.site, p.node, _from_ms(p.first_seen_unix_ms), _from_ms(p.last_seen_unix_ms),
+                          p.jobs_matched, p.end_reason) for p in response.pilots]
+
+    def requeue(self, job_id: int, reason: str = "") -> int:
+        """End the job's current attempt and queue the next; returns the new attempt number."""
+        return self._call("Requeue", self._stub.Requeue, pb.RequeueRequest(job_id=job_id, reason=reason)).attempt
+
+    def list_all_jobs(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0) -> JobListing:
+        response = self._call("ListAllJobs", self._stub.ListAllJobs, pb.ListJobsRequest(
+            states=[int(s) for s in states], limit=limit, before_job_id=before_job_id))
+        return _listing(response)
+
+
+__all__ = [
+    "AccessDenied", "AdminClient", "AgentClient", "BrokerClient", "BrokerError", "BrokerUnavailable",
+    "HeartbeatAnswer", "InvalidRequest", "JobClient", "JobEvent", "JobListing", "JobStatus", "MatchedJob",
+    "NoMatch", "NotFound", "OutputFile", "PilotInfo", "PreconditionFailed", "UpdateResult",
+]

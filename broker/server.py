@@ -1,0 +1,426 @@
+"""The broker process: gRPC over mutual TLS, the metrics endpoint, the reaper.
+
+    with BrokerServer(BrokerConfig(state_dir="/srv/broker", listen="0.0.0.0:7443")) as server:
+        server.wait()
+
+The state directory holds everything the broker owns:
+
+    STATE/ca/          the CA (ca.key 0600, ca.crt, policy.toml), created on
+                       first start unless --ca points to an existing one
+    STATE/host.pem     the broker's host token (server certificate and key,
+                       0600), (re)issued when missing, expiring within 30
+                       days, or not covering the names the broker listens on
+    STATE/broker.db    the SQLite database (unless --db names another)
+    STATE/files/       the content-addressed sandbox store
+    STATE/address      the address actually bound (useful with port 0)
+    STATE/broker.lock  held while a broker runs (one broker per directory)
+
+The gRPC server runs on grpc.aio in its own thread with its own event loop,
+so the same object serves the CLI, tests and embedding programs. Clients
+must present a certificate from the CA (require_client_auth): a client
+without one, or with one from another CA, fails the TLS handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+from cryptography import x509
+
+from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, FileStore
+from broker.metrics import Metrics, MetricsServer
+from broker.service import Broker, ServiceSettings, add_servicers, utcnow
+from broker.store.base import JobStore, Reaped, StoreSettings
+from pilot.errors import SplitpilotError, UsageError
+from pilot.tokens import CertificateAuthority, Expectation, TokenFile, TokenRole, TokenVerifier
+from pilot.tokens.errors import KeyFileError, TokenError
+from pilot.tokens.files import certificate_pem, private_key_pem, read_token_file, write_private, write_public
+
+log = logging.getLogger("splitpilot.broker")
+
+DEFAULT_PORT = 7443
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+HOST_TOKEN_FILE = "host.pem"
+HOST_TOKEN_RENEW = datetime.timedelta(days=30)
+MAX_MESSAGE = 32 << 20
+
+GRPC_OPTIONS = (
+    ("grpc.so_reuseport", 0),  # a second broker on the same port must fail, not share it
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+class BrokerStartError(SplitpilotError):
+    """The broker cannot start (state directory, CA, port, database). Attributes: detail."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"broker cannot start: {detail}")
+        self.detail = detail
+
+
+def parse_address(text: str, what: str = "--listen") -> tuple[str, int]:
+    """'HOST:PORT' or '[IPv6]:PORT' -> (host, port); UsageError with the fix."""
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"{what} {text!r} is not HOST:PORT; fix: write e.g. 127.0.0.1:{DEFAULT_PORT}, "
+                         f"0.0.0.0:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}")
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass
+class BrokerConfig:
+    """Everything `splitpilot broker serve` can set."""
+
+    state_dir: str
+    #: Store URL (sqlite:///PATH or postgresql://...); default: SQLite in the state dir.
+    db_url: str | None = None
+    listen: str = DEFAULT_LISTEN
+    #: HOST:PORT of the Prometheus endpoint; None: no endpoint.
+    metrics: str | None = None
+    #: CA directory; default STATE/ca (created on first start).
+    ca_dir: str | None = None
+    #: Extra DNS names / IP addresses for the host token (clients connect by them).
+    host_names: tuple[str, ...] = ()
+    reap_interval: float = 5.0
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE
+    max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+    store_settings: StoreSettings = field(default_factory=StoreSettings)
+    #: None: derived (offload store calls to threads for PostgreSQL).
+    service: ServiceSettings | None = None
+    #: Seconds running calls get to finish on stop.
+    grace: float = 5.0
+
+    @property
+    def ca_path(self) -> str:
+        return self.ca_dir or os.path.join(self.state_dir, "ca")
+
+    @property
+    def store_url(self) -> str:
+        return self.db_url or f"sqlite://{os.path.abspath(os.path.join(self.state_dir, 'broker.db'))}"
+
+
+class BrokerServer:
+    """One running broker. start()/stop(), or use it as a context manager."""
+
+    def __init__(self, config: BrokerConfig, *, store: JobStore | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store: JobStore | None = store
+        self._own_store = store is None
+        self.broker: Broker | None = None
+        self.ca: CertificateAuthority | None = None
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._reaper: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def host(self) -> str:
+        return parse_address(self.config.listen)[0]
+
+    @property
+    def address(self) -> str:
+        """Where clients connect (a wildcard listen address becomes localhost)."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return format_address(host, self.port or 0)
+
+    @property
+    def ca_pem(self) -> bytes:
+        return certificate_pem([self.ca.certificate])
+
+    @property
+    def state_dir(self) -> str:
+        return self.config.state_dir
+
+    # ------------------------------------------------------------ life cycle
+
+    def __enter__(self) -> BrokerServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        config = self.config
+        host, port = parse_address(config.listen)
+        try:
+            self._prepare_state()
+            self.ca = self._load_or_create_ca()
+            host_token = self._host_token(host)
+            if self.store is None:
+                self.store = self._open_store()
+            files = FileStore(os.path.join(config.state_dir, "files"), max_file_size=config.max_file_size,
+                              max_job_bytes=config.max_job_bytes)
+            settings = config.service or ServiceSettings(
+                offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+")))
+            self.broker = Broker(self.store, files, self.ca, settings=settings, metrics=self.metrics)
+            credentials = grpc.ssl_server_credentials(
+                [(private_key_pem(host_token.key), certificate_pem(list(host_token.chain)))],
+                root_certificates=self.ca_pem, require_client_auth=True)
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._run_loop, name="broker-grpc", daemon=True)
+            self._thread.start()
+            future = asyncio.run_coroutine_threadsafe(self._start_grpc(host, port, credentials), self._loop)
+            self.port = future.result(timeout=60)
+            write_public(os.path.join(config.state_dir, "address"), f"{format_address(host, self.port)}\n".encode())
+            log.info("listening on %s (mutual TLS: clients need a token issued by the CA in %s)",
+                     format_address(host, self.port), config.ca_path)
+            if config.metrics:
+                metrics_host, metrics_port = parse_address(config.metrics, "--metrics")
+                try:
+                    self._metrics_server = MetricsServer(metrics_host, metrics_port, self.render_metrics)
+                except OSError as exc:
+                    raise BrokerStartError(f"metrics endpoint {config.metrics}: {exc.strerror}; fix: choose "
+                                           "another --metrics HOST:PORT") from None
+                self._metrics_server.start()
+                self.metrics_port = self._metrics_server.port
+                log.info("metrics on http://%s/metrics", format_address(metrics_host, self.metrics_port))
+            if config.reap_interval > 0:
+                self._reaper = threading.Thread(target=self._reap_loop, name="broker-reaper", daemon=True)
+                self._reaper.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (running calls get GRACE seconds), close the store. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._stopping.set()
+        grace = self.config.grace if grace is None else grace
+        if self._reaper is not None:
+            self._reaper.join(timeout=30)
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        if self._loop is not None:
+            if self._server is not None:
+                try:
+                    asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result(grace + 10)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("gRPC server stop: %s", exc)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread is not None:
+                self._thread.join(timeout=30)
+            if not self._loop.is_running():
+                self._loop.close()
+        if self.broker is not None:
+            self.broker.close()
+        if self.store is not None and self._own_store:
+            self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._server is not None:
+            log.info("broker stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until stop() (from another thread or a signal handler); True if stopped."""
+        return self._stopping.wait(timeout)
+
+    def request_stop(self) -> None:
+        """Ask wait() to return (safe from signal handlers); the caller then calls stop()."""
+        self._stopping.set()
+
+    # ------------------------------------------------------------ the reaper and metrics
+
+    def reap_once(self, now: datetime.datetime | None = None) -> list[Reaped]:
+        """Run the reaper once (the thread calls this every reap_interval)."""
+        now = now or utcnow()
+        reaped = self.store.reap(now)
+        for item in reaped:
+            cause = item.cause.value if item.cause is not None else "expired"
+            self.metrics.reaped[cause] += 1
+            log.info("reaper: job %d attempt %d %s: now %s", item.job_id, item.attempt, cause, item.new_state.name)
+        self.broker.prune(now)
+        return reaped
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.wait(self.config.reap_interval):
+            try:
+                self.reap_once()
+            except Exception:  # noqa: BLE001 (the reaper must survive a bad moment of the database)
+                log.exception("reaper: pass failed; trying again in %.0fs", self.config.reap_interval)
+
+    def render_metrics(self) -> str:
+        cache = self.broker.auth.cache
+        return self.metrics.render(self.store.counts(), self.store.stats(), extra={
+            "splitpilot_identity_cache_hits_total": cache.hits,
+            "splitpilot_identity_cache_misses_total": cache.misses,
+            "splitpilot_identity_cache_entries": len(cache),
+        })
+
+    # ------------------------------------------------------------ start-up pieces
+
+    def _prepare_state(self) -> None:
+        state = self.config.state_dir
+        try:
+            os.makedirs(state, mode=0o700, exist_ok=True)
+            self._lock_fd = os.open(os.path.join(state, "broker.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise BrokerStartError(f"state directory {state}: {exc.strerror}; fix: choose a --state-dir this user "
+                                   "may write") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BrokerStartError(f"another broker is running with state directory {state}; fix: stop it, or "
+                                   "use another --state-dir") from None
+        log.info("state directory %s", os.path.abspath(state))
+
+    def _load_or_create_ca(self) -> CertificateAuthority:
+        path = self.config.ca_path
+        if os.path.exists(os.path.join(path, "ca.crt")) or self.config.ca_dir:
+            ca = CertificateAuthority.load(path)
+            log.info("CA %s from %s", ca.certificate.subject.rfc4514_string(), path)
+            return ca
+        ca = CertificateAuthority.init(path)
+        log.info("created CA %s in %s; issue tokens with: splitpilot token issue --ca %s --role user "
+                 "--subject NAME --out FILE", ca.certificate.subject.rfc4514_string(), path, path)
+        return ca
+
+    def _host_names(self, host: str) -> tuple[list[str], list[str]]:
+        """(DNS names, IP addresses) the host token must carry."""
+        dns: list[str] = []
+        ips: list[str] = []
+
+        def add(name: str) -> None:
+            name = name.strip().strip("[]")
+            if not name:
+                return
+            try:
+                address = ipaddress.ip_address(name)
+            except ValueError:
+                if name not in dns:
+                    dns.append(name)
+                return
+            if not address.is_unspecified and str(address) not in ips:
+                ips.append(str(address))
+
+        try:
+            wildcard = ipaddress.ip_address(host).is_unspecified
+        except ValueError:
+            wildcard = False
+        add(host)
+        if wildcard:
+            add(socket.gethostname())
+            add(socket.getfqdn())
+        for name in self.config.host_names:
+            add(name)
+        for name in ("localhost", "127.0.0.1", "::1"):
+            add(name)
+        return dns, ips
+
+    def _host_token(self, host: str) -> TokenFile:
+        path = os.path.join(self.config.state_dir, HOST_TOKEN_FILE)
+        dns, ips = self._host_names(host)
+        if os.path.exists(path):
+            reason = self._host_token_problem(path, dns, ips)
+            if reason is None:
+                log.info("host token %s (names: %s)", path, ", ".join(dns + ips))
+                return read_token_file(path)
+            log.info("host token %s: %s; issuing a new one", path, reason)
+        subject = dns[0]
+        token = self.ca.new_token(TokenRole.HOST, subject, dns_names=dns, ip_addresses=ips)
+        write_private(path, token.to_pem())
+        log.info("issued host token %s for %s", path, ", ".join(dns + ips))
+        return token
+
+    def _host_token_problem(self, path: str, dns: list[str], ips: list[str]) -> str | None:
+        try:
+            token = read_token_file(path)
+            identity = TokenVerifier([self.ca.certificate]).verify(list(token.chain),
+                                                                  Expectation.role(TokenRole.HOST))
+        except (TokenError, KeyFileError) as exc:
+            return f"not usable ({exc})"
+        if identity.not_after - utcnow() < HOST_TOKEN_RENEW:
+            return f"expires at {identity.not_after:%Y-%m-%d}"
+        try:
+            san = token.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            have_ips = {str(a) for a in san.get_values_for_type(x509.IPAddress)}
+        except x509.ExtensionNotFound:
+            have_ips = set()
+        missing = [n for n in dns if n not in identity.dns_names] + [a for a in ips if a not in have_ips]
+        if missing:
+            return f"does not name {', '.join(missing)}"
+        return None
+
+    def _open_store(self) -> JobStore:
+        from broker.store import open_store
+        url = self.config.store_url
+        try:
+            store = open_store(url, self.config.store_settings)
+        except SplitpilotError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (driver errors: name the database and the fix)
+            raise BrokerStartError(f"database {_redact(url)}: {exc}; fix: check --db") from exc
+        log.info("store %s", _redact(url))
+        return store
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    async def _start_grpc(self, host: str, port: int, credentials) -> int:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        add_servicers(server, self.broker)
+        address = format_address(host, port)
+        try:
+            bound = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            bound = 0
+            detail = str(exc)
+        else:
+            detail = "nothing bound"
+        if not bound:
+            await server.stop(None)
+            raise BrokerStartError(f"cannot listen on {address} ({detail}); fix: the port is in use or the address "
+                                   "is not this host's: choose another --listen HOST:PORT")
+        await server.start()
+        self._server = server
+        return bound
+
+
+def _redact(url: str) -> str:
+    """The URL without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        user = credentials.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in credentials else url
+    return url
+
+
+__all__ = ["DEFAULT_LISTEN", "DEFAULT_PORT", "BrokerConfig", "BrokerServer", "BrokerStartError",
+           "format_address", "parse_address"]

@@ -1,0 +1,129 @@
+"""AgentService: match jobs for the agent's site and report pilots (agent tokens).
+
+Match is the hot path: one store call on a successful match (the claim), one
+certificate signature, no other round trip. The site and the agent's expiry
+come from its verified (cached) token, never from the request.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from cryptography.hazmat.primitives import serialization
+
+from broker.lifecycle import RequeueCause
+from broker.service import BadRequest, Broker, job_public_key, rpc, utcnow
+from broker.store.base import PilotRef, SlotOffer
+from pilot.tokens import Identity
+from splitpilot.broker.v1 import broker_pb2 as pb
+from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
+
+log = logging.getLogger("splitpilot.broker")
+
+SERVICE = "AgentService"
+
+#: AttemptFailure -> how the store re-queues (None: killed for a limit, final).
+FAILURE_CAUSES = {
+    pb.ATTEMPT_FAILURE_WRAPPER: RequeueCause.WRAPPER,
+    pb.ATTEMPT_FAILURE_INFRASTRUCTURE: RequeueCause.INFRASTRUCTURE,
+    pb.ATTEMPT_FAILURE_STOPPED: RequeueCause.STOPPED,
+    pb.ATTEMPT_FAILURE_LIMIT: None,
+}
+
+_PEM = serialization.Encoding.PEM
+
+
+def _pilot_id(value: str) -> str:
+    if not value or len(value) > 256:
+        raise BadRequest("pilot_id must be 1-256 characters; fix: send the glidein's unique pilot id")
+    return value
+
+
+class AgentServicer(rpc_pb.AgentServiceServicer):
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    @rpc(SERVICE)
+    async def Match(self, identity: Identity, request: pb.MatchRequest, context) -> pb.MatchResponse:
+        broker = self.broker
+        key = job_public_key(request.job_public_key)
+        pilot_id = _pilot_id(request.pilot_id)
+        slot = request.slot
+        site = identity.site or ""
+        offer = SlotOffer(site=site, cores=slot.cores, memory_mb=slot.memory_mb, disk_mb=slot.disk_mb,
+                          time_left_s=slot.time_left_s, platforms=tuple(slot.platforms),
+                          containers=slot.containers)
+        pilot = PilotRef(pilot_id=pilot_id, site=site, node=request.node, subject=identity.subject)
+        now = utcnow()
+        broker.note_agent(identity, pilot_id)
+        assignment = await broker.call(broker.store.match, offer, pilot, now)
+        if assignment is None:
+            return await self._no_match(site)
+        try:
+            certificate = broker.ca.issue_job_token(
+                identity, job_id=assignment.job_id, attempt=assignment.attempt, owner=assignment.owner,
+                public_key=key, ttl=broker.settings.job_token_ttl, now=now)
+        except Exception as exc:
+            # The job is claimed but cannot run without a token: give it back now
+            # instead of waiting for the start timeout.
+            log.error("job %d attempt %d: no job token could be issued (%s); re-queueing it",
+                      assignment.job_id, assignment.attempt, exc)
+            await broker.call(broker.store.attempt_failed, assignment.job_id, assignment.attempt, pilot,
+                              RequeueCause.INFRASTRUCTURE, f"job token not issued: {exc}", now)
+            broker.metrics.match_results["refused"] += 1
+            raise
+        broker.metrics.match_results["matched"] += 1
+        return pb.MatchResponse(job=pb.MatchedJob(
+            job_id=assignment.job_id, attempt=assignment.attempt, spec=assignment.spec,
+            job_token_pem=certificate.public_bytes(_PEM) + broker.ca_pem,
+            token_not_after_unix=int(certificate.not_valid_after_utc.timestamp())))
+
+    async def _no_match(self, site: str) -> pb.MatchResponse:
+        broker = self.broker
+        state = await broker.call(broker.store.site_state, site)
+        if state != "enabled":
+            broker.metrics.match_results["refused"] += 1
+            return pb.MatchResponse(no_match=pb.NoMatch(
+                reason=f"site {site} is {state}: no new jobs; leave", retry_after_s=0, leave=True))
+        broker.metrics.match_results["empty"] += 1
+        return pb.MatchResponse(no_match=pb.NoMatch(
+            reason="no waiting job fits this slot", retry_after_s=broker.settings.empty_retry_s, leave=False))
+
+    @rpc(SERVICE)
+    async def PilotHeartbeat(self, identity: Identity, request: pb.PilotHeartbeatRequest,
+                             context) -> pb.PilotHeartbeatResponse:
+        broker = self.broker
+        pilot_id = _pilot_id(request.pilot_id)
+        broker.note_agent(identity, pilot_id)
+        pilot = PilotRef(pilot_id=pilot_id, site=identity.site or "", node=request.node, subject=identity.subject)
+        running = [(r.job_id, r.attempt) for r in request.running]
+        stop = await broker.call(broker.store.pilot_heartbeat, pilot, running, utcnow())
+        state = await broker.call(broker.store.site_state, pilot.site)
+        return pb.PilotHeartbeatResponse(stop=[pb.RunningAttempt(job_id=j, attempt=a) for j, a in stop],
+                                         leave=state != "enabled")
+
+    @rpc(SERVICE)
+    async def ReportPilotEnd(self, identity: Identity, request: pb.ReportPilotEndRequest,
+                             context) -> pb.ReportPilotEndResponse:
+        broker = self.broker
+        pilot_id = _pilot_id(request.pilot_id)
+        pilot = PilotRef(pilot_id=pilot_id, site=identity.site or "", node=request.node, subject=identity.subject)
+        await broker.call(broker.store.pilot_end, pilot, request.jobs_run, request.reason, utcnow())
+        broker.agent_expiry.pop((pilot.site, pilot_id), None)
+        log.debug("pilot %s at %s ended after %d job(s): %s", pilot_id, pilot.site, request.jobs_run, request.reason)
+        return pb.ReportPilotEndResponse()
+
+    @rpc(SERVICE)
+    async def ReportAttemptFailure(self, identity: Identity, request: pb.ReportAttemptFailureRequest,
+                                   context) -> pb.ReportAttemptFailureResponse:
+        broker = self.broker
+        if request.failure not in FAILURE_CAUSES:
+            raise BadRequest(f"failure {request.failure} is not an AttemptFailure class; fix: send "
+                             "ATTEMPT_FAILURE_WRAPPER, _INFRASTRUCTURE, _STOPPED or _LIMIT")
+        pilot_id = _pilot_id(request.pilot_id)
+        pilot = PilotRef(pilot_id=pilot_id, site=identity.site or "", node="", subject=identity.subject)
+        state = await broker.call(broker.store.attempt_failed, request.job_id, request.attempt, pilot,
+                                  FAILURE_CAUSES[request.failure], request.detail, utcnow())
+        log.info("pilot %s reported job %d attempt %d failed (%s: %s): now %s", pilot_id, request.job_id,
+                 request.attempt, pb.AttemptFailure.Name(request.failure), request.detail, state.name)
+        return pb.ReportAttemptFailureResponse(state=int(state))

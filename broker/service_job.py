@@ -1,0 +1,138 @@
+"""JobService: a job attempt acting on itself (job tokens).
+
+The job id and attempt come from the token, never from the request. Fencing:
+a token whose attempt is not the job's current one is refused with
+FAILED_PRECONDITION (the store checks it for state changes, heartbeats and
+outputs; the reads below check it against the job record first).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+from cryptography.hazmat.primitives import serialization
+
+from broker.lifecycle import ACTIVE_STATES, JOB_REPORTABLE, JobState
+from broker.service import (
+    BadRequest,
+    Broker,
+    Conflict,
+    NotFound,
+    check_job_total,
+    job_public_key,
+    receive_file,
+    rpc,
+    rpc_stream,
+    send_file,
+    utcnow,
+)
+from broker.store.base import JobRecord, OutputRecord
+from pilot.tokens import Identity, TokenRole
+from pilot.tokens.errors import StaleAttempt, WrongJob
+from splitpilot.broker.v1 import broker_pb2 as pb
+from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
+from splitpilot.job.v1 import job_pb2
+
+log = logging.getLogger("splitpilot.broker")
+
+SERVICE = "JobService"
+_REPORTABLE_NAMES = ", ".join(sorted(s.name for s in JOB_REPORTABLE))
+
+
+class JobServicer(rpc_pb.JobServiceServicer):
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    async def _current(self, identity: Identity, *, active: bool = True) -> JobRecord:
+        """The job record, if the token's attempt is the current one (fencing)."""
+        broker = self.broker
+        record = await broker.call(broker.store.get, identity.job_id, with_history=False)
+        # A re-queued job waits for its next attempt: the last one is over.
+        current = record.attempt + 1 if record.state is JobState.WAITING else record.attempt
+        if current != identity.attempt:
+            if identity.attempt < current:
+                raise StaleAttempt(record.job_id, identity.attempt, current)
+            raise WrongJob((record.job_id, identity.attempt), (record.job_id, current))
+        if active and record.state not in ACTIVE_STATES:
+            raise Conflict(f"job {record.job_id} attempt {record.attempt} is {record.state.name}"
+                           f"{': ' + record.message if record.message else ''}; it may not act any more "
+                           "(the wrapper should stop)")
+        return record
+
+    @rpc(SERVICE)
+    async def UpdateState(self, identity: Identity, request: pb.UpdateStateRequest, context) -> pb.UpdateStateResponse:
+        broker = self.broker
+        try:
+            state = JobState(request.state)
+        except ValueError:
+            state = None
+        if state not in JOB_REPORTABLE:
+            name = job_pb2.JobState.Name(request.state) if request.state in job_pb2.JobState.values() \
+                else str(request.state)
+            raise BadRequest(f"a job cannot report {name}; fix: report one of {_REPORTABLE_NAMES}")
+        if request.sequence < 1:
+            raise BadRequest("sequence must start at 1 and grow by one per update; fix: number the updates of "
+                             "this attempt 1, 2, 3, ...")
+        exit_code = request.exit_code if request.HasField("exit_code") else None
+        result = await broker.call(broker.store.job_update, identity.job_id, identity.attempt, state,
+                                   request.sequence, request.detail, exit_code, utcnow())
+        if result.state.final and not result.replay:
+            log.info("job %d attempt %d ended %s%s", identity.job_id, identity.attempt, result.state.name,
+                     f" (exit {exit_code})" if exit_code is not None else "")
+        return pb.UpdateStateResponse(state=int(result.state), replay=result.replay)
+
+    @rpc(SERVICE)
+    async def Heartbeat(self, identity: Identity, request: pb.JobHeartbeatRequest, context) -> pb.JobHeartbeatResponse:
+        broker = self.broker
+        kill = await broker.call(broker.store.job_heartbeat, identity.job_id, identity.attempt, request.cpu_seconds,
+                                 request.rss_bytes, request.sandbox_bytes, utcnow())
+        return pb.JobHeartbeatResponse(kill=bool(kill))
+
+    @rpc_stream(SERVICE)
+    async def GetInput(self, identity: Identity, request: pb.GetInputRequest, context):
+        record = await self._current(identity)
+        for item in record.spec.input_files:
+            if item.name == request.name:
+                break
+        else:
+            names = ", ".join(repr(i.name) for i in record.spec.input_files) or "none"
+            raise NotFound(f"job {record.job_id} has no input named {request.name!r} (inputs: {names}); "
+                           "fix: ask for a name from the job spec's input_files")
+        async for chunk in send_file(self.broker, item.name, item.size, item.sha256):
+            yield chunk
+
+    @rpc(SERVICE)
+    async def PutOutput(self, identity: Identity, request_iterator, context) -> pb.PutOutputResponse:
+        broker = self.broker
+
+        async def before_data(header: pb.FileHeader) -> None:
+            # Fencing and the per-job limit on the header alone, before any data.
+            record = await self._current(identity)
+            others = sum(o.size for o in record.outputs if o.name != header.name)
+            check_job_total(header.name, others + header.size, broker.files.max_job_bytes,
+                            "broker's per-job output limit")
+
+        header, stored = await receive_file(broker, request_iterator, what="output name", before_data=before_data)
+        await broker.call(broker.store.add_output, identity.job_id, identity.attempt,
+                          OutputRecord(header.name, stored.size, stored.sha256), utcnow())
+        return pb.PutOutputResponse(sha256=stored.sha256, size=stored.size)
+
+    @rpc(SERVICE)
+    async def RefreshToken(self, identity: Identity, request: pb.RefreshTokenRequest,
+                           context) -> pb.RefreshTokenResponse:
+        broker = self.broker
+        key = job_public_key(request.public_key, "public_key")
+        record = await self._current(identity)
+        now = utcnow()
+        # Never outlive the agent holding the job: its latest token if it has
+        # called since this broker started, else the token presented now.
+        cap = broker.agent_expiry.get((record.site, record.pilot_id), identity.not_after)
+        if request.time_left_s:
+            cap = min(cap, now + datetime.timedelta(seconds=request.time_left_s))
+        certificate = broker.ca.issue(TokenRole.JOB, record.owner, key, job_id=record.job_id,
+                                      attempt=record.attempt, ttl=broker.settings.job_token_ttl,
+                                      not_after_cap=cap, now=now)
+        return pb.RefreshTokenResponse(
+            job_token_pem=certificate.public_bytes(serialization.Encoding.PEM) + broker.ca_pem,
+            token_not_after_unix=int(certificate.not_valid_after_utc.timestamp()))

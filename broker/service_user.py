@@ -1,0 +1,165 @@
+"""UserService: submit, inspect and kill jobs; upload inputs, download outputs (user or admin tokens)."""
+
+from __future__ import annotations
+
+import logging
+
+from broker.files import BadFileHeader, check_sandbox_name, check_sha256
+from broker.lifecycle import JobState
+from broker.service import (
+    BadRequest,
+    Broker,
+    Conflict,
+    NotFound,
+    check_job_total,
+    check_owner,
+    job_info,
+    receive_file,
+    rpc,
+    rpc_stream,
+    send_file,
+    utcnow,
+)
+from pilot.tokens import Identity
+from splitpilot.broker.v1 import broker_pb2 as pb
+from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
+from splitpilot.job.v1 import job_pb2
+
+log = logging.getLogger("splitpilot.broker")
+
+SERVICE = "UserService"
+MAX_ATTEMPTS = 100
+
+
+class UserServicer(rpc_pb.UserServiceServicer):
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    @rpc(SERVICE)
+    async def Submit(self, identity: Identity, request: pb.SubmitRequest, context) -> pb.SubmitResponse:
+        broker = self.broker
+        specs = list(request.jobs)
+        limit = broker.store.settings.max_jobs_per_submit
+        if not specs:
+            raise BadRequest("the request holds no jobs; fix: add at least one JobSpec")
+        if len(specs) > limit:
+            raise BadRequest(f"{len(specs)} jobs in one request; the broker takes at most {limit}; fix: submit "
+                             "them in several batches")
+        # Big batches are checked off the event loop, so that matching goes on meanwhile.
+        cleaned = await broker.call(self._checked_specs, specs, identity.subject, heavy=len(specs) > 100)
+        ids = await broker.call(broker.store.submit, identity.subject, cleaned, utcnow(), heavy=True)
+        log.info("%s submitted %d job(s): %s", identity.subject, len(ids), _id_range(ids))
+        return pb.SubmitResponse(job_ids=ids)
+
+    def _checked_specs(self, specs: list[job_pb2.JobSpec], owner: str) -> list[job_pb2.JobSpec]:
+        sizes: dict[str, int | None] = {}  # sha256 -> stored size, looked up once per request
+        return [self._checked_spec(index, spec, owner, sizes) for index, spec in enumerate(specs)]
+
+    def _checked_spec(self, index: int, spec: job_pb2.JobSpec, owner: str,
+                      sizes: dict[str, int | None]) -> job_pb2.JobSpec:
+        where = f"jobs[{index}]" + (f" ({spec.name!r})" if spec.name else "")
+        if not spec.executable.strip():
+            raise BadRequest(f"{where}: executable is empty; fix: name the program to run")
+        if spec.max_attempts > MAX_ATTEMPTS:
+            raise BadRequest(f"{where}: max_attempts {spec.max_attempts} is more than {MAX_ATTEMPTS}; "
+                             "fix: ask for fewer (0 means the broker's default)")
+        files = self.broker.files
+        names: set[str] = set()
+        total = 0
+        for i, item in enumerate(spec.input_files):
+            here = f"{where}: input_files[{i}]"
+            try:
+                check_sandbox_name(item.name, "input name")
+                check_sha256(item.sha256, item.name)
+            except BadFileHeader as exc:
+                raise BadRequest(f"{here}: {exc}") from None
+            if item.name in names:
+                raise BadRequest(f"{here}: two inputs are named {item.name!r}; fix: rename one of them")
+            names.add(item.name)
+            if item.sha256 not in sizes:
+                sizes[item.sha256] = files.size_of(item.sha256)
+            stored = sizes[item.sha256]
+            if stored is None:
+                raise Conflict(f"{here} {item.name!r}: sha256 {item.sha256} is not in the broker's file store; "
+                               "fix: upload the file first (BrokerClient.upload; `splitpilot job submit` does "
+                               "this for the inputs of a job file)")
+            if stored != item.size:
+                raise BadRequest(f"{here} {item.name!r}: size {item.size} differs from the stored content's "
+                                 f"{stored} bytes; fix: take size and sha256 from the same file")
+            total += item.size
+        check_job_total(where, total, files.max_job_bytes, "broker's per-job input limit")
+        for i, pattern in enumerate(spec.output_patterns):
+            if not pattern or pattern.startswith("/") or ".." in pattern.split("/"):
+                raise BadRequest(f"{where}: output_patterns[{i}] {pattern!r} must be relative to the sandbox, "
+                                 "without '..'; fix: write a pattern like '*.out'")
+        clean = job_pb2.JobSpec()
+        clean.CopyFrom(spec)
+        clean.owner = owner
+        return clean
+
+    @rpc(SERVICE)
+    async def UploadFile(self, identity: Identity, request_iterator, context) -> pb.UploadFileResponse:
+        header, stored = await receive_file(self.broker, request_iterator, what="input name")
+        log.debug("%s uploaded %s (%d bytes, %s)", identity.subject, header.name, stored.size, stored.sha256)
+        return pb.UploadFileResponse(sha256=stored.sha256, size=stored.size, already_present=stored.already_present)
+
+    @rpc(SERVICE)
+    async def GetJob(self, identity: Identity, request: pb.GetJobRequest, context) -> pb.JobInfo:
+        broker = self.broker
+        record = await broker.call(broker.store.get, request.job_id, with_history=True, heavy=True)
+        check_owner(identity, record)
+        return job_info(record)
+
+    @rpc(SERVICE)
+    async def ListJobs(self, identity: Identity, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
+        return await list_jobs(self.broker, identity.subject, request)
+
+    @rpc(SERVICE)
+    async def KillJob(self, identity: Identity, request: pb.KillJobRequest, context) -> pb.KillJobResponse:
+        broker = self.broker
+        owner = None if identity.role.value == "admin" else identity.subject
+        state = await broker.call(broker.store.kill, request.job_id, owner, request.reason, utcnow())
+        log.info("%s killed job %d (%s): now %s", identity.subject, request.job_id, request.reason or "no reason",
+                 JobState(state).name)
+        return pb.KillJobResponse(state=int(state))
+
+    @rpc_stream(SERVICE)
+    async def DownloadOutput(self, identity: Identity, request: pb.DownloadOutputRequest, context):
+        broker = self.broker
+        record = await broker.call(broker.store.get, request.job_id, with_history=False)
+        check_owner(identity, record)
+        for output in record.outputs:
+            if output.name == request.name:
+                break
+        else:
+            names = ", ".join(repr(o.name) for o in record.outputs) or "none yet"
+            raise NotFound(f"job {request.job_id} has no output named {request.name!r} (outputs: {names}); "
+                           "fix: use a name listed by GetJob / `splitpilot job status ID`")
+        async for chunk in send_file(broker, output.name, output.size, output.sha256):
+            yield chunk
+
+
+async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
+    """ListJobs for OWNER (None: every owner, for admins)."""
+    settings = broker.settings
+    try:
+        states = [JobState(s) for s in request.states]
+    except ValueError:
+        raise BadRequest(f"states {list(request.states)} holds an unknown state; fix: use JobState values "
+                         "(JOB_STATE_WAITING ...)") from None
+    limit = min(request.limit or settings.list_default, settings.list_max)
+    before = request.before_job_id or None
+
+    def build() -> pb.ListJobsResponse:  # in a thread: thousands of records are converted here
+        records = broker.store.list(owner, states, limit, before)
+        response = pb.ListJobsResponse(jobs=[job_info(r, history=False) for r in records])
+        for state, count in broker.store.counts(owner).items():
+            response.counts_by_state[job_pb2.JobState.Name(int(state))] = count
+        return response
+    return await broker.call(build, heavy=True)
+
+
+def _id_range(ids: list[int]) -> str:
+    if len(ids) <= 3:
+        return ", ".join(map(str, ids))
+    return f"{ids[0]} .. {ids[-1]}"

@@ -1,0 +1,186 @@
+"""`splitpilot broker serve` and `splitpilot job ...` end to end, as subprocesses."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from broker.client import AgentClient, MatchedJob
+from broker.lifecycle import JobState
+from pilot.tokens import CertificateAuthority, TokenRole
+
+BIN = pathlib.Path(sys.executable).parent / "splitpilot"
+SLOT = {"cores": 1, "memory_mb": 4000, "disk_mb": 4000, "time_left_s": 86400}
+
+
+def run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A broker process on a free port, with a user token and a client config file."""
+    state = tmp_path / "state"
+    log_path = tmp_path / "broker.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([str(BIN), "broker", "serve", "--state-dir", str(state), "--listen",
+                                    "127.0.0.1:0", "--reap-interval", "1s"],
+                                   stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while not (state / "address").exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the broker did not start:\n{log_path.read_text()}")
+            time.sleep(0.05)
+        address = (state / "address").read_text().strip()
+        token = tmp_path / "alice.pem"
+        issued = run("token", "issue", "--ca", str(state / "ca"), "--role", "user", "--subject", "alice",
+                     "--out", str(token))
+        assert issued.returncode == 0, issued.stderr
+        config = tmp_path / "client.toml"
+        config.write_text(f'[client]\nbroker = "{address}"\ntoken = "{token}"\n')
+        yield SimpleNamespace(process=process, state=state, address=address, config=str(config),
+                              log=log_path, ca=CertificateAuthority.load(str(state / "ca")))
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def job(broker, *args: str, **kwargs) -> subprocess.CompletedProcess:
+    return run("job", *args, "--config", broker.config, **kwargs)
+
+
+def write_job_file(tmp_path) -> str:
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "input.txt").write_text("input data\n")
+    path = tmp_path / "jobs.toml"
+    path.write_text('[job]\nname = "cli-{index}"\nexecutable = "run.sh"\ncount = 2\n'
+                    '[job.requirements]\nmemory_mb = 1000\nwalltime = "1h"\n'
+                    '[[job.inputs]]\npath = "data/input.txt"\n[job.outputs]\npatterns = ["*.out"]\n')
+    return str(path)
+
+
+def run_to_done(broker, tmp_path) -> int:
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            sandbox = tmp_path / "sandbox"
+            sandbox.mkdir(exist_ok=True)
+            wrapper.get_input("input.txt", str(sandbox))
+            wrapper.update_state(JobState.RUNNING)
+            (sandbox / "result.out").write_text("the answer is 42\n")
+            wrapper.put_output(str(sandbox / "result.out"))
+            wrapper.update_state(JobState.SAVING)
+            wrapper.update_state(JobState.DONE, exit_code=0)
+    return matched.job_id
+
+
+def test_submit_status_output_kill(broker, tmp_path):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    first, second = (int(line) for line in submitted.stdout.split())
+    assert "submitted 2 job(s)" in submitted.stderr
+
+    table = job(broker, "status")
+    assert table.returncode == 0, table.stderr
+    assert "ID" in table.stdout and "cli-0" in table.stdout and "WAITING" in table.stdout
+    assert "2 job(s) (all shown): 2 WAITING" in table.stdout
+
+    # A watcher started now follows the job until it ends.
+    watcher = subprocess.Popen([str(BIN), "job", "status", str(first), "--watch", "--interval", "1s", "--config",
+                                broker.config], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run_to_done(broker, tmp_path) == first
+        out, err = watcher.communicate(timeout=120)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, err
+    assert "WAITING" in out and "RUNNING" in out and "DONE" in out
+
+    one = job(broker, "status", str(first))
+    assert one.returncode == 0, one.stderr
+    for words in ("state:     DONE, exit code 0", "history:", "ASSIGNED", "SAVING", "outputs:", "result.out",
+                  "at SITE-A on node-1"):
+        assert words in one.stdout, one.stdout
+
+    output = job(broker, "output", str(first), str(tmp_path / "results"))
+    assert output.returncode == 0, output.stderr
+    assert (tmp_path / "results" / "result.out").read_text() == "the answer is 42\n"
+    assert "sha256 verified" in output.stderr
+    nothing = job(broker, "output", str(second), str(tmp_path / "results2"))
+    assert nothing.returncode == 1 and "has no outputs" in nothing.stderr
+
+    killed = job(broker, "kill", str(second), "--reason", "not needed")
+    assert killed.returncode == 0 and f"job {second}: KILLED" in killed.stdout
+    watch_all = job(broker, "status", "--watch", "--interval", "1s")
+    assert watch_all.returncode == 1  # everything ended, but not everything DONE
+    assert "2/2 final" in watch_all.stdout and "KILLED" in watch_all.stdout
+
+
+def test_errors_and_exit_codes(broker, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[job]\nexecutable = "run.sh"\n[job.requirements]\nmemory_mb = "lots"\n')
+    result = job(broker, "submit", str(bad))
+    assert result.returncode == 2
+    assert (f"{bad}: job.requirements.memory_mb: expected a positive integer, got 'lots'; "
+            "fix: write memory_mb = 2000") in result.stderr
+    unknown = job(broker, "status", "424242")
+    assert unknown.returncode == 1 and "no job 424242" in unknown.stderr
+    missing_token = run("job", "status", "--token", str(tmp_path / "nope.pem"), "--broker", broker.address)
+    assert missing_token.returncode == 2 and "no token file" in missing_token.stderr and "fix:" in missing_token.stderr
+    # The config file may come from the environment (a path, never a token).
+    via_env = run("job", "status", env={"SPLITPILOT_CONFIG": broker.config})
+    assert via_env.returncode == 0, via_env.stderr
+    typo = tmp_path / "typo.toml"
+    typo.write_text('[client]\nbrokr = "x:1"\n')
+    wrong = run("job", "status", "--config", str(typo))
+    assert wrong.returncode == 2 and "did you mean 'broker'" in wrong.stderr
+    unreachable = run("job", "status", "--config", broker.config, "--broker", "127.0.0.1:1")
+    assert unreachable.returncode == 1 and "cannot reach the broker" in unreachable.stderr
+    dry = job(broker, "submit", "--dry-run", write_job_file(tmp_path))
+    assert dry.returncode == 0 and "2 job(s) valid; nothing submitted" in dry.stderr
+    assert job(broker, "status").stdout.count("WAITING") == 0
+
+
+def test_help_is_complete():
+    for args in (("broker", "serve"), ("job", "submit"), ("job", "status"), ("job", "output"), ("job", "kill")):
+        result = run(*args, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage: splitpilot " + " ".join(args) in result.stdout
+    assert "--state-dir" in run("broker", "serve", "--help").stdout
+    assert "[[job.inputs]]" in run("job", "submit", "--help").stdout
+    assert run("job").returncode == 2
+
+
+def test_serve_stops_cleanly_on_sigterm(broker):
+    broker.process.send_signal(signal.SIGTERM)
+    assert broker.process.wait(timeout=60) == 0
+    log = broker.log.read_text()
+    for words in ("created CA", "issued host token", "listening on 127.0.0.1:", "ready:", "shutting down",
+                  "broker stopped"):
+        assert words in log, log
+
+
+def test_serve_refuses_bad_options(tmp_path):
+    result = run("broker", "serve", "--state-dir", str(tmp_path / "s"), "--listen", "nowhere")
+    assert result.returncode == 2 and "is not HOST:PORT; fix:" in result.stderr
+    result = run("broker", "serve", "--state-dir", str(tmp_path / "s"), "--ca", str(tmp_path / "no-ca"))
+    assert result.returncode == 2 and "splitpilot ca init" in result.stderr

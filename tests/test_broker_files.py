@@ -1,0 +1,127 @@
+"""The content-addressed file store and the identity cache, without a server."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from broker.auth import IdentityCache
+from broker.files import (
+    BadFileHeader,
+    ChecksumMismatch,
+    FileStore,
+    FileTooLarge,
+    MissingFile,
+    SizeMismatch,
+    check_sandbox_name,
+    copy_verified,
+    parse_size,
+)
+from pilot.errors import UsageError
+from pilot.tokens import CertificateAuthority, TokenRole, TokenVerifier
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_store_is_content_addressed_and_deduplicated(tmp_path):
+    store = FileStore(str(tmp_path / "files"))
+    data = b"some content\n" * 1000
+    with store.receive("a.txt", len(data), digest(data)) as incoming:
+        incoming.write(data[:5000])
+        incoming.write(data[5000:])
+        stored = incoming.finish()
+    assert stored.sha256 == digest(data) and not stored.already_present
+    path = store.path(digest(data))
+    assert path == os.path.join(str(tmp_path / "files"), digest(data)[:2], digest(data)[2:])
+    assert open(path, "rb").read() == data
+    with store.receive("b.txt", len(data), digest(data)) as incoming:
+        incoming.write(data)
+        assert incoming.finish().already_present
+    assert store.usage() == (1, len(data)) and store.has(digest(data), len(data))
+    assert b"".join(store.read_chunks(digest(data))) == data
+    assert store.temp_files() == []
+
+
+def test_mismatches_store_nothing(tmp_path):
+    store = FileStore(str(tmp_path / "files"))
+    data = b"x" * 100
+    with pytest.raises(ChecksumMismatch) as info:
+        with store.receive("a", 100, digest(b"y" * 100)) as incoming:
+            incoming.write(data)
+            incoming.finish()
+    assert info.value.expected == digest(b"y" * 100) and info.value.actual == digest(data)
+    with pytest.raises(SizeMismatch):
+        with store.receive("a", 100, digest(data)) as incoming:
+            incoming.write(data[:50])
+            incoming.finish()
+    with pytest.raises(SizeMismatch):
+        with store.receive("a", 50, digest(data)) as incoming:
+            incoming.write(data)
+    with pytest.raises(RuntimeError):
+        with store.receive("a", 100, digest(data)) as incoming:
+            incoming.write(data)
+            raise RuntimeError("connection lost")
+    assert store.usage() == (0, 0) and store.temp_files() == []
+
+
+def test_limits_and_headers(tmp_path):
+    store = FileStore(str(tmp_path / "files"), max_file_size=1000)
+    with pytest.raises(FileTooLarge) as info:
+        store.receive("big", 1001, "0" * 64)
+    assert (info.value.size, info.value.limit) == (1001, 1000) and "fix:" in str(info.value)
+    with pytest.raises(BadFileHeader, match="64 lower-case"):
+        store.receive("a", 1, "ABC")
+    with pytest.raises(MissingFile):
+        list(store.read_chunks("0" * 64))
+    assert store.temp_files() == []
+
+
+@pytest.mark.parametrize("name", ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\\b", "a\x00b", "x" * 300])
+def test_bad_sandbox_names(name):
+    with pytest.raises(BadFileHeader, match="fix: use a relative path"):
+        check_sandbox_name(name)
+
+
+def test_good_sandbox_names():
+    for name in ("a.txt", "out/result.root", "a b", ".hidden", "x..y"):
+        assert check_sandbox_name(name) == name
+
+
+def test_leftover_temp_files_are_removed_on_start(tmp_path):
+    store = FileStore(str(tmp_path / "files"))
+    (tmp_path / "files" / "tmp" / "junk").write_bytes(b"half an upload")
+    FileStore(str(tmp_path / "files"))
+    assert store.temp_files() == []
+
+
+def test_copy_verified(tmp_path):
+    data = b"abc" * 10
+    dest = str(tmp_path / "out" / "f")
+    copy_verified([data[:10], data[10:]], dest, digest(data), len(data))
+    assert open(dest, "rb").read() == data
+    with pytest.raises(ChecksumMismatch, match="download it again"):
+        copy_verified([b"x" * 30], str(tmp_path / "g"), digest(data), 30)
+    assert not os.path.exists(tmp_path / "g") and os.listdir(tmp_path) == ["out"]
+
+
+def test_parse_size():
+    assert parse_size("1024") == 1024 and parse_size("2G") == 2 << 30 and parse_size("500MiB") == 500 << 20
+    with pytest.raises(UsageError, match="write e.g."):
+        parse_size("lots")
+
+
+def test_identity_cache_verifies_once_per_certificate_until_expiry():
+    ca = CertificateAuthority.create()
+    token = ca.new_token(TokenRole.USER, "alice")
+    pem = token.to_pem().split(b"-----BEGIN PRIVATE KEY")[0]
+    now = [token.certificate.not_valid_before_utc.timestamp() + 60]
+    cache = IdentityCache(TokenVerifier([ca.certificate]), clock=lambda: now[0])
+    first = cache.identify(pem)
+    assert cache.identify(pem) is first and (cache.hits, cache.misses) == (1, 1)
+    now[0] = token.certificate.not_valid_after_utc.timestamp() + 1  # past not_after: verified again
+    cache.identify(pem)
+    assert cache.misses == 2
