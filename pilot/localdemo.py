@@ -127,7 +127,8 @@ def run_local_demo(jobs: int = 20, runtimes: str = "bubblewrap,podman,apptainer"
             ok = _summary(client, expected, os.path.join(state, "outputs"), JobState)
             agent.wait(timeout=60)
             print(f"agent: {runtime}; left with code {agent.returncode}")
-            print(f"total {time.monotonic() - started:.1f} s; {'all jobs DONE with the right outputs' if ok else 'FAILED'}")
+            verdict = "all jobs DONE with the right outputs" if ok else "FAILED"
+            print(f"total {time.monotonic() - started:.1f} s; {verdict}")
             return 0 if ok else 1
     finally:
         if agent is not None and agent.poll() is None:
@@ -166,7 +167,8 @@ def _summary(client, expected: list[Expected], out_dir: str, JobState) -> bool:
             digest = open(os.path.join(target, "digest.out")).read().strip()
             where = open(os.path.join(target, "where.out")).read().strip()
             good = count == str(item.words) and digest == item.digest
-            check = ("ok" if good else "WRONG") + (" (in /workdir)" if where.endswith("/workdir") else " (no container)")
+            place = " (in /workdir)" if where.endswith("/workdir") else " (no container)"
+            check = ("ok" if good else "WRONG") + place
             ok &= good
         else:
             ok = False

@@ -1,4 +1,36 @@
 """Glidein submit descriptions, built as dicts and rendered at the end.
 
-Empty until the HTCondor integration lands (issue 6).
+    from submit import GlideinRequest, CondorCE, build_description, render_sub_file, to_submit
+
+    request = GlideinRequest(executable=Path("/srv/f/glidein_startup.sh"), log_dir=Path("/srv/f/log"),
+                             site="SITE-A", factory="f1", ce=CondorCE("ce.example.org"))
+    description = build_description(request)     # dict[str, str]: the submit lines
+    print(render_sub_file(description, queue=5))  # a .sub file for condor_submit
+    schedd.submit(to_submit(description), count=5)
+
+`submit.description` decides the lines (universe, resources, lifetime and the
+periodic_hold / periodic_remove policy, +Splitpilot attributes, reserved
+keys, refusal of credentials); `submit.quoting` holds HTCondor's quoting
+rules as small pure functions with reference parsers. Errors are
+`SubmitDescriptionError` (a UsageError) with `key`, `problem` and `fix`.
 """
+
+from submit.description import (
+    CE_PORT,
+    PERIODIC_HOLD,
+    PERIODIC_HOLD_REASON,
+    PERIODIC_REMOVE,
+    CondorCE,
+    GlideinRequest,
+    build_description,
+    check_description,
+    render_sub_file,
+    to_submit,
+)
+from submit.errors import Problem, SubmitDescriptionError
+
+__all__ = [
+    "CE_PORT", "PERIODIC_HOLD", "PERIODIC_HOLD_REASON", "PERIODIC_REMOVE", "CondorCE", "GlideinRequest",
+    "Problem", "SubmitDescriptionError", "build_description", "check_description", "render_sub_file",
+    "to_submit",
+]
