@@ -78,6 +78,19 @@ def _libraries(elves: list[Path]) -> set[Path]:
     return libraries
 
 
+def _software_area_extensions() -> list[Path]:
+    import importlib.metadata
+
+    found = []
+    for dist in ("grpcio", "cryptography", "cffi", "protobuf"):
+        try:
+            files = importlib.metadata.distribution(dist).files or ()
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        found += [Path(f.locate()).resolve() for f in files if f.name.endswith(".so")]
+    return found
+
+
 def _files() -> list[Path]:
     """Every host file the root is made of (symlinks included as links)."""
     python = _python()
@@ -91,6 +104,10 @@ def _files() -> list[Path]:
         dirs[:] = [d for d in dirs if not _STDLIB_SKIP.search(os.path.join(root, d))]
         files += [Path(root, n) for n in names]
     elves = [p.resolve() for p in files if p.suffix == ".so" or p in _program_paths() or p == python]
+    # The software area's compiled modules (grpc, cryptography, cffi) need
+    # system libraries of their own (librt, libpthread...): a real image has
+    # them as part of its libc; this minimal root must list them.
+    elves += _software_area_extensions()
     for library in _libraries(sorted(set(elves))):
         files.append(library)
         if library.is_symlink():

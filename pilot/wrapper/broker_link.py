@@ -44,6 +44,56 @@ def connect_grpc(job: m.JobStart) -> JobBroker:
                      certificate_pem=job.token.certificate_pem, private_key_pem=job.token.private_key_pem)
 
 
+class LazyBroker:
+    """A JobBroker connected in the background.
+
+    Importing the gRPC client and opening the TLS channel takes ~150 ms; a job
+    without inputs need not wait for it: the payload starts at once, and the
+    first call that needs the broker (the reporter's STARTED, or an input
+    download) waits for the connection. A failed connection raises there.
+    """
+
+    def __init__(self, connect: BrokerFactory, job: m.JobStart) -> None:
+        self._ready = threading.Event()
+        self._broker: JobBroker | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._connect, args=(connect, job), name="broker-connect", daemon=True).start()
+
+    def _connect(self, connect: BrokerFactory, job: m.JobStart) -> None:
+        try:
+            self._broker = connect(job)
+        except BaseException as exc:  # noqa: BLE001 - re-raised to the first caller
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def _get(self) -> JobBroker:
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+        return self._broker
+
+    def update_state(self, state, detail="", exit_code=None):
+        return self._get().update_state(state, detail, exit_code)
+
+    def heartbeat(self, cpu_seconds, rss_bytes, sandbox_bytes):
+        return self._get().heartbeat(cpu_seconds, rss_bytes, sandbox_bytes)
+
+    def get_input(self, name, destination):
+        return self._get().get_input(name, destination)
+
+    def put_output(self, path, name):
+        return self._get().put_output(path, name)
+
+    def replace_token(self, certificate_pem, private_key_pem):
+        return self._get().replace_token(certificate_pem, private_key_pem)
+
+    def close(self):
+        self._ready.wait(30)
+        if self._broker is not None:
+            self._broker.close()
+
+
 class Reporter:
     """Sends state updates to the broker in order, from one thread."""
 

@@ -24,7 +24,7 @@ from pilot.pipe.errors import PeerClosed
 from pilot.pipe.protocol import ConnectionClosed
 from pilot.procstat import directory_bytes
 from pilot.safefiles import write_private
-from pilot.wrapper.broker_link import BrokerFactory, JobBroker, Reporter, connect_grpc
+from pilot.wrapper.broker_link import BrokerFactory, JobBroker, LazyBroker, Reporter, connect_grpc
 from pilot.wrapper.logs import LogTail
 from pilot.wrapper.payload import STDERR_FILE, STDOUT_FILE, Payload, PayloadStartError, become_subreaper
 
@@ -105,7 +105,7 @@ class Wrapper:
 
     def _run_job(self, job: m.JobStart) -> m.Result:
         try:
-            self.broker = self.connect(job)
+            self.broker = LazyBroker(self.connect, job)
             self.reporter = Reporter(self.broker)
             self._state(S.JOB_STATE_STARTED, f"wrapper pid {os.getpid()}, sandbox {job.sandbox_dir}")
             self._fetch_inputs(job)
