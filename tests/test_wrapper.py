@@ -233,15 +233,15 @@ def test_daemons_are_killed_and_descriptors_are_not_inherited(run_job, tmp_path)
 
 
 def test_flood_of_output_does_not_reach_the_pipe(run_job):
-    run = run_job("#!/bin/sh\nhead -c 200000000 /dev/zero | tr '\\0' 'x'\necho done-marker\n")
+    run = run_job("#!/bin/sh\nhead -c 1100000000 /dev/zero | tr '\\0' 'x'\necho done-marker\n")
     run.start()
     result = run.result(timeout=120)
     assert result.final_state == S.JOB_STATE_DONE
     run.finish()
     chunks = [e for e in run.events if isinstance(e, m.LogChunk)]
-    assert sum(len(c.data) for c in chunks) < 10 * 1024 * 1024  # bounded tails, not 200 MB
+    assert sum(len(c.data) for c in chunks) < 10 * 1024 * 1024  # bounded tails, not 1.1 GB
     assert any(c.skipped_before for c in chunks)
-    assert os.path.getsize(run.broker_dir / "outputs" / "payload.stdout") == 200_000_000 + len("done-marker\n")
+    assert os.path.getsize(run.broker_dir / "outputs" / "payload.stdout") == 1_100_000_000 + len("done-marker\n")
 
 
 def test_token_exposed_only_when_asked(run_job):
