@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pilot.agent.cli",
     "pilot.wrapper.cli",
     "condor_plugin.minicondor_cli",
+    "condor_plugin.factory_cli",
     "pilot.pipe.dump",
 )
 

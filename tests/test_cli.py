@@ -34,7 +34,8 @@ def test_help_lists_every_command_and_exit_codes():
     result = run("--help")
     out = result.stdout.decode()
     assert result.returncode == 0
-    for command in ("demo", "ca", "token", "broker", "job", "agent", "wrapper", "minicondor", "pipe"):
+    for command in ("demo", "ca", "token", "broker", "job", "agent", "wrapper", "minicondor", "glidein",
+                    "factory", "pipe"):
         assert command in out
     assert "exit codes" in out
 

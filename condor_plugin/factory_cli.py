@@ -1,0 +1,189 @@
+"""`splitpilot glidein submit|status` and `splitpilot factory run`: glideins through the htcondor2 bindings.
+
+  glidein submit --count N   mint an agent token for the site, package the pilot (cached), write a
+                             batch folder (script, package, token 0600) and submit N glideins
+  glidein status             this factory's glideins for the site: in the queue and recently ended;
+                             removes the token of batches no glidein can still start from
+  factory run                keep queued glideins in line with the broker's waiting jobs for the site
+                             (bounded; backs off when glideins fail fast or come back empty)
+
+The schedd: the mini-condor of --minicondor DIR (its client configuration,
+its shared folder for batches, its job user as the batches' owner), else the
+one CONDOR_CONFIG names. Agent tokens are minted from the CA in --ca (the
+broker's STATE/ca); the agent token never appears on a command line, in the
+submit description or in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import pwd
+import signal
+import sys
+from pathlib import Path
+
+from pilot.durations import parse_duration
+from pilot.errors import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    glidein = subparsers.add_parser("glidein", help="submit and follow glideins (HTCondor)", description=__doc__,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = glidein.add_subparsers(title="glidein commands", metavar="GLIDEIN_COMMAND")
+    submit = sub.add_parser("submit", help="submit N glideins now")
+    _common(submit, need_broker=True)
+    submit.add_argument("--count", type=int, default=1, metavar="N", help="glideins to submit (default 1)")
+    submit.set_defaults(handler=run_submit)
+    status = sub.add_parser("status", help="this factory's glideins")
+    _common(status, need_broker=False)
+    status.set_defaults(handler=run_status)
+
+    factory = subparsers.add_parser("factory", help="keep glideins in line with the broker's waiting jobs",
+                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fsub = factory.add_subparsers(title="factory commands", metavar="FACTORY_COMMAND")
+    run = fsub.add_parser("run", help="run the factory loop until interrupted")
+    _common(run, need_broker=True)
+    run.add_argument("--admin-token", required=True, metavar="FILE",
+                     help="an admin token for the broker (to count the site's waiting jobs)")
+    run.add_argument("--interval", type=float, default=15.0, metavar="S", help="seconds between cycles (default 15)")
+    run.add_argument("--max-queued", type=int, default=10, metavar="N", help="idle glideins at most (default 10)")
+    run.add_argument("--max-running", type=int, default=50, metavar="N", help="running glideins at most (default 50)")
+    run.add_argument("--max-per-cycle", type=int, default=5, metavar="N",
+                     help="submitted per cycle at most (default 5)")
+    run.add_argument("--jobs-per-glidein", type=int, default=1, metavar="N",
+                     help="waiting jobs one glidein is counted for (default 1)")
+    run.set_defaults(handler=run_factory)
+
+
+def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
+    parser.add_argument("--site", required=True, help="the site the glideins (and their agent tokens) are for")
+    parser.add_argument("--factory", default="splitpilot", help="this factory's name (default %(default)s)")
+    parser.add_argument("--minicondor", type=Path, metavar="DIR",
+                        help="use the mini-condor whose state folder is DIR (default: the schedd CONDOR_CONFIG names)")
+    parser.add_argument("--work-dir", type=Path, metavar="DIR",
+                        help="batch folders (must be readable where the schedd runs; default with --minicondor: "
+                             "its shared folder/factory)")
+    parser.add_argument("--owner", metavar="USER", help="who owns the batch files (the glideins' owner; default "
+                                                         "with --minicondor: its job user)")
+    if not need_broker:
+        return
+    parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="the broker, as the nodes reach it")
+    parser.add_argument("--ca", required=True, metavar="DIR", help="the CA that mints agent tokens (broker STATE/ca)")
+    parser.add_argument("--container-policy", choices=("require", "prefer", "off"), default="prefer")
+    parser.add_argument("--runtimes", default="apptainer",
+                        help="container runtimes for the agent (default %(default)s)")
+    parser.add_argument("--image", default="", help="container image for the agent (default with --minicondor: "
+                                                    "its apptainer sandbox image)")
+    parser.add_argument("--lifetime", default="6h", help="glidein lifetime (default %(default)s)")
+    parser.add_argument("--idle-timeout", default="2m",
+                        help="the agent leaves after this long idle (default %(default)s)")
+    parser.add_argument("--cpus", type=int, default=1)
+    parser.add_argument("--memory", type=int, default=1024, metavar="MB")
+    parser.add_argument("--disk", type=int, default=2048, metavar="MB")
+
+
+def _pool(args):
+    if args.minicondor is None:
+        return None
+    from condor_plugin.minicondor import MiniCondor
+
+    return MiniCondor.from_state_dir(args.minicondor, progress=lambda line: None)
+
+
+def _schedd(pool):
+    if pool is not None:
+        return pool.schedd()
+    import htcondor2
+
+    return htcondor2.Schedd()
+
+
+def _settings(args, pool):
+    from condor_plugin.factory import FactorySettings
+    from condor_plugin.glidein import GlideinSettings
+
+    work_dir = args.work_dir or (pool.shared_dirs[0] / "factory" if pool is not None else None)
+    if work_dir is None:
+        raise UsageError("--work-dir is required without --minicondor (a folder the schedd's shadow can read)")
+    owner = None
+    user = args.owner or (pool.settings.job_user if pool is not None else None)
+    if user is not None:
+        try:
+            entry = pwd.getpwnam(user)
+            owner = (entry.pw_uid, entry.pw_gid)
+        except KeyError:
+            if pool is None:
+                raise UsageError(f"--owner {user}: no such user here") from None
+            shared = pool.shared_dirs[0].stat()   # the pool's job user exists in the node only
+            owner = (shared.st_uid, shared.st_gid)
+    extra = {}
+    if hasattr(args, "broker"):
+        image = args.image or (pool.sandbox_image if pool is not None else "")
+        extra = dict(glidein=GlideinSettings(broker=args.broker, container_policy=args.container_policy,
+                                             runtimes=args.runtimes, image=image, idle_timeout=args.idle_timeout),
+                     lifetime=parse_duration(args.lifetime, what="--lifetime"), cpus=args.cpus,
+                     memory_mb=args.memory, disk_mb=args.disk)
+    else:
+        extra = dict(glidein=GlideinSettings(broker="unused:0"))
+    for name in ("max_queued", "max_running", "max_per_cycle", "jobs_per_glidein"):
+        if hasattr(args, name):
+            extra[name] = getattr(args, name)
+    return FactorySettings(work_dir=work_dir, site=args.site, factory=args.factory, owner=owner, **extra)
+
+
+def _factory(args):
+    from condor_plugin.factory import Factory
+
+    pool = _pool(args)
+    settings = _settings(args, pool)
+    ca = None
+    if getattr(args, "ca", None):
+        from pilot.tokens import CertificateAuthority
+
+        ca = CertificateAuthority.load(args.ca)
+    return Factory(settings, _schedd(pool), ca,
+                   progress=lambda line: print(f"factory: {line}", file=sys.stderr, flush=True))
+
+
+def run_submit(args) -> int:
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    factory = _factory(args)
+    batch = factory.submit(args.count)
+    print(f"submitted {batch.count} glidein(s) to cluster {batch.cluster} (batch {batch.batch}); "
+          f"logs in {batch.directory / 'log'}")
+    return 0
+
+
+def run_status(args) -> int:
+    factory = _factory(args)
+    glideins = factory.glideins()
+    cleaned = factory.clean([g for g in glideins if g.status in (1, 2, 5, 6, 7)])
+    if not glideins:
+        print(f"no glideins of factory {args.factory} for site {args.site}")
+    now = datetime.datetime.now().timestamp()
+    for g in glideins:
+        detail = g.hold_reason or (f"exit {g.exit_code}" if g.exit_code is not None else "")
+        print(f"{g.cluster}.{g.proc}  {g.status_name:<10} {now - g.entered:7.0f} s  batch {g.batch}  {detail}")
+    if cleaned:
+        print(f"removed the token and package of {len(cleaned)} finished batch(es)")
+    return 0
+
+
+def run_factory(args) -> int:
+    from broker.client import AdminClient
+    from condor_plugin.factory import waiting_jobs_for_site
+
+    factory = _factory(args)
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with AdminClient(args.broker, args.admin_token) as admin:
+        factory.run(lambda: waiting_jobs_for_site(admin, args.site), interval=args.interval,
+                    should_stop=lambda: stop["now"])
+    return 0

@@ -1,0 +1,1 @@
+"""The job agent: what a glidein starts (see pilot.agent.agent and pilot.agent.cli)."""

@@ -1,0 +1,446 @@
+"""Glideins: the package, the startup script, and a glidein running jobs in the mini-condor.
+
+The `condor` test is end to end: a mini-condor pool, a broker on the host's
+127.0.0.1 (the node shares the network namespace), jobs submitted with a
+user token, one glidein submitted through the factory (htcondor2); the
+glidein runs in the node as the job user, its agent matches and runs the
+jobs; every job must end DONE with the right outputs, and nothing is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from condor_plugin.glidein import (
+    PACKAGE_NAME,
+    TOKEN_NAME,
+    GlideinSettings,
+    PackageBuilder,
+    prepare_batch,
+)
+
+JOBS = 5
+TIMEOUT = 420.0
+
+
+@pytest.fixture(scope="module")
+def package():
+    return PackageBuilder(progress=lambda line: None).ensure()
+
+
+def test_package_is_cached_by_key(package):
+    again = PackageBuilder(progress=lambda line: None).ensure()
+    assert again.cached and again.key == package.key and again.sha256 == package.sha256
+    with open(package.tarball, "rb") as handle:
+        assert hashlib.file_digest(handle, "sha256").hexdigest() == package.sha256
+    assert any(w.startswith("splitpilot-") for w in package.wheels)
+    assert any(w.startswith("grpcio-") and "cp313" in w for w in package.wheels)
+
+
+def test_key_follows_the_sources(tmp_path):
+    root = tmp_path / "src"
+    for name in ("setup.cfg", "pilot/__init__.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x\n")
+    builder = PackageBuilder(cache_dir=tmp_path / "cache", source_root=root, pins=("protobuf==1",))
+    before = builder.key()
+    (root / "pilot/__init__.py").write_text("y\n")
+    assert builder.key() != before
+    (root / "pilot/__init__.py").write_text("x\n")
+    assert builder.key() == before
+    assert builder.lookup() is None
+
+
+def test_script_holds_no_token_and_checks_the_package(package, tmp_path):
+    token = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nBBB\n"
+    batch = prepare_batch(package, tmp_path / "b", token_pem=token, settings=GlideinSettings(broker="127.0.0.1:1"))
+    text = batch.script.read_text()
+    assert "PRIVATE KEY" not in text and "@" + "PACKAGE_SHA256@" not in text and package.sha256 in text
+    assert stat.S_IMODE(batch.token.stat().st_mode) == 0o600 and batch.token.read_bytes() == token
+    assert stat.S_IMODE(batch.directory.stat().st_mode) == 0o700
+    assert subprocess.run(["sh", "-n", str(batch.script)]).returncode == 0
+    # A corrupted package is refused before anything is unpacked, and the token is removed.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    shutil.copy(batch.token, scratch / TOKEN_NAME)
+    (scratch / PACKAGE_NAME).write_bytes(b"not the package")
+    result = subprocess.run(["sh", str(batch.script)], cwd=scratch, capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "_CONDOR_SCRATCH_DIR": str(scratch)})
+    assert result.returncode == 1 and "checksum mismatch" in result.stderr
+    assert not (scratch / TOKEN_NAME).exists() and not (scratch / "splitpilot").exists()
+    assert "BBB" not in result.stderr + result.stdout
+
+
+def test_settings_refuse_quotes():
+    from pilot.errors import UsageError
+
+    with pytest.raises(UsageError):
+        GlideinSettings(broker="x:1'; rm -rf /")
+
+
+# ---------------------------------------------------------------------------
+# End to end in the mini-condor
+
+PAYLOAD = """\
+#!/bin/sh
+set -e
+wc -w < words.txt | tr -d ' ' > count.out
+sha256sum words.txt | cut -d' ' -f1 > digest.out
+id -un > who.out
+"""
+
+
+@dataclass
+class Site:
+    """A mini-condor pool and a broker on the host's 127.0.0.1 (the node shares the network namespace)."""
+
+    pool: object
+    server: object
+    user: object
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def site(package, tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the mini-condor needs root")
+    from broker.server import BrokerConfig, BrokerServer
+    from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
+    from pilot.tokens import TokenRole
+    from tests.test_minicondor import new_base_dir, stop_and_clean
+
+    base = new_base_dir()
+    work = tmp_path_factory.mktemp("glidein-site")
+    pool = MiniCondor(MiniCondorSettings(state_dir=base / "state", shared_dirs=(base / "shared",)),
+                      progress=lambda line: None)
+    server = BrokerServer(BrokerConfig(state_dir=str(work / "broker"), listen="127.0.0.1:0", reap_interval=2.0))
+    try:
+        pool.start(die_with_caller=True)
+        server.start()
+        yield Site(pool, server, server.ca.new_token(TokenRole.USER, "glidein-test-user"), work)
+    finally:
+        try:
+            server.stop()
+        finally:
+            stop_and_clean(pool, base)
+        assert pool.running_node() is None
+
+
+def submit_jobs(site: Site, client, count: int, tag: str) -> dict[int, tuple[int, str]]:
+    """COUNT counting jobs; {job id: (words, sha256 of the input)}."""
+    from pilot.pipe import messages as m
+
+    script_path = site.work / "count.sh"
+    script_path.write_text(PAYLOAD)
+    script = client.upload(str(script_path), "count.sh")
+    specs, expected = [], []
+    for index in range(count):
+        words = " ".join(f"{tag}{index}-{n}" for n in range(5 + 3 * index)) + "\n"
+        path = site.work / f"words-{tag}-{index}.txt"
+        path.write_text(words)
+        specs.append(m.JobSpec(
+            name=f"count-{tag}-{index}", executable="./count.sh",
+            input_files=[script, client.upload(str(path), "words.txt")], output_patterns=["*.out"], max_attempts=2,
+            requirements=m.Requirements(cores=1, memory_mb=256, disk_mb=64, walltime_s=300)))
+        expected.append((5 + 3 * index, hashlib.sha256(words.encode()).hexdigest()))
+    return dict(zip(client.submit(specs), expected, strict=True))
+
+
+def check_outputs(site: Site, client, expected: dict[int, tuple[int, str]], logs: str = "") -> None:
+    from broker.lifecycle import JobState
+
+    for job_id, (words, digest) in expected.items():
+        status = client.status(job_id)
+        assert status.state is JobState.DONE, f"job {job_id}: {status.state} {status.message}\n{logs}"
+        out = site.work / "out" / str(job_id)
+        client.output(job_id, str(out))
+        assert (out / "count.out").read_text().strip() == str(words)
+        assert (out / "digest.out").read_text().strip() == digest
+        assert (out / "who.out").read_text().strip() == site.pool.settings.job_user
+
+
+def factory_settings(site: Site, **changes):
+    import datetime
+
+    from condor_plugin.factory import FactorySettings
+
+    shared = site.pool.shared_dirs[0]
+    owner = shared.stat()
+    values = dict(work_dir=shared / "factory", site="MINICONDOR", owner=(owner.st_uid, owner.st_gid),
+                  lifetime=datetime.timedelta(minutes=30), memory_mb=1024, disk_mb=1024,
+                  glidein=GlideinSettings(broker=site.server.address, runtimes="apptainer",
+                                          image=site.pool.sandbox_image, idle_timeout="10s"))
+    return FactorySettings(**(values | changes))
+
+
+def batch_logs(directory: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-6000:]}"
+                     for p in sorted((directory / "log").glob("glidein.*")))
+
+
+def wait_until_final(client, factory, ids, started: float) -> float | None:
+    """Poll until every job in IDS is final; return seconds from STARTED to the first DONE."""
+    from broker.lifecycle import JobState
+
+    first_done = None
+    deadline = started + TIMEOUT
+    while time.monotonic() < deadline:
+        jobs = [client.status(job_id) for job_id in ids]
+        if first_done is None and any(job.state is JobState.DONE for job in jobs):
+            first_done = time.monotonic() - started
+        if all(job.final for job in jobs):
+            break
+        glideins = factory.glideins(history=False)
+        held = [g for g in glideins if g.status == 5]
+        assert not held, f"glidein held: {held[0].hold_reason}"
+        if not glideins:
+            break  # the glideins left with jobs still waiting: the caller's checks say why
+        time.sleep(0.5)
+    return first_done
+
+
+def wait_for_glideins_to_leave(factory, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while factory.glideins(history=False) and time.monotonic() < end:
+        time.sleep(1.0)
+    assert not factory.glideins(history=False), "glideins still queued"
+
+
+@pytest.mark.condor
+@pytest.mark.slow
+def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
+    from broker.client import BrokerClient
+    from condor_plugin import factory_cli
+    from condor_plugin.factory import Factory
+
+    times: dict[str, float] = {}
+    with BrokerClient(site.server.address, site.user, site.server.ca_pem) as client:
+        expected = submit_jobs(site, client, JOBS, "a")
+        settings = factory_settings(site)
+        factory = Factory(settings, site.pool.schedd(), site.server.ca, PackageBuilder(progress=lambda line: None))
+        # `splitpilot glidein submit`, as a person would run it.
+        parser = argparse.ArgumentParser()
+        factory_cli.register(parser.add_subparsers())
+        state_dir = str(site.pool.settings.state_dir)
+        args = parser.parse_args([
+            "glidein", "submit", "--count", "1", "--site", "MINICONDOR", "--minicondor", state_dir,
+            "--broker", site.server.address, "--ca", site.server.config.ca_path,
+            "--lifetime", "30m", "--idle-timeout", "10s", "--memory", "1024", "--disk", "1024"])
+        started = time.monotonic()
+        assert args.handler(args) == 0
+        times["submit_command"] = time.monotonic() - started
+        (glidein,) = factory.glideins(history=False)
+        directory = settings.work_dir / "batches" / glidein.batch
+        token = directory / TOKEN_NAME
+        assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.stat().st_uid == settings.owner[0]
+        first_done = wait_until_final(client, factory, list(expected), started)
+        times["submit_to_first_done"] = first_done or -1
+        times["submit_to_all_final"] = time.monotonic() - started
+        check_outputs(site, client, expected, batch_logs(directory))
+        # The glidein leaves by itself (idle timeout) and its output and error come back.
+        wait_for_glideins_to_leave(factory)
+        args = parser.parse_args(["glidein", "status", "--site", "MINICONDOR", "--minicondor", state_dir])
+        assert args.handler(args) == 0
+        out = capsys.readouterr().out
+        assert f"{glidein.cluster}.0  COMPLETED" in out
+        # No glidein of the batch can start any more: `glidein status` removed its token.
+        assert not token.exists() and "removed the token" in out
+        err = (directory / "log" / f"glidein.{glidein.cluster}.0.err").read_text()
+        runtime = [line for line in err.splitlines() if "runtime:" in line]
+        with capsys.disabled():
+            print("\nglidein runtime lines:", *runtime, sep="\n  ")
+            print("timings:", {k: round(v, 1) for k, v in times.items()})
+            if os.environ.get("SPLITPILOT_TEST_SHOW_LOGS"):
+                print(batch_logs(directory))
+        assert "package" in err and "verified" in err and "the agent left with code 0" in err
+        assert "ran 5 job(s)" in err
+        assert "PRIVATE KEY" not in err + (directory / "log" / f"glidein.{glidein.cluster}.0.out").read_text()
+
+
+@pytest.mark.condor
+@pytest.mark.slow
+def test_factory_cycle_follows_the_waiting_jobs(site):
+    from broker.client import AdminClient, BrokerClient
+    from condor_plugin.factory import Factory, waiting_jobs_for_site
+    from pilot.tokens import TokenRole
+
+    admin = site.server.ca.new_token(TokenRole.ADMIN, "glidein-test-admin")
+    settings = factory_settings(site, factory="loop", max_per_cycle=2, max_queued=2)
+    factory = Factory(settings, site.pool.schedd(), site.server.ca, PackageBuilder(progress=lambda line: None))
+    with BrokerClient(site.server.address, site.user, site.server.ca_pem) as client, \
+            AdminClient(site.server.address, admin, site.server.ca_pem) as admin_client:
+        expected = submit_jobs(site, client, 3, "b")
+        waiting = waiting_jobs_for_site(admin_client, "MINICONDOR")
+        assert waiting == 3
+        assert waiting_jobs_for_site(admin_client, "ELSEWHERE") == 3   # the jobs allow any site
+        started = time.monotonic()
+        assert factory.run_once(waiting) == 2                          # bounded by max_per_cycle
+        assert factory.run_once(waiting) == 0                          # both still count as queued
+        wait_until_final(client, factory, list(expected), started)
+        check_outputs(site, client, expected)
+        wait_for_glideins_to_leave(factory)
+        assert factory.run_once(waiting_jobs_for_site(admin_client, "MINICONDOR")) == 0
+        assert not list((settings.work_dir / "batches").glob(f"*/{TOKEN_NAME}"))
+
+
+@pytest.mark.condor
+@pytest.mark.slow
+def test_removed_glidein_stops_its_job_and_the_broker_requeues_it(site):
+    """condor_rm of a running glidein: SIGTERM reaches the agent through the script, the job gets its
+    stop deadline and is reported, and the broker puts it back in the queue for another pilot."""
+    import htcondor2
+
+    from broker.client import BrokerClient
+    from broker.lifecycle import JobState
+    from condor_plugin.factory import Factory
+    from pilot.pipe import messages as m
+
+    settings = factory_settings(site, factory="removed")
+    factory = Factory(settings, site.pool.schedd(), site.server.ca, PackageBuilder(progress=lambda line: None))
+    with BrokerClient(site.server.address, site.user, site.server.ca_pem) as client:
+        sleeper = site.work / "sleep.sh"
+        sleeper.write_text("#!/bin/sh\nexec sleep 600\n")
+        (job_id,) = client.submit([m.JobSpec(
+            name="sleeper", executable="./sleep.sh", input_files=[client.upload(str(sleeper), "sleep.sh")],
+            max_attempts=3, requirements=m.Requirements(cores=1, memory_mb=128, disk_mb=16, walltime_s=900))])
+        batch = factory.submit(1)
+        deadline = time.monotonic() + TIMEOUT
+        while client.status(job_id).state is not JobState.RUNNING:
+            assert time.monotonic() < deadline, batch_logs(batch.directory)
+            assert factory.glideins(history=False), "the glidein left\n" + batch_logs(batch.directory)
+            time.sleep(0.5)
+        removed = time.monotonic()
+        site.pool.schedd().act(htcondor2.JobAction.Remove, f"ClusterId == {batch.cluster}", "test: removed")
+        while client.status(job_id).state is not JobState.WAITING:
+            assert time.monotonic() - removed < 60, f"job {client.status(job_id).state} 60 s after condor_rm"
+            time.sleep(0.5)
+        status = client.status(job_id)
+        print(f"\nre-queued {time.monotonic() - removed:.1f} s after condor_rm: attempt {status.attempt}, "
+              f"{status.message}")
+        assert status.attempt == 1
+        wait_for_glideins_to_leave(factory, timeout=60)
+        client.kill(job_id, "test over")
+
+
+# ---------------------------------------------------------------------------
+# The factory loop, against a fake schedd (no pool needed)
+
+class FakeSchedd:
+    def __init__(self):
+        self.ads = []        # in the queue
+        self.done = []       # in the history
+        self.submitted = []
+
+    def query(self, constraint, projection):
+        return list(self.ads)
+
+    def history(self, constraint, projection, match):
+        return list(self.done)
+
+    def submit(self, description, count):
+        cluster = len(self.submitted) + 1
+        self.submitted.append(count)
+        batch = description["+SplitpilotBatch"].strip('"')
+        self.ads += [{"ClusterId": cluster, "ProcId": p, "JobStatus": 1, "SplitpilotBatch": batch,
+                      "EnteredCurrentStatus": 0} for p in range(count)]
+
+        class Result:
+            def cluster(self_inner):
+                return cluster
+        return Result()
+
+
+@pytest.fixture
+def fake_factory(tmp_path, package):
+    import datetime
+
+    from condor_plugin.factory import Factory, FactorySettings
+    from pilot.tokens import CertificateAuthority
+
+    ca = CertificateAuthority.create()
+    settings = FactorySettings(work_dir=tmp_path / "f", site="S", glidein=GlideinSettings(broker="127.0.0.1:1"),
+                               max_queued=3, max_per_cycle=2, lifetime=datetime.timedelta(hours=1))
+    schedd = FakeSchedd()
+    factory = Factory(settings, schedd, ca, PackageBuilder(progress=lambda line: None))
+    factory._package = package   # the factory imports submit.to_submit lazily: the tests patch it there
+    return factory, schedd
+
+
+def test_factory_loop_is_bounded(fake_factory, monkeypatch):
+    import submit
+
+    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    factory, schedd = fake_factory
+    assert factory.run_once(waiting=10, now=1000) == 2      # max_per_cycle
+    assert factory.run_once(waiting=10, now=1001) == 1      # max_queued (3 idle)
+    assert factory.run_once(waiting=10, now=1002) == 0
+    assert factory.run_once(waiting=0, now=1003) == 0
+    for batch_dir in (factory.batches_dir).iterdir():
+        assert stat.S_IMODE((batch_dir / TOKEN_NAME).stat().st_mode) == 0o600
+
+
+def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
+    import submit
+
+    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    factory, schedd = fake_factory
+    assert factory.run_once(waiting=1, now=1000) == 1
+    ad = schedd.ads.pop()
+    # It came back after 5 s (empty or failed fast): the token's batch is cleaned, and the factory waits.
+    schedd.done.append(ad | {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1005, "ExitCode": 0})
+    assert factory.run_once(waiting=1, now=1010) == 0
+    assert not (factory.batches_dir / ad["SplitpilotBatch"] / TOKEN_NAME).exists()
+    assert factory.loop_state.backoff_s == 30
+    assert factory.run_once(waiting=1, now=1041) == 1       # after the backoff
+
+
+def test_cli_needs_a_work_dir_without_minicondor(tmp_path):
+    from condor_plugin import factory_cli
+    from pilot.errors import UsageError
+
+    parser = argparse.ArgumentParser()
+    factory_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["glidein", "submit", "--site", "S", "--broker", "127.0.0.1:1", "--ca", str(tmp_path)])
+    with pytest.raises(UsageError, match="--work-dir"):
+        args.handler(args)
+    args = parser.parse_args(["factory", "run", "--site", "S", "--broker", "127.0.0.1:1", "--ca", str(tmp_path),
+                              "--admin-token", "x", "--max-queued", "4"])
+    assert args.max_queued == 4 and args.handler is factory_cli.run_factory
+
+
+def test_prune_keeps_the_newest_packages(tmp_path):
+    builder = PackageBuilder(cache_dir=tmp_path, progress=lambda line: None)
+    for index, key in enumerate(("old", "mid", "new", "newest")):
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "package.json").write_text("{}")
+        os.utime(tmp_path / key / "package.json", (1000 + index, 1000 + index))
+    (tmp_path / ".build-x").mkdir()
+    assert builder.prune(keep={"old"}, newest=2) == ["mid"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".build-x", "new", "newest", "old"]
+
+
+def test_script_refuses_a_node_without_the_python_of_the_package(package, tmp_path):
+    path = "/usr/sbin:/usr/bin:/sbin:/bin"   # the system's tools only (not a pyenv or /usr/local Python)
+    if shutil.which(f"python{package.python_version}", path=path):
+        pytest.skip(f"this machine has python{package.python_version}")
+    token = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nBBB\n"
+    batch = prepare_batch(package, tmp_path / "b", token_pem=token, settings=GlideinSettings(broker="127.0.0.1:1"))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    shutil.copy(batch.token, scratch / TOKEN_NAME)
+    shutil.copy(batch.package, scratch / PACKAGE_NAME)
+    result = subprocess.run(["sh", str(batch.script)], cwd=scratch, capture_output=True, text=True,
+                            env={"PATH": path, "_CONDOR_SCRATCH_DIR": str(scratch)})
+    assert result.returncode == 3 and f"no python{package.python_version}" in result.stderr, result.stderr
+    assert "verified" in result.stderr                       # the checksum passed first
+    assert not (scratch / TOKEN_NAME).exists() and not (scratch / PACKAGE_NAME).exists()
