@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import os
 import pwd
+import secrets
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,9 @@ from pilot.tokens import TokenRole
 
 HERE = Path(__file__).parent
 NOBODY = pwd.getpwnam("nobody")
+#: Put in the agent's environment; made at run time so that no file (this
+#: test's own source, which the payload may read) contains it.
+SENTINEL = f"agent-env-sentinel-{secrets.token_hex(16)}"
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def run_agent(world, name: str, runtime: str, *, as_nobody: bool = False, image:
             "--container-policy", "off" if runtime == "process" else "require"]
     if image:
         argv += ["--image", image]
-    env = {"PATH": os.environ["PATH"], "SPLITPILOT_AGENT_TOKEN": "sentinel-in-agent-env",
+    env = {"PATH": os.environ["PATH"], "SPLITPILOT_AGENT_TOKEN": SENTINEL,
            "PYTHONPATH": str(HERE.parent)}
     if as_nobody:
         os.chown(work, NOBODY.pw_uid, NOBODY.pw_gid)
@@ -136,7 +140,7 @@ def test_hostile_payload_finds_no_agent_token(world, runtime, options, tmp_path)
     found = [line for line in key_lines if line in dump]
     assert not found, f"agent key PEM found by the payload under {runtime}; {report}"
     assert scalar not in dump, f"agent private scalar found in memory readable under {runtime}; {report}"
-    assert b"sentinel-in-agent-env" not in dump, f"agent environment leaked under {runtime}; {report}"
+    assert SENTINEL.encode() not in dump, f"agent environment leaked under {runtime}; {report}"
     print(f"{runtime}: " + report.replace("\n", " | "))
 
 
