@@ -29,6 +29,7 @@ sysdeps:
 	@scripts/install-system-deps.sh
 
 demo: $(VENV_STAMP)
+	@scripts/install-system-deps.sh bubblewrap
 	$(BIN)/splitpilot demo
 
 test: sysdeps $(VENV_STAMP)

@@ -114,7 +114,8 @@ def memory(software: Path, work: Path) -> tuple[int, int]:
                            for i in range(3)])
         agent = subprocess.Popen([sys.executable, "-m", "pilot", "agent", "--broker", server.address, "--token", "-",
                                   "--work-dir", str(work / "agent"), "--software-dir", str(software),
-                                  "--idle-timeout", "2s", "--container-policy", "off"],
+                                  "--idle-timeout", "2s", "--container-policy", "off",
+                                  "--allow-root-payloads"],
                                  stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ})
         agent.stdin.write(agent_token.to_pem())
         agent.stdin.close()

@@ -1,12 +1,17 @@
 #!/bin/sh
 # Install the Debian packages the test suite needs; do nothing when they are
 # already there (idempotent, no apt-get update unless something is missing).
-#   protobuf-compiler, libprotobuf-java: the Java peer compiled from proto/
-#   a JDK (javac): the same test
+#   protobuf-compiler, libprotobuf-java, a JDK: the Java peer compiled from proto/
+#   bubblewrap, podman, runc, catatonit: container runtimes for the launchers
+#   debootstrap: the mini-condor's Debian 13 node root
+#   postgresql: the PostgreSQL store's tests (a private cluster per test run)
+# Usage: install-system-deps.sh [PACKAGE...]   (default: all of the above)
 set -eu
 
 packages="protobuf-compiler libprotobuf-java bubblewrap podman runc debootstrap catatonit postgresql"
-command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"
+# Callers may name the packages they need instead (make demo: only bubblewrap).
+[ "$#" -gt 0 ] && packages="$*"
+[ "$#" -gt 0 ] || command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"
 
 missing=""
 for pkg in $packages; do

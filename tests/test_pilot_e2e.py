@@ -170,3 +170,11 @@ def test_memory_hog_killed_with_reason(world):
     status = wait_final(client, job_id)
     assert status.state is JobState.KILLED, status
     assert "exceeds the limit of 200 MiB" in status.message or "memory" in status.message, status.message
+
+
+def test_agent_refuses_root_payloads_without_a_container(world):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to check the refusal of root payloads")
+    result, _ = run_agent(world, "root-refused", "process")
+    assert result.returncode == 2
+    assert b"refusing to run payloads as root without a container" in result.stderr

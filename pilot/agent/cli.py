@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stop taking work after K consecutive wrapper/infrastructure failures (default 3)")
     parser.add_argument("--stop-deadline", type=int, default=30, metavar="SECONDS",
                         help="Stop deadline given to jobs at slot end or SIGTERM (default 30)")
+    parser.add_argument("--allow-root-payloads", action="store_true",
+                        help="run payloads as root without a container (refused by default: a root payload "
+                             "can read the agent's memory, token included, despite non-dumpable)")
     parser.add_argument("--dry-run", metavar="JOBFILE",
                         help="print the command and environment a job of JOBFILE would run with, then exit")
     parser.set_defaults(handler=run_agent)
@@ -118,6 +121,11 @@ def run_agent(args: argparse.Namespace) -> int:
         broker.report_pilot_end("", os.uname().nodename, 0, "no usable container runtime")
         return 3
     launcher = selection.launcher
+    if launcher.name == "process" and os.geteuid() == 0 and not args.allow_root_payloads:
+        raise UsageError("refusing to run payloads as root without a container: a root payload can read this "
+                         "agent's memory (its token included) whatever prctl says; fix: run the agent as an "
+                         "unprivileged user, make a container runtime pass its self-test, or pass "
+                         "--allow-root-payloads on a node where that is acceptable")
     broker = GrpcAgentBroker(args.broker, token, ca_pem)
     lifetime = parse_duration(args.lifetime, what="--lifetime").total_seconds()
     lifetime = min(lifetime, (identity.not_after - datetime.datetime.now(datetime.UTC)).total_seconds())
