@@ -34,6 +34,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.files import CHUNK_SIZE, check_sandbox_name, copy_verified, sha256_of_file
 from broker.jobfile import JobDescription, load_job_file
 from broker.lifecycle import JobState
+
+# The same values the store records, as the client reports them.
+from broker.store.base import JobEventRecord as JobEvent
+from broker.store.base import OutputRecord as OutputFile
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import Identity, TokenFile, parse_identity, read_token_file
 from pilot.tokens.files import KeyPermissions, certificate_pem, load_certificates, private_key_pem
@@ -115,21 +119,6 @@ def _broker_error(method: str, exc: grpc.RpcError, address: str) -> BrokerError:
 
 
 # ------------------------------------------------------------------ results
-
-@dataclass(frozen=True)
-class JobEvent:
-    time: datetime.datetime
-    state: JobState
-    attempt: int
-    detail: str
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    name: str
-    size: int
-    sha256: str
-
 
 @dataclass(frozen=True)
 class JobStatus:
