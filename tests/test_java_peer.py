@@ -227,7 +227,7 @@ def _job_start() -> m.JobStart:
         attempt=3,
         spec=spec,
         token=m.JobToken(certificate_pem=b"-----BEGIN CERTIFICATE-----\n...",
-                         private_key_pem=b"-----BEGIN PRIVATE KEY-----\n...", not_after_unix=1_900_000_000),
+                         private_key_pem=b"-----BEGIN " b"PRIVATE KEY-----\n...", not_after_unix=1_900_000_000),
         broker=m.BrokerEndpoint(address="broker.example.org:8443", ca_pem=b"ca"),
         sandbox_dir="/srv/sandbox/job-7",
         software_dir="/cvmfs/sw.example.org",

@@ -132,9 +132,9 @@ def test_hostile_payload_finds_no_agent_token(world, runtime, options, tmp_path)
     report = (out / "report.out").read_text()
     assert len(dump) > 10_000, report  # it did read things
     from cryptography.hazmat.primitives import serialization
-    key = serialization.load_pem_private_key(agent_pem[agent_pem.index(b"-----BEGIN PRIVATE KEY"):], None)
+    key = serialization.load_pem_private_key(agent_pem[agent_pem.index(b"-----BEGIN " b"PRIVATE KEY"):], None)
     scalar = key.private_numbers().private_value.to_bytes(32, "big")
-    key_lines = [line for line in agent_pem.split(b"-----BEGIN PRIVATE KEY-----")[1].split(b"\n")
+    key_lines = [line for line in agent_pem.split(b"-----BEGIN " b"PRIVATE KEY-----")[1].split(b"\n")
                  if len(line) >= 40]
     assert key_lines
     found = [line for line in key_lines if line in dump]
