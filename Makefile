@@ -28,8 +28,9 @@ venv: $(VENV_STAMP)
 sysdeps:
 	@scripts/install-system-deps.sh
 
+# The demo builds the mini-condor's node root with debootstrap (once; cached).
 demo: $(VENV_STAMP)
-	@scripts/install-system-deps.sh bubblewrap
+	@scripts/install-system-deps.sh debootstrap
 	$(BIN)/splitpilot demo
 
 test: sysdeps $(VENV_STAMP)

@@ -1,10 +1,18 @@
 """`splitpilot demo`: the main job end to end, with progress.
 
-    splitpilot demo [--local]   a broker, ~20 jobs with inputs and outputs, and a
-                                real agent running them in containers (default)
+    splitpilot demo [--condor]  the whole path (default; needs root): a broker, a
+                                mini-condor (a real HTCondor pool on this machine),
+                                20 jobs with inputs and outputs, a factory sending
+                                glideins whose agents run the jobs in Apptainer
+                                containers inside the node; outputs checked
+    splitpilot demo --local     a broker, 20 jobs and one real agent on this machine
+                                (no HTCondor; containers from bubblewrap/podman/apptainer)
     splitpilot demo --protocol  only the agent <-> wrapper pipe between real
                                 processes (the wrapper side is pilot.pipe.loopback);
                                 the last job gets a Stop notice
+
+Exit codes: 0 every job DONE with the right outputs, 1 a job failed or its
+outputs were wrong, 2 bad usage (or --condor without root), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -45,26 +53,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--local", action="store_true", help="broker + jobs + one agent on this machine (default)")
+    mode.add_argument("--condor", action="store_true",
+                      help="broker + mini-condor + factory + glideins (default; needs root)")
+    mode.add_argument("--local", action="store_true", help="broker + jobs + one agent on this machine")
     mode.add_argument("--protocol", action="store_true", help="only the pipe protocol between real processes")
     parser.add_argument("--jobs", type=int, default=None, metavar="N",
-                        help="number of jobs (default: 20 for --local, 3 for --protocol)")
+                        help="number of jobs (default: 20, 3 for --protocol)")
+    parser.add_argument("--glideins", type=int, default=2, metavar="N",
+                        help="--condor: glideins at once, one core each (default %(default)s)")
     parser.add_argument("--steps", type=int, default=6, metavar="N",
                         help="--protocol: heartbeats each simulated job sends before it finishes (default 6)")
-    parser.add_argument("--runtimes", default="bubblewrap,podman,apptainer", metavar="LIST",
-                        help="--local: container runtimes the agent tries, in order (default %(default)s)")
-    parser.add_argument("--keep", action="store_true", help="--local: keep the state directory")
+    parser.add_argument("--runtimes", default=None, metavar="LIST",
+                        help="container runtimes the agents try, in order (default: apptainer for --condor, "
+                             "bubblewrap,podman,apptainer for --local)")
+    parser.add_argument("--keep", action="store_true", help="--condor, --local: keep the state directory")
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if not args.protocol:
+    if args.local:
         from pilot.localdemo import run_local_demo
 
         jobs = 20 if args.jobs is None else args.jobs
         if jobs < 1:
             raise UsageError("--jobs must be at least 1")
-        return run_local_demo(jobs, args.runtimes, args.keep)
+        return run_local_demo(jobs, args.runtimes or "bubblewrap,podman,apptainer", args.keep)
+    if not args.protocol:
+        from pilot.condordemo import CondorDemoSettings, run_condor_demo
+
+        settings = CondorDemoSettings(jobs=20 if args.jobs is None else args.jobs, glideins=args.glideins,
+                                      runtimes=args.runtimes or "apptainer", keep=args.keep)
+        return 0 if run_condor_demo(settings).ok else 1
     args.jobs = 3 if args.jobs is None else args.jobs
     if args.jobs < 1 or args.steps < 1:
         raise UsageError("--jobs and --steps must be at least 1")

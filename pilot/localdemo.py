@@ -11,48 +11,20 @@ checked against what the payload must have computed, and summarised.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
-PAYLOAD = """\
-#!/bin/sh
-# A sample payload: count the words of its input, hash it, and say where it ran.
-set -e
-sleep "$1"
-wc -w < words.txt | tr -d ' ' > count.out
-sha256sum words.txt | cut -d' ' -f1 > digest.out
-echo "job $SPLITPILOT_JOB_ID attempt $SPLITPILOT_ATTEMPT ran in $(pwd)" > where.out
-echo "done: $(cat count.out) words"
-"""
-
-
-@dataclass(frozen=True)
-class Expected:
-    job_id: int
-    name: str
-    words: int
-    digest: str
-
-
-def _progress(counts: dict, started: float) -> str:
-    order = ("WAITING", "ASSIGNED", "STARTED", "RUNNING", "SAVING", "DONE")
-    parts = [f"{name.lower()} {counts.get(name, 0)}" for name in order]
-    failed = sum(v for k, v in counts.items() if k not in order)
-    return f"[{time.monotonic() - started:5.1f} s] " + "  ".join(parts) + (f"  failed {failed}" if failed else "")
+from pilot.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
 
 
 def run_local_demo(jobs: int = 20, runtimes: str = "bubblewrap,podman,apptainer", keep: bool = False,
                    timeout: float = 600.0) -> int:
     from broker.client import BrokerClient
-    from broker.lifecycle import JobState
     from broker.server import BrokerConfig, BrokerServer
-    from pilot.pipe import messages as m
     from pilot.tokens import TokenRole
     from pilot.tokens.files import write_private
 
@@ -68,29 +40,9 @@ def run_local_demo(jobs: int = 20, runtimes: str = "bubblewrap,podman,apptainer"
         user = server.ca.new_token(TokenRole.USER, "demo-user")
         agent_token = server.ca.new_token(TokenRole.AGENT, "demo-pilot", site="LOCAL", queue="default",
                                           ttl=datetime.timedelta(hours=2))
-        inputs = os.path.join(state, "inputs")
-        os.makedirs(inputs)
-        payload = os.path.join(inputs, "count.sh")
-        with open(payload, "w") as handle:
-            handle.write(PAYLOAD)
-        expected: list[Expected] = []
         with BrokerClient(server.address, user, server.ca_pem) as client:
-            script = client.upload(payload, "count.sh")
-            specs = []
-            for index in range(jobs):
-                words = " ".join(f"word{index}-{n}" for n in range(10 + 7 * index)) + "\n"
-                path = os.path.join(inputs, f"words-{index}.txt")
-                with open(path, "w") as handle:
-                    handle.write(words)
-                data = client.upload(path, "words.txt")
-                specs.append(m.JobSpec(
-                    name=f"count-{index:02d}", executable="./count.sh", arguments=[f"{0.2 + (index % 4) * 0.2:.1f}"],
-                    input_files=[script, data], output_patterns=["*.out"], max_attempts=3,
-                    requirements=m.Requirements(cores=1, memory_mb=256, disk_mb=64, walltime_s=300)))
-                expected.append(Expected(0, f"count-{index:02d}", 10 + 7 * index,
-                                         hashlib.sha256(words.encode()).hexdigest()))
-            ids = client.submit(specs)
-            expected = [Expected(job_id, e.name, e.words, e.digest) for job_id, e in zip(ids, expected, strict=True)]
+            expected = submit_sample_jobs(client, os.path.join(state, "inputs"), jobs)
+            ids = [e.job_id for e in expected]
             print(f"submitted {len(ids)} jobs (ids {ids[0]}..{ids[-1]}), each with 2 inputs and 3 outputs", flush=True)
 
             token_path = os.path.join(state, "agent-token.pem")
@@ -111,8 +63,7 @@ def run_local_demo(jobs: int = 20, runtimes: str = "bubblewrap,podman,apptainer"
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 listing = client.list()
-                counts = {state_.name: n for state_, n in listing.counts.items()}
-                line = _progress(counts, started)
+                line = progress_line(state_counts(listing), started)
                 if line.split("] ", 1)[1] != last:
                     print(line, flush=True)
                     last = line.split("] ", 1)[1]
@@ -124,7 +75,9 @@ def run_local_demo(jobs: int = 20, runtimes: str = "bubblewrap,podman,apptainer"
                     return 1
                 time.sleep(0.5)
             runtime = _runtime_line(log_path)
-            ok = _summary(client, expected, os.path.join(state, "outputs"), JobState)
+            checked = check_outputs(client, expected, os.path.join(state, "outputs"))
+            print_summary(checked)
+            ok = all(c.good for c in checked)
             agent.wait(timeout=60)
             print(f"agent: {runtime}; left with code {agent.returncode}")
             verdict = "all jobs DONE with the right outputs" if ok else "FAILED"
@@ -151,33 +104,3 @@ def _runtime_line(log_path: str) -> str:
             if "runtime:" in line and "memory limits" in line:
                 return line.split("agent: ", 1)[1].strip()
     return "runtime unknown"
-
-
-def _summary(client, expected: list[Expected], out_dir: str, JobState) -> bool:
-    header = ("job", "name", "state", "attempts", "node", "seconds", "outputs")
-    rows = []
-    ok = True
-    for item in expected:
-        status = client.status(item.job_id)
-        target = os.path.join(out_dir, str(item.job_id))
-        check = "-"
-        if status.state is JobState.DONE:
-            client.output(item.job_id, target)
-            count = open(os.path.join(target, "count.out")).read().strip()
-            digest = open(os.path.join(target, "digest.out")).read().strip()
-            where = open(os.path.join(target, "where.out")).read().strip()
-            good = count == str(item.words) and digest == item.digest
-            place = " (in /workdir)" if where.endswith("/workdir") else " (no container)"
-            check = ("ok" if good else "WRONG") + place
-            ok &= good
-        else:
-            ok = False
-        seconds = (status.updated - status.submitted).total_seconds()
-        rows.append((str(item.job_id), item.name, status.state.name, str(status.attempt), status.node or "-",
-                     f"{seconds:.1f}", check))
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print()
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-    print()
-    return ok

@@ -9,7 +9,7 @@
 set -eu
 
 packages="protobuf-compiler libprotobuf-java bubblewrap podman runc debootstrap catatonit postgresql"
-# Callers may name the packages they need instead (make demo: only bubblewrap).
+# Callers may name the packages they need instead (make demo: only debootstrap).
 [ "$#" -gt 0 ] && packages="$*"
 [ "$#" -gt 0 ] || command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"
 

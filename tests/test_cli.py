@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
 from conftest import sample_job_start
 
 from pilot import __version__
@@ -73,7 +74,31 @@ def test_local_demo_runs_jobs_in_containers_end_to_end():
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()
     assert "all jobs DONE with the right outputs" in out
-    assert out.count("ok (in /workdir)") == 4  # each payload ran inside the container's /workdir
+    assert out.count("ok (container: ") == 4 and "container: none" not in out  # each payload ran contained
+
+
+@pytest.mark.condor
+@pytest.mark.slow
+def test_condor_demo_runs_every_job_through_glideins_in_apptainer():
+    """The README's `make demo`: broker, mini-condor, factory, glideins, jobs in Apptainer, outputs checked,
+    everything stopped and removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("the mini-condor needs root")
+    result = subprocess.run([str(BIN), "demo", "--jobs", "6", "--glideins", "2"], capture_output=True, timeout=900)
+    out, err = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, out + err
+    assert "all jobs DONE with the right outputs" in out
+    # Every payload saw itself inside Apptainer (the image's runtime, not a fallback).
+    assert out.count("ok (container: apptainer)") == 6, out
+    assert "payload containers: apptainer x6" in out
+    glideins = [line for line in out.splitlines() if line.startswith("glidein ") and "exit" in line]
+    assert glideins and all("COMPLETED" in line and "exit 0" in line for line in glideins), out
+    assert sum(int(line.split("agent ran ")[1].split()[0]) for line in glideins) == 6, out
+    assert "runtime apptainer" in out
+    assert "no process or mount left" in out
+    assert "PRIVATE KEY" not in out + err
+    state = out.split("(state in ", 1)[1].split(")", 1)[0]
+    assert not os.path.exists(state), f"{state} left behind"
 
 
 def test_pipe_dump_of_a_captured_stream(tmp_path):
