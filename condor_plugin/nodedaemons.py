@@ -377,6 +377,9 @@ def daemon_config(settings: MiniCondorSettings, port: int, extra: Sequence[str])
         "UPDATE_INTERVAL = 5",
         "SCHEDD_INTERVAL = 5",
         "STARTER_UPDATE_INTERVAL = 5",
+        "# periodic_hold/periodic_remove are evaluated this often (60 s by default): the glideins'",
+        "# idle and lifetime bounds take effect within seconds here.",
+        "PERIODIC_EXPR_INTERVAL = 5",
     ]
     return "\n".join(lines) + "\n"
 
