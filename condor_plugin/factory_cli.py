@@ -8,8 +8,10 @@
                              (bounded; backs off when glideins fail fast or come back empty)
 
 The schedd: the mini-condor of --minicondor DIR (its client configuration,
-its shared folder for batches, its job user as the batches' owner), else the
-one CONDOR_CONFIG names. Agent tokens are minted from the CA in --ca (the
+its shared folder for batches, its job user as the batches' owner); a remote
+schedd located through a collector (--pool HOST[:PORT], --schedd NAME; the
+batch folder must then be one that schedd's shadows read, --work-dir); else
+the local one CONDOR_CONFIG names. Agent tokens are minted from the CA in --ca (the
 broker's STATE/ca); the agent token never appears on a command line, in the
 submit description or in the environment.
 """
@@ -61,6 +63,11 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
     parser.add_argument("--factory", default="splitpilot", help="this factory's name (default %(default)s)")
     parser.add_argument("--minicondor", type=Path, metavar="DIR",
                         help="use the mini-condor whose state folder is DIR (default: the schedd CONDOR_CONFIG names)")
+    parser.add_argument("--pool", metavar="HOST[:PORT]",
+                        help="the collector to find a remote schedd through (default: the local schedd)")
+    parser.add_argument("--schedd", metavar="NAME",
+                        help="the schedd's name in --pool's collector (default: the local schedd, or the only "
+                             "one --pool lists)")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
                         help="batch folders (must be readable where the schedd runs; default with --minicondor: "
                              "its shared folder/factory)")
@@ -91,12 +98,28 @@ def _pool(args):
     return MiniCondor.from_state_dir(args.minicondor, progress=lambda line: None)
 
 
-def _schedd(pool):
+def _schedd(pool, collector: str | None = None, name: str | None = None):
+    """The schedd to submit to: the mini-condor's, one located through a collector, or the local one."""
     if pool is not None:
+        if collector or name:
+            raise UsageError("--minicondor names the pool already; drop --pool/--schedd")
         return pool.schedd()
     import htcondor2
 
-    return htcondor2.Schedd()
+    if collector is None and name is None:
+        return htcondor2.Schedd()
+    try:
+        ads = htcondor2.Collector(collector).locateAll(htcondor2.DaemonType.Schedd)
+    except htcondor2.HTCondorException as exc:
+        raise UsageError(f"cannot ask the collector {collector or '(CONDOR_CONFIG)'} for schedds: {exc}; fix: "
+                         "check --pool (HOST[:PORT]) and that this host may read from it") from None
+    names = sorted(str(ad.get("Name", "?")) for ad in ads)
+    chosen = [ad for ad in ads if name is None or ad.get("Name") == name]
+    if len(chosen) != 1:
+        what = f"no schedd named {name!r}" if name else f"{len(chosen)} schedds"
+        raise UsageError(f"the collector {collector or '(CONDOR_CONFIG)'} lists {what}: {', '.join(names) or 'none'}; "
+                         "fix: pass --schedd with one of these names")
+    return htcondor2.Schedd(chosen[0])
 
 
 def _settings(args, pool):
@@ -142,7 +165,7 @@ def _factory(args):
         from pilot.tokens import CertificateAuthority
 
         ca = CertificateAuthority.load(args.ca)
-    return Factory(settings, _schedd(pool), ca,
+    return Factory(settings, _schedd(pool, args.pool, args.schedd), ca,
                    progress=lambda line: print(f"factory: {line}", file=sys.stderr, flush=True))
 
 

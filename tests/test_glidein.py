@@ -332,6 +332,29 @@ def test_removed_glidein_stops_its_job_and_the_broker_requeues_it(site):
         client.kill(job_id, "test over")
 
 
+@pytest.mark.condor
+def test_cli_finds_a_schedd_through_a_collector(site, capsys):
+    """--pool/--schedd: the schedd located by name through the pool's collector (as for a remote one)."""
+    import htcondor2
+
+    from condor_plugin import factory_cli
+    from pilot.errors import UsageError
+
+    collector = f"127.0.0.1:{site.pool._port()}"
+    (name,) = [ad["Name"] for ad in site.pool.collector().locateAll(htcondor2.DaemonType.Schedd)]
+    parser = argparse.ArgumentParser()
+    factory_cli.register(parser.add_subparsers())
+    work = site.pool.shared_dirs[0] / "factory-remote"
+    args = parser.parse_args(["glidein", "status", "--site", "ELSEWHERE", "--pool", collector, "--schedd", name,
+                              "--work-dir", str(work)])
+    assert args.handler(args) == 0
+    assert "no glideins of factory splitpilot for site ELSEWHERE" in capsys.readouterr().out
+    args = parser.parse_args(["glidein", "status", "--site", "S", "--pool", collector, "--schedd", "nosuch",
+                              "--work-dir", str(work)])
+    with pytest.raises(UsageError, match=f"no schedd named 'nosuch'.*{name}.*fix: pass --schedd"):
+        args.handler(args)
+
+
 # ---------------------------------------------------------------------------
 # The factory loop, against a fake schedd (no pool needed)
 
