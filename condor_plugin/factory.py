@@ -37,6 +37,7 @@ from condor_plugin.glidein import (
     prepare_batch,
     remove_batch,
 )
+from pilot.agent import exitcodes
 from pilot.durations import parse_duration
 from pilot.errors import SplitpilotError
 
@@ -135,6 +136,7 @@ class LoopState:
     not_before: float = 0.0
     seen_finished: set[tuple[int, int]] = field(default_factory=set)
     primed: bool = False        # glideins that ended before this factory started do not count
+    refused: Glidein | None = None  # the last glidein whose agent token was refused or had expired
 
 
 class Factory:
@@ -189,7 +191,8 @@ class Factory:
                               owner=s.owner)
         del token
         request = GlideinRequest(executable=files.script, log_dir=files.log_dir, site=s.site, factory=s.factory,
-                                 batch=batch, transfer_input_files=files.transfer_input_files, cpus=s.cpus,
+                                 batch=batch, transfer_input_files=files.transfer_input_files,
+                                 encrypt_input_files=(str(files.token),), cpus=s.cpus,
                                  memory_mb=s.memory_mb, disk_mb=s.disk_mb, lifetime=s.lifetime, grace=s.grace,
                                  max_idle=s.max_idle)
         description = build_description(request)
@@ -265,6 +268,10 @@ class Factory:
         empty: the agent leaves after its idle timeout), or with a non-zero
         exit, or removed, doubles the pause before the next submission (from
         backoff_initial_s up to backoff_max_s); one that ran longer resets it.
+        A glidein whose agent left because its token was refused or had expired
+        (exit codes 4 and 5, pilot.agent.exitcodes) sets the pause to
+        backoff_max_s at once, and says loudly what to check: every glidein
+        carrying this factory's tokens would fail the same way.
         Glideins that ended before the first cycle do not count.
         """
         s = self.settings
@@ -284,9 +291,14 @@ class Factory:
             if not state.primed:
                 continue
             ran = glidein.ran_seconds
-            if glidein.status == REMOVED or ran is None or ran < threshold or glidein.exit_code:
+            if glidein.status == COMPLETED and glidein.exit_code in exitcodes.CREDENTIALS:
+                state.backoff_s = s.backoff_max_s
+                state.not_before = max(state.not_before, now + state.backoff_s)
+                state.refused = glidein
+                self.progress(credentials_alarm(glidein, s, state.backoff_s))
+            elif glidein.status == REMOVED or ran is None or ran < threshold or glidein.exit_code:
                 state.backoff_s = min(s.backoff_max_s, max(s.backoff_initial_s, state.backoff_s * 2))
-                state.not_before = now + state.backoff_s
+                state.not_before = max(state.not_before, now + state.backoff_s)
                 self.progress(f"glidein {key[0]}.{key[1]} ended after {ran or 0:.0f} s (exit {glidein.exit_code}): "
                               f"backing off {state.backoff_s:.0f} s")
             else:
@@ -299,8 +311,12 @@ class Factory:
         room = min(s.max_queued - idle, s.max_running - running - idle, s.max_per_cycle)
         count = max(0, min(wanted, room))
         if count and now < state.not_before:
+            why = ""
+            if state.refused is not None:
+                why = (f" (glidein {state.refused.cluster}.{state.refused.proc} ended with exit "
+                       f"{state.refused.exit_code}: its agent token was refused or had expired)")
             self.progress(f"{waiting} waiting job(s), {idle} idle glidein(s): backing off "
-                          f"{state.not_before - now:.0f} s more")
+                          f"{state.not_before - now:.0f} s more{why}")
             return 0
         if count:
             self.submit(count)
@@ -319,6 +335,23 @@ class Factory:
                 time.sleep(min(1.0, interval))
 
 
+def credentials_alarm(glidein: Glidein, settings: FactorySettings, pause_s: float) -> str:
+    """The progress line for a glidein whose agent's token was refused or had expired."""
+    where = f"glidein {glidein.cluster}.{glidein.proc} (batch {glidein.batch})"
+    if glidein.exit_code == exitcodes.TOKEN_EXPIRED:
+        what = ("its agent token had expired when it started: the glideins wait in the queue longer than their "
+                "tokens live, or the clocks disagree")
+        check = ("check the clocks of this factory and the worker nodes (NTP), and that --max-idle plus the "
+                 "lifetime fits the CA's agent token lifetime")
+    else:
+        what = "THE BROKER REFUSES THIS FACTORY'S AGENT TOKENS"
+        check = (f"check that the factory's CA (--ca) is the broker's CA (the broker's ca.crt must have signed "
+                 f"the tokens), that the broker accepts agents of site {settings.site!r}, the --broker address, "
+                 "and the clocks of factory, broker and nodes; the glidein's .err log says what the agent saw")
+    return (f"ATTENTION: {where} ended with exit {glidein.exit_code}: {what}. Not submitting glideins for "
+            f"{pause_s:.0f} s; {check}")
+
+
 def waiting_jobs_for_site(admin_client, site: str) -> int:
     """Waiting jobs at the broker that SITE may run (no sites_allowed, or SITE among them)."""
     from broker.lifecycle import JobState
@@ -332,4 +365,5 @@ def waiting_jobs_for_site(admin_client, site: str) -> int:
     return count
 
 
-__all__ = ["Factory", "FactoryError", "FactorySettings", "Glidein", "SubmittedBatch", "waiting_jobs_for_site"]
+__all__ = ["Factory", "FactoryError", "FactorySettings", "Glidein", "SubmittedBatch", "credentials_alarm",
+           "waiting_jobs_for_site"]

@@ -132,4 +132,9 @@ while :; do
 done
 rm -f "$token"
 say "the agent left with code $code"
+case $code in
+    4) say "FAILED: the broker refused the agent token (the agent's message above says why); new glideins" \
+           "with this factory's tokens would fail the same way" ;;
+    5) say "FAILED: the agent token had expired when the agent started (see above)" ;;
+esac
 exit "$code"

@@ -173,6 +173,9 @@ class MiniCondorSettings:
     recipe: NodeRootRecipe = field(default_factory=NodeRootRecipe)
     start_timeout: float = 180.0
     stop_timeout: float = 30.0
+    #: Configuration lines ("NAME = VALUE") appended last to the daemons' configuration, so they
+    #: override ours: e.g. CLAIM_WORKLIFE = 0 to measure HTCondor without claim reuse.
+    extra_config: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state_dir", Path(self.state_dir).absolute())
@@ -184,6 +187,13 @@ class MiniCondorSettings:
             raise UsageError(f"port {self.port} is not a TCP port; fix: pass 0 (pick one) or 1-65535")
         if self.cpus < 1 or self.memory_mb < 64:
             raise UsageError("the node needs at least 1 CPU and 64 MB of memory")
+        object.__setattr__(self, "extra_config", tuple(self.extra_config))
+        for line in self.extra_config:
+            name, equals, _ = line.partition("=")
+            if not equals or not name.strip() or not name.strip().replace("_", "").replace(".", "").isalnum() \
+                    or "\n" in line:
+                raise UsageError(f"configuration line {line!r} is not 'NAME = VALUE' on one line; "
+                                 "fix: e.g. 'CLAIM_WORKLIFE = 0'")
 
     @property
     def job_user(self) -> str:
@@ -200,7 +210,8 @@ class MiniCondorSettings:
         data = json.loads(text)
         recipe = data.pop("recipe")
         recipe = NodeRootRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()})
-        return cls(**{**data, "shared_dirs": tuple(data["shared_dirs"]), "recipe": recipe})
+        return cls(**{**data, "shared_dirs": tuple(data["shared_dirs"]), "recipe": recipe,
+                      "extra_config": tuple(data.get("extra_config", ()))})
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--cache-dir", type=Path, metavar="DIR", help=f"node root cache (default {DEFAULT_CACHE_DIR})")
     start.add_argument("--mirror", metavar="URL", help="Debian mirror for the build (default: the host's apt sources)")
     start.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for the pool (default 180)")
+    start.add_argument("--config", action="append", metavar="'NAME = VALUE'",
+                       help="a configuration line appended last to the daemons' configuration, overriding "
+                            "ours (repeatable; e.g. 'CLAIM_WORKLIFE = 0')")
     start.set_defaults(handler=run_start)
 
     stop = sub.add_parser("stop", help="stop the pool (idempotent); no process or mount is left")
@@ -96,6 +99,8 @@ def settings_for_start(args: argparse.Namespace) -> MiniCondorSettings:
             changes[name] = getattr(args, option)
     if args.daemons is not None:
         changes["daemons"] = DaemonSource(args.daemons)
+    if args.config:
+        changes["extra_config"] = tuple(args.config)
     return dataclasses.replace(base, **changes)
 
 

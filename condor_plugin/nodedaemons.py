@@ -381,6 +381,9 @@ def daemon_config(settings: MiniCondorSettings, port: int, extra: Sequence[str])
         "# idle and lifetime bounds take effect within seconds here.",
         "PERIODIC_EXPR_INTERVAL = 5",
     ]
+    if settings.extra_config:
+        lines += ["# Given by the caller (MiniCondorSettings.extra_config, minicondor start --config):",
+                  *settings.extra_config]
     return "\n".join(lines) + "\n"
 
 

@@ -17,6 +17,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from pilot.agent.agent import Agent, AgentSettings, job_limits, sandbox_for
 from pilot.agent.brokerlink import NoOffer, Offer
 from pilot.agent.jobrun import JobRun, RunSettings
@@ -168,3 +170,196 @@ def test_no_match_when_time_left_cannot_fit_a_job(tmp_path):
     assert agent.run() == 0
     assert broker.matched == [] and broker.ends[0][1] in ("too little time left for any job",
                                                          "the slot's lifetime ends")
+
+
+# ---------------------------------------------------------------------------
+# A refused agent token: told apart from a broker that is down, and the agent leaves (exit 4)
+
+class RefusingBroker(FakeAgentBroker):
+    """Refuses the token on the first REFUSALS match calls (all of them with None), then behaves."""
+
+    def __init__(self, specs, refusals=None):
+        super().__init__(specs)
+        self.refusals = refusals
+        self.calls = 0
+
+    def match(self, slot, pilot_id, node):
+        from pilot.agent.brokerlink import AgentTokenRefused
+
+        self.calls += 1
+        if self.refusals is None or self.calls <= self.refusals:
+            raise AgentTokenRefused("TLS handshake: test")
+        return super().match(slot, pilot_id, node)
+
+
+def test_refused_token_ends_the_agent_with_exit_4_reporting_nothing(tmp_path, capsys):
+    broker = RefusingBroker([])
+    agent = make_agent(tmp_path, broker, idle=60)    # without the refusal rule it would sit for 60 s
+    assert agent.run() == 4
+    assert broker.calls == agent.settings.refusals_to_leave == 3
+    assert broker.ends == [] and broker.failures == []   # nothing reported with a refused token
+    err = capsys.readouterr().err
+    assert "the broker refused this agent token (TLS handshake: test); fix:" in err and "exit code 4" in err
+
+
+def test_a_transient_refusal_does_not_end_the_pilot(tmp_path):
+    broker = RefusingBroker([script_spec("#!/bin/sh\ntrue\n", tmp_path)], refusals=2)
+    agent = make_agent(tmp_path, broker, idle=0.5)
+    assert agent.run() == 0
+    assert len(broker.matched) == 1 and broker.ends == [(1, "idle")]
+    assert states(tmp_path).count(m.JobState.JOB_STATE_DONE) == 1
+
+
+def test_refusal_while_a_job_runs_stops_it_and_reports_nothing(tmp_path):
+    class RefuseAfterFirst(RefusingBroker):
+        def match(self, slot, pilot_id, node):
+            from pilot.agent.brokerlink import AgentTokenRefused
+
+            if self.matched:
+                self.calls += 1
+                raise AgentTokenRefused("PERMISSION_DENIED: test")
+            return FakeAgentBroker.match(self, slot, pilot_id, node)
+
+    broker = RefuseAfterFirst([script_spec("#!/bin/sh\nsleep 1000\n", tmp_path)])
+    agent = make_agent(tmp_path, broker, cores=2, idle=60)
+    assert agent.run() == 4
+    assert len(broker.matched) == 1 and broker.calls >= 3
+    assert broker.failures == [] and broker.ends == []
+    assert m.JobState.JOB_STATE_RUNNING in states(tmp_path)
+
+
+class FakeError(Exception):
+    """Shaped like broker.client.BrokerError: a grpc.StatusCode and details."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+#: What grpcio 1.85 reports for a token from another CA, verified against the CA of its own chain.
+FOREIGN_CA_DETAILS = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:32445: Tls handshake "
+                      "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+                      "CERTIFICATE_VERIFY_FAILED: self signed certificate in certificate chain: OK")
+
+
+def test_refusal_classification():
+    import grpc
+
+    from pilot.agent.brokerlink import refusal_of
+
+    probed = []
+
+    def probe(answer):
+        def run():
+            probed.append(answer)
+            return answer
+        return run
+
+    code = grpc.StatusCode
+    refused = refusal_of(FakeError(code.PERMISSION_DENIED, "an user token cannot do this"), probe(None))
+    assert refused.exit_code == 4 and "PERMISSION_DENIED: an user token" in str(refused) and "fix:" in str(refused)
+    assert refusal_of(FakeError(code.UNAUTHENTICATED, "expired"), probe(None)).exit_code == 4
+    foreign = refusal_of(FakeError(code.UNAVAILABLE, FOREIGN_CA_DETAILS), probe(None))
+    assert "self signed certificate in certificate chain" in foreign.cause and "different CAs" in foreign.cause
+    assert probed == []                                                   # the details were enough
+    alert = refusal_of(FakeError(code.UNAVAILABLE, "Tls handshake failed: SSL routines:OPENSSL_internal:"
+                                                   "TLSV1_ALERT_UNKNOWN_CA"), probe(None))
+    assert "TLSV1_ALERT_UNKNOWN_CA" in alert.cause
+    # "Socket closed": only the probe can tell a refused certificate from a dropped connection.
+    closed = "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
+    assert refusal_of(FakeError(code.UNAVAILABLE, closed), probe("closed after the handshake")).cause == \
+        "closed after the handshake"
+    down = ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to "
+            "remote host: Connection refused")
+    assert refusal_of(FakeError(code.UNAVAILABLE, down), probe(None)) is None
+    assert refusal_of(FakeError(code.DEADLINE_EXCEEDED, "Deadline Exceeded"), probe("x")) is None
+    assert refusal_of(FakeError(code.NOT_FOUND, "no such job"), probe("x")) is None
+    assert refusal_of(FakeError(code.INTERNAL, "boom"), probe("x")) is None
+    assert probed == ["closed after the handshake", None]                 # UNAVAILABLE only
+
+
+def test_real_broker_refusals_are_told_from_a_broker_down(tmp_path):
+    """A real broker (mTLS): the errors the agent gets for each credential problem, and for a broker down."""
+    import datetime
+
+    from broker.client import BrokerError
+    from broker.server import BrokerConfig, BrokerServer
+    from pilot.agent.brokerlink import AgentTokenRefused, GrpcAgentBroker, SlotRequest
+    from pilot.tokens import CertificateAuthority, TokenRole
+
+    slot = SlotRequest(1, 100, 100, 1000)
+    server = BrokerServer(BrokerConfig(state_dir=str(tmp_path / "broker"), listen="127.0.0.1:0"))
+    server.start()
+    ca = server.ca
+    foreign = CertificateAuthority.create()
+    agent_token = ca.new_token(TokenRole.AGENT, "good", site="S", queue="default")
+    cases = {
+        # The glidein's way: the CA is the last certificate of the token's chain (here the foreign one).
+        "foreign CA": (foreign.new_token(TokenRole.AGENT, "f", site="S", queue="default"), None),
+        # The broker's CA given (--ca-cert), the token from another: the broker closes after the handshake.
+        "foreign token, broker's CA": (foreign.new_token(TokenRole.AGENT, "g", site="S", queue="default"),
+                                       server.ca_pem),
+        "expired": (ca.new_token(TokenRole.AGENT, "e", site="S", queue="default",
+                                 ttl=datetime.timedelta(seconds=1)), None),
+        "user token": (ca.new_token(TokenRole.USER, "u"), None),
+    }
+    time.sleep(1.5)   # the expired one
+    try:
+        with_good = GrpcAgentBroker(server.address, agent_token)
+        assert not isinstance(with_good.match(slot, "p", "n"), Offer)    # accepted: no job waiting
+        assert with_good.probe() is None
+        with_good.close()
+        causes = {}
+        for name, (token, ca_pem) in cases.items():
+            broker = GrpcAgentBroker(server.address, token, ca_pem)
+            try:
+                with pytest.raises(AgentTokenRefused) as info:
+                    broker.match(slot, "p", "n")
+            finally:
+                broker.close()
+            assert info.value.exit_code == 4 and "fix:" in str(info.value)
+            causes[name] = info.value.cause
+        print("\n".join(f"{name}: {cause}" for name, cause in causes.items()))
+        assert "cannot verify the broker's certificate" in causes["foreign CA"]
+        assert "different CAs" in causes["foreign CA"]
+        assert "closed the connection" in causes["foreign token, broker's CA"]
+        assert "closed the connection" in causes["expired"]
+        assert causes["user token"].startswith("PERMISSION_DENIED")
+    finally:
+        server.stop()
+    # The broker down: an ordinary error (the agent backs off), not a refusal.
+    broker = GrpcAgentBroker(server.address, agent_token)
+    try:
+        with pytest.raises(BrokerError) as info:
+            broker.match(slot, "p", "n")
+        assert not isinstance(info.value, AgentTokenRefused) and info.value.code.name == "UNAVAILABLE"
+        assert broker.probe() is None
+    finally:
+        broker.close()
+
+
+def test_cli_refuses_expired_and_wrong_role_tokens_with_their_codes(tmp_path):
+    import datetime
+
+    from pilot.tokens import CertificateAuthority, TokenRole
+
+    ca = CertificateAuthority.create()
+    tokens = {5: ca.new_token(TokenRole.AGENT, "e", site="S", queue="default", ttl=datetime.timedelta(seconds=1)),
+              4: ca.new_token(TokenRole.USER, "u")}
+    time.sleep(1.5)
+    for code, token in tokens.items():
+        path = tmp_path / f"token-{code}.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(token.to_pem())
+        (tmp_path / "software").mkdir(exist_ok=True)
+        result = subprocess.run([sys.executable, "-m", "pilot", "agent", "--broker", "127.0.0.1:1", "--token",
+                                 str(path), "--work-dir", str(tmp_path / "work"), "--software-dir",
+                                 str(tmp_path / "software")], capture_output=True, text=True, timeout=60,
+                                cwd=HERE.parent)
+        assert result.returncode == code, result.stderr
+        assert "fix:" in result.stderr and not path.exists()
+        if code == 5:
+            assert "the agent token has expired (valid until" in result.stderr
+        else:
+            assert "the broker refused this agent token (a user token" in result.stderr

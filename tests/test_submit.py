@@ -416,6 +416,8 @@ batch_name = b-0001
 +SplitpilotMaxHeld = 3600
 # Running past lifetime + grace: the shadow holds the glidein (HoldReasonCode 46).
 allowed_job_duration = 43800
+# After SIGTERM (preemption, removal), seconds before SIGKILL: the agent's stop deadline plus time to report its jobs.
+job_max_vacate_time = 60
 # Idle (queued, or evicted) for longer than SplitpilotMaxIdle: hold it, with a reason.
 periodic_hold = {PERIODIC_HOLD}
 periodic_hold_reason = {PERIODIC_HOLD_REASON}
@@ -456,6 +458,39 @@ def test_grid_description_for_an_htcondor_ce():
     assert "scitokens_file" not in build_description(golden_request(ce=CondorCE("ce.example.org", port=9620)))
     assert build_description(golden_request(ce=CondorCE("ce.example.org", port=9620)))["grid_resource"] == \
         "condor ce.example.org ce.example.org:9620"
+
+
+def test_vacate_time_covers_the_agents_stop_deadline():
+    """HTCondor waits job_max_vacate_time after SIGTERM before SIGKILL: the agent must get its jobs' stop
+    deadline plus time to report them, or the broker learns of the preempted jobs only from the reaper."""
+    from pilot.agent.jobrun import RunSettings
+    from submit.description import AGENT_STOP_DEADLINE_S
+
+    assert AGENT_STOP_DEADLINE_S == RunSettings().stop_deadline_s
+    for ce in (None, CondorCE("ce.example.org")):
+        d = build_description(request(ce=ce))
+        assert int(d["job_max_vacate_time"]) >= RunSettings().stop_deadline_s + 10
+        assert "\njob_max_vacate_time = 60\n" in render_sub_file(d)
+        assert to_submit(d)["job_max_vacate_time"] == "60"
+    assert build_description(request(max_vacate="2m"))["job_max_vacate_time"] == "120"
+    with refused(Problem.INVALID, "max_vacate", "stop deadline"):
+        request(max_vacate=30)
+    with refused(Problem.RESERVED_KEY, "extra[job_max_vacate_time]", "GlideinRequest.max_vacate"):
+        build_description(request(extra={"job_max_vacate_time": "5"}))
+
+
+def test_token_file_travels_encrypted():
+    files = ["/srv/f/batch/splitpilot-package.tar.gz", "/srv/f/batch/agent-token.pem"]
+    d = build_description(request(transfer_input_files=files, encrypt_input_files=files[1:]))
+    assert d["encrypt_input_files"] == files[1]
+    text = render_sub_file(d)
+    assert f"\nencrypt_input_files = {files[1]}\n" in text and "transferred encrypted" in text
+    assert to_submit(d)["encrypt_input_files"] == files[1]
+    with refused(Problem.INVALID, "encrypt_input_files", "not one of transfer_input_files"):
+        request(transfer_input_files=files[:1], encrypt_input_files=files[1:])
+    for key in ("encrypt_input_files", "dont_encrypt_input_files"):
+        with refused(Problem.RESERVED_KEY, f"extra[{key}]", "GlideinRequest.encrypt_input_files"):
+            build_description(request(extra={key: files[1]}))
 
 
 def test_minimal_description_has_no_empty_lines():

@@ -7,7 +7,10 @@ pilot when it ran nothing), stops matching when the time left cannot fit a
 job, and stops taking work after K consecutive wrapper or infrastructure
 failures (black-hole guard). On SIGTERM (HTCondor preempting or removing the
 glidein) and at the slot's end it sends every job a Stop with a deadline;
-stopped jobs are reported so that the broker re-queues them.
+stopped jobs are reported so that the broker re-queues them. When the
+broker refuses its token (AgentTokenRefused, several calls in a row) it
+stops its jobs, reports nothing (it cannot), says why and what to fix, and
+leaves with exit code 4 (pilot.agent.exitcodes).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pilot.agent.brokerlink import AgentBroker, NoOffer, Offer, SlotRequest
+from pilot.agent import exitcodes
+from pilot.agent.brokerlink import AgentBroker, AgentTokenRefused, NoOffer, Offer, SlotRequest
 from pilot.agent.jobrun import Ending, JobRun, Outcome, RunSettings
 from pilot.agent.slot import SlotResources
 from pilot.pipe import messages as m
@@ -43,6 +47,8 @@ class AgentSettings:
     black_hole_failures: int = 3
     pilot_heartbeat_s: float = 60.0
     platforms: tuple[str, ...] = ()
+    #: Leave (exit 4) after this many broker calls in a row refused the token (one may be a transient).
+    refusals_to_leave: int = 3
     run: RunSettings = RunSettings()
 
 
@@ -66,6 +72,8 @@ class Agent:
         self.jobs_run = 0
         self.consecutive_failures = 0
         self.black_hole = False
+        self.refusals = 0                               # broker calls in a row that refused the token
+        self.refused: AgentTokenRefused | None = None   # set when the agent gives up on its token
         self.shutdown = threading.Event()
         self.shutdown_reason = ""
         self._wake = threading.Event()
@@ -142,11 +150,15 @@ class Agent:
             self._wake.clear()
         self._drain()
         log(f"leaving: {end_reason}; ran {self.jobs_run} job(s)")
+        if self.refused is not None:
+            # Nothing can be reported with a refused token; the last line says why and what to fix.
+            log(f"{self.refused} (exit code {self.refused.exit_code})")
+            return self.refused.exit_code
         try:
             self.broker.report_pilot_end(self.settings.pilot_id, self.settings.node, self.jobs_run, end_reason)
         except Exception as exc:  # noqa: BLE001 - leaving anyway
             log(f"could not report the pilot's end: {exc}")
-        return 0 if not self.black_hole else 3
+        return exitcodes.BLACK_HOLE if self.black_hole else exitcodes.LEFT
 
     def _may_match(self) -> bool:
         if self.shutdown.is_set() or self.black_hole:
@@ -166,10 +178,29 @@ class Agent:
 
     def _match(self) -> Offer | NoOffer | None:
         try:
-            return self.broker.match(self._free(), self.settings.pilot_id, self.settings.node)
+            answer = self.broker.match(self._free(), self.settings.pilot_id, self.settings.node)
+        except AgentTokenRefused as exc:
+            self._refused(exc, "match")
+            return NoOffer(f"token refused: {exc.cause}", self.settings.min_backoff_s * 2)
         except Exception as exc:  # noqa: BLE001 - the broker may be down for a while: back off
+            self.refusals = 0
             log(f"match failed: {exc}")
             return NoOffer(f"broker unreachable: {exc}", self.settings.min_backoff_s * 4)
+        self.refusals = 0
+        return answer
+
+    def _refused(self, exc: AgentTokenRefused, call: str) -> None:
+        """A broker call refused the token: count it; after refusals_to_leave in a row, give up and leave."""
+        self.refusals += 1
+        limit = max(1, self.settings.refusals_to_leave)
+        if self.refusals < limit:
+            log(f"{call}: the broker refused this agent token ({exc.cause}); {self.refusals} of {limit} "
+                "refusals in a row before leaving")
+            return
+        if self.refused is None:
+            self.refused = exc
+            log(f"{call}: {exc}")
+            self.request_shutdown(f"the broker refused this agent token {self.refusals} times in a row")
 
     def _start(self, offer: Offer) -> None:
         run = self.make_run(offer, self._on_done)
@@ -186,7 +217,10 @@ class Agent:
             self.outcomes.append(outcome)
         state = m.JobState.Name(outcome.result.final_state) if outcome.result else "no result"
         log(f"job {outcome.job_id}.{outcome.attempt} ended: {outcome.ending.value} ({state}): {outcome.detail}")
-        if outcome.ending in ATTEMPT_FAILURE:
+        if outcome.ending in ATTEMPT_FAILURE and self.refused is not None:
+            log(f"job {outcome.job_id}.{outcome.attempt} not reported (the broker refuses this agent's token): "
+                "the broker re-queues it when its heartbeats stop")
+        elif outcome.ending in ATTEMPT_FAILURE:
             try:
                 self.broker.report_attempt_failure(outcome.job_id, outcome.attempt, ATTEMPT_FAILURE[outcome.ending],
                                                    outcome.detail, self.settings.pilot_id)
@@ -208,9 +242,13 @@ class Agent:
         try:
             stop, leave = self.broker.pilot_heartbeat(self.settings.pilot_id, self.settings.node, running,
                                                       self.slot.cores - self._free().cores)
+        except AgentTokenRefused as exc:
+            self._refused(exc, "pilot heartbeat")
+            return
         except Exception as exc:  # noqa: BLE001 - next time
             log(f"pilot heartbeat failed: {exc}")
             return
+        self.refusals = 0
         for key in stop:
             with self._lock:
                 run = self.running.get(tuple(key))

@@ -11,8 +11,18 @@ without one; `off`). `--dry-run JOBFILE` prints the exact command and
 environment a job from JOBFILE would get, without running or matching
 anything.
 
-Exit codes: 0 left normally (idle, lifetime, drained), 1 failure, 2 usage,
-3 black hole (the node failed K jobs in a row) or no usable runtime.
+Exit codes (pilot.agent.exitcodes; a glidein exits with its agent's code):
+  0  left normally (idle, lifetime, drained, stopped by SIGTERM)
+  1  failure
+  2  usage
+  3  black hole (the node failed K jobs in a row) or no usable runtime
+  4  the broker refuses the agent token: PERMISSION_DENIED or UNAUTHENTICATED,
+     or the TLS handshake fails on the certificates (token and broker from
+     different CAs; a wrong-role token), 3 calls in a row. Check the CA the
+     token was issued from (the factory's --ca), its site, and the clocks.
+  5  the agent token had expired at start (queued too long, or a wrong clock)
+The glidein factory stops submitting for its longest backoff when a glidein
+ends with 4 or 5: every glidein with its tokens would fail the same way.
 """
 
 from __future__ import annotations
@@ -96,7 +106,7 @@ def run_agent(args: argparse.Namespace) -> int:
         raise UsageError("--broker and --token are required (or give --dry-run JOBFILE)")
     token_pem = read_token(args.token)
     from pilot.agent.agent import Agent, AgentSettings, job_limits, log, sandbox_for
-    from pilot.agent.brokerlink import GrpcAgentBroker
+    from pilot.agent.brokerlink import AgentTokenExpired, AgentTokenRefused, GrpcAgentBroker
     from pilot.agent.jobrun import JobRun, RunSettings
     from pilot.agent.limits import prepare_delegation
     from pilot.agent.slot import discover
@@ -106,11 +116,11 @@ def run_agent(args: argparse.Namespace) -> int:
     token = parse_token_pem(token_pem, "agent token")
     identity = parse_identity(token.certificate)
     if identity.role is not TokenRole.AGENT:
-        raise UsageError(f"the token is a {identity.role.value} token; the agent needs an agent token "
-                         "(splitpilot token issue --role agent --site SITE)")
+        # The broker would refuse every call (PERMISSION_DENIED): the same failure, found sooner.
+        raise AgentTokenRefused(f"a {identity.role.value} token: the broker takes only agent tokens from an agent",
+                                "issue one with splitpilot token issue --role agent --site SITE (a factory does)")
     if identity.not_after <= datetime.datetime.now(datetime.UTC):
-        raise UsageError(f"the agent token expired at {identity.not_after:%Y-%m-%d %H:%M:%S}Z; the glidein "
-                         "needs a fresh one from its factory")
+        raise AgentTokenExpired(identity.not_after)
     log(f"agent token for site {identity.site} (queue {identity.queue}), valid until "
         f"{identity.not_after:%Y-%m-%d %H:%M:%S}Z; memory protected: {'yes' if non_dumpable else 'NO'}")
     ca_pem = open(args.ca_cert, "rb").read() if args.ca_cert else None
