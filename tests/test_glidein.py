@@ -249,6 +249,9 @@ def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
         check_outputs(site, client, expected, batch_logs(directory))
         # The glidein leaves by itself (idle timeout) and its output and error come back.
         wait_for_glideins_to_leave(factory)
+        # The schedd took the token as a file to transfer encrypted.
+        (ad,) = site.pool.schedd().history(f"ClusterId == {glidein.cluster}", ["EncryptInputFiles"], 1)
+        assert ad["EncryptInputFiles"] == str(token)
         args = parser.parse_args(["glidein", "status", "--site", "MINICONDOR", "--minicondor", state_dir])
         assert args.handler(args) == 0
         out = capsys.readouterr().out

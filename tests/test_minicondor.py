@@ -42,6 +42,7 @@ from condor_plugin.noderoot import (
     parse_deb822_sources,
     parse_one_line_sources,
 )
+from pilot.errors import UsageError
 
 PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 JOB_TIMEOUT = 240.0  # seconds a test job may take end to end (typically 2-5 s; generous for loaded CI)
@@ -462,6 +463,16 @@ def test_configurations_use_idtokens_on_loopback(tmp_path):
     assert f"SEC_TOKEN_DIRECTORY = {tmp_path / 'tokens.d'}" in client
     settings_lines = [line for line in config.splitlines() + client if not line.startswith("#")]
     assert not any("CLAIMTOBE" in line for line in settings_lines)
+
+
+def test_extra_config_lines_come_last_and_are_checked(tmp_path):
+    settings = MiniCondorSettings(state_dir=tmp_path, extra_config=["CLAIM_WORKLIFE = 0", "NUM_CPUS = 4"])
+    lines = daemon_config(settings, 12345, []).splitlines()
+    assert lines[-2:] == ["CLAIM_WORKLIFE = 0", "NUM_CPUS = 4"]       # after our NUM_CPUS: it overrides
+    assert MiniCondorSettings.from_json(settings.to_json()) == settings
+    for bad in ("CLAIM_WORKLIFE", "= 3", "A B = 1", "X = 1\nCLAIMTOBE = 1"):
+        with pytest.raises(UsageError, match="NAME = VALUE"):
+            MiniCondorSettings(state_dir=tmp_path, extra_config=(bad,))
 
 
 def test_enter_script_refuses_to_run_outside_a_new_pid_namespace():
