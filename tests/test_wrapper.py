@@ -283,6 +283,11 @@ def test_agent_disappearing_stops_the_payload(run_job, tmp_path):
     run = run_job(f"#!/bin/sh\necho $$ > {marker}\nsleep 1000\n")
     run.start()
     run.until(lambda e: isinstance(e, m.StateChange) and e.state == S.JOB_STATE_RUNNING)
+    # RUNNING is reported once the payload is spawned, which may be before its shell wrote the marker.
+    deadline = time.monotonic() + 30
+    while not (marker.exists() and marker.read_text().strip()):
+        assert time.monotonic() < deadline, "the payload never wrote its pid"
+        time.sleep(0.02)
     run.channel.close()  # the agent died
     run.process.wait(timeout=30)
     pid = int(marker.read_text())
