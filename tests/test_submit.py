@@ -608,11 +608,9 @@ def test_a_token_file_name_is_fine():
 # ---------------------------------------------------------------------------
 # The periodic policy, evaluated by the ClassAd library
 
-NOW = int(time.time())
-
-
 def job_ad(status: int, in_status_for: int, hold_code: int | None = None) -> classad2.ClassAd:
-    ad = classad2.ClassAd({"JobStatus": status, "EnteredCurrentStatus": NOW - in_status_for,
+    # The clock read now, not at import: the module may be collected minutes before this test runs.
+    ad = classad2.ClassAd({"JobStatus": status, "EnteredCurrentStatus": int(time.time()) - in_status_for,
                            "SplitpilotLifetime": 3600, "SplitpilotGrace": 600, "SplitpilotMaxIdle": 1800,
                            "SplitpilotMaxHeld": 900})
     if hold_code is not None:
