@@ -184,7 +184,7 @@ class RefusingBroker(FakeAgentBroker):
         self.calls = 0
 
     def match(self, slot, pilot_id, node):
-        from pilot.agent.brokerlink import AgentTokenRefused
+        from pilot.agent.refusal import AgentTokenRefused
 
         self.calls += 1
         if self.refusals is None or self.calls <= self.refusals:
@@ -213,7 +213,7 @@ def test_a_transient_refusal_does_not_end_the_pilot(tmp_path):
 def test_refusal_while_a_job_runs_stops_it_and_reports_nothing(tmp_path):
     class RefuseAfterFirst(RefusingBroker):
         def match(self, slot, pilot_id, node):
-            from pilot.agent.brokerlink import AgentTokenRefused
+            from pilot.agent.refusal import AgentTokenRefused
 
             if self.matched:
                 self.calls += 1
@@ -245,7 +245,7 @@ FOREIGN_CA_DETAILS = ("failed to connect to all addresses; last error: UNKNOWN: 
 def test_refusal_classification():
     import grpc
 
-    from pilot.agent.brokerlink import refusal_of
+    from pilot.agent.refusal import refusal_of
 
     probed = []
 
@@ -284,7 +284,8 @@ def test_real_broker_refusals_are_told_from_a_broker_down(tmp_path):
 
     from broker.client import BrokerError
     from broker.server import BrokerConfig, BrokerServer
-    from pilot.agent.brokerlink import AgentTokenRefused, GrpcAgentBroker, SlotRequest
+    from pilot.agent.brokerlink import GrpcAgentBroker, SlotRequest
+    from pilot.agent.refusal import AgentTokenRefused
     from pilot.tokens import CertificateAuthority, TokenRole
 
     slot = SlotRequest(1, 100, 100, 1000)

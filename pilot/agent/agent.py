@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pilot.agent import exitcodes
-from pilot.agent.brokerlink import AgentBroker, AgentTokenRefused, NoOffer, Offer, SlotRequest
+from pilot.agent.brokerlink import AgentBroker, NoOffer, Offer, SlotRequest
 from pilot.agent.jobrun import Ending, JobRun, Outcome, RunSettings
+from pilot.agent.refusal import AgentTokenRefused
 from pilot.agent.slot import SlotResources
 from pilot.pipe import messages as m
 

@@ -106,9 +106,10 @@ def run_agent(args: argparse.Namespace) -> int:
         raise UsageError("--broker and --token are required (or give --dry-run JOBFILE)")
     token_pem = read_token(args.token)
     from pilot.agent.agent import Agent, AgentSettings, job_limits, log, sandbox_for
-    from pilot.agent.brokerlink import AgentTokenExpired, AgentTokenRefused, GrpcAgentBroker
+    from pilot.agent.brokerlink import GrpcAgentBroker
     from pilot.agent.jobrun import JobRun, RunSettings
     from pilot.agent.limits import prepare_delegation
+    from pilot.agent.refusal import AgentTokenExpired, AgentTokenRefused
     from pilot.agent.slot import discover
     from pilot.launch import Mounts, spawn, wrapper_command
     from pilot.tokens import TokenRole, parse_identity, parse_token_pem
