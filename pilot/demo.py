@@ -11,8 +11,9 @@
                                 processes (the wrapper side is pilot.pipe.loopback);
                                 the last job gets a Stop notice
 
-Exit codes: 0 every job DONE with the right outputs, 1 a job failed or its
-outputs were wrong, 2 bad usage (or --condor without root), 130 interrupted.
+Exit codes: 0 every job DONE with the right outputs; 1 a job failed, its
+outputs were wrong, or a part could not start (e.g. --condor without root:
+the message says so); 2 bad usage; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--runtimes", default=None, metavar="LIST",
                         help="container runtimes the agents try, in order (default: apptainer for --condor, "
                              "bubblewrap,podman,apptainer for --local)")
+    parser.add_argument("--container-policy", choices=("require", "prefer", "off"), default="prefer",
+                        help="--condor: require a container, prefer one (fall back to none when no runtime "
+                             "passes its self-test in the node), or off (default %(default)s)")
     parser.add_argument("--keep", action="store_true", help="--condor, --local: keep the state directory")
     parser.set_defaults(handler=run_demo)
 
@@ -82,7 +86,8 @@ def run_demo(args: argparse.Namespace) -> int:
         from pilot.condordemo import CondorDemoSettings, run_condor_demo
 
         settings = CondorDemoSettings(jobs=20 if args.jobs is None else args.jobs, glideins=args.glideins,
-                                      runtimes=args.runtimes or "apptainer", keep=args.keep)
+                                      runtimes=args.runtimes or "apptainer", container_policy=args.container_policy,
+                                      keep=args.keep)
         return 0 if run_condor_demo(settings).ok else 1
     args.jobs = 3 if args.jobs is None else args.jobs
     if args.jobs < 1 or args.steps < 1:
