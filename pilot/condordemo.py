@@ -91,12 +91,13 @@ def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
         finally:
             server.stop()
             if settings.keep:
-                say(f"state kept in {base}")
+                say(f"state kept in {base} (glidein logs in shared/factory/batches/*/log)")
             else:
                 from condor_plugin import nodeproc
 
                 if not nodeproc.mounts_under(base):   # never remove a tree with something mounted below
                     shutil.rmtree(base, ignore_errors=True)
+                    say("state folder removed (--keep keeps it, the glideins' logs included)")
 
 
 def _factory(settings: CondorDemoSettings, pool, server):
@@ -205,7 +206,7 @@ def _glidein_report(factory) -> tuple[str, ...]:
                         if "runtime: " in line and "memory limits" in line), "?")
         seconds = f"{glidein.ran_seconds:.0f} s" if glidein.ran_seconds is not None else "-"
         say(f"glidein {glidein.cluster}.{glidein.proc}: {glidein.status_name}, ran {seconds}, exit "
-            f"{glidein.exit_code}; agent ran {ran}; runtime {runtime}; log {path}")
+            f"{glidein.exit_code}; agent ran {ran}; runtime {runtime}; log {path.name}")
     return tuple(logs)
 
 
