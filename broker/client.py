@@ -38,6 +38,7 @@ from broker.lifecycle import JobState
 # The same values the store records, as the client reports them.
 from broker.store.base import JobEventRecord as JobEvent
 from broker.store.base import OutputRecord as OutputFile
+from broker.store.base import PilotRecord as PilotInfo
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import Identity, TokenFile, parse_identity, read_token_file
 from pilot.tokens.files import KeyPermissions, certificate_pem, load_certificates, private_key_pem
@@ -607,17 +608,6 @@ class JobClient(_Client):
 
 _SITE_STATES = {"enabled": pb.SITE_STATE_ENABLED, "draining": pb.SITE_STATE_DRAINING,
                 "disabled": pb.SITE_STATE_DISABLED}
-
-
-@dataclass(frozen=True)
-class PilotInfo:
-    pilot_id: str
-    site: str
-    node: str
-    first_seen: datetime.datetime
-    last_seen: datetime.datetime
-    jobs_matched: int
-    end_reason: str
 
 
 class AdminClient(_Client):
