@@ -178,20 +178,22 @@ class DownloadOutputRequest(_message.Message):
     def __init__(self, job_id: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class Slot(_message.Message):
-    __slots__ = ("cores", "memory_mb", "disk_mb", "time_left_s", "platforms", "containers")
+    __slots__ = ("cores", "memory_mb", "disk_mb", "time_left_s", "platforms", "containers", "isolation")
     CORES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     DISK_MB_FIELD_NUMBER: _ClassVar[int]
     TIME_LEFT_S_FIELD_NUMBER: _ClassVar[int]
     PLATFORMS_FIELD_NUMBER: _ClassVar[int]
     CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    ISOLATION_FIELD_NUMBER: _ClassVar[int]
     cores: int
     memory_mb: int
     disk_mb: int
     time_left_s: int
     platforms: _containers.RepeatedScalarFieldContainer[str]
     containers: bool
-    def __init__(self, cores: _Optional[int] = ..., memory_mb: _Optional[int] = ..., disk_mb: _Optional[int] = ..., time_left_s: _Optional[int] = ..., platforms: _Optional[_Iterable[str]] = ..., containers: _Optional[bool] = ...) -> None: ...
+    isolation: str
+    def __init__(self, cores: _Optional[int] = ..., memory_mb: _Optional[int] = ..., disk_mb: _Optional[int] = ..., time_left_s: _Optional[int] = ..., platforms: _Optional[_Iterable[str]] = ..., containers: _Optional[bool] = ..., isolation: _Optional[str] = ...) -> None: ...
 
 class MatchRequest(_message.Message):
     __slots__ = ("slot", "pilot_id", "node", "job_public_key")
@@ -266,16 +268,18 @@ class PilotHeartbeatResponse(_message.Message):
     def __init__(self, stop: _Optional[_Iterable[_Union[RunningAttempt, _Mapping]]] = ..., leave: _Optional[bool] = ...) -> None: ...
 
 class ReportPilotEndRequest(_message.Message):
-    __slots__ = ("pilot_id", "node", "jobs_run", "reason")
+    __slots__ = ("pilot_id", "node", "jobs_run", "reason", "abandoned")
     PILOT_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     JOBS_RUN_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    ABANDONED_FIELD_NUMBER: _ClassVar[int]
     pilot_id: str
     node: str
     jobs_run: int
     reason: str
-    def __init__(self, pilot_id: _Optional[str] = ..., node: _Optional[str] = ..., jobs_run: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    abandoned: bool
+    def __init__(self, pilot_id: _Optional[str] = ..., node: _Optional[str] = ..., jobs_run: _Optional[int] = ..., reason: _Optional[str] = ..., abandoned: _Optional[bool] = ...) -> None: ...
 
 class ReportPilotEndResponse(_message.Message):
     __slots__ = ()
