@@ -40,6 +40,7 @@ from pilot.launch import (
     LaunchConfigError,
     Launcher,
     Mounts,
+    NamespaceLauncher,
     NoUsableRuntime,
     PodmanLauncher,
     ProcessLauncher,
@@ -301,7 +302,7 @@ def test_generated_setup_script_refuses_an_image_without_python(tmp_path):
 
 # -------------------------------------------------------- real runtimes: fixtures
 
-RUNTIMES = ["process", "bubblewrap-host", "bubblewrap-image", "podman-image", "podman-rootfs", "apptainer",
+RUNTIMES = ["process", "namespace", "bubblewrap-host", "bubblewrap-image", "podman-image", "podman-rootfs", "apptainer",
             "docker"]
 
 
@@ -341,6 +342,8 @@ def mounts(tmp_path, software) -> Mounts:
 def _launcher_for(kind: str, request) -> Launcher:
     if kind == "process":
         return ProcessLauncher()
+    if kind == "namespace":
+        return NamespaceLauncher()
     if kind.startswith("bubblewrap"):
         _need("bwrap", "bubblewrap")
         return BubblewrapLauncher(image=request.getfixturevalue("rootfs") if kind.endswith("image") else None)
