@@ -72,8 +72,7 @@ def run_agent(world, name: str, runtime: str, *, as_nobody: bool = False, image:
     work.mkdir()
     argv = [sys.executable, "-m", "pilot", "agent", "--broker", world["server"].address, "--token", "-",
             "--work-dir", str(work), "--software-dir", str(world["software"]), "--idle-timeout", "3s",
-            "--lifetime", "30m", "--runtimes", runtime,
-            "--container-policy", "off" if runtime == "process" else "require"]
+            "--lifetime", "30m", "--runtimes", runtime, "--container-policy", "require"]
     if image:
         argv += ["--image", image]
     env = {"PATH": os.environ["PATH"], "SPLITPILOT_AGENT_TOKEN": SENTINEL,
