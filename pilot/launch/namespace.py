@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,24 @@ from pilot.launch.mounts import CVMFS, HOST_ETC, SOFTWARE, SYSTEM_DIRS, WORKDIR,
 
 #: The helper, by path: the agent's own installed copy (never the software area's, which jobs may see).
 ISOLATE_PATH = os.path.abspath(isolate.__file__)
+
+
+def running_interpreter() -> str:
+    """An interpreter this user can run for the helper (it imports nothing but the standard library).
+
+    The binary this process runs (/proc/self/exe) first, then sys.executable,
+    then the system's python3: a virtualenv's `bin/python` may be a link into
+    a folder another user cannot enter."""
+    candidates = []
+    try:
+        candidates.append(os.readlink("/proc/self/exe"))
+    except OSError:
+        pass
+    candidates += [sys.executable, shutil.which("python3") or "", "/usr/bin/python3"]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return sys.executable
 
 
 def _user_namespace_problem() -> str:
@@ -59,7 +78,7 @@ class NamespaceLauncher(Launcher):
     """Own namespaces and a new root made by pilot.launch.isolate, with the agent's interpreter.
 
     Settings:
-        python: the interpreter that runs the helper (default: the agent's own).
+        python: the interpreter that runs the helper (default: the binary the agent runs).
         helper: the helper's path (default: this installation's pilot/launch/isolate.py).
         etc: the host's /etc entries bound read-only (as for bubblewrap on the host root).
 
@@ -68,7 +87,7 @@ class NamespaceLauncher(Launcher):
     agent's thread that started it, kills every process inside at once.
     """
 
-    python: str = field(default_factory=lambda: sys.executable)
+    python: str = field(default_factory=running_interpreter)
     helper: str = ISOLATE_PATH
     etc: tuple[str, ...] = HOST_ETC
 
