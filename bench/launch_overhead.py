@@ -3,7 +3,7 @@
 
     python bench/launch_overhead.py [--quick] [--jobs N]
 
-For each runtime present (process, bubblewrap, podman with a local image
+For each runtime present (process, namespace, bubblewrap, podman with a local image
 folder; apptainer and docker when present), N jobs one after the other:
 the time from a match arriving (the agent side about to start the wrapper)
 to the payload's exec (its first instruction writes the clock), through
@@ -114,7 +114,7 @@ def memory(software: Path, work: Path) -> tuple[int, int]:
                            for i in range(3)])
         agent = subprocess.Popen([sys.executable, "-m", "pilot", "agent", "--broker", server.address, "--token", "-",
                                   "--work-dir", str(work / "agent"), "--software-dir", str(software),
-                                  "--idle-timeout", "2s", "--container-policy", "off",
+                                  "--idle-timeout", "2s", "--runtimes", "process", "--container-policy", "require",
                                   "--allow-root-payloads"],
                                  stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ})
         agent.stdin.write(agent_token.to_pem())
@@ -157,8 +157,8 @@ def main() -> int:
         shutil.copy(REPO / "tests" / "fake_job_broker.py", software / "lib" / "python")
         from pilot.launch.testimage import ensure_rootfs
         image = str(ensure_rootfs())
-        candidates = [("process", None), ("bubblewrap", None), ("podman", image), ("apptainer", image),
-                      ("docker", image)]
+        candidates = [("process", None), ("namespace", None), ("bubblewrap", None), ("podman", image),
+                      ("apptainer", image), ("docker", image)]
         results = {}
         print(f"launch_overhead: {count} jobs per runtime, p50/p90 in ms", file=sys.stderr)
         print(f"{'runtime':12s} {'match->exec p50':>16s} {'p90':>8s} {'bare python p50':>16s} {'ratio':>6s}")
