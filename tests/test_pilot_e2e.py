@@ -505,3 +505,53 @@ def test_an_agent_killed_by_its_payload_is_reported_at_once_by_its_guardian(worl
         client.kill(job_id, "test cleanup")
         # The wrapper sees the agent's end of its pipe close and stops its payload: nothing stays.
         wait_for(lambda: not processes_in(work), timeout=60, what="the orphaned wrapper and payload to end")
+
+
+SWAP_OUTPUTS = """#!/bin/sh
+# result.out flips between the original and a link to /etc/passwd (env.out: to the wrapper's environ)
+# from the moment this script has exited; agent.out is a hard link to a file of the agent's work dir;
+# fifo.out would block a reader for ever.
+work=$(cd ../.. && pwd)
+echo original > result.out
+echo original-env > env.out
+ln "$work/agent-state.txt" agent.out
+mkfifo fifo.out
+setsid sh -c '
+    while kill -0 '$$' 2>/dev/null; do :; done
+    while true; do
+        echo original > keep.tmp && mv -f keep.tmp result.out
+        echo original-env > keep2.tmp && mv -f keep2.tmp env.out
+        ln -sfn /etc/passwd swap.tmp && mv -f swap.tmp result.out
+        ln -sfn /proc/self/environ swap2.tmp && mv -f swap2.tmp env.out
+    done' < /dev/null > /dev/null 2>&1 &
+exit 0
+"""
+
+
+def test_outputs_are_uploaded_from_what_the_payload_left_never_from_what_it_points_at(world):
+    """Process launcher, same user, a real broker: links, a hard link into the agent's work dir and a FIFO
+    named like outputs; a daemon swapping files after the payload's exit. Nothing but the payload's own
+    regular files is stored, and the job says which outputs were refused."""
+    client = world["client"]
+    script = world["base"] / "swap_outputs.sh"
+    script.write_text(SWAP_OUTPUTS)
+    job_id = submit(world, payload_spec(client, script, "swap-outputs"))
+    work = world["base"] / "work-swap-outputs"
+    argv, env, token = agent_command(world, "swap-outputs", "process", as_nobody=True)
+    (work / "agent-state.txt").write_text("the agent's own file\n")
+    os.chown(work / "agent-state.txt", NOBODY.pw_uid, NOBODY.pw_gid)
+    result = subprocess.run(argv, input=token, capture_output=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    status = wait_final(client, job_id)
+    assert status.state is JobState.FAILED_OUTPUT, status.message
+    assert "'agent.out' has 2 hard links" in status.message and "'fifo.out' is a FIFO" in status.message
+    out = world["base"] / "swap-outputs-out"
+    client.output(job_id, out)
+    stored = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "agent.out" not in stored and "fifo.out" not in stored
+    assert stored.get("result.out", b"original\n") == b"original\n"
+    assert stored.get("env.out", b"original-env\n") == b"original-env\n"
+    for name in {"result.out", "env.out"} - set(stored):   # flipped to a link when the daemon was killed
+        assert f"'{name}' is a symbolic link" in status.message
+    assert not any(b"root:" in data or b"PATH=" in data for data in stored.values())
+    assert not processes_in(work)

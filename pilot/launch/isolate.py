@@ -50,6 +50,7 @@ import signal
 import stat
 import struct
 import sys
+from dataclasses import dataclass, field
 
 # --- kernel constants (linux/sched.h, linux/mount.h, linux/prctl.h, linux/securebits.h)
 CLONE_NEWNS = 0x00020000
@@ -122,8 +123,8 @@ class SetupError(Exception):
 def _check(result: int, what: str, fix: str = "") -> None:
     if result != 0:
         code = ctypes.get_errno()
-        raise SetupError(f"{what}: {os.strerror(code)} ({errno.errorcode.get(code, code)})" + (f"; fix: {fix}" if fix
-                                                                                                 else ""))
+        advice = f"; fix: {fix}" if fix else ""
+        raise SetupError(f"{what}: {os.strerror(code)} ({errno.errorcode.get(code, code)}){advice}")
 
 
 def _b(path: str) -> bytes:
@@ -150,13 +151,16 @@ def pivot_root(new_root: str, put_old: str) -> None:
 # ------------------------------------------------------------------ options
 
 
+@dataclass
 class Options:
-    """The parsed command line (argv-based, like bubblewrap's, so a dry run shows everything)."""
+    """The parsed command line (argv-based, like bubblewrap's, so a dry run shows everything).
 
-    def __init__(self) -> None:
-        self.binds: list[tuple[str, str, str]] = []   # (kind, source, destination)
-        self.chdir = "/"
-        self.argv: list[str] = []
+    binds: (kind, host source, destination inside) in order; kind is one of
+    system, ro-bind, ro-bind-try, bind."""
+
+    binds: list[tuple[str, str, str]] = field(default_factory=list)
+    chdir: str = "/"
+    argv: list[str] = field(default_factory=list)
 
 
 USAGE = ("usage: isolate.py [--system SRC DEST] [--ro-bind SRC DEST] [--ro-bind-try SRC DEST] [--bind SRC DEST] "
