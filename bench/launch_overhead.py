@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pilot.launch import Mounts, build_software_area, make_launcher, spawn, wrapper_command  # noqa: E402
+from pilot.launch.manifest import write_manifest  # noqa: E402
 from pilot.pipe import messages as m  # noqa: E402
 
 
@@ -120,7 +121,12 @@ def memory(software: Path, work: Path) -> tuple[int, int]:
         agent.stdin.write(agent_token.to_pem())
         agent.stdin.close()
         stop, agent_peak, wrapper_peaks, seen = threading.Event(), [], [], set()
-        sampler = threading.Thread(target=peak_rss, args=(agent.pid, stop, agent_peak))
+        # The process started is the agent's guardian; the agent is its first child.
+        deadline = time.monotonic() + 30
+        while not tree_usage(agent.pid, include_root=False).pids and time.monotonic() < deadline:
+            time.sleep(0.01)
+        agent_pid = min(tree_usage(agent.pid, include_root=False).pids, default=agent.pid)
+        sampler = threading.Thread(target=peak_rss, args=(agent_pid, stop, agent_peak))
         sampler.start()
         wrapper_threads = []
         while agent.poll() is None:
@@ -155,6 +161,7 @@ def main() -> int:
     try:
         software = build_software_area(work / "software")
         shutil.copy(REPO / "tests" / "fake_job_broker.py", software / "lib" / "python")
+        write_manifest(software)   # the area changed: the agent refuses an area that differs from its manifest
         from pilot.launch.testimage import ensure_rootfs
         image = str(ensure_rootfs())
         candidates = [("process", None), ("namespace", None), ("bubblewrap", None), ("podman", image),

@@ -494,9 +494,8 @@ def test_an_agent_killed_by_its_payload_is_reported_at_once_by_its_guardian(worl
         assert code == 1, log[-3000:]
         assert "guardian: agent killed by SIGKILL" in log, log[-3000:]
         # The broker ended the attempt at once (ReportPilotEnd abandoned=True) and re-queued the job.
-        status = wait_for(lambda: (s := client.status(job_id)).state is JobState.WAITING and s,
-                          timeout=10, what=f"job {job_id} back in the queue; guardian log: {log[-1500:]}")
-        assert status.attempt == 1
+        wait_for(lambda: client.status(job_id).state is JobState.WAITING, timeout=10,
+                 what=f"job {job_id} back in the queue; guardian log: {log[-1500:]}")
         assert "reported to the broker" in log
     finally:
         if agent.poll() is None:
