@@ -1059,3 +1059,8 @@ def test_namespace_setup_failures_name_the_step(mounts, tmp_path):
     channel.close()
     err = _finish(process)
     assert process.returncode == 127 and "cannot run '/no/such/program'" in err
+    # A program by name: the PATH search happens inside the new root, with nothing of the helper's left to import.
+    process, channel = spawn(launcher, ["sh", "-c", "exit 7"], mounts, stderr=subprocess.PIPE)
+    channel.close()
+    err = _finish(process)
+    assert process.returncode == 7, err

@@ -20,6 +20,9 @@ Three processes, as in bubblewrap:
             ends, and the kernel kills whatever is left in the namespace.
     program the wrapper: PROGRAM exec'd with this process's environment.
 
+Everything this helper needs is imported before the pivot: the interpreter's
+own files are not in the new root.
+
 The new root is a tmpfs, read-only once built, holding only what the options
 name: system folders read-only (symlinks such as /bin -> usr/bin kept as
 symlinks), single /etc entries read-only, the sandbox read-write, the
@@ -49,6 +52,7 @@ import signal
 import stat
 import struct
 import sys
+import warnings  # noqa: F401 - os.execvp's PATH search imports it lazily: after the pivot, no stdlib is visible
 
 # --- kernel constants (linux/sched.h, linux/mount.h, linux/prctl.h, linux/securebits.h)
 CLONE_NEWNS = 0x00020000
