@@ -3,7 +3,7 @@
 
     python bench/launch_overhead.py [--quick] [--jobs N]
 
-For each runtime present (process, bubblewrap, podman with a local image
+For each runtime present (process, namespace, bubblewrap, podman with a local image
 folder; apptainer and docker when present), N jobs one after the other:
 the time from a match arriving (the agent side about to start the wrapper)
 to the payload's exec (its first instruction writes the clock), through
@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pilot.launch import Mounts, build_software_area, make_launcher, spawn, wrapper_command  # noqa: E402
+from pilot.launch.manifest import write_manifest  # noqa: E402
 from pilot.pipe import messages as m  # noqa: E402
 
 
@@ -114,13 +115,18 @@ def memory(software: Path, work: Path) -> tuple[int, int]:
                            for i in range(3)])
         agent = subprocess.Popen([sys.executable, "-m", "pilot", "agent", "--broker", server.address, "--token", "-",
                                   "--work-dir", str(work / "agent"), "--software-dir", str(software),
-                                  "--idle-timeout", "2s", "--container-policy", "off",
+                                  "--idle-timeout", "2s", "--runtimes", "process", "--container-policy", "require",
                                   "--allow-root-payloads"],
                                  stdin=subprocess.PIPE, stderr=subprocess.DEVNULL, env={**os.environ})
         agent.stdin.write(agent_token.to_pem())
         agent.stdin.close()
         stop, agent_peak, wrapper_peaks, seen = threading.Event(), [], [], set()
-        sampler = threading.Thread(target=peak_rss, args=(agent.pid, stop, agent_peak))
+        # The process started is the agent's guardian; the agent is its first child.
+        deadline = time.monotonic() + 30
+        while not tree_usage(agent.pid, include_root=False).pids and time.monotonic() < deadline:
+            time.sleep(0.01)
+        agent_pid = min(tree_usage(agent.pid, include_root=False).pids, default=agent.pid)
+        sampler = threading.Thread(target=peak_rss, args=(agent_pid, stop, agent_peak))
         sampler.start()
         wrapper_threads = []
         while agent.poll() is None:
@@ -155,10 +161,11 @@ def main() -> int:
     try:
         software = build_software_area(work / "software")
         shutil.copy(REPO / "tests" / "fake_job_broker.py", software / "lib" / "python")
+        write_manifest(software)   # the area changed: the agent refuses an area that differs from its manifest
         from pilot.launch.testimage import ensure_rootfs
         image = str(ensure_rootfs())
-        candidates = [("process", None), ("bubblewrap", None), ("podman", image), ("apptainer", image),
-                      ("docker", image)]
+        candidates = [("process", None), ("namespace", None), ("bubblewrap", None), ("podman", image),
+                      ("apptainer", image), ("docker", image)]
         results = {}
         print(f"launch_overhead: {count} jobs per runtime, p50/p90 in ms", file=sys.stderr)
         print(f"{'runtime':12s} {'match->exec p50':>16s} {'p90':>8s} {'bare python p50':>16s} {'ratio':>6s}")

@@ -21,6 +21,7 @@ carrying the gRPC code and the broker's message.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -310,6 +311,28 @@ def _file_chunks(path: str, name: str, size: int, sha256: str) -> Iterator[pb.Fi
             yield pb.FileChunk(data=block)
 
 
+def _fd_digest(fd: int) -> tuple[str, int]:
+    """(hex sha256, size) of the open file FD from offset 0, read with pread (FD's offset is left alone)."""
+    digest = hashlib.sha256()
+    offset = 0
+    while block := os.pread(fd, CHUNK_SIZE, offset):
+        digest.update(block)
+        offset += len(block)
+    return digest.hexdigest(), offset
+
+
+def _fd_chunks(fd: int, name: str, size: int, sha256: str) -> Iterator[pb.FileChunk]:
+    """The FileChunk stream of FD's first SIZE bytes (pread: no shared offset, no reopening)."""
+    yield pb.FileChunk(header=pb.FileHeader(name=name, size=size, sha256=sha256))
+    offset = 0
+    while offset < size:
+        block = os.pread(fd, min(CHUNK_SIZE, size - offset), offset)
+        if not block:
+            raise SplitpilotError(f"output {name!r} shrank from {size} to {offset} bytes while it was uploaded")
+        offset += len(block)
+        yield pb.FileChunk(data=block)
+
+
 def _receive(chunks: Iterable[pb.FileChunk], dest: str, expect_name: str,
              expect: tuple[int, str] | None = None) -> str:
     """Write a FileChunk stream to DEST atomically, verifying size and sha256."""
@@ -568,12 +591,29 @@ class JobClient(_Client):
         return _receive(stream, dest, name)
 
     def put_output(self, path: str | os.PathLike, name: str | None = None) -> OutputFile:
-        """Upload the file at PATH as output NAME (default: its base name)."""
+        """Upload the file at PATH as output NAME (default: its base name).
+
+        PATH is opened once; its checksum and its content are read from that
+        one descriptor (put_output_fd)."""
         path = os.fspath(path)
         name = check_sandbox_name(name or os.path.basename(path), "output name")
-        sha256, size = sha256_of_file(path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            response = self._stub.PutOutput(_file_chunks(path, name, size, sha256), timeout=STREAM_TIMEOUT)
+            return self.put_output_fd(fd, name)
+        finally:
+            os.close(fd)
+
+    def put_output_fd(self, fd: int, name: str) -> OutputFile:
+        """Upload the open file FD as output NAME, read from its start with pread (never reopened by path).
+
+        The wrapper opens each output itself (refusing links and anything that
+        is not a plain file of the sandbox) and uploads that very descriptor,
+        so nothing can swap the file between the check and the upload. A file
+        that changes while it is sent fails the upload (size or sha256)."""
+        name = check_sandbox_name(name, "output name")
+        sha256, size = _fd_digest(fd)
+        try:
+            response = self._stub.PutOutput(_fd_chunks(fd, name, size, sha256), timeout=STREAM_TIMEOUT)
         except grpc.RpcError as exc:
             raise _broker_error("PutOutput", exc, self.address) from None
         return OutputFile(name, response.size, response.sha256)

@@ -3,12 +3,16 @@
 Shared by the agent (watching each wrapper's tree) and the wrapper (watching
 its payload). A process tree is found from a root pid by the parent links in
 /proc/<pid>/stat; a payload that double-forks a daemon escapes the tree but
-not its process group or session, so callers may also pass a session id.
+not its process group or session, so callers may also pass a session id
+(or make themselves a child subreaper: pilot.prctl). `kill_descendants`
+empties a tree for good.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import time
 from dataclasses import dataclass
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -89,3 +93,46 @@ def directory_bytes(path: str) -> int:
         except OSError:
             continue
     return total
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return True   # gone
+    return data[data.rindex(b")") + 2:][:1] in (b"Z", b"X")
+
+
+def kill_descendants(root: int | None = None, *, rounds: int = 100) -> int:
+    """SIGKILL every descendant of ROOT (default: this process), again until none is left (they may
+    fork while being killed), and reap those that became our children; return how many were killed.
+
+    Meant for a child subreaper (orphans come back to it): everything a job
+    left behind, however it daemonised, is below it.
+    """
+    me = os.getpid() if root is None else root
+    killed: set[int] = set()
+    for _ in range(rounds):
+        alive = [pid for pid in tree_usage(me, include_root=False).pids if not _is_zombie(pid)]
+        if not alive:
+            break
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        _reap(killed)
+        time.sleep(0.01)
+    # Whatever is left below us now is a zombie: ours (orphans come to a subreaper), reap them all.
+    _reap(killed | set(tree_usage(me, include_root=False).pids))
+    return len(killed)
+
+
+def _reap(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass  # not our child: its own parent (also being killed) or the kernel reaps it

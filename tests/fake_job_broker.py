@@ -8,7 +8,7 @@ into files the test reads afterwards:
   DIR/KILL           if present, heartbeat() answers "kill"
   DIR/inputs/NAME    the input files served (checksums from DIR/inputs.json)
   DIR/outputs/NAME   uploaded outputs
-  DIR/FAIL_UPLOAD    if present, put_output fails
+  DIR/FAIL_UPLOAD    if present, put_output_fd fails
 """
 
 from __future__ import annotations
@@ -47,12 +47,16 @@ class FakeJobBroker:
             raise ValueError(f"checksum mismatch for {name}: {digest} != {expected}")
         shutil.copyfile(source, destination)
 
-    def put_output(self, path, name):
+    def put_output_fd(self, fd, name):
         if os.path.exists(os.path.join(self.dir, "FAIL_UPLOAD")):
             raise OSError("storage unavailable")
         target = os.path.join(self.dir, "outputs", name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        shutil.copyfile(path, target)
+        with open(target, "wb") as out:   # as JobClient does: pread from the start of FD
+            offset = 0
+            while block := os.pread(fd, 1 << 20, offset):
+                out.write(block)
+                offset += len(block)
 
     def replace_token(self, certificate_pem, private_key_pem):
         with open(os.path.join(self.dir, "token-refreshes"), "ab") as handle:

@@ -81,24 +81,29 @@ def script_spec(script: str, tmp: Path, *, cores=1, memory_mb=500, name="job") -
 
 
 def make_agent(tmp: Path, broker, *, cores=2, memory_mb=2000, lifetime=600, idle=1.5, wrapper=None,
-               black_hole=3, monitor=0.3):
+               black_hole=3, monitor=0.3, isolation="", one_job_at_a_time=False, software=None,
+               kill_leftovers=None, started=None):
     work = tmp / "work"
     work.mkdir(exist_ok=True)
     slot = SlotResources(cores, memory_mb, 10_000, time.time() + lifetime, "test")
     settings = AgentSettings(work_dir=str(work), idle_timeout_s=idle, min_backoff_s=0.1, max_backoff_s=0.3,
                              min_job_time_s=5, black_hole_failures=black_hole,
                              run=RunSettings(monitor_interval_s=monitor, ready_timeout_s=30, stop_deadline_s=3,
-                                             limit_stop_deadline_s=2))
+                                             limit_stop_deadline_s=2),
+                             isolation=isolation, one_job_at_a_time=one_job_at_a_time)
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{HERE.parent}{os.pathsep}{HERE}"}
     argv = wrapper or [sys.executable, str(HERE / "fake_job_broker.py"), str(tmp / "broker")]
 
     def make_run(offer, on_done):
         sandbox = sandbox_for(str(work), offer)
+        if started is not None:
+            started.append(f"start {offer.job_id}")
         return JobRun(offer, spawn_wrapper=lambda: spawn_with_channel(argv, env=env, stderr=subprocess.DEVNULL),
                       sandbox_host=sandbox, sandbox_inside=sandbox, software_inside="", broker_address="x",
                       ca_pem=b"CA", agent_id=settings.pilot_id, limits=job_limits(offer.spec),
                       deadline_unix=0, settings=settings.run, on_done=on_done)
-    return Agent(broker, slot, settings, make_run, containers=False)
+    return Agent(broker, slot, settings, make_run, containers=False, software=software,
+                 kill_leftovers=kill_leftovers)
 
 
 def states(tmp: Path) -> list[int]:
@@ -364,3 +369,85 @@ def test_cli_refuses_expired_and_wrong_role_tokens_with_their_codes(tmp_path):
             assert "the agent token has expired (valid until" in result.stderr
         else:
             assert "the broker refused this agent token (a user token" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Without isolation: one job at a time; a changed software area: no wrapper, exit 6
+
+
+def test_without_isolation_the_whole_slot_goes_to_one_job_at_a_time(tmp_path):
+    specs = [script_spec("#!/bin/sh\nsleep 0.5\n", tmp_path, name=f"j{i}") for i in range(3)]
+    broker = FakeAgentBroker(specs)
+    events: list[str] = []
+
+    def kill_leftovers():
+        events.append("leftovers")
+        return 0
+    agent = make_agent(tmp_path, broker, cores=2, isolation="none", one_job_at_a_time=True,
+                       kill_leftovers=kill_leftovers, started=events)
+    assert agent.run() == 0
+    assert len(broker.matched) == 3 and states(tmp_path).count(m.JobState.JOB_STATE_DONE) == 3
+    # Each job's leftovers are dealt with before the next job may start: never two at once.
+    assert events == [e for job_id, _ in broker.matched for e in (f"start {job_id}", "leftovers")], events
+    assert all(slot.cores == 2 and slot.isolation == "none" for slot in broker.slots)  # the whole slot, said so
+    assert not os.listdir(tmp_path / "work")
+
+
+def test_with_isolation_jobs_share_the_slot_and_say_how_they_are_isolated(tmp_path):
+    specs = [script_spec("#!/bin/sh\nsleep 1\n", tmp_path, name=f"j{i}") for i in range(2)]
+    broker = FakeAgentBroker(specs)
+    agent = make_agent(tmp_path, broker, cores=2, isolation="namespace")
+    assert agent.run() == 0
+    assert any(slot.cores == 1 for slot in broker.slots)     # the second job was offered what the first left
+    assert {slot.isolation for slot in broker.slots} == {"namespace"}
+
+
+def test_a_changed_software_area_stops_the_agent_before_the_next_wrapper(tmp_path, capsys):
+    from pilot.launch.manifest import SoftwareGuard, write_manifest
+
+    area = tmp_path / "sw"
+    (area / "lib").mkdir(parents=True)
+    (area / "lib" / "run.py").write_text("print('the wrapper')\n")
+    write_manifest(area)
+    guard = SoftwareGuard.verify(area)
+    patch = script_spec(f"#!/bin/sh\necho 'steal()' >> {area}/lib/run.py\n", tmp_path, name="patch")
+    victim = script_spec("#!/bin/sh\necho victim ran > victim.out\n", tmp_path, name="victim")
+    broker = FakeAgentBroker([patch, victim])
+    agent = make_agent(tmp_path, broker, cores=1, idle=30, software=guard, isolation="none",
+                       one_job_at_a_time=True, kill_leftovers=lambda: 0)
+    assert agent.run() == 6
+    (first, _), (second, _) = broker.matched
+    assert states(tmp_path).count(m.JobState.JOB_STATE_DONE) == 1           # only the patching job ran
+    assert not (tmp_path / "broker" / "outputs" / "victim.out").exists()
+    (job_id, attempt, failure, detail), = broker.failures
+    assert (job_id, attempt, failure) == (second, 1, 2)                     # INFRASTRUCTURE: re-queued
+    assert detail.startswith("not started: the software area changed on this node (lib/run.py was modified")
+    (jobs_run, reason), = broker.ends
+    assert jobs_run == 1 and reason.startswith("software area changed: lib/run.py was modified")
+    err = capsys.readouterr().err
+    assert f"job {second}.1 not started" in err and "(exit code 6)" in err
+
+
+@pytest.mark.parametrize("runtime,policy,expected", [
+    ("process", "require", ["# isolation: none", "#   other jobs:    NOT isolated",
+                            "#   software area: WRITABLE by the payload",
+                            "# jobs run one at a time (nothing separates them)"]),
+    ("bubblewrap", "off", ["# isolation: namespace", "#   the agent:     separated: not visible",
+                           "#   network:       NOT isolated: the host's network",
+                           "#   capabilities:  none: every set emptied", "# jobs share the slot"]),
+])
+def test_dry_run_states_what_is_and_is_not_isolated(tmp_path, runtime, policy, expected):
+    from pilot.launch import build_software_area
+
+    software = build_software_area(tmp_path / "sw")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text('[job]\nname = "probe"\nexecutable = "/bin/true"\n[job.requirements]\ncores = 1\n'
+                    'memory_mb = 100\nwalltime = "1m"\n')
+    result = subprocess.run([sys.executable, "-m", "pilot", "agent", "--dry-run", str(jobs), "--work-dir",
+                             str(tmp_path / "work"), "--software-dir", str(software), "--runtimes", runtime,
+                             "--container-policy", policy], capture_output=True, text=True, timeout=120,
+                            cwd=HERE.parent)
+    assert result.returncode == 0, result.stderr
+    for line in expected:
+        assert line in result.stdout, result.stdout
+    assert "# job 1 (probe)" in result.stdout

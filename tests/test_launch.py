@@ -40,6 +40,7 @@ from pilot.launch import (
     LaunchConfigError,
     Launcher,
     Mounts,
+    NamespaceLauncher,
     NoUsableRuntime,
     PodmanLauncher,
     ProcessLauncher,
@@ -115,6 +116,22 @@ def test_bubblewrap_argv_with_an_image_folder_cvmfs_and_site_binds():
         "--ro-bind", "/data/site", "/site/data", "--bind", "/scratch/shared", "/site/scratch",
         "--chdir", "/workdir", "--", *ARGV]
     assert image_system[:3] == ["--ro-bind", "/images/el9/usr", "/usr"]
+
+
+def test_namespace_argv_runs_the_stdlib_helper_by_path_with_the_agents_interpreter():
+    launcher = NamespaceLauncher(python="/opt/py/bin/python3", helper="/opt/sp/pilot/launch/isolate.py")
+    system = [x if i % 3 else "--system" for i, x in enumerate(HOST_SYSTEM)]
+    assert launcher.wrap(ARGV, M_ALL) == [
+        "/opt/py/bin/python3", "-I", "-S", "/opt/sp/pilot/launch/isolate.py", *system, *HOST_ETC,
+        "--bind", "/scratch/job1", "/workdir", "--ro-bind", "/opt/sw", "/sw", "--ro-bind", "/cvmfs", "/cvmfs",
+        "--ro-bind", "/data/site", "/site/data", "--bind", "/scratch/shared", "/site/scratch",
+        "--chdir", "/workdir", "--", *ARGV]
+    # Defaults: this interpreter and this installation's helper, never the software area's copy.
+    default = NamespaceLauncher()
+    assert os.path.samefile(default.python, sys.executable) and default.helper.endswith("pilot/launch/isolate.py")
+    assert not default.helper.startswith(M.software)
+    assert default.environment(M, {SECRET_NAME: "s"}) == BubblewrapLauncher().environment(M, {})
+    assert default.workdir(M) == "/workdir" and default.software_dir(M) == "/sw"
 
 
 def test_bubblewrap_environment_is_the_wrappers_and_minimal():
@@ -225,8 +242,9 @@ def test_bad_argv_is_refused_before_any_runtime_sees_it():
 
 
 def test_make_launcher_names():
-    assert set(LAUNCHERS) == {"process", "bubblewrap", "apptainer", "singularity", "podman", "docker"}
+    assert set(LAUNCHERS) == {"process", "namespace", "bubblewrap", "apptainer", "singularity", "podman", "docker"}
     assert make_launcher("bwrap") == BubblewrapLauncher()
+    assert make_launcher("namespace", "ignored") == NamespaceLauncher()
     assert make_launcher("process", "ignored") == ProcessLauncher()
     assert make_launcher("podman", "img").image == "img"
     assert all(issubclass(cls, Launcher) and cls.name for cls in LAUNCHERS.values())
@@ -301,7 +319,7 @@ def test_generated_setup_script_refuses_an_image_without_python(tmp_path):
 
 # -------------------------------------------------------- real runtimes: fixtures
 
-RUNTIMES = ["process", "bubblewrap-host", "bubblewrap-image", "podman-image", "podman-rootfs", "apptainer",
+RUNTIMES = ["process", "namespace", "bubblewrap-host", "bubblewrap-image", "podman-image", "podman-rootfs", "apptainer",
             "docker"]
 
 
@@ -341,6 +359,8 @@ def mounts(tmp_path, software) -> Mounts:
 def _launcher_for(kind: str, request) -> Launcher:
     if kind == "process":
         return ProcessLauncher()
+    if kind == "namespace":
+        return NamespaceLauncher()
     if kind.startswith("bubblewrap"):
         _need("bwrap", "bubblewrap")
         return BubblewrapLauncher(image=request.getfixturevalue("rootfs") if kind.endswith("image") else None)
@@ -774,10 +794,34 @@ def test_detect_prefer_with_a_working_runtime_does_not_warn(mounts, capsys):
     assert "WARNING" not in capsys.readouterr().err
 
 
-def test_detect_off_probes_nothing(mounts, monkeypatch):
-    monkeypatch.setattr(detection, "_try", lambda *a: pytest.fail("off must not probe"))
+def test_detect_off_tries_only_the_namespace_launcher(mounts, capsys):
+    """`off` means no container: the namespace launcher (no image) if it works, never a configured runtime."""
     selection = detect(["podman", "bubblewrap"], "off", "img", mounts)
-    assert selection.launcher == ProcessLauncher() and selection.attempts == ()
+    assert selection.launcher == NamespaceLauncher() and not selection.fell_back
+    assert [a.name for a in selection.attempts] == ["namespace"] and selection.attempts[0].ok
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_detect_off_without_user_namespaces_falls_back_to_no_isolation_loudly(mounts):
+    warnings = io.StringIO()
+    selection = detect(["podman"], "off", "img", mounts, self_test_argv=["/bin/false"], stderr=warnings)
+    assert selection.launcher == ProcessLauncher() and selection.fell_back
+    assert [a.name for a in selection.attempts] == ["namespace"]
+    assert "WITHOUT a container or any isolation (policy 'off')" in warnings.getvalue()
+    assert "one at a time" in warnings.getvalue()
+
+
+def test_detect_prefer_takes_the_namespace_launcher_before_no_isolation(request, mounts):
+    """The configured runtime fails its self-test: the namespace launcher, not the process launcher."""
+    from pilot.launch.detection import default_self_test_argv
+
+    warnings = io.StringIO()
+    selection = detect(["podman"], "prefer", request.getfixturevalue("podman_image"), mounts,
+                       self_test_argv=lambda launcher: ["/bin/false"] if launcher.name == "podman"
+                       else default_self_test_argv(launcher, mounts), stderr=warnings)
+    assert selection.launcher == NamespaceLauncher() and selection.fell_back
+    assert [(a.name, a.ok) for a in selection.attempts] == [("podman", False), ("namespace", True)]
+    assert "namespace launcher" in warnings.getvalue() and "WITHOUT" not in warnings.getvalue()
 
 
 def test_detect_refuses_an_unknown_policy(mounts):
@@ -835,3 +879,188 @@ def test_bubblewrap_works_for_an_unprivileged_agent():
 
 def test_errno_names_used_in_probes_exist():
     assert errno.EROFS and "EROFS" in errno.errorcode.values()
+
+
+# ------------------------------------------------ the namespace launcher, as the attacker sees it
+
+
+NAMESPACE_PROBE = """
+    import ctypes, errno, json, os, signal, sys
+    outside_pid, other_sandbox, work_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    def attempt(action):
+        try:
+            action()
+            return "done"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+    def write(path):
+        with open(path, "w") as handle:
+            handle.write("x")
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    processes = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            processes[pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode("latin-1")
+        except OSError as exc:
+            processes[pid] = errno.errorcode[exc.errno]
+    memory = {}
+    for pid in processes:
+        if int(pid) != os.getpid():
+            memory[pid] = attempt(lambda: open(f"/proc/{pid}/mem", "rb").close())
+    libc = ctypes.CDLL(None, use_errno=True)
+    def syscall(function, *args):
+        return "done" if function(*args) == 0 else errno.errorcode[ctypes.get_errno()]
+    def mounts_attack():
+        # What a payload with every capability (of a user namespace of its own) can do to the mounts.
+        return {"umount_sw": syscall(libc.umount2, b"/sw", 0),
+                "remount_sw_rw": syscall(libc.mount, None, b"/sw", None, 32 | 4096, None),   # MS_REMOUNT|MS_BIND
+                "write_sw": attempt(lambda: write("/sw/planted")),
+                "umount_workdir": syscall(libc.umount2, b"/workdir", 2)}                     # MNT_DETACH
+    plain = mounts_attack()
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        entered = syscall(libc.unshare, 0x10000000 | 0x00020000)   # CLONE_NEWUSER | CLONE_NEWNS
+        os.write(writer, json.dumps({"unshare": entered, **mounts_attack()}).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    os.close(writer)
+    nested = json.loads(os.read(reader, 65536))
+    report = {
+        "status": {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")},
+        "uid": os.getuid(), "pid": os.getpid(), "processes": processes, "memory": memory,
+        "signal_outside": attempt(lambda: os.kill(outside_pid, 0)),
+        "other_sandbox": os.path.exists(other_sandbox), "work_dir": os.path.exists(work_dir),
+        "root": sorted(os.listdir("/")), "etc": sorted(os.listdir("/etc")),
+        "write_root": attempt(lambda: write("/planted")), "write_usr": attempt(lambda: write("/usr/planted")),
+        "write_sw": attempt(lambda: write("/sw/planted")), "write_tmp": attempt(lambda: write("/tmp/t")),
+        "plain": plain, "nested": nested,
+    }
+    with open("namespace.json", "w") as handle:
+        json.dump(report, handle)
+"""
+
+
+NAMESPACE_ANY_AGENT = """
+import base64, pickle, sys
+from pilot.launch import NamespaceLauncher, spawn
+mounts, argv = pickle.loads(base64.b64decode(sys.argv[1]))
+process, channel = spawn(NamespaceLauncher(), argv, mounts)
+channel.close()
+sys.exit(process.wait(60))
+"""
+
+
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_namespace_payload_has_no_capabilities_and_sees_nothing_but_its_sandbox(user, tmp_path):
+    """What a payload can see and do inside the namespace launcher, as root and as an unprivileged agent."""
+    if user == "root" and os.geteuid() != 0:
+        pytest.skip("the root case needs root")
+    base = Path(tempfile.mkdtemp(prefix="splitpilot-ns-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        software = build_software_area(base / "sw")
+        work = base / "work"
+        sandbox, other = work / "job-1-1" / "sandbox", work / "job-2-1" / "sandbox"
+        for folder in (sandbox, other):
+            folder.mkdir(parents=True)
+        (other / "secret.out").write_text("the other job's output")
+        (work / "agent-state").write_text("the agent's")
+        become = []
+        if user == "nobody":
+            for path in (work, work / "job-1-1", sandbox, work / "job-2-1", other):
+                os.chown(path, 65534, 65534)
+            become = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        mounts = Mounts.on_host(sandbox, software)
+        argv = wrapper_command(NamespaceLauncher(), mounts, ["python3", "-c", textwrap.dedent(NAMESPACE_PROBE),
+                                                             str(os.getpid()), str(other), str(work)])
+        # The launcher is made by the agent itself (its interpreter is the one this user can run).
+        blob = base64.b64encode(pickle.dumps((mounts, argv))).decode()
+        agent = subprocess.run([*become, sys.executable, "-c", NAMESPACE_ANY_AGENT, blob], capture_output=True,
+                               text=True, timeout=TIMEOUT,
+                               env={"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        assert agent.returncode == 0, agent.stderr
+        report = json.loads((sandbox / "namespace.json").read_text())
+        print(json.dumps({k: v for k, v in report.items() if k != "processes"}))
+        # No capability in any set, for good; uid unchanged (no other id exists inside).
+        assert report["status"] == {"CapInh": "0000000000000000", "CapPrm": "0000000000000000",
+                                    "CapEff": "0000000000000000", "CapBnd": "0000000000000000",
+                                    "CapAmb": "0000000000000000", "NoNewPrivs": "1"}
+        assert report["uid"] == (0 if user == "root" else 65534)
+        # Its own PID namespace: init, the shell chain and itself; not the agent, not the test.
+        assert len(report["processes"]) <= 4 and "1" in report["processes"]
+        assert not any("pytest" in c or "spawn(launcher" in c for c in report["processes"].values())
+        assert report["signal_outside"] == "ESRCH"
+        assert all(r in ("EACCES", "EPERM") for r in report["memory"].values()), report["memory"]
+        # Nothing of the host but the system folders, a short /etc, its sandbox and the software area.
+        assert not report["other_sandbox"] and not report["work_dir"]
+        assert set(report["root"]) <= {"usr", "bin", "sbin", "lib", "lib64", "lib32", "libx32", "opt", "etc",
+                                       "proc", "dev", "tmp", "workdir", "sw"}, report["root"]
+        assert set(report["etc"]) <= {p.rsplit("/", 1)[1] for p in NamespaceLauncher().etc}, report["etc"]
+        assert "shadow" not in report["etc"]
+        # Read-only everywhere but /workdir and /tmp; the mounts cannot be removed, not even from a user
+        # namespace of its own (the kernel locks mounts inherited from a more privileged namespace).
+        assert (report["write_root"], report["write_usr"], report["write_sw"]) == ("EROFS", "EROFS", "EROFS")
+        assert report["write_tmp"] == "done"
+        assert report["plain"] == {"umount_sw": "EPERM", "remount_sw_rw": "EPERM", "write_sw": "EROFS",
+                                   "umount_workdir": "EPERM"}
+        assert report["nested"] == {"unshare": "done", "umount_sw": "EINVAL", "remount_sw_rw": "EPERM",
+                                    "write_sw": "EROFS", "umount_workdir": "EINVAL"}
+        assert not (software / "planted").exists() and (other / "secret.out").read_text() == "the other job's output"
+        assert sorted(p.name for p in work.iterdir()) == ["agent-state", "job-1-1", "job-2-1"]
+    finally:
+        shutil.rmtree(base)
+
+
+NAMESPACE_AGENT = """
+import sys, time
+from pilot.launch import Mounts, NamespaceLauncher, spawn
+mounts = Mounts(sys.argv[1], sys.argv[2])
+process, channel = spawn(NamespaceLauncher(), ["/bin/sleep", sys.argv[3]], mounts)
+print(process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_namespace_wrapper_dies_with_its_agent(mounts):
+    """SIGKILL the agent: every process inside goes at once (parent-death signal, then PID 1 of the namespace)."""
+    marker = f"601.{os.getpid()}{time.monotonic_ns() % 100000}"
+    agent = subprocess.Popen([sys.executable, "-c", NAMESPACE_AGENT, mounts.sandbox, mounts.software, marker],
+                             stdout=subprocess.PIPE, text=True,
+                             env={"PATH": os.environ["PATH"], "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        outer = int(agent.stdout.readline())
+        deadline = time.monotonic() + TIMEOUT
+        while not _processes_running(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _processes_running(marker), "the wrapper never started"
+        agent.kill()
+        agent.wait()
+        deadline = time.monotonic() + 20
+        while (_processes_running(marker) or os.path.exists(f"/proc/{outer}")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _processes_running(marker) and not os.path.exists(f"/proc/{outer}")
+    finally:
+        agent.kill()
+        agent.wait()
+        for pid in _processes_running(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_namespace_setup_failures_name_the_step(mounts, tmp_path):
+    launcher = NamespaceLauncher()
+    missing = Mounts(mounts.sandbox, str(tmp_path / "no-such-software-area"))
+    process, channel = spawn(launcher, ["/bin/true"], missing, stderr=subprocess.PIPE)
+    channel.close()
+    err = _finish(process)
+    assert process.returncode == 125
+    assert f"splitpilot isolate: --ro-bind {tmp_path}/no-such-software-area: no such file or folder" in err
+    process, channel = spawn(launcher, ["/no/such/program"], mounts, stderr=subprocess.PIPE)
+    channel.close()
+    err = _finish(process)
+    assert process.returncode == 127 and "cannot run '/no/such/program'" in err
+    # A program by name: the PATH search happens inside the new root, with nothing of the helper's left to import.
+    process, channel = spawn(launcher, ["sh", "-c", "exit 7"], mounts, stderr=subprocess.PIPE)
+    channel.close()
+    err = _finish(process)
+    assert process.returncode == 7, err

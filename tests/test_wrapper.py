@@ -292,3 +292,106 @@ def test_agent_disappearing_stops_the_payload(run_job, tmp_path):
     run.process.wait(timeout=30)
     pid = int(marker.read_text())
     assert not os.path.exists(f"/proc/{pid}")
+
+
+# ---------------------------------------------------------------------------
+# Outputs: what is uploaded is what the payload left in its sandbox, never a file it points at
+
+
+def test_outputs_cannot_be_swapped_after_the_payload_exits(run_job):
+    """A daemon left by the payload flips result.out and env.out between the original files and links to
+    /etc/passwd and to the wrapper's /proc/self/environ, from the moment the payload's main process is gone:
+    a wrapper that checks a name and then opens it again uploads whatever the link points at."""
+    run = run_job("""\
+        #!/bin/sh
+        echo original > result.out
+        echo original-env > env.out
+        setsid sh -c '
+            while kill -0 '$$' 2>/dev/null; do :; done
+            while true; do
+                echo original > keep.tmp && mv -f keep.tmp result.out
+                echo original-env > keep2.tmp && mv -f keep2.tmp env.out
+                ln -sfn /etc/passwd swap.tmp && mv -f swap.tmp result.out
+                ln -sfn /proc/self/environ swap2.tmp && mv -f swap2.tmp env.out
+            done' < /dev/null > /dev/null 2>&1 &
+        exit 0
+        """)
+    run.start()
+    result = run.result()
+    run.finish()
+    outputs = run.broker_dir / "outputs"
+    stored = {name: (outputs / name).read_bytes() for name in ("result.out", "env.out") if (outputs / name).exists()}
+    for name, data in stored.items():
+        assert data == (b"original\n" if name == "result.out" else b"original-env\n"), (name, data)
+    assert b"root:" not in b"".join(stored.values())
+    refused = {"result.out", "env.out"} - set(stored)
+    if refused:   # the daemon won the race against the kill: the link is refused, never followed
+        assert result.final_state == S.JOB_STATE_FAILED_OUTPUT, result.message
+        assert all(f"'{name}' is a symbolic link" in result.message for name in refused), result.message
+    else:
+        assert result.final_state == S.JOB_STATE_DONE, result.message
+    assert not _running_in(run.sandbox)   # the daemon was killed before SAVING, not after
+
+
+def _running_in(directory: Path) -> list[int]:
+    """PIDs of processes whose working directory is DIRECTORY."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == str(directory):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_hard_link_to_a_file_outside_the_sandbox_is_refused(run_job, tmp_path):
+    secret = tmp_path / "agent-work" / "agent-state.txt"
+    secret.parent.mkdir()
+    secret.write_text("agent secret\n")
+    run = run_job(f"#!/bin/sh\necho fine > good.out\nln {secret} stolen.out\n")
+    run.start()
+    result = run.result()
+    run.finish()
+    assert result.final_state == S.JOB_STATE_FAILED_OUTPUT and result.failure_class == F.FAILURE_CLASS_OUTPUT
+    assert "'stolen.out' has 2 hard links" in result.message, result.message
+    outputs = run.broker_dir / "outputs"
+    assert not (outputs / "stolen.out").exists()
+    assert (outputs / "good.out").read_bytes() == b"fine\n"   # the others are still uploaded
+    assert secret.read_text() == "agent secret\n"
+
+
+def test_a_fifo_or_device_named_like_an_output_does_not_hang_the_wrapper(run_job):
+    device = "mknod dev.out c 1 3" if os.geteuid() == 0 else "true"
+    run = run_job(f"#!/bin/sh\nmkfifo fifo.out\n{device}\nmkdir sub\nln -s /etc sub/link.out\n",
+                  patterns=("*.out", "**/*.out"))
+    run.start()
+    result = run.result(timeout=30)
+    run.finish()
+    assert result.final_state == S.JOB_STATE_FAILED_OUTPUT, result.message
+    assert "'fifo.out' is a FIFO" in result.message
+    assert "'sub/link.out' is a symbolic link" in result.message
+    if os.geteuid() == 0:
+        assert "'dev.out' is a character device" in result.message
+    assert not [p for p in (run.broker_dir / "outputs").iterdir() if p.name.endswith(".out")]
+
+
+def test_output_patterns_follow_glob_rules_without_following_links(tmp_path):
+    from pilot.wrapper.outputs import find_outputs
+
+    for name in ("a.out", ".hidden.out", "sub/b.out", "sub/deep/c.out", ".job-token.pem", "x.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "evil.out").write_text("x")
+    (tmp_path / "linked").symlink_to(outside)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert find_outputs(fd, ["*.out"]) == ["a.out"]
+        assert find_outputs(fd, ["**/*.out"]) == ["a.out", "sub/b.out", "sub/deep/c.out"]
+        assert find_outputs(fd, ["sub/*.out"]) == ["sub/b.out"]
+        assert find_outputs(fd, ["*", ".job-token*"]) == ["a.out", "linked", "x.txt"]  # never the token
+        assert find_outputs(fd, ["linked/*.out", "../*", "/etc/passwd"]) == []
+    finally:
+        os.close(fd)

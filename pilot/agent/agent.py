@@ -1,7 +1,10 @@
 """The job agent's main loop: match, run, watch, and leave in good order.
 
 It offers what is free of its slot to the broker, runs several jobs at once
-on a multi-core slot (partitioning cores, memory and disk), backs off when
+on a multi-core slot (partitioning cores, memory and disk) where the
+launcher isolates jobs from each other, and one job at a time where nothing
+does (the process launcher: then every process a job left behind is killed
+and its folder removed before the next one starts), backs off when
 nothing matches and leaves after a configured idle time (reporting an empty
 pilot when it ran nothing), stops matching when the time left cannot fit a
 job, and stops taking work after K consecutive wrapper or infrastructure
@@ -10,12 +13,16 @@ glidein) and at the slot's end it sends every job a Stop with a deadline;
 stopped jobs are reported so that the broker re-queues them. When the
 broker refuses its token (AgentTokenRefused, several calls in a row) it
 stops its jobs, reports nothing (it cannot), says why and what to fix, and
-leaves with exit code 4 (pilot.agent.exitcodes).
+leaves with exit code 4 (pilot.agent.exitcodes). Before each wrapper starts,
+the software area is checked against what was verified at start
+(pilot.launch.manifest); a change stops the agent (exit code 6) without
+starting the wrapper.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -30,6 +37,7 @@ from pilot.agent.brokerlink import AgentBroker, NoOffer, Offer, SlotRequest
 from pilot.agent.jobrun import Ending, JobRun, Outcome, RunSettings
 from pilot.agent.refusal import AgentTokenRefused
 from pilot.agent.slot import SlotResources
+from pilot.launch.manifest import SoftwareAreaChanged
 from pilot.pipe import messages as m
 
 # splitpilot.broker.v1.AttemptFailure values (kept numeric: the agent does not import the broker schema)
@@ -51,6 +59,10 @@ class AgentSettings:
     #: Leave (exit 4) after this many broker calls in a row refused the token (one may be a transient).
     refusals_to_leave: int = 3
     run: RunSettings = RunSettings()
+    #: The isolation the launcher gives each job (Slot.isolation; pilot.launch.isolation).
+    isolation: str = ""
+    #: Never two wrappers at once (nothing isolates jobs from each other): the whole slot goes to one job.
+    one_job_at_a_time: bool = False
 
 
 def log(message: str) -> None:
@@ -59,15 +71,25 @@ def log(message: str) -> None:
 
 class Agent:
     """One pilot's agent. `make_run(offer, free_share) -> JobRun` builds the
-    per-job runner (the launcher and mounts live there)."""
+    per-job runner (the launcher and mounts live there).
+
+    SOFTWARE (a pilot.launch.manifest.SoftwareGuard) is checked before every
+    wrapper starts. KILL_LEFTOVERS, with one_job_at_a_time, is called after
+    each job and before the next may start: it kills whatever the job left
+    (the CLI passes pilot.procstat.kill_descendants, the agent being a child
+    subreaper) and returns how many processes it killed."""
 
     def __init__(self, broker: AgentBroker, slot: SlotResources, settings: AgentSettings,
-                 make_run: Callable[[Offer, Callable], JobRun], containers: bool) -> None:
+                 make_run: Callable[[Offer, Callable], JobRun], containers: bool, *, software=None,
+                 kill_leftovers: Callable[[], int] | None = None) -> None:
         self.broker = broker
         self.slot = slot
         self.settings = settings
         self.make_run = make_run
         self.containers = containers
+        self.software = software
+        self.kill_leftovers = kill_leftovers
+        self.software_changed: SoftwareAreaChanged | None = None
         self.running: dict[tuple[int, int], JobRun] = {}
         self.outcomes: list[Outcome] = []
         self.jobs_run = 0
@@ -159,11 +181,18 @@ class Agent:
             self.broker.report_pilot_end(self.settings.pilot_id, self.settings.node, self.jobs_run, end_reason)
         except Exception as exc:  # noqa: BLE001 - leaving anyway
             log(f"could not report the pilot's end: {exc}")
+        if self.software_changed is not None:
+            log(f"{self.software_changed} (exit code {exitcodes.SOFTWARE_CHANGED})")
+            return exitcodes.SOFTWARE_CHANGED
         return exitcodes.BLACK_HOLE if self.black_hole else exitcodes.LEFT
 
     def _may_match(self) -> bool:
         if self.shutdown.is_set() or self.black_hole:
             return False
+        if self.settings.one_job_at_a_time:
+            with self._lock:
+                if self.running:
+                    return False
         free = self._free()
         return free.cores >= 1 and free.time_left_s >= self.settings.min_job_time_s
 
@@ -175,7 +204,7 @@ class Agent:
         disk = self.slot.disk_mb - sum(r.limits.disk_mb for r in runs)
         time_left = int(self.slot.time_left() - self.settings.run.stop_deadline_s)
         return SlotRequest(max(0, cores), max(0, memory), max(0, disk), max(0, time_left),
-                           self.settings.platforms, self.containers)
+                           self.settings.platforms, self.containers, self.settings.isolation)
 
     def _match(self) -> Offer | NoOffer | None:
         try:
@@ -204,15 +233,42 @@ class Agent:
             self.request_shutdown(f"the broker refused this agent token {self.refusals} times in a row")
 
     def _start(self, offer: Offer) -> None:
+        if self.software is not None:
+            try:
+                self.software.check()
+            except SoftwareAreaChanged as exc:
+                self._refuse_to_start(offer, exc)
+                return
         run = self.make_run(offer, self._on_done)
         with self._lock:
             self.running[(offer.job_id, offer.attempt)] = run
         self.jobs_run += 1
+        alone = " (one job at a time)" if self.settings.one_job_at_a_time else ""
         log(f"job {offer.job_id}.{offer.attempt} matched ({offer.spec.name or offer.spec.executable}): "
-            f"{run.limits.cores} core(s), {run.limits.memory_mb} MiB")
+            f"{run.limits.cores} core(s), {run.limits.memory_mb} MiB; isolation: "
+            f"{self.settings.isolation or 'unknown'}{alone}")
         run.start()
 
+    def _refuse_to_start(self, offer: Offer, exc: SoftwareAreaChanged) -> None:
+        """The software area changed: no wrapper from it, the job back to the broker, no more work."""
+        self.software_changed = exc
+        detail = f"not started: the software area changed on this node ({exc.path} {exc.what})"
+        log(f"job {offer.job_id}.{offer.attempt} {detail}")
+        try:
+            self.broker.report_attempt_failure(offer.job_id, offer.attempt, ATTEMPT_FAILURE[Ending.INFRASTRUCTURE],
+                                               detail, self.settings.pilot_id)
+        except Exception as error:  # noqa: BLE001 - the broker's reaper re-queues it later anyway
+            log(f"could not report job {offer.job_id}.{offer.attempt}: {error}")
+        self.request_shutdown(f"software area changed: {exc.path} {exc.what}",
+                              m.StopReason.STOP_REASON_AGENT_SHUTDOWN)
+
     def _on_done(self, run: JobRun, outcome: Outcome) -> None:
+        if self.settings.one_job_at_a_time:
+            # Before this job leaves `running` (the next may start then): nothing of it may stay.
+            killed = self.kill_leftovers() if self.kill_leftovers is not None else 0
+            shutil.rmtree(os.path.dirname(run.sandbox_host), ignore_errors=True)
+            if killed:
+                log(f"job {outcome.job_id}.{outcome.attempt} left {killed} process(es) behind: killed")
         with self._lock:
             self.running.pop((outcome.job_id, outcome.attempt), None)
             self.outcomes.append(outcome)

@@ -27,6 +27,7 @@ class SlotRequest:
     time_left_s: int
     platforms: tuple[str, ...] = ()
     containers: bool = False
+    isolation: str = ""       # pilot.launch.isolation: what separates a job here ("none", "namespace", ...)
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,9 @@ class AgentBroker(Protocol):
                         cores_in_use: int) -> tuple[list[tuple[int, int]], bool]:
         """Attempts to stop, and whether to leave."""
 
-    def report_pilot_end(self, pilot_id: str, node: str, jobs_run: int, reason: str) -> None: ...
+    def report_pilot_end(self, pilot_id: str, node: str, jobs_run: int, reason: str,
+                         abandoned: bool = False) -> None:
+        """ABANDONED: the agent died without ending its jobs (the guardian reports it)."""
 
     def report_attempt_failure(self, job_id: int, attempt: int, failure: int, detail: str,
                                pilot_id: str) -> None:
@@ -101,7 +104,7 @@ class GrpcAgentBroker:
     def match(self, slot: SlotRequest, pilot_id: str, node: str) -> Offer | NoOffer:
         answer = self._guard(self._client.match, dict(
             cores=slot.cores, memory_mb=slot.memory_mb, disk_mb=slot.disk_mb, time_left_s=slot.time_left_s,
-            platforms=list(slot.platforms), containers=slot.containers), pilot_id, node)
+            platforms=list(slot.platforms), containers=slot.containers, isolation=slot.isolation), pilot_id, node)
         if not answer.matched:
             return NoOffer(answer.reason, float(answer.retry_after_s or 1), answer.leave)
         return Offer(answer.job_id, answer.attempt, answer.spec, answer.token_pem, answer.key_pem,
@@ -111,8 +114,11 @@ class GrpcAgentBroker:
         answer = self._guard(self._client.pilot_heartbeat, pilot_id, node, running, cores_in_use)
         return answer.stop, answer.leave
 
-    def report_pilot_end(self, pilot_id, node, jobs_run, reason):
-        self._guard(self._client.report_pilot_end, pilot_id, node, jobs_run, reason)
+    def report_pilot_end(self, pilot_id, node, jobs_run, reason, abandoned=False):
+        if abandoned:
+            self._guard(lambda: self._client.report_pilot_end(pilot_id, node, jobs_run, reason, abandoned=True))
+        else:
+            self._guard(self._client.report_pilot_end, pilot_id, node, jobs_run, reason)
 
     def report_attempt_failure(self, job_id, attempt, failure, detail, pilot_id):
         self._guard(self._client.report_attempt_failure, job_id, attempt, failure, detail, pilot_id)

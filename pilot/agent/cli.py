@@ -4,16 +4,25 @@
 
 The agent token comes from FILE (removed after reading) or stdin ('-'); it
 stays in this process's memory, which is made non-dumpable, and credential
-variables are removed from the environment before any child starts. The
-wrapper runs in the best container runtime that passes a self-test (policy
-`prefer`: fall back to no container, loudly; `require`: match nothing
-without one; `off`). `--dry-run JOBFILE` prints the exact command and
-environment a job from JOBFILE would get, without running or matching
-anything.
+variables are removed from the environment before any child starts. Right
+after reading it the process forks: the child is the agent, the parent its
+guardian, which passes SIGTERM/SIGINT/SIGHUP on, and reports the pilot
+abandoned to the broker at once if the agent is killed (so that its jobs
+are re-queued without waiting for the broker's reaper).
+
+The wrapper runs in the best launcher that passes a self-test. Policy
+`require`: the first of --runtimes that works, else no jobs. `prefer`: the
+runtimes, then `namespace` (no container: own user, mount and PID
+namespaces, the host's system folders read-only, no capabilities), then no
+isolation at all, loudly. `off`: no container: `namespace` if it works,
+else no isolation. Without isolation jobs run one at a time. Before every
+wrapper the software area is checked against what was verified at start.
+`--dry-run JOBFILE` prints the exact command, environment and isolation a
+job from JOBFILE would get, without running or matching anything.
 
 Exit codes (pilot.agent.exitcodes; a glidein exits with its agent's code):
   0  left normally (idle, lifetime, drained, stopped by SIGTERM)
-  1  failure
+  1  failure (also: the agent was killed; its guardian reported it)
   2  usage
   3  black hole (the node failed K jobs in a row) or no usable runtime
   4  the broker refuses the agent token: PERMISSION_DENIED or UNAUTHENTICATED,
@@ -21,6 +30,9 @@ Exit codes (pilot.agent.exitcodes; a glidein exits with its agent's code):
      different CAs; a wrong-role token), 3 calls in a row. Check the CA the
      token was issued from (the factory's --ca), its site, and the clocks.
   5  the agent token had expired at start (queued too long, or a wrong clock)
+  6  the software area changed (a job tampered with what later wrappers run):
+     no wrapper was started from it; the pilot's end report names the path.
+     Rebuild the area, and prefer a launcher that mounts it read-only.
 The glidein factory stops submitting for its longest backoff when a glidein
 ends with 4 or 5: every glidein with its tokens would fail the same way.
 """
@@ -30,12 +42,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 
 from pilot.durations import parse_duration
-from pilot.errors import UsageError
+from pilot.errors import SplitpilotError, UsageError
 
 WRAPPER_ARGV = ("python3", "-m", "pilot.wrapper")
 DEFAULT_RUNTIMES = "apptainer,singularity,podman,bubblewrap"
@@ -58,9 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--idle-timeout", default="5m", metavar="DURATION",
                         help="leave after this long without a job (default %(default)s)")
     parser.add_argument("--container-policy", choices=("require", "prefer", "off"), default="prefer",
-                        help="require: no container, no jobs; prefer: fall back to none, loudly; off: never")
+                        help="require: only the listed runtimes, else no jobs; prefer: the runtimes, then the "
+                             "namespace launcher, then no isolation (loudly); off: no container (namespace "
+                             "launcher if it works, else no isolation)")
     parser.add_argument("--runtimes", default=DEFAULT_RUNTIMES, metavar="LIST",
-                        help="container runtimes to try, in order (default %(default)s)")
+                        help="container runtimes to try, in order (default %(default)s); 'namespace' and "
+                             "'process' (no isolation) may be listed too")
     parser.add_argument("--image", metavar="IMAGE", help="container image (a directory for apptainer and "
                                                          "bubblewrap, an image name for podman)")
     parser.add_argument("--platform", action="append", default=[], metavar="TAG",
@@ -99,19 +117,13 @@ def run_agent(args: argparse.Namespace) -> int:
     scrub_environment()
     work_dir = os.path.abspath(args.work_dir)
     os.makedirs(work_dir, mode=0o700, exist_ok=True)
-    software = args.software_dir or _software_area(work_dir)
     if args.dry_run:
-        return _dry_run(args, software, work_dir)
+        return _dry_run(args, _software(args, work_dir), work_dir)
     if not args.broker or not args.token:
         raise UsageError("--broker and --token are required (or give --dry-run JOBFILE)")
     token_pem = read_token(args.token)
-    from pilot.agent.agent import Agent, AgentSettings, job_limits, log, sandbox_for
-    from pilot.agent.brokerlink import GrpcAgentBroker
-    from pilot.agent.jobrun import JobRun, RunSettings
-    from pilot.agent.limits import prepare_delegation
+    from pilot.agent.guardian import fork_agent
     from pilot.agent.refusal import AgentTokenExpired, AgentTokenRefused
-    from pilot.agent.slot import discover
-    from pilot.launch import Mounts, spawn, wrapper_command
     from pilot.tokens import TokenRole, parse_identity, parse_token_pem
 
     token = parse_token_pem(token_pem, "agent token")
@@ -122,16 +134,68 @@ def run_agent(args: argparse.Namespace) -> int:
                                 "issue one with splitpilot token issue --role agent --site SITE (a factory does)")
     if identity.not_after <= datetime.datetime.now(datetime.UTC):
         raise AgentTokenExpired(identity.not_after)
-    log(f"agent token for site {identity.site} (queue {identity.queue}), valid until "
-        f"{identity.not_after:%Y-%m-%d %H:%M:%S}Z; memory protected: {'yes' if non_dumpable else 'NO'}")
     ca_pem = open(args.ca_cert, "rb").read() if args.ca_cert else None
+    pilot_id = f"pilot-{uuid.uuid4().hex[:12]}"
+    node = socket.gethostname()
+
+    def report_abandoned(reason: str) -> None:
+        from pilot.agent.brokerlink import GrpcAgentBroker
+
+        broker = GrpcAgentBroker(args.broker, token, ca_pem)
+        try:
+            broker.report_pilot_end(pilot_id, node, 0, reason, abandoned=True)
+        finally:
+            broker.close()
+
+    # Fork before gRPC is imported or a thread started: the parent guards the agent (pilot.agent.guardian).
+    role = fork_agent(pilot_id, report_abandoned)
+    if isinstance(role, int):
+        return role   # the guardian, with the agent's exit code
+    try:
+        code = _agent(args, token, identity, ca_pem, pilot_id, node, work_dir, non_dumpable)
+    except SplitpilotError:
+        role.done()   # a refusal with its message and code, before or after the loop: nothing abandoned
+        raise
+    role.done()
+    return code
+
+
+def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str, work_dir: str,
+           non_dumpable: bool) -> int:
+    """The agent proper (the guardian's child): software area, runtime, slot, then the loop."""
+    from pilot.agent.agent import Agent, AgentSettings, job_limits, log, sandbox_for
+    from pilot.agent.brokerlink import GrpcAgentBroker
+    from pilot.agent.jobrun import JobRun, RunSettings
+    from pilot.agent.limits import prepare_delegation
+    from pilot.agent.slot import discover
+    from pilot.launch import Mounts, isolation_of, spawn, wrapper_command
+    from pilot.launch.manifest import SoftwareAreaChanged, SoftwareGuard
+    from pilot.prctl import become_subreaper
+    from pilot.procstat import kill_descendants
+
+    log(f"agent token for site {identity.site} (queue {identity.queue}), valid until "
+        f"{identity.not_after:%Y-%m-%d %H:%M:%S}Z; memory protected: {'yes' if non_dumpable else 'NO'}; "
+        f"pilot {pilot_id}, guardian pid {os.getppid()}")
+    software = _software(args, work_dir)
+    try:
+        guard = SoftwareGuard.verify(software)
+    except SoftwareAreaChanged as exc:
+        log(str(exc))
+        broker = GrpcAgentBroker(args.broker, token, ca_pem)
+        try:
+            broker.report_pilot_end(pilot_id, node, 0, f"software area changed: {exc.path} {exc.what}")
+        finally:
+            broker.close()
+        return exc.exit_code
+    log(f"software area {software}: {guard.entries} entries verified against its manifest")
     selection = _runtime(args, software, work_dir)
     if selection.launcher is None:
         log("no container runtime passed its self-test and the policy is 'require': taking no jobs")
         broker = GrpcAgentBroker(args.broker, token, ca_pem)
-        broker.report_pilot_end("", os.uname().nodename, 0, "no usable container runtime")
+        broker.report_pilot_end(pilot_id, node, 0, "no usable container runtime")
         return 3
     launcher = selection.launcher
+    isolation = isolation_of(launcher)
     if launcher.name == "process" and os.geteuid() == 0 and not args.allow_root_payloads:
         raise UsageError("refusing to run payloads as root without a container: a root payload can read this "
                          "agent's memory (its token included) whatever prctl says; fix: run the agent as an "
@@ -141,11 +205,19 @@ def run_agent(args: argparse.Namespace) -> int:
     lifetime = parse_duration(args.lifetime, what="--lifetime").total_seconds()
     lifetime = min(lifetime, (identity.not_after - datetime.datetime.now(datetime.UTC)).total_seconds())
     slot = discover(work_dir, lifetime)
-    settings = AgentSettings(work_dir=work_dir, idle_timeout_s=parse_duration(args.idle_timeout).total_seconds(),
+    exclusive = not isolation.concurrent
+    if exclusive:
+        # Orphans of a job (however they daemonise) come back to us, to be killed before the next job.
+        become_subreaper()
+    settings = AgentSettings(work_dir=work_dir, pilot_id=pilot_id, node=node,
+                             idle_timeout_s=parse_duration(args.idle_timeout).total_seconds(),
                              black_hole_failures=args.black_hole, platforms=tuple(args.platform),
-                             run=RunSettings(stop_deadline_s=args.stop_deadline))
+                             run=RunSettings(stop_deadline_s=args.stop_deadline), isolation=isolation.name,
+                             one_job_at_a_time=exclusive)
     cgroup_parent = prepare_delegation()
-    log(f"runtime: {launcher.describe()}; memory limits: {'cgroup v2' if cgroup_parent else 'watchdog'}")
+    log(f"runtime: {launcher.describe()}; isolation: {isolation.name}"
+        f"{' (nothing separates jobs: one job at a time)' if exclusive else ''}; "
+        f"memory limits: {'cgroup v2' if cgroup_parent else 'watchdog'}")
 
     def make_run(offer, on_done):
         sandbox = sandbox_for(work_dir, offer)
@@ -162,7 +234,8 @@ def run_agent(args: argparse.Namespace) -> int:
                       deadline_unix=int(slot.end_of_life), settings=settings.run, on_done=on_done,
                       cgroup_parent=cgroup_parent)
 
-    agent = Agent(broker, slot, settings, make_run, containers=launcher.name != "process")
+    agent = Agent(broker, slot, settings, make_run, containers=launcher.name not in ("process", "namespace"),
+                  software=guard, kill_leftovers=kill_descendants if exclusive else None)
     agent.install_signal_handlers()
     try:
         return agent.run()
@@ -170,25 +243,47 @@ def run_agent(args: argparse.Namespace) -> int:
         broker.close()
 
 
+def _software(args, work_dir: str) -> str:
+    """The software area's real path (a link re-pointed later changes nothing): the site's, or our own."""
+    if args.software_dir:
+        return os.path.realpath(args.software_dir)
+    return _software_area(work_dir)
+
+
 def _software_area(work_dir: str) -> str:
+    """This agent's own area in WORK_DIR/software: built when missing, rebuilt when it no longer matches its
+    manifest (a job of an earlier agent in this work dir may have changed it)."""
     from pilot.launch import build_software_area
+    from pilot.launch.manifest import SoftwareGuard
 
     path = os.path.join(work_dir, "software")
-    if not os.path.exists(os.path.join(path, "setup.sh")):
-        build_software_area(tempfile.mkdtemp(prefix=".software-", dir=work_dir) + "/area")
-        staging = [p for p in os.listdir(work_dir) if p.startswith(".software-")]
-        os.replace(os.path.join(work_dir, staging[-1], "area"), path)
-        os.rmdir(os.path.join(work_dir, staging[-1]))
+    if os.path.exists(os.path.join(path, "setup.sh")):
+        try:
+            SoftwareGuard.verify(path)
+            return path
+        except SplitpilotError as exc:
+            print(f"agent: rebuilding its own software area: {exc}", file=sys.stderr, flush=True)
+            shutil.rmtree(path)
+    staging = tempfile.mkdtemp(prefix=".software-", dir=work_dir)
+    build_software_area(os.path.join(staging, "area"))
+    os.replace(os.path.join(staging, "area"), path)
+    os.rmdir(staging)
     return path
 
 
 def _dry_run(args, software: str, work_dir: str) -> int:
     from broker.jobfile import load_job_file
-    from pilot.launch import Mounts, dry_run, wrapper_command
+    from pilot.launch import Mounts, dry_run, isolation_of, wrapper_command
 
     jobs = load_job_file(args.dry_run)
     selection = _runtime(args, software, work_dir)
     launcher = selection.launcher
+    if launcher is not None:
+        isolation = isolation_of(launcher)
+        print("\n".join(f"# {line}" for line in isolation.describe()))
+        print("# jobs share the slot" if isolation.concurrent else
+              "# jobs run one at a time (nothing separates them); what a job leaves is killed before the next")
+        print()
     for index, job in enumerate(jobs):
         spec = job.spec
         mounts = Mounts.on_host(os.path.join(work_dir, f"job-DRYRUN{index}-1", "sandbox"), software)

@@ -21,5 +21,9 @@ TOKEN_REFUSED = 4
 #: The agent token had expired when the agent started (queued too long, or the node's clock is wrong).
 TOKEN_EXPIRED = 5
 
+#: The software area changed under the agent (a job tampered with what later wrappers run): the agent
+#: refused to start a wrapper from it, stopped taking work and reported its end naming the changed path.
+SOFTWARE_CHANGED = 6
+
 #: The codes that say "this factory's tokens do not work": a new glidein would fail the same way.
 CREDENTIALS = frozenset({TOKEN_REFUSED, TOKEN_EXPIRED})

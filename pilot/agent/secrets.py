@@ -11,15 +11,14 @@ memory (/proc/PID/mem, ptrace) or its environment (/proc/PID/environ).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
 import sys
 
 from pilot.errors import UsageError
+from pilot.prctl import make_non_dumpable
 
-PR_SET_DUMPABLE = 4
-PR_GET_DUMPABLE = 3
+__all__ = ["SECRET_VARIABLES", "make_non_dumpable", "read_token", "scrub_environment"]
 
 #: Environment variables removed before any child starts: whatever a site's
 #: glidein wrapper may have used to carry credentials.
@@ -27,16 +26,6 @@ SECRET_VARIABLES = ("SPLITPILOT_AGENT_TOKEN", "SPLITPILOT_AGENT_TOKEN_FILE", "X5
                     "BEARER_TOKEN", "BEARER_TOKEN_FILE", "_CONDOR_CREDS")
 
 _MAX_TOKEN_BYTES = 1 << 20
-
-
-def make_non_dumpable() -> bool:
-    """prctl(PR_SET_DUMPABLE, 0): no core dumps, no ptrace or /proc/PID/mem
-    access by other processes of the user. True when it took effect."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 and libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 def scrub_environment() -> list[str]:

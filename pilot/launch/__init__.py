@@ -13,7 +13,10 @@
   rest comes from the software area's setup.sh, sourced by `setup_command`.
   The agent's environment (its token) never reaches the wrapper.
 - `detect`: probe, then self-test by a real wrapper start-up across the
-  container boundary; policies require / prefer / off.
+  container boundary; policies require / prefer / off. Under prefer and off
+  the `namespace` launcher (own namespaces and a new root made with the
+  standard library: pilot.launch.isolate) comes before no isolation at all.
+- `isolation_of(launcher)`: what a job is and is not isolated from.
 - `dry_run`: the exact command and environment, for the agent's --dry-run.
 
 What an image must offer (details in docs/containers.md): a POSIX /bin/sh; a
@@ -29,7 +32,9 @@ from pilot.launch.base import Launcher, ProbeResult
 from pilot.launch.detection import Attempt, Selection, clear_cache, detect, self_test
 from pilot.launch.environment import setup_command
 from pilot.launch.errors import LaunchConfigError, LaunchError, NoUsableRuntime
+from pilot.launch.isolation import Isolation, isolation_of
 from pilot.launch.mounts import CVMFS, SOFTWARE, WORKDIR, Bind, Mounts
+from pilot.launch.namespace import NamespaceLauncher
 from pilot.launch.runtimes import (
     LAUNCHERS,
     ApptainerLauncher,
@@ -45,8 +50,8 @@ from pilot.launch.spawn import dry_run, spawn
 
 __all__ = [
     "CVMFS", "LAUNCHERS", "LOOPBACK_ARGV", "SOFTWARE", "WORKDIR",
-    "ApptainerLauncher", "Attempt", "Bind", "BubblewrapLauncher", "DockerLauncher", "LaunchConfigError",
-    "LaunchError", "Launcher", "Mounts", "NoUsableRuntime", "PodmanLauncher", "ProbeResult", "ProcessLauncher",
-    "Selection", "SingularityLauncher", "build_software_area", "clear_cache", "detect", "dry_run",
-    "make_launcher", "self_test", "setup_command", "spawn", "wrapper_command",
+    "ApptainerLauncher", "Attempt", "Bind", "BubblewrapLauncher", "DockerLauncher", "Isolation", "LaunchConfigError",
+    "LaunchError", "Launcher", "Mounts", "NamespaceLauncher", "NoUsableRuntime", "PodmanLauncher", "ProbeResult",
+    "ProcessLauncher", "Selection", "SingularityLauncher", "build_software_area", "clear_cache", "detect", "dry_run",
+    "isolation_of", "make_launcher", "self_test", "setup_command", "spawn", "wrapper_command",
 ]

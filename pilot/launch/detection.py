@@ -13,9 +13,17 @@ settings): successes for good, failures for FAILURE_TTL seconds (a cold
 CVMFS image mount can fail once and work a minute later).
 
 Policies, as the site configures them:
-    require  no working runtime -> Selection.launcher is None: do not match jobs
-    prefer   no working runtime -> ProcessLauncher, with a loud warning on stderr
-    off      ProcessLauncher, nothing probed
+    require  the first listed runtime that works; none -> Selection.launcher is
+             None: do not match jobs
+    prefer   the listed runtimes, then the `namespace` launcher (no container,
+             but own namespaces and no capabilities), then ProcessLauncher (no
+             isolation at all) with a loud warning on stderr
+    off      no container: the `namespace` launcher if it works, else
+             ProcessLauncher, with the same loud warning
+
+The namespace launcher is not a container (no image: it runs the host's own
+system folders), so `off` may use it: it only takes away what a job should
+not have (the other jobs, the agent, capabilities).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from pilot.errors import SplitpilotError
 from pilot.launch.base import Launcher
 from pilot.launch.errors import LaunchConfigError, NoUsableRuntime
 from pilot.launch.mounts import Mounts
+from pilot.launch.namespace import NamespaceLauncher
 from pilot.launch.runtimes import ProcessLauncher, make_launcher
 from pilot.launch.software import LOOPBACK_ARGV, wrapper_command
 from pilot.launch.spawn import spawn
@@ -87,7 +96,8 @@ class Selection:
             policy 'require' (the agent must not match jobs).
         policy: the policy applied.
         attempts: every candidate tried, in preference order.
-        fell_back: policy 'prefer' fell back to no container.
+        fell_back: policy 'prefer' fell back to no container (the namespace
+            launcher, or no isolation at all).
     """
 
     launcher: Launcher | None
@@ -220,24 +230,37 @@ def detect(preference: Sequence[str], policy: Policy, image: str | Mapping[str, 
     """
     if policy not in POLICIES:
         raise LaunchConfigError(f"unknown container policy {policy!r}; fix: use one of {', '.join(POLICIES)}")
-    if policy == "off":
-        return Selection(ProcessLauncher(), policy)
     attempts: list[Attempt] = []
-    for name in preference:
-        try:
-            launcher = make_launcher(name, _image_for(name, image))
-        except LaunchConfigError as exc:
-            attempts.append(Attempt(name, False, str(exc)))
-            continue
-        attempt = _try(launcher, mounts, self_test_argv, timeout, env, refresh)
+    if policy != "off":
+        for name in preference:
+            try:
+                launcher = make_launcher(name, _image_for(name, image))
+            except LaunchConfigError as exc:
+                attempts.append(Attempt(name, False, str(exc)))
+                continue
+            attempt = _try(launcher, mounts, self_test_argv, timeout, env, refresh)
+            attempts.append(attempt)
+            if attempt.ok:
+                return Selection(launcher, policy, tuple(attempts))
+        if policy == "require":
+            return Selection(None, policy, tuple(attempts))
+    out = stderr or sys.stderr
+    fell_back = policy == "prefer"
+    if not any(a.name == NamespaceLauncher.name for a in attempts):
+        namespace = NamespaceLauncher()
+        attempt = _try(namespace, mounts, self_test_argv, timeout, env, refresh)
         attempts.append(attempt)
         if attempt.ok:
-            return Selection(launcher, policy, tuple(attempts))
-    if policy == "require":
-        return Selection(None, policy, tuple(attempts))
-    tried = "; ".join(f"{a.name}: {a.reason}" for a in attempts) or "no runtime configured"
-    print(f"splitpilot: WARNING: no container runtime works on this node ({tried}). Jobs will run "
-          "WITHOUT a container (policy 'prefer'): the payload sees this user's files and processes. "
-          "Fix: install a runtime (apptainer, podman or bubblewrap) or repair the one named above; "
-          "set the policy to 'require' to refuse jobs instead.", file=stderr or sys.stderr, flush=True)
+            if fell_back:
+                tried = "; ".join(f"{a.name}: {a.reason}" for a in attempts if not a.ok) or "none configured"
+                print(f"splitpilot: warning: no container runtime works on this node ({tried}). Jobs will run "
+                      "in the namespace launcher: no container image, the host's system folders read-only, "
+                      "own namespaces, no capabilities.", file=out, flush=True)
+            return Selection(namespace, policy, tuple(attempts), fell_back=fell_back)
+    tried = "; ".join(f"{a.name}: {a.reason}" for a in attempts if not a.ok) or "no runtime configured"
+    print(f"splitpilot: WARNING: neither a container runtime nor the namespace launcher works on this node "
+          f"({tried}). Jobs will run WITHOUT a container or any isolation (policy '{policy}'): the payload "
+          "sees this user's files and processes, so jobs run one at a time. Fix: allow unprivileged user "
+          "namespaces or install a runtime (apptainer, podman or bubblewrap), or repair the one named above; "
+          "set the policy to 'require' to refuse jobs instead.", file=out, flush=True)
     return Selection(ProcessLauncher(), policy, tuple(attempts), fell_back=True)

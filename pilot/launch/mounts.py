@@ -30,6 +30,18 @@ SOFTWARE = "/sw"
 #: The host's CVMFS mount, bound at the same path when present.
 CVMFS = "/cvmfs"
 
+#: What a host-root bubblewrap sandbox sees of /etc: what programs need to
+#: resolve users, hosts and libraries and to verify TLS, and no more (hosts'
+#: /etc can hold keys, e.g. /etc/grid-security/hostkey.pem). Sites add
+#: more through extra binds.
+HOST_ETC: tuple[str, ...] = (
+    "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/host.conf", "/etc/resolv.conf",
+    "/etc/localtime", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
+    "/etc/ssl", "/etc/ca-certificates", "/etc/pki", "/etc/os-release",
+)
+#: The system folders of a root (the host's, or an unpacked image's).
+SYSTEM_DIRS: tuple[str, ...] = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/opt")
+
 #: Container paths a site bind may not take (they are the layout above, or
 #: what every runtime mounts itself).
 _RESERVED = (WORKDIR, SOFTWARE, CVMFS, "/proc", "/dev", "/sys", "/tmp")

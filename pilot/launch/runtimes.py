@@ -19,7 +19,8 @@ from typing import ClassVar
 from pilot.launch.base import Launcher, ProbeResult, check_argv
 from pilot.launch.environment import minimal_environment
 from pilot.launch.errors import LaunchConfigError
-from pilot.launch.mounts import CVMFS, SOFTWARE, WORKDIR, Mounts
+from pilot.launch.mounts import CVMFS, HOST_ETC, SOFTWARE, SYSTEM_DIRS, WORKDIR, Mounts
+from pilot.launch.namespace import NamespaceLauncher
 
 
 def _require_image(launcher: Launcher, image: str | None) -> None:
@@ -63,19 +64,6 @@ class ProcessLauncher(Launcher):
 
     def probe(self, caller: Mapping[str, str] | None = None) -> ProbeResult:
         return ProbeResult(self.name, True, version="no container")
-
-
-#: What a host-root bubblewrap sandbox sees of /etc: what programs need to
-#: resolve users, hosts and libraries and to verify TLS, and no more (hosts'
-#: /etc can hold keys, e.g. /etc/grid-security/hostkey.pem). Sites add
-#: more through extra binds.
-HOST_ETC: tuple[str, ...] = (
-    "/etc/passwd", "/etc/group", "/etc/nsswitch.conf", "/etc/hosts", "/etc/host.conf", "/etc/resolv.conf",
-    "/etc/localtime", "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
-    "/etc/ssl", "/etc/ca-certificates", "/etc/pki", "/etc/os-release",
-)
-#: The system folders of a root (the host's, or an unpacked image's).
-SYSTEM_DIRS: tuple[str, ...] = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32", "/opt")
 
 
 @dataclass(frozen=True)
@@ -330,8 +318,8 @@ class DockerLauncher(PodmanLauncher):
 
 #: Launcher classes by the name configuration uses.
 LAUNCHERS: dict[str, type[Launcher]] = {
-    cls.name: cls for cls in (ProcessLauncher, BubblewrapLauncher, ApptainerLauncher, SingularityLauncher,
-                              PodmanLauncher, DockerLauncher)
+    cls.name: cls for cls in (ProcessLauncher, NamespaceLauncher, BubblewrapLauncher, ApptainerLauncher,
+                              SingularityLauncher, PodmanLauncher, DockerLauncher)
 }
 _ALIASES = {"bwrap": "bubblewrap", "none": "process"}
 
@@ -342,6 +330,6 @@ def make_launcher(name: str, image: str | None = None) -> Launcher:
     cls = LAUNCHERS.get(key)
     if cls is None:
         raise LaunchConfigError(f"unknown container runtime {name!r}; fix: use one of {', '.join(LAUNCHERS)}")
-    if cls is ProcessLauncher:
-        return ProcessLauncher()
+    if cls in (ProcessLauncher, NamespaceLauncher):
+        return cls()  # no image: they run the host's own system
     return cls(image=image)  # type: ignore[call-arg]

@@ -4,6 +4,7 @@ Images need not contain splitpilot. The software area (mounted read-only at
 /sw, the role CVMFS plays at CERN) holds:
 
     setup.sh          sourced before the wrapper starts (see setup_command)
+    .splitpilot-manifest.json   every file's sha256 and mode (pilot.launch.manifest)
     bin/              put first on PATH
     lib/python/       splitpilot's packages and its pure and binary
                       dependencies (protobuf), byte-compiled
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from pilot.launch.base import Launcher
 from pilot.launch.environment import setup_command
+from pilot.launch.manifest import write_manifest
 from pilot.launch.mounts import Mounts
 
 #: The wrapper's start-up used to self-test a runtime: the protocol-only
@@ -85,7 +87,8 @@ def build_software_area(dest: str | Path, *, packages: Sequence[str] = OWN_PACKA
     DISTRIBUTIONS into lib/python, byte-compiles them for this Python's
     version (an image's python3 of the same minor version uses the .pyc
     files; another one recompiles in memory, as the area is read-only), and
-    writes setup.sh. Returns DEST.
+    writes setup.sh, then the manifest of everything in it (sha256 and
+    mode of every file: see pilot.launch.manifest). Returns DEST.
     """
     dest = Path(dest)
     lib = dest / "lib" / "python"
@@ -106,4 +109,5 @@ def build_software_area(dest: str | Path, *, packages: Sequence[str] = OWN_PACKA
     (dest / "setup.sh").write_text(SETUP_SH)
     for path in [dest, *dest.rglob("*")]:  # readable by any uid the wrapper may run as
         os.chmod(path, 0o755 if path.is_dir() or path.suffix == ".so" else 0o644)
+    write_manifest(dest)   # last: the agent checks the area against it (pilot.launch.manifest)
     return dest

@@ -26,7 +26,8 @@ class JobBroker(Protocol):
     def get_input(self, name: str, destination: str) -> None:
         """Download input NAME to DESTINATION, verifying its checksum."""
 
-    def put_output(self, path: str, name: str) -> None: ...
+    def put_output_fd(self, fd: int, name: str) -> None:
+        """Upload the open file FD (from offset 0, never reopened by path) as output NAME."""
 
     def replace_token(self, certificate_pem: bytes, private_key_pem: bytes) -> None: ...
 
@@ -82,8 +83,8 @@ class LazyBroker:
     def get_input(self, name, destination):
         return self._get().get_input(name, destination)
 
-    def put_output(self, path, name):
-        return self._get().put_output(path, name)
+    def put_output_fd(self, fd, name):
+        return self._get().put_output_fd(fd, name)
 
     def replace_token(self, certificate_pem, private_key_pem):
         return self._get().replace_token(certificate_pem, private_key_pem)

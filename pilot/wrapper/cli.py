@@ -1,4 +1,4 @@
-"""Starting the wrapper: claim the pipe, run one job, exit.
+"""Starting the wrapper: become non-dumpable, claim the pipe, run one job, exit.
 
 Exit codes: 0 the conversation ended normally (the job's own outcome is in
 the Result, not here), 2 the agent sent an unusable JobStart, 3 the pipe
@@ -14,9 +14,13 @@ import sys
 from pilot.pipe.channel import PipeChannel, claim_stdio
 from pilot.pipe.errors import ProtocolError
 from pilot.pipe.protocol import Role
+from pilot.prctl import make_non_dumpable
 
 
 def main() -> int:
+    # Before the JobStart (the job token and its key) is read: other processes of this user, the
+    # payload first, must not read this process's memory or environment (/proc/PID/mem, ptrace).
+    make_non_dumpable()
     # fd 1 becomes frames-only before anything else can print.
     read_fd, write_fd = claim_stdio()
     from pilot.wrapper.run import Wrapper  # after the claim: imports may print warnings

@@ -9,6 +9,7 @@ uploaded whole with the outputs.
 from __future__ import annotations
 
 import os
+import stat
 
 DEFAULT_CHUNK_LIMIT = 64 * 1024
 
@@ -25,14 +26,17 @@ class LogTail:
     def read_new(self) -> tuple[int, bytes, bool] | None:
         """(offset, data, skipped_before) of new bytes, or None if nothing new."""
         try:
-            size = os.stat(self.path).st_size
-        except FileNotFoundError:
+            # Never through a link, never a FIFO: the payload owns the sandbox and may replace the file.
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
             return None
-        if size <= self.offset:
-            return None
-        skipped = size - self.offset > self.chunk_limit
-        start = size - self.chunk_limit if skipped else self.offset
-        with open(self.path, "rb") as handle:
+        with os.fdopen(fd, "rb") as handle:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size <= self.offset:
+                return None
+            size = info.st_size
+            skipped = size - self.offset > self.chunk_limit
+            start = size - self.chunk_limit if skipped else self.offset
             handle.seek(start)
             data = handle.read(size - start)
         self.offset = start + len(data)

@@ -10,7 +10,6 @@ end.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -19,19 +18,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from pilot.prctl import become_subreaper
 from pilot.procstat import TreeUsage, tree_usage
 
-PR_SET_CHILD_SUBREAPER = 36
+__all__ = ["STDERR_FILE", "STDOUT_FILE", "Exit", "Payload", "PayloadStartError", "become_subreaper"]
 STDOUT_FILE = "payload.stdout"
 STDERR_FILE = "payload.stderr"
-
-
-def become_subreaper() -> bool:
-    """Adopt orphaned descendants (Linux >= 3.4); False if refused."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
 
 
 class PayloadStartError(Exception):

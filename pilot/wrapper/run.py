@@ -4,14 +4,18 @@ Phases, each reported to the agent (StateChange) and the broker:
 STARTED (sandbox, inputs) -> RUNNING (payload) -> SAVING (outputs, logs) ->
 final state, then Result on the pipe. The wrapper holds the job token in
 memory only (on disk, 0600 inside the sandbox, only if the job asks) and
-never the agent's token. Stop notices, token refreshes, pings and the
-agent's disappearance are handled while the payload runs.
+never the agent's token; it is non-dumpable from its first line (see
+pilot.wrapper.cli), so its payload cannot read that memory. Stop notices,
+token refreshes, pings and the agent's disappearance are handled while the
+payload runs. When the payload's main process ends, every other process it
+left is killed before SAVING starts, and outputs are opened from the
+sandbox's descriptor and uploaded from the descriptor opened
+(pilot.wrapper.outputs): nothing of the payload is left to swap a file
+between the check and the upload.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import os
 import resource
 import time
@@ -26,6 +30,7 @@ from pilot.procstat import directory_bytes
 from pilot.safefiles import write_private
 from pilot.wrapper.broker_link import BrokerFactory, JobBroker, LazyBroker, Reporter, connect_grpc
 from pilot.wrapper.logs import LogTail
+from pilot.wrapper.outputs import OutputRefused, find_outputs, open_output
 from pilot.wrapper.payload import STDERR_FILE, STDOUT_FILE, Payload, PayloadStartError, become_subreaper
 
 S = m.JobState
@@ -64,6 +69,7 @@ class Wrapper:
         self.stop: m.Stop | None = None
         self.kill_reason = ""
         self.agent_gone = False
+        self.sandbox_fd = -1   # the sandbox as it was at the start, whatever is renamed later
 
     # ------------------------------------------------------------------ run
 
@@ -78,6 +84,7 @@ class Wrapper:
             return 2
         self.job = job
         become_subreaper()
+        self.sandbox_fd = os.open(job.sandbox_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             result = self._run_job(job)
         finally:
@@ -85,6 +92,7 @@ class Wrapper:
                 self.payload.kill_everything()
             if self.broker is not None:
                 self.broker.close()
+            os.close(self.sandbox_fd)
         if not self.agent_gone:
             try:
                 self.channel.send(result)
@@ -111,6 +119,8 @@ class Wrapper:
             self._fetch_inputs(job)
             self._expose_token(job)
             exit_status = self._run_payload(job)
+            # Nothing the payload started may run on while its outputs are read (no swap after a check).
+            self.payload.kill_everything()
             return self._finish(job, exit_status)
         except Outcome as outcome:
             return self._final(outcome.state, outcome.failure, outcome.message)
@@ -233,16 +243,30 @@ class Wrapper:
         return self._final(S.JOB_STATE_DONE, F.FAILURE_CLASS_NONE, "payload succeeded", status=status)
 
     def _upload_outputs(self, job: m.JobStart) -> str:
-        """Upload the logs and every file matching the output patterns; '' or the first error."""
-        names = [STDOUT_FILE, STDERR_FILE, *collect_outputs(job.sandbox_dir, job.spec.output_patterns)]
+        """Upload the logs and every file matching the output patterns; '' or what went wrong.
+
+        Each file is opened from the sandbox's descriptor and uploaded from the
+        descriptor opened (see pilot.wrapper.outputs); links, FIFOs, devices,
+        hard-linked files are refused by name, the others still uploaded."""
+        names = [STDOUT_FILE, STDERR_FILE, *find_outputs(self.sandbox_fd, job.spec.output_patterns)]
+        refused: list[str] = []
         for name in dict.fromkeys(names):
-            path = os.path.join(job.sandbox_dir, name)
-            if not os.path.isfile(path):
+            try:
+                fd = open_output(self.sandbox_fd, name)
+            except FileNotFoundError:
+                continue  # a log the payload removed
+            except OutputRefused as exc:
+                refused.append(str(exc))
                 continue
             try:
-                self.broker.put_output(path, name)
+                self.broker.put_output_fd(fd, name)
             except Exception as exc:  # noqa: BLE001 - reported as an output failure
                 return f"output {name!r} could not be uploaded: {exc}"
+            finally:
+                os.close(fd)
+        if refused:
+            return (f"output(s) refused: {'; '.join(refused)} (outputs must be regular files of the sandbox, with "
+                    "one link only; nothing else is uploaded)")
         return ""
 
     # -------------------------------------------------------------- reports
@@ -276,22 +300,6 @@ class Wrapper:
             else:
                 result.exit_code = status.exit_code
         return result
-
-
-def collect_outputs(sandbox: str, patterns) -> list[str]:
-    """Sandbox-relative names of regular files matching PATTERNS, never outside it."""
-    root = os.path.realpath(sandbox)
-    found = []
-    for pattern in patterns:
-        if os.path.isabs(pattern) or ".." in pattern.split("/"):
-            continue
-        for path in sorted(glob.glob(os.path.join(root, pattern), recursive=True)):
-            real = os.path.realpath(path)
-            if os.path.isfile(real) and real.startswith(root + os.sep) and not os.path.islink(path):
-                name = os.path.relpath(path, root)
-                if not fnmatch.fnmatch(name, ".job-token*"):
-                    found.append(name)
-    return found
 
 
 def _inside(sandbox: str, name: str) -> str:
