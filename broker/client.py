@@ -494,9 +494,10 @@ class AgentClient(_Client):
             running=[pb.RunningAttempt(job_id=j, attempt=a) for j, a in running]))
         return HeartbeatAnswer([(r.job_id, r.attempt) for r in response.stop], response.leave)
 
-    def report_pilot_end(self, pilot_id: str, node: str, jobs_run: int, reason: str) -> None:
+    def report_pilot_end(self, pilot_id: str, node: str, jobs_run: int, reason: str, abandoned: bool = False) -> None:
+        """The pilot leaves; the broker ends whatever attempts it still holds (ABANDONED: its agent died)."""
         self._call("ReportPilotEnd", self._stub.ReportPilotEnd, pb.ReportPilotEndRequest(
-            pilot_id=pilot_id, node=node, jobs_run=jobs_run, reason=reason))
+            pilot_id=pilot_id, node=node, jobs_run=jobs_run, reason=reason, abandoned=abandoned))
 
     def report_attempt_failure(self, job_id: int, attempt: int, failure: str | int, detail: str,
                                pilot_id: str) -> JobState:

@@ -33,6 +33,18 @@ FAILURE_CAUSES = {
 _PEM = serialization.Encoding.PEM
 
 
+def _isolation(value: str) -> str:
+    if len(value) > 64 or not all(" " <= c <= "~" for c in value):
+        raise BadRequest(f"slot.isolation {value[:80]!r} must be at most 64 printable ASCII characters; fix: send "
+                         "the launcher's isolation name (pilot.launch.isolation), e.g. 'namespace'")
+    return value
+
+
+def _reason(value: str) -> str:
+    """A pilot's end reason as stored: control characters replaced, at most 1,000 characters."""
+    return "".join(c if c.isprintable() else "?" for c in value[:1000])
+
+
 def _pilot_id(value: str) -> str:
     if not value or len(value) > 256:
         raise BadRequest("pilot_id must be 1-256 characters; fix: send the glidein's unique pilot id")
@@ -52,7 +64,7 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
         site = identity.site or ""
         offer = SlotOffer(site=site, cores=slot.cores, memory_mb=slot.memory_mb, disk_mb=slot.disk_mb,
                           time_left_s=slot.time_left_s, platforms=tuple(slot.platforms),
-                          containers=slot.containers)
+                          containers=slot.containers, isolation=_isolation(slot.isolation))
         pilot = PilotRef(pilot_id=pilot_id, site=site, node=request.node, subject=identity.subject)
         now = utcnow()
         broker.note_agent(identity, pilot_id)
@@ -108,9 +120,16 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
         broker = self.broker
         pilot_id = _pilot_id(request.pilot_id)
         pilot = PilotRef(pilot_id=pilot_id, site=identity.site or "", node=request.node, subject=identity.subject)
-        await broker.call(broker.store.pilot_end, pilot, request.jobs_run, request.reason, utcnow())
+        reason = _reason(request.reason)
+        ended = await broker.call(broker.store.pilot_end, pilot, request.jobs_run, reason, utcnow(),
+                                  abandoned=request.abandoned)
         broker.agent_expiry.pop((pilot.site, pilot_id), None)
-        log.debug("pilot %s at %s ended after %d job(s): %s", pilot_id, pilot.site, request.jobs_run, request.reason)
+        for attempt in ended:
+            broker.metrics.reaped["pilot_end"] += 1
+            log.info("pilot %s ended holding job %d attempt %d: now %s", pilot_id, attempt.job_id, attempt.attempt,
+                     attempt.new_state.name)
+        log.log(logging.WARNING if request.abandoned else logging.DEBUG, "pilot %s at %s ended after %d job(s)%s: %s",
+                pilot_id, pilot.site, request.jobs_run, " (its agent died)" if request.abandoned else "", reason)
         return pb.ReportPilotEndResponse()
 
     @rpc(SERVICE)

@@ -808,3 +808,25 @@ def test_first_start_creates_the_ca(tmp_path, tokens):
         with BrokerClient(server.address, tokens.alice, server.ca_pem) as stranger:
             with pytest.raises(BrokerUnavailable):
                 stranger.list()
+
+
+# ------------------------------------------------------------------ a pilot's end and its isolation
+
+def test_an_abandoned_pilot_gives_its_jobs_back_at_once_and_only_its_own(server, clients):
+    """The guardian of an agent killed by its payload reports the pilot abandoned: the broker re-queues
+    the jobs that pilot holds within the call (not at the reaper's timeout) and records the slot's
+    isolation it was matched with; a badly formed isolation is the caller's mistake, not INTERNAL."""
+    mine, theirs = submit_one(clients.alice), submit_one(clients.alice)
+    with pytest.raises(InvalidRequest) as refused:
+        clients.agent.match({**SLOT, "isolation": "none\x1b[31m"}, "pilot-1", "node-1.example")
+    assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT and "isolation" in refused.value.details
+    assert clients.alice.status(mine).state is JobState.WAITING  # the refusal claimed nothing
+    first = clients.agent.match({**SLOT, "isolation": "namespace"}, "pilot-1", "node-1.example")
+    second = clients.agent.match(SLOT, "pilot-2", "node-2.example")
+    assert {first.job_id, second.job_id} == {mine, theirs}
+    clients.agent.report_pilot_end("pilot-1", "node-1.example", 1, "agent killed by SIGKILL", abandoned=True)
+    gone = clients.alice.status(first.job_id)
+    assert gone.state is JobState.WAITING
+    assert "isolation: namespace" in gone.history[1].detail
+    assert "its agent died (agent killed by SIGKILL)" in gone.history[-1].detail
+    assert clients.alice.status(second.job_id).state is JobState.ASSIGNED

@@ -526,6 +526,33 @@ def test_pilots(store):
     assert store.get(job_id).pilot_id == "pilot-1"
 
 
+def test_a_pilots_end_ends_the_attempts_it_still_holds(store):
+    """An agent killed by its payload: its guardian reports the pilot abandoned, and every attempt the
+    pilot holds is ended at once as the reaper would (LOST, charged, re-queued), not minutes later;
+    another pilot's job is not touched, and the old attempt is fenced."""
+    held = submit_one(store, priority=3)
+    attempt = start(store, held, when=1)
+    assigned = submit_one(store, priority=2)
+    assert store.match(slot(), PILOT, at(2)).job_id == assigned
+    theirs = submit_one(store, priority=1)
+    assert store.match(slot(), OTHER_PILOT, at(2)).job_id == theirs
+    ended = store.pilot_end(PILOT, 2, "agent killed by SIGKILL", at(3), abandoned=True)
+    assert sorted((r.job_id, r.new_state) for r in ended) == [(held, S.WAITING), (assigned, S.WAITING)]
+    record = store.get(held)
+    assert record.state is S.WAITING and "its agent died (agent killed by SIGKILL)" in record.history[-1].detail
+    assert store.get(theirs).state is S.ASSIGNED
+    with pytest.raises(StaleAttemptError):
+        store.job_heartbeat(held, attempt, 1.0, 1, 1, at(4))
+    assert store.stats()["lost_attempts_total"] == 2 and store.stats()["empty_pilots_total"] == 0
+    assert store.pilot_end(PILOT, 2, "again", at(5), abandoned=True) == []  # nothing left to end
+
+
+def test_the_slots_isolation_is_recorded_in_the_jobs_history(store):
+    job_id = submit_one(store)
+    assert store.match(SlotOffer(SITE, 8, 32_000, 100_000, 86_400, isolation="namespace"), PILOT, at(1))
+    assert store.get(job_id).history[-1].detail.endswith("isolation: namespace")
+
+
 def test_pilot_heartbeat_lists_what_to_stop(store):
     running, killed, requeued, theirs = (submit_one(store, priority=p) for p in (1, 2, 3, 4))
     for job_id in (theirs, requeued, killed, running):  # in priority order

@@ -107,6 +107,8 @@ class SlotOffer:
     time_left_s: int
     platforms: tuple[str, ...] = ()
     containers: bool = False
+    #: How the slot isolates a job (pilot.launch.isolation), recorded in the job's history.
+    isolation: str = ""
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,11 @@ class JobStore(abc.ABC):
         """Record the pilot; return the (job, attempt) pairs it must stop."""
 
     @abc.abstractmethod
-    def pilot_end(self, pilot: PilotRef, jobs_run: int, reason: str, now: datetime.datetime) -> None: ...
+    def pilot_end(self, pilot: PilotRef, jobs_run: int, reason: str, now: datetime.datetime, *,
+                  abandoned: bool = False) -> list[Reaped]:
+        """Record the pilot's end, and end every active attempt it still holds at once, as the
+        reaper would for a lost heartbeat (cause LOST: charged, re-queued or failed); ABANDONED
+        says its agent died without ending them. Returns the attempts ended."""
 
     @abc.abstractmethod
     def attempt_failed(self, job_id: int, attempt: int, pilot: PilotRef, cause: RequeueCause | None,

@@ -46,7 +46,7 @@ from psycopg import errors as pgerrors
 from broker.store.base import Assignment, PilotRef, SlotOffer, StoreError, StoreSettings
 from broker.store.classes import CLASS_INSERT_COLUMNS, RequirementClass
 from broker.store.schema import ALIVE_STATES, ASSIGNED, POSTGRES, SCHEMA_VERSION, WAITING, ddl, to_ms
-from broker.store.sql import CLAIM_SET, JOB_COLUMNS, JOB_INSERT_COLUMNS, SqlStore
+from broker.store.sql import CLAIM_SET, JOB_COLUMNS, JOB_INSERT_COLUMNS, SqlStore, matched_detail
 from splitpilot.job.v1 import job_pb2
 
 T = TypeVar("T")
@@ -297,7 +297,7 @@ class PostgresStore(SqlStore):
         ms = to_ms(now)
         params = {"site": slot.site, "now": ms, "node": pilot.node, "pilot": pilot.pilot_id,
                   "pilot_site": pilot.site, "shard": self._shard(),
-                  "detail": f"matched to pilot {pilot.pilot_id} at {slot.site} on {pilot.node}"}
+                  "detail": matched_detail(slot, pilot)}
         with self._pool.connection() as conn:
             for _ in range(2):
                 params["classes"] = list(self._classes.fitting(slot))

@@ -38,6 +38,7 @@ from broker.store.base import (
     PilotRecord,
     PilotRef,
     Reaped,
+    SlotOffer,
     StaleAttemptError,
     StoreSettings,
     TooManyJobs,
@@ -90,6 +91,12 @@ def record(row: Sequence, history: Sequence[tuple] = (), outputs: Sequence[tuple
         node=row[9], pilot_id=row[10], exit_code=row[11], message=row[12], kill_requested=bool(row[13]),
         history=tuple(JobEventRecord(from_ms(t), JobState(s), int(a), d) for t, s, a, d in history),
         outputs=tuple(OutputRecord(n, int(size), sha) for n, size, sha in outputs))
+
+
+def matched_detail(slot: SlotOffer, pilot: PilotRef) -> str:
+    """The ASSIGNED event's detail: who took the job, where, and how it will be isolated there."""
+    return (f"matched to pilot {pilot.pilot_id} at {slot.site} on {pilot.node}; "
+            f"isolation: {slot.isolation or 'not stated'}")
 
 
 def shown_attempt(state: int, attempt: int) -> int:
@@ -299,17 +306,30 @@ class SqlStore(JobStore):
             return stop
         return self._write(body)
 
-    def pilot_end(self, pilot: PilotRef, jobs_run: int, reason: str, now: datetime.datetime) -> None:
+    def pilot_end(self, pilot: PilotRef, jobs_run: int, reason: str, now: datetime.datetime, *,
+                  abandoned: bool = False) -> list[Reaped]:
         ms = to_ms(now)
 
-        def body(cur: Cursor) -> None:
+        def body(cur: Cursor) -> list[Reaped]:
             self._touch_pilot(cur, pilot, ms, 0)
-            why = "empty" if jobs_run == 0 else reason or "ended"
+            why = "empty" if jobs_run == 0 and not abandoned else reason or "ended"
             ended = cur.run("UPDATE pilots SET end_reason = ?, jobs_run = ?, ended = ? "
                             "WHERE pilot_id = ? AND ended IS NULL", (why, jobs_run, ms, pilot.pilot_id))
-            if ended and jobs_run == 0:  # counted once, however often the end is reported
+            if ended and jobs_run == 0 and not abandoned:  # counted once, however often the end is reported
                 self._bump(cur, "empty_pilots_total")
-        self._write(body)
+            # Whatever it still holds is lost now: no wrapper of a gone pilot reports again.
+            detail = (f"its agent died ({reason})" if abandoned else f"its pilot ended ({why})")
+            held = cur.rows(f"SELECT id, attempt, state, charged, max_attempts, kill_requested FROM jobs "
+                            f"WHERE pilot_id = ? AND fenced = 0 AND state IN ({ASSIGNED}, "
+                            f"{ALIVE_STATES[1:-1]}){self.FOR_UPDATE}", (pilot.pilot_id,))
+            reaped = []
+            for job_id, attempt, _state, charged, max_attempts, kill_requested in held:
+                new_state = self._end_attempt(cur, job_id, attempt, charged, max_attempts, bool(kill_requested),
+                                              RequeueCause.LOST, f"pilot {pilot.pilot_id}: {detail}", ms)
+                self._bump(cur, "lost_attempts_total")
+                reaped.append(Reaped(job_id, attempt, RequeueCause.LOST, new_state))
+            return reaped
+        return self._write(body)
 
     def attempt_failed(self, job_id: int, attempt: int, pilot: PilotRef, cause: RequeueCause | None,
                        detail: str, now: datetime.datetime) -> JobState:

@@ -36,7 +36,15 @@ from broker.lifecycle import JobState
 from broker.store.base import Assignment, PilotRef, SlotOffer, StoreError, StoreSettings
 from broker.store.classes import CLASS_INSERT_COLUMNS, RequirementClass
 from broker.store.schema import ALIVE_STATES, ASSIGNED, SCHEMA_VERSION, SQLITE, WAITING, ddl, to_ms
-from broker.store.sql import CLAIM_SET, EVENT_INSERT, HEAD_SQL, JOB_COLUMNS, JOB_INSERT_COLUMNS, SqlStore
+from broker.store.sql import (
+    CLAIM_SET,
+    EVENT_INSERT,
+    HEAD_SQL,
+    JOB_COLUMNS,
+    JOB_INSERT_COLUMNS,
+    SqlStore,
+    matched_detail,
+)
 from splitpilot.job.v1 import job_pb2
 
 T = TypeVar("T")
@@ -206,7 +214,7 @@ class SqliteStore(SqlStore):
                 f"UPDATE jobs SET {CLAIM_SET} WHERE id = ? AND state = {WAITING} RETURNING attempt, owner, spec",
                 (ms, ms, slot.site, pilot.node, pilot.pilot_id, job_id))
             self._event(cur, job_id, ms, JobState.ASSIGNED, attempt,
-                        f"matched to pilot {pilot.pilot_id} at {slot.site} on {pilot.node}")
+                        matched_detail(slot, pilot))
             self._bump(cur, "matches_total")
             self._touch_pilot(cur, pilot, ms, 1)
             spec = job_pb2.JobSpec()
