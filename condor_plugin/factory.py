@@ -63,6 +63,10 @@ if TYPE_CHECKING:
 IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
 STATUS_NAMES = {IDLE: "IDLE", RUNNING: "RUNNING", REMOVED: "REMOVED", COMPLETED: "COMPLETED", HELD: "HELD",
                 TRANSFERRING: "TRANSFERRING", SUSPENDED: "SUSPENDED"}
+#: HoldReasonCode of a job submitted with spooling until its inputs have arrived.
+SPOOLING_HOLD = 16
+#: Seconds the schedd may take to release spooled glideins once their inputs are there.
+SPOOL_RELEASE_TIMEOUT = 60.0
 #: Finished and not yet retrieved: the spooled glideins that wait for `collect` (LeaveJobInQueue holds
 #: them until StageOutFinish, set by a retrieval, is later than their completion).
 NOT_RETRIEVED = "JobStatus == 4 && (StageOutFinish ?: 0) < EnteredCurrentStatus"
@@ -239,7 +243,21 @@ class Factory:
                                    f"{result.cluster()}, removed): {exc}; fix: check that this client may write "
                                    "to the schedd (its SPOOL, its disk)") from exc
             raise
+        self._wait_released(result.cluster())
         return result
+
+    def _wait_released(self, cluster: int, timeout: float = SPOOL_RELEASE_TIMEOUT) -> None:
+        """Until the schedd has released CLUSTER's glideins from their spooling hold (it does so shortly
+        after the inputs arrived): a caller must not see them HELD, nor count them as anything but idle."""
+        constraint = f"ClusterId == {cluster} && JobStatus == {HELD} && HoldReasonCode == {SPOOLING_HOLD}"
+        deadline = time.monotonic() + timeout
+        while self.schedd.query(constraint=constraint, projection=["ProcId"]):
+            if time.monotonic() > deadline:
+                # Submitted and spooled all the same: say so, and let the caller go on.
+                self.progress(f"warning: the schedd still holds cluster {cluster} 'spooling input data files' "
+                              f"{timeout:.0f} s after its inputs were sent; see the schedd's log (SchedLog)")
+                return
+            time.sleep(0.2)
 
     # -- status ------------------------------------------------------------------
 

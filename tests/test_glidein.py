@@ -484,6 +484,8 @@ class FakeSchedd:
     def query(self, constraint, projection):
         if "StageOutFinish" in constraint:     # the factory's NOT_RETRIEVED
             return [ad for ad in self.ads if ad["JobStatus"] == 4 and not ad.get("StageOutFinish")]
+        if "HoldReasonCode == 16" in constraint:   # waiting for their inputs
+            return [ad for ad in self.ads if ad["JobStatus"] == 5 and ad.get("HoldReasonCode") == 16]
         return list(self.ads)
 
     def history(self, constraint, projection, match):
