@@ -217,6 +217,7 @@ class Factory:
         finally:
             # The schedd holds the token now (or nothing does): never keep a copy here.
             files.token.unlink(missing_ok=True)
+        self._wait_released(result.cluster())
         record = {"batch": batch, "cluster": result.cluster(), "count": count, "package": package.key,
                   "submitted": time.time()}
         (files.directory / "batch.json").write_text(json.dumps(record) + "\n")
@@ -243,19 +244,26 @@ class Factory:
                                    f"{result.cluster()}, removed): {exc}; fix: check that this client may write "
                                    "to the schedd (its SPOOL, its disk)") from exc
             raise
-        self._wait_released(result.cluster())
         return result
 
     def _wait_released(self, cluster: int, timeout: float = SPOOL_RELEASE_TIMEOUT) -> None:
         """Until the schedd has released CLUSTER's glideins from their spooling hold (it does so shortly
         after the inputs arrived): a caller must not see them HELD, nor count them as anything but idle."""
+        import htcondor2
+
         constraint = f"ClusterId == {cluster} && JobStatus == {HELD} && HoldReasonCode == {SPOOLING_HOLD}"
         deadline = time.monotonic() + timeout
-        while self.schedd.query(constraint=constraint, projection=["ProcId"]):
+        while True:
+            try:
+                if not self.schedd.query(constraint=constraint, projection=["ProcId"]):
+                    return
+                problem = "still holds it 'spooling input data files'"
+            except (htcondor2.HTCondorException, RuntimeError) as exc:
+                problem = f"did not answer ({exc})"
             if time.monotonic() > deadline:
                 # Submitted and spooled all the same: say so, and let the caller go on.
-                self.progress(f"warning: the schedd still holds cluster {cluster} 'spooling input data files' "
-                              f"{timeout:.0f} s after its inputs were sent; see the schedd's log (SchedLog)")
+                self.progress(f"warning: cluster {cluster} was submitted and its inputs sent, but the schedd "
+                              f"{problem} {timeout:.0f} s later; see the schedd's log (SchedLog)")
                 return
             time.sleep(0.2)
 

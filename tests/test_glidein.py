@@ -597,6 +597,30 @@ def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factor
     assert not list(factory.batches_dir.iterdir()) and not schedd.spooled
 
 
+def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieval(fake_factory, monkeypatch):
+    import submit
+
+    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    factory, schedd = fake_factory
+    lines: list[str] = []
+    factory.progress = lines.append
+    factory.submit(3)
+    assert factory.collect() == [] and not schedd.retrieved          # idle: nothing to bring back
+    schedd.ads[0]["JobStatus"] = 4
+    schedd.ads[1]["JobStatus"] = 2
+
+    def broken(constraint):
+        raise RuntimeError("DCSchedd::receiveJobSandbox: permission denied")
+    monkeypatch.setattr(schedd, "retrieve", broken)
+    assert factory.collect() == []                                    # said, not raised: next cycle tries again
+    assert "could not retrieve the output of glidein(s) 1.0" in lines[-1] and "permission denied" in lines[-1]
+    assert [ad["JobStatus"] for ad in schedd.ads] == [4, 2, 1]        # nothing left the queue
+    monkeypatch.undo()
+    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    assert factory.collect() == [(1, 0)]
+    assert [ad["JobStatus"] for ad in schedd.ads] == [2, 1] and schedd.done[0]["ProcId"] == 0
+
+
 def test_cli_needs_a_work_dir_without_minicondor(tmp_path):
     from condor_plugin import factory_cli
     from pilot.errors import UsageError
