@@ -332,17 +332,18 @@ def run_pilot(site: Site, jobs: int, label: str, round_no: int) -> Phase:
 
     server, pool = site.server, site.pool
     user = server.ca.new_token(TokenRole.USER, f"bench-round-{round_no}-{uuid.uuid4().hex[:6]}")
-    shared = pool.shared_dirs[0]
-    owner = shared.stat()
     if site.runtime == "apptainer":
         glidein = GlideinSettings(broker=server.address, container_policy="require", runtimes="apptainer",
                                   image=pool.sandbox_image, idle_timeout="10s")
     else:
-        glidein = GlideinSettings(broker=server.address, container_policy="off", runtimes="process",
+        # require + process: no isolation at all, as before `off` came to mean "the namespace launcher if it
+        # works" (this bench measures the pilot's own overhead against HTCondor's, not a launcher's).
+        glidein = GlideinSettings(broker=server.address, container_policy="require", runtimes="process",
                                   idle_timeout="10s")
     factory_name = f"bench{round_no}{uuid.uuid4().hex[:6]}"
-    settings = FactorySettings(work_dir=shared / f"factory-{factory_name}", site=SITE, factory=factory_name,
-                               owner=(owner.st_uid, owner.st_gid), cpus=1, memory_mb=768, disk_mb=1024,
+    # Batch folders on the submit side only (inputs are spooled): not in the shared folder the node sees.
+    settings = FactorySettings(work_dir=site.base / f"factory-{factory_name}", site=SITE, factory=factory_name,
+                               cpus=1, memory_mb=768, disk_mb=1024,
                                lifetime=datetime.timedelta(minutes=60), glidein=glidein)
     builder = PackageBuilder(progress=lambda line: say(f"glidein package: {line}"))
     factory = Factory(settings, pool.schedd(), server.ca, builder)
@@ -396,6 +397,7 @@ def run_pilot(site: Site, jobs: int, label: str, round_no: int) -> Phase:
     # The glideins leave after their idle timeout: wait, so that the next phase finds the pool idle.
     end = time.monotonic() + 120
     while factory.glideins(history=False) and time.monotonic() < end:
+        factory.collect()        # finished glideins' logs back; then they leave the queue
         time.sleep(1.0)
     if factory.glideins(history=False):
         say(f"{label}: glideins still queued 120 s after the last job: removing them")

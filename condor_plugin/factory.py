@@ -4,16 +4,31 @@
                       schedd=pool.schedd(), ca=CertificateAuthority.load(ca_dir))
     batch = factory.submit(count=2)     # a fresh agent token, the package, a batch folder, one cluster
     factory.glideins()                  # this factory's glideins in the queue (and recent history)
-    factory.clean()                     # batch folders no glidein can still start from (token removed)
+    factory.collect()                   # finished glideins: output, error and log back; they leave the queue
     factory.run_once(waiting=5)         # one step of the loop: submit what the waiting jobs need
 
-Everything goes through the bindings (Schedd.submit, query, history); no
-command output is parsed. Every glidein carries +SplitpilotFactory,
-+SplitpilotSite and +SplitpilotBatch (submit.description); queries select by them.
+Everything goes through the bindings (Schedd.submit, spool, retrieve, query,
+history); no command output is parsed. Every glidein carries
++SplitpilotFactory, +SplitpilotSite and +SplitpilotBatch (submit.description);
+queries select by them.
 
 One agent token per batch: minted here from the CA, scoped to the site,
 living no longer than the glidein's lifetime plus grace plus the time a
 glidein may wait in the queue (capped by the CA's policy for agents).
+
+The token exists on the submit side only until HTCondor has it. The batch is
+submitted with spooling (Schedd.submit(spool=True), then Schedd.spool): the
+bindings read the inputs here and send them to the schedd, which keeps them
+in its SPOOL for every start of every glidein of the batch (an evicted
+glidein starts again from there) and drops them when the glidein leaves the
+queue. The factory's token file is removed as soon as the spool call returns
+(or fails). Nothing of the batch folder is read by a shadow or a job, so it
+stays 0700, the factory's own.
+
+Spooled glideins come back the same way: their output, error and event log
+stay in the schedd's SPOOL when they end (LeaveJobInQueue, set by spooling:
+up to 10 days) until `collect` retrieves them (Schedd.retrieve) into the
+batch's log folder; the schedd then lets them leave the queue.
 """
 
 from __future__ import annotations
@@ -29,8 +44,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from condor_plugin.glidein import (
-    PACKAGE_NAME,
-    TOKEN_NAME,
     GlideinPackage,
     GlideinSettings,
     PackageBuilder,
@@ -50,6 +63,13 @@ if TYPE_CHECKING:
 IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
 STATUS_NAMES = {IDLE: "IDLE", RUNNING: "RUNNING", REMOVED: "REMOVED", COMPLETED: "COMPLETED", HELD: "HELD",
                 TRANSFERRING: "TRANSFERRING", SUSPENDED: "SUSPENDED"}
+#: HoldReasonCode of a job submitted with spooling until its inputs have arrived.
+SPOOLING_HOLD = 16
+#: Seconds the schedd may take to release spooled glideins once their inputs are there.
+SPOOL_RELEASE_TIMEOUT = 60.0
+#: Finished and not yet retrieved: the spooled glideins that wait for `collect` (LeaveJobInQueue holds
+#: them until StageOutFinish, set by a retrieval, is later than their completion).
+NOT_RETRIEVED = "JobStatus == 4 && (StageOutFinish ?: 0) < EnteredCurrentStatus"
 PROJECTION = ["ClusterId", "ProcId", "JobStatus", "SplitpilotBatch", "SplitpilotSite", "EnteredCurrentStatus",
               "QDate", "JobStartDate", "CompletionDate", "ExitCode", "HoldReason", "RemoteHost"]
 
@@ -60,7 +80,7 @@ class FactoryError(SplitpilotError):
 
 @dataclass(frozen=True)
 class FactorySettings:
-    work_dir: Path                      # batches/BATCH/: script, package, token, log (must be where the shadow reads)
+    work_dir: Path                      # batches/BATCH/: script, log (0700: read by this process only)
     site: str
     glidein: GlideinSettings
     factory: str = "splitpilot"
@@ -71,8 +91,6 @@ class FactorySettings:
     lifetime: datetime.timedelta = datetime.timedelta(hours=6)
     grace: datetime.timedelta = datetime.timedelta(minutes=10)
     max_idle: datetime.timedelta = datetime.timedelta(hours=2)
-    #: (uid, gid) owning the batch files, when this process is not the glideins' owner.
-    owner: tuple[int, int] | None = None
     # -- the loop ------------------------------------------------------------------
     max_queued: int = 10                # glideins idle in the queue at most
     max_running: int = 50               # glideins running at most
@@ -169,8 +187,7 @@ class Factory:
     # -- one-off submit --------------------------------------------------------
 
     def submit(self, count: int) -> SubmittedBatch:
-        """Submit COUNT glideins as one batch (one cluster, one fresh agent token)."""
-        import htcondor2
+        """Submit COUNT glideins as one batch (one cluster, one fresh agent token), inputs spooled."""
 
         from pilot.tokens import TokenRole
         from submit import GlideinRequest, build_description, to_submit
@@ -183,29 +200,72 @@ class Factory:
         ttl = s.lifetime + s.grace + s.max_idle
         ttl = min(ttl, self.ca.policy.max_lifetime[TokenRole.AGENT])
         token = self.ca.new_token(TokenRole.AGENT, f"glidein-{batch}", site=s.site, queue=s.queue, ttl=ttl)
-        self.batches_dir.mkdir(parents=True, exist_ok=True)
-        if s.owner is not None:
-            import os
-            os.chown(self.batches_dir, *s.owner)
-        files = prepare_batch(package, self.batches_dir / batch, token_pem=token.to_pem(), settings=s.glidein,
-                              owner=s.owner)
+        # 0700 and ours: the token is written below it for as long as the spooling takes.
+        self.batches_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.batches_dir.chmod(0o700)
+        files = prepare_batch(package, self.batches_dir / batch, token_pem=token.to_pem(), settings=s.glidein)
         del token
-        request = GlideinRequest(executable=files.script, log_dir=files.log_dir, site=s.site, factory=s.factory,
-                                 batch=batch, transfer_input_files=files.transfer_input_files,
-                                 encrypt_input_files=(str(files.token),), cpus=s.cpus,
-                                 memory_mb=s.memory_mb, disk_mb=s.disk_mb, lifetime=s.lifetime, grace=s.grace,
-                                 max_idle=s.max_idle)
-        description = build_description(request)
         try:
-            result = self.schedd.submit(to_submit(description), count=count)
-        except (htcondor2.HTCondorException, RuntimeError) as exc:
+            request = GlideinRequest(executable=files.script, log_dir=files.log_dir, site=s.site,
+                                     factory=s.factory, batch=batch, transfer_input_files=files.transfer_input_files,
+                                     encrypt_input_files=(str(files.token),), cpus=s.cpus, memory_mb=s.memory_mb,
+                                     disk_mb=s.disk_mb, lifetime=s.lifetime, grace=s.grace, max_idle=s.max_idle)
+            result = self._submit_spooled(to_submit(build_description(request)), count, batch)
+        except BaseException:
             remove_batch(files.directory)
-            raise FactoryError(f"the schedd refused the glideins: {exc}") from exc
+            raise
+        finally:
+            # The schedd holds the token now (or nothing does): never keep a copy here.
+            files.token.unlink(missing_ok=True)
+        self._wait_released(result.cluster())
         record = {"batch": batch, "cluster": result.cluster(), "count": count, "package": package.key,
                   "submitted": time.time()}
         (files.directory / "batch.json").write_text(json.dumps(record) + "\n")
-        self.progress(f"submitted {count} glidein(s): cluster {result.cluster()}, batch {batch}")
+        self.progress(f"submitted {count} glidein(s): cluster {result.cluster()}, batch {batch} (inputs spooled)")
         return SubmittedBatch(batch, result.cluster(), count, files.directory)
+
+    def _submit_spooled(self, description: htcondor2.Submit, count: int, batch: str):
+        """Submit on hold, send the inputs to the schedd's SPOOL (which releases the glideins); the result."""
+        import htcondor2
+
+        try:
+            result = self.schedd.submit(description, count=count, spool=True)
+        except (htcondor2.HTCondorException, RuntimeError) as exc:
+            raise FactoryError(f"the schedd refused the glideins: {exc}") from exc
+        try:
+            self.schedd.spool(result)
+        except BaseException as exc:
+            # Held glideins waiting for inputs that will never come: take them out of the queue.
+            with contextlib.suppress(htcondor2.HTCondorException, RuntimeError):
+                self.schedd.act(htcondor2.JobAction.Remove, f"ClusterId == {result.cluster()}",
+                                f"splitpilot factory: spooling the inputs of batch {batch} failed")
+            if isinstance(exc, (htcondor2.HTCondorException, RuntimeError)):
+                raise FactoryError(f"sending the glideins' inputs to the schedd failed (batch {batch}, cluster "
+                                   f"{result.cluster()}, removed): {exc}; fix: check that this client may write "
+                                   "to the schedd (its SPOOL, its disk)") from exc
+            raise
+        return result
+
+    def _wait_released(self, cluster: int, timeout: float = SPOOL_RELEASE_TIMEOUT) -> None:
+        """Until the schedd has released CLUSTER's glideins from their spooling hold (it does so shortly
+        after the inputs arrived): a caller must not see them HELD, nor count them as anything but idle."""
+        import htcondor2
+
+        constraint = f"ClusterId == {cluster} && JobStatus == {HELD} && HoldReasonCode == {SPOOLING_HOLD}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if not self.schedd.query(constraint=constraint, projection=["ProcId"]):
+                    return
+                problem = "still holds it 'spooling input data files'"
+            except (htcondor2.HTCondorException, RuntimeError) as exc:
+                problem = f"did not answer ({exc})"
+            if time.monotonic() > deadline:
+                # Submitted and spooled all the same: say so, and let the caller go on.
+                self.progress(f"warning: cluster {cluster} was submitted and its inputs sent, but the schedd "
+                              f"{problem} {timeout:.0f} s later; see the schedd's log (SchedLog)")
+                return
+            time.sleep(0.2)
 
     # -- status ------------------------------------------------------------------
 
@@ -219,30 +279,31 @@ class Factory:
                                                                        projection=PROJECTION, match=200)]
         return sorted(queued + done, key=lambda g: (g.cluster, g.proc))
 
-    def clean(self, queued: list[Glidein] | None = None) -> list[str]:
-        """Remove the token and package of batches no glidein can still start from; return their names.
+    def collect(self) -> list[tuple[int, int]]:
+        """Retrieve the output, error and event log of this factory's finished glideins; return their ids.
 
-        A batch is still needed while one of its glideins is idle or held (it may
-        start, or start again, and the shadow then reads the token). The batch's
-        log folder stays: the glideins' output and error come back there.
+        They come back into their batch's log folder (the paths the
+        description named: glidein.CLUSTER.PROC.{out,err,log}); the schedd then
+        lets them leave the queue at its next look (LeaveJobInQueue), with the
+        spooled inputs (the agent token) they no longer need. A glidein that is
+        idle, running or held is not touched: it may still start (again) from
+        its spooled inputs.
         """
-        if queued is None:
-            queued = self.glideins(history=False)
-        needed = {g.batch for g in queued if g.status in (IDLE, HELD)}
-        cleaned = []
-        if not self.batches_dir.is_dir():
-            return cleaned
-        for folder in sorted(self.batches_dir.iterdir()):
-            if folder.name in needed or not (folder / "batch.json").is_file():
-                continue
-            found = False
-            for name in (TOKEN_NAME, PACKAGE_NAME):
-                with contextlib.suppress(FileNotFoundError):
-                    (folder / name).unlink()
-                    found = True
-            if found:
-                cleaned.append(folder.name)
-        return cleaned
+        import htcondor2
+
+        constraint = self._constraint(NOT_RETRIEVED)
+        done = [(int(ad["ClusterId"]), int(ad["ProcId"]))
+                for ad in self.schedd.query(constraint=constraint, projection=["ClusterId", "ProcId"])]
+        if not done:
+            return []
+        try:
+            self.schedd.retrieve(constraint)
+        except (htcondor2.HTCondorException, RuntimeError) as exc:
+            # Next cycle tries again; the glideins wait in the queue meanwhile.
+            self.progress(f"could not retrieve the output of glidein(s) "
+                          f"{', '.join(f'{c}.{p}' for c, p in done)}: {exc}")
+            return []
+        return done
 
     def remove_all(self, reason: str = "splitpilot factory: removed") -> None:
         """Remove every glidein of this factory and site from the queue."""
@@ -251,7 +312,7 @@ class Factory:
         self.schedd.act(htcondor2.JobAction.Remove, self._constraint(), reason)
 
     def purge_batches(self) -> None:
-        """Remove all batch folders (tokens, packages, logs): after remove_all, when nothing is queued."""
+        """Remove all batch folders (scripts, logs): after remove_all, when nothing is queued."""
         if self.batches_dir.is_dir():
             for folder in self.batches_dir.iterdir():
                 remove_batch(folder)
@@ -304,7 +365,7 @@ class Factory:
             else:
                 state.backoff_s = 0.0
         state.primed = True
-        self.clean([g for g in queued])
+        self.collect()
         idle = sum(1 for g in queued if g.status == IDLE)
         running = sum(1 for g in queued if g.status == RUNNING)
         wanted = -(-waiting // max(1, s.jobs_per_glidein)) - idle

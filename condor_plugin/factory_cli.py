@@ -1,26 +1,29 @@
 """`splitpilot glidein submit|status` and `splitpilot factory run`: glideins through the htcondor2 bindings.
 
   glidein submit --count N   mint an agent token for the site, package the pilot (cached), write a
-                             batch folder (script, package, token 0600) and submit N glideins
+                             batch folder (0700: script, token, log folder), submit N glideins with
+                             their inputs spooled into the schedd, and remove the token file at once
   glidein status             this factory's glideins for the site: in the queue and recently ended;
-                             removes the token of batches no glidein can still start from
+                             brings back the output, error and log of finished ones (into their
+                             batch's log folder), after which they leave the queue
   factory run                keep queued glideins in line with the broker's waiting jobs for the site
-                             (bounded; backs off when glideins fail fast or come back empty)
+                             (bounded; backs off when glideins fail fast or come back empty; brings
+                             back finished glideins' output each cycle)
 
-The schedd: the mini-condor of --minicondor DIR (its client configuration,
-its shared folder for batches, its job user as the batches' owner); a remote
-schedd located through a collector (--pool HOST[:PORT], --schedd NAME; the
-batch folder must then be one that schedd's shadows read, --work-dir); else
-the local one CONDOR_CONFIG names. Agent tokens are minted from the CA in --ca (the
-broker's STATE/ca); the agent token never appears on a command line, in the
-submit description or in the environment.
+The schedd: the mini-condor of --minicondor DIR (its client configuration;
+batch folders in DIR/factory, which its node does not see); a remote schedd
+located through a collector (--pool HOST[:PORT], --schedd NAME); else the
+local one CONDOR_CONFIG names. The inputs are spooled, so the batch folder
+(--work-dir) is read by this process only, on this host. Agent tokens are
+minted from the CA in --ca (the broker's STATE/ca); the agent token never
+appears on a command line, in the submit description or in the environment,
+and its file lives only until the schedd holds it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import pwd
 import signal
 import sys
 from pathlib import Path
@@ -69,10 +72,7 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
                         help="the schedd's name in --pool's collector (default: the local schedd, or the only "
                              "one --pool lists)")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
-                        help="batch folders (must be readable where the schedd runs; default with --minicondor: "
-                             "its shared folder/factory)")
-    parser.add_argument("--owner", metavar="USER", help="who owns the batch files (the glideins' owner; default "
-                                                         "with --minicondor: its job user)")
+                        help="batch folders, on this host (default with --minicondor: its state folder/factory)")
     if not need_broker:
         return
     parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="the broker, as the nodes reach it")
@@ -126,20 +126,11 @@ def _settings(args, pool):
     from condor_plugin.factory import FactorySettings
     from condor_plugin.glidein import GlideinSettings
 
-    work_dir = args.work_dir or (pool.shared_dirs[0] / "factory" if pool is not None else None)
+    # Not the pool's shared folder: the node sees that one, and nothing there needs to (inputs are spooled).
+    work_dir = args.work_dir or (pool.settings.state_dir / "factory" if pool is not None else None)
     if work_dir is None:
-        raise UsageError("--work-dir is required without --minicondor (a folder the schedd's shadow can read)")
-    owner = None
-    user = args.owner or (pool.settings.job_user if pool is not None else None)
-    if user is not None:
-        try:
-            entry = pwd.getpwnam(user)
-            owner = (entry.pw_uid, entry.pw_gid)
-        except KeyError:
-            if pool is None:
-                raise UsageError(f"--owner {user}: no such user here") from None
-            shared = pool.shared_dirs[0].stat()   # the pool's job user exists in the node only
-            owner = (shared.st_uid, shared.st_gid)
+        raise UsageError("--work-dir is required without --minicondor (where this factory keeps its batch folders "
+                         "and the glideins' logs)")
     extra = {}
     if hasattr(args, "broker"):
         image = args.image or (pool.sandbox_image if pool is not None else "")
@@ -152,7 +143,7 @@ def _settings(args, pool):
     for name in ("max_queued", "max_running", "max_per_cycle", "jobs_per_glidein"):
         if hasattr(args, name):
             extra[name] = getattr(args, name)
-    return FactorySettings(work_dir=work_dir, site=args.site, factory=args.factory, owner=owner, **extra)
+    return FactorySettings(work_dir=work_dir, site=args.site, factory=args.factory, **extra)
 
 
 def _factory(args):
@@ -182,15 +173,16 @@ def run_submit(args) -> int:
 def run_status(args) -> int:
     factory = _factory(args)
     glideins = factory.glideins()
-    cleaned = factory.clean([g for g in glideins if g.status in (1, 2, 5, 6, 7)])
+    collected = factory.collect()
     if not glideins:
         print(f"no glideins of factory {args.factory} for site {args.site}")
     now = datetime.datetime.now().timestamp()
     for g in glideins:
         detail = g.hold_reason or (f"exit {g.exit_code}" if g.exit_code is not None else "")
         print(f"{g.cluster}.{g.proc}  {g.status_name:<10} {now - g.entered:7.0f} s  batch {g.batch}  {detail}")
-    if cleaned:
-        print(f"removed the token and package of {len(cleaned)} finished batch(es)")
+    if collected:
+        print(f"retrieved the output, error and log of {len(collected)} finished glidein(s) into their batch's "
+              f"log folder ({factory.batches_dir}/BATCH/log); they now leave the queue")
     return 0
 
 

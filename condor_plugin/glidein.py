@@ -19,10 +19,12 @@ and runs `splitpilot agent --token FILE ...`; the agent builds the software
 area for its wrappers from that venv, reads the token file and removes it.
 
 The token: minted per batch by the caller (short-lived, site-scoped), written
-here 0600 as a transfer input file of the batch, owned by the user the
-glidein's shadow reads it as. Never in the script, the submit description,
-an argument or the environment. The batch folder is removed by the factory
-once no glidein of the batch can still start (see condor_plugin.factory).
+here 0600 in a 0700 folder of the factory's own, as a transfer input file of
+the batch. The factory spools the batch's inputs into the schedd at submit and
+removes its copy at once: from then on only the schedd's SPOOL holds it (until
+the glideins leave the queue), which is what a glidein that is evicted and
+starts again is served from. Never in the script, the submit description, an
+argument or the environment.
 """
 
 from __future__ import annotations
@@ -303,7 +305,11 @@ class GlideinSettings:
 
 @dataclass(frozen=True)
 class GlideinBatch:
-    """The files of one batch: the executable and the transfer inputs (absolute paths)."""
+    """The files of one batch: the executable and the transfer inputs (absolute paths).
+
+    `package` is the cached package itself (PackageBuilder's cache): the
+    submit spools it to the schedd, so the batch needs no copy of its own.
+    """
 
     directory: Path
     script: Path
@@ -330,43 +336,31 @@ def render_script(package: GlideinPackage, settings: GlideinSettings, template: 
     return text
 
 
-def prepare_batch(package: GlideinPackage, directory: Path, *, token_pem: bytes, settings: GlideinSettings,
-                  owner: tuple[int, int] | None = None) -> GlideinBatch:
-    """Write one batch's files into DIRECTORY (created 0700): script, package, token (0600), log folder.
+def prepare_batch(package: GlideinPackage, directory: Path, *, token_pem: bytes,
+                  settings: GlideinSettings) -> GlideinBatch:
+    """Write one batch's files into DIRECTORY (created 0700): script, token (0600), log folder.
 
-    OWNER (uid, gid): who the files must belong to when this process is not the
-    glidein's owner (root preparing glideins of a pool's job user): the shadow
-    reads transfer inputs as the job's owner.
+    Everything here is read by this process only: the factory submits with
+    spooling (condor_plugin.factory), so the schedd gets the inputs from us
+    and no shadow or job ever reads this folder. The caller removes the token
+    as soon as the schedd holds it; the log folder receives the glideins'
+    output, error and event log when the factory retrieves them.
     """
     if b"PRIVATE KEY" not in token_pem or b"CERTIFICATE" not in token_pem:
         raise UsageError("the agent token holds no certificate and key")
     directory = Path(directory).absolute()
     directory.mkdir(mode=0o700, parents=True)
+    directory.chmod(0o700)   # whatever the umask: the token is written here next
     log_dir = directory / "log"
     log_dir.mkdir(mode=0o700)
     script = directory / SCRIPT_NAME
     script.write_text(render_script(package, settings))
     script.chmod(0o700)
-    target = directory / PACKAGE_NAME
-    try:
-        os.link(package.tarball, target)   # same filesystem: no copy
-    except OSError:
-        shutil.copyfile(package.tarball, target)
     token = directory / TOKEN_NAME
     fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(token_pem)
-    if owner is not None:
-        for path in (directory, log_dir, script, token):
-            os.chown(path, *owner)
-        if target.stat().st_nlink == 1:
-            os.chown(target, *owner)
-        else:  # a hard link shares the cache's inode: give the glidein its own copy to own
-            target.unlink()
-            shutil.copyfile(package.tarball, target)
-            os.chown(target, *owner)
-    target.chmod(0o644)
-    return GlideinBatch(directory=directory, script=script, package=target, token=token, log_dir=log_dir)
+    return GlideinBatch(directory=directory, script=script, package=package.tarball, token=token, log_dir=log_dir)
 
 
 def remove_batch(batch_dir: Path) -> None:

@@ -170,6 +170,10 @@ class Daemons:
         """Lines added to the common daemon configuration."""
         return []
 
+    def spool_in_node(self) -> str:
+        """The schedd's SPOOL, as the node sees it (hidden from jobs: see daemon_config)."""
+        raise NotImplementedError
+
     def _unshare(self) -> list[str]:
         # --uts: the node's own host name. --kill-child: if unshare dies, PID 1 of the
         # node gets SIGKILL, and with it every process of the node.
@@ -226,13 +230,16 @@ class NodeRootDaemons(Daemons):
         (lay.upper / "etc/hosts").write_text(f"127.0.0.1\t{NODE_HOSTNAME} localhost\n::1\tlocalhost ip6-localhost\n")
         config = lay.upper / "etc/condor/config.d/99-splitpilot-minicondor.config"
         config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(daemon_config(self.settings, port, self.config_lines()))
+        config.write_text(daemon_config(self.settings, port, self.config_lines(), self.spool_in_node()))
+
+    def spool_in_node(self) -> str:
+        return "/var/lib/condor/spool"
 
     def config_lines(self) -> list[str]:
         return [
             "# The folders prepared (owned by condor) in the pool's own layer.",
             "LOG = /var/log/condor",
-            "SPOOL = /var/lib/condor/spool",
+            f"SPOOL = {self.spool_in_node()}",
             "EXECUTE = /var/lib/condor/execute",
             "RUN = /run/condor",
             "LOCK = /run/lock/condor",
@@ -286,7 +293,11 @@ class HostDaemons(Daemons):
         for name in ("passwords.d", "tokens.d"):
             (host / name).mkdir(parents=True, exist_ok=True)
             (host / name).chmod(0o700)
-        self.layout.host_config.write_text(daemon_config(self.settings, port, self.config_lines()))
+        self.layout.host_config.write_text(daemon_config(self.settings, port, self.config_lines(),
+                                                         self.spool_in_node()))
+
+    def spool_in_node(self) -> str:
+        return str(self.layout.host_dir / "spool")
 
     def config_lines(self) -> list[str]:
         host = self.layout.host_dir
@@ -299,7 +310,7 @@ class HostDaemons(Daemons):
             "REQUIRE_LOCAL_CONFIG_FILE = False",
             f"LOCAL_DIR = {host}",
             f"LOG = {host}/log",
-            f"SPOOL = {host}/spool",
+            f"SPOOL = {self.spool_in_node()}",
             f"EXECUTE = {host}/execute",
             f"RUN = {host}/run",
             f"LOCK = {host}/lock",
@@ -338,8 +349,8 @@ class HostDaemons(Daemons):
         return shutil.which("condor_master") or "condor_master"
 
 
-def daemon_config(settings: MiniCondorSettings, port: int, extra: Sequence[str]) -> str:
-    """The daemons' configuration: a personal pool on 127.0.0.1, IDTOKENS, quick cycles."""
+def daemon_config(settings: MiniCondorSettings, port: int, extra: Sequence[str], spool: str) -> str:
+    """The daemons' configuration: a personal pool on 127.0.0.1, IDTOKENS, quick cycles, SPOOL hidden from jobs."""
     lines = [
         "# Written by splitpilot's mini-condor at every start: edit condor_plugin/minicondor.py instead.",
         *extra,
@@ -363,9 +374,13 @@ def daemon_config(settings: MiniCondorSettings, port: int, extra: Sequence[str])
         "TRUST_UID_DOMAIN = True",
         "# FS: daemons and tools inside the node; IDTOKENS: clients on the host (never CLAIMTOBE).",
         "SEC_DEFAULT_AUTHENTICATION_METHODS = FS, IDTOKENS",
-        "# No per-job scratch mounts or PID namespaces: the node is a namespace of its own already,",
-        "# and this is the configuration verified on these machines.",
-        "MOUNT_UNDER_SCRATCH =",
+        "# Submit side and execute side share this one node, where on a grid they are different",
+        "# hosts: the schedd's SPOOL holds every spooled glidein's inputs, the agent token among",
+        "# them, in folders owned by the job user (as the shadow reads them). Each job gets an",
+        "# empty private SPOOL in its scratch directory instead (a mount in its own mount",
+        "# namespace, made by the starter), so a payload cannot read a token from there.",
+        f"MOUNT_UNDER_SCRATCH = {spool}",
+        "# No PID namespaces: the node is a namespace of its own already (verified configuration).",
         "USE_PID_NAMESPACES = False",
         f"NUM_CPUS = {settings.cpus}",
         f"MEMORY = {settings.memory_mb}",

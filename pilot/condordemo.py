@@ -80,7 +80,7 @@ def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
         say("mini-condor: starting (the first run builds and caches the node root: about a minute)")
         pool.start(die_with_caller=True)
         say(f"mini-condor: up in {time.monotonic() - started:.1f} s; jobs run as '{pool.settings.job_user}'")
-        factory = _factory(settings, pool, server)
+        factory = _factory(settings, pool, server, base / "factory")
         return _run(settings, server, pool, factory, base, started)
     finally:
         if factory is not None:
@@ -91,7 +91,7 @@ def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
         finally:
             server.stop()
             if settings.keep:
-                say(f"state kept in {base} (glidein logs in shared/factory/batches/*/log)")
+                say(f"state kept in {base} (glidein logs in factory/batches/*/log)")
             else:
                 from condor_plugin import nodeproc
 
@@ -100,17 +100,17 @@ def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
                     say("state folder removed (--keep keeps it, the glideins' logs included)")
 
 
-def _factory(settings: CondorDemoSettings, pool, server):
+def _factory(settings: CondorDemoSettings, pool, server, work_dir: Path):
     import datetime
 
     from condor_plugin.factory import Factory, FactorySettings
     from condor_plugin.glidein import GlideinSettings, PackageBuilder
 
-    shared = pool.shared_dirs[0]
-    owner = shared.stat()
     per_glidein = -(-settings.jobs // settings.glideins)
+    # The factory's folder is not the pool's shared folder: the glideins' inputs (the agent token among
+    # them) are spooled into the schedd, so nothing of it needs to be, or is, visible in the node.
     factory_settings = FactorySettings(
-        work_dir=shared / "factory", site=SITE, owner=(owner.st_uid, owner.st_gid), cpus=1, memory_mb=1024,
+        work_dir=work_dir, site=SITE, cpus=1, memory_mb=1024,
         disk_mb=1024, lifetime=datetime.timedelta(minutes=30), jobs_per_glidein=per_glidein,
         max_queued=settings.glideins, max_running=settings.glideins, max_per_cycle=settings.glideins,
         glidein=GlideinSettings(broker=server.address, container_policy=settings.container_policy,
@@ -179,9 +179,11 @@ def _glidein_counts(glideins) -> str:
 
 
 def _wait_for_glideins(factory, started: float, timeout: float) -> None:
+    """Until no glidein is queued; finished ones are retrieved (their logs come back) and then leave."""
     end = time.monotonic() + timeout
     last = None
     while time.monotonic() < end:
+        factory.collect()
         queued = factory.glideins(history=False)
         if not queued:
             return

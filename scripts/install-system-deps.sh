@@ -3,12 +3,14 @@
 # already there (idempotent, no apt-get update unless something is missing).
 #   protobuf-compiler, libprotobuf-java, a JDK: the Java peer compiled from proto/
 #   bubblewrap, podman, runc, catatonit: container runtimes for the launchers
+#   docker.io: Docker's engine and Debian's client; the tests start a private daemon
+#              (tests/dockerd.py), never the system service
 #   debootstrap: the mini-condor's Debian 13 node root
 #   postgresql: the PostgreSQL store's tests (a private cluster per test run)
 # Usage: install-system-deps.sh [PACKAGE...]   (default: all of the above)
 set -eu
 
-packages="protobuf-compiler libprotobuf-java bubblewrap podman runc debootstrap catatonit postgresql"
+packages="protobuf-compiler libprotobuf-java bubblewrap podman runc debootstrap catatonit postgresql docker.io"
 # Callers may name the packages they need instead (make demo: only debootstrap).
 [ "$#" -gt 0 ] && packages="$*"
 [ "$#" -gt 0 ] || command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"
@@ -33,7 +35,20 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "system packages: installing$missing"
 export DEBIAN_FRONTEND=noninteractive
+# Installing docker.io would start Docker's system service: a docker0 bridge and iptables rules on
+# this host. Forbid service starts while installing it (the tests start a private daemon of their
+# own), unless the machine already has a policy.
+policy=/usr/sbin/policy-rc.d
+own_policy=""
+case " $missing " in *" docker.io "*) docker_missing=1 ;; *) docker_missing="" ;; esac
+if [ -n "$docker_missing" ] && [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# splitpilot install-system-deps: no service starts while installing\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    own_policy=1
+    trap 'rm -f "$policy"' EXIT
+fi
 apt-get update -qq
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $missing >/dev/null
+[ -z "$own_policy" ] || { rm -f "$policy"; trap - EXIT; }
 echo "system packages: installed$missing"

@@ -47,3 +47,20 @@ def sample_job_start(job_id: int = 42, attempt: int = 1) -> m.JobStart:
                       broker=m.BrokerEndpoint(address="127.0.0.1:7443", ca_pem=b"CA"),
                       sandbox_dir="/workdir", software_dir="/sw",
                       limits=m.Limits(cores=2, memory_mb=2000, disk_mb=5000, walltime_s=3600))
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """A private Docker engine for the whole run (tests/dockerd.py), DOCKER_HOST pointing at it meanwhile.
+
+    Started on first use; stopped at the end of the session, which checks that
+    no daemon, mount or folder of it is left.
+    """
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("a private Docker engine needs root (dockerd); run the tests as root")
+    from tests.dockerd import private_dockerd
+
+    with private_dockerd() as engine:
+        yield engine

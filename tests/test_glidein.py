@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -68,6 +69,9 @@ def test_script_holds_no_token_and_checks_the_package(package, tmp_path):
     assert "PRIVATE KEY" not in text and "@" + "PACKAGE_SHA256@" not in text and package.sha256 in text
     assert stat.S_IMODE(batch.token.stat().st_mode) == 0o600 and batch.token.read_bytes() == token
     assert stat.S_IMODE(batch.directory.stat().st_mode) == 0o700
+    # The package is spooled from the cache itself: no copy in the batch folder.
+    assert batch.package == package.tarball and sorted(p.name for p in batch.directory.iterdir()) == [
+        "agent-token.pem", "glidein_startup.sh", "log"]
     assert subprocess.run(["sh", "-n", str(batch.script)]).returncode == 0
     # A corrupted package is refused before anything is unpacked, and the token is removed.
     scratch = tmp_path / "scratch"
@@ -174,9 +178,8 @@ def factory_settings(site: Site, **changes):
 
     from condor_plugin.factory import FactorySettings
 
-    shared = site.pool.shared_dirs[0]
-    owner = shared.stat()
-    values = dict(work_dir=shared / "factory", site="MINICONDOR", owner=(owner.st_uid, owner.st_gid),
+    # Where `glidein submit --minicondor` puts it: the pool's state folder, which the node does not see.
+    values = dict(work_dir=site.pool.settings.state_dir / "factory", site="MINICONDOR",
                   lifetime=datetime.timedelta(minutes=30), memory_mb=1024, disk_mb=1024,
                   glidein=GlideinSettings(broker=site.server.address, runtimes="apptainer",
                                           image=site.pool.sandbox_image, idle_timeout="10s"))
@@ -210,10 +213,49 @@ def wait_until_final(client, factory, ids, started: float) -> float | None:
 
 
 def wait_for_glideins_to_leave(factory, timeout: float = 120.0) -> None:
+    """Until no glidein of FACTORY is queued; finished ones are retrieved (as `glidein status` does), then leave."""
     end = time.monotonic() + timeout
     while factory.glideins(history=False) and time.monotonic() < end:
+        factory.collect()
         time.sleep(1.0)
     assert not factory.glideins(history=False), "glideins still queued"
+
+
+def wait_for_glideins_to_finish(factory, timeout: float = 120.0) -> list:
+    """Until every queued glidein of FACTORY has ended (COMPLETED, waiting in the queue to be retrieved)."""
+    end = time.monotonic() + timeout
+    while True:
+        queued = factory.glideins(history=False)
+        if queued and all(g.status == 4 for g in queued):
+            return queued
+        assert time.monotonic() < end, f"glideins not finished after {timeout:.0f} s: {queued}"
+        time.sleep(1.0)
+
+
+def token_files(folder: Path) -> list[Path]:
+    """Files under FOLDER holding a private key (the agent token is the only one the factory writes)."""
+    found = []
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and b"PRIVATE KEY" in path.read_bytes():
+            found.append(path)
+    return found
+
+
+def spooled_tokens(site: Site, cluster: int) -> dict[str, bytes]:
+    """The agent token(s) the schedd holds in its SPOOL for CLUSTER's glideins: {path: PEM} (read as root)."""
+    spool = "/var/lib/condor/spool"
+    listing = site.pool.run_in_node(["find", spool, "-path", f"*/cluster{cluster}.proc*", "-name", TOKEN_NAME],
+                                    user="root", check=True).stdout.split()
+    return {path: site.pool.run_in_node(["cat", path], user="root", check=True).stdout.encode()
+            for path in listing}
+
+
+def key_lines(token_pem: bytes) -> list[bytes]:
+    """The base64 lines of the private key in TOKEN_PEM (what a thief would have to find)."""
+    key = token_pem[token_pem.index(b"-----BEGIN " b"PRIVATE KEY-----"):]
+    lines = [line for line in key.splitlines()[1:] if line and not line.startswith(b"-----")]
+    assert lines
+    return lines
 
 
 @pytest.mark.condor
@@ -222,6 +264,7 @@ def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
     from broker.client import BrokerClient
     from condor_plugin import factory_cli
     from condor_plugin.factory import Factory
+    from pilot.tokens import TokenRole, parse_identity, parse_token_pem
 
     times: dict[str, float] = {}
     with BrokerClient(site.server.address, site.user, site.server.ca_pem) as client:
@@ -241,23 +284,36 @@ def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
         times["submit_command"] = time.monotonic() - started
         (glidein,) = factory.glideins(history=False)
         directory = settings.work_dir / "batches" / glidein.batch
-        token = directory / TOKEN_NAME
-        assert stat.S_IMODE(token.stat().st_mode) == 0o600 and token.stat().st_uid == settings.owner[0]
+        # The agent token exists on the submit side only until HTCondor has it: no copy is left anywhere
+        # under the factory's folder (which is the factory's own, 0700), and the schedd holds it in its SPOOL.
+        assert not token_files(settings.work_dir) and not list(settings.work_dir.rglob(TOKEN_NAME))
+        assert sorted(p.name for p in directory.iterdir()) == ["batch.json", "glidein_startup.sh", "log"]
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700 and directory.stat().st_uid == os.geteuid()
+        (spooled,) = spooled_tokens(site, glidein.cluster).values()
+        identity = parse_identity(parse_token_pem(spooled, "spooled agent token").certificate)
+        assert identity.role is TokenRole.AGENT and identity.site == "MINICONDOR"
+        assert identity.subject == f"glidein-{glidein.batch}"
         first_done = wait_until_final(client, factory, list(expected), started)
         times["submit_to_first_done"] = first_done or -1
         times["submit_to_all_final"] = time.monotonic() - started
         check_outputs(site, client, expected, batch_logs(directory))
-        # The glidein leaves by itself (idle timeout) and its output and error come back.
-        wait_for_glideins_to_leave(factory)
-        # The schedd took the token as a file to transfer encrypted.
-        (ad,) = site.pool.schedd().history(f"ClusterId == {glidein.cluster}", ["EncryptInputFiles"], 1)
-        assert ad["EncryptInputFiles"] == str(token)
+        # The glidein ends by itself (idle timeout); spooled, it waits in the queue for its output to be
+        # retrieved: `glidein status` brings back its output, error and log, then it leaves the queue.
+        wait_for_glideins_to_finish(factory)
+        assert not list((directory / "log").iterdir())
         args = parser.parse_args(["glidein", "status", "--site", "MINICONDOR", "--minicondor", state_dir])
         assert args.handler(args) == 0
         out = capsys.readouterr().out
-        assert f"{glidein.cluster}.0  COMPLETED" in out
-        # No glidein of the batch can start any more: `glidein status` removed its token.
-        assert not token.exists() and "removed the token" in out
+        assert f"{glidein.cluster}.0  COMPLETED" in out and "retrieved the output, error and log of 1" in out
+        assert sorted(p.name for p in (directory / "log").iterdir()) == [
+            f"glidein.{glidein.cluster}.0.{suffix}" for suffix in ("err", "log", "out")]
+        wait_for_glideins_to_leave(factory)
+        # With it went the spooled token; the schedd had it as a file to transfer encrypted, from the
+        # factory and from its SPOOL (*/NAME: the shadow sends a spooled input from there).
+        assert spooled_tokens(site, glidein.cluster) == {}
+        (ad,) = site.pool.schedd().history(f"ClusterId == {glidein.cluster}", ["EncryptInputFiles"], 1)
+        assert ad["EncryptInputFiles"] == f"{directory / TOKEN_NAME},*/{TOKEN_NAME}"
+        assert not token_files(settings.work_dir)
         err = (directory / "log" / f"glidein.{glidein.cluster}.0.err").read_text()
         runtime = [line for line in err.splitlines() if "runtime:" in line]
         with capsys.disabled():
@@ -288,6 +344,7 @@ def test_factory_cycle_follows_the_waiting_jobs(site):
         assert waiting_jobs_for_site(admin_client, "ELSEWHERE") == 3   # the jobs allow any site
         started = time.monotonic()
         assert factory.run_once(waiting) == 2                          # bounded by max_per_cycle
+        assert not token_files(settings.work_dir)                      # spooled: no token left here
         assert factory.run_once(waiting) == 0                          # both still count as queued
         wait_until_final(client, factory, list(expected), started)
         check_outputs(site, client, expected)
@@ -336,6 +393,57 @@ def test_removed_glidein_stops_its_job_and_the_broker_requeues_it(site):
 
 
 @pytest.mark.condor
+@pytest.mark.slow
+def test_payload_of_a_no_container_glidein_finds_no_agent_token(site):
+    """The hostile payload (tests/token_hunter.py) in a glidein without any isolation (runtimes process,
+    policy require: it runs as the glidein's own user) hunts the node for the agent token: the exact SPOOL
+    path of its glidein's spooled inputs, SPOOL, its scratch, /tmp, the factory's folder, SPOOL through
+    /proc/PID/root, and a broad walk. The token is in the schedd's SPOOL meanwhile (checked): the payload
+    must find none of its key."""
+    from broker.client import BrokerClient
+    from broker.lifecycle import JobState
+    from condor_plugin.factory import Factory
+    from pilot.pipe import messages as m
+
+    settings = factory_settings(site, factory="hunted", glidein=GlideinSettings(
+        broker=site.server.address, container_policy="require", runtimes="process", idle_timeout="10s"))
+    factory = Factory(settings, site.pool.schedd(), site.server.ca, PackageBuilder(progress=lambda line: None))
+    spool = "/var/lib/condor/spool"
+    with BrokerClient(site.server.address, site.user, site.server.ca_pem) as client:
+        hunter = client.upload(str(Path(__file__).with_name("token_hunter.py")), "token_hunter.py")
+        (job_id,) = client.submit([m.JobSpec(
+            name="token-hunter", executable="python3", arguments=["token_hunter.py", str(settings.work_dir), spool],
+            input_files=[hunter], output_patterns=["found.out", "report.out"], max_attempts=1,
+            requirements=m.Requirements(cores=1, memory_mb=256, disk_mb=512, walltime_s=600))])
+        batch = factory.submit(1)
+        (token_pem,) = spooled_tokens(site, batch.cluster).values()   # what it would have to find
+        secret = key_lines(token_pem)
+        started = time.monotonic()
+        wait_until_final(client, factory, [job_id], started)
+        status = client.status(job_id)
+        assert status.state is JobState.DONE, f"{status.state} {status.message}\n{batch_logs(batch.directory)}"
+        out = site.work / "out" / str(job_id)
+        client.output(job_id, str(out))
+        found, report = (out / "found.out").read_bytes(), json.loads((out / "report.out").read_text())
+        wait_for_glideins_to_leave(factory)
+    print("\ntoken hunt:", json.dumps({k: v for k, v in report.items() if k != "proc_roots"}),
+          f"/proc/PID/root of {len(report['proc_roots'])} processes: "
+          f"{sorted(set(map(str, report['proc_roots'].values())))}")
+    # It searched, as the glidein's user, where the token is: its glidein's job ad told it the exact path.
+    cluster, proc = report["job_ad"]
+    assert cluster == batch.cluster and report["files_read"] > 1000, report
+    exact = f"{spool}/{cluster % 10000}/{proc}/cluster{cluster}.proc{proc}.subproc0/{TOKEN_NAME}"
+    assert report["exact"][exact] == "ENOENT", report["exact"]          # SPOOL is an empty folder for jobs
+    assert report["roots"][spool] == {"files": 0, "refused": 0}, report["roots"]
+    assert report["roots"][str(settings.work_dir)] == {"error": "ENOENT"}  # the submit side is not here
+    assert all(value in ("EACCES", "ENOENT", "EPERM") or value == {"files": 0, "refused": 0}
+               for value in report["proc_roots"].values()), report["proc_roots"]
+    # And found no line of the agent token's key, anywhere it could read.
+    assert not [line for line in secret if line in found], f"agent key found by the payload in {report['found']}"
+    assert not any(path.endswith(TOKEN_NAME) for path in report["found"]), report["found"]
+
+
+@pytest.mark.condor
 def test_cli_finds_a_schedd_through_a_collector(site, capsys):
     """--pool/--schedd: the schedd located by name through the pool's collector (as for a remote one)."""
     import htcondor2
@@ -362,28 +470,64 @@ def test_cli_finds_a_schedd_through_a_collector(site, capsys):
 # The factory loop, against a fake schedd (no pool needed)
 
 class FakeSchedd:
+    """The schedd calls the factory makes, modelled: spooled submission, retrieval, removal."""
+
     def __init__(self):
         self.ads = []        # in the queue
         self.done = []       # in the history
         self.submitted = []
+        self.spooled = {}    # cluster -> {input file name: the bytes the client sent}
+        self.retrieved = []  # constraints retrieved
+        self.removed = []    # (constraint, reason)
+        self.spool_error = None
 
     def query(self, constraint, projection):
+        if "StageOutFinish" in constraint:     # the factory's NOT_RETRIEVED
+            return [ad for ad in self.ads if ad["JobStatus"] == 4 and not ad.get("StageOutFinish")]
+        if "HoldReasonCode == 16" in constraint:   # waiting for their inputs
+            return [ad for ad in self.ads if ad["JobStatus"] == 5 and ad.get("HoldReasonCode") == 16]
         return list(self.ads)
 
     def history(self, constraint, projection, match):
         return list(self.done)
 
-    def submit(self, description, count):
+    def submit(self, description, count, spool=False):
+        assert spool, "glideins are submitted with their inputs spooled"
         cluster = len(self.submitted) + 1
         self.submitted.append(count)
         batch = description["+SplitpilotBatch"].strip('"')
-        self.ads += [{"ClusterId": cluster, "ProcId": p, "JobStatus": 1, "SplitpilotBatch": batch,
-                      "EnteredCurrentStatus": 0} for p in range(count)]
+        # On hold until their inputs arrive, as the schedd does (HoldReasonCode 16).
+        self.ads += [{"ClusterId": cluster, "ProcId": p, "JobStatus": 5, "HoldReasonCode": 16,
+                      "SplitpilotBatch": batch, "EnteredCurrentStatus": 0} for p in range(count)]
 
         class Result:
             def cluster(self_inner):
                 return cluster
-        return Result()
+        result = Result()
+        result.inputs = description["transfer_input_files"].split(",")
+        return result
+
+    def spool(self, result):
+        if self.spool_error is not None:
+            raise self.spool_error
+        # The client reads every input where the submit names it, now.
+        self.spooled[result.cluster()] = {Path(p).name: Path(p).read_bytes() for p in result.inputs}
+        for ad in self.ads:
+            if ad["ClusterId"] == result.cluster():
+                ad.update(JobStatus=1, HoldReasonCode=None)
+
+    def retrieve(self, constraint):
+        self.retrieved.append(constraint)
+        for ad in self.ads:
+            if ad["JobStatus"] == 4:
+                ad["StageOutFinish"] = 1
+        self.done += [ad for ad in self.ads if ad.get("StageOutFinish")]
+        self.ads = [ad for ad in self.ads if not ad.get("StageOutFinish")]
+
+    def act(self, action, constraint, reason):
+        self.removed.append((constraint, reason))
+        cluster = int(constraint.split("ClusterId == ")[1].split()[0]) if "ClusterId == " in constraint else None
+        self.ads = [ad for ad in self.ads if cluster is not None and ad["ClusterId"] != cluster]
 
 
 @pytest.fixture
@@ -411,8 +555,13 @@ def test_factory_loop_is_bounded(fake_factory, monkeypatch):
     assert factory.run_once(waiting=10, now=1001) == 1      # max_queued (3 idle)
     assert factory.run_once(waiting=10, now=1002) == 0
     assert factory.run_once(waiting=0, now=1003) == 0
-    for batch_dir in (factory.batches_dir).iterdir():
-        assert stat.S_IMODE((batch_dir / TOKEN_NAME).stat().st_mode) == 0o600
+    # Every batch's token went to the schedd (read at spool time) and no copy stayed in the factory's folder.
+    assert sorted(schedd.spooled) == [1, 2]
+    assert all(b"PRIVATE KEY" in inputs[TOKEN_NAME] for inputs in schedd.spooled.values())
+    assert stat.S_IMODE(factory.batches_dir.stat().st_mode) == 0o700
+    for batch_dir in factory.batches_dir.iterdir():
+        assert stat.S_IMODE(batch_dir.stat().st_mode) == 0o700
+        assert not (batch_dir / TOKEN_NAME).exists() and not token_files(batch_dir)
 
 
 def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
@@ -421,13 +570,55 @@ def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
     monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=1, now=1000) == 1
-    ad = schedd.ads.pop()
-    # It came back after 5 s (empty or failed fast): the token's batch is cleaned, and the factory waits.
-    schedd.done.append(ad | {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1005, "ExitCode": 0})
+    ad = schedd.ads[-1]
+    # It came back after 5 s (empty or failed fast): still in the queue (spooled), it is retrieved in
+    # the cycle, and the factory waits.
+    ad |= {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1005, "ExitCode": 0}
     assert factory.run_once(waiting=1, now=1010) == 0
-    assert not (factory.batches_dir / ad["SplitpilotBatch"] / TOKEN_NAME).exists()
+    assert schedd.retrieved and not schedd.ads and schedd.done == [ad]
     assert factory.loop_state.backoff_s == 30
     assert factory.run_once(waiting=1, now=1041) == 1       # after the backoff
+
+
+def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factory, monkeypatch):
+    """The schedd takes the glideins but not their inputs: no glidein waits on hold for inputs that never
+    come, no token file and no batch folder stay behind, and the error says what failed and where."""
+    import submit
+    from condor_plugin.factory import FactoryError
+
+    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    factory, schedd = fake_factory
+    schedd.spool_error = RuntimeError("SPOOL: no space left on device")
+    with pytest.raises(FactoryError) as err:
+        factory.submit(1)
+    assert "sending the glideins' inputs to the schedd failed" in str(err.value)
+    assert "no space left" in str(err.value) and "removed" in str(err.value) and "fix:" in str(err.value)
+    assert schedd.removed == [("ClusterId == 1", schedd.removed[0][1])] and not schedd.ads
+    assert not list(factory.batches_dir.iterdir()) and not schedd.spooled
+
+
+def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieval(fake_factory, monkeypatch):
+    import submit
+
+    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    factory, schedd = fake_factory
+    lines: list[str] = []
+    factory.progress = lines.append
+    factory.submit(3)
+    assert factory.collect() == [] and not schedd.retrieved          # idle: nothing to bring back
+    schedd.ads[0]["JobStatus"] = 4
+    schedd.ads[1]["JobStatus"] = 2
+
+    def broken(constraint):
+        raise RuntimeError("DCSchedd::receiveJobSandbox: permission denied")
+    monkeypatch.setattr(schedd, "retrieve", broken)
+    assert factory.collect() == []                                    # said, not raised: next cycle tries again
+    assert "could not retrieve the output of glidein(s) 1.0" in lines[-1] and "permission denied" in lines[-1]
+    assert [ad["JobStatus"] for ad in schedd.ads] == [4, 2, 1]        # nothing left the queue
+    monkeypatch.undo()
+    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    assert factory.collect() == [(1, 0)]
+    assert [ad["JobStatus"] for ad in schedd.ads] == [2, 1] and schedd.done[0]["ProcId"] == 0
 
 
 def test_cli_needs_a_work_dir_without_minicondor(tmp_path):

@@ -4,10 +4,13 @@ The `condor` tests use a real pool and a real broker (test_glidein's `site`
 fixture, one pool for this module):
 
   preemption     condor_vacate_job (htcondor2 JobAction.Vacate) of a running
-                 glidein: the starter sends SIGTERM, the startup script passes
-                 it to the agent, which stops its job and reports it; the
-                 broker re-queues it, and the glidein (idle again, then
-                 restarted) runs it to the end as attempt 2.
+                 glidein, after a factory cycle and `glidein status` ran (their
+                 clean-up once removed the batch's token, and the evicted
+                 glidein went HELD: input file missing): the starter sends
+                 SIGTERM, the startup script passes it to the agent, which
+                 stops its job and reports it; the broker re-queues it, and
+                 the glidein (idle again, then restarted from its spooled
+                 inputs) runs it to the end as attempt 2.
   foreign CA     glideins whose tokens come from another CA than the broker's:
                  the agent says so and leaves with exit 4 within seconds, and
                  a factory loop stops submitting (longest backoff) instead of
@@ -52,9 +55,10 @@ def glidein_err(directory, glidein) -> str:
 
 
 def wait_for_end(factory, cluster: int, timeout: float = 150.0):
-    """The glidein of CLUSTER once it left the queue (from the history)."""
+    """The glidein of CLUSTER once it left the queue (from the history), its output retrieved first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        factory.collect()
         ended = [g for g in factory.glideins() if g.cluster == cluster and g.status in (3, 4)]
         if ended and not [g for g in factory.glideins(history=False) if g.cluster == cluster]:
             return ended[0]
@@ -64,13 +68,16 @@ def wait_for_end(factory, cluster: int, timeout: float = 150.0):
 
 @pytest.mark.condor
 @pytest.mark.slow
-def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site):
+def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site, capsys):
+    """Evicted after a factory cycle and `glidein status` ran: it starts again from its spooled inputs."""
+    import argparse
     import hashlib
 
     import htcondor2
 
     from broker.client import BrokerClient
     from broker.lifecycle import JobState
+    from condor_plugin import factory_cli
     from condor_plugin.factory import Factory
     from pilot.pipe import messages as m
 
@@ -93,6 +100,16 @@ def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site):
             assert factory.glideins(history=False), "the glidein left\n" + batch_logs(batch.directory)
             time.sleep(0.5)
         assert client.status(job_id).attempt == 1
+        # What runs on the factory side while the glidein runs: a cycle, and `glidein status`. Neither may
+        # take away what the glidein needs to start again (its clean-up once removed the batch's token).
+        assert factory.run_once(waiting=0) == 0
+        parser = argparse.ArgumentParser()
+        factory_cli.register(parser.add_subparsers())
+        args = parser.parse_args(["glidein", "status", "--site", "MINICONDOR", "--factory", "vacate",
+                                  "--minicondor", str(site.pool.settings.state_dir)])
+        assert args.handler(args) == 0
+        assert f"{batch.cluster}.0  RUNNING" in capsys.readouterr().out
+        assert not list(settings.work_dir.rglob(TOKEN_NAME))     # never was one after the submit
         # condor_vacate_job: SIGTERM from the starter, the glidein goes back to idle (not removed).
         site.pool.schedd().act(htcondor2.JobAction.Vacate, f"ClusterId == {batch.cluster}")
         vacated = time.monotonic()
@@ -154,6 +171,7 @@ def test_foreign_ca_glideins_fail_fast_and_the_factory_stops_submitting(site):
                 if alarmed_at is None and any("ATTENTION" in line for line in lines):
                     alarmed_at = time.monotonic()
                 time.sleep(1.0)
+            factory.collect()      # the last glidein's log, if it ended after the last cycle
             glideins = factory.glideins()
             alarm_s = f"{alarmed_at - started:.0f} s" if alarmed_at else "never"
             print(f"\n{submitted} glidein(s) submitted in {time.monotonic() - started:.0f} s; alarm after "

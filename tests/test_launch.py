@@ -4,8 +4,10 @@ Real runs use an image made from this host's own python3 and libraries
 (pilot.launch.testimage, cached across runs) that does not contain
 splitpilot, and a software area built from this installation (read-only
 inside). Runtimes: no container, bubblewrap (host root and image folder),
-podman (an imported image and the folder through --rootfs), apptainer and
-docker where present. Only apptainer and docker may be skipped, when absent.
+podman (an imported image and the folder through --rootfs), docker (a
+private daemon started for the session, tests/dockerd.py, driven by each
+docker client on the machine: Debian's 20.10 and a newer one where present),
+and apptainer where present. Only apptainer may be skipped, when absent.
 """
 
 from __future__ import annotations
@@ -61,12 +63,12 @@ from pilot.launch.testimage import ensure_image, ensure_rootfs
 from pilot.pipe import messages as m
 from pilot.pipe.errors import PeerClosed
 from pilot.pipe.protocol import ConnectionClosed
+from tests.dockerd import DEBIAN_CLIENT
 
 TIMEOUT = 60.0
 SECRET_NAME = "SPLITPILOT_AGENT_TOKEN"
 APPTAINER_ELSEWHERE = ("apptainer is not on PATH on this host; this test runs for real where it is, e.g. "
                        "inside the Debian 13 node root of the mini-condor set-up (see shared notes)")
-DOCKER_ELSEWHERE = "no Docker daemon reachable here; this test runs for real on hosts with a Docker engine"
 
 # A fixed mount set for the pure argv tests.
 M = Mounts("/scratch/job1", "/opt/sw")
@@ -150,13 +152,14 @@ def test_apptainer_and_singularity_argv():
         "el9.sif", *ARGV]
 
 
-PODMAN_FIXED = dict(user="1000:1000", ulimits=("nofile=1024:4096", "nproc=4096:4096"))
+PODMAN_FIXED = dict(user="1000:1000", ulimits=("nofile=1024:4096", "nproc=4096:4096"), userns=None)
+NO_PRIVILEGE = ["--cap-drop=ALL", "--security-opt=no-new-privileges"]
 
 
 def test_podman_argv_with_an_image_name():
     assert PodmanLauncher(image="localhost/el9:1", **PODMAN_FIXED).wrap(ARGV, M_ALL) == [
         "podman", "run", "--rm", "-i", "--pull=missing", "--quiet", "--runtime=runc", "--cgroup-manager=cgroupfs",
-        "--network=host", "--log-driver=none", "--detach-keys=", "--entrypoint=", "--init",
+        "--network=host", "--log-driver=none", "--detach-keys=", "--entrypoint=", *NO_PRIVILEGE, "--init",
         "--ulimit=nofile=1024:4096", "--ulimit=nproc=4096:4096", "--user=1000:1000",
         "-v", "/scratch/job1:/workdir", "-v", "/opt/sw:/sw:ro", "-v", "/cvmfs:/cvmfs:ro",
         "-v", "/data/site:/site/data:ro", "-v", "/scratch/shared:/site/scratch",
@@ -164,27 +167,51 @@ def test_podman_argv_with_an_image_name():
 
 
 def test_podman_argv_with_a_root_folder_and_defaults_switched_off():
-    launcher = PodmanLauncher(image="/images/el9", user="0:0", oci_runtime=None, cgroup_manager=None, ulimits=(),
-                              pull="never", quiet=False, init=False)
+    launcher = PodmanLauncher(image="/images/el9", user="4242:4243", oci_runtime=None, cgroup_manager=None,
+                              ulimits=(), pull="never", quiet=False, init=False, userns="keep-id")
     assert launcher.wrap(ARGV, M) == [
         "podman", "run", "--rm", "-i", "--pull=never", "--network=host", "--log-driver=none", "--detach-keys=",
-        "--entrypoint=", "--user=0:0", "--rootfs", "-v", "/scratch/job1:/workdir", "-v", "/opt/sw:/sw:ro",
-        "-w", "/workdir", "/images/el9:O", *ARGV]
+        "--entrypoint=", *NO_PRIVILEGE, "--userns=keep-id", "--user=4242:4243", "--rootfs",
+        "-v", "/scratch/job1:/workdir", "-v", "/opt/sw:/sw:ro", "-w", "/workdir", "/images/el9:O", *ARGV]
 
 
-def test_podman_defaults_take_the_agents_identity_and_limits():
-    launcher = PodmanLauncher(image="x")
-    assert launcher.user == f"{os.getuid()}:{os.getgid()}"
-    nofile, nproc = launcher.ulimits
+def test_podman_and_docker_defaults_never_run_the_payload_as_root():
+    for launcher in (PodmanLauncher(image="x"), DockerLauncher(image="x")):
+        if os.geteuid() == 0:
+            # A root agent: an unprivileged uid inside, which needs no entry in the image.
+            assert launcher.user == "65534:65534" and launcher.sandbox_owner == (65534, 65534)
+            assert launcher.userns is None
+        else:
+            # Not root: its own uid inside (podman rootless: mapped to the same uid by keep-id).
+            assert launcher.user == f"{os.geteuid()}:{os.getegid()}"
+            assert launcher.sandbox_owner == (os.geteuid(), os.getegid())
+        command = launcher.wrap(ARGV, M)
+        assert set(NO_PRIVILEGE) <= set(command) and f"--user={launcher.user}" in command
+        assert "--privileged" not in command and not any(c.startswith("--cap-add") for c in command)
+    nofile, nproc = PodmanLauncher(image="x").ulimits
     assert nofile.startswith("nofile=") and nproc.startswith("nproc=")
     assert all(int(v) <= 32768 for v in nproc.removeprefix("nproc=").split(":"))
+    assert BubblewrapLauncher().sandbox_owner == (os.geteuid(), os.getegid())
 
 
-def test_docker_argv():
+def test_docker_argv_has_no_quiet_which_debians_client_refuses():
     assert DockerLauncher(image="registry.example.org/el9:1", user="1000:1000").wrap(ARGV, M) == [
-        "docker", "run", "--rm", "-i", "--pull=missing", "--quiet", "--network=host", "--log-driver=none",
-        "--entrypoint=", "--init", "--user=1000:1000", "-v", "/scratch/job1:/workdir", "-v", "/opt/sw:/sw:ro",
-        "-w", "/workdir", "registry.example.org/el9:1", *ARGV]
+        "docker", "run", "--rm", "-i", "--pull=missing", "--network=host", "--log-driver=none",
+        "--entrypoint=", *NO_PRIVILEGE, "--init", "--user=1000:1000", "-v", "/scratch/job1:/workdir",
+        "-v", "/opt/sw:/sw:ro", "-w", "/workdir", "registry.example.org/el9:1", *ARGV]
+
+
+def test_prepare_sandbox_gives_the_folder_to_the_user_inside(tmp_path):
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    if os.geteuid() != 0:
+        PodmanLauncher(image="x").prepare_sandbox(str(sandbox))   # its own uid: nothing to change
+        assert sandbox.stat().st_uid == os.geteuid()
+        return
+    DockerLauncher(image="x", user="4242:4343").prepare_sandbox(str(sandbox))
+    assert (sandbox.stat().st_uid, sandbox.stat().st_gid) == (4242, 4343)
+    BubblewrapLauncher().prepare_sandbox(str(sandbox))          # detection falls back: the agent's own again
+    assert (sandbox.stat().st_uid, sandbox.stat().st_gid) == (0, 0)
 
 
 def test_no_launcher_asks_for_a_tty_or_shell_string():
@@ -219,6 +246,11 @@ def test_container_runtimes_get_only_their_own_settings_from_the_caller():
     (lambda: PodmanLauncher(image=""), "needs an image"),
     (lambda: ApptainerLauncher(image=None), "needs an image"),
     (lambda: PodmanLauncher(image="--privileged"), "read as an option"),
+    (lambda: PodmanLauncher(image="i", user="0:0"), "is root (uid or gid 0)"),
+    (lambda: DockerLauncher(image="i", user="0:1000"), "is root (uid or gid 0)"),
+    (lambda: DockerLauncher(image="i", user="1000:0"), "is root (uid or gid 0)"),
+    (lambda: PodmanLauncher(image="i", user="nobody"), "is not 'UID:GID' in numbers"),
+    (lambda: DockerLauncher(image="i", user="1000"), "is not 'UID:GID' in numbers"),
     (lambda: PodmanLauncher(image="/images/a:b"), "--rootfs cannot take"),
     (lambda: DockerLauncher(image="/images/el9"), "docker cannot run the folder"),
     (lambda: BubblewrapLauncher(image="localhost/el9"), "absolute path of an unpacked root folder"),
@@ -320,7 +352,7 @@ def test_generated_setup_script_refuses_an_image_without_python(tmp_path):
 # -------------------------------------------------------- real runtimes: fixtures
 
 RUNTIMES = ["process", "namespace", "bubblewrap-host", "bubblewrap-image", "podman-image", "podman-rootfs", "apptainer",
-            "docker"]
+            "docker", "docker-debian-client"]
 
 
 def _need(binary: str, packages: str) -> None:
@@ -350,10 +382,23 @@ def software(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def mounts(tmp_path, software) -> Mounts:
+def mounts(tmp_path, software, request) -> Mounts:
+    """A new sandbox, given (as the agent does) to whoever the test's launcher runs the wrapper as."""
     sandbox = tmp_path / "sandbox"
     sandbox.mkdir()
+    if "launcher" in request.fixturenames:
+        request.getfixturevalue("launcher").prepare_sandbox(str(sandbox))
     return Mounts.on_host(sandbox, software)
+
+
+@pytest.fixture(scope="session")
+def debian_docker_client(tmp_path_factory) -> str:
+    """A folder whose `docker` is Debian's own client (20.10), to put first on PATH."""
+    if not os.path.exists(DEBIAN_CLIENT):
+        pytest.fail(f"{DEBIAN_CLIENT} is missing; fix: run scripts/install-system-deps.sh (package docker.io)")
+    folder = tmp_path_factory.mktemp("debian-docker-client")
+    (folder / "docker").symlink_to(DEBIAN_CLIENT)
+    return str(folder)
 
 
 def _launcher_for(kind: str, request) -> Launcher:
@@ -373,10 +418,14 @@ def _launcher_for(kind: str, request) -> Launcher:
         if shutil.which("apptainer") is None:
             pytest.skip(APPTAINER_ELSEWHERE)
         return ApptainerLauncher(image=request.getfixturevalue("rootfs"))
-    if kind == "docker":
-        if not DockerLauncher(image="probe").probe().ok:
-            pytest.skip(DOCKER_ELSEWHERE)
-        return DockerLauncher(image=ensure_image("docker"))
+    if kind.startswith("docker"):
+        engine = request.getfixturevalue("docker_engine")
+        if kind == "docker-debian-client":
+            if shutil.which("docker") == DEBIAN_CLIENT:
+                pytest.skip(f"the docker client first on PATH is {DEBIAN_CLIENT} already (see 'docker')")
+            folder = request.getfixturevalue("debian_docker_client")
+            request.getfixturevalue("monkeypatch").setenv("PATH", f"{folder}:{os.environ['PATH']}")
+        return DockerLauncher(image=engine.image)
     raise AssertionError(kind)
 
 
@@ -547,6 +596,7 @@ def test_podman_pull_messages_go_to_stderr(podman_image, mounts, tmp_path):
         partial.rename(archive)
     for quiet in (False, True):
         launcher = PodmanLauncher(image=f"oci-archive:{archive}", quiet=quiet)
+        launcher.prepare_sandbox(mounts.sandbox)
         process, channel = spawn(launcher, wrapper_command(launcher, mounts), mounts, stderr=subprocess.PIPE)
         with channel:
             channel.send(m.make_hello("a"))
@@ -690,6 +740,8 @@ def test_sandbox_is_writable_and_software_area_read_only(launcher, tmp_path, sof
     (site_ro / "given.txt").write_text("from the site")
     extra = (Bind(str(site_ro), "/site/data"), Bind(str(site_rw), "/site/scratch", read_only=False))
     mounts = Mounts.on_host(sandbox, software, extra)
+    launcher.prepare_sandbox(str(sandbox))
+    os.chown(site_rw, *launcher.sandbox_owner)  # a writable site bind: the site gives it to the user inside
     status, err = _run_inside(launcher, mounts, FILESYSTEM_PROBE)
     assert status == 0, err
     result = json.loads((sandbox / "fs.json").read_text())
@@ -708,6 +760,68 @@ def test_sandbox_is_writable_and_software_area_read_only(launcher, tmp_path, sof
         assert result["site_rw"] == "written" and (site_rw / "from-inside.txt").exists()
 
 
+# ------------------------------------------------- real runtimes: privilege on the host's network
+
+
+PRIVILEGE_PROBE = """
+    import errno, json, os, socket
+    sw = os.environ["PYTHONPATH"].rsplit("/lib/python", 1)[0]
+    def attempt(action):
+        try:
+            action()
+            return "done"
+        except OSError as exc:
+            return errno.errorcode[exc.errno]
+    def raw_socket():
+        socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP).close()
+    def packet_socket():   # what tcpdump opens to capture the host's loopback (the broker's port included)
+        socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)).close()
+    def bind_81():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+            server.bind(("127.0.0.1", 81))
+    def write_software():
+        with open(sw + "/planted-by-payload", "w") as handle:
+            handle.write("x")
+    def become_root():
+        os.setuid(0)
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    report = {
+        "status": {k: status[k].strip() for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs")},
+        "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+        "raw_socket": attempt(raw_socket), "packet_socket": attempt(packet_socket), "bind_81": attempt(bind_81),
+        "write_software": attempt(write_software), "setuid_0": attempt(become_root),
+    }
+    with open("privilege.json", "w") as handle:
+        json.dump(report, handle)
+"""
+NO_CAPABILITY = "0000000000000000"
+
+
+@pytest.mark.parametrize("kind", ["namespace", "bubblewrap-host", "bubblewrap-image", "podman-image",
+                                  "podman-rootfs", "apptainer", "docker", "docker-debian-client"])
+def test_payload_holds_no_privilege_on_the_hosts_network(kind, request, mounts, software):
+    """The hostile payload on the host's network: no capability, no raw or packet socket (no sniffing of the
+    host's loopback), no port below 1024, no setuid gain, a read-only software area; under podman and docker
+    (which a root agent starts) not root either."""
+    launcher = _launcher_for(kind, request)
+    launcher.prepare_sandbox(mounts.sandbox)
+    status, err = _run_inside(launcher, mounts, PRIVILEGE_PROBE)
+    assert status == 0, err
+    report = json.loads((Path(mounts.sandbox) / "privilege.json").read_text())
+    print(f"\nprivilege probe, {kind} (agent uid {os.geteuid()}): {json.dumps(report)}")
+    assert report["status"] == {"CapInh": NO_CAPABILITY, "CapPrm": NO_CAPABILITY, "CapEff": NO_CAPABILITY,
+                                "CapBnd": NO_CAPABILITY, "CapAmb": NO_CAPABILITY, "NoNewPrivs": "1"}, report
+    assert report["raw_socket"] == "EPERM" and report["packet_socket"] == "EPERM", report
+    assert report["bind_81"] == "EACCES", report
+    assert report["write_software"] == "EROFS" and not (Path(software) / "planted-by-payload").exists()
+    if isinstance(launcher, PodmanLauncher) or os.geteuid() != 0:
+        # Podman and docker: never root inside, not even by group (root's group owns files root may read).
+        assert report["uid"] != 0 and report["gid"] != 0 and 0 not in report["groups"], report
+        assert report["setuid_0"] == "EPERM", report
+        owner = Path(mounts.sandbox).stat()
+        assert (owner.st_uid, owner.st_gid) == (report["uid"], report["gid"]) == launcher.sandbox_owner
+
+
 @pytest.mark.parametrize("kind", ["bubblewrap-image", "podman-rootfs", "apptainer"])
 def test_an_image_without_python_fails_with_the_setup_scripts_message(kind, request, mounts, tmp_path):
     launcher = _launcher_for(kind, request)
@@ -715,6 +829,7 @@ def test_an_image_without_python_fails_with_the_setup_scripts_message(kind, requ
     shutil.copytree(launcher.image, empty_root, symlinks=True,
                     ignore=lambda d, names: [n for n in names if n.startswith("python")])
     bare = type(launcher)(image=str(empty_root))
+    bare.prepare_sandbox(mounts.sandbox)
     argv = wrapper_command(bare, mounts)
     process, channel = spawn(bare, argv, mounts, stderr=subprocess.PIPE)
     channel.send(m.make_hello("a"))
@@ -755,7 +870,7 @@ def test_detect_require_picks_the_first_working_runtime(request, mounts):
 
 
 @pytest.mark.parametrize("kind", ["bubblewrap-host", "bubblewrap-image", "podman-image", "podman-rootfs",
-                                  "apptainer", "docker"])
+                                  "apptainer", "docker", "docker-debian-client"])
 def test_every_runtime_here_passes_its_self_test(kind, request, mounts):
     launcher = _launcher_for(kind, request)
     selection = detect([launcher.name], "require", launcher.image, mounts)

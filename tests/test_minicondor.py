@@ -454,9 +454,10 @@ def test_settings_round_trip_through_json(tmp_path):
 
 
 def test_configurations_use_idtokens_on_loopback(tmp_path):
-    config = daemon_config(MiniCondorSettings(cpus=3, memory_mb=1000), 12345, [])
+    config = daemon_config(MiniCondorSettings(cpus=3, memory_mb=1000), 12345, [], "/var/lib/condor/spool")
     for line in ("COLLECTOR_HOST = 127.0.0.1:12345", "NETWORK_INTERFACE = 127.0.0.1", "NUM_CPUS = 3",
-                 "MEMORY = 1000", "UID_DOMAIN = minicondor", "SEC_DEFAULT_AUTHENTICATION_METHODS = FS, IDTOKENS"):
+                 "MEMORY = 1000", "UID_DOMAIN = minicondor", "SEC_DEFAULT_AUTHENTICATION_METHODS = FS, IDTOKENS",
+                 "MOUNT_UNDER_SCRATCH = /var/lib/condor/spool"):
         assert line in config.splitlines()
     client = client_config(12345, tmp_path / "tokens.d").splitlines()
     assert "SEC_CLIENT_AUTHENTICATION_METHODS = IDTOKENS" in client
@@ -467,7 +468,7 @@ def test_configurations_use_idtokens_on_loopback(tmp_path):
 
 def test_extra_config_lines_come_last_and_are_checked(tmp_path):
     settings = MiniCondorSettings(state_dir=tmp_path, extra_config=["CLAIM_WORKLIFE = 0", "NUM_CPUS = 4"])
-    lines = daemon_config(settings, 12345, []).splitlines()
+    lines = daemon_config(settings, 12345, [], "/var/lib/condor/spool").splitlines()
     assert lines[-2:] == ["CLAIM_WORKLIFE = 0", "NUM_CPUS = 4"]       # after our NUM_CPUS: it overrides
     assert MiniCondorSettings.from_json(settings.to_json()) == settings
     for bad in ("CLAIM_WORKLIFE", "= 3", "A B = 1", "X = 1\nCLAIMTOBE = 1"):

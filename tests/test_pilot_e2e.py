@@ -1,7 +1,7 @@
 """The pilot end to end: a real broker, a real agent, real wrappers and runtimes.
 
 The agent gets a real agent token on its stdin and runs jobs through each
-runtime present (process, bubblewrap, podman). The secrecy test runs a
+runtime present (process, bubblewrap, podman, docker: a private engine). The secrecy test runs a
 hostile payload that dumps everything it can read (environment, argv,
 /proc/*/environ, /proc/*/cmdline, its ancestors' memory, open descriptors,
 readable files) and the test searches the dump for the agent's private key,
@@ -80,6 +80,8 @@ def agent_command(world, name: str, runtime: str, *, as_nobody: bool = False, im
         argv += ["--image", image]
     env = {"PATH": os.environ["PATH"], "SPLITPILOT_AGENT_TOKEN": SENTINEL,
            "PYTHONPATH": str(HERE.parent)}
+    if "DOCKER_HOST" in os.environ:  # the tests' private Docker engine (conftest.docker_engine)
+        env["DOCKER_HOST"] = os.environ["DOCKER_HOST"]
     if as_nobody:
         os.chown(work, NOBODY.pw_uid, NOBODY.pw_gid)
         argv = ["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups", *argv]
@@ -167,15 +169,18 @@ RUNTIMES = [
     pytest.param("process", {"as_nobody": True}, id="process-as-unprivileged-user"),
     pytest.param("bubblewrap", {}, id="bubblewrap"),
     pytest.param("podman", {"image": "ROOTFS"}, id="podman"),
+    pytest.param("docker", {"image": "DOCKER"}, id="docker"),
 ]
 
 
 @pytest.mark.parametrize("runtime,options", RUNTIMES)
-def test_hostile_payload_finds_no_agent_token(world, runtime, options, tmp_path):
+def test_hostile_payload_finds_no_agent_token(world, runtime, options, tmp_path, request):
     client = world["client"]
     options = dict(options)
     if options.get("image") == "ROOTFS":
         options["image"] = str(ensure_rootfs())
+    elif options.get("image") == "DOCKER":   # a private Docker engine, the test root imported as an image
+        options["image"] = request.getfixturevalue("docker_engine").image
     job_id = submit(world, payload_spec(client, HERE / "hostile_payload.py", "hostile",
                                         outputs=("dump.bin", "report.out")))
     result, agent_pem = run_agent(world, f"hostile-{runtime}", runtime, **options)

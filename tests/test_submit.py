@@ -482,10 +482,13 @@ def test_vacate_time_covers_the_agents_stop_deadline():
 def test_token_file_travels_encrypted():
     files = ["/srv/f/batch/splitpilot-package.tar.gz", "/srv/f/batch/agent-token.pem"]
     d = build_description(request(transfer_input_files=files, encrypt_input_files=files[1:]))
-    assert d["encrypt_input_files"] == files[1]
+    # The submit path, and the name wherever it is sent from: a spooled job's inputs leave from the
+    # schedd's SPOOL/.../agent-token.pem, which HTCondor matches against these entries (full paths).
+    expected = f"{files[1]},*/agent-token.pem"
+    assert d["encrypt_input_files"] == expected
     text = render_sub_file(d)
-    assert f"\nencrypt_input_files = {files[1]}\n" in text and "transferred encrypted" in text
-    assert to_submit(d)["encrypt_input_files"] == files[1]
+    assert f"\nencrypt_input_files = {expected}\n" in text and "transferred encrypted" in text
+    assert to_submit(d)["encrypt_input_files"] == expected
     with refused(Problem.INVALID, "encrypt_input_files", "not one of transfer_input_files"):
         request(transfer_input_files=files[:1], encrypt_input_files=files[1:])
     for key in ("encrypt_input_files", "dont_encrypt_input_files"):

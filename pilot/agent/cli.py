@@ -221,6 +221,7 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
 
     def make_run(offer, on_done):
         sandbox = sandbox_for(work_dir, offer)
+        launcher.prepare_sandbox(sandbox)  # e.g. podman/docker under a root agent: an unprivileged uid inside
         mounts = Mounts.on_host(sandbox, software)
         argv = wrapper_command(launcher, mounts, WRAPPER_ARGV)
         log_path = os.path.join(os.path.dirname(sandbox), "..", f"job-{offer.job_id}-{offer.attempt}.wrapper.log")

@@ -85,6 +85,26 @@ class Launcher(ABC):
         """
         return mounts.sandbox
 
+    @property
+    def sandbox_owner(self) -> tuple[int, int]:
+        """(uid, gid) the sandbox must belong to for the wrapper to write it: by default the agent's own.
+
+        Runtimes that run the wrapper as another user (podman and docker
+        started by root: an unprivileged uid inside) say which.
+        """
+        return os.geteuid(), os.getegid()
+
+    def prepare_sandbox(self, path: str) -> None:
+        """Give the new, empty sandbox PATH to `sandbox_owner` (a chown, only when it differs).
+
+        Called where a sandbox is made (the agent's job sandboxes, the
+        self-test's). Only the folder itself: it is empty at this point.
+        """
+        uid, gid = self.sandbox_owner
+        st = os.stat(path)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(path, uid, gid)
+
     def environment(self, mounts: Mounts, caller: Mapping[str, str]) -> dict[str, str]:
         """The whole environment of the process we start (see pilot.launch.environment).
 

@@ -141,6 +141,10 @@ def self_test(launcher: Launcher, mounts: Mounts, argv: Sequence[str], *, timeou
     the reason.
     """
     deadline = time.monotonic() + timeout
+    try:
+        launcher.prepare_sandbox(mounts.sandbox)  # the user inside must be able to write it
+    except OSError as exc:
+        return f"cannot give the sandbox {mounts.sandbox} to the user the wrapper runs as: {exc}"
     with tempfile.TemporaryFile() as errors:
         try:
             process, channel = spawn(launcher, argv, mounts, env=env, stderr=errors)

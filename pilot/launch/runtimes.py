@@ -174,8 +174,35 @@ def _volumes(mounts: Mounts) -> list[str]:
     return volumes
 
 
-def _caller_user() -> str:
-    return f"{os.getuid()}:{os.getgid()}"
+#: The user a container payload runs as when the agent is root: nobody/nogroup by number, which
+#: needs no entry in the image and owns nothing on the host.
+UNPRIVILEGED_USER = "65534:65534"
+
+
+def container_user() -> str:
+    """Who the wrapper runs as inside podman and docker: the agent's own uid:gid, or, when the
+    agent is root, UNPRIVILEGED_USER (never root: a root payload with the host's network could
+    sniff it or bind its privileged ports, whatever capabilities it keeps)."""
+    if os.geteuid() == 0:
+        return UNPRIVILEGED_USER
+    return f"{os.geteuid()}:{os.getegid()}"
+
+
+def _rootless_userns() -> str | None:
+    """Podman's --userns for this agent: keep-id when podman runs rootless (the agent is not root)."""
+    return None if os.geteuid() == 0 else "keep-id"
+
+
+def _check_user(launcher: Launcher, user: str) -> tuple[int, int]:
+    """USER as (uid, gid); refuse names (the image need not know them) and root."""
+    uid, colon, gid = user.partition(":")
+    if not (colon and uid.isdigit() and gid.isdigit()):
+        raise LaunchConfigError(f"{launcher.name} user {user!r} is not 'UID:GID' in numbers; fix: give numbers "
+                                f"(the image needs no entry for them), e.g. {UNPRIVILEGED_USER}")
+    if int(uid) == 0 or int(gid) == 0:
+        raise LaunchConfigError(f"{launcher.name} user {user!r} is root (uid or gid 0): payloads never run as "
+                                f"root in a container; fix: give an unprivileged UID:GID, e.g. {UNPRIVILEGED_USER}")
+    return int(uid), int(gid)
 
 
 #: Podman 4 was seen to lower its own process limit to this at start-up.
@@ -202,16 +229,23 @@ def caller_ulimits() -> tuple[str, ...]:
             f"nproc={value(nproc_soft, PODMAN_NPROC)}:{value(nproc_hard, PODMAN_NPROC)}")
 
 
+#: What every podman and docker payload runs with: no capabilities at all (bounding set
+#: included: nothing can be regained), and no privilege gained through setuid files.
+PRIVILEGE_OPTIONS: tuple[str, ...] = ("--cap-drop=ALL", "--security-opt=no-new-privileges")
+
+
 @dataclass(frozen=True)
 class PodmanLauncher(Launcher):
-    """Podman: `run --rm -i` of an image, host network, sandbox at /workdir.
+    """Podman: `run --rm -i` of an image, host network, sandbox at /workdir, no privilege.
 
     Settings:
         image: an image name, or the absolute path of an unpacked root folder
             (run with --rootfs PATH:O: an overlay keeps the folder unchanged,
             so one folder, e.g. on CVMFS, serves podman, apptainer and
             bubblewrap alike).
-        user: 'uid:gid' inside (default: the agent's own).
+        user: 'UID:GID' inside, numbers only, never root (default
+            `container_user()`: the agent's own, or 65534:65534 when the agent
+            is root). The sandbox is given to it (`sandbox_owner`).
         oci_runtime, cgroup_manager: podman's --runtime and --cgroup-manager
             (None: podman's default). runc and cgroupfs work on hosts with
             hybrid cgroups, where the default crun fails.
@@ -222,6 +256,16 @@ class PodmanLauncher(Launcher):
             Without it the wrapper is PID 1, which ignores every signal it
             has no handler for: a SIGTERM to podman (forwarded inside) would
             do nothing.
+        userns: --userns (default: keep-id when the agent is not root, see
+            below; None for rootful podman).
+
+    The payload shares the host's network (the wrapper talks to the broker),
+    so it must hold no privilege there: --cap-drop=ALL (no raw sockets to
+    sniff the host's loopback, no ports below 1024) and no-new-privileges,
+    as bubblewrap and apptainer give. An agent that is not root runs podman
+    rootless: --userns=keep-id maps its uid to the same uid inside, so the
+    sandbox it made stays its own (without it, its uid inside would map to
+    one of its subordinate uids on the host).
 
     `-i` keeps stdin open to the wrapper and no `-t` is given: the pipes stay
     binary-clean. Detach keys are switched off and no log driver copies the
@@ -231,13 +275,14 @@ class PodmanLauncher(Launcher):
     """
 
     image: str
-    user: str = field(default_factory=_caller_user)
+    user: str = field(default_factory=container_user)
     oci_runtime: str | None = "runc"
     cgroup_manager: str | None = "cgroupfs"
     ulimits: tuple[str, ...] = field(default_factory=caller_ulimits)
     pull: str = "missing"
     quiet: bool = True
     init: bool = True
+    userns: str | None = field(default_factory=_rootless_userns)
 
     name: ClassVar[str] = "podman"
     binary: ClassVar[str] = "podman"
@@ -248,9 +293,14 @@ class PodmanLauncher(Launcher):
 
     def __post_init__(self) -> None:
         _require_image(self, self.image)
+        _check_user(self, self.user)
         if self.image.startswith("/") and (":" in self.image or "," in self.image):
             raise LaunchConfigError(f"image folder {self.image!r} contains ':' or ',', which podman's "
                                     "--rootfs cannot take; fix: move or symlink it to a plain path")
+
+    @property
+    def sandbox_owner(self) -> tuple[int, int]:
+        return _check_user(self, self.user)
 
     def _engine_options(self) -> list[str]:
         options = []
@@ -261,7 +311,9 @@ class PodmanLauncher(Launcher):
         return options
 
     def _run_options(self) -> list[str]:
-        options = ["--network=host", "--log-driver=none", "--detach-keys=", "--entrypoint="]
+        options = ["--network=host", "--log-driver=none", "--detach-keys=", "--entrypoint=", *PRIVILEGE_OPTIONS]
+        if self.userns:
+            options.append(f"--userns={self.userns}")
         if self.init:
             options.append("--init")
         return options + [*(f"--ulimit={limit}" for limit in self.ulimits), f"--user={self.user}"]
@@ -282,15 +334,19 @@ class PodmanLauncher(Launcher):
 
 @dataclass(frozen=True)
 class DockerLauncher(PodmanLauncher):
-    """Docker: the same shape as Podman, through a Docker daemon.
+    """Docker: the same shape as Podman, through a Docker daemon, with the same lack of privilege.
 
     The probe asks the daemon's version, so a docker client without a
     reachable daemon is refused at detection, not at the first job.
+    No --quiet by default: the docker client writes pull progress to stderr
+    anyway, and Debian 12's client (20.10) refuses the flag ("unknown flag").
     """
 
     oci_runtime: str | None = None
     cgroup_manager: str | None = None
     ulimits: tuple[str, ...] = ()
+    quiet: bool = False
+    userns: str | None = None   # the daemon's set-up (userns-remap), not the client's
 
     name: ClassVar[str] = "docker"
     binary: ClassVar[str] = "docker"
@@ -303,6 +359,7 @@ class DockerLauncher(PodmanLauncher):
 
     def __post_init__(self) -> None:
         _require_image(self, self.image)
+        _check_user(self, self.user)
         if self.image.startswith("/"):
             raise LaunchConfigError(f"docker cannot run the folder {self.image!r}; fix: give an image name "
                                     "(docker import a tarball of the folder first), or use podman")
@@ -312,8 +369,10 @@ class DockerLauncher(PodmanLauncher):
 
     def _run_options(self) -> list[str]:
         # Docker's client applies detach keys only with a TTY; its daemon has no --cgroup-manager.
-        return ["--network=host", "--log-driver=none", "--entrypoint=", *(["--init"] if self.init else []),
-                *(f"--ulimit={limit}" for limit in self.ulimits), f"--user={self.user}"]
+        # The daemon, not this user, owns the container: no user namespace mapping to ask for.
+        return ["--network=host", "--log-driver=none", "--entrypoint=", *PRIVILEGE_OPTIONS,
+                *(["--init"] if self.init else []), *(f"--ulimit={limit}" for limit in self.ulimits),
+                f"--user={self.user}"]
 
 
 #: Launcher classes by the name configuration uses.
