@@ -18,6 +18,7 @@ from broker.files import (
     check_sandbox_name,
     copy_verified,
     parse_size,
+    shown,
 )
 from pilot.errors import UsageError
 from pilot.tokens import CertificateAuthority, TokenRole, TokenVerifier
@@ -80,10 +81,30 @@ def test_limits_and_headers(tmp_path):
     assert store.temp_files() == []
 
 
-@pytest.mark.parametrize("name", ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\\b", "a\x00b", "x" * 300])
+@pytest.mark.parametrize("name", ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\\b", "x" * 300])
 def test_bad_sandbox_names(name):
     with pytest.raises(BadFileHeader, match="fix: use a relative path"):
         check_sandbox_name(name)
+
+
+@pytest.mark.parametrize("name,code", [
+    ("a\x00b", 0x00), ("a\x1b[31mred", 0x1b), ("two\nlines", 0x0a), ("tab\there", 0x09), ("del\x7f", 0x7f),
+    ("c1\x9bx", 0x9b), ("c1\x85", 0x85), ("evil\u202etxt.exe", 0x202e), ("iso\u2066late", 0x2066),
+    ("dir/\u202aembed", 0x202a), ("pop\u2069", 0x2069)])
+def test_names_with_control_characters_or_bidi_overrides_are_refused_and_shown_escaped(name, code):
+    with pytest.raises(BadFileHeader) as info:
+        check_sandbox_name(name, "output name")
+    message = str(info.value)
+    assert f"U+{code:04X}" in message and "fix: rename it with printable characters" in message
+    assert chr(code) not in message  # never raw: the name is shown escaped
+    assert shown(name) in message or repr(name)[1:-1] in message
+
+
+def test_shown_escapes_what_a_terminal_would_interpret():
+    assert shown("plain name.txt") == "plain name.txt"
+    assert shown("a\x1b[31mred\n") == "a\\x1b[31mred\\x0a"
+    assert shown("x\u202ey") == "x\\u202ey" and shown("back\\slash") == "back\\\\slash"
+    assert all(c.isprintable() for c in shown("".join(chr(i) for i in range(0x200))))
 
 
 def test_good_sandbox_names():
