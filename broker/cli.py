@@ -415,26 +415,32 @@ def _print_table(listing) -> None:
 def _print_job(job) -> None:
     # Texts a job (its wrapper, its outputs' names) chose are shown escaped: no escape sequence reaches
     # the terminal.
-    print(f"job:       {job.job_id}" + (f" ({shown(job.name)})" if job.name else ""))
+    print(f"job:       {job.job_id}" + (f" ({_safe(job.name)})" if job.name else ""))
     print(f"owner:     {job.owner}")
     print(f"state:     {job.state.name}" + (f", exit code {job.exit_code}" if job.exit_code is not None else ""))
     if job.message:
-        print(f"message:   {shown(job.message)}")
-    print(f"attempt:   {job.attempt}" + (f" at {job.site} on {shown(job.node)} (pilot {shown(job.pilot_id)})"
+        print(f"message:   {_safe(job.message)}")
+    print(f"attempt:   {job.attempt}" + (f" at {job.site} on {_safe(job.node)} (pilot {_safe(job.pilot_id)})"
                                          if job.site else ""))
     print(f"submitted: {_when(job.submitted)}")
     print(f"updated:   {_when(job.updated)}")
     spec = job.spec
-    print(shown(f"runs:      {spec.executable} {' '.join(spec.arguments)}".rstrip()))
+    print(_safe(f"runs:      {spec.executable} {' '.join(spec.arguments)}".rstrip()))
     if job.history:
         print("history:")
         for event in job.history:
             print(f"  {_when(event.time)}  attempt {event.attempt}  {event.state.name:<16} "
-                  f"{shown(event.detail)}".rstrip())
+                  f"{_safe(event.detail)}".rstrip())
     if job.outputs:
         print("outputs:")
         for out in job.outputs:
-            print(f"  {shown(out.name)}  {format_size(out.size)}  sha256:{out.sha256}")
+            print(f"  {_safe(out.name)}  {format_size(out.size)}  sha256:{out.sha256}")
+
+
+def _safe(text: str) -> str:
+    """TEXT for the terminal: control characters and escape sequences a job (or its outputs' names) chose
+    are shown escaped, never interpreted."""
+    return shown(text, backslash=False)
 
 
 def _output_targets(targets: list[str]) -> tuple[list[int], str]:
@@ -444,7 +450,7 @@ def _output_targets(targets: list[str]) -> tuple[list[int], str]:
     *ids, directory = targets
     bad = [i for i in ids if not i.isdigit()]
     if bad:
-        raise UsageError(f"{shown(bad[0])!r} is not a job id; fix: splitpilot job output ID [ID ...] DIR "
+        raise UsageError(f"{_safe(bad[0])!r} is not a job id; fix: splitpilot job output ID [ID ...] DIR "
                          "(the folder comes last)")
     return [int(i) for i in ids], directory
 
@@ -465,13 +471,13 @@ def _output(args: argparse.Namespace) -> int:
             for result in results:
                 if result.ok:
                     written += 1
-                    print(shown(result.path))
+                    print(_safe(result.path))
                 else:
                     failed += 1
-                    print(f"error: job {job_id}: {shown(str(result.error))}", file=sys.stderr)
+                    print(f"error: job {job_id}: {_safe(str(result.error))}", file=sys.stderr)
             ok = sum(1 for r in results if r.ok)
             note = "" if job.final else f"; job is still {job.state.name}: more may come"
-            print(f"job {job_id}: {ok} of {len(results)} output(s) downloaded to {shown(target)}, sha256 "
+            print(f"job {job_id}: {ok} of {len(results)} output(s) downloaded to {_safe(target)}, sha256 "
                   f"verified{note}", file=sys.stderr)
     if failed:
         print(f"{failed} output(s) failed, {written} downloaded; see the errors above", file=sys.stderr)

@@ -35,9 +35,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-T = TypeVar("T")
-
 from pilot.errors import SplitpilotError
+
+T = TypeVar("T")
 
 #: Largest data chunk in a file stream (the proto's rule), and what we send.
 CHUNK_SIZE = 1 << 20
@@ -122,14 +122,16 @@ class MissingFile(FileRefused):
 
 # ------------------------------------------------------------------ helpers
 
-def shown(name: str) -> str:
+def shown(name: str, *, backslash: bool = True) -> str:
     """NAME safe to print: every character that is not printable (controls, escape sequences,
-    bidirectional overrides, ...) and the backslash itself as a Python-style escape."""
-    if name.isprintable() and "\\" not in name:
+    bidirectional overrides, ...) as a Python-style escape, and the backslash itself too (so that
+    the escape is unambiguous) unless BACKSLASH is false (for messages that quote names already
+    escaped)."""
+    if name.isprintable() and not (backslash and "\\" in name):
         return name
     out = []
     for char in name:
-        if char == "\\":
+        if char == "\\" and backslash:
             out.append("\\\\")
         elif char.isprintable():
             out.append(char)

@@ -13,6 +13,7 @@ import logging
 
 from cryptography.hazmat.primitives import serialization
 
+from broker.files import StoredFile
 from broker.lifecycle import ACTIVE_STATES, JOB_REPORTABLE, JobState
 from broker.service import (
     BadRequest,
@@ -26,7 +27,6 @@ from broker.service import (
     send_file,
     utcnow,
 )
-from broker.files import StoredFile
 from broker.store.base import JobRecord, OutputRecord
 from pilot.tokens import Identity, TokenRole
 from pilot.tokens.errors import StaleAttempt, WrongJob

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from broker.files import format_size
 from broker.lifecycle import ACTIVE_STATES, Actor, JobState, RequeueCause, allowed, requeue_target
 from broker.store.base import (
     InvalidTransition,
@@ -54,7 +55,6 @@ from broker.store.base import (
     UnknownJob,
     UpdateResult,
 )
-from broker.files import format_size
 from broker.store.classes import CLASS_COLUMNS, ClassCache, RequirementClass
 from broker.store.schema import (
     ALIVE_STATES,
