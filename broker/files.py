@@ -401,7 +401,10 @@ class Incoming:
                 return record(StoredFile(self.sha256, self.size, present))
             except BaseException:
                 if not present:
-                    self.store.free(self.sha256)
+                    try:
+                        self.store.free(self.sha256)
+                    except Exception:  # noqa: BLE001 (the record's error matters; an orphan file is harmless)
+                        pass
                 raise
 
     def abort(self) -> None:

@@ -182,7 +182,11 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._open += 1
-        if self._open > self.max_connections and self._waiting:
+        if self._open > self.max_connections:
+            if not self._waiting:  # every open connection is being answered: this one waits for none
+                self._open -= 1
+                writer.transport.abort()
+                return
             oldest, _ = self._waiting.popitem(last=False)
             oldest.transport.abort()  # its handler sees the connection end and returns
         self._waiting[writer] = None

@@ -124,7 +124,11 @@ class JobServicer(rpc_pb.JobServiceServicer):
                                         utcnow(), reservation=reservation)
             reservation = None
             if replaced is not None:
-                files.free(replaced)
+                try:
+                    files.free(replaced)
+                except Exception:  # noqa: BLE001 (the output is recorded; the old bytes merely stay)
+                    log.exception("job %d: the replaced content %s of output %r could not be freed", job_id,
+                                  replaced, header.name)
             return stored
 
         try:

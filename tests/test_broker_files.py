@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import pytest
 
@@ -146,3 +147,47 @@ def test_identity_cache_verifies_once_per_certificate_until_expiry():
     now[0] = token.certificate.not_valid_after_utc.timestamp() + 1  # past not_after: verified again
     cache.identify(pem)
     assert cache.misses == 2
+
+
+# ------------------------------------------------------------------ writing downloads (broker.outdir)
+
+def test_output_directory_follows_no_link_and_overwrites_nothing(tmp_path):
+    from broker.outdir import OutputDirectory, OutputRefused
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("precious\n")
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "deep").symlink_to(outside)           # a link one level down
+    (out / "link.txt").symlink_to(outside / "target")  # a link where a file would go
+    (out / "folder").mkdir()
+    data = b"job output\n"
+
+    def write(directory, name, content=data, sha=None):
+        return directory.write(name, [content[:3], content[3:]], len(content), sha or digest(content))
+
+    with OutputDirectory(out) as directory:
+        for name, words in (("a/deep/target", "is a symbolic link, which is never followed"),
+                            ("link.txt", "exists and was left as it is"),
+                            ("folder", "exists and was left as it is"),
+                            ("../escape", "'..' component"),
+                            ("ok\x1b[2J", "control character (U+001B)")):
+            with pytest.raises(OutputRefused, match=re.escape(words)):
+                write(directory, name)
+        with pytest.raises(ChecksumMismatch):
+            write(directory, "bad.txt", sha=digest(b"other"))
+        with pytest.raises(SizeMismatch):
+            directory.write("short.txt", [data[:3]], len(data), digest(data))
+        assert write(directory, "a/new/file.txt") == str(out / "a/new/file.txt")
+    with OutputDirectory(out, force=True) as forced:
+        for name, words in (("link.txt", "is a symbolic link; --force replaces regular files only"),
+                            ("folder", "not a regular file"), ("a/deep/x", "is a symbolic link")):
+            with pytest.raises(OutputRefused, match=re.escape(words)):
+                write(forced, name)
+        write(forced, "a/new/file.txt", b"replaced\n")
+    assert (outside / "target").read_text() == "precious\n" and os.listdir(outside) == ["target"]
+    assert (out / "a" / "new" / "file.txt").read_bytes() == b"replaced\n"
+    assert sorted(os.listdir(out)) == ["a", "folder", "link.txt"]  # no temporary file left anywhere
+    assert sorted(os.listdir(out / "a")) == ["deep", "new"] and os.listdir(out / "a" / "new") == ["file.txt"]
+    assert os.listdir(out / "folder") == []
