@@ -154,6 +154,22 @@ class Broker:
                 self.executor, functools.partial(fn, *args, **kwargs))
         return fn(*args, **kwargs)
 
+    async def call_or_undo(self, undo: Callable, fn: Callable, *args):
+        """Like `call`, for a store call that creates something (a reservation): if this call is cancelled
+        (the client went away) while FN runs in a thread, UNDO(FN's result) runs once FN has finished, so
+        nothing it made is left behind unowned."""
+        if not self.settings.offload_store:
+            return fn(*args)  # inline: no await, nothing to cancel in between
+        future = self.executor.submit(fn, *args)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            def undo_when_done(done) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self.executor.submit(undo, done.result())
+            future.add_done_callback(undo_when_done)
+            raise
+
     async def finally_(self, fn: Callable, *args):
         """Run FN in the thread pool to its end even if this call is cancelled meanwhile (clean-up
         in a `finally` of a call the client may abandon)."""

@@ -113,8 +113,9 @@ class JobServicer(rpc_pb.JobServiceServicer):
             # Fencing and the job's output limits on the header alone, before any data: the declared
             # size is reserved in the store, atomically with every other upload of this attempt.
             nonlocal reservation
-            reservation = await broker.call(store.reserve_output, job_id, attempt, header.name, header.size,
-                                            files.max_job_bytes, files.max_job_files, utcnow())
+            reservation = await broker.call_or_undo(store.release_reservation, store.reserve_output, job_id, attempt,
+                                                    header.name, header.size, files.max_job_bytes,
+                                                    files.max_job_files, utcnow())
 
         def record(header: pb.FileHeader, stored: StoredFile) -> StoredFile:
             # Under the file store's lock: the output row takes the reservation's place, and content
