@@ -10,14 +10,22 @@ Verification costs ~0.2 ms; a call must not. Verified identities are cached
 by the certificate's PEM bytes (what gRPC hands us) until their not_after,
 so a long-lived agent channel pays once; a cache hit is one dict look-up and
 one clock comparison.
+
+Revocation: every call, cache hit or not, is checked against the
+`RevocationList` (two dict look-ups), which the server refreshes from the
+store every few seconds; so a cached identity never outlives its
+revocation. First sightings of user, admin and agent certificates are noted
+(`take_seen`) so that an admin can revoke them by serial.
 """
 
 from __future__ import annotations
 
+import datetime
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from broker.store.base import Revocation, SeenToken
 from pilot.errors import SplitpilotError
 from pilot.tokens import Identity, TokenRole, TokenVerifier
 from pilot.tokens.errors import WrongRole
@@ -38,6 +46,77 @@ class Unauthenticated(SplitpilotError):
         super().__init__(f"{detail}; fix: connect with a token file (certificate and key) issued by this "
                          "broker's CA")
         self.detail = detail
+
+
+class TokenRevoked(Unauthenticated):
+    """The caller's token was revoked. Attributes: revocation."""
+
+    def __init__(self, identity: Identity, revocation: Revocation) -> None:
+        which = (f"token {identity.describe()} (serial {identity.serial:x})" if revocation.serial else
+                 f"token {identity.describe()} (serial {identity.serial:x}, issued before every "
+                 f"{revocation.role} token of {revocation.subject} was revoked)")
+        SplitpilotError.__init__(self, f"{which} was revoked at {revocation.revoked:%Y-%m-%d %H:%M:%S}Z "
+                                       f"({revocation.reason}); fix: ask for a new token")
+        self.detail = str(self)
+        self.revocation = revocation
+
+
+class RevocationList:
+    """The revoked tokens, in memory: by serial, and the latest revocation per (role, holder).
+
+    A holder revocation covers the tokens issued up to it: their not_before is the issue time
+    less the CA's clock skew, so a token counts as issued at not_before + CLOCK_SKEW.
+    Lookups read two dicts without a lock; `replace` swaps both at once (a reference assignment).
+    """
+
+    def __init__(self, clock_skew: datetime.timedelta) -> None:
+        self._skew = clock_skew
+        self._lock = threading.Lock()
+        self._tables: tuple[dict[int, Revocation], dict[tuple[str, str], Revocation]] = ({}, {})
+        #: The store's revocation_generation() the tables were loaded at (None: never loaded).
+        self.generation: tuple[int, int] | None = None
+
+    def replace(self, revocations: Iterable[Revocation], generation: tuple[int, int] | None) -> None:
+        tables: tuple[dict, dict] = ({}, {})
+        for revocation in revocations:
+            self._put(tables, revocation)
+        with self._lock:
+            self._tables = tables
+            self.generation = generation
+
+    def add(self, revocation: Revocation) -> None:
+        """One new revocation (this broker made it: effective here at once)."""
+        with self._lock:
+            by_serial, by_holder = self._tables
+            tables = (dict(by_serial), dict(by_holder))
+            self._put(tables, revocation)
+            self._tables = tables
+
+    @staticmethod
+    def _put(tables: tuple[dict, dict], revocation: Revocation) -> None:
+        by_serial, by_holder = tables
+        if revocation.serial:
+            by_serial.setdefault(int(revocation.serial, 16), revocation)
+        else:
+            key = (revocation.role, revocation.subject)
+            known = by_holder.get(key)
+            if known is None or known.revoked < revocation.revoked:
+                by_holder[key] = revocation
+
+    def check(self, identity: Identity) -> None:
+        """TokenRevoked if IDENTITY's token is revoked."""
+        by_serial, by_holder = self._tables
+        if not (by_serial or by_holder):
+            return
+        revocation = by_serial.get(identity.serial)
+        if revocation is None:
+            revocation = by_holder.get((identity.role.value, identity.subject))
+            if revocation is None or identity.not_before + self._skew > revocation.revoked:
+                return
+        raise TokenRevoked(identity, revocation)
+
+    def __len__(self) -> int:
+        return sum(len(table) for table in self._tables)
 
 
 class IdentityCache:
@@ -91,17 +170,30 @@ class IdentityCache:
         return len(self._entries)
 
 
-class Authoriser:
-    """Identifies the caller of a gRPC call and checks the role its service needs."""
+#: Roles whose certificates are noted for revocation by serial (job tokens are many, short-lived and
+#: fenced by attempt; host tokens never call).
+NOTED_ROLES = (TokenRole.USER, TokenRole.ADMIN, TokenRole.AGENT)
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+
+class Authoriser:
+    """Identifies the caller of a gRPC call, refuses revoked tokens, and checks the role its service needs."""
+
+    MAX_SEEN = 100_000  # bound on first sightings waiting to be written (a database outage)
+
+    def __init__(self, verifier: TokenVerifier, clock_skew: datetime.timedelta = datetime.timedelta(minutes=5)
+                 ) -> None:
         self.cache = IdentityCache(verifier)
+        self.revoked = RevocationList(clock_skew)
+        self._seen: dict[int, SeenToken] = {}
+        self._noted: set[int] = set()
+        self._seen_lock = threading.Lock()
 
     def identify(self, context, roles: Sequence[TokenRole]) -> Identity:
         """The caller's identity if its role is one of ROLES.
 
-        Raises Unauthenticated (no certificate), TokenRefused (bad or expired
-        token) or WrongRole (another role: the message names the one needed).
+        Raises Unauthenticated (no certificate), TokenRevoked, TokenRefused
+        (bad or expired token) or WrongRole (another role: the message names
+        the one needed).
         """
         try:
             certificates = context.auth_context().get("x509_pem_cert")
@@ -110,9 +202,35 @@ class Authoriser:
         if not certificates:
             raise Unauthenticated("the call carries no client certificate")
         identity = self.cache.identify(certificates[0])
+        self.revoked.check(identity)  # on every call: a cached identity never outlives its revocation
+        if identity.role in NOTED_ROLES and identity.serial not in self._noted:
+            self._note(identity)
         if identity.role not in roles:
             raise WrongRole(identity.role.value, tuple(r.value for r in roles))
         return identity
 
+    def _note(self, identity: Identity) -> None:
+        with self._seen_lock:
+            if len(self._noted) >= self.MAX_SEEN:
+                self._noted.clear()
+            self._noted.add(identity.serial)
+            if len(self._seen) < self.MAX_SEEN:
+                self._seen[identity.serial] = SeenToken(f"{identity.serial:x}", identity.role.value,
+                                                        identity.subject, identity.not_after)
 
-__all__ = ["SERVICE_ROLES", "Authoriser", "IdentityCache", "Unauthenticated"]
+    def take_seen(self) -> list[SeenToken]:
+        """The certificates first seen since the last call (to be written to the store)."""
+        with self._seen_lock:
+            seen, self._seen = self._seen, {}
+        return list(seen.values())
+
+    def give_back_seen(self, seen: Sequence[SeenToken]) -> None:
+        """Sightings that could not be written: keep them for the next attempt."""
+        with self._seen_lock:
+            for token in seen:
+                if len(self._seen) < self.MAX_SEEN:
+                    self._seen.setdefault(int(token.serial, 16), token)
+
+
+__all__ = ["NOTED_ROLES", "SERVICE_ROLES", "Authoriser", "IdentityCache", "RevocationList", "TokenRevoked",
+           "Unauthenticated"]

@@ -26,7 +26,7 @@ import sys
 import time
 import tomllib
 
-from broker.files import format_size, parse_size
+from broker.files import format_size, parse_size, shown
 from broker.lifecycle import JobState
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
@@ -99,8 +99,15 @@ def _register_broker(subparsers) -> None:
                                                    "(default: DIR/broker.db)")
     serve.add_argument("--listen", default="127.0.0.1:7443", metavar="HOST:PORT",
                        help="gRPC address (default: %(default)s; 0.0.0.0:7443 for every interface; port 0: any)")
-    serve.add_argument("--metrics", metavar="HOST:PORT",
-                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)")
+    serve.add_argument("--metrics", metavar="[HOST:]PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off; PORT alone: "
+                            "127.0.0.1:PORT). The endpoint has no authentication, so an address other than "
+                            "loopback also needs --metrics-public")
+    serve.add_argument("--metrics-public", action="store_true",
+                       help="allow --metrics on an address other machines reach: anyone who reaches it reads job "
+                            "counts, RPC rates and pilots seen (logged as a warning); use it only behind a firewall")
+    serve.add_argument("--metrics-timeout", default="10s", metavar="DURATION",
+                       help="a metrics connection must send its request within this (default: %(default)s)")
     serve.add_argument("--ca", metavar="CA_DIR", help="an existing CA directory (default: DIR/ca, created on first "
                                                       "start)")
     serve.add_argument("--host-name", action="append", default=[], metavar="NAME",
@@ -120,6 +127,12 @@ def _register_broker(subparsers) -> None:
                        help="largest single input or output file (default: %(default)s)")
     serve.add_argument("--max-job-size", default="8G", metavar="SIZE",
                        help="largest total of a job's inputs, and of its outputs (default: %(default)s)")
+    serve.add_argument("--max-outputs", type=int, default=1000, metavar="N",
+                       help="most output files one job attempt may save (default: %(default)s)")
+    serve.add_argument("--revocation-refresh", default="2s", metavar="DURATION",
+                       help="how often revoked tokens are reloaded from the database: a token revoked through "
+                            "another broker on the same database is refused here within this (default: "
+                            "%(default)s)")
     serve.add_argument("--grace", default="5s", metavar="DURATION",
                        help="time running calls get to finish on shutdown (default: %(default)s)")
     serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
@@ -136,6 +149,8 @@ def _serve(args: argparse.Namespace) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     if args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
+    if args.max_outputs < 1:
+        raise UsageError("--max-outputs must be at least 1")
     store_settings = StoreSettings(
         default_max_attempts=args.max_attempts,
         heartbeat_timeout=parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"),
@@ -143,6 +158,10 @@ def _serve(args: argparse.Namespace) -> int:
         queue_timeout=parse_duration(args.queue_timeout, what="--queue-timeout") if args.queue_timeout else None)
     config = BrokerConfig(
         state_dir=args.state_dir, db_url=args.db, listen=args.listen, metrics=args.metrics, ca_dir=args.ca,
+        metrics_public=args.metrics_public,
+        metrics_timeout=parse_duration(args.metrics_timeout, what="--metrics-timeout").total_seconds(),
+        revocation_refresh=parse_duration(args.revocation_refresh, what="--revocation-refresh").total_seconds(),
+        max_job_files=args.max_outputs,
         host_names=tuple(args.host_name),
         reap_interval=parse_duration(args.reap_interval, what="--reap-interval").total_seconds(),
         max_file_size=parse_size(args.max_file_size, "--max-file-size"),
@@ -223,12 +242,19 @@ def _register_job(subparsers) -> None:
     _client_options(status)
     status.set_defaults(handler=_status)
 
-    output = sub.add_parser("output", help="download a job's outputs (sha256 verified)",
-                            description="Download every output of job ID into DIR (created if needed).",
-                            epilog=CLIENT_EPILOG, formatter_class=fmt)
-    output.add_argument("job_id", type=int, metavar="ID")
-    output.add_argument("directory", metavar="DIR")
+    output = sub.add_parser("output", help="download jobs' outputs (sha256 verified, never over existing files)",
+                            usage="splitpilot job output [-h] [--name NAME] [--force] ID [ID ...] DIR",
+                            description="Download every output of job ID into DIR (created if needed); with\n"
+                                        "several jobs, each into DIR/ID/. Outputs are written only below DIR: a name\n"
+                                        "with control characters, or a symbolic link or a file in the way, fails\n"
+                                        "that output (the others are still fetched). Existing files are left alone\n"
+                                        "unless --force.",
+                            epilog="exit code 1 when any output failed (each is listed on stderr with the fix).\n"
+                                   + CLIENT_EPILOG, formatter_class=fmt)
+    output.add_argument("targets", nargs="+", metavar="ID [ID ...] DIR", help=argparse.SUPPRESS)
     output.add_argument("--name", action="append", metavar="NAME", help="only this output (repeatable)")
+    output.add_argument("--force", action="store_true",
+                        help="replace existing regular files of the same name (never symbolic links or folders)")
     _client_options(output)
     output.set_defaults(handler=_output)
 
@@ -387,38 +413,75 @@ def _print_table(listing) -> None:
 
 
 def _print_job(job) -> None:
-    print(f"job:       {job.job_id}" + (f" ({job.name})" if job.name else ""))
+    # Texts a job (its wrapper, its outputs' names) chose are shown escaped: no escape sequence reaches
+    # the terminal.
+    print(f"job:       {job.job_id}" + (f" ({_safe(job.name)})" if job.name else ""))
     print(f"owner:     {job.owner}")
     print(f"state:     {job.state.name}" + (f", exit code {job.exit_code}" if job.exit_code is not None else ""))
     if job.message:
-        print(f"message:   {job.message}")
-    print(f"attempt:   {job.attempt}" + (f" at {job.site} on {job.node} (pilot {job.pilot_id})" if job.site else ""))
+        print(f"message:   {_safe(job.message)}")
+    print(f"attempt:   {job.attempt}" + (f" at {job.site} on {_safe(job.node)} (pilot {_safe(job.pilot_id)})"
+                                         if job.site else ""))
     print(f"submitted: {_when(job.submitted)}")
     print(f"updated:   {_when(job.updated)}")
     spec = job.spec
-    print(f"runs:      {spec.executable} {' '.join(spec.arguments)}".rstrip())
+    print(_safe(f"runs:      {spec.executable} {' '.join(spec.arguments)}".rstrip()))
     if job.history:
         print("history:")
         for event in job.history:
-            print(f"  {_when(event.time)}  attempt {event.attempt}  {event.state.name:<16} {event.detail}".rstrip())
+            print(f"  {_when(event.time)}  attempt {event.attempt}  {event.state.name:<16} "
+                  f"{_safe(event.detail)}".rstrip())
     if job.outputs:
         print("outputs:")
         for out in job.outputs:
-            print(f"  {out.name}  {format_size(out.size)}  sha256:{out.sha256}")
+            print(f"  {_safe(out.name)}  {format_size(out.size)}  sha256:{out.sha256}")
+
+
+def _safe(text: str) -> str:
+    """TEXT for the terminal: control characters and escape sequences a job (or its outputs' names) chose
+    are shown escaped, never interpreted."""
+    return shown(text, backslash=False)
+
+
+def _output_targets(targets: list[str]) -> tuple[list[int], str]:
+    """(job ids, DIR) from `ID [ID ...] DIR`."""
+    if len(targets) < 2:
+        raise UsageError("give the job id(s) and the folder: splitpilot job output ID [ID ...] DIR")
+    *ids, directory = targets
+    bad = [i for i in ids if not i.isdigit()]
+    if bad:
+        raise UsageError(f"{_safe(bad[0])!r} is not a job id; fix: splitpilot job output ID [ID ...] DIR "
+                         "(the folder comes last)")
+    return [int(i) for i in ids], directory
 
 
 def _output(args: argparse.Namespace) -> int:
-    os.makedirs(args.directory, exist_ok=True)
+    job_ids, directory = _output_targets(args.targets)
+    several = len(job_ids) > 1
+    written = failed = 0
     with _user_client(args) as client:
-        job = client.status(args.job_id)
-        if not job.outputs:
-            print(f"job {args.job_id} has no outputs (state {job.state.name})", file=sys.stderr)
-            return 1
-        paths = client.output(args.job_id, args.directory, args.name)
-    for path in paths:
-        print(path)
-    note = "" if job.final else f" (job is still {job.state.name}: more may come)"
-    print(f"downloaded {len(paths)} output(s) of job {args.job_id}, sha256 verified{note}", file=sys.stderr)
+        for job_id in job_ids:
+            job = client.status(job_id)
+            if not job.outputs and not args.name:
+                print(f"job {job_id} has no outputs (state {job.state.name})", file=sys.stderr)
+                failed += 1
+                continue
+            target = os.path.join(directory, str(job_id)) if several else directory
+            results = client.download(job_id, target, args.name, force=args.force, job=job)
+            for result in results:
+                if result.ok:
+                    written += 1
+                    print(_safe(result.path))
+                else:
+                    failed += 1
+                    print(f"error: job {job_id}: {_safe(str(result.error))}", file=sys.stderr)
+            ok = sum(1 for r in results if r.ok)
+            note = "" if job.final else f"; job is still {job.state.name}: more may come"
+            print(f"job {job_id}: {ok} of {len(results)} output(s) downloaded to {_safe(target)}, sha256 "
+                  f"verified{note}", file=sys.stderr)
+    if failed:
+        print(f"{failed} output(s) failed, {written} downloaded; see the errors above", file=sys.stderr)
+        return 1
     return 0
 
 

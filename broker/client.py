@@ -9,7 +9,11 @@
     BrokerClient  user (or admin) token: submit, upload, status, list, output, kill
     AgentClient   agent token: match (with a P-256 job key made here), pilot reports
     JobClient     a job token held in memory only: states, heartbeats, inputs, outputs
-    AdminClient   admin token: sites, pilots, requeue, everyone's jobs
+    AdminClient   admin token: sites, pilots, requeue, everyone's jobs, revocation
+
+Outputs are written by `broker.outdir.OutputDirectory`: never outside the
+folder given, never through a symbolic link, never over an existing file
+(unless force=True, and then only over regular files).
 
 Every client talks gRPC over mutual TLS: its token is the client
 certificate. The CA certificate that verifies the broker defaults to the
@@ -35,11 +39,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.files import CHUNK_SIZE, check_sandbox_name, copy_verified, sha256_of_file
 from broker.jobfile import JobDescription, load_job_file
 from broker.lifecycle import JobState
+from broker.outdir import OutputDirectory
 
 # The same values the store records, as the client reports them.
 from broker.store.base import JobEventRecord as JobEvent
 from broker.store.base import OutputRecord as OutputFile
 from broker.store.base import PilotRecord as PilotInfo
+from broker.store.base import Revocation as RevokedToken
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import Identity, TokenFile, parse_identity, read_token_file
 from pilot.tokens.files import KeyPermissions, certificate_pem, load_certificates, private_key_pem
@@ -198,6 +204,21 @@ class MatchedJob:
 
     def job_client(self, **kwargs) -> JobClient:
         return JobClient(self.address, self.token_pem, self.key, self.ca_pem or None, **kwargs)
+
+
+@dataclass(frozen=True)
+class Download:
+    """What became of one output: written to PATH, or ERROR (a BrokerError, OutputRefused, a checksum
+    or size mismatch) with nothing written."""
+
+    job_id: int
+    name: str
+    path: str | None = None
+    error: SplitpilotError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True)
@@ -420,20 +441,53 @@ class BrokerClient(_Client):
             states=[int(s) for s in states], limit=limit, before_job_id=before_job_id))
         return _listing(response)
 
-    def output(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None) -> list[str]:
+    def output(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None, *,
+               force: bool = False) -> list[str]:
         """Download the outputs of a job (all, or NAMES) into DEST_DIR, verifying
-        each sha256; return the paths written."""
-        job = self.status(job_id)
+        each sha256; return the paths written. Raises the first failure (after
+        trying every output): see `download` for the per-output results."""
+        results = self.download(job_id, dest_dir, names, force=force)
+        for result in results:
+            if result.error is not None:
+                raise result.error
+        return [result.path for result in results]
+
+    def download(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None, *,
+                 force: bool = False, job: JobStatus | None = None) -> list[Download]:
+        """Download the outputs of a job (all, or NAMES) into DEST_DIR: one Download per output, in name
+        order; a failed output (an unsafe name, an existing file, a link or file in the way, a damaged
+        copy) does not stop the others. Existing files are kept unless FORCE (regular files only)."""
+        job = job or self.status(job_id)
         known = {o.name: o for o in job.outputs}
-        written = []
-        for name in (list(known) if names is None else list(names)):
-            check_sandbox_name(name, "output name")
-            output = known.get(name)  # unknown names: the broker answers NOT_FOUND, listing the outputs
-            stream = self._stream("DownloadOutput", self._stub.DownloadOutput,
-                                  pb.DownloadOutputRequest(job_id=job_id, name=name))
-            written.append(_receive(stream, os.path.join(os.fspath(dest_dir), name), name,
-                                    (output.size, output.sha256) if output else None))
-        return written
+        results = []
+        with OutputDirectory(dest_dir, force=force) as directory:
+            for name in (sorted(known) if names is None else list(names)):
+                try:
+                    path = self._download_one(job_id, name, known.get(name), directory)
+                except SplitpilotError as exc:
+                    results.append(Download(job_id, name, error=exc))
+                else:
+                    results.append(Download(job_id, name, path=path))
+        return results
+
+    def _download_one(self, job_id: int, name: str, output: OutputFile | None, directory: OutputDirectory) -> str:
+        check_sandbox_name(name, "output name")  # the broker's rules, again, before anything is asked
+        # Unknown names: the broker answers NOT_FOUND, listing the outputs.
+        stream = self._stream("DownloadOutput", self._stub.DownloadOutput,
+                              pb.DownloadOutputRequest(job_id=job_id, name=name))
+        try:
+            first = next(stream, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise SplitpilotError(f"output {name!r} of job {job_id}: the broker's stream did not start with a "
+                                      "header; fix: download it again")
+            header = first.header
+            if output is not None and (header.size, header.sha256) != (output.size, output.sha256):
+                raise SplitpilotError(f"output {name!r} of job {job_id}: the broker announced size {header.size} "
+                                      f"sha256 {header.sha256}, but listed {output.size} {output.sha256}; fix: "
+                                      "download it again")
+            return directory.write(name, (chunk.data for chunk in stream), header.size, header.sha256)
+        finally:
+            stream.close()  # ends the call if the output was refused before its data was read
 
     def kill(self, job_id: int, reason: str = "") -> JobState:
         """Kill a job: at once when queued, at its next heartbeat when running."""
@@ -673,7 +727,7 @@ class AdminClient(_Client):
     def list_pilots(self, seen_within_s: int = 0) -> list[PilotInfo]:
         response = self._call("ListPilots", self._stub.ListPilots, pb.ListPilotsRequest(seen_within_s=seen_within_s))
         return [PilotInfo(p.pilot_id, p.site, p.node, _from_ms(p.first_seen_unix_ms), _from_ms(p.last_seen_unix_ms),
-                          p.jobs_matched, p.end_reason) for p in response.pilots]
+                          p.jobs_matched, p.end_reason, p.certificate_serial) for p in response.pilots]
 
     def requeue(self, job_id: int, reason: str = "") -> int:
         """End the job's current attempt and queue the next; returns the new attempt number."""
@@ -684,9 +738,37 @@ class AdminClient(_Client):
             states=[int(s) for s in states], limit=limit, before_job_id=before_job_id))
         return _listing(response)
 
+    def revoke_token(self, reason: str, *, serial: str | None = None, subject: str | None = None,
+                     role: str | None = None, certificate_pem: bytes | None = None) -> tuple[RevokedToken, bool]:
+        """Revoke one token by SERIAL (hex) or by its CERTIFICATE_PEM (never its key), or every token of
+        SUBJECT in ROLE issued until now. Returns (the revocation, whether it already existed)."""
+        chosen = [serial is not None, subject is not None or role is not None, certificate_pem is not None]
+        if sum(chosen) != 1 or (chosen[1] and not (subject and role)):
+            raise UsageError("name the token to revoke in one way: serial, certificate_pem, or subject with role")
+        request = pb.RevokeTokenRequest(reason=reason)
+        if serial is not None:
+            request.serial = serial
+        elif certificate_pem is not None:
+            request.certificate_pem = certificate_pem
+        else:
+            request.holder.subject, request.holder.role = subject, role
+        response = self._call("RevokeToken", self._stub.RevokeToken, request)
+        return _revoked(response.revoked), response.already_revoked
+
+    def list_revoked(self) -> list[RevokedToken]:
+        """Every revocation, oldest first."""
+        response = self._call("ListRevoked", self._stub.ListRevoked, pb.ListRevokedRequest())
+        return [_revoked(r) for r in response.revoked]
+
+
+def _revoked(info: pb.RevokedToken) -> RevokedToken:
+    return RevokedToken(id=info.id, serial=info.serial, subject=info.subject, role=info.role, reason=info.reason,
+                        revoked=_from_ms(info.revoked_unix_ms), revoked_by=info.revoked_by,
+                        not_after=_from_ms(info.not_after_unix_ms) if info.not_after_unix_ms else None)
+
 
 __all__ = [
-    "AccessDenied", "AdminClient", "AgentClient", "BrokerClient", "BrokerError", "BrokerUnavailable",
+    "AccessDenied", "AdminClient", "AgentClient", "BrokerClient", "BrokerError", "BrokerUnavailable", "Download",
     "HeartbeatAnswer", "InvalidRequest", "JobClient", "JobEvent", "JobListing", "JobStatus", "MatchedJob",
-    "NoMatch", "NotFound", "OutputFile", "PilotInfo", "PreconditionFailed", "UpdateResult",
+    "NoMatch", "NotFound", "OutputFile", "PilotInfo", "PreconditionFailed", "RevokedToken", "UpdateResult",
 ]

@@ -1,16 +1,27 @@
 """The broker's content-addressed sandbox store: input and output files by SHA-256.
 
 A file lives at ROOT/ab/cdef... (its hex digest split after two characters),
-so identical content is stored once whoever uploads it. Files arrive in
-chunks of at most 1 MiB after a header (name, size, sha256) and are refused
-early, on the header alone, when they exceed the size limits. The content is
-written to a temporary file under ROOT/tmp/, hashed on the way, and only a
-file whose size and digest match its header is fsync'd and renamed into
-place: a refused or interrupted upload leaves nothing behind.
+so identical content is stored once whoever uploads it. Who may *use* which
+content is the store's business (file_owners: a user may only name content
+they uploaded or their jobs produced); this module only holds the bytes.
+Files arrive in chunks of at most 1 MiB after a header (name, size, sha256)
+and are refused early, on the header alone, when they exceed the size
+limits. The content is written to a temporary file under ROOT/tmp/, hashed
+on the way, and only a file whose size and digest match its header is
+fsync'd and renamed into place: a refused or interrupted upload leaves
+nothing behind.
+
+Content is freed when a replaced output leaves it unreferenced (`free`).
+Placing content and recording the row that refers to it happen under one
+process lock (`Incoming.commit`), and so does the reference check before a
+free: a concurrent upload of the same bytes can never lose its file. (A
+broker's state directory is locked to one broker process, so a process lock
+is enough.)
 
 Names (an input's name in the sandbox, an output's path) are relative paths
-without "..": `check_sandbox_name` enforces it wherever a name crosses the
-network.
+without "..", control characters or bidirectional overrides:
+`check_sandbox_name` enforces it wherever a name crosses the network, and
+`shown` escapes a name for messages and terminals.
 """
 
 from __future__ import annotations
@@ -19,10 +30,14 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pilot.errors import SplitpilotError
+
+T = TypeVar("T")
 
 #: Largest data chunk in a file stream (the proto's rule), and what we send.
 CHUNK_SIZE = 1 << 20
@@ -35,6 +50,11 @@ DEFAULT_MAX_JOB_BYTES = 8 * GiB
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_NAME = 1024
 _MAX_COMPONENT = 255
+DEFAULT_MAX_JOB_FILES = 1000
+
+#: Characters no name may hold: C0 controls, DEL, C1 controls, and the Unicode bidirectional
+#: embeddings/overrides/isolates, which make a name display as something else ("Trojan Source").
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 # ------------------------------------------------------------------ errors
@@ -102,15 +122,50 @@ class MissingFile(FileRefused):
 
 # ------------------------------------------------------------------ helpers
 
+def shown(name: str, *, backslash: bool = True) -> str:
+    """NAME safe to print: every character that is not printable (controls, escape sequences,
+    bidirectional overrides, ...) as a Python-style escape, and the backslash itself too (so that
+    the escape is unambiguous) unless BACKSLASH is false (for messages that quote names already
+    escaped)."""
+    if name.isprintable() and not (backslash and "\\" in name):
+        return name
+    out = []
+    for char in name:
+        if char == "\\" and backslash:
+            out.append("\\\\")
+        elif char.isprintable():
+            out.append(char)
+        elif ord(char) < 0x100:
+            out.append(f"\\x{ord(char):02x}")
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return "".join(out)
+
+
+def name_problem(name: str) -> str | None:
+    """Why NAME may not be a name (a control character or a bidirectional override), or None."""
+    found = _FORBIDDEN.search(name)
+    if found is None:
+        return None
+    char = found.group()
+    kind = "a bidirectional override" if char >= "\u202a" else "a control character"
+    return f"contains {kind} (U+{ord(char):04X})"
+
+
 def check_sandbox_name(name: str, what: str = "file name") -> str:
-    """NAME if it is a clean relative path without '..', else BadFileHeader."""
-    problem = None
+    """NAME if it is a clean relative path without '..', control characters or bidirectional
+    overrides, else BadFileHeader (whose message shows the name escaped, never raw)."""
+    problem = forbidden = None
     if not isinstance(name, str) or not name:
         problem = "is empty"
     elif len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME:
         problem = f"is longer than {_MAX_NAME} bytes"
-    elif "\x00" in name or "\\" in name:
-        problem = "contains a NUL or backslash"
+    elif (forbidden := name_problem(name)) is not None:
+        problem = forbidden
+    elif "\\" in name:
+        problem = "contains a backslash"
     elif name.startswith("/"):
         problem = "is absolute"
     else:
@@ -120,8 +175,10 @@ def check_sandbox_name(name: str, what: str = "file name") -> str:
         elif any(len(p.encode("utf-8", "surrogatepass")) > _MAX_COMPONENT for p in parts):
             problem = f"has a component longer than {_MAX_COMPONENT} bytes"
     if problem:
-        raise BadFileHeader(name if isinstance(name, str) else "", f"{what} {problem}; fix: use a relative path "
-                                                                    "inside the sandbox, like 'data/input.txt'")
+        fix = ("rename it with printable characters only" if forbidden else
+               "use a relative path inside the sandbox, like 'data/input.txt'")
+        # FileRefused shows the name with repr(): escaped, never raw.
+        raise BadFileHeader(name if isinstance(name, str) else "", f"{what} {problem}; fix: {fix}")
     return name
 
 
@@ -182,14 +239,23 @@ class FileStore:
     """Content-addressed files under ROOT, with size limits.
 
     max_file_size bounds one file; max_job_bytes bounds all inputs of one
-    job, and all outputs of one job, each (the broker checks the sums).
+    job, and all outputs of one job, each (the broker checks the sums);
+    max_job_files bounds the number of outputs of one job. REFERENCED(sha256)
+    says whether the broker's records still refer to some content (`free`
+    keeps it then).
     """
 
     def __init__(self, root: str, *, max_file_size: int = DEFAULT_MAX_FILE_SIZE,
-                 max_job_bytes: int = DEFAULT_MAX_JOB_BYTES) -> None:
+                 max_job_bytes: int = DEFAULT_MAX_JOB_BYTES, max_job_files: int = DEFAULT_MAX_JOB_FILES,
+                 referenced: Callable[[str], bool] | None = None) -> None:
         self.root = os.path.abspath(root)
         self.max_file_size = max_file_size
         self.max_job_bytes = max_job_bytes
+        self.max_job_files = max_job_files
+        self.referenced = referenced
+        #: Held while content is placed and the row referring to it recorded, and while a free checks
+        #: references and unlinks: the two never interleave.
+        self.lock = threading.RLock()
         self._tmp = os.path.join(self.root, "tmp")
         os.makedirs(self._tmp, mode=0o700, exist_ok=True)
         # Left over by a crash mid-upload: never part of the store.
@@ -243,6 +309,17 @@ class FileStore:
         except FileNotFoundError:
             raise MissingFile(name, sha256) from None
 
+    def free(self, sha256: str) -> bool:
+        """Remove this content unless the records still refer to it; True if removed."""
+        with self.lock:
+            if self.referenced is None or self.referenced(sha256):
+                return False
+            try:
+                os.unlink(self.path(sha256))
+            except FileNotFoundError:
+                return False
+            return True
+
     def usage(self) -> tuple[int, int]:
         """(number of files, bytes) currently stored (walks the tree: for tests and tools)."""
         count = total = 0
@@ -291,6 +368,12 @@ class Incoming:
 
     def finish(self) -> StoredFile:
         """Verify size and digest; make the file part of the store (durably)."""
+        return self.commit(lambda stored: stored)
+
+    def commit(self, record: Callable[[StoredFile], T]) -> T:
+        """Verify size and digest, then, under the store's lock, make the file part of the store and
+        call RECORD(stored) to write the row that refers to it; RECORD's result is returned. If RECORD
+        fails, content placed by this upload is removed again unless something else refers to it."""
         if self._fd is None:
             raise FileRefused(self.name, "upload was aborted")
         if self.received != self.size:
@@ -304,16 +387,25 @@ class Incoming:
         os.close(self._fd)
         self._fd = None
         final = self.store.path(self.sha256)
-        present = os.path.exists(final)
-        if present:
-            os.unlink(self._tmp_path)
-        else:
-            directory = os.path.dirname(final)
-            os.makedirs(directory, mode=0o755, exist_ok=True)
-            os.chmod(self._tmp_path, stat.S_IRUSR | stat.S_IRGRP)  # immutable by convention
-            os.replace(self._tmp_path, final)
-            _fsync_directory(directory)
-        return StoredFile(self.sha256, self.size, present)
+        with self.store.lock:
+            present = os.path.exists(final)
+            if present:
+                os.unlink(self._tmp_path)
+            else:
+                directory = os.path.dirname(final)
+                os.makedirs(directory, mode=0o755, exist_ok=True)
+                os.chmod(self._tmp_path, stat.S_IRUSR | stat.S_IRGRP)  # immutable by convention
+                os.replace(self._tmp_path, final)
+                _fsync_directory(directory)
+            try:
+                return record(StoredFile(self.sha256, self.size, present))
+            except BaseException:
+                if not present:
+                    try:
+                        self.store.free(self.sha256)
+                    except Exception:  # noqa: BLE001 (the record's error matters; an orphan file is harmless)
+                        pass
+                raise
 
     def abort(self) -> None:
         if self._fd is not None:
@@ -376,5 +468,5 @@ def copy_verified(source, dest_path: str, expected_sha256: str, expected_size: i
 __all__ = [
     "CHUNK_SIZE", "BadFileHeader", "ChecksumMismatch", "FileRefused", "FileStore", "FileTooLarge", "Incoming",
     "MissingFile", "SizeMismatch", "StoredFile", "check_sandbox_name", "check_sha256", "copy_verified",
-    "format_size", "parse_size", "sha256_of_file",
+    "format_size", "name_problem", "parse_size", "sha256_of_file", "shown",
 ]

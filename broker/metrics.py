@@ -21,12 +21,14 @@ store at scrape time, at most once per `cache_seconds`.
 
 from __future__ import annotations
 
-import http.server
+import asyncio
 import logging
+import socket
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from broker.lifecycle import JobState
 
@@ -118,41 +120,42 @@ def _number(value: float) -> str:
 
 
 class MetricsServer:
-    """Serves RENDER() at /metrics (and /) on HOST:PORT from a daemon thread."""
+    """Serves RENDER() at /metrics (and /) on HOST:PORT.
 
-    def __init__(self, host: str, port: int, render: Callable[[], str], *, cache_seconds: float = 1.0) -> None:
+    One thread runs an asyncio server, whatever the number of connections
+    (the old thread-per-connection server grew to 1,512 threads for 1,500
+    idle connections); a second one renders (the store is queried at most
+    once per CACHE_SECONDS). Every connection must send its request head
+    (at most 8 KiB) within READ_TIMEOUT seconds or is closed; at most
+    MAX_CONNECTIONS are open at once, and when a new one arrives at that
+    bound the oldest connection still waiting for its request is closed to
+    make room, so idle connections can delay a scrape by no more than their
+    own number of accepts, and never block it. One request per connection
+    (the answer says Connection: close).
+    """
+
+    MAX_HEAD = 8 << 10
+
+    def __init__(self, host: str, port: int, render: Callable[[], str], *, cache_seconds: float = 1.0,
+                 read_timeout: float = 10.0, max_connections: int = 256) -> None:
         self._render = render
         self._cache_seconds = cache_seconds
         self._cached: tuple[float, bytes] | None = None
         self._lock = threading.Lock()
-        owner = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            server_version = "splitpilot-broker"
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path.split("?")[0] not in ("/", "/metrics"):
-                    self.send_error(404, "only /metrics is served here")
-                    return
-                try:
-                    body = owner.body()
-                except Exception:
-                    log.exception("metrics: rendering failed")
-                    self.send_error(500, "metrics could not be collected; see the broker's log")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", CONTENT_TYPE)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args) -> None:  # noqa: A002
-                log.debug("metrics: " + format, *args)
-
-        self.httpd = http.server.ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="broker-metrics", daemon=True)
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        # Bound here, so that a port in use fails the broker's start (OSError), as before.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server((host, port), family=family, backlog=128)
+        self.port = self._socket.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        self._renderer = ThreadPoolExecutor(1, thread_name_prefix="broker-metrics-render")
+        #: Connections still waiting for their request head, oldest first (evicted first at the bound).
+        self._waiting: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()
+        self._open = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._thread = threading.Thread(target=self._run, name="broker-metrics", daemon=True)
+        self._started = threading.Event()
 
     def body(self) -> bytes:
         with self._lock:
@@ -161,13 +164,89 @@ class MetricsServer:
                 self._cached = (now, self._render().encode())
             return self._cached[1]
 
+    @property
+    def connections(self) -> int:
+        """Connections open now (tests and diagnostics)."""
+        return self._open
+
     def start(self) -> None:
         self._thread.start()
+        self._started.wait(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(
+            self._serve, sock=self._socket, limit=self.MAX_HEAD))
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._open += 1
+        if self._open > self.max_connections:
+            if not self._waiting:  # every open connection is being answered: this one waits for none
+                self._open -= 1
+                writer.transport.abort()
+                return
+            oldest, _ = self._waiting.popitem(last=False)
+            oldest.transport.abort()  # its handler sees the connection end and returns
+        self._waiting[writer] = None
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.read_timeout)
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                return  # idle, slow, oversized or gone: closed below without an answer
+            finally:
+                self._waiting.pop(writer, None)
+            await self._answer(head, writer)
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            self._open -= 1
+            writer.close()
+
+    async def _answer(self, head: bytes, writer: asyncio.StreamWriter) -> None:
+        parts = head.split(b"\r\n", 1)[0].split()
+        method, target = (parts[0], parts[1].decode("latin-1")) if len(parts) == 3 else (b"", "")
+        if method not in (b"GET", b"HEAD"):
+            status, body = "405 Method Not Allowed", b"only GET /metrics is served here\n"
+        elif target.split("?")[0] not in ("/", "/metrics"):
+            status, body = "404 Not Found", b"only /metrics is served here\n"
+        else:
+            try:
+                body = await self._loop.run_in_executor(self._renderer, self.body)
+                status = "200 OK"
+            except Exception:  # noqa: BLE001
+                log.exception("metrics: rendering failed")
+                status, body = "500 Internal Server Error", b"metrics could not be collected; see the broker's log\n"
+        content_type = CONTENT_TYPE if status == "200 OK" else "text/plain; charset=utf-8"
+        writer.write(f"HTTP/1.1 {status}\r\nServer: splitpilot-broker\r\nContent-Type: {content_type}\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        if method != b"HEAD":
+            writer.write(body)
+        await asyncio.wait_for(writer.drain(), self.read_timeout)
+        log.debug("metrics: %s %s %s", method.decode("latin-1"), target[:200], status)
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            async def close() -> None:
+                if self._server is not None:
+                    self._server.close()
+                for writer in list(self._waiting):
+                    writer.transport.abort()
+                tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("metrics: stop: %s", exc)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._loop.is_running():
+            self._loop.close()
+        self._socket.close()
+        self._renderer.shutdown(wait=False, cancel_futures=True)
 
 
 __all__ = ["CONTENT_TYPE", "Metrics", "MetricsServer"]

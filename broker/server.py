@@ -19,6 +19,12 @@ The gRPC server runs on grpc.aio in its own thread with its own event loop,
 so the same object serves the CLI, tests and embedding programs. Clients
 must present a certificate from the CA (require_client_auth): a client
 without one, or with one from another CA, fails the TLS handshake.
+
+Besides the gRPC loop, three threads: the reaper, the revocation refresher
+(every `revocation_refresh` seconds it writes the certificates this process
+saw first and reloads the revocations when the store's changed, so a token
+revoked through any broker on the same database is refused here within
+seconds), and the metrics endpoint (loopback only unless `metrics_public`).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 import grpc
 from cryptography import x509
 
-from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, FileStore
+from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, FileStore
 from broker.metrics import Metrics, MetricsServer
 from broker.service import Broker, ServiceSettings, add_servicers, utcnow
 from broker.store.base import JobStore, Reaped, StoreSettings
@@ -96,8 +102,14 @@ class BrokerConfig:
     #: Store URL (sqlite:///PATH or postgresql://...); default: SQLite in the state dir.
     db_url: str | None = None
     listen: str = DEFAULT_LISTEN
-    #: HOST:PORT of the Prometheus endpoint; None: no endpoint.
+    #: HOST:PORT (or PORT: 127.0.0.1) of the Prometheus endpoint; None: no endpoint.
     metrics: str | None = None
+    #: Allow a metrics address other than loopback (job counts and RPC rates for anyone who reaches it).
+    metrics_public: bool = False
+    #: Seconds a metrics connection may take to send its request before it is closed.
+    metrics_timeout: float = 10.0
+    #: Seconds between reloads of the revoked tokens from the store (0: only at start).
+    revocation_refresh: float = 2.0
     #: CA directory; default STATE/ca (created on first start).
     ca_dir: str | None = None
     #: Extra DNS names / IP addresses for the host token (clients connect by them).
@@ -105,6 +117,7 @@ class BrokerConfig:
     reap_interval: float = 5.0
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
+    max_job_files: int = DEFAULT_MAX_JOB_FILES
     store_settings: StoreSettings = field(default_factory=StoreSettings)
     #: None: derived (offload store calls to threads for PostgreSQL).
     service: ServiceSettings | None = None
@@ -137,6 +150,7 @@ class BrokerServer:
         self._server: grpc.aio.Server | None = None
         self._metrics_server: MetricsServer | None = None
         self._reaper: threading.Thread | None = None
+        self._revocations: threading.Thread | None = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._lock_fd: int | None = None
@@ -175,6 +189,7 @@ class BrokerServer:
     def start(self) -> None:
         config = self.config
         host, port = parse_address(config.listen)
+        metrics_address = metrics_bind(config.metrics, config.metrics_public) if config.metrics else None
         try:
             self._prepare_state()
             self.ca = self._load_or_create_ca()
@@ -182,10 +197,11 @@ class BrokerServer:
             if self.store is None:
                 self.store = self._open_store()
             files = FileStore(os.path.join(config.state_dir, "files"), max_file_size=config.max_file_size,
-                              max_job_bytes=config.max_job_bytes)
+                              max_job_bytes=config.max_job_bytes, max_job_files=config.max_job_files)
             settings = config.service or ServiceSettings(
                 offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+")))
             self.broker = Broker(self.store, files, self.ca, settings=settings, metrics=self.metrics)
+            self.broker.refresh_revocations()  # before the first call: a restarted broker knows them all
             credentials = grpc.ssl_server_credentials(
                 [(private_key_pem(host_token.key), certificate_pem(list(host_token.chain)))],
                 root_certificates=self.ca_pem, require_client_auth=True)
@@ -197,19 +213,29 @@ class BrokerServer:
             write_public(os.path.join(config.state_dir, "address"), f"{format_address(host, self.port)}\n".encode())
             log.info("listening on %s (mutual TLS: clients need a token issued by the CA in %s)",
                      format_address(host, self.port), config.ca_path)
-            if config.metrics:
-                metrics_host, metrics_port = parse_address(config.metrics, "--metrics")
+            if metrics_address is not None:
+                metrics_host, metrics_port = metrics_address
                 try:
-                    self._metrics_server = MetricsServer(metrics_host, metrics_port, self.render_metrics)
+                    self._metrics_server = MetricsServer(metrics_host, metrics_port, self.render_metrics,
+                                                         read_timeout=config.metrics_timeout)
                 except OSError as exc:
                     raise BrokerStartError(f"metrics endpoint {config.metrics}: {exc.strerror}; fix: choose "
                                            "another --metrics HOST:PORT") from None
                 self._metrics_server.start()
                 self.metrics_port = self._metrics_server.port
-                log.info("metrics on http://%s/metrics", format_address(metrics_host, self.metrics_port))
+                if config.metrics_public and not _loopback(metrics_host):
+                    log.warning("METRICS ARE PUBLIC: http://%s/metrics answers anyone who can reach it (job "
+                                "counts per state, RPC rates, pilots seen); restrict it with a firewall, or serve "
+                                "it on 127.0.0.1", format_address(metrics_host, self.metrics_port))
+                else:
+                    log.info("metrics on http://%s/metrics", format_address(metrics_host, self.metrics_port))
             if config.reap_interval > 0:
                 self._reaper = threading.Thread(target=self._reap_loop, name="broker-reaper", daemon=True)
                 self._reaper.start()
+            if config.revocation_refresh > 0:
+                self._revocations = threading.Thread(target=self._revocation_loop, name="broker-revocations",
+                                                     daemon=True)
+                self._revocations.start()
         except BaseException:
             self.stop()
             raise
@@ -221,8 +247,9 @@ class BrokerServer:
         self._stopped.set()
         self._stopping.set()
         grace = self.config.grace if grace is None else grace
-        if self._reaper is not None:
-            self._reaper.join(timeout=30)
+        for thread in (self._reaper, self._revocations):
+            if thread is not None:
+                thread.join(timeout=30)
         if self._metrics_server is not None:
             self._metrics_server.stop()
         if self._loop is not None:
@@ -273,6 +300,14 @@ class BrokerServer:
                 self.reap_once()
             except Exception:  # noqa: BLE001 (the reaper must survive a bad moment of the database)
                 log.exception("reaper: pass failed; trying again in %.0fs", self.config.reap_interval)
+
+    def _revocation_loop(self) -> None:
+        while not self._stopping.wait(self.config.revocation_refresh):
+            try:
+                if self.broker.refresh_revocations():
+                    log.info("revocations reloaded: %d in force", len(self.broker.auth.revoked))
+            except Exception:  # noqa: BLE001 (keep the last list; the database may be back next time)
+                log.exception("revocations: refresh failed; trying again in %.0fs", self.config.revocation_refresh)
 
     def render_metrics(self) -> str:
         cache = self.broker.auth.cache
@@ -410,6 +445,34 @@ class BrokerServer:
         await server.start()
         self._server = server
         return bound
+
+
+def _loopback(host: str) -> bool:
+    """Whether HOST (an address or a name) is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def metrics_bind(text: str, public: bool) -> tuple[str, int]:
+    """(host, port) of --metrics: PORT alone means 127.0.0.1:PORT; an address beyond loopback needs PUBLIC."""
+    if text.isdigit():
+        text = f"127.0.0.1:{text}"
+    host, port = parse_address(text, "--metrics")
+    if not public and not _loopback(host):
+        raise UsageError(f"--metrics {text}: {host} is reachable from other machines, and the endpoint has no "
+                         "authentication (it shows job counts, RPC rates and pilots seen to anyone); fix: serve it "
+                         f"on 127.0.0.1:{port} (scrape through an SSH tunnel or a local Prometheus), or add "
+                         "--metrics-public if a firewall restricts who can reach it")
+    return host, port
 
 
 def _redact(url: str) -> str:

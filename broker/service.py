@@ -33,12 +33,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.auth import SERVICE_ROLES, Authoriser, Unauthenticated
-from broker.files import CHUNK_SIZE, FileRefused, FileStore, FileTooLarge, MissingFile
+from broker.files import CHUNK_SIZE, FileRefused, FileStore, FileTooLarge, MissingFile, StoredFile
 from broker.metrics import Metrics
 from broker.store.base import (
     InvalidTransition,
     JobRecord,
     JobStore,
+    LimitExceeded,
+    NotRevocable,
     NotYours,
     OutOfOrderUpdate,
     StaleAttemptError,
@@ -93,11 +95,11 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, StaleAttemptError):
         # The same words whether the token or the store noticed first.
         return grpc.StatusCode.FAILED_PRECONDITION, str(StaleAttempt(exc.job_id, exc.attempt, exc.current))
-    if isinstance(exc, (UnknownJob, NotFound, MissingFile)):
+    if isinstance(exc, (UnknownJob, NotFound, MissingFile, NotRevocable)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (InvalidTransition, OutOfOrderUpdate, Conflict, IssueError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (BadRequest, FileRefused, UsageError, MalformedToken, TooManyJobs)):
+    if isinstance(exc, (BadRequest, FileRefused, UsageError, MalformedToken, TooManyJobs, LimitExceeded)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
@@ -136,15 +138,14 @@ class Broker:
                  settings: ServiceSettings | None = None, metrics: Metrics | None = None) -> None:
         self.store = store
         self.files = files
+        if files.referenced is None:  # replaced outputs free their content only when nothing refers to it
+            files.referenced = store.content_referenced
         self.ca = ca
         self.ca_pem = certificate_pem([ca.certificate])
         self.settings = settings or ServiceSettings()
         self.metrics = metrics or Metrics()
-        self.auth = Authoriser(TokenVerifier([ca.certificate]))
+        self.auth = Authoriser(TokenVerifier([ca.certificate]), ca.policy.clock_skew)
         self.executor = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="broker-io")
-        #: (site, pilot id) -> the agent token's not_after, from its latest call:
-        #: refreshed job tokens never outlive the agent that holds the job.
-        self.agent_expiry: dict[tuple[str, str], datetime.datetime] = {}
 
     async def call(self, fn: Callable, *args, heavy: bool = False, **kwargs):
         """Run a store call: inline, or in the thread pool (offloaded stores, heavy calls)."""
@@ -153,18 +154,56 @@ class Broker:
                 self.executor, functools.partial(fn, *args, **kwargs))
         return fn(*args, **kwargs)
 
+    async def call_or_undo(self, undo: Callable, fn: Callable, *args):
+        """Like `call`, for a store call that creates something (a reservation): if this call is cancelled
+        (the client went away) while FN runs in a thread, UNDO(FN's result) runs once FN has finished, so
+        nothing it made is left behind unowned."""
+        if not self.settings.offload_store:
+            return fn(*args)  # inline: no await, nothing to cancel in between
+        future = self.executor.submit(fn, *args)
+        try:
+            return await asyncio.shield(asyncio.wrap_future(future))
+        except asyncio.CancelledError:
+            def undo_when_done(done) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self.executor.submit(undo, done.result())
+            future.add_done_callback(undo_when_done)
+            raise
+
+    async def finally_(self, fn: Callable, *args):
+        """Run FN in the thread pool to its end even if this call is cancelled meanwhile (clean-up
+        in a `finally` of a call the client may abandon)."""
+        await asyncio.shield(asyncio.wrap_future(self.executor.submit(fn, *args)))
+
     async def io(self, fn: Callable, *args):
         """Run file I/O in the thread pool (hashing and fsync release the GIL)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    def note_agent(self, identity: Identity, pilot_id: str) -> None:
-        self.agent_expiry[(identity.site or "", pilot_id)] = identity.not_after
-
     def prune(self, now: datetime.datetime) -> None:
-        """Forget expired agent tokens and cached identities (the reaper calls this)."""
-        for key in [k for k, until in list(self.agent_expiry.items()) if until < now]:
-            self.agent_expiry.pop(key, None)
+        """Forget expired cached identities (the reaper calls this)."""
         self.auth.cache.prune()
+
+    def flush_seen(self) -> None:
+        """Write the certificates first seen by this process to the store (for RevokeToken by serial)."""
+        seen = self.auth.take_seen()
+        if not seen:
+            return
+        try:
+            self.store.note_tokens(seen, utcnow())
+        except BaseException:
+            self.auth.give_back_seen(seen)
+            raise
+
+    def refresh_revocations(self) -> bool:
+        """Note first-seen certificates, then reload the revocations if the store's changed (a cheap
+        query when nothing did). Blocking: the server's revocation thread calls it every few seconds.
+        Returns True when the list was reloaded."""
+        self.flush_seen()
+        generation = self.store.revocation_generation()
+        if generation == self.auth.revoked.generation:
+            return False
+        self.auth.revoked.replace(self.store.revocations(), generation)
+        return True
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -285,10 +324,13 @@ def check_owner(identity: Identity, record: JobRecord) -> None:
 
 # ------------------------------------------------------------------ file streams
 
-async def receive_file(broker: Broker, request_iterator, *, what: str, before_data=None):
+async def receive_file(broker: Broker, request_iterator, *, what: str,
+                       record: Callable[[pb.FileHeader, StoredFile], object], before_data=None):
     """Read a FileChunk stream: the header (checked by BEFORE_DATA(header) and
-    the store's limits before any data is read), then the data, verified.
-    Returns (header, StoredFile)."""
+    the store's limits before any data is read), then the data, verified;
+    then place the content and call RECORD(stored), which writes the row that
+    refers to it, both under the file store's lock (in a thread): RECORD(header,
+    stored). Returns (header, what RECORD returned)."""
     iterator = request_iterator.__aiter__()
     try:
         first = await iterator.__anext__()
@@ -307,11 +349,11 @@ async def receive_file(broker: Broker, request_iterator, *, what: str, before_da
             if chunk.WhichOneof("kind") != "data":
                 raise BadRequest("only the first FileChunk carries a header; fix: send data chunks after it")
             await broker.io(incoming.write, chunk.data)
-        stored = await broker.io(incoming.finish)
+        result = await broker.io(incoming.commit, functools.partial(record, header))
     finally:
         incoming.abort()
-    broker.metrics.files_received_bytes += stored.size
-    return header, stored
+    broker.metrics.files_received_bytes += header.size
+    return header, result
 
 
 async def send_file(broker: Broker, name: str, size: int, sha256: str):

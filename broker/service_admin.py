@@ -1,15 +1,26 @@
-"""AdminService: sites, pilots, requeues and everyone's jobs (admin tokens)."""
+"""AdminService: sites, pilots, requeues, everyone's jobs, and token revocation (admin tokens).
+
+Revocation: RevokeToken records the revocation in the store and applies it
+in this broker at once; every other broker on the same database picks it up
+at its next refresh (`--revocation-refresh`, 2 s by default). A token can be
+named by serial (if some broker on the database has seen it), by its
+certificate (even one never used), or by holder and role (every token of
+that holder issued until now).
+"""
 
 from __future__ import annotations
 
 import datetime
 import logging
+import re
 
 from broker.lifecycle import RequeueCause
 from broker.service import BadRequest, Broker, rpc, to_ms, utcnow
 from broker.service_user import list_jobs
-from pilot.tokens import Identity
-from pilot.tokens.errors import IssueError
+from broker.store.base import NotRevocable, Revocation
+from pilot.tokens import Identity, TokenRole, TokenVerifier
+from pilot.tokens.errors import IssueError, TokenError
+from pilot.tokens.files import load_certificates
 from pilot.tokens.identity import check_name
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
@@ -21,6 +32,34 @@ SERVICE = "AdminService"
 SITE_STATES = {pb.SITE_STATE_ENABLED: "enabled", pb.SITE_STATE_DRAINING: "draining",
                pb.SITE_STATE_DISABLED: "disabled"}
 SITE_STATE_VALUES = {name: value for value, name in SITE_STATES.items()}
+#: Roles a revocation may name (host tokens never call the broker).
+REVOCABLE_ROLES = tuple(r.value for r in (TokenRole.USER, TokenRole.ADMIN, TokenRole.AGENT, TokenRole.JOB))
+MAX_REASON = 500
+_SERIAL_RE = re.compile(r"(?:0x)?([0-9a-f]{1,40})")
+
+
+def parse_serial(text: str) -> str:
+    """A certificate serial as lower-case hex without leading zeros ('0x' and ':' separators accepted)."""
+    found = _SERIAL_RE.fullmatch(text.strip().lower().replace(":", ""))
+    if found is None:
+        raise BadRequest(f"serial {text[:80]!r} is not a hexadecimal certificate serial; fix: copy it from "
+                         "`splitpilot token show FILE` (serial:) or ListPilots")
+    return f"{int(found.group(1), 16):x}"
+
+
+def _reason(text: str) -> str:
+    reason = text.strip()
+    if not reason or len(reason) > MAX_REASON or not reason.isprintable():
+        raise BadRequest(f"reason must be 1-{MAX_REASON} printable characters; fix: say why the token is revoked "
+                         "(the refused holder is shown it), e.g. --reason 'laptop stolen'")
+    return reason
+
+
+def revoked_info(revocation: Revocation) -> pb.RevokedToken:
+    return pb.RevokedToken(id=revocation.id, serial=revocation.serial, subject=revocation.subject,
+                           role=revocation.role, reason=revocation.reason,
+                           revoked_unix_ms=to_ms(revocation.revoked), revoked_by=revocation.revoked_by,
+                           not_after_unix_ms=to_ms(revocation.not_after) if revocation.not_after else 0)
 
 
 class AdminServicer(rpc_pb.AdminServiceServicer):
@@ -51,7 +90,7 @@ class AdminServicer(rpc_pb.AdminServiceServicer):
         return pb.ListPilotsResponse(pilots=[
             pb.PilotInfo(pilot_id=p.pilot_id, site=p.site, node=p.node, first_seen_unix_ms=to_ms(p.first_seen),
                          last_seen_unix_ms=to_ms(p.last_seen), jobs_matched=p.jobs_matched,
-                         end_reason=p.end_reason) for p in pilots])
+                         end_reason=p.end_reason, certificate_serial=p.certificate_serial) for p in pilots])
 
     @rpc(SERVICE)
     async def Requeue(self, identity: Identity, request: pb.RequeueRequest, context) -> pb.RequeueResponse:
@@ -64,3 +103,62 @@ class AdminServicer(rpc_pb.AdminServiceServicer):
     @rpc(SERVICE)
     async def ListAllJobs(self, identity: Identity, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
         return await list_jobs(self.broker, None, request)
+
+    @rpc(SERVICE)
+    async def RevokeToken(self, identity: Identity, request: pb.RevokeTokenRequest,
+                          context) -> pb.RevokeTokenResponse:
+        broker = self.broker
+        reason = _reason(request.reason)
+        target = request.WhichOneof("target")
+        not_after = None
+        if target == "serial":
+            serial = parse_serial(request.serial)
+            await broker.call(broker.flush_seen, heavy=True)  # what this broker saw counts at once
+            seen = await broker.call(broker.store.seen_token, serial)
+            if seen is None:
+                raise NotRevocable(serial)
+            subject, role, not_after = seen.subject, seen.role, seen.not_after
+        elif target == "holder":
+            subject, role, serial = request.holder.subject, request.holder.role, ""
+            try:
+                check_name("subject", subject)
+            except IssueError as exc:
+                raise BadRequest(f"holder: {exc.detail}") from None
+            if role not in REVOCABLE_ROLES:
+                raise BadRequest(f"holder role {role[:40]!r} is not one of {', '.join(REVOCABLE_ROLES)}; fix: name "
+                                 "the role of the tokens to revoke")
+        elif target == "certificate_pem":
+            revoked = self._certificate(bytes(request.certificate_pem[:1 << 16]))
+            if revoked.role.value not in REVOCABLE_ROLES:
+                raise BadRequest(f"certificate_pem is a {revoked.role.value} token, which never calls the broker; "
+                                 "fix: to replace the broker's own host token, remove STATE/host.pem and restart")
+            serial, subject, role, not_after = (f"{revoked.serial:x}", revoked.subject, revoked.role.value,
+                                                revoked.not_after)
+        else:
+            raise BadRequest("say which token to revoke; fix: set serial, holder (subject and role) or "
+                             "certificate_pem")
+        revocation, already = await broker.call(broker.store.revoke, serial, subject, role, reason,
+                                                identity.subject, not_after, utcnow(), heavy=True)
+        broker.auth.revoked.add(revocation)  # here at once; other brokers at their next refresh
+        log.warning("%s revoked %s: %s%s", identity.subject,
+                    f"token serial {serial} ({role} {subject})" if serial else
+                    f"every {role} token of {subject} issued until now", reason,
+                    " (already revoked)" if already else "")
+        return pb.RevokeTokenResponse(revoked=revoked_info(revocation), already_revoked=already)
+
+    def _certificate(self, data: bytes) -> Identity:
+        """The identity of a token certificate issued by this broker's CA (expired or not)."""
+        try:
+            leaf = load_certificates(data, "certificate_pem")[0]
+            when = min(max(utcnow(), leaf.not_valid_before_utc), leaf.not_valid_after_utc)
+            return TokenVerifier([self.broker.ca.certificate]).verify([leaf], now=when)
+        except TokenError as exc:
+            raise BadRequest(f"certificate_pem: {exc}; fix: send the certificate of a token issued by this "
+                             "broker's CA (the token file's first PEM block; never its key)") from None
+
+    @rpc(SERVICE)
+    async def ListRevoked(self, identity: Identity, request: pb.ListRevokedRequest,
+                          context) -> pb.ListRevokedResponse:
+        broker = self.broker
+        revocations = await broker.call(broker.store.revocations, heavy=True)
+        return pb.ListRevokedResponse(revoked=[revoked_info(r) for r in revocations])

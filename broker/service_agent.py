@@ -3,6 +3,11 @@
 Match is the hot path: one store call on a successful match (the claim), one
 certificate signature, no other round trip. The site and the agent's expiry
 come from its verified (cached) token, never from the request.
+
+Every call names a pilot id; the store binds it to the calling certificate
+(serial, holder, site) on its first call and refuses, with PERMISSION_DENIED
+and without changing anything, any later call naming it with another
+certificate: an agent can affect only its own pilots and the jobs they hold.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ def _pilot_id(value: str) -> str:
     return value
 
 
+def _pilot(identity: Identity, pilot_id: str, node: str) -> PilotRef:
+    """The calling pilot: its id from the request, everything else from the verified certificate."""
+    return PilotRef(pilot_id=_pilot_id(pilot_id), site=identity.site or "", node=node[:256],
+                    subject=identity.subject, serial=f"{identity.serial:x}", not_after=identity.not_after)
+
+
 class AgentServicer(rpc_pb.AgentServiceServicer):
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
@@ -59,15 +70,13 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
     async def Match(self, identity: Identity, request: pb.MatchRequest, context) -> pb.MatchResponse:
         broker = self.broker
         key = job_public_key(request.job_public_key)
-        pilot_id = _pilot_id(request.pilot_id)
+        pilot = _pilot(identity, request.pilot_id, request.node)
         slot = request.slot
         site = identity.site or ""
         offer = SlotOffer(site=site, cores=slot.cores, memory_mb=slot.memory_mb, disk_mb=slot.disk_mb,
                           time_left_s=slot.time_left_s, platforms=tuple(slot.platforms),
                           containers=slot.containers, isolation=_isolation(slot.isolation))
-        pilot = PilotRef(pilot_id=pilot_id, site=site, node=request.node, subject=identity.subject)
         now = utcnow()
-        broker.note_agent(identity, pilot_id)
         assignment = await broker.call(broker.store.match, offer, pilot, now)
         if assignment is None:
             return await self._no_match(site)
@@ -105,9 +114,7 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
     async def PilotHeartbeat(self, identity: Identity, request: pb.PilotHeartbeatRequest,
                              context) -> pb.PilotHeartbeatResponse:
         broker = self.broker
-        pilot_id = _pilot_id(request.pilot_id)
-        broker.note_agent(identity, pilot_id)
-        pilot = PilotRef(pilot_id=pilot_id, site=identity.site or "", node=request.node, subject=identity.subject)
+        pilot = _pilot(identity, request.pilot_id, request.node)
         running = [(r.job_id, r.attempt) for r in request.running]
         stop = await broker.call(broker.store.pilot_heartbeat, pilot, running, utcnow())
         state = await broker.call(broker.store.site_state, pilot.site)
@@ -118,12 +125,11 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
     async def ReportPilotEnd(self, identity: Identity, request: pb.ReportPilotEndRequest,
                              context) -> pb.ReportPilotEndResponse:
         broker = self.broker
-        pilot_id = _pilot_id(request.pilot_id)
-        pilot = PilotRef(pilot_id=pilot_id, site=identity.site or "", node=request.node, subject=identity.subject)
+        pilot = _pilot(identity, request.pilot_id, request.node)
+        pilot_id = pilot.pilot_id
         reason = _reason(request.reason)
         ended = await broker.call(broker.store.pilot_end, pilot, request.jobs_run, reason, utcnow(),
                                   abandoned=request.abandoned)
-        broker.agent_expiry.pop((pilot.site, pilot_id), None)
         for attempt in ended:
             broker.metrics.reaped["pilot_end"] += 1
             log.info("pilot %s ended holding job %d attempt %d: now %s", pilot_id, attempt.job_id, attempt.attempt,
@@ -139,10 +145,10 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
         if request.failure not in FAILURE_CAUSES:
             raise BadRequest(f"failure {request.failure} is not an AttemptFailure class; fix: send "
                              "ATTEMPT_FAILURE_WRAPPER, _INFRASTRUCTURE, _STOPPED or _LIMIT")
-        pilot_id = _pilot_id(request.pilot_id)
-        pilot = PilotRef(pilot_id=pilot_id, site=identity.site or "", node="", subject=identity.subject)
+        pilot = _pilot(identity, request.pilot_id, "")
+        pilot_id = pilot.pilot_id
         state = await broker.call(broker.store.attempt_failed, request.job_id, request.attempt, pilot,
-                                  FAILURE_CAUSES[request.failure], request.detail, utcnow())
+                                  FAILURE_CAUSES[request.failure], _reason(request.detail), utcnow())
         log.info("pilot %s reported job %d attempt %d failed (%s: %s): now %s", pilot_id, request.job_id,
                  request.attempt, pb.AttemptFailure.Name(request.failure), request.detail, state.name)
         return pb.ReportAttemptFailureResponse(state=int(state))

@@ -13,13 +13,13 @@ import logging
 
 from cryptography.hazmat.primitives import serialization
 
+from broker.files import StoredFile
 from broker.lifecycle import ACTIVE_STATES, JOB_REPORTABLE, JobState
 from broker.service import (
     BadRequest,
     Broker,
     Conflict,
     NotFound,
-    check_job_total,
     job_public_key,
     receive_file,
     rpc,
@@ -105,17 +105,39 @@ class JobServicer(rpc_pb.JobServiceServicer):
     @rpc(SERVICE)
     async def PutOutput(self, identity: Identity, request_iterator, context) -> pb.PutOutputResponse:
         broker = self.broker
+        store, files = broker.store, broker.files
+        job_id, attempt = identity.job_id, identity.attempt
+        reservation: int | None = None
 
         async def before_data(header: pb.FileHeader) -> None:
-            # Fencing and the per-job limit on the header alone, before any data.
-            record = await self._current(identity)
-            others = sum(o.size for o in record.outputs if o.name != header.name)
-            check_job_total(header.name, others + header.size, broker.files.max_job_bytes,
-                            "broker's per-job output limit")
+            # Fencing and the job's output limits on the header alone, before any data: the declared
+            # size is reserved in the store, atomically with every other upload of this attempt.
+            nonlocal reservation
+            reservation = await broker.call_or_undo(store.release_reservation, store.reserve_output, job_id, attempt,
+                                                    header.name, header.size, files.max_job_bytes,
+                                                    files.max_job_files, utcnow())
 
-        header, stored = await receive_file(broker, request_iterator, what="output name", before_data=before_data)
-        await broker.call(broker.store.add_output, identity.job_id, identity.attempt,
-                          OutputRecord(header.name, stored.size, stored.sha256), utcnow())
+        def record(header: pb.FileHeader, stored: StoredFile) -> StoredFile:
+            # Under the file store's lock: the output row takes the reservation's place, and content
+            # the name held before is freed unless something else still refers to it.
+            nonlocal reservation
+            replaced = store.add_output(job_id, attempt, OutputRecord(header.name, stored.size, stored.sha256),
+                                        utcnow(), reservation=reservation)
+            reservation = None
+            if replaced is not None:
+                try:
+                    files.free(replaced)
+                except Exception:  # noqa: BLE001 (the output is recorded; the old bytes merely stay)
+                    log.exception("job %d: the replaced content %s of output %r could not be freed", job_id,
+                                  replaced, header.name)
+            return stored
+
+        try:
+            _header, stored = await receive_file(broker, request_iterator, what="output name", record=record,
+                                                 before_data=before_data)
+        finally:
+            if reservation is not None:  # refused, broken or cancelled after the header: give it back
+                await broker.finally_(store.release_reservation, reservation)
         return pb.PutOutputResponse(sha256=stored.sha256, size=stored.size)
 
     @rpc(SERVICE)
@@ -125,11 +147,14 @@ class JobServicer(rpc_pb.JobServiceServicer):
         key = job_public_key(request.public_key, "public_key")
         record = await self._current(identity)
         now = utcnow()
-        # Never outlive the agent holding the job: its latest token if it has
-        # called since this broker started, else the token presented now.
-        cap = broker.agent_expiry.get((record.site, record.pilot_id), identity.not_after)
+        # Never outlive the agent certificate bound to the pilot holding the job (durable: recorded by
+        # the store at the pilot's first call, the same for every broker), nor the token presented.
+        cap = identity.not_after
+        holder_expiry = await broker.call(broker.store.pilot_expiry, record.pilot_id)
+        if holder_expiry is not None:
+            cap = min(cap, holder_expiry)
         if request.time_left_s:
-            cap = min(cap, now + datetime.timedelta(seconds=request.time_left_s))
+            cap = min(cap, now + datetime.timedelta(seconds=min(request.time_left_s, 10 * 365 * 86400)))
         certificate = broker.ca.issue(TokenRole.JOB, record.owner, key, job_id=record.job_id,
                                       attempt=record.attempt, ttl=broker.settings.job_token_ttl,
                                       not_after_cap=cap, now=now)

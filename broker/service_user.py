@@ -1,10 +1,18 @@
-"""UserService: submit, inspect and kill jobs; upload inputs, download outputs (user or admin tokens)."""
+"""UserService: submit, inspect and kill jobs; upload inputs, download outputs (user or admin tokens).
+
+Content is stored once by sha256, but used per owner: a job may name as
+inputs only content its owner uploaded or its owner's jobs produced. Any
+other sha256, even one the broker holds, is refused exactly like unknown
+content (same status, same words), and the size is compared only after
+that check passed: knowing another user's sha256 and size reveals nothing
+and grants nothing. Admins submitting act as themselves.
+"""
 
 from __future__ import annotations
 
 import logging
 
-from broker.files import BadFileHeader, check_sandbox_name, check_sha256
+from broker.files import BadFileHeader, StoredFile, check_sandbox_name, check_sha256, name_problem
 from broker.lifecycle import JobState
 from broker.service import (
     BadRequest,
@@ -29,6 +37,7 @@ log = logging.getLogger("splitpilot.broker")
 
 SERVICE = "UserService"
 MAX_ATTEMPTS = 100
+MAX_PATTERN = 1024
 
 
 class UserServicer(rpc_pb.UserServiceServicer):
@@ -45,25 +54,27 @@ class UserServicer(rpc_pb.UserServiceServicer):
         if len(specs) > limit:
             raise BadRequest(f"{len(specs)} jobs in one request; the broker takes at most {limit}; fix: submit "
                              "them in several batches")
-        # Big batches are checked off the event loop, so that matching goes on meanwhile.
-        cleaned = await broker.call(self._checked_specs, specs, identity.subject, heavy=len(specs) > 100)
+        # Big batches are checked off the event loop, so that matching goes on meanwhile; so are batches
+        # with inputs (their check takes the file store's lock).
+        heavy = len(specs) > 100 or any(spec.input_files for spec in specs)
+        cleaned = await broker.call(self._checked_specs, specs, identity.subject, heavy=heavy)
         ids = await broker.call(broker.store.submit, identity.subject, cleaned, utcnow(), heavy=True)
         log.info("%s submitted %d job(s): %s", identity.subject, len(ids), _id_range(ids))
         return pb.SubmitResponse(job_ids=ids)
 
     def _checked_specs(self, specs: list[job_pb2.JobSpec], owner: str) -> list[job_pb2.JobSpec]:
-        sizes: dict[str, int | None] = {}  # sha256 -> stored size, looked up once per request
-        return [self._checked_spec(index, spec, owner, sizes) for index, spec in enumerate(specs)]
+        cleaned = [self._checked_spec(index, spec, owner) for index, spec in enumerate(specs)]
+        self._check_inputs(specs, owner)
+        return cleaned
 
-    def _checked_spec(self, index: int, spec: job_pb2.JobSpec, owner: str,
-                      sizes: dict[str, int | None]) -> job_pb2.JobSpec:
-        where = f"jobs[{index}]" + (f" ({spec.name!r})" if spec.name else "")
+    def _checked_spec(self, index: int, spec: job_pb2.JobSpec, owner: str) -> job_pb2.JobSpec:
+        """The spec's own rules (names, digests, patterns, limits); its content is checked by _check_inputs."""
+        where = _where(index, spec)
         if not spec.executable.strip():
             raise BadRequest(f"{where}: executable is empty; fix: name the program to run")
         if spec.max_attempts > MAX_ATTEMPTS:
             raise BadRequest(f"{where}: max_attempts {spec.max_attempts} is more than {MAX_ATTEMPTS}; "
                              "fix: ask for fewer (0 means the broker's default)")
-        files = self.broker.files
         names: set[str] = set()
         total = 0
         for i, item in enumerate(spec.input_files):
@@ -76,19 +87,14 @@ class UserServicer(rpc_pb.UserServiceServicer):
             if item.name in names:
                 raise BadRequest(f"{here}: two inputs are named {item.name!r}; fix: rename one of them")
             names.add(item.name)
-            if item.sha256 not in sizes:
-                sizes[item.sha256] = files.size_of(item.sha256)
-            stored = sizes[item.sha256]
-            if stored is None:
-                raise Conflict(f"{here} {item.name!r}: sha256 {item.sha256} is not in the broker's file store; "
-                               "fix: upload the file first (BrokerClient.upload; `splitpilot job submit` does "
-                               "this for the inputs of a job file)")
-            if stored != item.size:
-                raise BadRequest(f"{here} {item.name!r}: size {item.size} differs from the stored content's "
-                                 f"{stored} bytes; fix: take size and sha256 from the same file")
             total += item.size
-        check_job_total(where, total, files.max_job_bytes, "broker's per-job input limit")
+        check_job_total(where, total, self.broker.files.max_job_bytes, "broker's per-job input limit")
         for i, pattern in enumerate(spec.output_patterns):
+            problem = name_problem(pattern) if pattern else None
+            if problem or len(pattern) > MAX_PATTERN:
+                raise BadRequest(f"{where}: output_patterns[{i}] {pattern[:MAX_PATTERN]!r} "
+                                 f"{problem or f'is longer than {MAX_PATTERN} characters'}; fix: write a pattern "
+                                 "of printable characters, like '*.out'")
             if not pattern or pattern.startswith("/") or ".." in pattern.split("/"):
                 raise BadRequest(f"{where}: output_patterns[{i}] {pattern!r} must be relative to the sandbox, "
                                  "without '..'; fix: write a pattern like '*.out'")
@@ -97,11 +103,44 @@ class UserServicer(rpc_pb.UserServiceServicer):
         clean.owner = owner
         return clean
 
+    def _check_inputs(self, specs: list[job_pb2.JobSpec], owner: str) -> None:
+        """Every input is content OWNER may use (uploaded by them, or produced by their jobs), present in
+        the file store, of the size stated. Anything OWNER may not use gets the words of unknown content;
+        the size is compared only after that."""
+        wanted = {item.sha256 for spec in specs for item in spec.input_files}
+        if not wanted:
+            return
+        store, files = self.broker.store, self.broker.files
+        # Under the file store's lock: no replaced output frees content between this check and the owner
+        # records claim_inputs writes (which keep it alive from then on).
+        with files.lock:
+            usable = store.claim_inputs(owner, sorted(wanted), utcnow())
+            sizes = {sha: files.size_of(sha) if sha in usable else None for sha in wanted}
+        for index, spec in enumerate(specs):
+            for i, item in enumerate(spec.input_files):
+                here = f"{_where(index, spec)}: input_files[{i}]"
+                stored = sizes[item.sha256]
+                if stored is None:
+                    raise Conflict(f"{here} {item.name!r}: sha256 {item.sha256} is not in the broker's file store; "
+                                   "fix: upload the file first (BrokerClient.upload; `splitpilot job submit` does "
+                                   "this for the inputs of a job file)")
+                if stored != item.size:
+                    raise BadRequest(f"{here} {item.name!r}: size {item.size} differs from the stored content's "
+                                     f"{stored} bytes; fix: take size and sha256 from the same file")
+
     @rpc(SERVICE)
     async def UploadFile(self, identity: Identity, request_iterator, context) -> pb.UploadFileResponse:
-        header, stored = await receive_file(self.broker, request_iterator, what="input name")
+        store = self.broker.store
+
+        def record(header: pb.FileHeader, stored: StoredFile) -> tuple[StoredFile, bool]:
+            # The uploader sent every byte (the digest was verified): from now on it may use this content.
+            return stored, store.add_file_owner(identity.subject, stored.sha256, stored.size, utcnow())
+
+        header, (stored, new) = await receive_file(self.broker, request_iterator, what="input name", record=record)
         log.debug("%s uploaded %s (%d bytes, %s)", identity.subject, header.name, stored.size, stored.sha256)
-        return pb.UploadFileResponse(sha256=stored.sha256, size=stored.size, already_present=stored.already_present)
+        # Only whether *this* owner had it: another user's copy of the same bytes is never revealed.
+        return pb.UploadFileResponse(sha256=stored.sha256, size=stored.size,
+                                     already_present=stored.already_present and not new)
 
     @rpc(SERVICE)
     async def GetJob(self, identity: Identity, request: pb.GetJobRequest, context) -> pb.JobInfo:
@@ -157,6 +196,10 @@ async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsReque
             response.counts_by_state[job_pb2.JobState.Name(int(state))] = count
         return response
     return await broker.call(build, heavy=True)
+
+
+def _where(index: int, spec: job_pb2.JobSpec) -> str:
+    return f"jobs[{index}]" + (f" ({spec.name!r})" if spec.name else "")
 
 
 def _id_range(ids: list[int]) -> str:

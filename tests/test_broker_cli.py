@@ -184,3 +184,8 @@ def test_serve_refuses_bad_options(tmp_path):
     assert result.returncode == 2 and "is not HOST:PORT; fix:" in result.stderr
     result = run("broker", "serve", "--state-dir", str(tmp_path / "s"), "--ca", str(tmp_path / "no-ca"))
     assert result.returncode == 2 and "splitpilot ca init" in result.stderr
+    # Metrics beyond loopback only on request (the endpoint has no authentication).
+    result = run("broker", "serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--metrics",
+                 "0.0.0.0:0")
+    assert result.returncode == 2 and "add --metrics-public" in result.stderr and "fix:" in result.stderr
+    assert "--metrics-public" in run("broker", "serve", "--help").stdout

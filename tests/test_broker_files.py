@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 
 import pytest
 
@@ -18,6 +19,7 @@ from broker.files import (
     check_sandbox_name,
     copy_verified,
     parse_size,
+    shown,
 )
 from pilot.errors import UsageError
 from pilot.tokens import CertificateAuthority, TokenRole, TokenVerifier
@@ -80,10 +82,30 @@ def test_limits_and_headers(tmp_path):
     assert store.temp_files() == []
 
 
-@pytest.mark.parametrize("name", ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\\b", "a\x00b", "x" * 300])
+@pytest.mark.parametrize("name", ["", "/etc/passwd", "../x", "a/../b", "a//b", "./a", "a\\b", "x" * 300])
 def test_bad_sandbox_names(name):
     with pytest.raises(BadFileHeader, match="fix: use a relative path"):
         check_sandbox_name(name)
+
+
+@pytest.mark.parametrize("name,code", [
+    ("a\x00b", 0x00), ("a\x1b[31mred", 0x1b), ("two\nlines", 0x0a), ("tab\there", 0x09), ("del\x7f", 0x7f),
+    ("c1\x9bx", 0x9b), ("c1\x85", 0x85), ("evil\u202etxt.exe", 0x202e), ("iso\u2066late", 0x2066),
+    ("dir/\u202aembed", 0x202a), ("pop\u2069", 0x2069)])
+def test_names_with_control_characters_or_bidi_overrides_are_refused_and_shown_escaped(name, code):
+    with pytest.raises(BadFileHeader) as info:
+        check_sandbox_name(name, "output name")
+    message = str(info.value)
+    assert f"U+{code:04X}" in message and "fix: rename it with printable characters" in message
+    assert chr(code) not in message  # never raw: the name is shown escaped
+    assert shown(name) in message or repr(name)[1:-1] in message
+
+
+def test_shown_escapes_what_a_terminal_would_interpret():
+    assert shown("plain name.txt") == "plain name.txt"
+    assert shown("a\x1b[31mred\n") == "a\\x1b[31mred\\x0a"
+    assert shown("x\u202ey") == "x\\u202ey" and shown("back\\slash") == "back\\\\slash"
+    assert all(c.isprintable() for c in shown("".join(chr(i) for i in range(0x200))))
 
 
 def test_good_sandbox_names():
@@ -125,3 +147,47 @@ def test_identity_cache_verifies_once_per_certificate_until_expiry():
     now[0] = token.certificate.not_valid_after_utc.timestamp() + 1  # past not_after: verified again
     cache.identify(pem)
     assert cache.misses == 2
+
+
+# ------------------------------------------------------------------ writing downloads (broker.outdir)
+
+def test_output_directory_follows_no_link_and_overwrites_nothing(tmp_path):
+    from broker.outdir import OutputDirectory, OutputRefused
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("precious\n")
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    (out / "a" / "deep").symlink_to(outside)           # a link one level down
+    (out / "link.txt").symlink_to(outside / "target")  # a link where a file would go
+    (out / "folder").mkdir()
+    data = b"job output\n"
+
+    def write(directory, name, content=data, sha=None):
+        return directory.write(name, [content[:3], content[3:]], len(content), sha or digest(content))
+
+    with OutputDirectory(out) as directory:
+        for name, words in (("a/deep/target", "is a symbolic link, which is never followed"),
+                            ("link.txt", "exists and was left as it is"),
+                            ("folder", "exists and was left as it is"),
+                            ("../escape", "'..' component"),
+                            ("ok\x1b[2J", "control character (U+001B)")):
+            with pytest.raises(OutputRefused, match=re.escape(words)):
+                write(directory, name)
+        with pytest.raises(ChecksumMismatch):
+            write(directory, "bad.txt", sha=digest(b"other"))
+        with pytest.raises(SizeMismatch):
+            directory.write("short.txt", [data[:3]], len(data), digest(data))
+        assert write(directory, "a/new/file.txt") == str(out / "a/new/file.txt")
+    with OutputDirectory(out, force=True) as forced:
+        for name, words in (("link.txt", "is a symbolic link; --force replaces regular files only"),
+                            ("folder", "not a regular file"), ("a/deep/x", "is a symbolic link")):
+            with pytest.raises(OutputRefused, match=re.escape(words)):
+                write(forced, name)
+        write(forced, "a/new/file.txt", b"replaced\n")
+    assert (outside / "target").read_text() == "precious\n" and os.listdir(outside) == ["target"]
+    assert (out / "a" / "new" / "file.txt").read_bytes() == b"replaced\n"
+    assert sorted(os.listdir(out)) == ["a", "folder", "link.txt"]  # no temporary file left anywhere
+    assert sorted(os.listdir(out / "a")) == ["deep", "new"] and os.listdir(out / "a" / "new") == ["file.txt"]
+    assert os.listdir(out / "folder") == []

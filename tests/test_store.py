@@ -22,15 +22,19 @@ from collections import Counter
 import psycopg
 import pytest
 from pg import pg_server, pg_url  # noqa: F401  (fixtures)
+from store_v1 import make_postgres_v1, make_sqlite_v1
 
 from broker.lifecycle import TRANSITIONS, Actor, JobState, RequeueCause, allowed
 from broker.store import open_store
 from broker.store.base import (
     InvalidTransition,
+    LimitExceeded,
     NotYours,
     OutOfOrderUpdate,
     OutputRecord,
+    PilotNotYours,
     PilotRef,
+    SeenToken,
     SlotOffer,
     StaleAttemptError,
     StoreSettings,
@@ -687,6 +691,205 @@ def test_history_is_complete(store):
     times = [e.time for e in record.history]
     assert times == sorted(times) and record.history[-1].time == record.updated
     assert "lost" in record.history[4].detail and "stopped" in record.history[7].detail
+
+
+# ------------------------------------------------------- trust boundaries
+
+def agent_pilot(pilot_id: str, serial: str, *, site: str = SITE, subject: str = "glidein-a",
+                not_after: float = 3600, node: str = "node-x") -> PilotRef:
+    """A pilot as the broker sees an agent certificate's call."""
+    return PilotRef(pilot_id, site, node, subject, serial, at(not_after))
+
+
+def snapshot(store, *job_ids: int) -> tuple:
+    """Everything a refused call must leave as it was."""
+    return (tuple(store.get(j) for j in job_ids), tuple(store.list_pilots(at(-10))), store.stats(),
+            store.counts())
+
+
+def test_a_pilot_id_is_bound_to_the_certificate_of_its_first_call(store):
+    """Another certificate naming a bound pilot id (another site; the same holder and site with another
+    serial; the same serial under another holder name) is refused by every pilot call, before anything
+    is written: no job claimed, re-queued or killed, no pilot record touched."""
+    held, spare = submit_one(store, priority=2), submit_one(store, priority=1)
+    mine = agent_pilot("pilot-a", "a1", node="node-a")
+    assert store.match(slot(), mine, at(1)).job_id == held
+    before = snapshot(store, held, spare)
+    for thief in (agent_pilot("pilot-a", "b2", site="SITE-B", subject="glidein-b", not_after=7200),
+                  agent_pilot("pilot-a", "a2", not_after=7200),
+                  agent_pilot("pilot-a", "a1", subject="glidein-c")):
+        with pytest.raises(PilotNotYours, match="pilot id 'pilot-a' belongs to another agent certificate"):
+            store.match(slot(), thief, at(2))
+        with pytest.raises(PilotNotYours):
+            store.pilot_heartbeat(thief, [(held, 1)], at(2))
+        with pytest.raises(PilotNotYours):
+            store.pilot_end(thief, 0, "gone", at(2), abandoned=True)
+        with pytest.raises(PilotNotYours):
+            store.attempt_failed(held, 1, thief, None, "over the memory limit", at(2))
+        with pytest.raises(PilotNotYours):
+            store.attempt_failed(held, 1, thief, RequeueCause.WRAPPER, "died", at(2))
+    assert snapshot(store, held, spare) == before
+    assert store.pilot_expiry("pilot-a") == at(3600) and store.pilot_expiry("nobody") is None
+    assert [p.certificate_serial for p in store.list_pilots(at(0))] == ["a1"]
+    # The rightful certificate goes on; a node it does not send keeps the recorded one.
+    assert store.pilot_heartbeat(mine, [(held, 1)], at(3)) == []
+    assert store.attempt_failed(held, 1, agent_pilot("pilot-a", "a1", node=""), RequeueCause.STOPPED, "",
+                                at(4)) is S.WAITING
+    assert store.list_pilots(at(0))[0].node == "node-a"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_version_1_database_is_migrated_in_place(backend, tmp_path, request):
+    """A store file (or database) of the first release opens with this broker: the new tables and columns
+    are added, the inputs of existing jobs become their owners' content, and an unbound pilot is bound by
+    the next call from an agent certificate of the same holder and site (and no other)."""
+    inputs, outputs = "1" * 64, "2" * 64
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/v1.db"
+        make_sqlite_v1(str(tmp_path / "v1.db"), inputs, outputs)
+        drop = None
+    else:
+        server = request.getfixturevalue("pg_server")
+        with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS splitpilot_v1")
+            conn.execute("CREATE DATABASE splitpilot_v1")
+        url = server.url("splitpilot_v1")
+        make_postgres_v1(url, inputs, outputs)
+
+        def drop() -> None:
+            with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+                conn.execute("DROP DATABASE IF EXISTS splitpilot_v1 WITH (FORCE)")
+    try:
+        for _ in range(2):  # the second opening finds version 2 and changes nothing
+            opened = open_store(url, SETTINGS)
+            try:
+                assert opened.claim_inputs("alice", [inputs, outputs], at(0)) == {inputs, outputs}
+                assert opened.claim_inputs("bob", [inputs, outputs], at(0)) == set()
+                assert opened.content_referenced(inputs) and opened.content_referenced(outputs)
+            finally:
+                opened.close()
+        store = open_store(url, SETTINGS)
+        try:
+            stranger = agent_pilot("pilot-old", "5eed", subject="glidein-z")
+            with pytest.raises(PilotNotYours):
+                store.pilot_heartbeat(stranger, [], at(1))
+            rightful = agent_pilot("pilot-old", "c0ffee")
+            assert store.pilot_heartbeat(rightful, [], at(1)) == []
+            assert [(p.pilot_id, p.certificate_serial, p.jobs_matched) for p in store.list_pilots(at(0))] == \
+                [("pilot-old", "c0ffee", 1)]
+            with pytest.raises(PilotNotYours):  # bound now: the same holder's other certificate is refused
+                store.pilot_heartbeat(agent_pilot("pilot-old", "c0ffee2"), [], at(2))
+            assert store.match(slot(), rightful, at(3)).job_id == 1
+            assert store.submit("alice", [spec()], at(4)) == [3]
+        finally:
+            store.close()
+        if backend == "sqlite":
+            with sqlite3.connect(str(tmp_path / "v1.db")) as conn:
+                version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        else:
+            with psycopg.connect(url) as conn:
+                version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+        assert version == 2
+    finally:
+        if drop is not None:
+            drop()
+
+
+def test_a_newer_schema_is_refused_with_the_fix(tmp_path):
+    store = open_store(f"sqlite:///{tmp_path}/new.db", SETTINGS)
+    store.close()
+    with sqlite3.connect(str(tmp_path / "new.db")) as conn:
+        conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
+    with pytest.raises(Exception, match="schema version 99 is newer than this broker's.*fix:"):
+        open_store(f"sqlite:///{tmp_path}/new.db", SETTINGS)
+
+
+def test_output_reservations_hold_the_limit_for_concurrent_uploads(store):
+    """Eight uploads of 30 bytes reserve at once against a 100-byte limit: three win, whatever the
+    interleaving (threads on one store; on PostgreSQL, concurrent transactions)."""
+    job_id = submit_one(store)
+    attempt = start(store, job_id)
+    barrier = threading.Barrier(8)
+    won, refused = [], []
+
+    def upload(n: int) -> None:
+        barrier.wait(30)
+        try:
+            won.append(store.reserve_output(job_id, attempt, f"part-{n}", 30, 100, 1000, at(2)))
+        except LimitExceeded as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=upload, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert len(won) == 3 and len(refused) == 5, (won, refused)
+    assert all("over the broker's per-job output limit of 100 bytes" in r for r in refused)
+    assert sum(size for _, _, size in store.pending_outputs(job_id)) == 90
+    for reservation in won[:2]:
+        store.release_reservation(reservation)
+    # A replacement does not count the name it replaces; a recorded output does count.
+    store.add_output(job_id, attempt, OutputRecord("big", 60, "a" * 64), at(3), reservation=won[2])
+    assert store.pending_outputs(job_id) == []
+    replace = store.reserve_output(job_id, attempt, "big", 90, 100, 1000, at(4))
+    with pytest.raises(LimitExceeded):
+        store.reserve_output(job_id, attempt, "small", 20, 100, 1000, at(4))
+    assert store.add_output(job_id, attempt, OutputRecord("big", 90, "b" * 64), at(5), reservation=replace) == "a" * 64
+    assert store.add_output(job_id, attempt, OutputRecord("big", 90, "b" * 64), at(5)) is None  # same content
+    with pytest.raises(LimitExceeded, match="over the broker's limit of 1 per job"):
+        store.reserve_output(job_id, attempt, "second", 1, 1000, 1, at(6))
+    # Fencing: a later attempt's reservations do not see the old attempt's, and the old one may not reserve.
+    store.requeue(job_id, RequeueCause.ADMIN, "test", at(7))
+    with pytest.raises(StaleAttemptError):
+        store.reserve_output(job_id, attempt, "late", 1, 100, 1000, at(8))
+    assert store.pending_outputs(job_id) == []
+
+
+def test_reaper_drops_reservations_of_a_broker_that_died(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id)
+    store.reserve_output(job_id, attempt, "orphan", 10, 100, 10, at(2))
+    store.reap(at(3))
+    assert len(store.pending_outputs(job_id)) == 1
+    store.reap(at(3) + SETTINGS.reservation_timeout + datetime.timedelta(seconds=1))
+    assert store.pending_outputs(job_id) == []
+
+
+def test_content_is_usable_by_its_owner_only(store):
+    """Uploaded content is its uploader's; a job's output is its owner's, and becomes owned (kept alive)
+    once a job of that owner takes it as an input."""
+    uploaded, produced = "c" * 64, "d" * 64
+    assert store.add_file_owner("alice", uploaded, 10, at(0)) is True
+    assert store.add_file_owner("alice", uploaded, 10, at(1)) is False
+    job_id = submit_one(store)
+    attempt = start(store, job_id)
+    store.add_output(job_id, attempt, OutputRecord("out", 5, produced), at(2))
+    assert store.claim_inputs("bob", [uploaded, produced], at(3)) == set()
+    assert store.claim_inputs("alice", [uploaded, produced, "e" * 64], at(3)) == {uploaded, produced}
+    store.add_output(job_id, attempt, OutputRecord("out", 6, "f" * 64), at(4))  # the output is replaced...
+    assert store.content_referenced(produced)  # ...but alice's claim keeps its old content referenced
+    assert not store.content_referenced("f" * 63 + "0")
+
+
+def test_revocations_are_recorded_once_per_serial(store):
+    assert store.revocation_generation() == (0, 0) and store.revocations() == []
+    first, already = store.revoke("ab12", "glidein-a", "agent", "stolen", "root", at(100), at(1))
+    assert not already and (first.serial, first.subject, first.role, first.not_after) == ("ab12", "glidein-a",
+                                                                                          "agent", at(100))
+    again, already = store.revoke("ab12", "glidein-a", "agent", "again", "root", None, at(2))
+    assert already and again == first
+    holder, _ = store.revoke("", "alice", "user", "left", "root", None, at(3))
+    later, already = store.revoke("", "alice", "user", "left again", "root", None, at(4))
+    assert not already and later.id > holder.id  # a later holder revocation covers tokens issued since
+    assert [r.reason for r in store.revocations()] == ["stolen", "left", "left again"]
+    assert store.revocation_generation() == (later.id, 3)
+    store.note_tokens([SeenToken("ab12", "agent", "glidein-a", at(100))], at(1))
+    store.note_tokens([SeenToken("ab12", "user", "forged", at(200))], at(2))  # the first sighting is kept
+    assert store.seen_token("ab12") == SeenToken("ab12", "agent", "glidein-a", at(100))
+    assert store.seen_token("ffff") is None
+    store.reap(at(101))  # expired certificates are forgotten
+    assert store.seen_token("ab12") is None
 
 
 # -------------------------------------------------------------- query plans

@@ -82,6 +82,40 @@ class NotYours(StoreError):
     """The caller may not act on this job (another owner, another pilot)."""
 
 
+class PilotNotYours(NotYours):
+    """The pilot id is bound to another agent certificate. Attributes: pilot_id."""
+
+    def __init__(self, pilot_id: str) -> None:
+        super().__init__(f"pilot id {pilot_id!r} belongs to another agent certificate (its first call bound it "
+                         "to that certificate's serial, holder and site); nothing was changed; fix: use a pilot id "
+                         "of your own (each agent makes a fresh random one), and the agent token that first used it")
+        self.pilot_id = pilot_id
+
+
+class LimitExceeded(StoreError):
+    """An upload would take a job over one of its output limits. Attributes: job_id, name."""
+
+    exit_code = 2
+
+    def __init__(self, job_id: int, name: str, detail: str) -> None:
+        super().__init__(f"job {job_id} output {name!r}: {detail}")
+        self.job_id = job_id
+        self.name = name
+
+
+class NotRevocable(StoreError):
+    """RevokeToken names a serial no broker on this database has seen. Attributes: serial."""
+
+    exit_code = 1
+
+    def __init__(self, serial: str) -> None:
+        super().__init__(f"no token with serial {serial} has been used with this broker, so its holder and role "
+                         "are unknown; fix: revoke it with its certificate (--token-file FILE, the key is not "
+                         "needed), or every token of its holder (--subject NAME --role ROLE); check the serial "
+                         "with `splitpilot token show FILE`")
+        self.serial = serial
+
+
 class TooManyJobs(StoreError):
     """A submission larger than StoreSettings.max_jobs_per_submit. Attributes: count, limit."""
 
@@ -113,12 +147,18 @@ class SlotOffer:
 
 @dataclass(frozen=True)
 class PilotRef:
-    """Which pilot asks (pilot id from the request, site and subject from its token)."""
+    """Which pilot asks: the pilot id from the request; site, subject, serial and not_after from the
+    agent certificate that calls. The first call binds the pilot id to (serial, subject, site); later
+    calls naming it must come from the same certificate (PilotNotYours)."""
 
     pilot_id: str
     site: str
     node: str
     subject: str = ""
+    #: The agent certificate's serial, lower-case hex.
+    serial: str = ""
+    #: The agent certificate's end of validity: refreshed job tokens of the pilot's jobs never outlive it.
+    not_after: datetime.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +221,33 @@ class PilotRecord:
     last_seen: datetime.datetime
     jobs_matched: int
     end_reason: str = ""
+    #: Serial (hex) of the agent certificate the pilot id is bound to ('' for a pilot not yet bound).
+    certificate_serial: str = ""
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One revoked token (SERIAL set), or every token of SUBJECT in ROLE issued up to REVOKED (SERIAL '')."""
+
+    id: int
+    serial: str
+    subject: str
+    role: str
+    reason: str
+    revoked: datetime.datetime
+    revoked_by: str
+    #: End of validity of the revoked certificate (None: unknown, or a holder revocation).
+    not_after: datetime.datetime | None = None
+
+
+@dataclass(frozen=True)
+class SeenToken:
+    """A non-job certificate a broker verified: what RevokeToken by serial knows of it."""
+
+    serial: str
+    role: str
+    subject: str
+    not_after: datetime.datetime
 
 
 @dataclass(frozen=True)
@@ -206,6 +273,9 @@ class StoreSettings:
     #: WAITING for this long: EXPIRED. None: never.
     queue_timeout: datetime.timedelta | None = None
     max_jobs_per_submit: int = 10_000
+    #: An output upload's reservation older than this is dropped by the reaper (its broker died
+    #: mid-upload); longer than the clients' stream timeout (1 h).
+    reservation_timeout: datetime.timedelta = datetime.timedelta(hours=2)
     extra: dict = field(default_factory=dict)
 
 
@@ -292,8 +362,43 @@ class JobStore(abc.ABC):
         """Record liveness; return True when the job must stop (killed). Fencing applies."""
 
     @abc.abstractmethod
-    def add_output(self, job_id: int, attempt: int, output: OutputRecord, now: datetime.datetime) -> None:
-        """Record an uploaded output of the current attempt (fencing applies)."""
+    def reserve_output(self, job_id: int, attempt: int, name: str, size: int, max_bytes: int, max_files: int,
+                       now: datetime.datetime) -> int:
+        """Reserve SIZE bytes for output NAME of the current attempt (fencing applies) before its data
+        is read, atomically with every other upload of the job: LimitExceeded when the recorded
+        outputs (except NAME, which the upload replaces), the other reservations and SIZE exceed
+        MAX_BYTES, or when the outputs would be more than MAX_FILES names. Returns the reservation id
+        (release it with release_reservation, or hand it to add_output)."""
+
+    @abc.abstractmethod
+    def release_reservation(self, reservation: int) -> None:
+        """Drop a reservation (the upload failed); nothing if it is gone already."""
+
+    @abc.abstractmethod
+    def pending_outputs(self, job_id: int) -> list[tuple[int, str, int]]:
+        """The reservations of JOB_ID: (attempt, name, size) (diagnostics and tests)."""
+
+    @abc.abstractmethod
+    def add_output(self, job_id: int, attempt: int, output: OutputRecord, now: datetime.datetime, *,
+                   reservation: int | None = None) -> str | None:
+        """Record an uploaded output of the current attempt (fencing applies), dropping RESERVATION in
+        the same transaction. Returns the sha256 of the content it replaced (same name), if any and
+        different: the caller frees it when nothing else refers to it."""
+
+    # --- content ownership
+    @abc.abstractmethod
+    def add_file_owner(self, owner: str, sha256: str, size: int, now: datetime.datetime) -> bool:
+        """OWNER uploaded this content; True if OWNER did not have it before."""
+
+    @abc.abstractmethod
+    def claim_inputs(self, owner: str, sha256s: Sequence[str], now: datetime.datetime) -> set[str]:
+        """The contents among SHA256S that OWNER may use as inputs: uploaded by OWNER, or output of a
+        job of OWNER. Those found only as outputs are recorded as OWNER's from now on (a job's input
+        keeps its content alive when the output it came from is replaced)."""
+
+    @abc.abstractmethod
+    def content_referenced(self, sha256: str) -> bool:
+        """Whether any output row or owner record refers to this content."""
 
     @abc.abstractmethod
     def current_attempt(self, job_id: int) -> tuple[JobState, int]:
@@ -306,6 +411,34 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def list_pilots(self, seen_since: datetime.datetime) -> list[PilotRecord]: ...
+
+    @abc.abstractmethod
+    def pilot_expiry(self, pilot_id: str) -> datetime.datetime | None:
+        """The not_after of the agent certificate PILOT_ID is bound to (None: unknown or not bound)."""
+
+    # --- revocation
+    @abc.abstractmethod
+    def revoke(self, serial: str, subject: str, role: str, reason: str, revoked_by: str,
+               not_after: datetime.datetime | None, now: datetime.datetime) -> tuple[Revocation, bool]:
+        """Record a revocation: of one certificate (SERIAL) or, with SERIAL '', of every token of
+        SUBJECT in ROLE issued up to NOW. Returns (the revocation, True) when an identical one
+        existed already (nothing added)."""
+
+    @abc.abstractmethod
+    def revocations(self) -> list[Revocation]:
+        """Every revocation, oldest first."""
+
+    @abc.abstractmethod
+    def revocation_generation(self) -> tuple[int, int]:
+        """A cheap fingerprint of the revoked table (highest id, count): when it changes, reload."""
+
+    @abc.abstractmethod
+    def note_tokens(self, tokens: Sequence[SeenToken], now: datetime.datetime) -> None:
+        """Remember certificates a broker verified (first sighting kept)."""
+
+    @abc.abstractmethod
+    def seen_token(self, serial: str) -> SeenToken | None:
+        """A certificate noted by note_tokens, by serial."""
 
     @abc.abstractmethod
     def requeue(self, job_id: int, cause: RequeueCause, detail: str, now: datetime.datetime) -> int:

@@ -7,10 +7,12 @@ default 8) in autocommit mode; a method's transaction is an explicit
 
 Matching is one statement, atomic on its own, in the common case:
 
-    WITH site AS (the site's admin state, and the newest class id),
+    WITH site AS (the site's admin state, the newest class id, and whether
+                  the pilot id is bound to the calling agent certificate),
          best AS (the head of every fitting class -- a LATERAL join over the
                   class ids, each side an index probe of jobs_waiting --
-                  ordered by priority, then age; the first),
+                  ordered by priority, then age; the first; none at all
+                  unless the pilot is bound to the caller),
          claimed AS (UPDATE jobs SET state = ASSIGNED, attempt = attempt + 1, ...
                      WHERE id = (SELECT id FROM jobs WHERE class_id = <best's class>
                                  AND state = WAITING ORDER BY priority DESC, id
@@ -18,8 +20,12 @@ Matching is one statement, atomic on its own, in the common case:
                        AND state = WAITING RETURNING ...),
          history AS (INSERT INTO events ... FROM claimed),
          counted AS (INSERT INTO counters ... FROM claimed ON CONFLICT ...),
-         seen AS (UPDATE pilots ... RETURNING 1)
+         seen AS (UPDATE the pilot's row, if bound to the caller, RETURNING 1)
     SELECT ...
+
+A pilot id not yet bound (its first call) claims nothing: the binding is made
+(or refused: PilotNotYours) in its own transaction and the match repeated, so
+a call naming another certificate's pilot never claims a job.
 
 SKIP LOCKED makes concurrent matchers take the next job of a class instead
 of waiting; the re-check `state = WAITING` under the row lock makes exactly
@@ -73,6 +79,11 @@ _HEADS = (
 HEADS_SQL = _HEADS + " ORDER BY head.priority DESC, head.id"
 
 
+#: The pilot row bound to the calling certificate (broker.store.sql.PILOT_BOUND).
+_BOUND = ("pilot_id = %(pilot)s AND cert_serial = %(serial)s AND subject = %(subject)s "
+          "AND site = %(pilot_site)s")
+
+
 def _claim(class_expression: str) -> str:
     """CTEs that claim the best unlocked waiting job of one class, record it, count it and touch the pilot."""
     return (
@@ -85,19 +96,22 @@ def _claim(class_expression: str) -> str:
         "counted AS (INSERT INTO counters (name, shard, value) SELECT 'matches_total', %(shard)s, 1 FROM claimed "
         "  ON CONFLICT (name, shard) DO UPDATE SET value = counters.value + 1), "
         "seen AS (UPDATE pilots SET last_seen = %(now)s, "
-        "  jobs_matched = jobs_matched + (SELECT count(*) FROM claimed), site = %(pilot_site)s, node = %(node)s "
-        "  WHERE pilot_id = %(pilot)s RETURNING 1) ")
+        "  jobs_matched = jobs_matched + (SELECT count(*) FROM claimed), node = coalesce(nullif(%(node)s, ''), node) "
+        f"  WHERE {_BOUND} RETURNING 1) ")
 
 
 #: The whole match in one round trip: the site's state, the newest class id (is
-#: the cache current?), the best head among the fitting classes, and its claim.
+#: the cache current?), whether the pilot id is bound to the calling certificate
+#: (if not, nothing is claimed: `best` is empty), the best head among the
+#: fitting classes, and its claim.
 MATCH_SQL = (
     "WITH site AS (SELECT coalesce((SELECT state FROM sites WHERE name = %(site)s), 'enabled') AS state, "
-    "                     (SELECT max(id) FROM classes) AS newest), "
-    f"best AS ({_HEADS} WHERE (SELECT state FROM site) = 'enabled' "
+    "                     (SELECT max(id) FROM classes) AS newest, "
+    f"                    EXISTS (SELECT 1 FROM pilots WHERE {_BOUND}) AS bound), "
+    f"best AS ({_HEADS} WHERE (SELECT state FROM site) = 'enabled' AND (SELECT bound FROM site) "
     "         ORDER BY head.priority DESC, head.id LIMIT 1), "
     + _claim("(SELECT class_id FROM best)") +
-    "SELECT site.state, site.newest, (SELECT count(*) FROM best), (SELECT count(*) FROM seen), "
+    "SELECT site.state, site.newest, site.bound, (SELECT count(*) FROM best), "
     "       claimed.id, claimed.attempt, claimed.owner, claimed.spec "
     "FROM site LEFT JOIN claimed ON true")
 
@@ -259,16 +273,13 @@ class PostgresStore(SqlStore):
         self._pool.close()
 
     # ---------------------------------------------------------------- schema
-    @staticmethod
-    def _create_schema(cur: _Cursor) -> None:
-        cur.run("SELECT pg_advisory_xact_lock(?)", (_LOCK_SCHEMA,))  # brokers starting together
+    def _create_schema(self, cur: _Cursor) -> None:
+        cur.run("SELECT pg_advisory_xact_lock(?)", (_LOCK_SCHEMA,))  # brokers starting (or migrating) together
         for statement in ddl(POSTGRES):
             cur.run(statement)
         cur.run("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                 (SCHEMA_VERSION,))
-        version = cur.row("SELECT value FROM meta WHERE key = 'schema_version'")[0]
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"store schema version {version}, this broker knows {SCHEMA_VERSION}")
+        self._migrate(cur)
 
     def _create_classes(self, classes: Sequence[RequirementClass], now_ms: int) -> None:
         def body(cur: _Cursor) -> None:
@@ -296,28 +307,31 @@ class PostgresStore(SqlStore):
     def match(self, slot: SlotOffer, pilot: PilotRef, now: datetime.datetime) -> Assignment | None:
         ms = to_ms(now)
         params = {"site": slot.site, "now": ms, "node": pilot.node, "pilot": pilot.pilot_id,
-                  "pilot_site": pilot.site, "shard": self._shard(),
-                  "detail": matched_detail(slot, pilot)}
+                  "pilot_site": pilot.site, "serial": pilot.serial, "subject": pilot.subject,
+                  "shard": self._shard(), "detail": matched_detail(slot, pilot)}
         with self._pool.connection() as conn:
-            for _ in range(2):
+            for _ in range(3):
                 params["classes"] = list(self._classes.fitting(slot))
-                site_state, newest, heads, known, job_id, attempt, owner, blob = self._retry(
+                site_state, newest, bound, heads, job_id, attempt, owner, blob = self._retry(
                     lambda: conn.execute(MATCH_SQL, params).fetchone())
+                if not bound:
+                    # First contact (or another certificate's pilot id): nothing was claimed. Bind the
+                    # id to this certificate, or refuse with PilotNotYours, then match again.
+                    self._transact(conn, lambda cur: self._touch_pilot(cur, pilot, ms, 0))
+                    continue
                 stale_cache = newest is not None and newest > self._classes.max_id
                 if stale_cache:
                     self._refresh_classes(_Cursor(conn))
                 if job_id is not None or not stale_cache or site_state != "enabled":
                     break
-            if job_id is None and heads:
+            if job_id is None and heads and bound:
                 # The best class's waiting jobs were all being claimed: try the others, best first.
                 for class_id, _, _ in conn.execute(HEADS_SQL, params).fetchall():
                     params["class_id"] = class_id
-                    known, job_id, attempt, owner, blob = self._retry(
+                    _seen, job_id, attempt, owner, blob = self._retry(
                         lambda: conn.execute(CLAIM_SQL, params).fetchone())
                     if job_id is not None:
                         break
-            if not known:  # first contact of this pilot
-                self._transact(conn, lambda cur: self._touch_pilot(cur, pilot, ms, int(job_id is not None)))
         if job_id is None:
             return None
         spec = job_pb2.JobSpec()
@@ -338,10 +352,10 @@ class PostgresStore(SqlStore):
     # ---------------------------------------------------------- diagnostics
     PLANNED_QUERIES = {
         "match": (MATCH_SQL, {"site": "", "classes": [1, 2, 3], "now": 0, "node": "", "pilot": "",
-                              "pilot_site": "", "shard": 0, "detail": ""}),
+                              "pilot_site": "", "serial": "", "subject": "", "shard": 0, "detail": ""}),
         "class heads": (HEADS_SQL, {"classes": [1, 2, 3]}),
         "claim": (CLAIM_SQL, {"class_id": 1, "now": 0, "node": "", "pilot": "", "site": "", "pilot_site": "",
-                              "shard": 0, "detail": ""}),
+                              "serial": "", "subject": "", "shard": 0, "detail": ""}),
         "lost heartbeats": (f"SELECT id, attempt FROM jobs WHERE state IN {ALIVE_STATES} AND heartbeat < %s",
                             (0,)),
         "never started": (f"SELECT id, attempt FROM jobs WHERE state = {ASSIGNED} AND updated < %s", (0,)),

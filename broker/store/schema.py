@@ -13,8 +13,18 @@ The tables:
             sequence state, and the JobSpec as protobuf bytes.
   events    the history: one row per state change of every attempt.
   outputs   files uploaded, per attempt.
-  pilots    first/last contact, jobs matched, end reason.
+  reservations  bytes announced by output uploads in progress (header read,
+            data not yet recorded): the per-job output limit counts them, so
+            parallel uploads cannot overrun it.
+  file_owners  who may use which content: (owner, sha256), written when a
+            user uploads it and when a job of the owner takes it as an input.
+  pilots    first/last contact, jobs matched, end reason, and the agent
+            certificate (serial, subject, site, not_after) the pilot id is
+            bound to by its first call.
   sites     admin states ('enabled' when absent).
+  revoked   token revocations (by serial, or by holder and role).
+  tokens    non-job certificates some broker has verified (serial, role,
+            subject, not_after): what RevokeToken by serial knows.
   counters  the metrics, split into shards so that concurrent PostgreSQL
             transactions rarely wait on the same row.
   meta      schema version and, for SQLite, the next job id.
@@ -26,7 +36,13 @@ The indexes exist for one query each (see `PLANNED_QUERIES` in the stores):
   jobs_alive    (state, heartbeat) WHERE state IN (STARTED, RUNNING, SAVING): lost
                 heartbeats, an index as small as the running set;
   jobs_owner    (owner, id): a user's jobs, newest first;
-  events_job    (job_id, id): a job's history in order.
+  events_job    (job_id, id): a job's history in order;
+  outputs_sha256, file_owners_sha256: is this content still referenced
+                (before a replaced output's content is freed).
+
+Versions: 1 (first release); 2 adds pilot binding (pilots.cert_serial,
+cert_not_after), reservations, file_owners, revoked, tokens. `MIGRATIONS`
+takes a database of an older version forward in place.
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ from dataclasses import dataclass
 
 from broker.lifecycle import JobState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 UTC = datetime.UTC
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
@@ -146,6 +162,41 @@ CREATE TABLE IF NOT EXISTS outputs (
     time BIGINT NOT NULL,
     PRIMARY KEY (job_id, attempt, name)
 );
+CREATE INDEX IF NOT EXISTS outputs_sha256 ON outputs (sha256);
+CREATE TABLE IF NOT EXISTS reservations (
+    id {id_column},
+    job_id BIGINT NOT NULL,
+    attempt INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    time BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reservations_job ON reservations (job_id, attempt);
+CREATE TABLE IF NOT EXISTS file_owners (
+    owner TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    time BIGINT NOT NULL,
+    PRIMARY KEY (owner, sha256)
+);
+CREATE INDEX IF NOT EXISTS file_owners_sha256 ON file_owners (sha256);
+CREATE TABLE IF NOT EXISTS revoked (
+    id {id_column},
+    serial TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    role TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    revoked BIGINT NOT NULL,
+    revoked_by TEXT NOT NULL,
+    not_after BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    serial TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    not_after BIGINT NOT NULL,
+    first_seen BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pilots (
     pilot_id TEXT PRIMARY KEY,
     site TEXT NOT NULL,
@@ -156,7 +207,9 @@ CREATE TABLE IF NOT EXISTS pilots (
     jobs_matched BIGINT NOT NULL,
     jobs_run BIGINT NOT NULL,
     end_reason TEXT NOT NULL,
-    ended BIGINT
+    ended BIGINT,
+    cert_serial TEXT NOT NULL DEFAULT '',
+    cert_not_after BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS pilots_last_seen ON pilots (last_seen);
 CREATE TABLE IF NOT EXISTS sites (
@@ -180,5 +233,14 @@ def ddl(dialect: Dialect) -> list[str]:
     return [statement.strip() for statement in text.split(";") if statement.strip()]
 
 
+#: Version 1 -> 2, run after the CREATE statements above (which add the new tables and indexes):
+#: the pilot binding columns. Existing pilots stay unbound (cert_serial '') until their next call,
+#: which binds them if it comes from an agent certificate of the same subject and site.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE pilots ADD COLUMN cert_serial TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE pilots ADD COLUMN cert_not_after BIGINT NOT NULL DEFAULT 0"),
+}
+
 #: Tables in the order a test may empty them.
-TABLES = ("jobs", "events", "outputs", "classes", "pilots", "sites", "counters", "meta")
+TABLES = ("jobs", "events", "outputs", "reservations", "file_owners", "classes", "pilots", "sites", "revoked",
+          "tokens", "counters", "meta")

@@ -16,37 +16,58 @@ Rules every method follows:
     broker ends an attempt (re-queue, reap, kill before start, agent report);
   - update sequences start at 1 per attempt (seq = 0 after a match);
   - attempts charged against max_attempts exclude stops and admin re-queues
-    (`charged`), as lifecycle.requeue_target says.
+    (`charged`), as lifecycle.requeue_target says;
+  - a pilot id is bound to the agent certificate of its first call (serial,
+    subject, site: `_touch_pilot`), checked before anything else is written,
+    so a call naming another certificate's pilot changes nothing.
 """
 
 from __future__ import annotations
 
 import abc
 import datetime
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from broker.files import format_size
 from broker.lifecycle import ACTIVE_STATES, Actor, JobState, RequeueCause, allowed, requeue_target
 from broker.store.base import (
     InvalidTransition,
     JobEventRecord,
     JobRecord,
     JobStore,
+    LimitExceeded,
     NotYours,
     OutOfOrderUpdate,
     OutputRecord,
+    PilotNotYours,
     PilotRecord,
     PilotRef,
     Reaped,
+    Revocation,
+    SeenToken,
     SlotOffer,
     StaleAttemptError,
+    StoreError,
     StoreSettings,
     TooManyJobs,
     UnknownJob,
     UpdateResult,
 )
 from broker.store.classes import CLASS_COLUMNS, ClassCache, RequirementClass
-from broker.store.schema import ALIVE_STATES, ASSIGNED, COUNTERS, SITE_STATES, WAITING, duration_ms, from_ms, to_ms
+from broker.store.schema import (
+    ALIVE_STATES,
+    ASSIGNED,
+    COUNTERS,
+    MIGRATIONS,
+    SCHEMA_VERSION,
+    SITE_STATES,
+    WAITING,
+    duration_ms,
+    from_ms,
+    to_ms,
+)
 from pilot.errors import UsageError
 from splitpilot.job.v1 import job_pb2
 
@@ -79,6 +100,30 @@ CLAIM_SET = (f"state = {ASSIGNED}, attempt = attempt + 1, fenced = 0, seq = 0, u
              "site = ?, node = ?, pilot_id = ?, exit_code = NULL, message = ''")
 REAP_BATCH = 500
 _FREE_CAUSES = (RequeueCause.STOPPED, RequeueCause.ADMIN)
+#: A pilot row bound to the calling certificate; parameters: pilot_id, serial, subject, site.
+PILOT_BOUND = "pilot_id = ? AND cert_serial = ? AND subject = ? AND site = ?"
+#: A contact of a bound pilot; parameters: now, matched, node, then PILOT_BOUND's. An empty node
+#: (ReportAttemptFailure sends none) keeps the recorded one.
+PILOT_TOUCH = ("UPDATE pilots SET last_seen = ?, jobs_matched = jobs_matched + ?, "
+               f"node = coalesce(nullif(?, ''), node) WHERE {PILOT_BOUND}")
+REVOKED_COLUMNS = "id, serial, subject, role, reason, revoked, revoked_by, not_after"
+_IN_CHUNK = 500  # values per IN (...) list
+
+
+def pilot_key(pilot: PilotRef) -> tuple[str, str, str, str]:
+    """PILOT_BOUND's parameters."""
+    return pilot.pilot_id, pilot.serial, pilot.subject, pilot.site
+
+
+def _revocation(row: Sequence) -> Revocation:
+    rid, serial, subject, role, reason, revoked, by, not_after = row
+    return Revocation(int(rid), serial, subject, role, reason, from_ms(revoked), by,
+                      from_ms(not_after) if not_after else None)
+
+
+def _chunks(values: Sequence, size: int = _IN_CHUNK):
+    for begin in range(0, len(values), size):
+        yield values[begin:begin + size]
 
 
 def record(row: Sequence, history: Sequence[tuple] = (), outputs: Sequence[tuple] = ()) -> JobRecord:
@@ -147,19 +192,31 @@ class SqlStore(JobStore):
         cur.run(EVENT_INSERT, (job_id, ms, int(state), attempt, detail))
 
     def _touch_pilot(self, cur: Cursor, pilot: PilotRef, ms: int, matched: int) -> None:
-        """Record a contact from PILOT (creating it on first contact)."""
-        update = ("UPDATE pilots SET last_seen = ?, jobs_matched = jobs_matched + ?, site = ?, node = ? "
-                  "WHERE pilot_id = ?")
-        params = (ms, matched, pilot.site, pilot.node, pilot.pilot_id)
-        if cur.run(update, params):
+        """Record a contact from PILOT, binding its id to the calling certificate on first contact.
+
+        Raises PilotNotYours, having written nothing, when the id is bound to another certificate:
+        every caller runs this first in its transaction."""
+        touch = (ms, matched, pilot.node, *pilot_key(pilot))
+        if cur.run(PILOT_TOUCH, touch):  # the common case: a known pilot, its own certificate
             return
+        not_after = to_ms(pilot.not_after) if pilot.not_after is not None else 0
         if cur.run("INSERT INTO pilots (pilot_id, site, node, subject, first_seen, last_seen, jobs_matched, "
-                   "jobs_run, end_reason, ended) VALUES (?, ?, ?, ?, ?, ?, ?, 0, '', NULL) "
-                   "ON CONFLICT (pilot_id) DO NOTHING",
-                   (pilot.pilot_id, pilot.site, pilot.node, pilot.subject, ms, ms, matched)):
+                   "jobs_run, end_reason, ended, cert_serial, cert_not_after) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, 0, '', NULL, ?, ?) ON CONFLICT (pilot_id) DO NOTHING",
+                   (pilot.pilot_id, pilot.site, pilot.node, pilot.subject, ms, ms, matched, pilot.serial,
+                    not_after)):
             self._bump(cur, "pilots_seen")
-        else:  # another transaction created it first
-            cur.run(update, params)
+            return
+        # A pilot recorded before binding existed (schema version 1) is bound by the next call from an
+        # agent certificate of the same holder and site.
+        if cur.run("UPDATE pilots SET cert_serial = ?, cert_not_after = ?, last_seen = ?, "
+                   "jobs_matched = jobs_matched + ?, node = coalesce(nullif(?, ''), node) "
+                   "WHERE pilot_id = ? AND cert_serial = '' AND subject = ? AND site = ?",
+                   (pilot.serial, not_after, ms, matched, pilot.node, pilot.pilot_id, pilot.subject, pilot.site)):
+            return
+        if cur.run(PILOT_TOUCH, touch):  # a concurrent first call of the same certificate inserted it
+            return
+        raise PilotNotYours(pilot.pilot_id)
 
     def _refresh_classes(self, cur: Cursor) -> None:
         newest = cur.row("SELECT max(id) FROM classes")[0]
@@ -200,6 +257,38 @@ class SqlStore(JobStore):
                 "WHERE id = ?", (int(target), charged, ms, why, job_id))
         self._event(cur, job_id, ms, target, attempt, why)
         return target
+
+    def _migrate(self, cur: Cursor) -> None:
+        """Take the database from its recorded schema version to SCHEMA_VERSION (after the CREATE
+        statements, in the same transaction as them)."""
+        version = int(cur.row("SELECT value FROM meta WHERE key = 'schema_version'")[0])
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"store schema version {version} is newer than this broker's ({SCHEMA_VERSION}); "
+                             "fix: run a broker of that version or newer on this database")
+        while version < SCHEMA_VERSION:
+            for statement in MIGRATIONS[version]:
+                cur.run(statement)
+            if version == 1:
+                self._own_existing_inputs(cur)
+            version += 1
+            cur.run("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+
+    @staticmethod
+    def _own_existing_inputs(cur: Cursor) -> None:
+        """Version 2 records who may use which content; the inputs of the jobs already queued are
+        their owners' (and stay referenced, so that a replaced output never frees them)."""
+        ms = int(time.time() * 1000)
+        last = 0
+        while rows := cur.rows("SELECT id, owner, spec FROM jobs WHERE id > ? ORDER BY id LIMIT 2000", (last,)):
+            owned = {}
+            for job_id, owner, blob in rows:
+                last = job_id
+                spec = job_pb2.JobSpec()
+                spec.ParseFromString(bytes(blob))
+                for item in spec.input_files:
+                    owned[(owner, item.sha256)] = item.size
+            cur.many("INSERT INTO file_owners (owner, sha256, size, time) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (owner, sha256) DO NOTHING", [(o, s, size, ms) for (o, s), size in owned.items()])
 
     # ------------------------------------------------------------------ users
     def submit(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime) -> list[int]:
@@ -336,6 +425,7 @@ class SqlStore(JobStore):
         ms = to_ms(now)
 
         def body(cur: Cursor) -> JobState:
+            self._touch_pilot(cur, pilot, ms, 0)  # first: another certificate's pilot id changes nothing
             state, current, fenced, holder, charged, max_attempts, kill_requested = self._lock_job(
                 cur, job_id, "state, attempt, fenced, pilot_id, charged, max_attempts, kill_requested")
             if attempt != current or attempt < 1:
@@ -400,18 +490,100 @@ class SqlStore(JobStore):
             return bool(row[1]) or JobState(row[0]).final
         return self._write(body)
 
-    def add_output(self, job_id: int, attempt: int, output: OutputRecord, now: datetime.datetime) -> None:
+    def _lock_current(self, cur: Cursor, job_id: int, attempt: int) -> None:
+        """Lock the job row; StaleAttemptError unless ATTEMPT is its current, active, unfenced attempt."""
+        state, current, fenced = self._lock_job(cur, job_id, "state, attempt, fenced")
+        if attempt != current or fenced or JobState(state) not in ACTIVE_STATES:
+            raise StaleAttemptError(job_id, attempt, shown_attempt(state, current))
+
+    def reserve_output(self, job_id: int, attempt: int, name: str, size: int, max_bytes: int, max_files: int,
+                       now: datetime.datetime) -> int:
         ms = to_ms(now)
 
-        def body(cur: Cursor) -> None:
-            state, current, fenced = self._lock_job(cur, job_id, "state, attempt, fenced")
-            if attempt != current or fenced or JobState(state) not in ACTIVE_STATES:
-                raise StaleAttemptError(job_id, attempt, shown_attempt(state, current))
+        def body(cur: Cursor) -> int:
+            # Under the job's row lock: every upload of the job reserves one after the other.
+            self._lock_current(cur, job_id, attempt)
+            recorded = cur.rows("SELECT name, size FROM outputs WHERE job_id = ? AND attempt = ?", (job_id, attempt))
+            reserved = cur.rows("SELECT name, size FROM reservations WHERE job_id = ? AND attempt = ?",
+                                (job_id, attempt))
+            total = sum(s for n, s in recorded if n != name) + sum(s for _, s in reserved) + size
+            if total > max_bytes:
+                raise LimitExceeded(job_id, name, (
+                    f"{format_size(size)} would bring the job's outputs (recorded and being uploaded) to "
+                    f"{format_size(total)}, over the broker's per-job output limit of {format_size(max_bytes)}; "
+                    "nothing was stored; fix: save less, or ask the broker's operator to raise --max-job-size"))
+            names = {n for n, _ in recorded} | {n for n, _ in reserved} | {name}
+            if len(names) > max_files:
+                raise LimitExceeded(job_id, name, (
+                    f"the job would have {len(names)} outputs, over the broker's limit of {max_files} per job; "
+                    "nothing was stored; fix: pack small files into one archive (tar) before saving them, or "
+                    "ask the broker's operator to raise --max-outputs"))
+            return int(cur.row("INSERT INTO reservations (job_id, attempt, name, size, time) VALUES (?, ?, ?, ?, ?) "
+                               "RETURNING id", (job_id, attempt, name, size, ms))[0])
+        return self._write(body)
+
+    def release_reservation(self, reservation: int) -> None:
+        self._write(lambda cur: cur.run("DELETE FROM reservations WHERE id = ?", (reservation,)))
+
+    def pending_outputs(self, job_id: int) -> list[tuple[int, str, int]]:
+        return [(int(a), n, int(s)) for a, n, s in self._read(lambda cur: cur.rows(
+            "SELECT attempt, name, size FROM reservations WHERE job_id = ? ORDER BY id", (job_id,)))]
+
+    def add_output(self, job_id: int, attempt: int, output: OutputRecord, now: datetime.datetime, *,
+                   reservation: int | None = None) -> str | None:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> str | None:
+            self._lock_current(cur, job_id, attempt)
+            if reservation is not None:
+                cur.run("DELETE FROM reservations WHERE id = ?", (reservation,))
+            old = cur.row("SELECT sha256 FROM outputs WHERE job_id = ? AND attempt = ? AND name = ?",
+                          (job_id, attempt, output.name))
             cur.run("INSERT INTO outputs (job_id, attempt, name, size, sha256, time) VALUES (?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (job_id, attempt, name) DO UPDATE SET size = excluded.size, "
                     "sha256 = excluded.sha256, time = excluded.time",
                     (job_id, attempt, output.name, output.size, output.sha256, ms))
-        self._write(body)
+            return old[0] if old is not None and old[0] != output.sha256 else None
+        return self._write(body)
+
+    # ------------------------------------------------------ content ownership
+    def add_file_owner(self, owner: str, sha256: str, size: int, now: datetime.datetime) -> bool:
+        return bool(self._write(lambda cur: cur.run(
+            "INSERT INTO file_owners (owner, sha256, size, time) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (owner, sha256) DO NOTHING", (owner, sha256, size, to_ms(now)))))
+
+    def claim_inputs(self, owner: str, sha256s: Sequence[str], now: datetime.datetime) -> set[str]:
+        wanted = sorted(set(sha256s))
+
+        def owned(cur: Cursor) -> set[str]:
+            found: set[str] = set()
+            for chunk in _chunks(wanted):
+                found.update(row[0] for row in cur.rows(
+                    f"SELECT sha256 FROM file_owners WHERE owner = ? AND sha256 IN ({', '.join('?' * len(chunk))})",
+                    (owner, *chunk)))
+            return found
+
+        found = self._read(owned)
+        rest = [s for s in wanted if s not in found]
+        if not rest:
+            return found
+
+        def produced(cur: Cursor) -> set[str]:
+            made: dict[str, int] = {}
+            for chunk in _chunks(rest):
+                made.update(cur.rows(
+                    "SELECT o.sha256, max(o.size) FROM outputs o JOIN jobs j ON j.id = o.job_id WHERE j.owner = ? "
+                    f"AND o.sha256 IN ({', '.join('?' * len(chunk))}) GROUP BY o.sha256", (owner, *chunk)))
+            cur.many("INSERT INTO file_owners (owner, sha256, size, time) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (owner, sha256) DO NOTHING",
+                     [(owner, sha, int(size), to_ms(now)) for sha, size in made.items()])
+            return set(made)
+        return found | self._write(produced)
+
+    def content_referenced(self, sha256: str) -> bool:
+        return self._read(lambda cur: cur.row(
+            "SELECT 1 FROM outputs WHERE sha256 = ? UNION ALL SELECT 1 FROM file_owners WHERE sha256 = ? LIMIT 1",
+            (sha256, sha256))) is not None
 
     def current_attempt(self, job_id: int) -> tuple[JobState, int]:
         row = self._read(lambda cur: cur.row("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)))
@@ -435,9 +607,53 @@ class SqlStore(JobStore):
 
     def list_pilots(self, seen_since: datetime.datetime) -> list[PilotRecord]:
         rows = self._read(lambda cur: cur.rows(
-            "SELECT pilot_id, site, node, first_seen, last_seen, jobs_matched, end_reason FROM pilots "
+            "SELECT pilot_id, site, node, first_seen, last_seen, jobs_matched, end_reason, cert_serial FROM pilots "
             "WHERE last_seen >= ? ORDER BY last_seen DESC, pilot_id", (to_ms(seen_since),)))
-        return [PilotRecord(p, s, n, from_ms(f), from_ms(last), int(m), e) for p, s, n, f, last, m, e in rows]
+        return [PilotRecord(p, s, n, from_ms(f), from_ms(last), int(m), e, c)
+                for p, s, n, f, last, m, e, c in rows]
+
+    def pilot_expiry(self, pilot_id: str) -> datetime.datetime | None:
+        row = self._read(lambda cur: cur.row("SELECT cert_not_after FROM pilots WHERE pilot_id = ?", (pilot_id,)))
+        return from_ms(row[0]) if row is not None and row[0] else None
+
+    # ---------------------------------------------------------------- revocation
+    def revoke(self, serial: str, subject: str, role: str, reason: str, revoked_by: str,
+               not_after: datetime.datetime | None, now: datetime.datetime) -> tuple[Revocation, bool]:
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> tuple[Revocation, bool]:
+            if serial:  # one certificate: revoking it twice adds nothing
+                row = cur.row(f"SELECT {REVOKED_COLUMNS} FROM revoked WHERE serial = ? ORDER BY id LIMIT 1",
+                              (serial,))
+                if row is not None:
+                    return _revocation(row), True
+            # A holder revocation is never a duplicate: a later one also covers the tokens issued since.
+            row = cur.row(f"INSERT INTO revoked (serial, subject, role, reason, revoked, revoked_by, not_after) "
+                          f"VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {REVOKED_COLUMNS}",
+                          (serial, subject, role, reason, ms, revoked_by,
+                           to_ms(not_after) if not_after is not None else 0))
+            return _revocation(row), False
+        return self._write(body)
+
+    def revocations(self) -> list[Revocation]:
+        return [_revocation(row) for row in self._read(lambda cur: cur.rows(
+            f"SELECT {REVOKED_COLUMNS} FROM revoked ORDER BY id"))]
+
+    def revocation_generation(self) -> tuple[int, int]:
+        newest, count = self._read(lambda cur: cur.row("SELECT coalesce(max(id), 0), count(*) FROM revoked"))
+        return int(newest), int(count)
+
+    def note_tokens(self, tokens: Sequence[SeenToken], now: datetime.datetime) -> None:
+        if tokens:
+            self._write(lambda cur: cur.many(
+                "INSERT INTO tokens (serial, role, subject, not_after, first_seen) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (serial) DO NOTHING",
+                [(t.serial, t.role, t.subject, to_ms(t.not_after), to_ms(now)) for t in tokens]))
+
+    def seen_token(self, serial: str) -> SeenToken | None:
+        row = self._read(lambda cur: cur.row("SELECT serial, role, subject, not_after FROM tokens WHERE serial = ?",
+                                             (serial,)))
+        return SeenToken(row[0], row[1], row[2], from_ms(row[3])) if row is not None else None
 
     def requeue(self, job_id: int, cause: RequeueCause, detail: str, now: datetime.datetime) -> int:
         ms = to_ms(now)
@@ -470,6 +686,12 @@ class SqlStore(JobStore):
         if self.settings.queue_timeout is not None:
             expired = ms - duration_ms(self.settings.queue_timeout)
             self._reap_kind(reaped, f"state = {WAITING} AND updated < ?", expired, None, ms)
+        stale = ms - duration_ms(self.settings.reservation_timeout)
+
+        def tidy(cur: Cursor) -> None:
+            cur.run("DELETE FROM reservations WHERE time < ?", (stale,))  # uploads of a broker that died
+            cur.run("DELETE FROM tokens WHERE not_after < ?", (ms,))      # expired: nothing left to revoke
+        self._write(tidy)
         return reaped
 
     def _reap_kind(self, reaped: list[Reaped], condition: str, cutoff: int, cause: RequeueCause | None,

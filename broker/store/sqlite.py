@@ -164,16 +164,13 @@ class SqliteStore(SqlStore):
                 conn.close()
 
     # ---------------------------------------------------------------- schema
-    @staticmethod
-    def _create_schema(cur: _Cursor) -> None:
+    def _create_schema(self, cur: _Cursor) -> None:
         for statement in ddl(SQLITE):
             cur.run(statement)
         cur.run("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                 (SCHEMA_VERSION,))
         cur.run("INSERT INTO meta (key, value) VALUES ('last_job_id', 0) ON CONFLICT (key) DO NOTHING")
-        version = cur.row("SELECT value FROM meta WHERE key = 'schema_version'")[0]
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"store schema version {version}, this broker knows {SCHEMA_VERSION}")
+        self._migrate(cur)
 
     def _create_classes(self, classes: Sequence[RequirementClass], now_ms: int) -> None:
         self._write(lambda cur: cur.many(
@@ -195,8 +192,9 @@ class SqliteStore(SqlStore):
         ms = to_ms(now)
 
         def body(cur: _Cursor) -> Assignment | None:
+            # First: a pilot id bound to another certificate is refused before anything is claimed.
+            self._touch_pilot(cur, pilot, ms, 0)
             if self._site_state(cur, slot.site) != "enabled":
-                self._touch_pilot(cur, pilot, ms, 0)
                 return None
             self._refresh_classes(cur)
             fitting, best = self._classes.fitting(slot), None
@@ -207,7 +205,6 @@ class SqliteStore(SqlStore):
                                          or (head[0] == best[0] and head[1] < best[1])):
                     best = head
             if best is None:
-                self._touch_pilot(cur, pilot, ms, 0)
                 return None
             job_id = best[1]
             attempt, owner, blob = cur.row(
@@ -216,7 +213,7 @@ class SqliteStore(SqlStore):
             self._event(cur, job_id, ms, JobState.ASSIGNED, attempt,
                         matched_detail(slot, pilot))
             self._bump(cur, "matches_total")
-            self._touch_pilot(cur, pilot, ms, 1)
+            cur.run("UPDATE pilots SET jobs_matched = jobs_matched + 1 WHERE pilot_id = ?", (pilot.pilot_id,))
             spec = job_pb2.JobSpec()
             spec.ParseFromString(blob)
             return Assignment(job_id=job_id, attempt=attempt, spec=spec, owner=owner)

@@ -5,15 +5,21 @@
     splitpilot token issue --ca DIR --role ROLE --subject NAME --out FILE [--ttl 24h] ...
     splitpilot token show FILE [--ca DIR]
     splitpilot token verify FILE --ca DIR [--role ROLE] [--site S] [--job-id N --attempt N]
+    splitpilot token revoke --broker HOST:PORT --token ADMIN.pem
+                            (--serial HEX | --subject NAME --role ROLE | --token-file FILE) --reason TEXT
+    splitpilot token revoked --broker HOST:PORT --token ADMIN.pem [--json]
 
 Token files hold the certificate chain and the private key (0600); `show`
-never prints the key.
+never prints the key. `revoke` sends only the certificate of --token-file,
+never its key; the admin token is read from its file (never from argv or
+the environment).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 
 from cryptography.hazmat.primitives import hashes
@@ -97,7 +103,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--job-id", type=int)
     verify.add_argument("--attempt", type=int)
     verify.set_defaults(handler=_token_verify)
+
+    revoke = tok_sub.add_parser(
+        "revoke", help="revoke a token at the broker (every broker on its database refuses it within seconds)",
+        description="Revoke one token (by serial, or by its file: only its certificate is sent), or every token "
+                    "of a holder and role issued until now. Needs an admin token. The holder of a revoked token "
+                    "is refused with UNAUTHENTICATED and the reason.",
+        epilog="a serial is accepted when some broker on the database has seen the token; a token never used "
+               "is revoked with --token-file, or by --subject/--role.")
+    _admin_options(revoke)
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--serial", metavar="HEX", help="the certificate serial (`splitpilot token show` prints it)")
+    which.add_argument("--subject", metavar="NAME", help="every token of this holder (with --role) issued until now")
+    which.add_argument("--token-file", metavar="FILE", help="the token (or certificate) file of the token to revoke")
+    revoke.add_argument("--role", choices=("user", "admin", "agent", "job"), help="with --subject: the role")
+    revoke.add_argument("--reason", required=True, help="why (recorded, and shown to the refused holder)")
+    revoke.set_defaults(handler=_token_revoke)
+    revoked = tok_sub.add_parser("revoked", help="list the revocations the broker knows",
+                                 description="The revocations recorded at the broker, oldest first.")
+    _admin_options(revoked)
+    revoked.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    revoked.set_defaults(handler=_token_revoked)
     token.set_defaults(handler=lambda _a: token.print_help(sys.stderr) or 2)
+
+
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="the broker")
+    parser.add_argument("--token", required=True, metavar="ADMIN_TOKEN.pem", help="your admin token file")
+    parser.add_argument("--ca-cert", metavar="FILE",
+                        help="the broker's CA certificate (default: the last certificate of the token file)")
 
 
 # ------------------------------------------------------------------ handlers
@@ -180,6 +214,52 @@ def _token_verify(args: argparse.Namespace) -> int:
     expect = Expectation(roles, site=args.site, job_id=args.job_id, attempt=args.attempt)
     identity = TokenVerifier([ca.certificate]).verify(list(_read_chain(args.file)), expect)
     print(f"ok: {identity.describe()}, valid until {identity.not_after:%Y-%m-%d %H:%M:%S}Z")
+    return 0
+
+
+def _admin_client(args: argparse.Namespace):
+    from broker.client import AdminClient
+    return AdminClient(args.broker, args.token, args.ca_cert)
+
+
+def _token_revoke(args: argparse.Namespace) -> int:
+    if (args.subject is None) != (args.role is None):
+        raise UsageError("--subject and --role go together: every token of that holder in that role is revoked")
+    target: dict = {}
+    if args.serial:
+        target["serial"] = args.serial
+    elif args.subject:
+        target.update(subject=args.subject, role=args.role)
+    else:
+        chain = _read_chain(args.token_file)  # certificates only: the key never leaves this machine
+        target["certificate_pem"] = certificate_pem([chain[0]])
+    with _admin_client(args) as admin:
+        revocation, already = admin.revoke_token(args.reason, **target)
+    what = (f"token serial {revocation.serial} ({revocation.role} {revocation.subject})" if revocation.serial
+            else f"every {revocation.role} token of {revocation.subject} issued until {_when(revocation.revoked)}")
+    print(f"{'already revoked' if already else 'revoked'}: {what} at {_when(revocation.revoked)} by "
+          f"{revocation.revoked_by}: {revocation.reason}")
+    print("every broker on the same database refuses it within its --revocation-refresh (2s by default)",
+          file=sys.stderr)
+    return 0
+
+
+def _token_revoked(args: argparse.Namespace) -> int:
+    with _admin_client(args) as admin:
+        revocations = admin.list_revoked()
+    if args.json:
+        print(json.dumps([{"id": r.id, "serial": r.serial, "subject": r.subject, "role": r.role, "reason": r.reason,
+                           "revoked": r.revoked.isoformat(), "revoked_by": r.revoked_by,
+                           "not_after": r.not_after.isoformat() if r.not_after else None}
+                          for r in revocations], indent=2))
+        return 0
+    rows = [("ID", "SERIAL", "ROLE", "HOLDER", "REVOKED", "BY", "REASON")]
+    rows += [(str(r.id), r.serial or "(all issued before)", r.role, r.subject, _when(r.revoked), r.revoked_by,
+              r.reason) for r in revocations]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(f"{len(revocations)} revocation(s)", file=sys.stderr)
     return 0
 
 

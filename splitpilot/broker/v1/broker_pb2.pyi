@@ -394,7 +394,7 @@ class ListPilotsRequest(_message.Message):
     def __init__(self, seen_within_s: _Optional[int] = ...) -> None: ...
 
 class PilotInfo(_message.Message):
-    __slots__ = ("pilot_id", "site", "node", "first_seen_unix_ms", "last_seen_unix_ms", "jobs_matched", "end_reason")
+    __slots__ = ("pilot_id", "site", "node", "first_seen_unix_ms", "last_seen_unix_ms", "jobs_matched", "end_reason", "certificate_serial")
     PILOT_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -402,6 +402,7 @@ class PilotInfo(_message.Message):
     LAST_SEEN_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     JOBS_MATCHED_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_SERIAL_FIELD_NUMBER: _ClassVar[int]
     pilot_id: str
     site: str
     node: str
@@ -409,7 +410,8 @@ class PilotInfo(_message.Message):
     last_seen_unix_ms: int
     jobs_matched: int
     end_reason: str
-    def __init__(self, pilot_id: _Optional[str] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., jobs_matched: _Optional[int] = ..., end_reason: _Optional[str] = ...) -> None: ...
+    certificate_serial: str
+    def __init__(self, pilot_id: _Optional[str] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., jobs_matched: _Optional[int] = ..., end_reason: _Optional[str] = ..., certificate_serial: _Optional[str] = ...) -> None: ...
 
 class ListPilotsResponse(_message.Message):
     __slots__ = ("pilots",)
@@ -430,3 +432,61 @@ class RequeueResponse(_message.Message):
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     attempt: int
     def __init__(self, attempt: _Optional[int] = ...) -> None: ...
+
+class TokenHolder(_message.Message):
+    __slots__ = ("subject", "role")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    role: str
+    def __init__(self, subject: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("serial", "holder", "certificate_pem", "reason")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    holder: TokenHolder
+    certificate_pem: bytes
+    reason: str
+    def __init__(self, serial: _Optional[str] = ..., holder: _Optional[_Union[TokenHolder, _Mapping]] = ..., certificate_pem: _Optional[bytes] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RevokedToken(_message.Message):
+    __slots__ = ("id", "serial", "subject", "role", "reason", "revoked_unix_ms", "revoked_by", "not_after_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_BY_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    serial: str
+    subject: str
+    role: str
+    reason: str
+    revoked_unix_ms: int
+    revoked_by: str
+    not_after_unix_ms: int
+    def __init__(self, id: _Optional[int] = ..., serial: _Optional[str] = ..., subject: _Optional[str] = ..., role: _Optional[str] = ..., reason: _Optional[str] = ..., revoked_unix_ms: _Optional[int] = ..., revoked_by: _Optional[str] = ..., not_after_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("revoked", "already_revoked")
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: RevokedToken
+    already_revoked: bool
+    def __init__(self, revoked: _Optional[_Union[RevokedToken, _Mapping]] = ..., already_revoked: _Optional[bool] = ...) -> None: ...
+
+class ListRevokedRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRevokedResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: _containers.RepeatedCompositeFieldContainer[RevokedToken]
+    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ...) -> None: ...

@@ -77,7 +77,9 @@ class UserServiceServicer:
 
     def Submit(self, request, context):
         """Submit a batch of jobs; all or none are queued. Input files named in the
-        specs must have been uploaded first (UploadFile), or the batch is refused.
+        specs must have been uploaded by the caller (UploadFile) or produced by
+        the caller's own jobs; any other content is refused exactly like content
+        the broker does not have (no existence or size oracle).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -603,7 +605,9 @@ class JobServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutOutput(self, request_iterator, context):
-        """Upload one output file of this job (first chunk: header).
+        """Upload one output file of this job (first chunk: header). The header's
+        size is reserved against the attempt's output limits before any data is
+        read; re-uploading a name replaces that output.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -822,6 +826,16 @@ class AdminServiceStub:
                 request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsRequest.SerializeToString,
                 response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/splitpilot.broker.v1.AdminService/RevokeToken',
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
+        self.ListRevoked = channel.unary_unary(
+                '/splitpilot.broker.v1.AdminService/ListRevoked',
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.SerializeToString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -856,6 +870,22 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeToken(self, request, context):
+        """Revoke a token (by serial, by certificate, or every token of a holder
+        issued until now): every broker on the same database refuses it within
+        seconds, with UNAUTHENTICATED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRevoked(self, request, context):
+        """The revocations recorded, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -878,6 +908,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAllJobs,
                     request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsRequest.FromString,
                     response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'ListRevoked': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRevoked,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.FromString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -989,6 +1029,60 @@ class AdminService:
             '/splitpilot.broker.v1.AdminService/ListAllJobs',
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsRequest.SerializeToString,
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitpilot.broker.v1.AdminService/RevokeToken',
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.RevokeTokenRequest.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRevoked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitpilot.broker.v1.AdminService/ListRevoked',
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.FromString,
             options,
             channel_credentials,
             insecure,
