@@ -194,6 +194,59 @@ def test_apptainer_runs_unprivileged_inside_a_job(pool):
 
 
 @pytest.mark.condor
+def test_apptainers_documented_isolation_is_what_a_payload_finds(pool):
+    """docs/security.md's `apptainer` row, measured where Apptainer runs: in the node, as the glidein's user,
+    with the launcher's exact command (see tests/test_isolation_matrix.py for the other runtimes)."""
+    import json
+    import shlex
+
+    from pilot.launch import ApptainerLauncher, Mounts, build_software_area, wrapper_command
+    from test_isolation_matrix import COLUMNS, MARKER, PROBE, cells, documented_rows
+
+    base = Path(tempfile.mkdtemp(prefix="matrix-", dir=pool.shared_dirs[0]))
+    os.chmod(base, 0o755)
+    work = base / "work"
+    sandbox, other = work / "job-1-1" / "sandbox", work / "job-2-1" / "sandbox"
+    for folder in (sandbox, other):
+        folder.mkdir(parents=True)
+    (other / "secret.out").write_text("another job's output\n")
+    (work / "agent-state").write_text("the agent's own file\n")
+    software = build_software_area(work / "software")
+    shutil.copy(PROBE, sandbox / PROBE.name)
+    launcher = ApptainerLauncher(image=pool.sandbox_image)
+    mounts = Mounts.on_host(str(sandbox), str(software))
+    (sandbox / "probe-input.json").write_text(json.dumps({
+        "other_secret": str(other / "secret.out"), "agent_state": str(work / "agent-state"),
+        "agent_pid_file": "agent.pid", "agent_marker": MARKER, "port": 1,
+        "software": launcher.software_dir(mounts)}))
+    uid = pool.settings.recipe.job_uid
+    for path in [work, *work.rglob("*")]:
+        os.lchown(path, uid, uid)
+    command = ["env", "-i", *(f"{k}={v}" for k, v in launcher.environment(mounts, {}).items()),
+               *launcher.wrap(wrapper_command(launcher, mounts, ["python3", "isolation_probe.py"]), mounts)]
+    script = write_script(base / "agent.sh", f"""
+        #!/bin/sh
+        # the decoy agent, then the wrapper's command as the agent runs it; the host's loopback is
+        # the node's (shared network namespace): port 1 refuses, which still shows it is reachable.
+        python3 -c 'import time; time.sleep(600)' {MARKER} </dev/null >/dev/null 2>&1 &
+        decoy=$!
+        echo $decoy > {sandbox}/agent.pid  # given to the probe: it need not find the agent to be told its pid
+        cd {shlex.quote(str(sandbox))} && {shlex.join(command)}
+        status=$?
+        kill $decoy
+        exit $status
+    """)
+    result = pool.run_in_node(["/bin/sh", str(script)], timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    seen = json.loads((sandbox / "probe-result.json").read_text())
+    # Port 1 has no listener: a refused connection (not an unreachable network) means the host's loopback.
+    seen["host_loopback"] = "ok" if seen["host_loopback"] == "ECONNREFUSED" else seen["host_loopback"]
+    measured = cells(seen)
+    print("| `apptainer` | " + " | ".join(measured[c] for c in COLUMNS) + " |")
+    assert documented_rows()["apptainer"] == measured, seen
+
+
+@pytest.mark.condor
 def test_sub_file_accepted_by_condor_submit_in_the_node(pool):
     folder = job_dir(pool, "subfile")
     tag = uuid.uuid4().hex
