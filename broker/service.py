@@ -18,6 +18,7 @@ gRPC status with a message that names the problem and the fix
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import functools
 import logging
@@ -344,14 +345,29 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
     if before_data is not None:
         await before_data(header)
     incoming = broker.files.receive(header.name, header.size, header.sha256, what=what)
+    running: concurrent.futures.Future | None = None  # the pool's operation on INCOMING, while one runs
+
+    async def in_pool(fn: Callable, *args):
+        nonlocal running
+        running = broker.executor.submit(fn, *args)
+        # Shielded: a cancelled call (the client left) does not stop the operation, it only stops waiting.
+        result = await asyncio.shield(asyncio.wrap_future(running))
+        running = None
+        return result
+
     try:
         async for chunk in iterator:
             if chunk.WhichOneof("kind") != "data":
                 raise BadRequest("only the first FileChunk carries a header; fix: send data chunks after it")
-            await broker.io(incoming.write, chunk.data)
-        result = await broker.io(incoming.commit, functools.partial(record, header))
+            await in_pool(incoming.write, chunk.data)
+        result = await in_pool(incoming.commit, functools.partial(record, header))
     finally:
-        incoming.abort()
+        if running is not None:
+            # Cancelled while a write or the commit runs in a thread: abort once it has returned, never
+            # alongside it (abort closes the descriptor it writes to, whose number may be reused at once).
+            running.add_done_callback(lambda _done: incoming.abort())
+        else:
+            incoming.abort()
     broker.metrics.files_received_bytes += header.size
     return header, result
 

@@ -35,6 +35,7 @@ from broker.client import (
     NotFound,
     PreconditionFailed,
 )
+from broker.files import Incoming
 from broker.lifecycle import JobState
 from broker.server import BrokerConfig, BrokerServer
 from broker.store.base import OutputRecord
@@ -411,6 +412,63 @@ def test_outputs_per_job_are_bounded_and_broken_uploads_release_their_reservatio
         wait_for(lambda: store.pending_outputs(job_id) == [], 30, "the abandoned upload's reservation to go")
         assert files.temp_files() == [] and files.usage() == before
         assert sorted(o.name for o in alice.status(job_id).outputs) == ["o0", "o1", "o2", "o3"]
+
+
+def test_a_client_leaving_mid_write_never_has_its_file_closed_under_the_write(sqlite_server, tokens, monkeypatch):
+    """The client cancels its upload while the broker writes a chunk in a pool thread. The upload's
+    temporary file must be aborted only after that write returned, never alongside it (abort closes the
+    descriptor the write uses, whose number the process may hand to another connection at once); the
+    reservation is released and nothing is left behind."""
+    server = sqlite_server
+    files, store = server.broker.files, server.store
+    log: list[str] = []
+    entered, release = threading.Event(), threading.Event()
+
+    class GatedIncoming(Incoming):
+        def write(self, data: bytes) -> None:
+            log.append("write")
+            entered.set()
+            release.wait(60)  # the broker is busy writing when the client leaves
+            try:
+                super().write(data)
+            finally:
+                log.append("written")
+
+        def abort(self) -> None:
+            log.append("abort")
+            super().abort()
+
+    monkeypatch.setattr(files, "receive", lambda name, size, sha256, what="": GatedIncoming(files, name, size,
+                                                                                              sha256))
+    with BrokerClient(server.address, tokens.alice) as alice, AgentClient(server.address, tokens.agent) as agent:
+        job_id = submit_one(alice)
+        matched = match(agent)
+        running(matched).close()
+    data = b"d" * 1000
+    hold = threading.Event()
+
+    def chunks():
+        yield header("slow.out", data)
+        yield pb.FileChunk(data=data[:10])
+        hold.wait(60)  # the stream stays open until the test ends
+
+    channel = channel_for(server, matched.token_pem, matched.key_pem)
+    try:
+        call = rpc_pb.JobServiceStub(channel).PutOutput.future(chunks(), timeout=60)
+        wait_for(entered.is_set, 30, "the broker to start writing the first chunk")
+        assert store.pending_outputs(job_id) == [(1, "slow.out", 1000)]
+        call.cancel()
+        # The handler's clean-up has run (the reservation is gone) while the write still runs...
+        wait_for(lambda: store.pending_outputs(job_id) == [], 30, "the cancelled upload's reservation to go")
+        assert log == ["write"], log  # ...and nothing closed the file under it
+        release.set()
+        wait_for(lambda: files.temp_files() == [], 30, "the temporary file to be removed after the write")
+        assert log == ["write", "written", "abort"], log
+    finally:
+        release.set()
+        hold.set()
+        channel.close()
+    assert files.usage() == (0, 0) and store.get(job_id).outputs == ()
 
 
 # ------------------------------------------------------------------ 5. names with control characters
