@@ -200,8 +200,9 @@ def test_apptainers_documented_isolation_is_what_a_payload_finds(pool):
     import json
     import shlex
 
-    from pilot.launch import ApptainerLauncher, Mounts, build_software_area, wrapper_command
     from test_isolation_matrix import COLUMNS, MARKER, PROBE, cells, documented_rows
+
+    from pilot.launch import ApptainerLauncher, Mounts, build_software_area, wrapper_command
 
     base = Path(tempfile.mkdtemp(prefix="matrix-", dir=pool.shared_dirs[0]))
     os.chmod(base, 0o755)
