@@ -37,7 +37,12 @@ def report(reason):
 role = fork_agent("pilot-test", report)
 if isinstance(role, int):
     sys.exit(role)             # the guardian: the agent's exit code
-# The agent.
+# The agent. Its SIGTERM handler is in place before it says it runs (the test signals as soon as it does).
+if behaviour == "sigterm":
+    def leave(signum, frame):
+        role.done()            # a preempted agent stops its jobs, reports, then leaves
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, leave)
 print(os.getpid(), flush=True)
 if behaviour in ("sigkill", "broker-down"):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -47,10 +52,6 @@ elif behaviour == "normal":
     role.done()
     sys.exit(3)
 elif behaviour == "sigterm":
-    def leave(signum, frame):
-        role.done()            # a preempted agent stops its jobs, reports, then leaves
-        sys.exit(0)
-    signal.signal(signal.SIGTERM, leave)
     time.sleep(60)
     sys.exit(9)
 """

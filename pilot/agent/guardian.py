@@ -70,16 +70,23 @@ def fork_agent(pilot_id: str, report: ReportAbandoned) -> AgentEnd | int:
     if threading.active_count() != 1:
         raise RuntimeError(f"the guardian must fork before any thread starts ({threading.active_count()} running)")
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    # Held back over the fork: a SIGTERM arriving before the guardian's handlers are in place would
+    # otherwise end the guardian and leave the agent running unwatched (it is delivered once unblocked).
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
     child = os.fork()
     if child == 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         os.close(read_end)
         return AgentEnd(write_end)
     os.close(write_end)
-    return guard(child, read_end, pilot_id, report)
+    return guard(child, read_end, pilot_id, report, unblock=previous)
 
 
-def guard(child: int, end_fd: int, pilot_id: str, report: ReportAbandoned) -> int:
-    """Wait for the agent CHILD, passing signals on; report it abandoned if it did not end normally."""
+def guard(child: int, end_fd: int, pilot_id: str, report: ReportAbandoned, *,
+          unblock: set[signal.Signals] | None = None) -> int:
+    """Wait for the agent CHILD, passing signals on; report it abandoned if it did not end normally.
+
+    UNBLOCK: the signal mask to restore once the handlers are in place (fork_agent blocks them)."""
     def forward(signum, _frame):
         try:
             os.kill(child, signum)
@@ -88,6 +95,8 @@ def guard(child: int, end_fd: int, pilot_id: str, report: ReportAbandoned) -> in
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
+    if unblock is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblock)
     while True:
         try:
             _pid, status = os.waitpid(child, 0)
