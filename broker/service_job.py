@@ -148,11 +148,11 @@ class JobServicer(rpc_pb.JobServiceServicer):
         record = await self._current(identity)
         now = utcnow()
         # Never outlive the agent certificate bound to the pilot holding the job (durable: recorded by
-        # the store at the pilot's first call, the same for every broker), nor the token presented.
-        cap = identity.not_after
+        # the store at the pilot's first call, the same for every broker). That is the point of a
+        # refresh: a job may outlive its first token, never its pilot's. Only for a pilot with no
+        # recorded certificate (bound before schema 2) is the presented token the cap: no lengthening.
         holder_expiry = await broker.call(broker.store.pilot_expiry, record.pilot_id)
-        if holder_expiry is not None:
-            cap = min(cap, holder_expiry)
+        cap = holder_expiry if holder_expiry is not None else identity.not_after
         if request.time_left_s:
             cap = min(cap, now + datetime.timedelta(seconds=min(request.time_left_s, 10 * 365 * 86400)))
         certificate = broker.ca.issue(TokenRole.JOB, record.owner, key, job_id=record.job_id,

@@ -245,6 +245,13 @@ def test_refreshed_job_tokens_never_outlive_the_holding_pilots_certificate(tmp_p
             assert job.refresh_token() <= short_end
             assert job.refresh_token(time_left_s=600) <= datetime.datetime.now(datetime.UTC) + datetime.timedelta(
                 seconds=601)
+        # And a refresh is what lets a job outlive its first token: a 5-minute job token is refreshed up
+        # to the pilot's certificate (what the agent's TokenRefresh relies on), no further.
+        brief = ca.new_token(TokenRole.JOB, "alice", job_id=matched.job_id, attempt=matched.attempt,
+                             ttl=datetime.timedelta(minutes=5))
+        with JobClient(first.address, certificate_pem(list(brief.chain)), brief.key) as job:
+            lengthened = job.refresh_token()
+            assert brief.certificate.not_valid_after_utc < lengthened <= short_end
     finally:
         first.stop()
     # Durable: a broker started afterwards (the same state directory, or the same PostgreSQL) knows the cap.
