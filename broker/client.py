@@ -325,11 +325,11 @@ def _load_token(token: TokenFile | str | os.PathLike) -> TokenFile:
     return read_token_file(os.path.expanduser(os.fspath(token)), KeyPermissions.REFUSE)
 
 
-def _file_chunks(path: str, name: str, size: int, sha256: str) -> Iterator[pb.FileChunk]:
-    yield pb.FileChunk(header=pb.FileHeader(name=name, size=size, sha256=sha256))
+def _file_chunks(path: str, name: str, size: int, sha256: str) -> Iterator[pb.UploadFileRequest]:
+    yield pb.UploadFileRequest(header=pb.FileHeader(name=name, size=size, sha256=sha256))
     with open(path, "rb") as handle:
         while block := handle.read(CHUNK_SIZE):
-            yield pb.FileChunk(data=block)
+            yield pb.UploadFileRequest(data=block)
 
 
 def _fd_digest(fd: int) -> tuple[str, int]:
@@ -342,21 +342,21 @@ def _fd_digest(fd: int) -> tuple[str, int]:
     return digest.hexdigest(), offset
 
 
-def _fd_chunks(fd: int, name: str, size: int, sha256: str) -> Iterator[pb.FileChunk]:
-    """The FileChunk stream of FD's first SIZE bytes (pread: no shared offset, no reopening)."""
-    yield pb.FileChunk(header=pb.FileHeader(name=name, size=size, sha256=sha256))
+def _fd_chunks(fd: int, name: str, size: int, sha256: str) -> Iterator[pb.PutOutputRequest]:
+    """The PutOutput stream of FD's first SIZE bytes (pread: no shared offset, no reopening)."""
+    yield pb.PutOutputRequest(header=pb.FileHeader(name=name, size=size, sha256=sha256))
     offset = 0
     while offset < size:
         block = os.pread(fd, min(CHUNK_SIZE, size - offset), offset)
         if not block:
             raise SplitpilotError(f"output {name!r} shrank from {size} to {offset} bytes while it was uploaded")
         offset += len(block)
-        yield pb.FileChunk(data=block)
+        yield pb.PutOutputRequest(data=block)
 
 
-def _receive(chunks: Iterable[pb.FileChunk], dest: str, expect_name: str,
+def _receive(chunks: Iterable[pb.GetInputResponse | pb.DownloadOutputResponse], dest: str, expect_name: str,
              expect: tuple[int, str] | None = None) -> str:
-    """Write a FileChunk stream to DEST atomically, verifying size and sha256."""
+    """Write a file stream (header, then data) to DEST atomically, verifying size and sha256."""
     iterator = iter(chunks)
     first = next(iterator, None)
     if first is None or first.WhichOneof("kind") != "header":
@@ -433,7 +433,7 @@ class BrokerClient(_Client):
 
     def status(self, job_id: int) -> JobStatus:
         """One job with its history and outputs."""
-        return JobStatus.from_proto(self._call("GetJob", self._stub.GetJob, pb.GetJobRequest(job_id=job_id)))
+        return JobStatus.from_proto(self._call("GetJob", self._stub.GetJob, pb.GetJobRequest(job_id=job_id)).job)
 
     def list(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0) -> JobListing:
         """The caller's jobs, newest first (LIMIT 0: the broker's default, 1,000)."""
@@ -633,7 +633,7 @@ class JobClient(_Client):
 
     def heartbeat(self, cpu_seconds: float = 0.0, rss_bytes: int = 0, sandbox_bytes: int = 0) -> bool:
         """Report liveness; True when the job was killed and must stop."""
-        response = self._call("Heartbeat", self._stub.Heartbeat, pb.JobHeartbeatRequest(
+        response = self._call("Heartbeat", self._stub.Heartbeat, pb.HeartbeatRequest(
             cpu_seconds=cpu_seconds, rss_bytes=rss_bytes, sandbox_bytes=sandbox_bytes))
         return response.kill
 
@@ -734,7 +734,7 @@ class AdminClient(_Client):
         return self._call("Requeue", self._stub.Requeue, pb.RequeueRequest(job_id=job_id, reason=reason)).attempt
 
     def list_all_jobs(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0) -> JobListing:
-        response = self._call("ListAllJobs", self._stub.ListAllJobs, pb.ListJobsRequest(
+        response = self._call("ListAllJobs", self._stub.ListAllJobs, pb.ListAllJobsRequest(
             states=[int(s) for s in states], limit=limit, before_job_id=before_job_id))
         return _listing(response)
 

@@ -356,7 +356,7 @@ class Incoming:
         if len(data) > CHUNK_SIZE:
             self.abort()
             raise BadFileHeader(self.name, f"a chunk of {len(data)} bytes exceeds the limit of {CHUNK_SIZE} "
-                                           "bytes per chunk; fix: send at most 1 MiB per FileChunk")
+                                           "bytes per chunk; fix: send at most 1 MiB per message")
         if self.received + len(data) > self.size:
             self.abort()
             raise SizeMismatch(self.name, self.size, self.received + len(data))

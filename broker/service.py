@@ -327,7 +327,7 @@ def check_owner(identity: Identity, record: JobRecord) -> None:
 
 async def receive_file(broker: Broker, request_iterator, *, what: str,
                        record: Callable[[pb.FileHeader, StoredFile], object], before_data=None):
-    """Read a FileChunk stream: the header (checked by BEFORE_DATA(header) and
+    """Read a file stream (UploadFileRequest or PutOutputRequest): the header (checked by BEFORE_DATA(header) and
     the store's limits before any data is read), then the data, verified;
     then place the content and call RECORD(stored), which writes the row that
     refers to it, both under the file store's lock (in a thread): RECORD(header,
@@ -336,10 +336,10 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
     try:
         first = await iterator.__anext__()
     except StopAsyncIteration:
-        raise BadRequest("the stream ended before the header; fix: send a FileChunk with the header first") from None
+        raise BadRequest("the stream ended before the header; fix: send a first message with the header") from None
     if first.WhichOneof("kind") != "header":
-        raise BadRequest("the first FileChunk must carry the header (name, size, sha256); fix: send the header "
-                         "before any data")
+        raise BadRequest("the first message of the stream must carry the header (name, size, sha256); "
+                         "fix: send the header before any data")
     header = first.header
     broker.files.check_header(header.name, header.size, header.sha256, what=what)
     if before_data is not None:
@@ -358,7 +358,7 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
     try:
         async for chunk in iterator:
             if chunk.WhichOneof("kind") != "data":
-                raise BadRequest("only the first FileChunk carries a header; fix: send data chunks after it")
+                raise BadRequest("only the first message carries a header; fix: send data chunks after it")
             await in_pool(incoming.write, chunk.data)
         result = await in_pool(incoming.commit, functools.partial(record, header))
     finally:
@@ -372,14 +372,15 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
     return header, result
 
 
-async def send_file(broker: Broker, name: str, size: int, sha256: str):
-    """Yield the FileChunks of a stored file: header, then data of at most 1 MiB."""
+async def send_file(broker: Broker, name: str, size: int, sha256: str, message):
+    """Yield a stored file as MESSAGEs (GetInputResponse, DownloadOutputResponse): header, then data of
+    at most 1 MiB each."""
     handle = broker.files.open(sha256, name)
     try:
-        yield pb.FileChunk(header=pb.FileHeader(name=name, size=size, sha256=sha256))
+        yield message(header=pb.FileHeader(name=name, size=size, sha256=sha256))
         while block := await broker.io(handle.read, CHUNK_SIZE):
             broker.metrics.files_sent_bytes += len(block)
-            yield pb.FileChunk(data=block)
+            yield message(data=block)
     finally:
         handle.close()
 

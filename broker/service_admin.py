@@ -101,8 +101,9 @@ class AdminServicer(rpc_pb.AdminServiceServicer):
         return pb.RequeueResponse(attempt=attempt)
 
     @rpc(SERVICE)
-    async def ListAllJobs(self, identity: Identity, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
-        return await list_jobs(self.broker, None, request)
+    async def ListAllJobs(self, identity: Identity, request: pb.ListAllJobsRequest,
+                          context) -> pb.ListAllJobsResponse:
+        return await list_jobs(self.broker, None, request, pb.ListAllJobsResponse)
 
     @rpc(SERVICE)
     async def RevokeToken(self, identity: Identity, request: pb.RevokeTokenRequest,

@@ -83,11 +83,11 @@ class JobServicer(rpc_pb.JobServiceServicer):
         return pb.UpdateStateResponse(state=int(result.state), replay=result.replay)
 
     @rpc(SERVICE)
-    async def Heartbeat(self, identity: Identity, request: pb.JobHeartbeatRequest, context) -> pb.JobHeartbeatResponse:
+    async def Heartbeat(self, identity: Identity, request: pb.HeartbeatRequest, context) -> pb.HeartbeatResponse:
         broker = self.broker
         kill = await broker.call(broker.store.job_heartbeat, identity.job_id, identity.attempt, request.cpu_seconds,
                                  request.rss_bytes, request.sandbox_bytes, utcnow())
-        return pb.JobHeartbeatResponse(kill=bool(kill))
+        return pb.HeartbeatResponse(kill=bool(kill))
 
     @rpc_stream(SERVICE)
     async def GetInput(self, identity: Identity, request: pb.GetInputRequest, context):
@@ -99,7 +99,7 @@ class JobServicer(rpc_pb.JobServiceServicer):
             names = ", ".join(repr(i.name) for i in record.spec.input_files) or "none"
             raise NotFound(f"job {record.job_id} has no input named {request.name!r} (inputs: {names}); "
                            "fix: ask for a name from the job spec's input_files")
-        async for chunk in send_file(self.broker, item.name, item.size, item.sha256):
+        async for chunk in send_file(self.broker, item.name, item.size, item.sha256, pb.GetInputResponse):
             yield chunk
 
     @rpc(SERVICE)

@@ -143,11 +143,11 @@ class UserServicer(rpc_pb.UserServiceServicer):
                                      already_present=stored.already_present and not new)
 
     @rpc(SERVICE)
-    async def GetJob(self, identity: Identity, request: pb.GetJobRequest, context) -> pb.JobInfo:
+    async def GetJob(self, identity: Identity, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
         broker = self.broker
         record = await broker.call(broker.store.get, request.job_id, with_history=True, heavy=True)
         check_owner(identity, record)
-        return job_info(record)
+        return pb.GetJobResponse(job=job_info(record))
 
     @rpc(SERVICE)
     async def ListJobs(self, identity: Identity, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
@@ -174,12 +174,13 @@ class UserServicer(rpc_pb.UserServiceServicer):
             names = ", ".join(repr(o.name) for o in record.outputs) or "none yet"
             raise NotFound(f"job {request.job_id} has no output named {request.name!r} (outputs: {names}); "
                            "fix: use a name listed by GetJob / `splitpilot job status ID`")
-        async for chunk in send_file(broker, output.name, output.size, output.sha256):
+        async for chunk in send_file(broker, output.name, output.size, output.sha256, pb.DownloadOutputResponse):
             yield chunk
 
 
-async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsRequest) -> pb.ListJobsResponse:
-    """ListJobs for OWNER (None: every owner, for admins)."""
+async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsRequest | pb.ListAllJobsRequest,
+                    response_type: type = pb.ListJobsResponse):
+    """ListJobs for OWNER (None: every owner, for admins: ListAllJobs, answered as RESPONSE_TYPE)."""
     settings = broker.settings
     try:
         states = [JobState(s) for s in request.states]
@@ -189,9 +190,9 @@ async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsReque
     limit = min(request.limit or settings.list_default, settings.list_max)
     before = request.before_job_id or None
 
-    def build() -> pb.ListJobsResponse:  # in a thread: thousands of records are converted here
+    def build():  # in a thread: thousands of records are converted here
         records = broker.store.list(owner, states, limit, before)
-        response = pb.ListJobsResponse(jobs=[job_info(r, history=False) for r in records])
+        response = response_type(jobs=[job_info(r, history=False) for r in records])
         for state, count in broker.store.counts(owner).items():
             response.counts_by_state[job_pb2.JobState.Name(int(state))] = count
         return response

@@ -646,8 +646,9 @@ def _upload_raw(server, token, chunks):
         channel.close()
 
 
-def _header(name: str, data: bytes, *, size: int | None = None, sha256: str | None = None) -> pb.FileChunk:
-    return pb.FileChunk(header=pb.FileHeader(name=name, size=len(data) if size is None else size,
+def _header(name: str, data: bytes, *, size: int | None = None,
+            sha256: str | None = None) -> pb.UploadFileRequest:
+    return pb.UploadFileRequest(header=pb.FileHeader(name=name, size=len(data) if size is None else size,
                                              sha256=sha256 or hashlib.sha256(data).hexdigest()))
 
 
@@ -663,7 +664,7 @@ def test_oversized_upload_is_refused_on_the_header(small_server, tokens):
         yield _header("huge.bin", b"", size=10 << 30, sha256="0" * 64)
         while consumed < 20_000:
             consumed += 1
-            yield pb.FileChunk(data=b"\0" * (1 << 20))
+            yield pb.UploadFileRequest(data=b"\0" * (1 << 20))
 
     with pytest.raises(grpc.RpcError) as info:
         _upload_raw(small_server, tokens.alice, endless())
@@ -699,16 +700,17 @@ def test_corrupted_upload_is_refused_and_nothing_stored(server, tokens):
     before = _files(server).usage()
     with pytest.raises(grpc.RpcError) as info:
         _upload_raw(server, tokens.alice, [_header("c.txt", data, sha256=hashlib.sha256(b"other").hexdigest()),
-                                           pb.FileChunk(data=data)])
+                                           pb.UploadFileRequest(data=data)])
     error = info.value
     assert error.code() is grpc.StatusCode.INVALID_ARGUMENT and "nothing was stored" in error.details()
     for chunks, words in (
-            ([_header("short.txt", data), pb.FileChunk(data=data[:10])], "arrived"),
-            ([_header("long.txt", data[:10]), pb.FileChunk(data=data)], "were sent"),
-            ([pb.FileChunk(data=data)], "header"),
+            ([_header("short.txt", data), pb.UploadFileRequest(data=data[:10])], "arrived"),
+            ([_header("long.txt", data[:10]), pb.UploadFileRequest(data=data)], "were sent"),
+            ([pb.UploadFileRequest(data=data)], "header"),
             ([], "header"),
-            ([_header("../escape", data), pb.FileChunk(data=data)], "'..'"),
-            ([_header("big-chunk", b"x" * ((1 << 20) + 1)), pb.FileChunk(data=b"x" * ((1 << 20) + 1))], "1 MiB"),
+            ([_header("../escape", data), pb.UploadFileRequest(data=data)], "'..'"),
+            ([_header("big-chunk", b"x" * ((1 << 20) + 1)), pb.UploadFileRequest(data=b"x" * ((1 << 20) + 1))],
+             "1 MiB"),
             ([_header("twice", data), _header("twice", data)], "only the first"),
             ([_header("bad-sha", data, sha256="XYZ")], "64 lower-case hexadecimal")):
         with pytest.raises(grpc.RpcError) as info:
@@ -716,8 +718,8 @@ def test_corrupted_upload_is_refused_and_nothing_stored(server, tokens):
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT, (words, info.value.details())
         assert words in info.value.details(), info.value.details()
     assert _files(server).usage() == before and _files(server).temp_files() == []
-    good = _upload_raw(server, tokens.alice, [_header("c.txt", data), pb.FileChunk(data=data)])
-    again = _upload_raw(server, tokens.alice, [_header("c.txt", data), pb.FileChunk(data=data)])
+    good = _upload_raw(server, tokens.alice, [_header("c.txt", data), pb.UploadFileRequest(data=data)])
+    again = _upload_raw(server, tokens.alice, [_header("c.txt", data), pb.UploadFileRequest(data=data)])
     assert not good.already_present and again.already_present and again.sha256 == good.sha256
     assert _files(server).usage() == (before[0] + 1, before[1] + len(data))
 

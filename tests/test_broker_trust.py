@@ -152,15 +152,16 @@ def user_channel(server: BrokerServer, token) -> grpc.Channel:
     return channel_for(server, certificate_pem(list(token.chain[:1])), private_key_pem(token.key))
 
 
-def header(name: str, data: bytes, size: int | None = None) -> pb.FileChunk:
-    return pb.FileChunk(header=pb.FileHeader(name=name, size=len(data) if size is None else size,
-                                             sha256=hashlib.sha256(data).hexdigest()))
+def header(name: str, data: bytes, size: int | None = None) -> pb.UploadFileRequest:
+    """The first message of a file stream (an upload's; put_raw turns it into a PutOutputRequest)."""
+    return pb.UploadFileRequest(header=pb.FileHeader(name=name, size=len(data) if size is None else size,
+                                                     sha256=hashlib.sha256(data).hexdigest()))
 
 
 def upload_raw(server: BrokerServer, token, name: str, data: bytes) -> pb.UploadFileResponse:
     channel = user_channel(server, token)
     try:
-        return rpc_pb.UserServiceStub(channel).UploadFile(iter([header(name, data), pb.FileChunk(data=data)]),
+        return rpc_pb.UserServiceStub(channel).UploadFile(iter([header(name, data), pb.UploadFileRequest(data=data)]),
                                                           timeout=30)
     finally:
         channel.close()
@@ -169,7 +170,9 @@ def upload_raw(server: BrokerServer, token, name: str, data: bytes) -> pb.Upload
 def put_raw(server: BrokerServer, matched: MatchedJob, chunks) -> pb.PutOutputResponse:
     channel = channel_for(server, matched.token_pem, matched.key_pem)
     try:
-        return rpc_pb.JobServiceStub(channel).PutOutput(iter(chunks), timeout=60)
+        # Every file stream has the same layout: a message of another stream is re-typed, not rebuilt.
+        retyped = (pb.PutOutputRequest.FromString(chunk.SerializeToString()) for chunk in chunks)
+        return rpc_pb.JobServiceStub(channel).PutOutput(retyped, timeout=60)
     finally:
         channel.close()
 
@@ -335,7 +338,7 @@ def test_parallel_uploads_cannot_overrun_the_per_job_output_limit(small_server, 
         def chunks():
             yield header(f"part-{n}.out", data)
             go.wait(60)  # every header is in before any data
-            yield pb.FileChunk(data=data)
+            yield pb.UploadFileRequest(data=data)
         try:
             results[n] = put_raw(small_server, matched, chunks())
         except grpc.RpcError as exc:
@@ -408,7 +411,7 @@ def test_outputs_per_job_are_bounded_and_broken_uploads_release_their_reservatio
         store, files = small_server.store, small_server.broker.files
         before = files.usage()
         data = b"z" * 1000
-        short = refusal(put_raw, small_server, matched, [header("o1", data), pb.FileChunk(data=data[:10])])
+        short = refusal(put_raw, small_server, matched, [header("o1", data), pb.UploadFileRequest(data=data[:10])])
         assert short.code() is grpc.StatusCode.INVALID_ARGUMENT and "arrived" in short.details()
 
         def abandoned():
@@ -456,7 +459,7 @@ def test_a_client_leaving_mid_write_never_has_its_file_closed_under_the_write(sq
 
     def chunks():
         yield header("slow.out", data)
-        yield pb.FileChunk(data=data[:10])
+        yield pb.UploadFileRequest(data=data[:10])
         hold.wait(60)  # the stream stays open until the test ends
 
     channel = channel_for(server, matched.token_pem, matched.key_pem)
@@ -494,8 +497,8 @@ def test_names_with_control_characters_are_refused_at_every_door(server, clients
     bad_char = next(c for c in name if not c.isprintable())
     problems = []
     problems.append(refusal(upload_raw, server, tokens.alice, name, data))
-    problems.append(refusal(put_raw, server, matched, [header(name, data), pb.FileChunk(data=data)]))
-    problems.append(refusal(put_raw, server, matched, [header(f"dir/{name}/x", data), pb.FileChunk(data=data)]))
+    problems.append(refusal(put_raw, server, matched, [header(name, data), pb.UploadFileRequest(data=data)]))
+    problems.append(refusal(put_raw, server, matched, [header(f"dir/{name}/x", data), pb.UploadFileRequest(data=data)]))
     for error in problems:
         assert error.code() is grpc.StatusCode.INVALID_ARGUMENT, error.details()
         assert f"U+{ord(bad_char):04X}" in error.details() and "fix:" in error.details()
@@ -551,7 +554,7 @@ def test_job_output_never_overwrites_and_never_leaves_dir(sqlite_server, tokens,
         with running(matched) as job:
             for name, data in hostile.items():
                 job.put_output(write(tmp_path / "sandbox" / "f", data), name)
-            refused = refusal(put_raw, server, matched, [header("a\x1b[31mred", b"x"), pb.FileChunk(data=b"x")])
+            refused = refusal(put_raw, server, matched, [header("a\x1b[31mred", b"x"), pb.UploadFileRequest(data=b"x")])
             assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT and "U+001B" in refused.details()
             # An older broker let such a name into the records: the client must refuse it too.
             server.store.add_output(job_id, matched.attempt, OutputRecord(legacy, len(hostile["plain.txt"]),

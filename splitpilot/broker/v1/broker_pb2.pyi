@@ -42,7 +42,31 @@ class FileHeader(_message.Message):
     sha256: str
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
-class FileChunk(_message.Message):
+class UploadFileRequest(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: FileHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[FileHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DownloadOutputResponse(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: FileHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[FileHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class GetInputResponse(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: FileHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[FileHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PutOutputRequest(_message.Message):
     __slots__ = ("header", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +101,12 @@ class GetJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     def __init__(self, job_id: _Optional[int] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: JobInfo
+    def __init__(self, job: _Optional[_Union[JobInfo, _Mapping]] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("time_unix_ms", "state", "attempt", "detail")
@@ -141,6 +171,31 @@ class ListJobsRequest(_message.Message):
     def __init__(self, states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., limit: _Optional[int] = ..., before_job_id: _Optional[int] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "counts_by_state")
+    class CountsByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[JobInfo]
+    counts_by_state: _containers.ScalarMap[str, int]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., counts_by_state: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class ListAllJobsRequest(_message.Message):
+    __slots__ = ("states", "limit", "before_job_id")
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedScalarFieldContainer[_job_pb2.JobState]
+    limit: int
+    before_job_id: int
+    def __init__(self, states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., limit: _Optional[int] = ..., before_job_id: _Optional[int] = ...) -> None: ...
+
+class ListAllJobsResponse(_message.Message):
     __slots__ = ("jobs", "counts_by_state")
     class CountsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
@@ -325,7 +380,7 @@ class UpdateStateResponse(_message.Message):
     replay: bool
     def __init__(self, state: _Optional[_Union[_job_pb2.JobState, str]] = ..., replay: _Optional[bool] = ...) -> None: ...
 
-class JobHeartbeatRequest(_message.Message):
+class HeartbeatRequest(_message.Message):
     __slots__ = ("cpu_seconds", "rss_bytes", "sandbox_bytes")
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -335,7 +390,7 @@ class JobHeartbeatRequest(_message.Message):
     sandbox_bytes: int
     def __init__(self, cpu_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., sandbox_bytes: _Optional[int] = ...) -> None: ...
 
-class JobHeartbeatResponse(_message.Message):
+class HeartbeatResponse(_message.Message):
     __slots__ = ("kill",)
     KILL_FIELD_NUMBER: _ClassVar[int]
     kill: bool

@@ -44,13 +44,13 @@ class UserServiceStub:
                 _registered_method=True)
         self.UploadFile = channel.stream_unary(
                 '/splitpilot.broker.v1.UserService/UploadFile',
-                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.SerializeToString,
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.UploadFileRequest.SerializeToString,
                 response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.UploadFileResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/splitpilot.broker.v1.UserService/GetJob',
                 request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobInfo.FromString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetJobResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/splitpilot.broker.v1.UserService/ListJobs',
@@ -65,7 +65,7 @@ class UserServiceStub:
         self.DownloadOutput = channel.unary_stream(
                 '/splitpilot.broker.v1.UserService/DownloadOutput',
                 request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputRequest.SerializeToString,
-                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.FromString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputResponse.FromString,
                 _registered_method=True)
 
 
@@ -131,13 +131,13 @@ def add_UserServiceServicer_to_server(servicer, server):
             ),
             'UploadFile': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadFile,
-                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.FromString,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.UploadFileRequest.FromString,
                     response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.UploadFileResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetJobRequest.FromString,
-                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobInfo.SerializeToString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -152,7 +152,7 @@ def add_UserServiceServicer_to_server(servicer, server):
             'DownloadOutput': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadOutput,
                     request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputRequest.FromString,
-                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.SerializeToString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -210,7 +210,7 @@ class UserService:
             request_iterator,
             target,
             '/splitpilot.broker.v1.UserService/UploadFile',
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.UploadFileRequest.SerializeToString,
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.UploadFileResponse.FromString,
             options,
             channel_credentials,
@@ -238,7 +238,7 @@ class UserService:
             target,
             '/splitpilot.broker.v1.UserService/GetJob',
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetJobRequest.SerializeToString,
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobInfo.FromString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -319,7 +319,7 @@ class UserService:
             target,
             '/splitpilot.broker.v1.UserService/DownloadOutput',
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputRequest.SerializeToString,
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.FromString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -559,17 +559,17 @@ class JobServiceStub:
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/splitpilot.broker.v1.JobService/Heartbeat',
-                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobHeartbeatRequest.SerializeToString,
-                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobHeartbeatResponse.FromString,
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.GetInput = channel.unary_stream(
                 '/splitpilot.broker.v1.JobService/GetInput',
                 request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetInputRequest.SerializeToString,
-                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.FromString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetInputResponse.FromString,
                 _registered_method=True)
         self.PutOutput = channel.stream_unary(
                 '/splitpilot.broker.v1.JobService/PutOutput',
-                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.SerializeToString,
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.PutOutputRequest.SerializeToString,
                 response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.PutOutputResponse.FromString,
                 _registered_method=True)
         self.RefreshToken = channel.unary_unary(
@@ -630,17 +630,17 @@ def add_JobServiceServicer_to_server(servicer, server):
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobHeartbeatRequest.FromString,
-                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobHeartbeatResponse.SerializeToString,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.HeartbeatRequest.FromString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.HeartbeatResponse.SerializeToString,
             ),
             'GetInput': grpc.unary_stream_rpc_method_handler(
                     servicer.GetInput,
                     request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetInputRequest.FromString,
-                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.SerializeToString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetInputResponse.SerializeToString,
             ),
             'PutOutput': grpc.stream_unary_rpc_method_handler(
                     servicer.PutOutput,
-                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.FromString,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.PutOutputRequest.FromString,
                     response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.PutOutputResponse.SerializeToString,
             ),
             'RefreshToken': grpc.unary_unary_rpc_method_handler(
@@ -702,8 +702,8 @@ class JobService:
             request,
             target,
             '/splitpilot.broker.v1.JobService/Heartbeat',
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobHeartbeatRequest.SerializeToString,
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.JobHeartbeatResponse.FromString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.HeartbeatRequest.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -730,7 +730,7 @@ class JobService:
             target,
             '/splitpilot.broker.v1.JobService/GetInput',
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetInputRequest.SerializeToString,
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.FromString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.GetInputResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -756,7 +756,7 @@ class JobService:
             request_iterator,
             target,
             '/splitpilot.broker.v1.JobService/PutOutput',
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.FileChunk.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.PutOutputRequest.SerializeToString,
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.PutOutputResponse.FromString,
             options,
             channel_credentials,
@@ -823,8 +823,8 @@ class AdminServiceStub:
                 _registered_method=True)
         self.ListAllJobs = channel.unary_unary(
                 '/splitpilot.broker.v1.AdminService/ListAllJobs',
-                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsResponse.FromString,
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListAllJobsRequest.SerializeToString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListAllJobsResponse.FromString,
                 _registered_method=True)
         self.RevokeToken = channel.unary_unary(
                 '/splitpilot.broker.v1.AdminService/RevokeToken',
@@ -906,8 +906,8 @@ def add_AdminServiceServicer_to_server(servicer, server):
             ),
             'ListAllJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAllJobs,
-                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsRequest.FromString,
-                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListAllJobsRequest.FromString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListAllJobsResponse.SerializeToString,
             ),
             'RevokeToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeToken,
@@ -1027,8 +1027,8 @@ class AdminService:
             request,
             target,
             '/splitpilot.broker.v1.AdminService/ListAllJobs',
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsRequest.SerializeToString,
-            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListJobsResponse.FromString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListAllJobsRequest.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListAllJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

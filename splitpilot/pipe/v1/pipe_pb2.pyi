@@ -25,7 +25,7 @@ class LogStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 
 class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
-    FAILURE_CLASS_NONE: _ClassVar[FailureClass]
+    FAILURE_CLASS_UNSPECIFIED: _ClassVar[FailureClass]
     FAILURE_CLASS_PAYLOAD: _ClassVar[FailureClass]
     FAILURE_CLASS_INPUT: _ClassVar[FailureClass]
     FAILURE_CLASS_OUTPUT: _ClassVar[FailureClass]
@@ -33,6 +33,7 @@ class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_CLASS_INFRASTRUCTURE: _ClassVar[FailureClass]
     FAILURE_CLASS_KILLED: _ClassVar[FailureClass]
     FAILURE_CLASS_STOPPED: _ClassVar[FailureClass]
+    FAILURE_CLASS_NONE: _ClassVar[FailureClass]
 
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,7 +51,7 @@ STOP_REASON_AGENT_SHUTDOWN: StopReason
 LOG_STREAM_UNSPECIFIED: LogStream
 LOG_STREAM_STDOUT: LogStream
 LOG_STREAM_STDERR: LogStream
-FAILURE_CLASS_NONE: FailureClass
+FAILURE_CLASS_UNSPECIFIED: FailureClass
 FAILURE_CLASS_PAYLOAD: FailureClass
 FAILURE_CLASS_INPUT: FailureClass
 FAILURE_CLASS_OUTPUT: FailureClass
@@ -58,6 +59,7 @@ FAILURE_CLASS_WRAPPER: FailureClass
 FAILURE_CLASS_INFRASTRUCTURE: FailureClass
 FAILURE_CLASS_KILLED: FailureClass
 FAILURE_CLASS_STOPPED: FailureClass
+FAILURE_CLASS_NONE: FailureClass
 ERROR_CODE_UNSPECIFIED: ErrorCode
 ERROR_CODE_PROTOCOL: ErrorCode
 ERROR_CODE_VERSION: ErrorCode
