@@ -15,6 +15,7 @@ class AttemptFailure(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ATTEMPT_FAILURE_INFRASTRUCTURE: _ClassVar[AttemptFailure]
     ATTEMPT_FAILURE_STOPPED: _ClassVar[AttemptFailure]
     ATTEMPT_FAILURE_LIMIT: _ClassVar[AttemptFailure]
+    ATTEMPT_FAILURE_AGENT: _ClassVar[AttemptFailure]
 
 class SiteState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,6 +28,7 @@ ATTEMPT_FAILURE_WRAPPER: AttemptFailure
 ATTEMPT_FAILURE_INFRASTRUCTURE: AttemptFailure
 ATTEMPT_FAILURE_STOPPED: AttemptFailure
 ATTEMPT_FAILURE_LIMIT: AttemptFailure
+ATTEMPT_FAILURE_AGENT: AttemptFailure
 SITE_STATE_UNSPECIFIED: SiteState
 SITE_STATE_ENABLED: SiteState
 SITE_STATE_DRAINING: SiteState
@@ -263,18 +265,20 @@ class MatchRequest(_message.Message):
     def __init__(self, slot: _Optional[_Union[Slot, _Mapping]] = ..., pilot_id: _Optional[str] = ..., node: _Optional[str] = ..., job_public_key: _Optional[bytes] = ...) -> None: ...
 
 class MatchedJob(_message.Message):
-    __slots__ = ("job_id", "attempt", "spec", "job_token_pem", "token_not_after_unix")
+    __slots__ = ("job_id", "attempt", "spec", "job_token_pem", "token_not_after_unix", "broker_heartbeat_s")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     JOB_TOKEN_PEM_FIELD_NUMBER: _ClassVar[int]
     TOKEN_NOT_AFTER_UNIX_FIELD_NUMBER: _ClassVar[int]
+    BROKER_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     attempt: int
     spec: _job_pb2.JobSpec
     job_token_pem: bytes
     token_not_after_unix: int
-    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., job_token_pem: _Optional[bytes] = ..., token_not_after_unix: _Optional[int] = ...) -> None: ...
+    broker_heartbeat_s: int
+    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., job_token_pem: _Optional[bytes] = ..., token_not_after_unix: _Optional[int] = ..., broker_heartbeat_s: _Optional[int] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
     __slots__ = ("job", "no_match")

@@ -23,6 +23,7 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_KILLED: _ClassVar[JobState]
     JOB_STATE_EXPIRED: _ClassVar[JobState]
     JOB_STATE_LOST: _ClassVar[JobState]
+    JOB_STATE_FAILED_LIMIT: _ClassVar[JobState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_WAITING: JobState
 JOB_STATE_ASSIGNED: JobState
@@ -37,6 +38,7 @@ JOB_STATE_FAILED_WRAPPER: JobState
 JOB_STATE_KILLED: JobState
 JOB_STATE_EXPIRED: JobState
 JOB_STATE_LOST: JobState
+JOB_STATE_FAILED_LIMIT: JobState
 
 class InputFile(_message.Message):
     __slots__ = ("name", "size", "sha256")

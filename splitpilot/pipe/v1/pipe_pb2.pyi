@@ -34,6 +34,7 @@ class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_CLASS_KILLED: _ClassVar[FailureClass]
     FAILURE_CLASS_STOPPED: _ClassVar[FailureClass]
     FAILURE_CLASS_NONE: _ClassVar[FailureClass]
+    FAILURE_CLASS_LIMIT: _ClassVar[FailureClass]
 
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -60,6 +61,7 @@ FAILURE_CLASS_INFRASTRUCTURE: FailureClass
 FAILURE_CLASS_KILLED: FailureClass
 FAILURE_CLASS_STOPPED: FailureClass
 FAILURE_CLASS_NONE: FailureClass
+FAILURE_CLASS_LIMIT: FailureClass
 ERROR_CODE_UNSPECIFIED: ErrorCode
 ERROR_CODE_PROTOCOL: ErrorCode
 ERROR_CODE_VERSION: ErrorCode
@@ -141,7 +143,7 @@ class Limits(_message.Message):
     def __init__(self, cores: _Optional[int] = ..., memory_mb: _Optional[int] = ..., disk_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ...) -> None: ...
 
 class JobStart(_message.Message):
-    __slots__ = ("job_id", "attempt", "spec", "token", "broker", "sandbox_dir", "software_dir", "limits", "deadline_unix", "expose_token_to_payload")
+    __slots__ = ("job_id", "attempt", "spec", "token", "broker", "sandbox_dir", "software_dir", "limits", "deadline_unix", "expose_token_to_payload", "broker_heartbeat_s")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,7 @@ class JobStart(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     EXPOSE_TOKEN_TO_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    BROKER_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     attempt: int
     spec: _job_pb2.JobSpec
@@ -162,7 +165,8 @@ class JobStart(_message.Message):
     limits: Limits
     deadline_unix: int
     expose_token_to_payload: bool
-    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., token: _Optional[_Union[JobToken, _Mapping]] = ..., broker: _Optional[_Union[BrokerEndpoint, _Mapping]] = ..., sandbox_dir: _Optional[str] = ..., software_dir: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., deadline_unix: _Optional[int] = ..., expose_token_to_payload: _Optional[bool] = ...) -> None: ...
+    broker_heartbeat_s: int
+    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., token: _Optional[_Union[JobToken, _Mapping]] = ..., broker: _Optional[_Union[BrokerEndpoint, _Mapping]] = ..., sandbox_dir: _Optional[str] = ..., software_dir: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., deadline_unix: _Optional[int] = ..., expose_token_to_payload: _Optional[bool] = ..., broker_heartbeat_s: _Optional[int] = ...) -> None: ...
 
 class Stop(_message.Message):
     __slots__ = ("reason", "detail", "deadline_s")
