@@ -116,7 +116,8 @@ def _register_broker(subparsers) -> None:
     serve.add_argument("--reap-interval", default="5s", metavar="DURATION",
                        help="how often lost and never-started attempts are re-queued (default: %(default)s)")
     serve.add_argument("--heartbeat-timeout", default="5m", metavar="DURATION",
-                       help="an attempt without heartbeat for this long is lost (default: %(default)s)")
+                       help="an attempt without heartbeat for this long is lost (default: %(default)s); wrappers "
+                            "heartbeat every third of it (at most every 30s), so it must be 3s or more")
     serve.add_argument("--start-timeout", default="10m", metavar="DURATION",
                        help="a matched job not started within this is re-queued (default: %(default)s)")
     serve.add_argument("--queue-timeout", metavar="DURATION",
@@ -143,6 +144,7 @@ def _register_broker(subparsers) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.server import BrokerConfig, BrokerServer
+    from broker.service import heartbeat_interval
     from broker.store.base import StoreSettings
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
@@ -151,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("--max-attempts must be at least 1")
     if args.max_outputs < 1:
         raise UsageError("--max-outputs must be at least 1")
+    heartbeat_interval(parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"))  # refused early
     store_settings = StoreSettings(
         default_max_attempts=args.max_attempts,
         heartbeat_timeout=parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"),

@@ -36,7 +36,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from broker.auth import SERVICE_ROLES, Authoriser, Unauthenticated
 from broker.files import CHUNK_SIZE, FileRefused, FileStore, FileTooLarge, MissingFile, StoredFile
 from broker.metrics import Metrics
+from broker.specs import JobStartBudget
 from broker.store.base import (
+    BadValue,
     InvalidTransition,
     JobRecord,
     JobStore,
@@ -46,9 +48,11 @@ from broker.store.base import (
     OutOfOrderUpdate,
     StaleAttemptError,
     StoreError,
+    StoreUnavailable,
     TooManyJobs,
     UnknownJob,
 )
+from broker.waiting import OfferLog, OfferSettings
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import CertificateAuthority, Identity, TokenRole, TokenVerifier, public_key_from_request
 from pilot.tokens.errors import (
@@ -100,8 +104,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (InvalidTransition, OutOfOrderUpdate, Conflict, IssueError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (BadRequest, FileRefused, UsageError, MalformedToken, TooManyJobs, LimitExceeded)):
+    if isinstance(exc, (BadRequest, FileRefused, UsageError, MalformedToken, TooManyJobs, LimitExceeded, BadValue)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, StoreUnavailable):  # the database is down or restarting: the caller retries
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, SplitpilotError):
@@ -130,6 +136,31 @@ class ServiceSettings:
     #: ListJobs: default and maximum page sizes.
     list_default: int = 1000
     list_max: int = 10_000
+    #: How often wrappers heartbeat the broker, seconds (MatchedJob.broker_heartbeat_s); the server
+    #: derives it from the store's heartbeat timeout (heartbeat_interval).
+    broker_heartbeat_s: int = 30
+    #: How the pilots' slot offers are summarised for "why is my job waiting".
+    offers: OfferSettings = OfferSettings()
+
+
+#: Wrappers heartbeat at most this often, and never less often than DEFAULT_HEARTBEAT_S.
+MIN_HEARTBEAT_S = 1
+DEFAULT_HEARTBEAT_S = 30
+#: Heartbeats a healthy job may miss before the broker's timeout reaps it (DIRAC allows 2.5 cycles).
+HEARTBEATS_PER_TIMEOUT = 3
+
+
+def heartbeat_interval(timeout: datetime.timedelta) -> int:
+    """The wrappers' heartbeat interval, seconds, for a broker heartbeat TIMEOUT: a third of it (so a
+    healthy job may miss two heartbeats without being reaped), at most DEFAULT_HEARTBEAT_S. UsageError
+    when the timeout is shorter than wrappers can meet."""
+    shortest = datetime.timedelta(seconds=MIN_HEARTBEAT_S * HEARTBEATS_PER_TIMEOUT)
+    if timeout < shortest:
+        raise UsageError(f"a heartbeat timeout of {timeout.total_seconds():g}s is shorter than wrappers can meet: "
+                         f"they heartbeat at most every {MIN_HEARTBEAT_S}s, and a healthy job must be allowed to "
+                         f"miss {HEARTBEATS_PER_TIMEOUT - 1} heartbeats (a busy node, a slow broker); fix: "
+                         f"--heartbeat-timeout {shortest.total_seconds():g}s or more")
+    return max(MIN_HEARTBEAT_S, min(DEFAULT_HEARTBEAT_S, int(timeout.total_seconds()) // HEARTBEATS_PER_TIMEOUT))
 
 
 class Broker:
@@ -147,6 +178,8 @@ class Broker:
         self.metrics = metrics or Metrics()
         self.auth = Authoriser(TokenVerifier([ca.certificate]), ca.policy.clock_skew)
         self.executor = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="broker-io")
+        self.offers = OfferLog(self.settings.offers)
+        self.spec_budget = JobStartBudget.for_broker(_largest_job_token(ca), len(self.ca_pem))
 
     async def call(self, fn: Callable, *args, heavy: bool = False, **kwargs):
         """Run a store call: inline, or in the thread pool (offloaded stores, heavy calls)."""
@@ -206,8 +239,20 @@ class Broker:
         self.auth.revoked.replace(self.store.revocations(), generation)
         return True
 
+    def flush_offers(self, now: datetime.datetime | None = None) -> None:
+        """Write the slot offers this process saw since the last flush into the store (blocking)."""
+        self.offers.flush(self.store, to_ms(now or utcnow()))
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _largest_job_token(ca: CertificateAuthority) -> int:
+    """Bytes of the largest job token chain (PEM leaf and CA) this CA issues: the longest owner name and
+    the largest ids, plus a margin for the variable parts of a signature."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = ca.issue(TokenRole.JOB, "x" * 64, key.public_key(), job_id=2**63 - 1, attempt=2**32 - 1)
+    return len(leaf.public_bytes(serialization.Encoding.PEM)) + len(certificate_pem([ca.certificate])) + 256
 
 
 def utcnow() -> datetime.datetime:
@@ -277,6 +322,20 @@ def _failed(broker: Broker, service: str, method: str, exc: Exception, started: 
 
 def to_ms(when: datetime.datetime) -> int:
     return int(when.timestamp() * 1000)
+
+
+#: Free text a peer sends (a reason, a detail, a node name) is kept to this many characters.
+MAX_TEXT = 4000
+
+
+def text(value: str, limit: int = MAX_TEXT) -> str:
+    """VALUE as the broker stores free text from a peer: at most LIMIT characters (a hostile caller
+    cannot fill the database), NUL and other control characters but tab and newline replaced (no
+    database takes NUL in a text, and a terminal shows the rest)."""
+    value = value[:limit]
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() or c in "\t\n" else "\ufffd" for c in value)
 
 
 def job_info(record: JobRecord, *, history: bool = True) -> pb.JobInfo:

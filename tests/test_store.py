@@ -41,6 +41,7 @@ from broker.store.base import (
     TooManyJobs,
     UnknownJob,
 )
+from broker.store.schema import SCHEMA_VERSION
 from pilot.errors import UsageError
 from splitpilot.job.v1 import job_pb2
 
@@ -480,9 +481,11 @@ def test_attempt_failed_refusals(store):
 def test_attempt_failed_causes(store):
     limited = submit_one(store)
     attempt = start(store, limited)
-    assert store.attempt_failed(limited, attempt, PILOT, None, "memory 9 GB > 8 GB", at(2)) is S.KILLED
+    # A limit overrun has its own final state: KILLED is only ever the owner's or an admin's kill.
+    assert store.attempt_failed(limited, attempt, PILOT, None, "memory 9 GB > 8 GB", at(2)) is S.FAILED_LIMIT
     record = store.get(limited)
-    assert record.state is S.KILLED and "memory" in record.message
+    assert record.state is S.FAILED_LIMIT and record.state.final and "memory" in record.message
+    assert [e.state for e in record.history][-1] is S.FAILED_LIMIT
     with pytest.raises(StaleAttemptError):
         store.job_update(limited, attempt, S.RUNNING, 2, "", None, at(3))
 
@@ -501,8 +504,11 @@ def test_stops_do_not_use_up_attempts(store):
         attempt = start(store, job_id, when=round_)
         assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.STOPPED, "preempted", at(round_)) \
             is S.WAITING
+    # Nor does a failure of the agent's own code: neither the job nor the node did anything wrong.
+    attempt = start(store, job_id, when=4)
+    assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.AGENT, "agent bug", at(4)) is S.WAITING
     attempt = start(store, job_id, when=5)
-    assert attempt == 4
+    assert attempt == 5
     assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.WRAPPER, "", at(6)) is S.FAILED_WRAPPER
 
 
@@ -760,7 +766,7 @@ def test_a_version_1_database_is_migrated_in_place(backend, tmp_path, request):
             with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
                 conn.execute("DROP DATABASE IF EXISTS splitpilot_v1 WITH (FORCE)")
     try:
-        for _ in range(2):  # the second opening finds version 2 and changes nothing
+        for _ in range(2):  # the second opening finds the current version and changes nothing
             opened = open_store(url, SETTINGS)
             try:
                 assert opened.claim_inputs("alice", [inputs, outputs], at(0)) == {inputs, outputs}
@@ -789,7 +795,7 @@ def test_a_version_1_database_is_migrated_in_place(backend, tmp_path, request):
         else:
             with psycopg.connect(url) as conn:
                 version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        assert version == 2
+        assert version == SCHEMA_VERSION == 3
     finally:
         if drop is not None:
             drop()
