@@ -12,7 +12,11 @@ for PostgreSQL (network round trips) and for heavy calls of any store
 Every handler is wrapped by `rpc()`: it identifies the caller (auth.py),
 checks the service's role, runs the handler, and turns any exception into a
 gRPC status with a message that names the problem and the fix
-(`status_of`). The server keeps serving after any bad request.
+(`status_of`). The server keeps serving after any bad request. Requests are
+decoded by `add_servicers`' own deserializers: bytes protobuf cannot parse
+(a string that is not UTF-8, a truncated field) reach the handler as
+`Undecodable` and are refused with INVALID_ARGUMENT, where gRPC's own would
+answer UNKNOWN.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import grpc
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import DecodeError
 
 from broker.auth import SERVICE_ROLES, Authoriser, Unauthenticated
 from broker.files import CHUNK_SIZE, FileRefused, FileStore, FileTooLarge, MissingFile, StoredFile
@@ -261,6 +266,31 @@ def utcnow() -> datetime.datetime:
 
 # ------------------------------------------------------------------ handler wrappers
 
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message protobuf could not parse: its type's full name and the parser's words."""
+
+    type_name: str
+    error: str
+
+
+def decoded(message):
+    """MESSAGE, unless it is Undecodable: then BadRequest naming the problem."""
+    if isinstance(message, Undecodable):
+        raise BadRequest(f"the {message.type_name.rsplit('.', 1)[-1]} could not be decoded ({message.error}); fix: "
+                         "send a message serialised by a protobuf library (strings must be UTF-8)")
+    return message
+
+
+def _deserializer(message_type) -> Callable[[bytes], object]:
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc).split(": ", 1)[-1][:200])
+    return parse
+
+
 def rpc(service: str) -> Callable:
     """Wrap a unary-response handler `(self, identity, request, context)`."""
     roles = SERVICE_ROLES[service]
@@ -274,7 +304,7 @@ def rpc(service: str) -> Callable:
             started = time.perf_counter()
             try:
                 identity = broker.auth.identify(context, roles)
-                response = await fn(self, identity, request, context)
+                response = await fn(self, identity, decoded(request), context)
             except Exception as exc:  # noqa: BLE001 (every error becomes a status)
                 code, message = _failed(broker, service, method, exc, started)
                 await context.abort(code, message)
@@ -297,7 +327,7 @@ def rpc_stream(service: str) -> Callable:
             started = time.perf_counter()
             try:
                 identity = broker.auth.identify(context, roles)
-                async for item in fn(self, identity, request, context):
+                async for item in fn(self, identity, decoded(request), context):
                     yield item
             except Exception as exc:  # noqa: BLE001
                 code, message = _failed(broker, service, method, exc, started)
@@ -393,7 +423,7 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
     stored). Returns (header, what RECORD returned)."""
     iterator = request_iterator.__aiter__()
     try:
-        first = await iterator.__anext__()
+        first = decoded(await iterator.__anext__())
     except StopAsyncIteration:
         raise BadRequest("the stream ended before the header; fix: send a first message with the header") from None
     if first.WhichOneof("kind") != "header":
@@ -416,7 +446,7 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
 
     try:
         async for chunk in iterator:
-            if chunk.WhichOneof("kind") != "data":
+            if decoded(chunk).WhichOneof("kind") != "data":
                 raise BadRequest("only the first message carries a header; fix: send data chunks after it")
             await in_pool(incoming.write, chunk.data)
         result = await in_pool(incoming.commit, functools.partial(record, header))
@@ -451,18 +481,34 @@ def check_job_total(name: str, total: int, limit: int, what: str) -> None:
 
 # ------------------------------------------------------------------ registration
 
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
 def add_servicers(server, broker: Broker) -> None:
-    """Register the four services on a grpc.aio server."""
+    """Register the four services on a grpc.aio server, as the generated add_*_to_server functions do, but
+    with deserializers that hand an undecodable request to the handler (see `Undecodable`)."""
     from broker.service_admin import AdminServicer
     from broker.service_agent import AgentServicer
     from broker.service_job import JobServicer
     from broker.service_user import UserServicer
-    from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
 
-    rpc_pb.add_UserServiceServicer_to_server(UserServicer(broker), server)
-    rpc_pb.add_AgentServiceServicer_to_server(AgentServicer(broker), server)
-    rpc_pb.add_JobServiceServicer_to_server(JobServicer(broker), server)
-    rpc_pb.add_AdminServiceServicer_to_server(AdminServicer(broker), server)
+    for servicer in (UserServicer(broker), AgentServicer(broker), JobServicer(broker), AdminServicer(broker)):
+        service = pb.DESCRIPTOR.services_by_name[_service_name(servicer)]
+        handlers = {}
+        for method in service.methods:
+            make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+            handlers[method.name] = make(
+                getattr(servicer, method.name),
+                request_deserializer=_deserializer(getattr(pb, method.input_type.name)),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _service_name(servicer) -> str:
+    """UserServicer -> UserService (each servicer class is named after its service)."""
+    return type(servicer).__name__[:-len("Servicer")] + "Service"
 
 
 __all__ = ["BadRequest", "Broker", "Conflict", "NotFound", "ServiceSettings", "add_servicers", "job_info",

@@ -29,13 +29,14 @@ from broker.client import (
     AdminClient,
     AgentClient,
     BrokerClient,
-    BrokerUnavailable,
     InvalidRequest,
     JobClient,
     MatchedJob,
     NoMatch,
     NotFound,
     PreconditionFailed,
+    TokenUnusable,
+    WrongBroker,
 )
 from broker.files import ChecksumMismatch, FileStore
 from broker.lifecycle import JobState
@@ -226,19 +227,42 @@ def test_client_without_certificate_fails_the_handshake(server, tokens):
 
 def test_certificate_of_another_ca_is_refused(server, tokens):
     stranger = CertificateAuthority.create().new_token(TokenRole.USER, "alice")
-    with BrokerClient(server.address, stranger, server.ca_pem) as client:
-        with pytest.raises(BrokerUnavailable) as info:
+    # The broker refuses it in the TLS handshake (a client that does not check first sees UNAVAILABLE) ...
+    channel = raw_channel(server, stranger)
+    try:
+        error = rpc_error(rpc_pb.UserServiceStub(channel).ListJobs, pb.ListJobsRequest())
+    finally:
+        channel.close()
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    # ... and the client says what is wrong, before connecting, instead of "cannot reach the broker".
+    with pytest.raises(TokenUnusable) as info:
+        BrokerClient(server.address, stranger, server.ca_pem)
+    message = str(info.value)
+    assert message.startswith("your user token (alice) is not from this broker's CA: it was issued by ")
+    assert "fix: use a token issued by the broker's CA" in message and "cannot reach" not in message
+    # Trusting the token's own CA, the broker's certificate is the foreign one: said as such.
+    with BrokerClient(server.address, stranger) as client:
+        with pytest.raises(WrongBroker) as wrong:
             client.list()
-    assert info.value.code is grpc.StatusCode.UNAVAILABLE
-    assert "fix:" in str(info.value)
+    assert "presented a certificate that is not from the CA this client trusts" in str(wrong.value)
+    assert "fix: use a token issued by the broker's CA" in str(wrong.value)
 
 
 def test_expired_token_is_refused(server, ca):
     long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3)
     expired = ca.new_token(TokenRole.USER, "alice", ttl=datetime.timedelta(hours=1), now=long_ago)
-    with BrokerClient(server.address, expired) as client:
-        with pytest.raises(BrokerUnavailable):  # refused in the TLS handshake
-            client.list()
+    channel = raw_channel(server, expired)
+    try:  # refused by the broker in the TLS handshake
+        assert rpc_error(rpc_pb.UserServiceStub(channel).ListJobs, pb.ListJobsRequest()).code() is \
+            grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
+    with pytest.raises(TokenUnusable) as info:  # the client knows before connecting
+        BrokerClient(server.address, expired)
+    ends = expired.certificate.not_valid_after_utc
+    assert str(info.value).startswith(f"your user token (alice) expired at {ends:%Y-%m-%d %H:%M:%S}Z (now ")
+    assert "fix: ask the broker's operator for a new token" in str(info.value)
+    assert info.value.code is grpc.StatusCode.UNAUTHENTICATED and info.value.exit_code == 1
 
 
 def test_certificate_of_our_ca_that_is_no_token_is_unauthenticated(server, ca):
@@ -270,9 +294,18 @@ def test_certificate_of_our_ca_that_is_no_token_is_unauthenticated(server, ca):
 
 def test_client_refuses_a_broker_of_another_ca(server, tokens):
     other_ca = certificate_pem([CertificateAuthority.create().certificate])
-    with BrokerClient(server.address, tokens.alice, other_ca) as client:
-        with pytest.raises(BrokerUnavailable):
-            client.list()
+    # TLS itself refuses a broker whose certificate is not from the CA the client trusts ...
+    credentials = grpc.ssl_channel_credentials(other_ca, private_key_pem(tokens.alice.key),
+                                               certificate_pem(list(tokens.alice.chain[:1])))
+    channel = grpc.secure_channel(server.address, credentials)
+    try:
+        error = rpc_error(rpc_pb.UserServiceStub(channel).ListJobs, pb.ListJobsRequest())
+    finally:
+        channel.close()
+    assert error.code() is grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in error.details()
+    # ... and the client, told to trust another CA than its token's, says so before connecting.
+    with pytest.raises(TokenUnusable, match="is not from this broker's CA"):
+        BrokerClient(server.address, tokens.alice, other_ca)
 
 
 # ------------------------------------------------------------------ the life cycle
@@ -813,9 +846,9 @@ def test_first_start_creates_the_ca(tmp_path, tokens):
         user = server.ca.new_token(TokenRole.USER, "carol")
         with BrokerClient(server.address, user) as client:
             assert client.list().jobs == []
-        with BrokerClient(server.address, tokens.alice, server.ca_pem) as stranger:
-            with pytest.raises(BrokerUnavailable):
-                stranger.list()
+        # A token of another CA (the module's) is not this new broker's: said before connecting.
+        with pytest.raises(TokenUnusable, match="is not from this broker's CA"):
+            BrokerClient(server.address, tokens.alice, server.ca_pem)
 
 
 # ------------------------------------------------------------------ a pilot's end and its isolation
