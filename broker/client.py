@@ -21,11 +21,12 @@ last certificate of the token's chain (token files written by `splitpilot
 token issue` end with it). Failed calls raise `BrokerError` subclasses
 carrying the gRPC code and the broker's message.
 
-Before connecting, and again when a call cannot reach the broker, a client
-checks its own certificate: an expired token, or one not issued by the CA
-the client trusts, is reported as such (`TokenUnusable`), never as "cannot
-reach the broker"; a broker whose certificate is not from that CA likewise
-(`WrongBroker`).
+Before connecting, and again when a call cannot reach the broker, the
+clients of people (BrokerClient, AdminClient) check their own certificate:
+an expired token, or one not issued by the CA the client trusts, is reported
+as such (`TokenUnusable`), never as "cannot reach the broker". (An agent
+tells its refusals apart itself: pilot.agent.refusal.) Any client reports a
+broker whose certificate is not from the trusted CA as such (`WrongBroker`).
 
 A newer broker may answer with values this version does not know: a job
 state becomes the pseudo-state UNKNOWN(n) (broker.lifecycle.read_state), a
@@ -388,6 +389,9 @@ def _read_ca(ca_pem: bytes | str | os.PathLike | None, chain: Sequence[x509.Cert
 class _Client:
     """A channel with a client certificate, and the error mapping."""
 
+    #: Check the own token before connecting and when the broker cannot be reached (TokenUnusable).
+    CHECKS_OWN_TOKEN = False
+
     def __init__(self, address: str, chain: Sequence[x509.Certificate], key, ca_pem, *,
                  timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
         self.address = address
@@ -396,7 +400,7 @@ class _Client:
         self.ca_pem = _read_ca(ca_pem, chain)
         self._server_name = server_name
         self._chain = tuple(chain)
-        problem = token_problem(chain, self.ca_pem)
+        problem = token_problem(chain, self.ca_pem) if self.CHECKS_OWN_TOKEN else None
         if problem is not None:  # before connecting: the handshake would only say "cannot reach the broker"
             raise TokenUnusable("(connecting)", grpc.StatusCode.UNAUTHENTICATED, problem, address)
         self._open(chain, key)
@@ -428,7 +432,7 @@ class _Client:
         """The BrokerError for a failed call; an unreachable broker is first checked against this client's
         own token (it may have expired since the client was made)."""
         error = _broker_error(method, exc, self.address)
-        if isinstance(error, BrokerUnavailable) and not isinstance(error, WrongBroker):
+        if self.CHECKS_OWN_TOKEN and isinstance(error, BrokerUnavailable) and not isinstance(error, WrongBroker):
             problem = token_problem(self._chain, self.ca_pem)
             if problem is not None:
                 return TokenUnusable(method, grpc.StatusCode.UNAUTHENTICATED, problem, self.address)
@@ -514,6 +518,8 @@ def _receive(chunks: Iterable[pb.GetInputResponse | pb.DownloadOutputResponse], 
 
 class BrokerClient(_Client):
     """Calls with a user (or admin) token: UserService."""
+
+    CHECKS_OWN_TOKEN = True
 
     def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
                  timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
@@ -870,6 +876,8 @@ _SITE_STATES = {"enabled": pb.SITE_STATE_ENABLED, "draining": pb.SITE_STATE_DRAI
 
 class AdminClient(_Client):
     """Calls with an admin token: AdminService."""
+
+    CHECKS_OWN_TOKEN = True
 
     def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
                  timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
