@@ -157,6 +157,16 @@ _ERRORS = {
 }
 
 
+_logged: set[str] = set()
+
+
+def _logged_once(what: str) -> bool:
+    """Whether WHAT was logged already (and, from now on, it was)."""
+    seen = what in _logged
+    _logged.add(what)
+    return seen
+
+
 def _broker_error(method: str, exc: grpc.RpcError, address: str) -> BrokerError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
@@ -698,8 +708,9 @@ class AgentClient(_Client):
             slot=_slot(slot), pilot_id=pilot_id, node=node, job_public_key=_public_der(key)))
         kind = response.WhichOneof("result")
         if kind is None:  # an answer of a kind this version does not know (a newer broker's): ask again later
-            log.warning("Match: the broker answered with a result this agent does not know; asking again in %ds",
-                        UNKNOWN_ANSWER_RETRY_S)
+            if not _logged_once("Match"):
+                log.warning("Match: the broker answered with a result this agent does not know (a newer broker?); "
+                            "taken as no job, asking again in %ds", UNKNOWN_ANSWER_RETRY_S)
             return NoMatch("the broker's answer is of a kind this agent does not know (a newer broker?)",
                            UNKNOWN_ANSWER_RETRY_S, False)
         if kind != "job":

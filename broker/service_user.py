@@ -82,7 +82,7 @@ class UserServicer(rpc_pb.UserServiceServicer):
         broker = self.broker
         try:
             broker.flush_offers()
-            all_time = [r for r in broker.store.offers(2**62) if r.bucket == 0]
+            all_time = [r for r in broker.store.offers(2**62) if r.bucket == 0]  # no bucket is that late: all-time
         except Exception:  # noqa: BLE001 (a warning is advice: the jobs are queued already)
             log.exception("submit: the sites' offers could not be read; no never-runnable warnings")
             return []
@@ -189,7 +189,10 @@ class UserServicer(rpc_pb.UserServiceServicer):
         check_owner(identity, record)
         info = job_info(record)
         if record.state is JobState.WAITING:
-            info.wait.CopyFrom(await broker.call(self._wait_analysis, record, heavy=True))
+            try:
+                info.wait.CopyFrom(await broker.call(self._wait_analysis, record, heavy=True))
+            except Exception:  # noqa: BLE001 (advice: the job itself is still answered)
+                log.exception("GetJob %d: why the job waits could not be worked out", record.job_id)
         return pb.GetJobResponse(job=info)
 
     def _wait_analysis(self, record) -> pb.WaitAnalysis:
