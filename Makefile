@@ -9,13 +9,14 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.splitpilot-installed
 PYTEST_ARGS ?=
 
-.PHONY: help demo test venv sysdeps proto lint bench clean
+.PHONY: help demo test venv sysdeps proto proto-gate lint bench clean
 
 help:
 	@echo "make demo    - set up and run the main job end to end on the embedded default"
 	@echo "make test    - set up everything (Debian packages too) and run the whole test suite"
 	@echo "make bench   - run the benchmarks in bench/"
 	@echo "make proto   - regenerate splitpilot/ (generated code) from proto/"
+	@echo "make proto-gate - buf lint and buf breaking against the release in proto/BASELINE"
 	@echo "make lint    - ruff over the hand-written code"
 	@echo "make clean   - remove the virtual environment and caches"
 
@@ -33,8 +34,12 @@ demo: $(VENV_STAMP)
 	@scripts/install-system-deps.sh debootstrap
 	$(BIN)/splitpilot demo
 
-test: sysdeps $(VENV_STAMP)
+# The schema gate first: a lint finding or a breaking change fails `make test`.
+test: sysdeps $(VENV_STAMP) proto-gate
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+proto-gate:
+	@scripts/schema-gate.sh
 
 bench: $(VENV_STAMP)
 	@set -e; for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b; done
@@ -47,4 +52,4 @@ lint: $(VENV_STAMP)
 	$(BIN)/ruff check pilot condor_plugin submit tests bench tools
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build *.egg-info .cache/buf

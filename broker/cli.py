@@ -116,7 +116,8 @@ def _register_broker(subparsers) -> None:
     serve.add_argument("--reap-interval", default="5s", metavar="DURATION",
                        help="how often lost and never-started attempts are re-queued (default: %(default)s)")
     serve.add_argument("--heartbeat-timeout", default="5m", metavar="DURATION",
-                       help="an attempt without heartbeat for this long is lost (default: %(default)s)")
+                       help="an attempt without heartbeat for this long is lost (default: %(default)s); wrappers "
+                            "heartbeat every third of it (at most every 30s), so it must be 3s or more")
     serve.add_argument("--start-timeout", default="10m", metavar="DURATION",
                        help="a matched job not started within this is re-queued (default: %(default)s)")
     serve.add_argument("--queue-timeout", metavar="DURATION",
@@ -143,6 +144,7 @@ def _register_broker(subparsers) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.server import BrokerConfig, BrokerServer
+    from broker.service import heartbeat_interval
     from broker.store.base import StoreSettings
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
@@ -151,6 +153,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError("--max-attempts must be at least 1")
     if args.max_outputs < 1:
         raise UsageError("--max-outputs must be at least 1")
+    heartbeat_interval(parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"))  # refused early
     store_settings = StoreSettings(
         default_max_attempts=args.max_attempts,
         heartbeat_timeout=parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"),
@@ -323,11 +326,16 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"{len(descriptions)} job(s) valid; nothing submitted (--dry-run)", file=sys.stderr)
         return 0
     with _user_client(args) as client:
-        ids = client.submit(descriptions)
+        submission = client.submit_checked(descriptions)
+    ids = submission.job_ids
     for job_id in ids:
         print(job_id)
     print(f"submitted {len(ids)} job(s) to {client.address}" +
           (f": {ids[0]}" if len(ids) == 1 else f": {ids[0]} .. {ids[-1]}" if ids else ""), file=sys.stderr)
+    for warning in submission.warnings:  # queued all the same: a warning, not a failure
+        names = ", ".join(descriptions[i].source for i in warning.job_indexes[:3] if i < len(descriptions))
+        more = f" and {len(warning.job_indexes) - 3} more" if len(warning.job_indexes) > 3 else ""
+        print(f"warning: {names}{more}: {_safe(warning.message)}", file=sys.stderr)
     return 0
 
 
@@ -388,13 +396,13 @@ def _status_table(client, states, limit: int, watch: bool, interval: float) -> i
 
 
 def _progress(jobs) -> str:
-    counts: dict[str, int] = {}
+    counts: dict[JobState, int] = {}
     for job in jobs:
-        counts[job.state.name] = counts.get(job.state.name, 0) + 1
+        counts[job.state] = counts.get(job.state, 0) + 1
     done = sum(1 for j in jobs if j.final)
     width = 20
     filled = int(width * done / len(jobs)) if jobs else width
-    parts = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda kv: JobState[kv[0]]))
+    parts = ", ".join(f"{n} {s.name}" for s, n in sorted(counts.items()))
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{len(jobs)} final: {parts or 'no jobs'}"
 
 
@@ -406,8 +414,10 @@ def _print_table(listing) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-    total = sum(listing.counts.values())
-    summary = ", ".join(f"{n} {s.name}" for s, n in sorted(listing.counts.items()) if n)
+    total = sum(listing.counts.values()) + sum(listing.other_counts.values())
+    summary = ", ".join([f"{n} {s.name}" for s, n in sorted(listing.counts.items()) if n]
+                        + [f"{n} {_safe(name)} (unknown to this version)" for name, n in
+                           sorted(listing.other_counts.items()) if n])
     shown = f"{len(listing.jobs)} shown" if len(listing.jobs) < total else "all shown"
     print(f"\n{total} job(s) ({shown}): {summary or 'none'}")
 
@@ -424,6 +434,8 @@ def _print_job(job) -> None:
                                          if job.site else ""))
     print(f"submitted: {_when(job.submitted)}")
     print(f"updated:   {_when(job.updated)}")
+    if job.wait is not None:
+        _print_wait(job.wait)
     spec = job.spec
     print(_safe(f"runs:      {spec.executable} {' '.join(spec.arguments)}".rstrip()))
     if job.history:
@@ -435,6 +447,21 @@ def _print_job(job) -> None:
         print("outputs:")
         for out in job.outputs:
             print(f"  {_safe(out.name)}  {format_size(out.size)}  sha256:{out.sha256}")
+
+
+def _print_wait(wait) -> None:
+    """Why a waiting job has not matched: the summary, then each site's unmet requirements."""
+    print(f"waiting:   {_safe(wait.summary)}")
+    for site in wait.sites:
+        seen = f"last offer {_when(site.last_offer)}" if site.last_offer else "no offer"
+        state = "" if site.state == "enabled" else f", {site.state}"
+        if not site.unmet:
+            print(f"  {site.site} ({seen}{state}): offers everything the job needs")
+            continue
+        print(f"  {site.site} ({seen}{state}): " + "; ".join(
+            f"{u.requirement} wanted {_safe(u.wanted)}, offered {_safe(u.offered)}" for u in site.unmet))
+    if wait.jobs_ahead:
+        print(f"  {wait.jobs_ahead} waiting job(s) with the same requirements match before this one")
 
 
 def _safe(text: str) -> str:

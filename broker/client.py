@@ -20,12 +20,25 @@ certificate. The CA certificate that verifies the broker defaults to the
 last certificate of the token's chain (token files written by `splitpilot
 token issue` end with it). Failed calls raise `BrokerError` subclasses
 carrying the gRPC code and the broker's message.
+
+Before connecting, and again when a call cannot reach the broker, the
+clients of people (BrokerClient, AdminClient) check their own certificate:
+an expired token, or one not issued by the CA the client trusts, is reported
+as such (`TokenUnusable`), never as "cannot reach the broker". (An agent
+tells its refusals apart itself: pilot.agent.refusal.) Any client reports a
+broker whose certificate is not from the trusted CA as such (`WrongBroker`).
+
+A newer broker may answer with values this version does not know: a job
+state becomes the pseudo-state UNKNOWN(n) (broker.lifecycle.read_state), a
+count of an unknown state is kept by its name (JobListing.other_counts), a
+Match answer of an unknown kind is an empty match; each is logged once.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -33,12 +46,13 @@ from dataclasses import dataclass, field
 
 import grpc
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.files import CHUNK_SIZE, check_sandbox_name, copy_verified, sha256_of_file
 from broker.jobfile import JobDescription, load_job_file
-from broker.lifecycle import JobState
+from broker.lifecycle import JobState, read_state
 from broker.outdir import OutputDirectory
 
 # The same values the store records, as the client reports them.
@@ -53,7 +67,11 @@ from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
 from splitpilot.job.v1 import job_pb2
 
+log = logging.getLogger("splitpilot.client")
+
 DEFAULT_TIMEOUT = 30.0
+#: Wait before asking again after a Match answer this version cannot read (a newer broker's), seconds.
+UNKNOWN_ANSWER_RETRY_S = 30
 STREAM_TIMEOUT = 3600.0
 SUBMIT_BATCH = 5000
 CLIENT_OPTIONS = (
@@ -89,8 +107,27 @@ class BrokerUnavailable(BrokerError):
                 "certificate (--ca-cert) is the broker's")
 
 
+class WrongBroker(BrokerUnavailable):
+    """The TLS handshake failed because the broker's certificate is not from the CA this client trusts."""
+
+    def _message(self) -> str:
+        return (f"the broker at {self.address} presented a certificate that is not from the CA this client trusts "
+                f"({self.method}: {self.details}): your token is not from this broker's CA, or the address is "
+                "another service's; fix: use a token issued by the broker's CA (its ca.crt: `splitpilot ca show` on "
+                "the broker), or pass that CA with --ca-cert")
+
+
 class AccessDenied(BrokerError):
     """The token was refused (UNAUTHENTICATED) or may not do this (PERMISSION_DENIED)."""
+
+
+class TokenUnusable(AccessDenied):
+    """The client's own token cannot work (expired, not yet valid, or not from the CA it trusts): found
+    before connecting, or when the broker could not be reached. Attributes: as AccessDenied (code
+    UNAUTHENTICATED, method: the call about to be made)."""
+
+    def _message(self) -> str:
+        return self.details
 
 
 class NotFound(BrokerError):
@@ -120,10 +157,51 @@ _ERRORS = {
 }
 
 
+_logged: set[str] = set()
+
+
+def _logged_once(what: str) -> bool:
+    """Whether WHAT was logged already (and, from now on, it was)."""
+    seen = what in _logged
+    _logged.add(what)
+    return seen
+
+
 def _broker_error(method: str, exc: grpc.RpcError, address: str) -> BrokerError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    if code is grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in details:
+        return WrongBroker(method, code, details, address)
     return _ERRORS.get(code, BrokerError)(method, code, details, address)
+
+
+def token_problem(chain: Sequence[x509.Certificate], ca_pem: bytes, now: datetime.datetime | None = None
+                  ) -> str | None:
+    """Why the token whose certificate chain is CHAIN cannot work with a broker of the CA in CA_PEM
+    (expired, not yet valid, another CA's), with the fix; None when it can."""
+    leaf = chain[0]
+    identity = parse_identity(leaf)
+    now = now or datetime.datetime.now(datetime.UTC)
+    who = f"your {identity.role.value} token ({identity.subject})"
+    if now > leaf.not_valid_after_utc:
+        return (f"{who} expired at {leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z (now {now:%Y-%m-%d %H:%M:%S}Z); "
+                "fix: ask the broker's operator for a new token (splitpilot token issue)")
+    if now < leaf.not_valid_before_utc:
+        return (f"{who} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z (now "
+                f"{now:%Y-%m-%d %H:%M:%S}Z); fix: check this machine's clock (NTP)")
+    trusted = load_certificates(ca_pem, "CA certificate")
+    for ca in trusted:
+        try:
+            leaf.verify_directly_issued_by(ca)
+            return None
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    def named(ca: x509.Certificate) -> str:  # CAs made with the defaults share a name: the fingerprint tells
+        return f"{ca.subject.rfc4514_string()} (SHA256:{ca.fingerprint(hashes.SHA256()).hex()[:16]}...)"
+    issuer = named(chain[-1]) if len(chain) > 1 and chain[-1].subject == leaf.issuer else leaf.issuer.rfc4514_string()
+    return (f"{who} is not from this broker's CA: it was issued by {issuer}, and the CA this client trusts for the "
+            f"broker is {', '.join(named(ca) for ca in trusted)}; fix: use a token issued by the broker's CA, or give "
+            "that CA's certificate with --ca-cert (or ca_cert in the config file)")
 
 
 # ------------------------------------------------------------------ results
@@ -147,16 +225,19 @@ class JobStatus:
     history: tuple[JobEvent, ...]
     outputs: tuple[OutputFile, ...]
     spec: job_pb2.JobSpec
+    #: Why a waiting job has not matched (status() of a WAITING job; None otherwise).
+    wait: WaitReport | None = None
 
     @classmethod
     def from_proto(cls, info: pb.JobInfo) -> JobStatus:
-        return cls(job_id=info.job_id, name=info.spec.name, owner=info.spec.owner, state=JobState(info.state),
+        return cls(job_id=info.job_id, name=info.spec.name, owner=info.spec.owner, state=read_state(info.state),
                    attempt=info.attempt, submitted=_from_ms(info.submitted_unix_ms),
                    updated=_from_ms(info.updated_unix_ms), site=info.site, node=info.node, pilot_id=info.pilot_id,
                    exit_code=info.exit_code if info.HasField("exit_code") else None, message=info.message,
-                   history=tuple(JobEvent(_from_ms(e.time_unix_ms), JobState(e.state), e.attempt, e.detail)
+                   history=tuple(JobEvent(_from_ms(e.time_unix_ms), read_state(e.state), e.attempt, e.detail)
                                  for e in info.history),
-                   outputs=tuple(OutputFile(o.name, o.size, o.sha256) for o in info.outputs), spec=info.spec)
+                   outputs=tuple(OutputFile(o.name, o.size, o.sha256) for o in info.outputs), spec=info.spec,
+                   wait=WaitReport.from_proto(info.wait) if info.HasField("wait") else None)
 
     @property
     def final(self) -> bool:
@@ -164,10 +245,66 @@ class JobStatus:
 
 
 @dataclass(frozen=True)
+class Unmet:
+    """One requirement of a job that a site (or every site) did not offer: what it asks, what was offered."""
+
+    requirement: str
+    wanted: str
+    offered: str
+
+
+@dataclass(frozen=True)
+class SiteWait:
+    """One site's side of a WaitReport: its admin state, what its pilots did not offer, their last offer."""
+
+    site: str
+    state: str
+    unmet: tuple[Unmet, ...]
+    last_offer: datetime.datetime | None
+
+
+@dataclass(frozen=True)
+class WaitReport:
+    """Why a waiting job has not matched (GetJob's WaitAnalysis)."""
+
+    summary: str
+    window_s: int
+    never_runnable: bool
+    jobs_ahead: int
+    sites: tuple[SiteWait, ...]
+
+    @classmethod
+    def from_proto(cls, wait: pb.WaitAnalysis) -> WaitReport:
+        return cls(wait.summary, wait.window_s, wait.never_runnable, wait.jobs_ahead, tuple(
+            SiteWait(s.site, s.state, tuple(Unmet(u.requirement, u.wanted, u.offered) for u in s.unmet),
+                     _from_ms(s.last_offer_unix_ms) if s.last_offer_unix_ms else None) for s in wait.sites))
+
+
+@dataclass(frozen=True)
+class SubmitWarning:
+    """Jobs of a submission that no site has ever been able to run (queued all the same)."""
+
+    #: Positions of the jobs concerned in what was submitted.
+    job_indexes: tuple[int, ...]
+    message: str
+    unmet: tuple[Unmet, ...]
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What submit_checked returns: the ids of the queued jobs, in order, and the broker's warnings."""
+
+    job_ids: list[int]
+    warnings: list[SubmitWarning]
+
+
+@dataclass(frozen=True)
 class JobListing:
     jobs: list[JobStatus]
     #: Jobs per state among all those the caller may see (not only this page).
     counts: dict[JobState, int]
+    #: Counts of states this version does not know (a newer broker's), by the broker's name for them.
+    other_counts: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -262,6 +399,9 @@ def _read_ca(ca_pem: bytes | str | os.PathLike | None, chain: Sequence[x509.Cert
 class _Client:
     """A channel with a client certificate, and the error mapping."""
 
+    #: Check the own token before connecting and when the broker cannot be reached (TokenUnusable).
+    CHECKS_OWN_TOKEN = False
+
     def __init__(self, address: str, chain: Sequence[x509.Certificate], key, ca_pem, *,
                  timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
         self.address = address
@@ -269,9 +409,14 @@ class _Client:
         self.identity: Identity = parse_identity(chain[0])
         self.ca_pem = _read_ca(ca_pem, chain)
         self._server_name = server_name
+        self._chain = tuple(chain)
+        problem = token_problem(chain, self.ca_pem) if self.CHECKS_OWN_TOKEN else None
+        if problem is not None:  # before connecting: the handshake would only say "cannot reach the broker"
+            raise TokenUnusable("(connecting)", grpc.StatusCode.UNAUTHENTICATED, problem, address)
         self._open(chain, key)
 
     def _open(self, chain: Sequence[x509.Certificate], key) -> None:
+        self._chain = tuple(chain)
         key_pem = key if isinstance(key, bytes) else private_key_pem(key)
         credentials = grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
                                                    certificate_chain=certificate_pem([chain[0]]))
@@ -293,11 +438,21 @@ class _Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _failure(self, method: str, exc: grpc.RpcError) -> BrokerError:
+        """The BrokerError for a failed call; an unreachable broker is first checked against this client's
+        own token (it may have expired since the client was made)."""
+        error = _broker_error(method, exc, self.address)
+        if self.CHECKS_OWN_TOKEN and isinstance(error, BrokerUnavailable) and not isinstance(error, WrongBroker):
+            problem = token_problem(self._chain, self.ca_pem)
+            if problem is not None:
+                return TokenUnusable(method, grpc.StatusCode.UNAUTHENTICATED, problem, self.address)
+        return error
+
     def _call(self, method: str, stub_method, request, *, timeout: float | None = None):
         try:
             return stub_method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as exc:
-            raise _broker_error(method, exc, self.address) from None
+            raise self._failure(method, exc) from None
 
     def _stream(self, method: str, stub_method, request, *, timeout: float = STREAM_TIMEOUT) -> Iterator:
         """A server stream whose errors arrive as BrokerError."""
@@ -305,7 +460,7 @@ class _Client:
         try:
             yield from call
         except grpc.RpcError as exc:
-            raise _broker_error(method, exc, self.address) from None
+            raise self._failure(method, exc) from None
         finally:
             call.cancel()  # a consumer that stopped early (e.g. a checksum mismatch) ends the stream
 
@@ -374,6 +529,8 @@ def _receive(chunks: Iterable[pb.GetInputResponse | pb.DownloadOutputResponse], 
 class BrokerClient(_Client):
     """Calls with a user (or admin) token: UserService."""
 
+    CHECKS_OWN_TOKEN = True
+
     def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
                  timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
         tf = _load_token(token)
@@ -393,13 +550,19 @@ class BrokerClient(_Client):
         try:
             response = self._stub.UploadFile(_file_chunks(path, name, size, sha256), timeout=STREAM_TIMEOUT)
         except grpc.RpcError as exc:
-            raise _broker_error("UploadFile", exc, self.address) from None
+            raise self._failure("UploadFile", exc) from None
         return job_pb2.InputFile(name=name, size=response.size, sha256=response.sha256)
 
     def submit(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable) -> list[int]:
         """Queue jobs given as job file paths, JobDescriptions or JobSpecs (or a list
         of them). Inputs of job files are uploaded first (each file once).
-        More than 5,000 jobs go in several batches, each all-or-nothing."""
+        More than 5,000 jobs go in several batches, each all-or-nothing. Returns the
+        job ids; submit_checked also returns the broker's warnings."""
+        return self.submit_checked(jobs).job_ids
+
+    def submit_checked(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable) -> Submission:
+        """Like submit; returns the ids and the broker's warnings (jobs no site has ever been able to run,
+        their indexes counted over everything submitted in this call)."""
         if isinstance(jobs, (str, os.PathLike, JobDescription, job_pb2.JobSpec)):
             jobs = [jobs]
         specs: list[job_pb2.JobSpec] = []
@@ -425,11 +588,15 @@ class BrokerClient(_Client):
                     spec.input_files.add(name=ref.name, size=done.size, sha256=done.sha256)
                 specs.append(spec)
         ids: list[int] = []
+        warnings: list[SubmitWarning] = []
         for start in range(0, len(specs), SUBMIT_BATCH):
             batch = specs[start:start + SUBMIT_BATCH]
             response = self._call("Submit", self._stub.Submit, pb.SubmitRequest(jobs=batch), timeout=300)
             ids.extend(response.job_ids)
-        return ids
+            warnings.extend(SubmitWarning(tuple(start + i for i in w.job_indexes), w.message,
+                                          tuple(Unmet(u.requirement, u.wanted, u.offered) for u in w.unmet))
+                            for w in response.warnings)
+        return Submission(ids, warnings)
 
     def status(self, job_id: int) -> JobStatus:
         """One job with its history and outputs."""
@@ -492,12 +659,18 @@ class BrokerClient(_Client):
     def kill(self, job_id: int, reason: str = "") -> JobState:
         """Kill a job: at once when queued, at its next heartbeat when running."""
         response = self._call("KillJob", self._stub.KillJob, pb.KillJobRequest(job_id=job_id, reason=reason))
-        return JobState(response.state)
+        return read_state(response.state)
 
 
 def _listing(response: pb.ListJobsResponse) -> JobListing:
-    counts = {JobState(job_pb2.JobState.Value(name)): n for name, n in response.counts_by_state.items()}
-    return JobListing([JobStatus.from_proto(j) for j in response.jobs], counts)
+    counts: dict[JobState, int] = {}
+    other: dict[str, int] = {}
+    for name, n in response.counts_by_state.items():
+        if name in job_pb2.JobState.keys():  # noqa: SIM118 (an enum wrapper, not a dict)
+            counts[read_state(job_pb2.JobState.Value(name))] = n
+        else:  # a newer broker's state: shown by its name
+            other[name] = n
+    return JobListing([JobStatus.from_proto(j) for j in response.jobs], counts, other)
 
 
 # ------------------------------------------------------------------ agents
@@ -533,7 +706,14 @@ class AgentClient(_Client):
         key = ec.generate_private_key(ec.SECP256R1())
         response = self._call("Match", self._stub.Match, pb.MatchRequest(
             slot=_slot(slot), pilot_id=pilot_id, node=node, job_public_key=_public_der(key)))
-        if response.WhichOneof("result") != "job":
+        kind = response.WhichOneof("result")
+        if kind is None:  # an answer of a kind this version does not know (a newer broker's): ask again later
+            if not _logged_once("Match"):
+                log.warning("Match: the broker answered with a result this agent does not know (a newer broker?); "
+                            "taken as no job, asking again in %ds", UNKNOWN_ANSWER_RETRY_S)
+            return NoMatch("the broker's answer is of a kind this agent does not know (a newer broker?)",
+                           UNKNOWN_ANSWER_RETRY_S, False)
+        if kind != "job":
             none = response.no_match
             return NoMatch(none.reason, none.retry_after_s, none.leave)
         job = response.job
@@ -563,7 +743,7 @@ class AgentClient(_Client):
         response = self._call("ReportAttemptFailure", self._stub.ReportAttemptFailure,
                               pb.ReportAttemptFailureRequest(job_id=job_id, attempt=attempt, failure=failure,
                                                              detail=detail, pilot_id=pilot_id))
-        return JobState(response.state)
+        return read_state(response.state)
 
 
 # ------------------------------------------------------------------ jobs
@@ -625,7 +805,7 @@ class JobClient(_Client):
                     continue
                 raise _broker_error("UpdateState", exc, self.address) from None
         self._next_sequence += 1
-        return UpdateResult(JobState(response.state), response.replay)
+        return UpdateResult(read_state(response.state), response.replay)
 
     @property
     def next_sequence(self) -> int:
@@ -708,6 +888,8 @@ _SITE_STATES = {"enabled": pb.SITE_STATE_ENABLED, "draining": pb.SITE_STATE_DRAI
 class AdminClient(_Client):
     """Calls with an admin token: AdminService."""
 
+    CHECKS_OWN_TOKEN = True
+
     def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
                  timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
         tf = _load_token(token)
@@ -770,5 +952,7 @@ def _revoked(info: pb.RevokedToken) -> RevokedToken:
 __all__ = [
     "AccessDenied", "AdminClient", "AgentClient", "BrokerClient", "BrokerError", "BrokerUnavailable", "Download",
     "HeartbeatAnswer", "InvalidRequest", "JobClient", "JobEvent", "JobListing", "JobStatus", "MatchedJob",
-    "NoMatch", "NotFound", "OutputFile", "PilotInfo", "PreconditionFailed", "RevokedToken", "UpdateResult",
+    "NoMatch", "NotFound", "OutputFile", "PilotInfo", "PreconditionFailed", "RevokedToken", "SiteWait",
+    "SubmitWarning", "Submission", "TokenUnusable", "Unmet", "UpdateResult", "WaitReport", "WrongBroker",
+    "token_problem",
 ]

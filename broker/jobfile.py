@@ -8,7 +8,7 @@ One job:
     arguments = ["--events", "10"]
     [job.requirements]
     memory_mb = 2000
-    walltime = "1h"
+    walltime = "1h"                  # required: the longest one attempt may run
     [[job.inputs]]
     path = "data/input.txt"          # uploaded before submit; sandbox name: input.txt
     [job.outputs]
@@ -43,6 +43,7 @@ from splitpilot.job.v1 import job_pb2
 
 MAX_COUNT = 100_000
 MAX_ATTEMPTS = 100
+MAX_WALLTIME_S = 366 * 86400  # broker.specs.MAX_WALLTIME_S
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SITE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 INDEX_PLACEHOLDER = "{index}"
@@ -265,6 +266,13 @@ def parse_job_text(text: str, path: str = "<job description>", base_dir: str = "
                 check.add(f"{prefix}.executable", "missing: every job needs a program to run",
                           'write executable = "run.sh" (a path in the sandbox or a name on the PATH)')
             continue
+        if "walltime_s" not in merged.get("requirements", {}):
+            if not any(p.field in (f"{prefix}.requirements.walltime", "defaults.requirements.walltime")
+                       for p in check.problems):
+                check.add(f"{prefix}.requirements.walltime", "missing: every job needs a wall-clock limit (the "
+                          "broker matches it to slots with that much time left, and stops it after that long)",
+                          f'write walltime = "1h" under [{prefix}.requirements] (or [defaults.requirements])')
+            continue
         count = merged.get("count", 1)
         total += count
         if total > MAX_COUNT:
@@ -360,17 +368,19 @@ def _parse_requirements(req: dict, prefix: str, check: _Checker) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             check.add(p + "walltime", f"expected a duration, got {_type_name(value)} {value!r}",
                       'write walltime = "1h" (or "90m", "2d", or seconds as an integer)')
-        elif isinstance(value, int):
-            if value < 0:
-                check.add(p + "walltime", f"expected a duration, got {value}", 'write walltime = "1h"')
-            else:
-                out["walltime_s"] = value
         else:
-            try:
-                out["walltime_s"] = int(parse_duration(value, what="walltime").total_seconds())
-            except UsageError:
-                check.add(p + "walltime", f"expected a duration, got {value!r}",
-                          'write walltime = "1h" (units s, m, h, d, w; e.g. "1h30m")')
+            seconds = value if isinstance(value, int) else None
+            if isinstance(value, str):
+                try:
+                    seconds = int(parse_duration(value, what="walltime").total_seconds())
+                except UsageError:
+                    check.add(p + "walltime", f"expected a duration, got {value!r}",
+                              'write walltime = "1h" (units s, m, h, d, w; e.g. "1h30m")')
+            if seconds is not None and not 1 <= seconds <= MAX_WALLTIME_S:
+                check.add(p + "walltime", f"expected a duration from 1 second to 366 days, got {value!r}",
+                          'write walltime = "1h" (the longest one attempt may run)')
+            elif seconds is not None:
+                out["walltime_s"] = seconds
     for key in ("container_image", "platform"):
         if key in req and (v := check.string(req[key], p + key, key)) is not None:
             out[key] = v

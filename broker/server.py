@@ -30,6 +30,7 @@ seconds), and the metrics endpoint (loopback only unless `metrics_public`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import fcntl
 import ipaddress
@@ -44,8 +45,8 @@ from cryptography import x509
 
 from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, FileStore
 from broker.metrics import Metrics, MetricsServer
-from broker.service import Broker, ServiceSettings, add_servicers, utcnow
-from broker.store.base import JobStore, Reaped, StoreSettings
+from broker.service import Broker, ServiceSettings, add_servicers, heartbeat_interval, utcnow
+from broker.store.base import JobStore, Reaped, StoreSettings, StoreUnavailable
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import CertificateAuthority, Expectation, TokenFile, TokenRole, TokenVerifier
 from pilot.tokens.errors import KeyFileError, TokenError
@@ -190,6 +191,9 @@ class BrokerServer:
         config = self.config
         host, port = parse_address(config.listen)
         metrics_address = metrics_bind(config.metrics, config.metrics_public) if config.metrics else None
+        # Wrappers heartbeat at a third of the timeout (MatchedJob.broker_heartbeat_s): a healthy job is never
+        # reaped, and a timeout they cannot meet is refused here, before anything starts.
+        heartbeat_s = heartbeat_interval(config.store_settings.heartbeat_timeout)
         try:
             self._prepare_state()
             self.ca = self._load_or_create_ca()
@@ -198,8 +202,9 @@ class BrokerServer:
                 self.store = self._open_store()
             files = FileStore(os.path.join(config.state_dir, "files"), max_file_size=config.max_file_size,
                               max_job_bytes=config.max_job_bytes, max_job_files=config.max_job_files)
-            settings = config.service or ServiceSettings(
-                offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+")))
+            settings = dataclasses.replace(config.service or ServiceSettings(
+                offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+"))),
+                broker_heartbeat_s=heartbeat_s)
             self.broker = Broker(self.store, files, self.ca, settings=settings, metrics=self.metrics)
             self.broker.refresh_revocations()  # before the first call: a restarted broker knows them all
             credentials = grpc.ssl_server_credentials(
@@ -264,6 +269,10 @@ class BrokerServer:
             if not self._loop.is_running():
                 self._loop.close()
         if self.broker is not None:
+            try:
+                self.broker.flush_offers()  # what this process saw stays known after it
+            except Exception as exc:  # noqa: BLE001
+                log.warning("the sites' last offers could not be written: %s", exc)
             self.broker.close()
         if self.store is not None and self._own_store:
             self.store.close()
@@ -286,6 +295,10 @@ class BrokerServer:
     def reap_once(self, now: datetime.datetime | None = None) -> list[Reaped]:
         """Run the reaper once (the thread calls this every reap_interval)."""
         now = now or utcnow()
+        try:
+            self.broker.flush_offers(now)  # the sites' offers, for "why is my job waiting"
+        except Exception:  # noqa: BLE001 (they stay pending for the next pass; the reaping matters more)
+            log.exception("reaper: the sites' offers could not be written; trying again next pass")
         reaped = self.store.reap(now)
         for item in reaped:
             cause = item.cause.value if item.cause is not None else "expired"
@@ -416,6 +429,8 @@ class BrokerServer:
         url = self.config.store_url
         try:
             store = open_store(url, self.config.store_settings)
+        except StoreUnavailable as exc:  # the driver's words, without the store's retry advice
+            raise BrokerStartError(f"database {_redact(url)}: {exc.__cause__ or exc}; fix: check --db") from exc
         except SplitpilotError:
             raise
         except Exception as exc:  # noqa: BLE001 (driver errors: name the database and the fix)

@@ -12,7 +12,11 @@ for PostgreSQL (network round trips) and for heavy calls of any store
 Every handler is wrapped by `rpc()`: it identifies the caller (auth.py),
 checks the service's role, runs the handler, and turns any exception into a
 gRPC status with a message that names the problem and the fix
-(`status_of`). The server keeps serving after any bad request.
+(`status_of`). The server keeps serving after any bad request. Requests are
+decoded by `add_servicers`' own deserializers: bytes protobuf cannot parse
+(a string that is not UTF-8, a truncated field) reach the handler as
+`Undecodable` and are refused with INVALID_ARGUMENT, where gRPC's own would
+answer UNKNOWN.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ import grpc
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from google.protobuf.message import DecodeError
 
 from broker.auth import SERVICE_ROLES, Authoriser, Unauthenticated
 from broker.files import CHUNK_SIZE, FileRefused, FileStore, FileTooLarge, MissingFile, StoredFile
 from broker.metrics import Metrics
+from broker.specs import JobStartBudget
 from broker.store.base import (
+    BadValue,
     InvalidTransition,
     JobRecord,
     JobStore,
@@ -46,9 +53,11 @@ from broker.store.base import (
     OutOfOrderUpdate,
     StaleAttemptError,
     StoreError,
+    StoreUnavailable,
     TooManyJobs,
     UnknownJob,
 )
+from broker.waiting import OfferLog, OfferSettings
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import CertificateAuthority, Identity, TokenRole, TokenVerifier, public_key_from_request
 from pilot.tokens.errors import (
@@ -100,8 +109,10 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (InvalidTransition, OutOfOrderUpdate, Conflict, IssueError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    if isinstance(exc, (BadRequest, FileRefused, UsageError, MalformedToken, TooManyJobs, LimitExceeded)):
+    if isinstance(exc, (BadRequest, FileRefused, UsageError, MalformedToken, TooManyJobs, LimitExceeded, BadValue)):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, StoreUnavailable):  # the database is down or restarting: the caller retries
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, StoreError):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, SplitpilotError):
@@ -130,6 +141,31 @@ class ServiceSettings:
     #: ListJobs: default and maximum page sizes.
     list_default: int = 1000
     list_max: int = 10_000
+    #: How often wrappers heartbeat the broker, seconds (MatchedJob.broker_heartbeat_s); the server
+    #: derives it from the store's heartbeat timeout (heartbeat_interval).
+    broker_heartbeat_s: int = 30
+    #: How the pilots' slot offers are summarised for "why is my job waiting".
+    offers: OfferSettings = OfferSettings()
+
+
+#: Wrappers heartbeat at most this often, and never less often than DEFAULT_HEARTBEAT_S.
+MIN_HEARTBEAT_S = 1
+DEFAULT_HEARTBEAT_S = 30
+#: Heartbeats a healthy job may miss before the broker's timeout reaps it (DIRAC allows 2.5 cycles).
+HEARTBEATS_PER_TIMEOUT = 3
+
+
+def heartbeat_interval(timeout: datetime.timedelta) -> int:
+    """The wrappers' heartbeat interval, seconds, for a broker heartbeat TIMEOUT: a third of it (so a
+    healthy job may miss two heartbeats without being reaped), at most DEFAULT_HEARTBEAT_S. UsageError
+    when the timeout is shorter than wrappers can meet."""
+    shortest = datetime.timedelta(seconds=MIN_HEARTBEAT_S * HEARTBEATS_PER_TIMEOUT)
+    if timeout < shortest:
+        raise UsageError(f"a heartbeat timeout of {timeout.total_seconds():g}s is shorter than wrappers can meet: "
+                         f"they heartbeat at most every {MIN_HEARTBEAT_S}s, and a healthy job must be allowed to "
+                         f"miss {HEARTBEATS_PER_TIMEOUT - 1} heartbeats (a busy node, a slow broker); fix: "
+                         f"--heartbeat-timeout {shortest.total_seconds():g}s or more")
+    return max(MIN_HEARTBEAT_S, min(DEFAULT_HEARTBEAT_S, int(timeout.total_seconds()) // HEARTBEATS_PER_TIMEOUT))
 
 
 class Broker:
@@ -147,6 +183,8 @@ class Broker:
         self.metrics = metrics or Metrics()
         self.auth = Authoriser(TokenVerifier([ca.certificate]), ca.policy.clock_skew)
         self.executor = ThreadPoolExecutor(self.settings.threads, thread_name_prefix="broker-io")
+        self.offers = OfferLog(self.settings.offers)
+        self.spec_budget = JobStartBudget.for_broker(_largest_job_token(ca), len(self.ca_pem))
 
     async def call(self, fn: Callable, *args, heavy: bool = False, **kwargs):
         """Run a store call: inline, or in the thread pool (offloaded stores, heavy calls)."""
@@ -206,8 +244,20 @@ class Broker:
         self.auth.revoked.replace(self.store.revocations(), generation)
         return True
 
+    def flush_offers(self, now: datetime.datetime | None = None) -> None:
+        """Write the slot offers this process saw since the last flush into the store (blocking)."""
+        self.offers.flush(self.store, to_ms(now or utcnow()))
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _largest_job_token(ca: CertificateAuthority) -> int:
+    """Bytes of the largest job token chain (PEM leaf and CA) this CA issues: the longest owner name and
+    the largest ids, plus a margin for the variable parts of a signature."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = ca.issue(TokenRole.JOB, "x" * 64, key.public_key(), job_id=2**63 - 1, attempt=2**32 - 1)
+    return len(leaf.public_bytes(serialization.Encoding.PEM)) + len(certificate_pem([ca.certificate])) + 256
 
 
 def utcnow() -> datetime.datetime:
@@ -215,6 +265,31 @@ def utcnow() -> datetime.datetime:
 
 
 # ------------------------------------------------------------------ handler wrappers
+
+@dataclass(frozen=True)
+class Undecodable:
+    """A request message protobuf could not parse: its type's full name and the parser's words."""
+
+    type_name: str
+    error: str
+
+
+def decoded(message):
+    """MESSAGE, unless it is Undecodable: then BadRequest naming the problem."""
+    if isinstance(message, Undecodable):
+        raise BadRequest(f"the {message.type_name.rsplit('.', 1)[-1]} could not be decoded ({message.error}); fix: "
+                         "send a message serialised by a protobuf library (strings must be UTF-8)")
+    return message
+
+
+def _deserializer(message_type) -> Callable[[bytes], object]:
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(exc).split(": ", 1)[-1][:200])
+    return parse
+
 
 def rpc(service: str) -> Callable:
     """Wrap a unary-response handler `(self, identity, request, context)`."""
@@ -229,7 +304,7 @@ def rpc(service: str) -> Callable:
             started = time.perf_counter()
             try:
                 identity = broker.auth.identify(context, roles)
-                response = await fn(self, identity, request, context)
+                response = await fn(self, identity, decoded(request), context)
             except Exception as exc:  # noqa: BLE001 (every error becomes a status)
                 code, message = _failed(broker, service, method, exc, started)
                 await context.abort(code, message)
@@ -252,7 +327,7 @@ def rpc_stream(service: str) -> Callable:
             started = time.perf_counter()
             try:
                 identity = broker.auth.identify(context, roles)
-                async for item in fn(self, identity, request, context):
+                async for item in fn(self, identity, decoded(request), context):
                     yield item
             except Exception as exc:  # noqa: BLE001
                 code, message = _failed(broker, service, method, exc, started)
@@ -277,6 +352,20 @@ def _failed(broker: Broker, service: str, method: str, exc: Exception, started: 
 
 def to_ms(when: datetime.datetime) -> int:
     return int(when.timestamp() * 1000)
+
+
+#: Free text a peer sends (a reason, a detail, a node name) is kept to this many characters.
+MAX_TEXT = 4000
+
+
+def text(value: str, limit: int = MAX_TEXT) -> str:
+    """VALUE as the broker stores free text from a peer: at most LIMIT characters (a hostile caller
+    cannot fill the database), NUL and other control characters but tab and newline replaced (no
+    database takes NUL in a text, and a terminal shows the rest)."""
+    value = value[:limit]
+    if value.isprintable():
+        return value
+    return "".join(c if c.isprintable() or c in "\t\n" else "\ufffd" for c in value)
 
 
 def job_info(record: JobRecord, *, history: bool = True) -> pb.JobInfo:
@@ -334,7 +423,7 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
     stored). Returns (header, what RECORD returned)."""
     iterator = request_iterator.__aiter__()
     try:
-        first = await iterator.__anext__()
+        first = decoded(await iterator.__anext__())
     except StopAsyncIteration:
         raise BadRequest("the stream ended before the header; fix: send a first message with the header") from None
     if first.WhichOneof("kind") != "header":
@@ -357,7 +446,7 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
 
     try:
         async for chunk in iterator:
-            if chunk.WhichOneof("kind") != "data":
+            if decoded(chunk).WhichOneof("kind") != "data":
                 raise BadRequest("only the first message carries a header; fix: send data chunks after it")
             await in_pool(incoming.write, chunk.data)
         result = await in_pool(incoming.commit, functools.partial(record, header))
@@ -392,18 +481,34 @@ def check_job_total(name: str, total: int, limit: int, what: str) -> None:
 
 # ------------------------------------------------------------------ registration
 
+_HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
 def add_servicers(server, broker: Broker) -> None:
-    """Register the four services on a grpc.aio server."""
+    """Register the four services on a grpc.aio server, as the generated add_*_to_server functions do, but
+    with deserializers that hand an undecodable request to the handler (see `Undecodable`)."""
     from broker.service_admin import AdminServicer
     from broker.service_agent import AgentServicer
     from broker.service_job import JobServicer
     from broker.service_user import UserServicer
-    from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
 
-    rpc_pb.add_UserServiceServicer_to_server(UserServicer(broker), server)
-    rpc_pb.add_AgentServiceServicer_to_server(AgentServicer(broker), server)
-    rpc_pb.add_JobServiceServicer_to_server(JobServicer(broker), server)
-    rpc_pb.add_AdminServiceServicer_to_server(AdminServicer(broker), server)
+    for servicer in (UserServicer(broker), AgentServicer(broker), JobServicer(broker), AdminServicer(broker)):
+        service = pb.DESCRIPTOR.services_by_name[_service_name(servicer)]
+        handlers = {}
+        for method in service.methods:
+            make = _HANDLERS[(method.client_streaming, method.server_streaming)]
+            handlers[method.name] = make(
+                getattr(servicer, method.name),
+                request_deserializer=_deserializer(getattr(pb, method.input_type.name)),
+                response_serializer=getattr(pb, method.output_type.name).SerializeToString)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+        server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _service_name(servicer) -> str:
+    """UserServicer -> UserService (each servicer class is named after its service)."""
+    return type(servicer).__name__[:-len("Servicer")] + "Service"
 
 
 __all__ = ["BadRequest", "Broker", "Conflict", "NotFound", "ServiceSettings", "add_servicers", "job_info",

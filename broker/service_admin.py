@@ -15,7 +15,7 @@ import logging
 import re
 
 from broker.lifecycle import RequeueCause
-from broker.service import BadRequest, Broker, rpc, to_ms, utcnow
+from broker.service import BadRequest, Broker, rpc, text, to_ms, utcnow
 from broker.service_user import list_jobs
 from broker.store.base import NotRevocable, Revocation
 from pilot.tokens import Identity, TokenRole, TokenVerifier
@@ -71,13 +71,14 @@ class AdminServicer(rpc_pb.AdminServiceServicer):
                            context) -> pb.SetSiteStateResponse:
         broker = self.broker
         if request.state not in SITE_STATES:
-            raise BadRequest("state must be SITE_STATE_ENABLED, _DRAINING or _DISABLED")
+            raise BadRequest(f"state {request.state} is not one this broker takes; fix: send SITE_STATE_ENABLED, "
+                             "_DRAINING or _DISABLED")
         try:
             check_name("site", request.site)
         except IssueError as exc:
             raise BadRequest(exc.detail) from None
         previous = await broker.call(broker.store.set_site_state, request.site, SITE_STATES[request.state],
-                                     request.reason, utcnow())
+                                     text(request.reason), utcnow())
         log.info("%s set site %s %s -> %s (%s)", identity.subject, request.site, previous,
                  SITE_STATES[request.state], request.reason)
         return pb.SetSiteStateResponse(previous=SITE_STATE_VALUES.get(previous, pb.SITE_STATE_UNSPECIFIED))
@@ -95,7 +96,7 @@ class AdminServicer(rpc_pb.AdminServiceServicer):
     @rpc(SERVICE)
     async def Requeue(self, identity: Identity, request: pb.RequeueRequest, context) -> pb.RequeueResponse:
         broker = self.broker
-        reason = request.reason or f"requeued by {identity.subject}"
+        reason = text(request.reason) or f"requeued by {identity.subject}"
         attempt = await broker.call(broker.store.requeue, request.job_id, RequeueCause.ADMIN, reason, utcnow())
         log.info("%s requeued job %d (%s): attempt %d", identity.subject, request.job_id, reason, attempt)
         return pb.RequeueResponse(attempt=attempt)

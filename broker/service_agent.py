@@ -17,7 +17,7 @@ import logging
 from cryptography.hazmat.primitives import serialization
 
 from broker.lifecycle import RequeueCause
-from broker.service import BadRequest, Broker, job_public_key, rpc, utcnow
+from broker.service import BadRequest, Broker, job_public_key, rpc, text, to_ms, utcnow
 from broker.store.base import PilotRef, SlotOffer
 from pilot.tokens import Identity
 from splitpilot.broker.v1 import broker_pb2 as pb
@@ -27,13 +27,30 @@ log = logging.getLogger("splitpilot.broker")
 
 SERVICE = "AgentService"
 
-#: AttemptFailure -> how the store re-queues (None: killed for a limit, final).
+#: AttemptFailure -> how the store re-queues (None: stopped for a limit: FAILED_LIMIT, final).
 FAILURE_CAUSES = {
     pb.ATTEMPT_FAILURE_WRAPPER: RequeueCause.WRAPPER,
     pb.ATTEMPT_FAILURE_INFRASTRUCTURE: RequeueCause.INFRASTRUCTURE,
     pb.ATTEMPT_FAILURE_STOPPED: RequeueCause.STOPPED,
     pb.ATTEMPT_FAILURE_LIMIT: None,
+    pb.ATTEMPT_FAILURE_AGENT: RequeueCause.AGENT,
 }
+_unknown_failures: set[int] = set()
+
+
+def failure_cause(value: int) -> RequeueCause | None:
+    """How an AttemptFailure re-queues. A value this broker does not know (a newer agent's) is taken as
+    ATTEMPT_FAILURE_WRAPPER, as broker.proto documents (logged once per value): the attempt is ended
+    now rather than left to the reaper."""
+    if value in FAILURE_CAUSES:
+        return FAILURE_CAUSES[value]
+    if value == pb.ATTEMPT_FAILURE_UNSPECIFIED:
+        raise BadRequest("failure is not set; fix: send an AttemptFailure class, e.g. ATTEMPT_FAILURE_WRAPPER")
+    if value not in _unknown_failures:
+        _unknown_failures.add(value)
+        log.warning("ReportAttemptFailure: failure class %d is unknown to this broker (a newer agent?); taken as "
+                    "ATTEMPT_FAILURE_WRAPPER", value)
+    return RequeueCause.WRAPPER
 
 _PEM = serialization.Encoding.PEM
 
@@ -51,14 +68,14 @@ def _reason(value: str) -> str:
 
 
 def _pilot_id(value: str) -> str:
-    if not value or len(value) > 256:
-        raise BadRequest("pilot_id must be 1-256 characters; fix: send the glidein's unique pilot id")
+    if not value or len(value) > 256 or not value.isprintable():
+        raise BadRequest("pilot_id must be 1-256 printable characters; fix: send the glidein's unique pilot id")
     return value
 
 
 def _pilot(identity: Identity, pilot_id: str, node: str) -> PilotRef:
     """The calling pilot: its id from the request, everything else from the verified certificate."""
-    return PilotRef(pilot_id=_pilot_id(pilot_id), site=identity.site or "", node=node[:256],
+    return PilotRef(pilot_id=_pilot_id(pilot_id), site=identity.site or "", node=text(node, 256),
                     subject=identity.subject, serial=f"{identity.serial:x}", not_after=identity.not_after)
 
 
@@ -78,6 +95,7 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
                           containers=slot.containers, isolation=_isolation(slot.isolation))
         now = utcnow()
         assignment = await broker.call(broker.store.match, offer, pilot, now)
+        broker.offers.note(offer, to_ms(now))  # in memory: why-is-my-job-waiting, no store access here
         if assignment is None:
             return await self._no_match(site)
         try:
@@ -97,7 +115,8 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
         return pb.MatchResponse(job=pb.MatchedJob(
             job_id=assignment.job_id, attempt=assignment.attempt, spec=assignment.spec,
             job_token_pem=certificate.public_bytes(_PEM) + broker.ca_pem,
-            token_not_after_unix=int(certificate.not_valid_after_utc.timestamp())))
+            token_not_after_unix=int(certificate.not_valid_after_utc.timestamp()),
+            broker_heartbeat_s=broker.settings.broker_heartbeat_s))
 
     async def _no_match(self, site: str) -> pb.MatchResponse:
         broker = self.broker
@@ -142,13 +161,13 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
     async def ReportAttemptFailure(self, identity: Identity, request: pb.ReportAttemptFailureRequest,
                                    context) -> pb.ReportAttemptFailureResponse:
         broker = self.broker
-        if request.failure not in FAILURE_CAUSES:
-            raise BadRequest(f"failure {request.failure} is not an AttemptFailure class; fix: send "
-                             "ATTEMPT_FAILURE_WRAPPER, _INFRASTRUCTURE, _STOPPED or _LIMIT")
+        cause = failure_cause(request.failure)
         pilot = _pilot(identity, request.pilot_id, "")
         pilot_id = pilot.pilot_id
+        detail = _reason(request.detail)
         state = await broker.call(broker.store.attempt_failed, request.job_id, request.attempt, pilot,
-                                  FAILURE_CAUSES[request.failure], _reason(request.detail), utcnow())
+                                  cause, detail, utcnow())
+        failure = pb.AttemptFailure.Name(request.failure) if request.failure in FAILURE_CAUSES else str(request.failure)
         log.info("pilot %s reported job %d attempt %d failed (%s: %s): now %s", pilot_id, request.job_id,
-                 request.attempt, pb.AttemptFailure.Name(request.failure), request.detail, state.name)
+                 request.attempt, failure, detail, state.name)
         return pb.ReportAttemptFailureResponse(state=int(state))

@@ -25,6 +25,7 @@ from broker.service import (
     rpc,
     rpc_stream,
     send_file,
+    text,
     utcnow,
 )
 from broker.store.base import JobRecord, OutputRecord
@@ -70,13 +71,14 @@ class JobServicer(rpc_pb.JobServiceServicer):
         if state not in JOB_REPORTABLE:
             name = job_pb2.JobState.Name(request.state) if request.state in job_pb2.JobState.values() \
                 else str(request.state)
-            raise BadRequest(f"a job cannot report {name}; fix: report one of {_REPORTABLE_NAMES}")
+            raise BadRequest(f"a job cannot report {name}; fix: report one of {_REPORTABLE_NAMES} (a state this "
+                             "broker does not know is refused: update the broker, or report an older state)")
         if request.sequence < 1:
             raise BadRequest("sequence must start at 1 and grow by one per update; fix: number the updates of "
                              "this attempt 1, 2, 3, ...")
         exit_code = request.exit_code if request.HasField("exit_code") else None
         result = await broker.call(broker.store.job_update, identity.job_id, identity.attempt, state,
-                                   request.sequence, request.detail, exit_code, utcnow())
+                                   request.sequence, text(request.detail), exit_code, utcnow())
         if result.state.final and not result.replay:
             log.info("job %d attempt %d ended %s%s", identity.job_id, identity.attempt, result.state.name,
                      f" (exit {exit_code})" if exit_code is not None else "")

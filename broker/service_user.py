@@ -6,12 +6,20 @@ other sha256, even one the broker holds, is refused exactly like unknown
 content (same status, same words), and the size is compared only after
 that check passed: knowing another user's sha256 and size reveals nothing
 and grants nothing. Admins submitting act as themselves.
+
+Every spec is checked before anything is stored (broker.specs: what a node can
+run, and the ranges of every number): a refusal is INVALID_ARGUMENT naming the
+job and the field, and leaves no row behind. A job no site has ever been able
+to run is queued with a warning in the answer (broker.waiting); GetJob says
+why a waiting job has not matched.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
+from broker import waiting
 from broker.files import BadFileHeader, StoredFile, check_sandbox_name, check_sha256, name_problem
 from broker.lifecycle import JobState
 from broker.service import (
@@ -26,8 +34,12 @@ from broker.service import (
     rpc,
     rpc_stream,
     send_file,
+    text,
+    to_ms,
     utcnow,
 )
+from broker.specs import MAX_PATTERN, SpecProblem, check_spec
+from broker.store.classes import RequirementClass
 from pilot.tokens import Identity
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
@@ -36,8 +48,6 @@ from splitpilot.job.v1 import job_pb2
 log = logging.getLogger("splitpilot.broker")
 
 SERVICE = "UserService"
-MAX_ATTEMPTS = 100
-MAX_PATTERN = 1024
 
 
 class UserServicer(rpc_pb.UserServiceServicer):
@@ -60,7 +70,37 @@ class UserServicer(rpc_pb.UserServiceServicer):
         cleaned = await broker.call(self._checked_specs, specs, identity.subject, heavy=heavy)
         ids = await broker.call(broker.store.submit, identity.subject, cleaned, utcnow(), heavy=True)
         log.info("%s submitted %d job(s): %s", identity.subject, len(ids), _id_range(ids))
-        return pb.SubmitResponse(job_ids=ids)
+        warnings = await broker.call(self._never_runnable, cleaned, heavy=True)
+        for warning in warnings:
+            log.info("%s: %d job(s) no site has ever been able to run: %s", identity.subject,
+                     len(warning.job_indexes), warning.message)
+        return pb.SubmitResponse(job_ids=ids, warnings=warnings)
+
+    def _never_runnable(self, specs: Sequence[job_pb2.JobSpec]) -> list[pb.SubmitWarning]:
+        """One warning per requirement class of SPECS that no site has ever offered (none while no pilot was
+        ever seen: nothing is known then)."""
+        broker = self.broker
+        try:
+            broker.flush_offers()
+            all_time = [r for r in broker.store.offers(2**62) if r.bucket == 0]  # no bucket is that late: all-time
+        except Exception:  # noqa: BLE001 (a warning is advice: the jobs are queued already)
+            log.exception("submit: the sites' offers could not be read; no never-runnable warnings")
+            return []
+        if not all_time:
+            return []
+        by_class: dict[RequirementClass, list[int]] = {}
+        for index, spec in enumerate(specs):
+            by_class.setdefault(RequirementClass.of(spec.requirements), []).append(index)
+        found = []
+        for requirement, indexes in by_class.items():
+            unmet = waiting.never_offered(requirement, all_time)
+            if unmet:
+                found.append(pb.SubmitWarning(job_indexes=indexes, unmet=unmet, message=(
+                    f"jobs[{_index_range(indexes)}]: no pilot of any site has ever offered what "
+                    f"{'this job needs' if len(indexes) == 1 else 'these jobs need'}: {waiting.describe(unmet)}; "
+                    "queued anyway, they wait until a site offers it; fix: ask for less (kill and resubmit), or "
+                    "ask the sites' operators for such slots")))
+        return found
 
     def _checked_specs(self, specs: list[job_pb2.JobSpec], owner: str) -> list[job_pb2.JobSpec]:
         cleaned = [self._checked_spec(index, spec, owner) for index, spec in enumerate(specs)]
@@ -68,13 +108,13 @@ class UserServicer(rpc_pb.UserServiceServicer):
         return cleaned
 
     def _checked_spec(self, index: int, spec: job_pb2.JobSpec, owner: str) -> job_pb2.JobSpec:
-        """The spec's own rules (names, digests, patterns, limits); its content is checked by _check_inputs."""
+        """The spec's own rules (what a node can run, names, digests, patterns, limits); its content is
+        checked by _check_inputs."""
         where = _where(index, spec)
-        if not spec.executable.strip():
-            raise BadRequest(f"{where}: executable is empty; fix: name the program to run")
-        if spec.max_attempts > MAX_ATTEMPTS:
-            raise BadRequest(f"{where}: max_attempts {spec.max_attempts} is more than {MAX_ATTEMPTS}; "
-                             "fix: ask for fewer (0 means the broker's default)")
+        try:
+            check_spec(spec, self.broker.spec_budget)
+        except SpecProblem as exc:
+            raise BadRequest(f"{where}: {exc}") from None
         names: set[str] = set()
         total = 0
         for i, item in enumerate(spec.input_files):
@@ -147,7 +187,23 @@ class UserServicer(rpc_pb.UserServiceServicer):
         broker = self.broker
         record = await broker.call(broker.store.get, request.job_id, with_history=True, heavy=True)
         check_owner(identity, record)
-        return pb.GetJobResponse(job=job_info(record))
+        info = job_info(record)
+        if record.state is JobState.WAITING:
+            try:
+                info.wait.CopyFrom(await broker.call(self._wait_analysis, record, heavy=True))
+            except Exception:  # noqa: BLE001 (advice: the job itself is still answered)
+                log.exception("GetJob %d: why the job waits could not be worked out", record.job_id)
+        return pb.GetJobResponse(job=info)
+
+    def _wait_analysis(self, record) -> pb.WaitAnalysis:
+        """Why the waiting job of RECORD has not matched (in a thread: a few reads)."""
+        broker = self.broker
+        settings = broker.settings.offers
+        now = utcnow()
+        broker.flush_offers(now)
+        since = to_ms(now) - (settings.window_s + settings.bucket_s) * 1000
+        return waiting.analyse(RequirementClass.of(record.spec.requirements), broker.store.offers(since),
+                               broker.store.site_states(), now, settings, broker.store.jobs_ahead(record.job_id))
 
     @rpc(SERVICE)
     async def ListJobs(self, identity: Identity, request: pb.ListJobsRequest, context) -> pb.ListJobsResponse:
@@ -157,7 +213,7 @@ class UserServicer(rpc_pb.UserServiceServicer):
     async def KillJob(self, identity: Identity, request: pb.KillJobRequest, context) -> pb.KillJobResponse:
         broker = self.broker
         owner = None if identity.role.value == "admin" else identity.subject
-        state = await broker.call(broker.store.kill, request.job_id, owner, request.reason, utcnow())
+        state = await broker.call(broker.store.kill, request.job_id, owner, text(request.reason), utcnow())
         log.info("%s killed job %d (%s): now %s", identity.subject, request.job_id, request.reason or "no reason",
                  JobState(state).name)
         return pb.KillJobResponse(state=int(state))
@@ -201,6 +257,10 @@ async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsReque
 
 def _where(index: int, spec: job_pb2.JobSpec) -> str:
     return f"jobs[{index}]" + (f" ({spec.name!r})" if spec.name else "")
+
+
+def _index_range(indexes: list[int]) -> str:
+    return ", ".join(map(str, indexes)) if len(indexes) <= 5 else f"{indexes[0]}, {indexes[1]}, ... {indexes[-1]}"
 
 
 def _id_range(ids: list[int]) -> str:

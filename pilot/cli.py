@@ -7,12 +7,18 @@ configured at import time: configuration files are read by the handlers.
 
 Exit codes: 0 success, 1 the operation failed, 2 bad usage or input,
 130 interrupted.
+
+gRPC's C core logs to stderr on its own (a failed TLS handshake, a refused
+connection), around the command's own message: `main` turns that off before
+anything imports grpc, unless GRPC_VERBOSITY is set (GRPC_VERBOSITY=ERROR,
+INFO or DEBUG shows it again).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -51,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_grpc() -> None:
+    """No gRPC log lines on stderr unless asked for: read by grpc when it is first imported, so this runs
+    before the subcommand modules are."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_grpc()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)

@@ -7,10 +7,11 @@
 #              (tests/dockerd.py), never the system service
 #   debootstrap: the mini-condor's Debian 13 node root
 #   postgresql: the PostgreSQL store's tests (a private cluster per test run)
+#   npm: installs buf (@bufbuild/buf) for the schema gate (scripts/schema-gate.sh)
 # Usage: install-system-deps.sh [PACKAGE...]   (default: all of the above)
 set -eu
 
-packages="protobuf-compiler libprotobuf-java bubblewrap podman runc debootstrap catatonit postgresql docker.io"
+packages="protobuf-compiler libprotobuf-java bubblewrap podman runc debootstrap catatonit postgresql docker.io npm"
 # Callers may name the packages they need instead (make demo: only debootstrap).
 [ "$#" -gt 0 ] && packages="$*"
 [ "$#" -gt 0 ] || command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import pathlib
 import signal
@@ -15,6 +16,7 @@ import pytest
 from broker.client import AgentClient, MatchedJob
 from broker.lifecycle import JobState
 from pilot.tokens import CertificateAuthority, TokenRole
+from pilot.tokens.files import write_private
 
 BIN = pathlib.Path(sys.executable).parent / "splitpilot"
 SLOT = {"cores": 1, "memory_mb": 4000, "disk_mb": 4000, "time_left_s": 86400}
@@ -189,3 +191,84 @@ def test_serve_refuses_bad_options(tmp_path):
                  "0.0.0.0:0")
     assert result.returncode == 2 and "add --metrics-public" in result.stderr and "fix:" in result.stderr
     assert "--metrics-public" in run("broker", "serve", "--help").stdout
+
+
+def test_serve_refuses_a_heartbeat_timeout_wrappers_cannot_meet(tmp_path):
+    state = tmp_path / "s"
+    result = run("broker", "serve", "--state-dir", str(state), "--listen", "127.0.0.1:0", "--heartbeat-timeout", "2s")
+    assert result.returncode == 2
+    assert "a heartbeat timeout of 2s is shorter than wrappers can meet" in result.stderr
+    assert "fix: --heartbeat-timeout 3s or more" in result.stderr
+    assert not state.exists()  # refused before the broker made anything
+
+
+def test_job_status_says_why_a_job_waits_and_submit_warns(broker, tmp_path):
+    """The user's view of the why-is-my-job-waiting analysis: nothing known before any pilot; then a job
+    needing 64 cores where pilots offered 1 is queued with a warning, and its status names what is missing
+    at which site."""
+    early = tmp_path / "early.toml"
+    early.write_text('[job]\nname = "early"\nexecutable = "run.sh"\n[job.requirements]\nwalltime = "1h"\n')
+    first = job(broker, "submit", str(early))
+    assert first.returncode == 0 and "warning" not in first.stderr
+    job_id = int(first.stdout)
+    before = job(broker, "status", str(job_id))
+    assert "waiting:   no pilot has asked this broker for work yet" in before.stdout
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    with AgentClient(broker.address, agent_token) as agent:
+        assert agent.match(SLOT, "pilot-1", "node-1").job_id == job_id
+    big = tmp_path / "big.toml"
+    big.write_text('[job]\nname = "big"\nexecutable = "run.sh"\n[job.requirements]\ncores = 64\nwalltime = "1h"\n')
+    submitted = job(broker, "submit", str(big))
+    assert submitted.returncode == 0, submitted.stderr  # queued: a warning, not a refusal
+    big_id = int(submitted.stdout)
+    assert (f"warning: {big}:job: jobs[0]: no pilot of any site has ever offered what this job needs: cores 64 "
+            "(offered: 1 at SITE-A); queued anyway") in submitted.stderr
+    status = job(broker, "status", str(big_id))
+    assert status.returncode == 0, status.stderr
+    assert "state:     WAITING" in status.stdout
+    assert "waiting:   no pilot of any site has ever offered what this job needs: cores 64" in status.stdout
+    assert "  SITE-A (last offer " in status.stdout and "): cores wanted 64, offered 1" in status.stdout
+
+
+def test_clients_name_a_bad_token_and_grpc_stays_off_stderr(broker, tmp_path):
+    """An expired token and a token of another CA were reported as "cannot reach the broker ... check that
+    it runs", among gRPC's own log lines. Now: what is wrong with the token, and only our words, unless
+    GRPC_VERBOSITY asks for gRPC's."""
+    address = broker.address
+    long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3)
+    expired = tmp_path / "expired.pem"
+    write_private(str(expired), broker.ca.new_token(TokenRole.USER, "alice", ttl=datetime.timedelta(hours=1),
+                                                    now=long_ago).to_pem())
+    result = run("job", "status", "--broker", address, "--token", str(expired))
+    assert result.returncode == 1
+    assert "splitpilot: error: your user token (alice) expired at " in result.stderr
+    assert "cannot reach" not in result.stderr
+    foreign = tmp_path / "foreign.pem"
+    write_private(str(foreign), CertificateAuthority.create().new_token(TokenRole.USER, "alice").to_pem())
+    broker_ca = tmp_path / "broker-ca.crt"
+    broker_ca.write_bytes((broker.state / "ca" / "ca.crt").read_bytes())
+    result = run("job", "status", "--broker", address, "--token", str(foreign), "--ca-cert", str(broker_ca))
+    assert result.returncode == 1 and "your user token (alice) is not from this broker's CA" in result.stderr
+    # Trusting its own CA, the client meets the broker's foreign certificate in the TLS handshake.
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    quiet = subprocess.run([str(BIN), "job", "status", "--broker", address, "--token", str(foreign)],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert quiet.returncode == 1
+    assert "presented a certificate that is not from the CA this client trusts" in quiet.stderr
+    assert quiet.stderr.count("\n") == 1, quiet.stderr  # our one line, no gRPC log lines
+    loud = run("job", "status", "--broker", address, "--token", str(foreign), env={"GRPC_VERBOSITY": "INFO"})
+    assert loud.returncode == 1 and "ssl_transport_security" in loud.stderr  # asked for: shown
+
+
+def test_token_issue_creates_the_folder_of_the_token(tmp_path):
+    ca = tmp_path / "ca"
+    assert run("ca", "init", str(ca)).returncode == 0
+    out = tmp_path / "home" / ".splitpilot" / "token.pem"
+    issued = run("token", "issue", "--ca", str(ca), "--role", "user", "--subject", "alice", "--out", str(out))
+    assert issued.returncode == 0, issued.stderr
+    assert "Traceback" not in issued.stderr and f"created {out.parent} (0700)" in issued.stderr
+    assert (out.parent.stat().st_mode & 0o777, out.stat().st_mode & 0o777) == (0o700, 0o600)
+    (tmp_path / "file").write_text("not a folder")
+    blocked = run("token", "issue", "--ca", str(ca), "--role", "user", "--out", str(tmp_path / "file" / "t.pem"))
+    assert blocked.returncode == 2
+    assert f"cannot create the folder {tmp_path / 'file'} for --out" in blocked.stderr and "fix:" in blocked.stderr

@@ -76,6 +76,8 @@ def test_count_and_index(workdir):
         count = 3
         [job.environment]
         POINT = "{index}"
+        [job.requirements]
+        walltime = 600
         """))
     assert [j.spec.name for j in jobs] == ["scan-0", "scan-1", "scan-2"]
     assert [j.spec.environment["POINT"] for j in jobs] == ["0", "1", "2"]
@@ -89,6 +91,7 @@ def test_jobs_array_with_defaults(workdir):
         [defaults.requirements]
         cores = 2
         memory_mb = 1000
+        walltime = "2h"
         [defaults.environment]
         A = "1"
 
@@ -112,6 +115,7 @@ def test_jobs_array_with_defaults(workdir):
     assert summary(small) == ("run.sh", 2, 1000)
     assert summary(big) == ("big.sh", 2, 16000)
     assert dict(big.spec.environment) == {"A": "1", "B": "2"}
+    assert big.spec.requirements.walltime_s == small.spec.requirements.walltime_s == 7200
     assert [i.name for i in big.inputs] == ["in/renamed.txt"] and small.inputs == ()
 
 
@@ -121,6 +125,7 @@ def test_wrong_type_names_file_field_and_fix(workdir):
         executable = "run.sh"
         [job.requirements]
         memory_mb = "lots"
+        walltime = "1h"
         """)
     assert str(error) == ("{}: job.requirements.memory_mb: expected a positive integer, got 'lots'; "
                           "fix: write memory_mb = 2000").format(workdir / "jobs.toml")
@@ -200,5 +205,22 @@ def test_unreadable_file(workdir):
 
 
 def test_parse_text_for_embedding(workdir):
-    [job] = parse_job_text('[job]\nexecutable = "x"\ninputs = ["data/input.txt"]\n', "inline", str(workdir))
+    [job] = parse_job_text('[job]\nexecutable = "x"\ninputs = ["data/input.txt"]\n[job.requirements]\n'
+                           'walltime = "1m"\n', "inline", str(workdir))
     assert job.inputs[0].name == "input.txt" and job.source == "inline:job"
+
+
+def test_a_job_without_a_walltime_is_refused_before_anything_is_uploaded(workdir):
+    """A careless job file (no walltime, or 0, which once meant "unlimited" and matched every slot to be cut
+    off at each slot's end, forever) is refused here, naming the field and the fix."""
+    missing = problems(workdir, '[job]\nexecutable = "x"\ninputs = ["data/input.txt"]\n')
+    assert missing.field == "job.requirements.walltime"
+    assert "missing: every job needs a wall-clock limit" in str(missing)
+    assert missing.fix == 'write walltime = "1h" under [job.requirements] (or [defaults.requirements])'
+    for value in ("0", '"0s"', "-5", '"367d"'):
+        error = problems(workdir, f'[job]\nexecutable = "x"\n[job.requirements]\nwalltime = {value}\n')
+        assert [p.field for p in error.problems] == ["job.requirements.walltime"], value
+        assert "expected a duration" in str(error) and 'walltime = "1h"' in error.fix, value
+    several = problems(workdir, '[[jobs]]\nexecutable = "x"\n[[jobs]]\nexecutable = "y"\n'
+                                '[jobs.requirements]\nwalltime = "1h"\n')
+    assert [p.field for p in several.problems] == ["jobs[0].requirements.walltime"]

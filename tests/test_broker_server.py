@@ -29,13 +29,14 @@ from broker.client import (
     AdminClient,
     AgentClient,
     BrokerClient,
-    BrokerUnavailable,
     InvalidRequest,
     JobClient,
     MatchedJob,
     NoMatch,
     NotFound,
     PreconditionFailed,
+    TokenUnusable,
+    WrongBroker,
 )
 from broker.files import ChecksumMismatch, FileStore
 from broker.lifecycle import JobState
@@ -49,6 +50,8 @@ from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
 from splitpilot.job.v1 import job_pb2
 
+#: Every job names a walltime (the broker refuses one without).
+WALLTIME = job_pb2.Requirements(walltime_s=3600)
 SLOT = {"cores": 4, "memory_mb": 8000, "disk_mb": 10000, "time_left_s": 86400}
 KiB = 1024
 
@@ -124,6 +127,7 @@ def write(path, data: bytes) -> str:
 
 
 def submit_one(client: BrokerClient, **fields) -> int:
+    fields.setdefault("requirements", WALLTIME)
     spec = job_pb2.JobSpec(executable="run.sh", name=fields.pop("name", "t"), **fields)
     return client.submit(spec)[0]
 
@@ -223,19 +227,42 @@ def test_client_without_certificate_fails_the_handshake(server, tokens):
 
 def test_certificate_of_another_ca_is_refused(server, tokens):
     stranger = CertificateAuthority.create().new_token(TokenRole.USER, "alice")
-    with BrokerClient(server.address, stranger, server.ca_pem) as client:
-        with pytest.raises(BrokerUnavailable) as info:
+    # The broker refuses it in the TLS handshake (a client that does not check first sees UNAVAILABLE) ...
+    channel = raw_channel(server, stranger)
+    try:
+        error = rpc_error(rpc_pb.UserServiceStub(channel).ListJobs, pb.ListJobsRequest())
+    finally:
+        channel.close()
+    assert error.code() is grpc.StatusCode.UNAVAILABLE
+    # ... and the client says what is wrong, before connecting, instead of "cannot reach the broker".
+    with pytest.raises(TokenUnusable) as info:
+        BrokerClient(server.address, stranger, server.ca_pem)
+    message = str(info.value)
+    assert message.startswith("your user token (alice) is not from this broker's CA: it was issued by ")
+    assert "fix: use a token issued by the broker's CA" in message and "cannot reach" not in message
+    # Trusting the token's own CA, the broker's certificate is the foreign one: said as such.
+    with BrokerClient(server.address, stranger) as client:
+        with pytest.raises(WrongBroker) as wrong:
             client.list()
-    assert info.value.code is grpc.StatusCode.UNAVAILABLE
-    assert "fix:" in str(info.value)
+    assert "presented a certificate that is not from the CA this client trusts" in str(wrong.value)
+    assert "fix: use a token issued by the broker's CA" in str(wrong.value)
 
 
 def test_expired_token_is_refused(server, ca):
     long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=3)
     expired = ca.new_token(TokenRole.USER, "alice", ttl=datetime.timedelta(hours=1), now=long_ago)
-    with BrokerClient(server.address, expired) as client:
-        with pytest.raises(BrokerUnavailable):  # refused in the TLS handshake
-            client.list()
+    channel = raw_channel(server, expired)
+    try:  # refused by the broker in the TLS handshake
+        assert rpc_error(rpc_pb.UserServiceStub(channel).ListJobs, pb.ListJobsRequest()).code() is \
+            grpc.StatusCode.UNAVAILABLE
+    finally:
+        channel.close()
+    with pytest.raises(TokenUnusable) as info:  # the client knows before connecting
+        BrokerClient(server.address, expired)
+    ends = expired.certificate.not_valid_after_utc
+    assert str(info.value).startswith(f"your user token (alice) expired at {ends:%Y-%m-%d %H:%M:%S}Z (now ")
+    assert "fix: ask the broker's operator for a new token" in str(info.value)
+    assert info.value.code is grpc.StatusCode.UNAUTHENTICATED and info.value.exit_code == 1
 
 
 def test_certificate_of_our_ca_that_is_no_token_is_unauthenticated(server, ca):
@@ -267,9 +294,18 @@ def test_certificate_of_our_ca_that_is_no_token_is_unauthenticated(server, ca):
 
 def test_client_refuses_a_broker_of_another_ca(server, tokens):
     other_ca = certificate_pem([CertificateAuthority.create().certificate])
-    with BrokerClient(server.address, tokens.alice, other_ca) as client:
-        with pytest.raises(BrokerUnavailable):
-            client.list()
+    # TLS itself refuses a broker whose certificate is not from the CA the client trusts ...
+    credentials = grpc.ssl_channel_credentials(other_ca, private_key_pem(tokens.alice.key),
+                                               certificate_pem(list(tokens.alice.chain[:1])))
+    channel = grpc.secure_channel(server.address, credentials)
+    try:
+        error = rpc_error(rpc_pb.UserServiceStub(channel).ListJobs, pb.ListJobsRequest())
+    finally:
+        channel.close()
+    assert error.code() is grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in error.details()
+    # ... and the client, told to trust another CA than its token's, says so before connecting.
+    with pytest.raises(TokenUnusable, match="is not from this broker's CA"):
+        BrokerClient(server.address, tokens.alice, other_ca)
 
 
 # ------------------------------------------------------------------ the life cycle
@@ -279,8 +315,8 @@ def test_full_life_cycle(server, clients, tokens, ca, tmp_path):
     data = os.urandom(300 * KiB) + b"end"
     uploaded = alice.upload(write(tmp_path / "in" / "input.dat", data))
     assert uploaded.sha256 == hashlib.sha256(data).hexdigest() and uploaded.size == len(data)
-    job_id = alice.submit(job_pb2.JobSpec(executable="run.sh", name="life", input_files=[uploaded],
-                                          output_patterns=["*.out"]))[0]
+    job_id = alice.submit(job_pb2.JobSpec(requirements=WALLTIME, executable="run.sh", name="life",
+                                          input_files=[uploaded], output_patterns=["*.out"]))[0]
     assert alice.status(job_id).state is JobState.WAITING
 
     matched = match(agent)
@@ -335,7 +371,8 @@ def test_job_files_are_uploaded_and_submitted(server, clients, tmp_path):
     write(tmp_path / "data" / "input.txt", b"hello\n")
     job_file = tmp_path / "jobs.toml"
     job_file.write_text('[job]\nname = "hello-{index}"\nexecutable = "run.sh"\ncount = 3\n'
-                        'arguments = ["--seed", "{index}"]\n[[job.inputs]]\npath = "data/input.txt"\n')
+                        'arguments = ["--seed", "{index}"]\n[[job.inputs]]\npath = "data/input.txt"\n'
+                        '[job.requirements]\nwalltime = "1h"\n')
     ids = clients.alice.submit(str(job_file))
     assert len(ids) == 3
     jobs = [clients.alice.status(i) for i in ids]
@@ -345,7 +382,8 @@ def test_job_files_are_uploaded_and_submitted(server, clients, tmp_path):
 
 
 def test_exactly_one_winner_per_job_under_concurrent_matching(server, clients, ca):
-    ids = set(clients.alice.submit([job_pb2.JobSpec(executable="x", name=str(i)) for i in range(30)]))
+    ids = set(clients.alice.submit([job_pb2.JobSpec(requirements=WALLTIME, executable="x", name=str(i))
+                                    for i in range(30)]))
     won: list[tuple[int, int]] = []
     lock = threading.Lock()
 
@@ -376,7 +414,8 @@ def test_store_calls_in_threads_and_on_postgresql(backend, request, tmp_path, ca
     try:
         with BrokerClient(server.address, tokens.alice) as alice:
             uploaded = alice.upload(write(tmp_path / "in.txt", b"data"))
-            ids = set(alice.submit([job_pb2.JobSpec(executable="x", input_files=[uploaded]) for _ in range(12)]))
+            ids = set(alice.submit([job_pb2.JobSpec(requirements=WALLTIME, executable="x", input_files=[uploaded])
+                                    for _ in range(12)]))
             won: list[int] = []
 
             def agent_loop(n: int) -> None:
@@ -479,7 +518,7 @@ def test_stale_job_token_is_fenced_after_reap(server, clients, tmp_path):
 
 
 def test_reaper_thread_requeues_lost_attempts(tmp_path, ca_dir, tokens):
-    settings = StoreSettings(heartbeat_timeout=datetime.timedelta(seconds=1),
+    settings = StoreSettings(heartbeat_timeout=datetime.timedelta(seconds=3),  # the shortest wrappers can meet
                              start_timeout=datetime.timedelta(seconds=1))
     server = start_server(tmp_path, ca_dir, reap_interval=0.1, store_settings=settings)
     try:
@@ -514,7 +553,7 @@ def test_refresh_token_gives_a_working_token_never_outliving_the_agent(server, c
             assert other.identity.serial == job.identity.serial
             assert other.heartbeat() is False
             assert other.update_state(JobState.SAVING).state is JobState.SAVING
-            stranger = clients.alice.submit(job_pb2.JobSpec(executable="x"))[0]
+            stranger = clients.alice.submit(job_pb2.JobSpec(requirements=WALLTIME, executable="x"))[0]
             stranger_token = match(clients.agent, "pilot-2")
             assert stranger_token.job_id == stranger
             with pytest.raises(UsageError, match="not job"):
@@ -600,16 +639,16 @@ def test_store_and_input_errors_map_to_codes(server, clients, tokens, tmp_path):
     with BrokerClient(server.address, tokens.admin) as admin_as_user:  # admins may use UserService on any job
         assert admin_as_user.status(job_id).owner == "alice"
     with pytest.raises(InvalidRequest, match="executable is empty"):
-        clients.alice.submit(job_pb2.JobSpec(executable=""))
+        clients.alice.submit(job_pb2.JobSpec(requirements=WALLTIME, executable=""))
     missing = job_pb2.InputFile(name="x.dat", size=3, sha256="ab" * 32)
     with pytest.raises(PreconditionFailed, match="upload the file first"):
-        clients.alice.submit(job_pb2.JobSpec(executable="x", input_files=[missing]))
+        clients.alice.submit(job_pb2.JobSpec(requirements=WALLTIME, executable="x", input_files=[missing]))
     uploaded = clients.alice.upload(write(tmp_path / "a.txt", b"abc"))
     wrong_size = job_pb2.InputFile(name="a.txt", size=4, sha256=uploaded.sha256)
     with pytest.raises(InvalidRequest, match="size 4 differs"):
-        clients.alice.submit(job_pb2.JobSpec(executable="x", input_files=[wrong_size]))
+        clients.alice.submit(job_pb2.JobSpec(requirements=WALLTIME, executable="x", input_files=[wrong_size]))
     with pytest.raises(InvalidRequest, match="'..'"):
-        clients.alice.submit(job_pb2.JobSpec(executable="x", output_patterns=["../etc/*"]))
+        clients.alice.submit(job_pb2.JobSpec(requirements=WALLTIME, executable="x", output_patterns=["../etc/*"]))
     with pytest.raises(NotFound, match="no output named"):
         clients.alice.output(job_id, str(tmp_path / "o"), ["nothing.out"])
     assert clients.alice.list().counts[JobState.WAITING] == 1  # every refused batch queued nothing
@@ -747,7 +786,7 @@ def test_job_client_verifies_inputs(server, clients, tmp_path):
 # ------------------------------------------------------------------ metrics, start-up
 
 def test_metrics_endpoint(server, clients):
-    two_cores = job_pb2.Requirements(cores=2)
+    two_cores = job_pb2.Requirements(cores=2, walltime_s=3600)
     submit_one(clients.alice, requirements=two_cores)
     submit_one(clients.alice, requirements=two_cores)
     match(clients.agent)
@@ -807,9 +846,9 @@ def test_first_start_creates_the_ca(tmp_path, tokens):
         user = server.ca.new_token(TokenRole.USER, "carol")
         with BrokerClient(server.address, user) as client:
             assert client.list().jobs == []
-        with BrokerClient(server.address, tokens.alice, server.ca_pem) as stranger:
-            with pytest.raises(BrokerUnavailable):
-                stranger.list()
+        # A token of another CA (the module's) is not this new broker's: said before connecting.
+        with pytest.raises(TokenUnusable, match="is not from this broker's CA"):
+            BrokerClient(server.address, tokens.alice, server.ca_pem)
 
 
 # ------------------------------------------------------------------ a pilot's end and its isolation

@@ -29,6 +29,9 @@ HERE = Path(__file__).parent
 JOBS = 400
 AGENTS = 4
 
+#: Every job names a walltime (the broker refuses one without).
+WALLTIME = job_pb2.Requirements(walltime_s=3600)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -117,8 +120,8 @@ def storm(tmp_path):
 def submit(address: str, storm: Storm) -> set[int]:
     user = storm.token(TokenRole.USER, "user")
     with BrokerClient(address, str(user)) as client:
-        return set(client.submit([job_pb2.JobSpec(executable="x", name=f"storm-{i}", max_attempts=5)
-                                  for i in range(JOBS)]))
+        return set(client.submit([job_pb2.JobSpec(requirements=WALLTIME, executable="x", name=f"storm-{i}",
+                                                  max_attempts=5) for i in range(JOBS)]))
 
 
 def check(storm: Storm, ids: set[int]) -> None:

@@ -46,6 +46,8 @@ from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
 from splitpilot.job.v1 import job_pb2
 
+#: Every job names a walltime (the broker refuses one without).
+WALLTIME = job_pb2.Requirements(walltime_s=3600)
 SLOT = {"cores": 4, "memory_mb": 8000, "disk_mb": 10000, "time_left_s": 86400}
 KiB = 1024
 BIN = pathlib.Path(sys.executable).parent / "splitpilot"
@@ -128,6 +130,7 @@ def write(path: pathlib.Path, data: bytes) -> str:
 
 
 def submit_one(client: BrokerClient, **fields) -> int:
+    fields.setdefault("requirements", WALLTIME)
     return client.submit(job_pb2.JobSpec(executable="run.sh", name=fields.pop("name", "t"), **fields))[0]
 
 
@@ -291,7 +294,7 @@ def test_the_curious_user_can_neither_use_nor_detect_another_users_content(serve
 
     def refused(client: BrokerClient, sha: str, size: int) -> str:
         with pytest.raises(PreconditionFailed) as info:
-            client.submit(job_pb2.JobSpec(executable="x", name="peek", input_files=[
+            client.submit(job_pb2.JobSpec(requirements=WALLTIME, executable="x", name="peek", input_files=[
                 job_pb2.InputFile(name="in.dat", size=size, sha256=sha)]))
         assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
         return info.value.details.replace(sha, "SHA")
@@ -504,9 +507,9 @@ def test_names_with_control_characters_are_refused_at_every_door(server, clients
         assert f"U+{ord(bad_char):04X}" in error.details() and "fix:" in error.details()
         assert bad_char not in error.details()  # escaped, never raw
     good = clients.alice.upload(write(tmp_path / "good.dat", data))
-    for spec in (job_pb2.JobSpec(executable="x", input_files=[job_pb2.InputFile(name=name, size=good.size,
-                                                                                sha256=good.sha256)]),
-                 job_pb2.JobSpec(executable="x", output_patterns=[f"*{name}*"])):
+    for spec in (job_pb2.JobSpec(requirements=WALLTIME, executable="x", input_files=[
+                     job_pb2.InputFile(name=name, size=good.size, sha256=good.sha256)]),
+                 job_pb2.JobSpec(requirements=WALLTIME, executable="x", output_patterns=[f"*{name}*"])):
         with pytest.raises(InvalidRequest) as info:
             clients.alice.submit(spec)
         assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and bad_char not in info.value.details

@@ -229,7 +229,7 @@ def test_memory_hog_killed_with_reason(world):
     job_id = submit(world, payload_spec(client, script, "hog", memory_mb=200))
     result, _ = run_agent(world, "hog", "bubblewrap")
     status = wait_final(client, job_id)
-    assert status.state is JobState.KILLED, status
+    assert status.state is JobState.FAILED_LIMIT, status  # its own limit, not an owner's kill
     assert "exceeds the limit of 200 MiB" in status.message or "memory" in status.message, status.message
 
 

@@ -27,9 +27,11 @@ from store_v1 import make_postgres_v1, make_sqlite_v1
 from broker.lifecycle import TRANSITIONS, Actor, JobState, RequeueCause, allowed
 from broker.store import open_store
 from broker.store.base import (
+    BadValue,
     InvalidTransition,
     LimitExceeded,
     NotYours,
+    OfferRecord,
     OutOfOrderUpdate,
     OutputRecord,
     PilotNotYours,
@@ -41,6 +43,7 @@ from broker.store.base import (
     TooManyJobs,
     UnknownJob,
 )
+from broker.store.schema import SCHEMA_VERSION
 from pilot.errors import UsageError
 from splitpilot.job.v1 import job_pb2
 
@@ -480,9 +483,11 @@ def test_attempt_failed_refusals(store):
 def test_attempt_failed_causes(store):
     limited = submit_one(store)
     attempt = start(store, limited)
-    assert store.attempt_failed(limited, attempt, PILOT, None, "memory 9 GB > 8 GB", at(2)) is S.KILLED
+    # A limit overrun has its own final state: KILLED is only ever the owner's or an admin's kill.
+    assert store.attempt_failed(limited, attempt, PILOT, None, "memory 9 GB > 8 GB", at(2)) is S.FAILED_LIMIT
     record = store.get(limited)
-    assert record.state is S.KILLED and "memory" in record.message
+    assert record.state is S.FAILED_LIMIT and record.state.final and "memory" in record.message
+    assert [e.state for e in record.history][-1] is S.FAILED_LIMIT
     with pytest.raises(StaleAttemptError):
         store.job_update(limited, attempt, S.RUNNING, 2, "", None, at(3))
 
@@ -501,8 +506,11 @@ def test_stops_do_not_use_up_attempts(store):
         attempt = start(store, job_id, when=round_)
         assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.STOPPED, "preempted", at(round_)) \
             is S.WAITING
+    # Nor does a failure of the agent's own code: neither the job nor the node did anything wrong.
+    attempt = start(store, job_id, when=4)
+    assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.AGENT, "agent bug", at(4)) is S.WAITING
     attempt = start(store, job_id, when=5)
-    assert attempt == 4
+    assert attempt == 5
     assert store.attempt_failed(job_id, attempt, PILOT, RequeueCause.WRAPPER, "", at(6)) is S.FAILED_WRAPPER
 
 
@@ -760,7 +768,7 @@ def test_a_version_1_database_is_migrated_in_place(backend, tmp_path, request):
             with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
                 conn.execute("DROP DATABASE IF EXISTS splitpilot_v1 WITH (FORCE)")
     try:
-        for _ in range(2):  # the second opening finds version 2 and changes nothing
+        for _ in range(2):  # the second opening finds the current version and changes nothing
             opened = open_store(url, SETTINGS)
             try:
                 assert opened.claim_inputs("alice", [inputs, outputs], at(0)) == {inputs, outputs}
@@ -789,7 +797,7 @@ def test_a_version_1_database_is_migrated_in_place(backend, tmp_path, request):
         else:
             with psycopg.connect(url) as conn:
                 version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        assert version == 2
+        assert version == SCHEMA_VERSION == 3
     finally:
         if drop is not None:
             drop()
@@ -1100,3 +1108,65 @@ def test_sigkill_leaves_a_consistent_sqlite_file(tmp_path):
                 assert fenced
     finally:
         db.close()
+
+
+# ------------------------------------------------------------------- ids, values and offers (issue 11)
+
+@pytest.mark.parametrize("job_id", [0, 2**63, 2**64 - 1])
+def test_ids_beyond_the_database_name_no_job(store, job_id):
+    """Ids the database cannot hold are unknown jobs (NOT_FOUND), never a driver's overflow (INTERNAL)."""
+    submit_one(store)
+    for call in (lambda: store.get(job_id), lambda: store.kill(job_id, None, "", at(1)),
+                 lambda: store.requeue(job_id, RequeueCause.ADMIN, "", at(1)),
+                 lambda: store.attempt_failed(job_id, 1, PILOT, RequeueCause.WRAPPER, "", at(1)),
+                 lambda: store.job_heartbeat(job_id, 1, 0, 0, 0, at(1)), lambda: store.current_attempt(job_id),
+                 lambda: store.jobs_ahead(job_id)):
+        with pytest.raises(UnknownJob):
+            call()
+    assert store.pilot_heartbeat(PILOT, [(job_id, 1)], at(1)) == [(job_id, 1)]  # not this pilot's: stop it
+    assert [r.job_id for r in store.list(None, before_job_id=job_id)] == [1]  # every id is below (0: from the top)
+
+
+def test_values_the_database_cannot_hold_are_bad_values(store):
+    """A number beyond 64 bits, or a NUL in a text column (PostgreSQL refuses it): BadValue, which the broker
+    answers INVALID_ARGUMENT (never INTERNAL), and nothing written."""
+    job_id = submit_one(store)
+    with pytest.raises(BadValue):
+        store.job_update(job_id, 1, S.STARTED, 2**64, "", None, at(1))
+    if type(store).__name__ == "PostgresStore":
+        with pytest.raises(BadValue, match="NUL"):
+            store.set_site_state("SITE-A", "draining", "nul\x00inside", at(1))
+    assert store.site_states() == {} and store.get(job_id).state is S.WAITING
+
+
+def test_offers_merge_per_site_and_bucket_and_old_buckets_go(url):
+    """Two brokers on one database (two stores on one file or PostgreSQL database) each add their offers:
+    the records are the field-wise maximum and the union of platforms, per site and bucket; buckets older
+    than the broker keeps are dropped, all-time ones (bucket 0) never."""
+    a, b = open_store(url, SETTINGS), open_store(url, SETTINGS)
+    try:
+        def offer(site, bucket, cores, platforms, last, memory=1000):
+            return OfferRecord(site, bucket, cores, memory, 10, 3600, False, frozenset(platforms), last)
+        a.merge_offers([offer("SITE-A", 0, 8, {"el9"}, 100), offer("SITE-A", 600_000, 8, {"el9"}, 100)], 0)
+        b.merge_offers([offer("SITE-A", 0, 4, {"el8"}, 200, memory=64_000),
+                        offer("SITE-A", 600_000, 16, {"el8"}, 50), offer("SITE-B", 0, 1, set(), 300)], 0)
+        records = {(r.site, r.bucket): r for r in a.offers(0)}
+        both = records[("SITE-A", 0)]
+        assert (both.cores, both.memory_mb, both.platforms, both.last_offer) == (8, 64_000, {"el8", "el9"}, 200)
+        assert records[("SITE-A", 600_000)].cores == 16 and ("SITE-B", 0) in records
+        assert [(r.site, r.bucket) for r in a.offers(600_001)] == [("SITE-A", 0), ("SITE-B", 0)]
+        b.merge_offers([offer("SITE-C", 1_200_000, 2, set(), 1_200_000)], drop_before_ms=1_000_000)
+        assert sorted((r.site, r.bucket) for r in a.offers(0)) == [("SITE-A", 0), ("SITE-B", 0),
+                                                                   ("SITE-C", 1_200_000)]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_jobs_ahead_counts_only_the_same_requirements_before_it(store):
+    first, second = submit_one(store, cores=2), submit_one(store, cores=2)
+    urgent = submit_one(store, priority=5, cores=2)
+    other = submit_one(store, cores=3)
+    assert [store.jobs_ahead(j) for j in (urgent, first, second, other)] == [0, 1, 2, 0]
+    start(store, urgent)
+    assert store.jobs_ahead(second) == 1 and store.jobs_ahead(urgent) == 0  # matched: not waiting

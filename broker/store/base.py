@@ -116,6 +116,25 @@ class NotRevocable(StoreError):
         self.serial = serial
 
 
+class BadValue(StoreError):
+    """A value the database cannot hold (a number beyond 64 bits, a NUL in a text): the caller's
+    mistake, which the services normally refuse before it reaches the store (INVALID_ARGUMENT)."""
+
+    exit_code = 2
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"a value of the request cannot be stored ({detail}); fix: send numbers within the "
+                         "ranges broker.proto gives and text without NUL characters")
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or is busy beyond its timeout (UNAVAILABLE: retry later)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"the broker's database is unavailable ({detail}); fix: retry later (the broker's "
+                         "operator sees the cause in its log)")
+
+
 class TooManyJobs(StoreError):
     """A submission larger than StoreSettings.max_jobs_per_submit. Attributes: count, limit."""
 
@@ -143,6 +162,30 @@ class SlotOffer:
     containers: bool = False
     #: How the slot isolates a job (pilot.launch.isolation), recorded in the job's history.
     isolation: str = ""
+
+
+@dataclass(frozen=True)
+class OfferRecord:
+    """The most a site's pilots offered in one time bucket (BUCKET: its start, Unix ms; 0: all time):
+    what `why is my job waiting` compares a job's requirements with."""
+
+    site: str
+    bucket: int
+    cores: int
+    memory_mb: int
+    disk_mb: int
+    time_left_s: int
+    containers: bool
+    platforms: frozenset[str]
+    #: The last offer counted, Unix ms.
+    last_offer: int
+
+    def merged(self, other: OfferRecord) -> OfferRecord:
+        """The larger of both, field by field (the same site and bucket)."""
+        return OfferRecord(self.site, self.bucket, max(self.cores, other.cores),
+                           max(self.memory_mb, other.memory_mb), max(self.disk_mb, other.disk_mb),
+                           max(self.time_left_s, other.time_left_s), self.containers or other.containers,
+                           self.platforms | other.platforms, max(self.last_offer, other.last_offer))
 
 
 @dataclass(frozen=True)
@@ -340,12 +383,30 @@ class JobStore(abc.ABC):
         """The agent reports an attempt that ended without the wrapper's own
         final report. Only the pilot holding the attempt may (NotYours);
         StaleAttemptError if the attempt is over. CAUSE WRAPPER,
-        INFRASTRUCTURE or STOPPED re-queues per lifecycle.requeue_target;
-        None means the agent killed it for exceeding a limit: KILLED, final."""
+        INFRASTRUCTURE, STOPPED or AGENT re-queues per lifecycle.requeue_target;
+        None means the agent killed it for exceeding a limit: FAILED_LIMIT, final."""
 
     @abc.abstractmethod
     def site_state(self, site: str) -> str:
         """'enabled' (default for unknown sites), 'draining' or 'disabled'."""
+
+    @abc.abstractmethod
+    def site_states(self) -> dict[str, str]:
+        """The state of every site an admin ever set (the others are 'enabled')."""
+
+    # --- why jobs wait
+    @abc.abstractmethod
+    def merge_offers(self, offers: Sequence[OfferRecord], drop_before_ms: int) -> None:
+        """Fold OFFERS into the recorded ones (field-wise maximum, union of platforms, per site and
+        bucket), and drop the buckets (except 0, all time) that started before DROP_BEFORE_MS."""
+
+    @abc.abstractmethod
+    def offers(self, since_ms: int) -> list[OfferRecord]:
+        """The all-time records (bucket 0) and those of the buckets starting at SINCE_MS or later."""
+
+    @abc.abstractmethod
+    def jobs_ahead(self, job_id: int) -> int:
+        """Waiting jobs of JOB_ID's requirement class that match before it (0 when it is not waiting)."""
 
     # --- jobs (the wrapper, through its job token)
     @abc.abstractmethod

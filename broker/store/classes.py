@@ -9,10 +9,10 @@ partial index jobs_waiting.
 
 Classes are never deleted or changed, so each process keeps them in a
 `ClassCache` and fetches only the ids above the highest it knows. New
-classes are committed in their own transaction before any job of theirs
-(SQLite serialises writers; PostgreSQL takes an advisory lock so that ids
-become visible in order), so a cache that misses a class never misses one
-of its jobs for more than the one match that raced the submission.
+classes are written in the transaction that inserts their first jobs (so a
+refused submission leaves none behind), and become visible in id order
+(SQLite serialises writers; PostgreSQL holds an advisory lock to the commit):
+a match that sees a class id above its cache's refreshes the cache first.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from broker.store.base import SlotOffer
 from splitpilot.job.v1 import job_pb2
 
-_SEP = "\n"  # joins site lists in the class table (site names never contain it)
+#: Joins site lists in the class table (and platform sets in site_offers); the names never contain it
+#: (the broker refuses site names and platforms with control characters at submit).
+SEPARATOR = "\n"
 
 
 @dataclass(frozen=True)
@@ -59,16 +61,16 @@ class RequirementClass:
     def row(self) -> tuple:
         """(key, cores, memory_mb, disk_mb, walltime_s, platform, container_image, allowed, denied)."""
         return (self.key, self.cores, self.memory_mb, self.disk_mb, self.walltime_s, self.platform,
-                self.container_image, _SEP.join(sorted(self.sites_allowed)),
-                _SEP.join(sorted(self.sites_denied)))
+                self.container_image, SEPARATOR.join(sorted(self.sites_allowed)),
+                SEPARATOR.join(sorted(self.sites_denied)))
 
     @classmethod
     def from_row(cls, row: Sequence) -> RequirementClass:
         """Inverse of `row()` without the key: (cores, memory, disk, walltime, platform, image, allowed, denied)."""
         cores, memory_mb, disk_mb, walltime_s, platform, image, allowed, denied = row
         return cls(int(cores), int(memory_mb), int(disk_mb), int(walltime_s), platform, image,
-                   frozenset(allowed.split(_SEP)) if allowed else frozenset(),
-                   frozenset(denied.split(_SEP)) if denied else frozenset())
+                   frozenset(allowed.split(SEPARATOR)) if allowed else frozenset(),
+                   frozenset(denied.split(SEPARATOR)) if denied else frozenset())
 
     def fits(self, slot: SlotOffer) -> bool:
         """Whether a job of this class may run in SLOT."""

@@ -27,6 +27,11 @@ A pilot id not yet bound (its first call) claims nothing: the binding is made
 (or refused: PilotNotYours) in its own transaction and the match repeated, so
 a call naming another certificate's pilot never claims a job.
 
+Errors: psycopg's DataError (a number beyond BIGINT, a NUL in a text) is
+BadValue; its OperationalError (the server is down, restarting, or the
+connection broke) is StoreUnavailable, which the services answer with
+UNAVAILABLE so that clients retry. Anything else is a bug and stays itself.
+
 SKIP LOCKED makes concurrent matchers take the next job of a class instead
 of waiting; the re-check `state = WAITING` under the row lock makes exactly
 one of them win a job attempt. When every waiting job of the best class is
@@ -49,8 +54,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import errors as pgerrors
 
-from broker.store.base import Assignment, PilotRef, SlotOffer, StoreError, StoreSettings
-from broker.store.classes import CLASS_INSERT_COLUMNS, RequirementClass
+from broker.store.base import Assignment, BadValue, PilotRef, SlotOffer, StoreError, StoreSettings, StoreUnavailable
 from broker.store.schema import ALIVE_STATES, ASSIGNED, POSTGRES, SCHEMA_VERSION, WAITING, ddl, to_ms
 from broker.store.sql import CLAIM_SET, JOB_COLUMNS, JOB_INSERT_COLUMNS, SqlStore, matched_detail
 from splitpilot.job.v1 import job_pb2
@@ -62,6 +66,18 @@ _LOCK_SCHEMA = 0x5350_0001
 _LOCK_CLASSES = 0x5350_0002
 _COUNTER_SHARDS = 8
 _RETRIES = 8
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Driver errors a caller's value or the database's absence caused, as the store's own errors."""
+    try:
+        yield
+    except psycopg.DataError as exc:
+        raise BadValue(str(exc).strip()) from None
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"PostgreSQL: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
+                               ) from exc
 
 
 def _named(sql: str, names: Sequence[str]) -> str:
@@ -237,7 +253,7 @@ class PostgresStore(SqlStore):
 
     # ----------------------------------------------------------- connections
     def _write(self, fn: Callable[[_Cursor], T]) -> T:
-        with self._pool.connection() as conn:
+        with _translated(), self._pool.connection() as conn:
             return self._transact(conn, fn)
 
     def _transact(self, conn: psycopg.Connection, fn: Callable[[_Cursor], T]) -> T:
@@ -248,7 +264,7 @@ class PostgresStore(SqlStore):
         return self._retry(once)
 
     def _read(self, fn: Callable[[_Cursor], T], snapshot: bool = False) -> T:
-        with self._pool.connection() as conn:
+        with _translated(), self._pool.connection() as conn:
             if not snapshot:
                 return fn(_Cursor(conn))
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -281,15 +297,10 @@ class PostgresStore(SqlStore):
                 (SCHEMA_VERSION,))
         self._migrate(cur)
 
-    def _create_classes(self, classes: Sequence[RequirementClass], now_ms: int) -> None:
-        def body(cur: _Cursor) -> None:
-            # Held to the commit: class ids become visible in increasing order, which
-            # lets every process's cache fetch just the ids above the highest it has.
-            cur.run("SELECT pg_advisory_xact_lock(?)", (_LOCK_CLASSES,))
-            cur.many(f"INSERT INTO classes ({CLASS_INSERT_COLUMNS}) VALUES ({', '.join('?' * 10)}) "
-                     "ON CONFLICT (key) DO NOTHING", [(*c.row(), now_ms) for c in classes])
-        self._write(body)
-        self._read(self._refresh_classes)
+    def _lock_classes(self, cur: _Cursor) -> None:
+        # Held to the commit: class ids become visible in increasing order, which
+        # lets every process's cache fetch just the ids above the highest it has.
+        cur.run("SELECT pg_advisory_xact_lock(?)", (_LOCK_CLASSES,))
 
     def _insert_jobs(self, cur: _Cursor, rows: list[list], events_detail: str, now_ms: int) -> list[int]:
         ids = sorted(row[0] for row in cur.rows(
@@ -305,6 +316,10 @@ class PostgresStore(SqlStore):
 
     # -------------------------------------------------------------- matching
     def match(self, slot: SlotOffer, pilot: PilotRef, now: datetime.datetime) -> Assignment | None:
+        with _translated():
+            return self._match(slot, pilot, now)
+
+    def _match(self, slot: SlotOffer, pilot: PilotRef, now: datetime.datetime) -> Assignment | None:
         ms = to_ms(now)
         params = {"site": slot.site, "now": ms, "node": pilot.node, "pilot": pilot.pilot_id,
                   "pilot_site": pilot.site, "serial": pilot.serial, "subject": pilot.subject,

@@ -25,6 +25,10 @@ The tables:
   revoked   token revocations (by serial, or by holder and role).
   tokens    non-job certificates some broker has verified (serial, role,
             subject, not_after): what RevokeToken by serial knows.
+  site_offers  per site and time bucket (bucket 0: all time), the most its
+            pilots' slots offered (cores, memory, disk, time left, container
+            runtime, platforms): why a waiting job has not matched. Written
+            every few seconds from each broker's memory, never by a match.
   counters  the metrics, split into shards so that concurrent PostgreSQL
             transactions rarely wait on the same row.
   meta      schema version and, for SQLite, the next job id.
@@ -41,8 +45,9 @@ The indexes exist for one query each (see `PLANNED_QUERIES` in the stores):
                 (before a replaced output's content is freed).
 
 Versions: 1 (first release); 2 adds pilot binding (pilots.cert_serial,
-cert_not_after), reservations, file_owners, revoked, tokens. `MIGRATIONS`
-takes a database of an older version forward in place.
+cert_not_after), reservations, file_owners, revoked, tokens; 3 adds
+site_offers. `MIGRATIONS` takes a database of an older version forward in
+place (new tables come from the CREATE statements).
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from dataclasses import dataclass
 
 from broker.lifecycle import JobState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 UTC = datetime.UTC
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
@@ -218,6 +223,18 @@ CREATE TABLE IF NOT EXISTS sites (
     reason TEXT NOT NULL,
     updated BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS site_offers (
+    site TEXT NOT NULL,
+    bucket BIGINT NOT NULL,
+    cores BIGINT NOT NULL,
+    memory_mb BIGINT NOT NULL,
+    disk_mb BIGINT NOT NULL,
+    time_left_s BIGINT NOT NULL,
+    containers SMALLINT NOT NULL,
+    platforms TEXT NOT NULL,
+    last_offer BIGINT NOT NULL,
+    PRIMARY KEY (site, bucket)
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL,
     shard INTEGER NOT NULL,
@@ -239,8 +256,9 @@ def ddl(dialect: Dialect) -> list[str]:
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE pilots ADD COLUMN cert_serial TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE pilots ADD COLUMN cert_not_after BIGINT NOT NULL DEFAULT 0"),
+    2: (),  # site_offers: a new table only
 }
 
 #: Tables in the order a test may empty them.
 TABLES = ("jobs", "events", "outputs", "reservations", "file_owners", "classes", "pilots", "sites", "revoked",
-          "tokens", "counters", "meta")
+          "tokens", "site_offers", "counters", "meta")

@@ -15,8 +15,11 @@ Rules every method follows:
     broker has not ended it (`fenced` = 0); `fenced` is set whenever the
     broker ends an attempt (re-queue, reap, kill before start, agent report);
   - update sequences start at 1 per attempt (seq = 0 after a match);
-  - attempts charged against max_attempts exclude stops and admin re-queues
-    (`charged`), as lifecycle.requeue_target says;
+  - attempts charged against max_attempts exclude stops, admin re-queues and
+    the agent's own failures (`charged`), as lifecycle.requeue_target says;
+  - a job id outside the database's range (1 .. 2^63-1) is an unknown job;
+  - a submission's new requirement classes are written in the transaction
+    that inserts its jobs: a refused submission leaves no row behind;
   - a pilot id is bound to the agent certificate of its first call (serial,
     subject, site: `_touch_pilot`), checked before anything else is written,
     so a call naming another certificate's pilot changes nothing.
@@ -31,14 +34,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from broker.files import format_size
-from broker.lifecycle import ACTIVE_STATES, Actor, JobState, RequeueCause, allowed, requeue_target
+from broker.lifecycle import ACTIVE_STATES, FREE_CAUSES, Actor, JobState, RequeueCause, allowed, requeue_target
 from broker.store.base import (
+    BadValue,
     InvalidTransition,
     JobEventRecord,
     JobRecord,
     JobStore,
     LimitExceeded,
     NotYours,
+    OfferRecord,
     OutOfOrderUpdate,
     OutputRecord,
     PilotNotYours,
@@ -55,7 +60,7 @@ from broker.store.base import (
     UnknownJob,
     UpdateResult,
 )
-from broker.store.classes import CLASS_COLUMNS, ClassCache, RequirementClass
+from broker.store.classes import CLASS_COLUMNS, CLASS_INSERT_COLUMNS, SEPARATOR, ClassCache, RequirementClass
 from broker.store.schema import (
     ALIVE_STATES,
     ASSIGNED,
@@ -99,7 +104,9 @@ HEAD_SQL = (f"SELECT priority, id FROM jobs WHERE class_id = ? AND state = {WAIT
 CLAIM_SET = (f"state = {ASSIGNED}, attempt = attempt + 1, fenced = 0, seq = 0, updated = ?, heartbeat = ?, "
              "site = ?, node = ?, pilot_id = ?, exit_code = NULL, message = ''")
 REAP_BATCH = 500
-_FREE_CAUSES = (RequeueCause.STOPPED, RequeueCause.ADMIN)
+#: The largest id the databases hold (BIGINT); larger (or 0) ids name no job.
+MAX_ID = 2**63 - 1
+OFFER_COLUMNS = "site, bucket, cores, memory_mb, disk_mb, time_left_s, containers, platforms, last_offer"
 #: A pilot row bound to the calling certificate; parameters: pilot_id, serial, subject, site.
 PILOT_BOUND = "pilot_id = ? AND cert_serial = ? AND subject = ? AND site = ?"
 #: A contact of a bound pilot; parameters: now, matched, node, then PILOT_BOUND's. An empty node
@@ -119,6 +126,25 @@ def _revocation(row: Sequence) -> Revocation:
     rid, serial, subject, role, reason, revoked, by, not_after = row
     return Revocation(int(rid), serial, subject, role, reason, from_ms(revoked), by,
                       from_ms(not_after) if not_after else None)
+
+
+def known_id(job_id: int) -> int:
+    """JOB_ID, if the database can hold it; else UnknownJob (NOT_FOUND), never a driver's overflow."""
+    if not 0 < job_id <= MAX_ID:
+        raise UnknownJob(job_id)
+    return job_id
+
+
+def _offer(row: Sequence) -> OfferRecord:
+    site, bucket, cores, memory_mb, disk_mb, time_left_s, containers, platforms, last_offer = row
+    return OfferRecord(site, int(bucket), int(cores), int(memory_mb), int(disk_mb), int(time_left_s),
+                       bool(containers), frozenset(platforms.split(SEPARATOR)) if platforms else frozenset(),
+                       int(last_offer))
+
+
+def _offer_row(offer: OfferRecord) -> tuple:
+    return (offer.site, offer.bucket, offer.cores, offer.memory_mb, offer.disk_mb, offer.time_left_s,
+            int(offer.containers), SEPARATOR.join(sorted(offer.platforms)), offer.last_offer)
 
 
 def _chunks(values: Sequence, size: int = _IN_CHUNK):
@@ -171,9 +197,10 @@ class SqlStore(JobStore):
         """Run FN outside any write transaction; SNAPSHOT: all its statements see one consistent state
         (without it, each statement sees the latest commits: enough for one-statement reads)."""
 
-    @abc.abstractmethod
-    def _create_classes(self, classes: Sequence[RequirementClass], now_ms: int) -> None:
-        """Insert these classes (if absent) and commit, then load them into the cache."""
+    def _lock_classes(self, cur: Cursor) -> None:
+        """Called before new classes are inserted, in the submission's transaction: PostgreSQL holds a
+        lock to the commit, so that class ids become visible in increasing order (the cache fetches
+        only the ids above the highest it has); SQLite has one writer at a time anyway."""
 
     @abc.abstractmethod
     def _insert_jobs(self, cur: Cursor, rows: list[list], events_detail: str, now_ms: int) -> list[int]:
@@ -229,7 +256,7 @@ class SqlStore(JobStore):
         return row[0] if row else "enabled"
 
     def _lock_job(self, cur: Cursor, job_id: int, columns: str) -> tuple:
-        row = cur.row(f"SELECT {columns} FROM jobs WHERE id = ?{self.FOR_UPDATE}", (job_id,))
+        row = cur.row(f"SELECT {columns} FROM jobs WHERE id = ?{self.FOR_UPDATE}", (known_id(job_id),))
         if row is None:
             raise UnknownJob(job_id)
         return row
@@ -240,7 +267,7 @@ class SqlStore(JobStore):
 
         A job whose owner asked for a kill is not run again: WAITING, then KILLED.
         """
-        if cause not in _FREE_CAUSES:
+        if cause not in FREE_CAUSES:
             charged += 1
         target = requeue_target(cause, charged, max_attempts)
         why = f"attempt {attempt} ended: {cause.value}" + (f" ({detail})" if detail else "")
@@ -298,21 +325,51 @@ class SqlStore(JobStore):
             return []
         ms = to_ms(now)
         requirements = [RequirementClass.of(spec.requirements) for spec in specs]
-        missing = {r.key: r for r in requirements if self._classes.id_of(r.key) is None}
-        if missing:
-            self._create_classes(list(missing.values()), ms)
-        rows = []
-        for spec, requirement in zip(specs, requirements, strict=True):
+        for requirement in requirements:
+            if any(SEPARATOR in site for site in requirement.sites_allowed | requirement.sites_denied):
+                raise BadValue("a site name holds a line break")
+        prepared = []
+        for spec in specs:
             stored = job_pb2.JobSpec()
             stored.CopyFrom(spec)
             stored.owner = owner
             stored.max_attempts = spec.max_attempts or self.settings.default_max_attempts
-            rows.append([self._classes.id_of(requirement.key), owner, stored.priority, WAITING, 0, 0,
-                         stored.max_attempts, 1, 0, 0, ms, ms, ms, "", "", "", None, "",
-                         stored.SerializeToString()])
-        return self._write(lambda cur: self._insert_jobs(cur, rows, f"submitted by {owner}", ms))
+            prepared.append((stored.priority, stored.max_attempts, stored.SerializeToString()))
+        new_classes = False
+
+        def body(cur: Cursor) -> list[int]:
+            nonlocal new_classes
+            ids = {r.key: self._classes.id_of(r.key) for r in requirements}
+            missing = {r.key: r for r in requirements if ids[r.key] is None}
+            if missing:  # in this transaction: a refused submission leaves no class behind
+                ids.update(self._add_classes(cur, list(missing.values()), ms))
+                new_classes = True
+            rows = [[ids[requirement.key], owner, priority, WAITING, 0, 0, max_attempts, 1, 0, 0, ms, ms, ms,
+                     "", "", "", None, "", blob]
+                    for requirement, (priority, max_attempts, blob) in zip(requirements, prepared, strict=True)]
+            return self._insert_jobs(cur, rows, f"submitted by {owner}", ms)
+        job_ids = self._write(body)
+        if new_classes:
+            self._read(self._refresh_classes)  # after the commit: the cache never holds a rolled-back class
+        return job_ids
+
+    def _add_classes(self, cur: Cursor, classes: Sequence[RequirementClass], ms: int) -> dict[str, int]:
+        """Insert CLASSES (unless present) in CUR's transaction; return their ids by key."""
+        self._lock_classes(cur)
+        cur.many(f"INSERT INTO classes ({CLASS_INSERT_COLUMNS}) VALUES ({', '.join('?' * 10)}) "
+                 "ON CONFLICT (key) DO NOTHING", [(*c.row(), ms) for c in classes])
+        found: dict[str, int] = {}
+        keys = [c.key for c in classes]
+        for chunk in _chunks(keys):
+            found.update((key, int(class_id)) for class_id, key in cur.rows(
+                f"SELECT id, key FROM classes WHERE key IN ({', '.join('?' * len(chunk))})", chunk))
+        if len(found) != len(set(keys)):
+            raise StoreError("a requirement class could not be recorded; fix: submit again")
+        return found
 
     def get(self, job_id: int, *, with_history: bool = True) -> JobRecord:
+        known_id(job_id)
+
         def body(cur: Cursor) -> JobRecord:
             row = cur.row(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
             if row is None:
@@ -334,7 +391,7 @@ class SqlStore(JobStore):
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             params.extend(int(s) for s in states)
-        if before_job_id:
+        if before_job_id and before_job_id <= MAX_ID:  # beyond: every id is lower
             where.append("id < ?")
             params.append(before_job_id)
         sql = (f"SELECT {JOB_COLUMNS} FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
@@ -380,9 +437,9 @@ class SqlStore(JobStore):
 
         def body(cur: Cursor) -> list[tuple[int, int]]:
             self._touch_pilot(cur, pilot, ms, 0)
-            ids = sorted({int(job_id) for job_id, _ in running})
+            ids = sorted({int(job_id) for job_id, _ in running if 0 < job_id <= MAX_ID})
             if not ids:
-                return []
+                return list(running)  # ids the database cannot hold name no job of this pilot
             jobs = {row[0]: row[1:] for row in cur.rows(
                 "SELECT id, state, attempt, fenced, kill_requested, pilot_id FROM jobs "
                 f"WHERE id IN ({', '.join('?' * len(ids))})", ids)}
@@ -437,20 +494,62 @@ class SqlStore(JobStore):
             if cause is not None:
                 return self._end_attempt(cur, job_id, attempt, charged, max_attempts, bool(kill_requested),
                                          cause, f"reported by pilot {pilot.pilot_id}: {detail}", ms)
-            why = f"killed by the agent for exceeding a limit: {detail}"
+            why = f"stopped by the agent for exceeding a limit: {detail}"
             cur.run("UPDATE jobs SET state = ?, fenced = 1, updated = ?, exit_code = NULL, message = ? "
-                    "WHERE id = ?", (int(JobState.KILLED), ms, why, job_id))
-            self._event(cur, job_id, ms, JobState.KILLED, attempt, why)
-            return JobState.KILLED
+                    "WHERE id = ?", (int(JobState.FAILED_LIMIT), ms, why, job_id))
+            self._event(cur, job_id, ms, JobState.FAILED_LIMIT, attempt, why)
+            return JobState.FAILED_LIMIT
         return self._write(body)
 
     def site_state(self, site: str) -> str:
         return self._read(lambda cur: self._site_state(cur, site))
 
+    def site_states(self) -> dict[str, str]:
+        return dict(self._read(lambda cur: cur.rows("SELECT name, state FROM sites")))
+
+    # -------------------------------------------------------- why jobs wait
+    def merge_offers(self, offers: Sequence[OfferRecord], drop_before_ms: int) -> None:
+        ordered = sorted(offers, key=lambda o: (o.site, o.bucket))  # one lock order for every broker
+
+        def body(cur: Cursor) -> None:
+            for offer in ordered:
+                if cur.run(f"INSERT INTO site_offers ({OFFER_COLUMNS}) VALUES ({', '.join('?' * 9)}) "
+                           "ON CONFLICT (site, bucket) DO NOTHING", _offer_row(offer)):
+                    continue
+                row = cur.row(f"SELECT {OFFER_COLUMNS} FROM site_offers WHERE site = ? AND bucket = ?"
+                              f"{self.FOR_UPDATE}", (offer.site, offer.bucket))
+                merged = _offer(row).merged(offer)
+                cur.run("UPDATE site_offers SET cores = ?, memory_mb = ?, disk_mb = ?, time_left_s = ?, "
+                        "containers = ?, platforms = ?, last_offer = ? WHERE site = ? AND bucket = ?",
+                        (*_offer_row(merged)[2:], offer.site, offer.bucket))
+            cur.run("DELETE FROM site_offers WHERE bucket > 0 AND bucket < ?", (drop_before_ms,))
+        self._write(body)
+
+    def offers(self, since_ms: int) -> list[OfferRecord]:
+        return [_offer(row) for row in self._read(lambda cur: cur.rows(
+            f"SELECT {OFFER_COLUMNS} FROM site_offers WHERE bucket = 0 OR bucket >= ? ORDER BY site, bucket",
+            (since_ms,)))]
+
+    def jobs_ahead(self, job_id: int) -> int:
+        known_id(job_id)
+
+        def body(cur: Cursor) -> int:
+            row = cur.row("SELECT class_id, priority, state FROM jobs WHERE id = ?", (job_id,))
+            if row is None or row[2] != WAITING:
+                return 0
+            class_id, priority, _ = row
+            # Through jobs_waiting (the predicate repeats the index's literally).
+            return int(cur.row(f"SELECT count(*) FROM jobs WHERE class_id = ? AND state = {WAITING} "
+                               "AND (priority > ? OR (priority = ? AND id < ?))",
+                               (class_id, priority, priority, job_id))[0])
+        return self._read(body, snapshot=True)
+
     # ------------------------------------------------------------------- jobs
     def job_update(self, job_id: int, attempt: int, state: JobState, sequence: int, detail: str,
                    exit_code: int | None, now: datetime.datetime) -> UpdateResult:
         ms, state = to_ms(now), JobState(state)
+        if sequence > MAX_ID:
+            raise BadValue(f"update sequence {sequence} is out of range")
 
         def body(cur: Cursor) -> UpdateResult:
             current_state, current, fenced, seq = self._lock_job(cur, job_id, "state, attempt, fenced, seq")
@@ -477,6 +576,7 @@ class SqlStore(JobStore):
     def job_heartbeat(self, job_id: int, attempt: int, cpu_seconds: float, rss_bytes: int,
                       sandbox_bytes: int, now: datetime.datetime) -> bool:
         ms = to_ms(now)
+        known_id(job_id)
 
         def body(cur: Cursor) -> bool:
             # One conditional statement: a reaper that ended the attempt first makes it change nothing.
@@ -526,6 +626,7 @@ class SqlStore(JobStore):
         self._write(lambda cur: cur.run("DELETE FROM reservations WHERE id = ?", (reservation,)))
 
     def pending_outputs(self, job_id: int) -> list[tuple[int, str, int]]:
+        known_id(job_id)
         return [(int(a), n, int(s)) for a, n, s in self._read(lambda cur: cur.rows(
             "SELECT attempt, name, size FROM reservations WHERE job_id = ? ORDER BY id", (job_id,)))]
 
@@ -586,6 +687,7 @@ class SqlStore(JobStore):
             (sha256, sha256))) is not None
 
     def current_attempt(self, job_id: int) -> tuple[JobState, int]:
+        known_id(job_id)
         row = self._read(lambda cur: cur.row("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)))
         if row is None:
             raise UnknownJob(job_id)

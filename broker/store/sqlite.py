@@ -16,6 +16,10 @@ Locking (`StoreSettings.extra["sqlite_locking"]`):
 Several processes may open one file (the busy timeout then orders them),
 which tests do; a broker normally owns its file alone.
 
+Errors: a number SQLite cannot hold (beyond 64 bits) is BadValue; a database
+locked beyond the busy timeout, full, or unreadable is StoreUnavailable (the
+services answer UNAVAILABLE: retry). Anything else is a bug and stays itself.
+
 Crash safety: every method is one transaction. In WAL mode a commit is in
 the log before COMMIT returns, so a SIGKILL loses nothing committed
 (synchronous=NORMAL only risks the last commits on a power cut) and an
@@ -24,17 +28,17 @@ interrupted transaction is rolled back when the file is next opened.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from broker.lifecycle import JobState
-from broker.store.base import Assignment, PilotRef, SlotOffer, StoreError, StoreSettings
-from broker.store.classes import CLASS_INSERT_COLUMNS, RequirementClass
+from broker.store.base import Assignment, BadValue, PilotRef, SlotOffer, StoreError, StoreSettings, StoreUnavailable
 from broker.store.schema import ALIVE_STATES, ASSIGNED, SCHEMA_VERSION, SQLITE, WAITING, ddl, to_ms
 from broker.store.sql import (
     CLAIM_SET,
@@ -50,6 +54,23 @@ from splitpilot.job.v1 import job_pb2
 T = TypeVar("T")
 BUSY_TIMEOUT_S = 60.0
 _UNION_MAX = 200  # classes per statement (SQLite allows 500 terms in a compound SELECT)
+#: sqlite3.OperationalError texts that mean "not now" (retry), not a bug in a statement.
+_UNAVAILABLE = ("locked", "busy", "disk", "full", "unable to open", "readonly", "i/o")
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Driver errors a caller's value or the machine caused, as the store's own errors."""
+    try:
+        yield
+    except OverflowError as exc:  # "Python int too large to convert to SQLite INTEGER"
+        raise BadValue(str(exc)) from None
+    except sqlite3.DataError as exc:
+        raise BadValue(str(exc)) from None
+    except sqlite3.OperationalError as exc:
+        if any(word in str(exc).lower() for word in _UNAVAILABLE):
+            raise StoreUnavailable(f"SQLite: {exc}") from exc
+        raise
 
 
 @functools.lru_cache(maxsize=256)
@@ -143,17 +164,19 @@ class SqliteStore(SqlStore):
         return result
 
     def _write(self, fn: Callable[[_Cursor], T]) -> T:
-        if self._writer is None:
-            return self._transaction(self._thread_connection(), "BEGIN IMMEDIATE", fn)
-        self._check_process()
-        with self._write_lock:
-            if self._closed:
-                raise StoreError("the store is closed")
-            return self._transaction(self._writer, "BEGIN IMMEDIATE", fn)
+        with _translated():
+            if self._writer is None:
+                return self._transaction(self._thread_connection(), "BEGIN IMMEDIATE", fn)
+            self._check_process()
+            with self._write_lock:
+                if self._closed:
+                    raise StoreError("the store is closed")
+                return self._transaction(self._writer, "BEGIN IMMEDIATE", fn)
 
     def _read(self, fn: Callable[[_Cursor], T], snapshot: bool = False) -> T:
-        conn = self._thread_connection()
-        return self._transaction(conn, "BEGIN", fn) if snapshot else fn(_Cursor(conn))
+        with _translated():
+            conn = self._thread_connection()
+            return self._transaction(conn, "BEGIN", fn) if snapshot else fn(_Cursor(conn))
 
     def close(self) -> None:
         with self._write_lock:
@@ -171,12 +194,6 @@ class SqliteStore(SqlStore):
                 (SCHEMA_VERSION,))
         cur.run("INSERT INTO meta (key, value) VALUES ('last_job_id', 0) ON CONFLICT (key) DO NOTHING")
         self._migrate(cur)
-
-    def _create_classes(self, classes: Sequence[RequirementClass], now_ms: int) -> None:
-        self._write(lambda cur: cur.many(
-            f"INSERT INTO classes ({CLASS_INSERT_COLUMNS}) VALUES ({', '.join('?' * 10)}) "
-            "ON CONFLICT (key) DO NOTHING", [(*c.row(), now_ms) for c in classes]))
-        self._read(self._refresh_classes)  # after the commit: the cache never holds a rolled-back class
 
     def _insert_jobs(self, cur: _Cursor, rows: list[list], events_detail: str, now_ms: int) -> list[int]:
         count = len(rows)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 
 from cryptography.hazmat.primitives import hashes
@@ -183,6 +184,8 @@ def _token_issue(args: argparse.Namespace) -> int:
         dns_names=args.dns, ip_addresses=args.ip,
     )
     subject = args.subject or role.value
+    args.out = os.path.expanduser(args.out)  # also when the shell left a quoted ~ alone
+    _out_folder(args.out)
     request = args.public_key or args.csr
     if request:
         with open(request, "rb") as handle:
@@ -197,6 +200,20 @@ def _token_issue(args: argparse.Namespace) -> int:
     print(f"issued {identity.describe()}, valid until {identity.not_after:%Y-%m-%d %H:%M:%S}Z, "
           f"written to {args.out}", file=sys.stderr)
     return 0
+
+
+def _out_folder(out: str) -> None:
+    """Create the folder of the token file OUT if it is missing, private (0700) like ~/.ssh: a token
+    written into it is a credential. An existing folder is left as it is."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(folder):
+        return
+    try:
+        os.makedirs(folder, mode=0o700)
+    except OSError as exc:
+        raise UsageError(f"cannot create the folder {folder} for --out {out}: {exc.strerror}; fix: create it, or "
+                         "write the token elsewhere") from None
+    print(f"created {folder} (0700) for the token", file=sys.stderr)
 
 
 def _token_show(args: argparse.Namespace) -> int:

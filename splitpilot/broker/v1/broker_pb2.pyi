@@ -93,10 +93,22 @@ class SubmitRequest(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.JobSpec, _Mapping]]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("job_ids",)
+    __slots__ = ("job_ids", "warnings")
     JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     job_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, job_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    warnings: _containers.RepeatedCompositeFieldContainer[SubmitWarning]
+    def __init__(self, job_ids: _Optional[_Iterable[int]] = ..., warnings: _Optional[_Iterable[_Union[SubmitWarning, _Mapping]]] = ...) -> None: ...
+
+class SubmitWarning(_message.Message):
+    __slots__ = ("job_indexes", "message", "unmet")
+    JOB_INDEXES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    UNMET_FIELD_NUMBER: _ClassVar[int]
+    job_indexes: _containers.RepeatedScalarFieldContainer[int]
+    message: str
+    unmet: _containers.RepeatedCompositeFieldContainer[UnmetRequirement]
+    def __init__(self, job_indexes: _Optional[_Iterable[int]] = ..., message: _Optional[str] = ..., unmet: _Optional[_Iterable[_Union[UnmetRequirement, _Mapping]]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -133,7 +145,7 @@ class OutputFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "attempt", "submitted_unix_ms", "updated_unix_ms", "site", "node", "pilot_id", "exit_code", "message", "history", "outputs")
+    __slots__ = ("job_id", "spec", "state", "attempt", "submitted_unix_ms", "updated_unix_ms", "site", "node", "pilot_id", "exit_code", "message", "history", "outputs", "wait")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +159,7 @@ class JobInfo(_message.Message):
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    WAIT_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     spec: _job_pb2.JobSpec
     state: _job_pb2.JobState
@@ -160,7 +173,44 @@ class JobInfo(_message.Message):
     message: str
     history: _containers.RepeatedCompositeFieldContainer[JobEvent]
     outputs: _containers.RepeatedCompositeFieldContainer[OutputFile]
-    def __init__(self, job_id: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., attempt: _Optional[int] = ..., submitted_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., pilot_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., history: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputFile, _Mapping]]] = ...) -> None: ...
+    wait: WaitAnalysis
+    def __init__(self, job_id: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., attempt: _Optional[int] = ..., submitted_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., pilot_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., history: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputFile, _Mapping]]] = ..., wait: _Optional[_Union[WaitAnalysis, _Mapping]] = ...) -> None: ...
+
+class WaitAnalysis(_message.Message):
+    __slots__ = ("window_s", "sites", "summary", "never_runnable", "jobs_ahead")
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    NEVER_RUNNABLE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_AHEAD_FIELD_NUMBER: _ClassVar[int]
+    window_s: int
+    sites: _containers.RepeatedCompositeFieldContainer[SiteAnalysis]
+    summary: str
+    never_runnable: bool
+    jobs_ahead: int
+    def __init__(self, window_s: _Optional[int] = ..., sites: _Optional[_Iterable[_Union[SiteAnalysis, _Mapping]]] = ..., summary: _Optional[str] = ..., never_runnable: _Optional[bool] = ..., jobs_ahead: _Optional[int] = ...) -> None: ...
+
+class SiteAnalysis(_message.Message):
+    __slots__ = ("site", "state", "unmet", "last_offer_unix_ms")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UNMET_FIELD_NUMBER: _ClassVar[int]
+    LAST_OFFER_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    state: str
+    unmet: _containers.RepeatedCompositeFieldContainer[UnmetRequirement]
+    last_offer_unix_ms: int
+    def __init__(self, site: _Optional[str] = ..., state: _Optional[str] = ..., unmet: _Optional[_Iterable[_Union[UnmetRequirement, _Mapping]]] = ..., last_offer_unix_ms: _Optional[int] = ...) -> None: ...
+
+class UnmetRequirement(_message.Message):
+    __slots__ = ("requirement", "wanted", "offered")
+    REQUIREMENT_FIELD_NUMBER: _ClassVar[int]
+    WANTED_FIELD_NUMBER: _ClassVar[int]
+    OFFERED_FIELD_NUMBER: _ClassVar[int]
+    requirement: str
+    wanted: str
+    offered: str
+    def __init__(self, requirement: _Optional[str] = ..., wanted: _Optional[str] = ..., offered: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
     __slots__ = ("states", "limit", "before_job_id")
