@@ -2,12 +2,15 @@
 # The schema gate, run by `make test`: `buf lint` (the STANDARD rules) over proto/, and
 # `buf breaking` (the FILE rules) of proto/ against the last release of the schemas.
 #
-# The release is the git tag named in proto/BASELINE (the one place that names it); its proto/
-# tree is taken with `git archive`, so shallow CI clones need only that tag fetched. buf comes
-# from npm (@bufbuild/buf ships the binary), installed once into .cache/buf/VERSION and reused.
+# The release is the git tag named in proto/BASELINE (the one place that names it). Its schemas
+# are committed as a buf image, proto/baseline/TAG.binpb, made once from the tag with
+# `scripts/schema-gate.sh --make-baseline`: the gate then needs no git history or tags (CI may
+# clone shallow, without tags). buf comes from npm (@bufbuild/buf ships the binary), installed
+# once into .cache/buf/VERSION and reused.
 #
 # Usage: scripts/schema-gate.sh [--against DIR]   (DIR: a folder with a buf.yaml and the schemas
-# to compare with instead of the tag; the tests use it to show that a breaking change fails).
+# to compare with instead of the release; the tests use it to show that a breaking change fails)
+#        scripts/schema-gate.sh --make-baseline   (write proto/baseline/TAG.binpb from the tag)
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -31,8 +34,29 @@ if [ ! -x "$buf" ]; then
 fi
 
 against=""
-if [ "${1:-}" = "--against" ]; then
-    against=${2:?"--against needs a directory"}
+make_baseline=""
+case "${1:-}" in
+    --against) against=${2:?"--against needs a directory"} ;;
+    --make-baseline) make_baseline=1 ;;
+esac
+tag=$(head -n 1 proto/BASELINE | tr -d "[:space:]")
+image="proto/baseline/$tag.binpb"
+
+if [ -n "$make_baseline" ]; then
+    if ! git rev-parse -q --verify "refs/tags/$tag" >/dev/null 2>&1; then
+        echo "schema-gate: the release tag $tag (named in proto/BASELINE) is not in this clone; fix: git fetch" \
+             "origin tag $tag" >&2
+        exit 1
+    fi
+    scratch=$(mktemp -d)
+    trap 'rm -rf "$scratch"' EXIT
+    git archive "$tag" proto | tar -x -C "$scratch"
+    # Its own buf.yaml: the build never picks up a configuration from a folder above it.
+    printf 'version: v2\nmodules:\n  - path: proto\n' > "$scratch/buf.yaml"
+    mkdir -p proto/baseline
+    (cd "$scratch" && "$OLDPWD/$buf" build -o "$OLDPWD/$image")
+    echo "schema-gate: wrote $image from the tag $tag"
+    exit 0
 fi
 
 echo "schema-gate: buf lint (STANDARD)"
@@ -41,22 +65,14 @@ if ! "$buf" lint; then
     exit 1
 fi
 
-scratch=""
 if [ -z "$against" ]; then
-    tag=$(head -n 1 proto/BASELINE | tr -d "[:space:]")
-    if ! git rev-parse -q --verify "refs/tags/$tag^{tag}" >/dev/null 2>&1 \
-            && ! git rev-parse -q --verify "refs/tags/$tag" >/dev/null 2>&1; then
-        echo "schema-gate: the release tag $tag (named in proto/BASELINE) is not in this clone; fix: git fetch" \
-             "origin tag $tag (a shallow clone has no tags)" >&2
+    if [ ! -f "$image" ]; then
+        echo "schema-gate: $image (the schemas of the release $tag named in proto/BASELINE) is missing; fix:" \
+             "scripts/schema-gate.sh --make-baseline in a clone that has the tag, and commit the file" >&2
         exit 1
     fi
-    scratch=$(mktemp -d)
-    trap 'rm -rf "$scratch"' EXIT
-    git archive "$tag" proto | tar -x -C "$scratch"
-    # Its own buf.yaml: the comparison never picks up a configuration from a folder above it.
-    printf 'version: v2\nmodules:\n  - path: proto\n' > "$scratch/buf.yaml"
-    against="$scratch"
-    label="release $tag"
+    against="$image"
+    label="release $tag ($image)"
 else
     label="$against"
 fi

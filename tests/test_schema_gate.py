@@ -1,7 +1,9 @@
 """The schema gate `make test` runs first (scripts/schema-gate.sh): `buf lint` (STANDARD) and `buf breaking`
-(FILE) against the release tag named in proto/BASELINE. The repository passes it; a lint finding, a
-breaking change and a missing release tag each fail it with a message that names the fix; the "next
-minor" the compatibility tests use (tests/next_minor.py) is a legal minor by buf's rules too.
+(FILE) against the release named in proto/BASELINE, whose schemas are committed as a buf image
+(proto/baseline/TAG.binpb, made from the tag). The repository passes it, with no git history or tags
+(CI may clone shallow); a lint finding, a breaking change and a missing release image each fail it with a
+message that names the fix; the committed image is the tag's schemas; the "next minor" the compatibility
+tests use (tests/next_minor.py) is a legal minor by buf's rules too.
 
 buf comes from npm into .cache/buf (the gate installs it once: `make test` has run it before pytest).
 """
@@ -63,7 +65,7 @@ def test_the_schemas_pass_the_gate():
     done = gate(REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     tag = (REPO / "proto" / "BASELINE").read_text().strip()
-    assert f"schema-gate: buf breaking against release {tag} (FILE rules)" in done.stdout
+    assert f"schema-gate: buf breaking against release {tag} (proto/baseline/{tag}.binpb) (FILE rules)" in done.stdout
     assert done.stdout.rstrip().endswith("schema-gate: ok")
 
 
@@ -88,12 +90,36 @@ def test_a_lint_finding_fails_the_gate(scratch_repo):
     assert "schema-gate: buf lint failed (above)" in done.stderr
 
 
-def test_a_missing_release_tag_is_named_with_the_fix(scratch_repo):
+def test_a_missing_release_image_is_named_with_the_fix(scratch_repo):
     (scratch_repo / "proto" / "BASELINE").write_text("proto-v9.9.9\n")
     done = gate(scratch_repo)
     assert done.returncode == 1
-    assert ("the release tag proto-v9.9.9 (named in proto/BASELINE) is not in this clone; fix: git fetch origin tag "
-            "proto-v9.9.9") in done.stderr
+    assert ("proto/baseline/proto-v9.9.9.binpb (the schemas of the release proto-v9.9.9 named in proto/BASELINE) "
+            "is missing; fix: scripts/schema-gate.sh --make-baseline") in done.stderr
+
+
+def test_the_gate_needs_no_git_history_or_tags(scratch_repo):
+    """What a shallow CI clone without tags has: the files only."""
+    shutil.rmtree(scratch_repo / ".git")
+    done = gate(scratch_repo)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_committed_release_image_is_the_tags_schemas(scratch_repo):
+    """--make-baseline from the tag gives the committed image, byte for byte (buf images are deterministic)."""
+    tag = (REPO / "proto" / "BASELINE").read_text().strip()
+    if subprocess.run(["git", "rev-parse", "-q", "--verify", f"refs/tags/{tag}"], cwd=REPO,
+                      capture_output=True).returncode != 0:
+        pytest.skip(f"this clone has no tag {tag} (a shallow clone): the image cannot be compared with it here")
+    committed = (REPO / "proto" / "baseline" / f"{tag}.binpb").read_bytes()
+    made = subprocess.run(["git", "archive", tag, "proto"], cwd=REPO, capture_output=True, check=True).stdout
+    release = scratch_repo / "release"
+    release.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(release)], input=made, check=True)
+    (release / "buf.yaml").write_text("version: v2\nmodules:\n  - path: proto\n")
+    built = release / "image.binpb"
+    subprocess.run([str(buf_binary()), "build", "-o", str(built)], cwd=release, check=True, timeout=300)
+    assert built.read_bytes() == committed
 
 
 def test_the_next_minor_of_the_tests_is_a_legal_minor(tmp_path):
