@@ -323,13 +323,13 @@ class AgentPolicy:
             self._log(f"{what} refused by the broker ({detail}): dropped")
             self._resolve(report_id)
             return
-        if now + pending.delay > self.settings.report_until:
-            self._log(f"{what} given up: the broker could not be reached before this agent's token ends "
-                      f"({detail}); the broker's reaper will end the attempt")
+        if now >= self.settings.report_until:
+            self._log(f"{what} given up: the broker could not be reached before this agent's token ended "
+                      f"({detail}); the broker's reaper ends what the report would have")
             self._resolve(report_id)
             return
-        self._log(f"{what} failed ({detail}); retrying in {pending.delay:.0f} s")
-        pending.next_try = now + pending.delay
+        pending.next_try = min(now + pending.delay, self.settings.report_until)   # a last try at the token's end
+        self._log(f"{what} failed ({detail}); retrying in {pending.next_try - now:.0f} s")
         pending.delay = min(self.settings.report_max_delay_s, pending.delay * 2)
 
     def token_refreshed(self, now: float, key: Key, token_deadline: float) -> None:
@@ -513,8 +513,9 @@ class AgentPolicy:
         elif self.black_hole:
             self.exit_code = BLACK_HOLE_EXIT
         self._log(f"leaving ({reason})" + (f": stopping {len(self.jobs)} job(s)" if self.jobs else ""))
-        for key in list(self.jobs):
-            self._stop(key, stop_reason, reason, self.settings.stop_deadline_s)
+        for key, job in list(self.jobs.items()):
+            if not job.stopping:   # one already told to stop (a kill) keeps its own, shorter, deadline
+                self._stop(key, stop_reason, reason, self.settings.stop_deadline_s)
 
     def _queue_report(self, now: float, make) -> int:
         report_id = self._next_report_id
