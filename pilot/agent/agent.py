@@ -269,7 +269,8 @@ class Agent:
             remove_job_folder(os.path.join(self.settings.work_dir, f"job-{offer.job_id}-{offer.attempt}"))
             now = time.monotonic()
             self.policy.matched(now, key, limits.cores, limits.memory_mb, limits.disk_mb, token_deadline)
-            self.policy.job_ended(now, key, ending, f"the job could not be prepared on this node: {exc}")
+            self.policy.job_ended(now, key, ending, f"the job could not be prepared on this node: "
+                                                    f"{type(exc).__name__}: {exc}")
             return
         self.running[key] = run
         self.policy.matched(time.monotonic(), key, run.limits.cores, run.limits.memory_mb, run.limits.disk_mb,
@@ -390,14 +391,22 @@ def job_folder_name(name: str) -> bool:
     return len(parts) == 2 and all(part.isdigit() and part.isascii() for part in parts)
 
 
+def _make_writable_and_retry(function, path, _excinfo) -> None:
+    """rmtree's error handler: a folder the payload made read-only is made writable (by its owner) again."""
+    parent = os.path.dirname(path)
+    if not os.path.islink(parent):
+        os.chmod(parent, 0o700)
+    function(path)
+
+
 def remove_job_folder(path: str) -> None:
     """Remove a job's folder without following symbolic links (shutil.rmtree works from descriptors and
-    refuses a link at the top), whatever the payload left in it."""
+    refuses a link at the top), whatever the payload left in it (read-only folders included)."""
     try:
         if os.path.islink(path):
             os.unlink(path)   # the link only: never what it points at
             return
-        shutil.rmtree(path)
+        shutil.rmtree(path, onerror=_make_writable_and_retry)
     except FileNotFoundError:
         pass
     except OSError as exc:
