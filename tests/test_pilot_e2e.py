@@ -229,7 +229,8 @@ def test_memory_hog_killed_with_reason(world):
     job_id = submit(world, payload_spec(client, script, "hog", memory_mb=200))
     result, _ = run_agent(world, "hog", "bubblewrap")
     status = wait_final(client, job_id)
-    assert status.state is JobState.KILLED, status
+    # A limit is its own final state (issue 11), not an owner's kill: FAILED_LIMIT once the broker knows it.
+    assert status.state is getattr(JobState, "FAILED_LIMIT", JobState.KILLED), status
     assert "exceeds the limit of 200 MiB" in status.message or "memory" in status.message, status.message
 
 
