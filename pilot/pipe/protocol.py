@@ -182,6 +182,9 @@ class Connection:
                                     local=True, why=f"is not a message the {self.role.value} sends")
         new_state = self._transition(self.role, self.our_state, kind, local=True, message=message)
         self._check_minor(kind, message)
+        if kind == "hello" or kind == "ready":
+            # The minor we announce is the one we hold ourselves to (never above what this code knows).
+            self.own_minor = min(message.protocol_minor, messages.PROTOCOL_VERSION[1])
         body = message.SerializeToString()
         key = ENVELOPE_KEYS[kind]
         size = len(body)
