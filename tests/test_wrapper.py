@@ -36,7 +36,7 @@ class Run:
         self.broker_dir = tmp_path / "broker"
         self.sandbox = tmp_path / "sandbox"
         self.broker_dir.mkdir()
-        self.sandbox.mkdir()
+        self.sandbox.mkdir(exist_ok=True)   # it may be a mount point (small_disk)
         (self.broker_dir / "inputs").mkdir()
         sums = {}
         for name, data in (inputs or {}).items():
@@ -522,3 +522,48 @@ def test_output_patterns_follow_glob_rules_without_following_links(tmp_path):
         assert find_outputs(fd, ["linked/*.out", "../*", "/etc/passwd"]) == []
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# A full disk on the node is the node's fault, unless the job went over its own disk limit
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs mounted where the next Run puts its sandbox (unmounted afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root; run the tests as root")
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(sandbox)], check=True)
+    try:
+        yield sandbox
+    finally:
+        subprocess.run(["umount", "-l", str(sandbox)], check=True)
+
+
+@pytest.mark.parametrize("disk_mb,expected", [
+    (0, (S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE, "while the node's disk was full")),
+    (100, (S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE, "of its 100 MiB): not the job's fault")),
+    (1, (S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT, "MiB, over its disk limit of 1 MiB")),
+])
+def test_a_payload_failing_on_a_full_disk_is_the_nodes_fault_unless_over_its_limit(run_job, small_disk, disk_mb,
+                                                                                   expected):
+    run = run_job("#!/bin/sh\nhead -c 8000000 /dev/zero > big.out\n")
+    run.job.limits.disk_mb = disk_mb
+    run.start()
+    result = run.result()
+    run.finish()
+    assert (result.final_state, result.failure_class) == expected[:2], result.message
+    assert expected[2] in result.message and result.exit_code != 0
+    assert S.JOB_STATE_FAILED_EXECUTION not in run.states()       # never reported as the payload's failure
+
+
+def test_an_input_that_does_not_fit_the_nodes_disk_is_not_the_jobs_fault(run_job, small_disk):
+    run = run_job("#!/bin/sh\ntrue\n", inputs={"big.dat": b"x" * (6 << 20)})
+    run.start()
+    result = run.result()
+    run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_WRAPPER,
+                                                          F.FAILURE_CLASS_INFRASTRUCTURE), result.message
+    assert "this node's disk is full" in result.message and S.JOB_STATE_FAILED_INPUT not in run.states()

@@ -27,11 +27,16 @@ re-queued and whether the node is charged:
   nothing is saved, and the Result says FENCED (STOPPED to an agent of
   protocol minor 0): the agent reports nothing;
 - a Stop for an exceeded limit ends as FAILED_LIMIT / LIMIT (minor 1; STOPPED
-  before), any other Stop as STOPPED: the agent reports those.
+  before), any other Stop as STOPPED: the agent reports those;
+- a full disk on the node: an input that cannot be written, or a payload that
+  failed while the sandbox's file system was full although the job stayed
+  within its disk limit, is the node's fault (INFRASTRUCTURE, re-queued); a
+  job over its disk limit is a LIMIT.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import sys
@@ -75,6 +80,9 @@ F = m.FailureClass
 TOKEN_FILE = ".job-token.pem"
 #: Codes meaning the broker no longer accepts this job token (expired, revoked): not the job's fault.
 _TOKEN_REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+#: A file system with less free space than this, under a failed payload, counts as full.
+DISK_FULL_BYTES = 1 << 20
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -271,6 +279,13 @@ class Wrapper:
                            lambda n=item.name, d=destination: self.broker.get_input(n, d))
             except (Fenced, Stopped):
                 raise
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise Outcome(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE,
+                                  f"input {item.name!r} could not be written: this node's disk is full "
+                                  f"({exc.strerror}); not the job's fault", report=False) from None
+                raise Outcome(S.JOB_STATE_FAILED_INPUT, F.FAILURE_CLASS_INPUT,
+                              f"input {item.name!r} could not be fetched: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - sorted: the job's fault or not
                 raise self._not_the_jobs_fault(f"input {item.name!r}", exc) or \
                     Outcome(S.JOB_STATE_FAILED_INPUT, F.FAILURE_CLASS_INPUT,
@@ -375,6 +390,9 @@ class Wrapper:
         if self.kill_reason:
             return self._final(S.JOB_STATE_KILLED, F.FAILURE_CLASS_KILLED, self.kill_reason, status=status)
         if not status.success:
+            full = self._full_disk(job, status)
+            if full is not None:
+                return full
             return self._final(S.JOB_STATE_FAILED_EXECUTION, F.FAILURE_CLASS_PAYLOAD,
                                f"payload failed: {status.describe()}", status=status)
         if upload_error:
@@ -416,6 +434,32 @@ class Wrapper:
             return (f"output(s) refused: {'; '.join(refused)} (outputs must be regular files of the sandbox, with "
                     "one link only; nothing else is uploaded)")
         return ""
+
+    def _full_disk(self, job: m.JobStart, status) -> m.Result | None:
+        """The Result of a payload that failed on a full sandbox file system, or None when it was not full.
+
+        Over its disk limit, the job filled it: a LIMIT. Within it, the node offered disk it did not have:
+        INFRASTRUCTURE (re-queued; the black-hole guard counts it)."""
+        try:
+            stat = os.statvfs(job.sandbox_dir)
+        except OSError:
+            return None
+        free = stat.f_bavail * stat.f_frsize
+        if free >= DISK_FULL_BYTES:
+            return None
+        used = directory_bytes(job.sandbox_dir)
+        limit = job.limits.disk_mb
+        if limit and used > limit * MIB:
+            message = (f"payload {status.describe()} after filling its sandbox: {used // MIB} MiB, over its disk "
+                       f"limit of {limit} MiB")
+            if self._peer_knows(S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT):
+                return self._final(S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT, message, status=status,
+                                   report=False)
+            return self._final(S.JOB_STATE_FAILED_EXECUTION, F.FAILURE_CLASS_PAYLOAD, message, status=status)
+        return self._final(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE,
+                           f"payload {status.describe()} while the node's disk was full ({free} bytes free; the job "
+                           f"used {used // MIB} MiB{f' of its {limit} MiB' if limit else ''}): not the job's fault",
+                           status=status, report=False)
 
     # -------------------------------------------------------------- reports
 
