@@ -231,8 +231,17 @@ class HeartbeatAnswer:
 
 @dataclass(frozen=True)
 class UpdateResult:
-    state: JobState
+    state: JobState | int   # an int: a state this client does not know (a newer broker's)
     replay: bool
+
+
+def _answered_state(value: int) -> JobState | int:
+    """The job state a broker answered with. A value this client does not know (a newer broker's) stays a
+    number: reading an answer is never an error (the wrapper and the agent only log it)."""
+    try:
+        return JobState(value)
+    except ValueError:
+        return value
 
 
 # ------------------------------------------------------------------ the base client
@@ -557,7 +566,7 @@ class AgentClient(_Client):
             pilot_id=pilot_id, node=node, jobs_run=jobs_run, reason=reason, abandoned=abandoned))
 
     def report_attempt_failure(self, job_id: int, attempt: int, failure: str | int, detail: str,
-                               pilot_id: str) -> JobState:
+                               pilot_id: str) -> JobState | int:
         """FAILURE: 'wrapper', 'infrastructure', 'stopped', 'limit', 'agent' (or the AttemptFailure value)."""
         if isinstance(failure, str):
             if failure not in _FAILURES:
@@ -566,7 +575,7 @@ class AgentClient(_Client):
         response = self._call("ReportAttemptFailure", self._stub.ReportAttemptFailure,
                               pb.ReportAttemptFailureRequest(job_id=job_id, attempt=attempt, failure=failure,
                                                              detail=detail, pilot_id=pilot_id))
-        return JobState(response.state)
+        return _answered_state(response.state)
 
 
 # ------------------------------------------------------------------ jobs
@@ -634,7 +643,7 @@ class JobClient(_Client):
                     continue
                 raise _broker_error("UpdateState", exc, self.address) from None
         self._next_sequence += 1
-        return UpdateResult(JobState(response.state), response.replay)
+        return UpdateResult(_answered_state(response.state), response.replay)
 
     @property
     def next_sequence(self) -> int:

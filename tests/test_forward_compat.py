@@ -139,3 +139,47 @@ def test_a_newer_agent_against_this_wrapper(next_minor, tmp_path):
     assert f"StopReason value {NEW_STOP_REASON}, which this side does not know" in result.stderr
     states = [json.loads(line)["state"] for line in (broker_dir / "states.jsonl").read_text().splitlines()]
     assert m.JobState.JOB_STATE_DONE not in states and (broker_dir / "outputs" / "s.out").exists()
+
+
+# ---------------------------------------------------------------------------
+# The node's broker calls, answered by a newer broker with a JobState this side does not know
+
+# The real broker's fixtures (a server with users and an agent) and helpers.
+from tests.test_broker_server import ca, ca_dir, clients, match, server, submit_one, tokens  # noqa: E402, F401
+
+
+@pytest.fixture
+def newer_answers(monkeypatch):
+    """UpdateState and ReportAttemptFailure answer with JobState 99, as a newer broker could (set before the
+    broker starts: its servicers are bound then)."""
+    from broker import service_agent, service_job
+
+    def answering_99(method):
+        async def patched(self, request, context):
+            response = await method(self, request, context)
+            response.state = NEW_JOB_STATE
+            return response
+        return patched
+    monkeypatch.setattr(service_job.JobServicer, "UpdateState", answering_99(service_job.JobServicer.UpdateState))
+    monkeypatch.setattr(service_agent.AgentServicer, "ReportAttemptFailure",
+                        answering_99(service_agent.AgentServicer.ReportAttemptFailure))
+
+
+def test_a_state_unknown_to_this_client_in_a_brokers_answer_is_no_error(newer_answers, server, clients):  # noqa: F811
+    """A real broker answering with a state this side does not know: the job client (the wrapper's link) and
+    the agent client read it as the number 99 instead of failing the call (the old client raised ValueError,
+    which the wrapper took for the broker refusing its report)."""
+    from pilot.wrapper.broker_link import connect_grpc
+
+    submit_one(clients.alice)
+    matched = match(clients.agent)
+    start = m.JobStart(job_id=matched.job_id, attempt=matched.attempt, spec=matched.spec,
+                       token=m.JobToken(certificate_pem=matched.token_pem, private_key_pem=matched.key_pem),
+                       broker=m.BrokerEndpoint(address=server.address, ca_pem=server.ca_pem))
+    link = connect_grpc(start)
+    try:
+        assert link.update_state(int(m.JobState.JOB_STATE_STARTED)).state == NEW_JOB_STATE
+    finally:
+        link.close()
+    assert clients.agent.report_attempt_failure(matched.job_id, matched.attempt, "wrapper", "test",
+                                                "pilot-1") == NEW_JOB_STATE
