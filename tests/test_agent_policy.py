@@ -376,3 +376,21 @@ def test_a_stopping_job_is_not_refreshed_and_wake_at_is_never_in_the_past():
     policy.actions(1)
     assert not of(policy.actions(25), p.RefreshToken)
     assert policy.wake_at(25) >= 25
+
+
+def test_a_report_failing_with_internal_errors_is_tried_a_few_times_only():
+    """INTERNAL may be a broker restarting or a bug of its own: not retried until the token's end."""
+    policy = make(report_first_delay_s=1)
+    start(policy, 0, (1, 1))
+    policy.job_ended(1, (1, 1), Ending.STOPPED, "stopped")
+    now, tries, said = 1.0, 0, []
+    for _ in range(20):
+        actions = policy.actions(now)
+        said += [a.text for a in actions if isinstance(a, p.Log)]
+        reports = of(actions, p.ReportAttempt)
+        if reports:
+            tries += 1
+            policy.report_failed(now, reports[0].report_id, CallFailure.DOUBTFUL, "INTERNAL: incident 7")
+        now = max(now + 1, policy.wake_at(now))
+    assert tries == p.DOUBTFUL_TRIES
+    assert "job 1.1's report failed 5 times (INTERNAL: incident 7): dropped" in said

@@ -57,7 +57,9 @@ from pilot.pipe.enums import name_of
 ATTEMPT_FAILURE = policy.ATTEMPT_FAILURE
 
 #: Broker error codes that mean "the broker is away or slow: try again later".
-_TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED", "INTERNAL", "UNKNOWN"})
+_TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED"})
+#: Codes that may be a broker restarting or a bug of the broker: tried a few times only.
+_DOUBTFUL_CODES = frozenset({"INTERNAL", "UNKNOWN"})
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ def call_failure(error: BaseException) -> CallFailure:
         return CallFailure.REJECTED      # not a broker error: a bug here; retrying would not help
     if code in _TRANSIENT_CODES:
         return CallFailure.TRANSIENT
+    if code in _DOUBTFUL_CODES:
+        return CallFailure.DOUBTFUL
     if code == "INVALID_ARGUMENT":
         return CallFailure.INVALID
     return CallFailure.REJECTED

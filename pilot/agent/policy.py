@@ -75,6 +75,7 @@ class CallFailure(enum.Enum):
     """How a broker call failed, as the shell sorts it."""
 
     TRANSIENT = "transient"   # the broker is away or slow: retry later
+    DOUBTFUL = "doubtful"     # INTERNAL, UNKNOWN: maybe a broker restarting, maybe a bug: retried a few times
     REFUSED = "refused"       # the broker refuses the agent token (AgentTokenRefused)
     REJECTED = "rejected"     # the broker refused this request (e.g. the attempt is already over): drop it
     INVALID = "invalid"       # INVALID_ARGUMENT: e.g. an older broker that lacks a new AttemptFailure value
@@ -188,12 +189,17 @@ class _Job:
     stopping: bool = False
 
 
+#: How many times a report failing with CallFailure.DOUBTFUL is tried.
+DOUBTFUL_TRIES = 5
+
+
 @dataclass
 class _Pending:
     action: Report
     next_try: float
     delay: float
     in_flight: bool = False
+    doubtful: int = 0
 
 
 @dataclass
@@ -323,6 +329,12 @@ class AgentPolicy:
             self._log(f"{what} refused by the broker ({detail}): dropped")
             self._resolve(report_id)
             return
+        elif failure is CallFailure.DOUBTFUL:
+            pending.doubtful += 1
+            if pending.doubtful >= DOUBTFUL_TRIES:
+                self._log(f"{what} failed {pending.doubtful} times ({detail}): dropped")
+                self._resolve(report_id)
+                return
         if now >= self.settings.report_until:
             self._log(f"{what} given up: the broker could not be reached before this agent's token ended "
                       f"({detail}); the broker's reaper ends what the report would have")
