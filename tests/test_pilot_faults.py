@@ -31,7 +31,7 @@ from broker.service import ServiceSettings
 from pilot.launch import build_software_area
 from pilot.pipe import messages as m
 from pilot.tokens import TokenRole
-from tests.test_pilot_e2e import agent_command, shared_folder, wait_final, wait_for
+from tests.test_pilot_e2e import agent_command, processes_in, shared_folder, wait_final, wait_for
 
 HERE = Path(__file__).parent
 USER = "faults-user"
@@ -85,14 +85,24 @@ def world(software, monkeypatch):
         for made in clients:
             made.close()
         w["server"].stop()
+        for pid in processes_in(base):   # a payload a failed test left (payloads have sessions of their own)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         shutil.rmtree(base, ignore_errors=True)
 
 
-def start_agent(world, name: str, *, idle: str = "4s", extra: tuple[str, ...] = ()) -> subprocess.Popen:
+def start_agent(world, name: str, *, idle: str = "4s", extra: tuple[str, ...] = (),
+                work: Path | None = None) -> subprocess.Popen:
+    """An agent (guardian and agent) in a session of its own: `ended` kills the whole of it if it must."""
     argv, env, token = agent_command(world, name, "process", as_nobody=True, idle=idle)
+    if work is not None:
+        argv[argv.index("--work-dir") + 1] = str(work)
     argv += list(extra)
     log = open(world["base"] / f"agent-{name}.log", "wb")
-    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, env=env,
+                               start_new_session=True)
     log.close()
     process.stdin.write(token)
     process.stdin.close()
@@ -104,12 +114,20 @@ def agent_log(world, name: str) -> str:
 
 
 def ended(process: subprocess.Popen, timeout: float) -> int:
+    """The agent's exit code once it ended by itself; after TIMEOUT, everything of it is killed (the guardian,
+    the agent, wrappers and payloads: its session) and TimeoutExpired raised."""
     try:
         return process.wait(timeout=timeout)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        kill_session(process)
+
+
+def kill_session(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def spec(name: str, script: str = "", *, executable: str = "/bin/sh", arguments=None, environment=None,
@@ -245,9 +263,7 @@ def test_the_agents_reports_are_retried_across_a_broker_restart(world):
         world.start(f"127.0.0.1:{port}")
         code = ended(agent, 120)
     finally:
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        kill_session(agent)
     log = agent_log(world, "agent-reports")
     assert code == 0, log[-3000:]
     status = world["new_client"]().status(job_id)
@@ -293,9 +309,7 @@ def test_an_attempt_the_broker_ended_has_its_payload_stopped_within_seconds(worl
         code = ended(agent, 120)
     finally:
         admin.close()
-        if agent.poll() is None:
-            agent.kill()
-            agent.wait()
+        kill_session(agent)
     log = agent_log(world, "fenced")
     assert (status.state, status.attempt) == (JobState.DONE, 2), (status.message, log[-3000:])
     assert code == 0 and stopped_after < 15, (stopped_after, log[-3000:])
@@ -343,24 +357,20 @@ def test_a_killed_agents_job_folders_are_removed_by_the_next_agent_in_its_work_d
         wait_for(lambda: (shared / "running").exists(), 60, "the payload to run")
         (work / "job-999-1").symlink_to(outside)      # planted: a link named like a job folder
         # Another agent in the same work dir while the first lives: refused.
-        argv, env, token = agent_command(world, "second-while-alive", "process", as_nobody=True)
-        argv[argv.index("--work-dir") + 1] = str(work)
-        refused = subprocess.run(argv, input=token, capture_output=True, timeout=120, env=env)
-        assert refused.returncode == 2 and b"is in use by another agent" in refused.stderr, refused.stderr[-2000:]
+        second = start_agent(world, "second-while-alive", work=work)
+        assert ended(second, 120) == 2
+        assert "is in use by another agent" in agent_log(world, "second-while-alive")
         children = Path(f"/proc/{first.pid}/task/{first.pid}/children").read_text().split()
         os.kill(int(children[0]), signal.SIGKILL)      # the agent (the guardian's child), not its guardian
-        assert ended(first, 60) == 1
+        assert first.wait(timeout=60) == 1
         assert (work / f"job-{job_id}-1").is_dir()     # left behind by the killed agent
         # The next agent in that work dir.
-        argv, env, token = agent_command(world, "next-agent", "process", as_nobody=True, idle="3s")
-        argv[argv.index("--work-dir") + 1] = str(work)
-        result = subprocess.run(argv, input=token, capture_output=True, timeout=240, env=env)
+        following = start_agent(world, "next-agent", idle="3s", work=work)
+        code = ended(following, 240)
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    stderr = result.stderr.decode(errors="replace")
-    assert result.returncode == 0, stderr[-3000:]
+        kill_session(first)
+    stderr = agent_log(world, "next-agent")
+    assert code == 0, stderr[-3000:]
     assert f"removed 2 job folder(s) an earlier agent left in {work}: job-{job_id}-1, job-999-1" in stderr, \
         stderr[-3000:]
     assert (outside / "precious").read_text() == "keep me"
