@@ -333,6 +333,8 @@ class MatchedJob:
     not_after: datetime.datetime
     address: str = ""
     ca_pem: bytes = field(default=b"", repr=False)
+    #: How often the job's wrapper should heartbeat the broker, seconds (0: the wrapper's default).
+    broker_heartbeat_s: int = 0
     matched = True
 
     @property
@@ -366,7 +368,7 @@ class HeartbeatAnswer:
 
 @dataclass(frozen=True)
 class UpdateResult:
-    state: JobState
+    state: JobState   # UNKNOWN(n) for a state this client does not know (lifecycle.read_state)
     replay: bool
 
 
@@ -686,7 +688,8 @@ def _slot(slot: pb.Slot | Mapping) -> pb.Slot:
 
 
 _FAILURES = {"wrapper": pb.ATTEMPT_FAILURE_WRAPPER, "infrastructure": pb.ATTEMPT_FAILURE_INFRASTRUCTURE,
-             "stopped": pb.ATTEMPT_FAILURE_STOPPED, "limit": pb.ATTEMPT_FAILURE_LIMIT}
+             "stopped": pb.ATTEMPT_FAILURE_STOPPED, "limit": pb.ATTEMPT_FAILURE_LIMIT,
+             "agent": pb.ATTEMPT_FAILURE_AGENT}
 
 
 class AgentClient(_Client):
@@ -719,7 +722,7 @@ class AgentClient(_Client):
         job = response.job
         return MatchedJob(job_id=job.job_id, attempt=job.attempt, spec=job.spec, token_pem=job.job_token_pem,
                           key=key, not_after=datetime.datetime.fromtimestamp(job.token_not_after_unix, datetime.UTC),
-                          address=self.address, ca_pem=self.ca_pem)
+                          address=self.address, ca_pem=self.ca_pem, broker_heartbeat_s=job.broker_heartbeat_s)
 
     def pilot_heartbeat(self, pilot_id: str, node: str, running: Iterable[tuple[int, int]] = (),
                         cores_in_use: int = 0) -> HeartbeatAnswer:
@@ -734,8 +737,8 @@ class AgentClient(_Client):
             pilot_id=pilot_id, node=node, jobs_run=jobs_run, reason=reason, abandoned=abandoned))
 
     def report_attempt_failure(self, job_id: int, attempt: int, failure: str | int, detail: str,
-                               pilot_id: str) -> JobState:
-        """FAILURE: 'wrapper', 'infrastructure', 'stopped', 'limit' (or the AttemptFailure value)."""
+                               pilot_id: str) -> JobState | int:
+        """FAILURE: 'wrapper', 'infrastructure', 'stopped', 'limit', 'agent' (or the AttemptFailure value)."""
         if isinstance(failure, str):
             if failure not in _FAILURES:
                 raise UsageError(f"failure {failure!r}: use one of {', '.join(_FAILURES)}")
@@ -787,6 +790,12 @@ class JobClient(_Client):
     @property
     def not_after(self) -> datetime.datetime:
         return self.identity.not_after
+
+    @property
+    def key_pem(self) -> bytes:
+        """The current token's private key as PEM: for a holder that hands the token on (the agent passes a
+        refreshed token to its wrapper over the pipe), never for a file."""
+        return private_key_pem(self._key)
 
     def update_state(self, state: JobState | int, detail: str = "", exit_code: int | None = None) -> UpdateResult:
         """Report a state change (numbered by this client). A transient failure

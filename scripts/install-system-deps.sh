@@ -2,6 +2,7 @@
 # Install the Debian packages the test suite needs; do nothing when they are
 # already there (idempotent, no apt-get update unless something is missing).
 #   protobuf-compiler, libprotobuf-java, a JDK: the Java peer compiled from proto/
+#   libprotobuf-dev, g++, pkg-config: docs/protocol.md's C++ reader, compiled by tests/test_cpp_reader.py
 #   bubblewrap, podman, runc, catatonit: container runtimes for the launchers
 #   docker.io: Docker's engine and Debian's client; the tests start a private daemon
 #              (tests/dockerd.py), never the system service
@@ -11,7 +12,7 @@
 # Usage: install-system-deps.sh [PACKAGE...]   (default: all of the above)
 set -eu
 
-packages="protobuf-compiler libprotobuf-java bubblewrap podman runc debootstrap catatonit postgresql docker.io npm"
+packages="protobuf-compiler libprotobuf-java libprotobuf-dev g++ pkg-config bubblewrap podman runc debootstrap catatonit postgresql docker.io npm"
 # Callers may name the packages they need instead (make demo: only debootstrap).
 [ "$#" -gt 0 ] && packages="$*"
 [ "$#" -gt 0 ] || command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"

@@ -9,6 +9,11 @@ into files the test reads afterwards:
   DIR/inputs/NAME    the input files served (checksums from DIR/inputs.json)
   DIR/outputs/NAME   uploaded outputs
   DIR/FAIL_UPLOAD    if present, put_output_fd fails
+  DIR/unavailable.json  {"update_state": N, "get_input": N, "put_output": N, "heartbeat": N}: the next N
+                     calls of each raise the client's real BrokerUnavailable (UNAVAILABLE), as a broker
+                     restarting would (counted down; every failed call is recorded in DIR/unavailable.log)
+  DIR/FENCED         if present, heartbeat, update_state and put_output raise the client's real
+                     PreconditionFailed (FAILED_PRECONDITION), as for an attempt another one replaced
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import json
 import os
 import shutil
 import sys
+import threading
 
 from pilot.pipe.channel import PipeChannel, claim_stdio
 from pilot.pipe.protocol import Role
+
+_FAULTS_LOCK = threading.Lock()
 
 
 class FakeJobBroker:
@@ -28,16 +36,43 @@ class FakeJobBroker:
         self.dir = directory
         os.makedirs(os.path.join(directory, "outputs"), exist_ok=True)
 
+    def _faults(self, call: str) -> None:
+        import grpc
+
+        from broker.client import BrokerUnavailable, PreconditionFailed
+
+        if call != "get_input" and os.path.exists(os.path.join(self.dir, "FENCED")):
+            raise PreconditionFailed(call, grpc.StatusCode.FAILED_PRECONDITION,
+                                     "job 11: attempt 1 is over (the job is at attempt 2); this wrapper must stop")
+        path = os.path.join(self.dir, "unavailable.json")
+        with _FAULTS_LOCK:   # the wrapper calls from several threads (reporter, heartbeat, main)
+            if not os.path.exists(path):
+                return
+            with open(path) as handle:
+                left = json.load(handle)
+            if left.get(call, 0) <= 0:
+                return
+            left[call] -= 1
+            with open(path, "w") as handle:
+                json.dump(left, handle)
+            with open(os.path.join(self.dir, "unavailable.log"), "a") as handle:
+                handle.write(f"{call}\n")
+        raise BrokerUnavailable(call, grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses",
+                                "127.0.0.1:1")
+
     def update_state(self, state, detail="", exit_code=None):
+        self._faults("update_state")
         with open(os.path.join(self.dir, "states.jsonl"), "a") as handle:
             handle.write(json.dumps({"state": int(state), "detail": detail, "exit_code": exit_code}) + "\n")
 
     def heartbeat(self, cpu_seconds, rss_bytes, sandbox_bytes):
+        self._faults("heartbeat")
         with open(os.path.join(self.dir, "heartbeats"), "a") as handle:
             handle.write(f"{cpu_seconds} {rss_bytes} {sandbox_bytes}\n")
         return os.path.exists(os.path.join(self.dir, "KILL"))
 
     def get_input(self, name, destination):
+        self._faults("get_input")
         with open(os.path.join(self.dir, "inputs.json")) as handle:
             expected = json.load(handle)[name]
         source = os.path.join(self.dir, "inputs", name)
@@ -48,6 +83,7 @@ class FakeJobBroker:
         shutil.copyfile(source, destination)
 
     def put_output_fd(self, fd, name):
+        self._faults("put_output")
         if os.path.exists(os.path.join(self.dir, "FAIL_UPLOAD")):
             raise OSError("storage unavailable")
         target = os.path.join(self.dir, "outputs", name)
@@ -72,7 +108,8 @@ def main() -> int:
 
     read_fd, write_fd = claim_stdio()
     directory = sys.argv[1]
-    settings = WrapperSettings(tick_s=0.2, broker_heartbeat_s=0.2, default_stop_grace_s=2.0)
+    settings = WrapperSettings(tick_s=0.2, broker_heartbeat_s=0.2, default_stop_grace_s=2.0, retry_first_s=0.1,
+                               retry_max_s=0.5, fenced_grace_s=1.0)
     with PipeChannel(Role.WRAPPER, read_fd, write_fd) as channel:
         return Wrapper(channel, connect=lambda job: FakeJobBroker(directory), settings=settings).run()
 

@@ -39,6 +39,9 @@ class FakeAgentBroker:
         self.slots = []
         self.failures: list[tuple[int, int, int, str]] = []
         self.ends: list[tuple[int, str]] = []
+        self.unusable: list[tuple[bytes, str]] = []
+        self.refreshed: list[bytes] = []
+        self.token_life = 3600
         self._lock = threading.Lock()
         self._next = 100
 
@@ -51,7 +54,7 @@ class FakeAgentBroker:
                     self.queue.pop(index)
                     self._next += 1
                     self.matched.append((self._next, 1))
-                    return Offer(self._next, 1, spec, b"CERT", b"KEY", int(time.time()) + 3600)
+                    return Offer(self._next, 1, spec, b"CERT", b"KEY", int(time.time()) + self.token_life)
         return NoOffer("queue empty", 0.2)
 
     def pilot_heartbeat(self, pilot_id, node, running, cores_in_use):
@@ -62,6 +65,15 @@ class FakeAgentBroker:
 
     def report_attempt_failure(self, job_id, attempt, failure, detail, pilot_id):
         self.failures.append((job_id, attempt, failure, detail))
+
+    def report_job_unusable(self, token_pem, private_key_pem, detail):
+        self.unusable.append((token_pem, detail))
+
+    def refresh_job_token(self, token_pem, private_key_pem):
+        from pilot.agent.brokerlink import RefreshedToken
+
+        self.refreshed.append(token_pem)
+        return RefreshedToken(token_pem + b"+", private_key_pem + b"+", int(time.time()) + 3600)
 
     def close(self):
         pass
@@ -451,3 +463,129 @@ def test_dry_run_states_what_is_and_is_not_isolated(tmp_path, runtime, policy, e
     for line in expected:
         assert line in result.stdout, result.stdout
     assert "# job 1 (probe)" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: every run ends with an outcome; what is not the node's fault is never counted
+
+
+def test_a_job_whose_jobstart_cannot_cross_the_pipe_is_the_jobs_own_failure(tmp_path):
+    """A 5 MiB argument: the JobStart is over the pipe's 4 MiB frame cap. The old agent failed to send it and
+    called it a wrapper failure (re-queued, counted: two such jobs made a fresh pilot a black hole)."""
+    huge = [script_spec("#!/bin/sh\ntrue\n", tmp_path, name=f"huge{i}") for i in range(2)]
+    for spec in huge:
+        spec.arguments.append("x" * (5 << 20))
+    good = script_spec("#!/bin/sh\ntrue\n", tmp_path, name="good")
+    broker = FakeAgentBroker([*huge, good])
+    agent = make_agent(tmp_path, broker, cores=1, black_hole=1, idle=0.5)
+    assert agent.run() == 0
+    assert broker.failures == [] and len(broker.unusable) == 2
+    for token, detail in broker.unusable:
+        assert token == b"CERT"                                    # with the job's own token
+        assert "over the pipe's frame cap of 4194304 bytes (largest part: an argument, 5242880 bytes)" in detail
+        assert "fix: pass large data in an input file" in detail
+    assert states(tmp_path).count(m.JobState.JOB_STATE_DONE) == 1 and broker.ends == [(3, "idle")]
+    assert not os.listdir(tmp_path / "work")
+
+
+def test_an_error_in_the_agents_own_code_ends_the_run_and_is_never_charged(tmp_path):
+    """Whatever raises inside a JobRun (here: its wrapper start raises a non-OSError) ends it with an Outcome:
+    reported as ATTEMPT_FAILURE_AGENT (re-queued), not counted by the black-hole guard; the slot is freed."""
+    specs = [script_spec("#!/bin/sh\ntrue\n", tmp_path, name=f"j{i}") for i in range(3)]
+    broker = FakeAgentBroker(specs)
+    agent = make_agent(tmp_path, broker, cores=1, black_hole=1, idle=0.5)
+    original, calls = agent.make_run, []
+
+    def flaky(offer, on_done):
+        calls.append(offer.job_id)
+        if len(calls) == 2:
+            raise KeyError("a bug while preparing the run")
+        run = original(offer, on_done)
+        if len(calls) == 1:
+            def broken():
+                raise RuntimeError("a bug inside the run")
+            run.spawn_wrapper = broken
+        return run
+    agent.make_run = flaky
+    assert agent.run() == 0
+    assert [(f[0], f[2]) for f in broker.failures] == [(calls[0], 5), (calls[1], 5)]
+    assert "RuntimeError: a bug inside the run" in broker.failures[0][3]
+    assert "KeyError" in broker.failures[1][3]
+    assert states(tmp_path).count(m.JobState.JOB_STATE_DONE) == 1 and broker.ends == [(3, "idle")]
+    assert not os.listdir(tmp_path / "work")
+
+
+def test_a_job_outliving_its_token_gets_a_fresh_one_over_the_pipe(tmp_path):
+    broker = FakeAgentBroker([script_spec("#!/bin/sh\nsleep 4\n", tmp_path)])
+    broker.token_life = 3                                       # refreshed after 2 s
+    agent = make_agent(tmp_path, broker, cores=1, idle=0.5)
+    assert agent.run() == 0
+    assert broker.refreshed[:1] == [b"CERT"]                     # refreshed with the job's current token
+    assert states(tmp_path).count(m.JobState.JOB_STATE_DONE) == 1
+    delivered = (tmp_path / "broker" / "token-refreshes").read_bytes().split(b"\n")
+    assert delivered[0] == b"CERT+"                              # the wrapper switched to the new token
+
+
+def test_the_walltime_limit_ends_the_job_as_a_limit(tmp_path):
+    spec = script_spec("#!/bin/sh\nexec sleep 300\n", tmp_path)
+    spec.requirements.walltime_s = 1
+    broker = FakeAgentBroker([spec])
+    agent = make_agent(tmp_path, broker, idle=0.5)
+    assert agent.run() == 0
+    (job_id, attempt, failure, detail), = broker.failures
+    assert failure == 4 and detail == "walltime limit of 1 s exceeded"   # LIMIT: final, not KILLED
+
+
+def test_leftovers_are_killed_before_the_sandbox_goes_and_before_the_report(tmp_path):
+    """Without isolation, a wrapper that died leaves its payload running (own session, re-parented to the
+    agent): it must be dead before its folder is removed and before the broker hears of the attempt (which
+    may then give the job to another pilot)."""
+    broker = FakeAgentBroker([script_spec("#!/bin/sh\ntrue\n", tmp_path)])
+    events = []
+    broker.report_attempt_failure = lambda job_id, *rest: events.append("report")
+    crashing = [sys.executable, "-c", "import os; os._exit(1)"]
+
+    def kill_leftovers():
+        (folder,) = os.listdir(tmp_path / "work")
+        events.append(f"leftovers killed, {folder} still there")
+        return 0
+    agent = make_agent(tmp_path, broker, cores=1, wrapper=crashing, idle=0.5, isolation="none",
+                       one_job_at_a_time=True, kill_leftovers=kill_leftovers)
+    assert agent.run() == 0
+    assert events == [f"leftovers killed, job-{broker.matched[0][0]}-1 still there", "report"]
+    assert not os.listdir(tmp_path / "work")
+
+
+def test_stale_job_folders_are_removed_without_following_links(tmp_path):
+    from pilot.agent.agent import remove_stale_job_folders
+
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    (work / "job-12-1" / "sandbox" / "deep").mkdir(parents=True)
+    (work / "job-12-1" / "sandbox" / "deep" / "f").write_text("x")
+    os.chmod(work / "job-12-1" / "sandbox" / "deep", 0o500)
+    outside.mkdir()
+    (outside / "precious").write_text("keep me")
+    (work / "job-13-2").symlink_to(outside)
+    (work / "job-14-1" / "sandbox").mkdir(parents=True)
+    (work / "job-14-1" / "sandbox" / "link").symlink_to(outside)
+    for keep in ("software", "job-x-1", "job-1-2-3", "jobs"):
+        (work / keep).mkdir()
+    (work / "job-12-1.wrapper.log").write_text("kept for diagnosis")
+    assert remove_stale_job_folders(str(work)) == ["job-12-1", "job-13-2", "job-14-1"]
+    assert sorted(os.listdir(work)) == ["job-1-2-3", "job-12-1.wrapper.log", "job-x-1", "jobs", "software"]
+    assert (outside / "precious").read_text() == "keep me"
+
+
+def test_two_agents_never_share_a_work_dir(tmp_path):
+    from pilot.agent.cli import lock_work_dir
+    from pilot.errors import UsageError
+
+    fd = lock_work_dir(str(tmp_path))
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import sys; from pilot.agent.cli import lock_work_dir\n"
+                                "try:\n    lock_work_dir(sys.argv[1])\nexcept Exception as e:\n    print(e)\n",
+                                str(tmp_path)], capture_output=True, text=True, timeout=60, cwd=HERE.parent)
+        assert "is in use by another agent; fix: give each agent its own --work-dir" in probe.stdout, probe
+    finally:
+        os.close(fd)
+    assert UsageError   # the refusal's type (exit code 2)

@@ -372,11 +372,13 @@ import json, os, sys, time
 victim_sandbox, work_dir = sys.argv[1], sys.argv[2]
 started = time.time()
 processes = {}
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        processes[pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode("latin-1")
-    except OSError as exc:
-        processes[pid] = str(exc)
+while time.time() < started + 3:   # watch for 3 s: the victim, started at the same time, may come up later
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            processes[pid] = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode("latin-1")
+        except OSError as exc:
+            processes.setdefault(pid, str(exc))
+    time.sleep(0.05)
 readable = []
 for pid in processes:
     if int(pid) == os.getpid():

@@ -297,3 +297,74 @@ def test_pongs_answer_pings_in_order(running):
     with pytest.raises(UnexpectedMessage, match="carries nonce 99") as err:
         agent.next_event()
     assert not err.value.local
+
+
+# ---------------------------------------------------------------------------
+# Minors: negotiated, never exceeded; values from a newer peer read as UNKNOWN
+
+
+def test_the_minor_in_use_is_the_smaller_one_and_zero_before_the_greeting():
+    agent, wrapper = Connection(Role.AGENT), Connection(Role.WRAPPER)
+    assert agent.negotiated_minor == wrapper.negotiated_minor == 0
+    pump(agent, wrapper, m.Hello(protocol_major=1, protocol_minor=7, agent_id="a newer agent"))
+    assert wrapper.negotiated_minor == m.PROTOCOL_VERSION[1] and wrapper.peer_version == (1, 7)
+    pump(wrapper, agent, m.Ready(protocol_major=1, protocol_minor=0))
+    assert agent.negotiated_minor == 0
+
+
+@pytest.mark.parametrize("agent_minor", [0, 1])
+def test_a_value_of_a_later_minor_is_refused_on_sending_and_changes_nothing(agent_minor):
+    agent, wrapper = Connection(Role.AGENT), Connection(Role.WRAPPER)
+    pump(agent, wrapper, m.Hello(protocol_major=1, protocol_minor=agent_minor))
+    pump(wrapper, agent, m.make_ready())
+    pump(agent, wrapper, m.JobStart(job_id=1, attempt=1))
+    limit = m.Result(final_state=m.JobState.JOB_STATE_FAILED_LIMIT, failure_class=m.FailureClass.FAILURE_CLASS_LIMIT)
+    assert wrapper.peer_knows("result", (("splitpilot.pipe.v1.FailureClass", 9),)) is (agent_minor >= 1)
+    if agent_minor == 0:
+        with pytest.raises(UnexpectedMessage) as info:
+            wrapper.send(limit)
+        assert info.value.local and "carries final_state JOB_STATE_FAILED_LIMIT, added in minor 1; the " \
+            "negotiated protocol is 1.0" in str(info.value)
+        assert wrapper.our_state is State.GREETED          # nothing counted as sent
+        limit = m.Result(final_state=m.JobState.JOB_STATE_FAILED_WRAPPER,
+                         failure_class=m.FailureClass.FAILURE_CLASS_STOPPED)
+    assert isinstance(pump(wrapper, agent, limit), m.Result) and wrapper.our_state is State.FINISHED
+
+
+def test_a_kind_of_a_later_minor_from_the_peer_is_a_protocol_error(monkeypatch):
+    """No real kind is newer than minor 0 yet: pretend heartbeats came with minor 1, and let a wrapper of
+    minor 1 send one to an agent that said minor 0 (the wrapper's own check is what would stop it)."""
+    from pilot.pipe import protocol
+
+    monkeypatch.setitem(protocol.KIND_MINOR, "heartbeat", 1)
+    agent, wrapper = Connection(Role.AGENT), Connection(Role.WRAPPER)
+    pump(agent, wrapper, m.Hello(protocol_major=1, protocol_minor=0))
+    pump(wrapper, agent, m.make_ready())
+    pump(agent, wrapper, m.JobStart(job_id=1, attempt=1))
+    with pytest.raises(UnexpectedMessage) as refused:
+        wrapper.send(m.Heartbeat(payload_pid=1))
+    assert refused.value.local
+    wrapper.peer_version = (1, 1)                           # a wrapper that ignores the agent's minor
+    agent.receive_data(wrapper.send(m.Heartbeat(payload_pid=1)))
+    with pytest.raises(UnexpectedMessage) as info:
+        agent.next_event()
+    assert not info.value.local and "was added in minor 1, but the negotiated protocol is 1.0" in str(info.value)
+
+
+def test_unknown_enum_values_are_named_and_said_once(monkeypatch):
+    from pilot.pipe import enums
+
+    said: list[str] = []
+    monkeypatch.setattr(enums, "report", said.append)
+    monkeypatch.setattr(enums, "_seen", set())
+    assert enums.name_of(m.FailureClass, m.FailureClass.FAILURE_CLASS_LIMIT) == "FAILURE_CLASS_LIMIT"
+    for _ in range(3):
+        assert enums.name_of(m.FailureClass, 42) == "FAILURE_CLASS_UNKNOWN(42)"
+    assert enums.name_of(m.StopReason, 77) == "STOP_REASON_UNKNOWN(77)"
+    assert enums.name_of(m.JobState, 99, sender="the wrapper") == "JOB_STATE_UNKNOWN(99)"
+    assert enums.name_of(m.ErrorCode, 5) == "ERROR_CODE_UNKNOWN(5)"
+    assert enums.name_of(m.LogStream, 3) == "LOG_STREAM_UNKNOWN(3)"
+    assert len(said) == 5 and said[0] == ("the peer sent FailureClass value 42, which this side does not know "
+                                          "(a newer peer?): read as FAILURE_CLASS_UNKNOWN(42)")
+    assert said[2].startswith("the wrapper sent JobState value 99")
+    assert not enums.known(m.ErrorCode, 5) and enums.known(m.ErrorCode, 4)

@@ -36,7 +36,7 @@ class Run:
         self.broker_dir = tmp_path / "broker"
         self.sandbox = tmp_path / "sandbox"
         self.broker_dir.mkdir()
-        self.sandbox.mkdir()
+        self.sandbox.mkdir(exist_ok=True)   # it may be a mount point (small_disk)
         (self.broker_dir / "inputs").mkdir()
         sums = {}
         for name, data in (inputs or {}).items():
@@ -57,8 +57,8 @@ class Run:
                                                          str(self.broker_dir)], env=env, stderr=subprocess.PIPE)
         self.events: list = []
 
-    def start(self) -> m.Ready:
-        self.channel.send(m.make_hello("test-agent"))
+    def start(self, hello: m.Hello | None = None) -> m.Ready:
+        self.channel.send(hello or m.make_hello("test-agent"))
         self.channel.send(self.job)
         return self.channel.expect(m.Ready, timeout=30)
 
@@ -159,13 +159,140 @@ def test_corrupt_input_is_an_input_failure(run_job):
     run.finish()
 
 
-def test_missing_executable_is_a_payload_failure(run_job):
-    run = run_job("#!/bin/sh\n")
-    run.job.spec.executable = "no-such-program-anywhere"
+BIG = "x" * (1 << 20)   # one argument over Linux's 128 KiB per string: exec fails with E2BIG
+
+
+@pytest.mark.parametrize("change,cause", [
+    ({"executable": "no-such-program-anywhere"}, "'no-such-program-anywhere' is neither an input in the sandbox "
+                                                 "nor on the PATH"),
+    ({"environment": {"A=B": "1"}}, "environment variable name 'A=B' is empty or contains '=' or a NUL"),
+    ({"environment": {"A\0B": "1"}}, "environment variable name 'A\\x00B' is empty or contains '='"),
+    ({"environment": {"GOOD": "a\0b"}}, "the value of environment variable 'GOOD' contains a NUL character"),
+    ({"arguments": ["fine", "bad\0arg"]}, "argument 2 contains a NUL character"),
+    ({"arguments": [BIG]}, "Argument list too long; the job's arguments and environment exceed what one program"),
+    ({"executable": "./data.txt"}, "cannot start './data.txt': Exec format error; fix: give a script a '#!' line"),
+])
+def test_the_jobs_own_mistakes_are_input_failures_naming_the_cause(run_job, change, cause):
+    """Issue 11: a job spec no payload can start with used to end as a wrapper or infrastructure failure (the
+    broker refused FAILED_EXECUTION from STARTED, the wrapper blamed the node): re-queued and charged to the
+    node. Now: FAILED_INPUT from STARTED (a legal transition), final, naming the cause and the fix."""
+    run = run_job("#!/bin/sh\ntouch ran.out\n", inputs={"data.txt": b"not a program\n"})
+    spec = run.job.spec
+    for field, value in change.items():
+        if field == "environment":
+            spec.environment.clear()
+            spec.environment.update(value)
+        elif field == "arguments":
+            del spec.arguments[:]
+            spec.arguments.extend(value)
+        else:
+            setattr(spec, field, value)
     run.start()
     result = run.result()
-    assert result.final_state == S.JOB_STATE_FAILED_EXECUTION and "neither in the sandbox" in result.message
     run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_INPUT, F.FAILURE_CLASS_INPUT), \
+        result.message
+    assert cause in result.message and "fix:" in result.message, result.message
+    assert result.WhichOneof("termination") is None                     # nothing ran
+    assert run.states() == [S.JOB_STATE_STARTED, S.JOB_STATE_FAILED_INPUT]  # reported, legal at the broker
+    assert not (run.broker_dir / "outputs" / "ran.out").exists() and run.process.returncode == 0
+
+
+# ---------------------------------------------------------------------------
+# The broker away, or ending the attempt: retries within the token's life, and a fenced payload stopped
+
+
+def test_a_broker_away_during_inputs_reports_and_outputs_costs_nothing(run_job):
+    """Issue 11: get_input/put_output turned any error (UNAVAILABLE too) into a final FAILED_INPUT/OUTPUT and
+    state reports gave up after ~3.5 s. Each call now retries with backoff within the token's life."""
+    run = run_job("#!/bin/sh\ncat data.txt > copy.out\n", inputs={"data.txt": b"hello input\n"})
+    run.job.token.not_after_unix = int(time.time()) + 3600
+    (run.broker_dir / "unavailable.json").write_text(json.dumps({"get_input": 4, "update_state": 5,
+                                                                 "put_output": 3}))
+    run.start()
+    result = run.result()
+    run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_DONE, F.FAILURE_CLASS_NONE), result.message
+    failed = (run.broker_dir / "unavailable.log").read_text().split()
+    assert sorted(set(failed)) == ["get_input", "put_output", "update_state"] and len(failed) == 12
+    assert run.states() == [S.JOB_STATE_STARTED, S.JOB_STATE_RUNNING, S.JOB_STATE_SAVING, S.JOB_STATE_DONE]
+    assert (run.broker_dir / "outputs" / "copy.out").read_bytes() == b"hello input\n"
+
+
+def test_a_broker_away_past_the_tokens_end_is_a_requeue_never_a_final_state(run_job):
+    run = run_job("#!/bin/sh\ntrue\n", inputs={"data.txt": b"x"})
+    run.job.token.not_after_unix = int(time.time()) + 7        # retried until 5 s before the token's end
+    (run.broker_dir / "unavailable.json").write_text(json.dumps({"get_input": 10_000}))
+    run.start()
+    result = run.result()
+    run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_WRAPPER,
+                                                          F.FAILURE_CLASS_INFRASTRUCTURE), result.message
+    assert "could not be reached until the job token's end" in result.message
+    assert S.JOB_STATE_FAILED_INPUT not in run.states()                 # never the job's fault
+    assert len((run.broker_dir / "unavailable.log").read_text().split()) > 1
+
+
+@pytest.mark.parametrize("payload", ["keeps running", "ends at once"])
+def test_an_attempt_the_broker_ended_stops_its_payload_and_saves_nothing(run_job, tmp_path, payload):
+    """Issue 11: the wrapper swallowed the broker's refusal of its heartbeats and state reports, and a fenced
+    attempt's payload ran on to its end beside the new attempt. The payload makes the broker refuse this
+    attempt (DIR/FENCED); the refused heartbeat or SAVING report stops everything at once."""
+    marker = tmp_path / "payload.pid"
+    tail = "trap '' TERM\nexec sleep 300" if payload == "keeps running" else "exit 0"
+    run = run_job(f"#!/bin/sh\necho $$ > {marker}\necho result > result.out\ntouch {tmp_path}/broker/FENCED\n"
+                  f"{tail}\n")
+    run.start()
+    result = run.result(timeout=60)
+    run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_FENCED)
+    assert "this attempt was ended at the broker" in result.message and "attempt 1 is over" in result.message
+    assert not os.path.exists(f"/proc/{int(marker.read_text())}")       # stopped (SIGKILL after 1 s)
+    assert not list((run.broker_dir / "outputs").iterdir())             # nothing saved
+    assert S.JOB_STATE_SAVING not in run.states() and S.JOB_STATE_DONE not in run.states()
+
+
+def test_the_broker_heartbeat_interval_comes_from_jobstart(run_job):
+    """The broker says how often (JobStart.broker_heartbeat_s, from its heartbeat timeout); 0: the default
+    (here 0.2 s, the test wrapper's)."""
+    counts = {}
+    for interval in (0, 1):
+        run = run_job("#!/bin/sh\nsleep 3.5\n")
+        run.job.broker_heartbeat_s = interval
+        run.start()
+        assert run.result().final_state == S.JOB_STATE_DONE
+        run.finish()
+        counts[interval] = len((run.broker_dir / "heartbeats").read_text().splitlines())
+        for leftover in run.broker_dir.parent.iterdir():
+            if leftover.name in ("broker", "sandbox"):
+                subprocess.run(["rm", "-rf", str(leftover)], check=True)
+    assert 2 <= counts[1] <= 4 and counts[0] >= 10, counts
+
+
+@pytest.mark.parametrize("minor", [0, 1])
+def test_a_limit_stop_ends_as_a_limit_for_an_agent_that_knows_it(run_job, minor):
+    """FAILED_LIMIT / FAILURE_CLASS_LIMIT came with minor 1: an agent of minor 0 gets STOPPED instead (it
+    then reports the limit itself, as it always did)."""
+    run = run_job("#!/bin/sh\nexec sleep 300\n")
+    run.start(m.Hello(protocol_major=1, protocol_minor=minor, agent_id="agent"))
+    run.until(lambda e: isinstance(e, m.StateChange) and e.state == S.JOB_STATE_RUNNING)
+    run.channel.send(m.Stop(reason=m.StopReason.STOP_REASON_LIMIT_EXCEEDED, detail="memory 900 MiB exceeds the "
+                            "limit of 500 MiB", deadline_s=4))
+    result = run.result()
+    run.finish()
+    expected = {0: (S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_STOPPED),
+                1: (S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT)}[minor]
+    assert (result.final_state, result.failure_class) == expected
+    assert "STOP_REASON_LIMIT_EXCEEDED: memory 900 MiB exceeds" in result.message
+    assert run.states() == [S.JOB_STATE_STARTED, S.JOB_STATE_RUNNING, S.JOB_STATE_SAVING]   # the agent reports
+
+
+def test_an_agent_of_minor_0_gets_stopped_for_a_fenced_attempt(run_job, tmp_path):
+    run = run_job(f"#!/bin/sh\ntouch {tmp_path}/broker/FENCED\nexec sleep 300\n")
+    run.start(m.Hello(protocol_major=1, protocol_minor=0, agent_id="old agent"))
+    result = run.result(timeout=60)
+    run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_STOPPED)
 
 
 def test_upload_failure_is_an_output_failure(run_job):
@@ -395,3 +522,48 @@ def test_output_patterns_follow_glob_rules_without_following_links(tmp_path):
         assert find_outputs(fd, ["linked/*.out", "../*", "/etc/passwd"]) == []
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# A full disk on the node is the node's fault, unless the job went over its own disk limit
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs mounted where the next Run puts its sandbox (unmounted afterwards)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root; run the tests as root")
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs", str(sandbox)], check=True)
+    try:
+        yield sandbox
+    finally:
+        subprocess.run(["umount", "-l", str(sandbox)], check=True)
+
+
+@pytest.mark.parametrize("disk_mb,expected", [
+    (0, (S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE, "while the node's disk was full")),
+    (100, (S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE, "of its 100 MiB): not the job's fault")),
+    (1, (S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT, "MiB, over its disk limit of 1 MiB")),
+])
+def test_a_payload_failing_on_a_full_disk_is_the_nodes_fault_unless_over_its_limit(run_job, small_disk, disk_mb,
+                                                                                   expected):
+    run = run_job("#!/bin/sh\nhead -c 8000000 /dev/zero > big.out\n")
+    run.job.limits.disk_mb = disk_mb
+    run.start()
+    result = run.result()
+    run.finish()
+    assert (result.final_state, result.failure_class) == expected[:2], result.message
+    assert expected[2] in result.message and result.exit_code != 0
+    assert S.JOB_STATE_FAILED_EXECUTION not in run.states()       # never reported as the payload's failure
+
+
+def test_an_input_that_does_not_fit_the_nodes_disk_is_not_the_jobs_fault(run_job, small_disk):
+    run = run_job("#!/bin/sh\ntrue\n", inputs={"big.dat": b"x" * (6 << 20)})
+    run.start()
+    result = run.result()
+    run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_WRAPPER,
+                                                          F.FAILURE_CLASS_INFRASTRUCTURE), result.message
+    assert "this node's disk is full" in result.message and S.JOB_STATE_FAILED_INPUT not in run.states()

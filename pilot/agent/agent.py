@@ -4,11 +4,11 @@ It offers what is free of its slot to the broker, runs several jobs at once
 on a multi-core slot (partitioning cores, memory and disk) where the
 launcher isolates jobs from each other, and one job at a time where nothing
 does (the process launcher: then every process a job left behind is killed
-and its folder removed before the next one starts), backs off when
-nothing matches and leaves after a configured idle time (reporting an empty
-pilot when it ran nothing), stops matching when the time left cannot fit a
-job, and stops taking work after K consecutive wrapper or infrastructure
-failures (black-hole guard). On SIGTERM (HTCondor preempting or removing the
+and its folder removed before the job is reported and the next one starts),
+backs off when nothing matches and leaves after a configured idle time
+(reporting an empty pilot when it ran nothing), stops matching when the time
+left cannot fit a job, and stops taking work after K consecutive failures of
+the node (black-hole guard). On SIGTERM (HTCondor preempting or removing the
 glidein) and at the slot's end it sends every job a Stop with a deadline;
 stopped jobs are reported so that the broker re-queues them. When the
 broker refuses its token (AgentTokenRefused, several calls in a row) it
@@ -17,31 +17,49 @@ leaves with exit code 4 (pilot.agent.exitcodes). Before each wrapper starts,
 the software area is checked against what was verified at start
 (pilot.launch.manifest); a change stops the agent (exit code 6) without
 starting the wrapper.
+
+Every decision is made by pilot.agent.policy.AgentPolicy, a pure object fed
+with events and the time; this module is the thin shell that does the I/O:
+broker calls, JobRun threads, signals. The main thread waits on a self-pipe
+(pilot.agent.waker) that JobRun threads and signal handlers write to; the
+signal handlers only set a flag and wake it (no lock, no print: the main
+thread may hold either). Reports that fail because the broker is away are
+retried by the policy with backoff until the agent token's end.
 """
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
+import queue
 import shutil
 import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pilot.agent import exitcodes
-from pilot.agent.brokerlink import AgentBroker, NoOffer, Offer, SlotRequest
-from pilot.agent.jobrun import Ending, JobRun, Outcome, RunSettings
+from pilot.agent import exitcodes, policy
+from pilot.agent.brokerlink import AgentBroker, Offer, SlotRequest
+from pilot.agent.jobrun import JobRun, Outcome, RunSettings
+from pilot.agent.policy import AgentPolicy, CallFailure, Ending, PolicySettings
 from pilot.agent.refusal import AgentTokenRefused
 from pilot.agent.slot import SlotResources
+from pilot.agent.waker import Waker
 from pilot.launch.manifest import SoftwareAreaChanged
 from pilot.pipe import messages as m
+from pilot.pipe.enums import name_of
 
-# splitpilot.broker.v1.AttemptFailure values (kept numeric: the agent does not import the broker schema)
-ATTEMPT_FAILURE = {Ending.WRAPPER_FAILED: 1, Ending.INFRASTRUCTURE: 2, Ending.STOPPED: 3, Ending.LIMIT: 4}
+# splitpilot.broker.v1.AttemptFailure values by Ending (kept numeric: the agent does not import the broker schema)
+ATTEMPT_FAILURE = policy.ATTEMPT_FAILURE
+
+#: Broker error codes that mean "the broker is away or slow: try again later".
+_TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED"})
+#: Codes that may be a broker restarting or a bug of the broker: tried a few times only.
+_DOUBTFUL_CODES = frozenset({"INTERNAL", "UNKNOWN"})
 
 
 @dataclass(frozen=True)
@@ -63,21 +81,43 @@ class AgentSettings:
     isolation: str = ""
     #: Never two wrappers at once (nothing isolates jobs from each other): the whole slot goes to one job.
     one_job_at_a_time: bool = False
+    #: Unix time at which the agent token ends: reports to the broker are retried until then (None: an hour).
+    token_not_after: float | None = None
+    #: Backoff of reports that failed because the broker is away.
+    report_first_delay_s: float = 1.0
+    report_max_delay_s: float = 30.0
 
 
 def log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} agent: {message}", file=sys.stderr, flush=True)
 
 
+def call_failure(error: BaseException) -> CallFailure:
+    """How a broker call failed, for the policy."""
+    if isinstance(error, AgentTokenRefused):
+        return CallFailure.REFUSED
+    code = getattr(getattr(error, "code", None), "name", None)
+    if code is None:
+        return CallFailure.REJECTED      # not a broker error: a bug here; retrying would not help
+    if code in _TRANSIENT_CODES:
+        return CallFailure.TRANSIENT
+    if code in _DOUBTFUL_CODES:
+        return CallFailure.DOUBTFUL
+    if code == "INVALID_ARGUMENT":
+        return CallFailure.INVALID
+    return CallFailure.REJECTED
+
+
 class Agent:
-    """One pilot's agent. `make_run(offer, free_share) -> JobRun` builds the
+    """One pilot's agent. `make_run(offer, on_done) -> JobRun` builds the
     per-job runner (the launcher and mounts live there).
 
     SOFTWARE (a pilot.launch.manifest.SoftwareGuard) is checked before every
     wrapper starts. KILL_LEFTOVERS, with one_job_at_a_time, is called after
-    each job and before the next may start: it kills whatever the job left
-    (the CLI passes pilot.procstat.kill_descendants, the agent being a child
-    subreaper) and returns how many processes it killed."""
+    each job, before its sandbox is removed, before it is reported and before
+    the next may start: it kills whatever the job left (the CLI passes
+    pilot.procstat.kill_descendants, the agent being a child subreaper) and
+    returns how many processes it killed."""
 
     def __init__(self, broker: AgentBroker, slot: SlotResources, settings: AgentSettings,
                  make_run: Callable[[Offer, Callable], JobRun], containers: bool, *, software=None,
@@ -90,245 +130,305 @@ class Agent:
         self.software = software
         self.kill_leftovers = kill_leftovers
         self.software_changed: SoftwareAreaChanged | None = None
-        self.running: dict[tuple[int, int], JobRun] = {}
+        self.refused: AgentTokenRefused | None = None   # the refusal the agent gave up on
+        self.running: dict[tuple[int, int], JobRun] = {}   # the main thread's only
         self.outcomes: list[Outcome] = []
-        self.jobs_run = 0
-        self.consecutive_failures = 0
-        self.black_hole = False
-        self.refusals = 0                               # broker calls in a row that refused the token
-        self.refused: AgentTokenRefused | None = None   # set when the agent gives up on its token
-        self.shutdown = threading.Event()
-        self.shutdown_reason = ""
-        self._wake = threading.Event()
-        self._lock = threading.Lock()
+        self.waker = Waker()
+        self.policy: AgentPolicy | None = None
+        self._events: queue.SimpleQueue = queue.SimpleQueue()   # from JobRun threads and other threads
+        self._signal: str | None = None                          # set by the signal handler only
+        self._unusable: dict[tuple[int, int], tuple[bytes, bytes]] = {}   # tokens of jobs to report unusable
+        self._clock_offset = 0.0                                 # time.time() - time.monotonic()
 
     # ---------------------------------------------------------------- signals
 
     def install_signal_handlers(self) -> None:
         def on_term(signum, _frame):
-            self.request_shutdown(f"signal {signal.Signals(signum).name}", m.StopReason.STOP_REASON_PREEMPTED)
+            # A flag and a wake-up, nothing else: the main thread may be inside a lock or a print.
+            self._signal = signal.Signals(signum).name
+            self.waker.wake()
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
 
     def request_shutdown(self, reason: str, stop_reason: int = m.StopReason.STOP_REASON_AGENT_SHUTDOWN) -> None:
-        if not self.shutdown.is_set():
-            self.shutdown_reason = reason
-            self.shutdown.set()
-            log(f"shutting down ({reason}): stopping {len(self.running)} job(s)")
-            with self._lock:
-                runs = list(self.running.values())
-            for run in runs:
-                run.request_stop(stop_reason, reason, self.settings.run.stop_deadline_s)
-            self._wake.set()
+        """Stop every job and leave (thread-safe)."""
+        self._events.put(("shutdown", (reason, stop_reason)))
+        self.waker.wake()
 
     # ------------------------------------------------------------------ loop
 
+    @property
+    def jobs_run(self) -> int:
+        return self.policy.jobs_run if self.policy else 0
+
+    @property
+    def black_hole(self) -> bool:
+        return bool(self.policy and self.policy.black_hole)
+
+    def _mono(self, unix: float) -> float:
+        """A Unix time as monotonic time (what the policy works in)."""
+        return unix - self._clock_offset
+
     def run(self) -> int:
-        log(f"pilot {self.settings.pilot_id} on {self.settings.node}: {self.slot.cores} cores, "
-            f"{self.slot.memory_mb} MiB, {self.slot.disk_mb} MiB disk, {self.slot.time_left():.0f} s left "
-            f"({self.slot.source})")
-        idle_since = time.monotonic()
-        backoff = self.settings.min_backoff_s
-        next_pilot_heartbeat = time.monotonic() + self.settings.pilot_heartbeat_s
-        end_reason = ""
+        s = self.settings
+        now = time.monotonic()
+        self._clock_offset = time.time() - now
+        token_end = s.token_not_after if s.token_not_after is not None else time.time() + 3600
+        self.policy = AgentPolicy(PolicySettings(
+            cores=self.slot.cores, memory_mb=self.slot.memory_mb, disk_mb=self.slot.disk_mb,
+            slot_end=self._mono(self.slot.end_of_life), idle_timeout_s=s.idle_timeout_s,
+            min_backoff_s=s.min_backoff_s, max_backoff_s=s.max_backoff_s, min_job_time_s=s.min_job_time_s,
+            black_hole_failures=s.black_hole_failures, pilot_heartbeat_s=s.pilot_heartbeat_s,
+            refusals_to_leave=s.refusals_to_leave, stop_deadline_s=s.run.stop_deadline_s,
+            one_job_at_a_time=s.one_job_at_a_time, report_until=self._mono(token_end),
+            report_first_delay_s=s.report_first_delay_s, report_max_delay_s=s.report_max_delay_s), now)
+        log(f"pilot {s.pilot_id} on {s.node}: {self.slot.cores} cores, {self.slot.memory_mb} MiB, "
+            f"{self.slot.disk_mb} MiB disk, {self.slot.time_left():.0f} s left ({self.slot.source})")
         while True:
-            if self.shutdown.is_set():
-                end_reason = end_reason or self.shutdown_reason
-                break
-            if self.slot.time_left() <= self.settings.run.stop_deadline_s:
-                self.request_shutdown("the slot's lifetime ends", m.StopReason.STOP_REASON_SLOT_END)
-                continue
-            if time.monotonic() >= next_pilot_heartbeat:
-                self._pilot_heartbeat()
-                next_pilot_heartbeat = time.monotonic() + self.settings.pilot_heartbeat_s
-            wait = backoff
-            if self._may_match():
-                offer = self._match()
-                if isinstance(offer, Offer):
-                    self._start(offer)
-                    idle_since, backoff, wait = time.monotonic(), self.settings.min_backoff_s, 0.0
-                elif offer is not None:
-                    if offer.leave:
-                        end_reason = f"the broker says leave: {offer.reason}"
-                        self.request_shutdown(end_reason)
-                        continue
-                    wait = backoff = min(self.settings.max_backoff_s, max(offer.retry_after_s, backoff * 2))
-            with self._lock:
-                busy = bool(self.running)
-            if busy:
-                idle_since = time.monotonic()
-            elif self.black_hole:
-                end_reason = f"black hole: {self.consecutive_failures} consecutive wrapper/infrastructure failures"
-                break
-            elif time.monotonic() - idle_since > self.settings.idle_timeout_s:
-                end_reason = "idle" if self.jobs_run else "idle: no job matched (empty pilot)"
-                break
-            elif self.slot.time_left() < self.settings.min_job_time_s:
-                end_reason = "too little time left for any job"
-                break
-            # Never sleep past the idle deadline or the slot's end: both are checked above.
-            wait = min(wait, max(0.0, idle_since + self.settings.idle_timeout_s - time.monotonic()) + 0.01,
-                       max(0.0, self.slot.time_left() - self.settings.run.stop_deadline_s))
-            self._wake.wait(wait)
-            self._wake.clear()
-        self._drain()
-        log(f"leaving: {end_reason}; ran {self.jobs_run} job(s)")
-        if self.refused is not None:
-            # Nothing can be reported with a refused token; the last line says why and what to fix.
-            log(f"{self.refused} (exit code {self.refused.exit_code})")
-            return self.refused.exit_code
+            self._take_events()
+            for action in self.policy.actions(time.monotonic()):
+                if isinstance(action, policy.Leave):
+                    return self._leave(action)
+                try:
+                    self._execute(action)
+                except Exception as exc:  # noqa: BLE001 - a bug in one action must not end the pilot
+                    log(f"error while doing {action!r}: {type(exc).__name__}: {exc}")
+            wake = self.policy.wake_at(time.monotonic())
+            if self._signal is None and self._events.empty():
+                self.waker.wait(None if math.isinf(wake) else wake - time.monotonic())
+
+    def _take_events(self) -> None:
+        name, self._signal = self._signal, None
+        if name is not None:
+            log(f"received {name}: stopping {len(self.running)} job(s)")
+            self.policy.signal(time.monotonic(), name)
+        while True:
+            try:
+                kind, payload = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "ended":
+                self._job_ended(*payload)
+            elif kind == "shutdown":
+                reason, stop_reason = payload
+                self.policy.shutdown(time.monotonic(), reason, stop_reason)
+
+    def _execute(self, action) -> None:
+        if isinstance(action, policy.Match):
+            self._match(action)
+        elif isinstance(action, policy.StopJob):
+            run = self.running.get(action.key)
+            if run is not None:
+                run.request_stop(action.reason, action.detail, action.deadline_s)
+        elif isinstance(action, policy.PilotHeartbeat):
+            self._pilot_heartbeat(action)
+        elif isinstance(action, policy.RefreshToken):
+            self._refresh(action.key)
+        elif isinstance(action, policy.Log):
+            log(action.text)
+        elif isinstance(action, (policy.ReportAttempt, policy.ReportJobUnusable, policy.ReportPilotEnd)):
+            self._report(action)
+        else:
+            log(f"unknown action {action!r}: ignored")
+
+    # ---------------------------------------------------------------- actions
+
+    def _match(self, action: policy.Match) -> None:
+        s = self.settings
+        request = SlotRequest(action.cores, action.memory_mb, action.disk_mb, action.time_left_s, s.platforms,
+                              self.containers, s.isolation)
         try:
-            self.broker.report_pilot_end(self.settings.pilot_id, self.settings.node, self.jobs_run, end_reason)
-        except Exception as exc:  # noqa: BLE001 - leaving anyway
-            log(f"could not report the pilot's end: {exc}")
-        if self.software_changed is not None:
-            log(f"{self.software_changed} (exit code {exitcodes.SOFTWARE_CHANGED})")
-            return exitcodes.SOFTWARE_CHANGED
-        return exitcodes.BLACK_HOLE if self.black_hole else exitcodes.LEFT
-
-    def _may_match(self) -> bool:
-        if self.shutdown.is_set() or self.black_hole:
-            return False
-        if self.settings.one_job_at_a_time:
-            with self._lock:
-                if self.running:
-                    return False
-        free = self._free()
-        return free.cores >= 1 and free.time_left_s >= self.settings.min_job_time_s
-
-    def _free(self) -> SlotRequest:
-        with self._lock:
-            runs = list(self.running.values())
-        cores = self.slot.cores - sum(max(1, r.limits.cores) for r in runs)
-        memory = self.slot.memory_mb - sum(r.limits.memory_mb for r in runs)
-        disk = self.slot.disk_mb - sum(r.limits.disk_mb for r in runs)
-        time_left = int(self.slot.time_left() - self.settings.run.stop_deadline_s)
-        return SlotRequest(max(0, cores), max(0, memory), max(0, disk), max(0, time_left),
-                           self.settings.platforms, self.containers, self.settings.isolation)
-
-    def _match(self) -> Offer | NoOffer | None:
-        try:
-            answer = self.broker.match(self._free(), self.settings.pilot_id, self.settings.node)
+            answer = self.broker.match(request, s.pilot_id, s.node)
         except AgentTokenRefused as exc:
-            self._refused(exc, "match")
-            return NoOffer(f"token refused: {exc.cause}", self.settings.min_backoff_s * 2)
-        except Exception as exc:  # noqa: BLE001 - the broker may be down for a while: back off
-            self.refusals = 0
-            log(f"match failed: {exc}")
-            return NoOffer(f"broker unreachable: {exc}", self.settings.min_backoff_s * 4)
-        self.refusals = 0
-        return answer
-
-    def _refused(self, exc: AgentTokenRefused, call: str) -> None:
-        """A broker call refused the token: count it; after refusals_to_leave in a row, give up and leave."""
-        self.refusals += 1
-        limit = max(1, self.settings.refusals_to_leave)
-        if self.refusals < limit:
-            log(f"{call}: the broker refused this agent token ({exc.cause}); {self.refusals} of {limit} "
-                "refusals in a row before leaving")
+            self._note_refusal(exc)
+            self.policy.match_failed(time.monotonic(), CallFailure.REFUSED, exc.cause, exc.exit_code)
             return
-        if self.refused is None:
-            self.refused = exc
-            log(f"{call}: {exc}")
-            self.request_shutdown(f"the broker refused this agent token {self.refusals} times in a row")
+        except Exception as exc:  # noqa: BLE001 - the broker may be down for a while: back off
+            self.policy.match_failed(time.monotonic(), CallFailure.TRANSIENT, f"broker unreachable: {exc}")
+            return
+        if isinstance(answer, Offer):
+            self._start(answer)
+        else:
+            self.policy.no_match(time.monotonic(), answer.reason, answer.retry_after_s, answer.leave)
 
     def _start(self, offer: Offer) -> None:
+        key = (offer.job_id, offer.attempt)
         if self.software is not None:
             try:
                 self.software.check()
             except SoftwareAreaChanged as exc:
-                self._refuse_to_start(offer, exc)
+                self.software_changed = exc
+                detail = f"not started: the software area changed on this node ({exc.path} {exc.what})"
+                log(f"job {offer.job_id}.{offer.attempt} {detail}")
+                self.policy.start_refused(time.monotonic(), key, detail,
+                                          f"software area changed: {exc.path} {exc.what}", exitcodes.SOFTWARE_CHANGED)
                 return
-        run = self.make_run(offer, self._on_done)
-        with self._lock:
-            self.running[(offer.job_id, offer.attempt)] = run
-        self.jobs_run += 1
+        limits = job_limits(offer.spec)
+        token_deadline = self._mono(offer.token_not_after) if offer.token_not_after else math.inf
+        try:
+            run = self.make_run(offer, self._on_done)
+        except Exception as exc:  # noqa: BLE001 - the job goes back; the pilot goes on
+            ending = Ending.INFRASTRUCTURE if isinstance(exc, OSError) else Ending.AGENT_ERROR
+            log(f"job {offer.job_id}.{offer.attempt} could not be prepared: {type(exc).__name__}: {exc}")
+            remove_job_folder(os.path.join(self.settings.work_dir, f"job-{offer.job_id}-{offer.attempt}"))
+            now = time.monotonic()
+            self.policy.matched(now, key, limits.cores, limits.memory_mb, limits.disk_mb, token_deadline)
+            self.policy.job_ended(now, key, ending, f"the job could not be prepared on this node: "
+                                                    f"{type(exc).__name__}: {exc}")
+            return
+        self.running[key] = run
+        self.policy.matched(time.monotonic(), key, run.limits.cores, run.limits.memory_mb, run.limits.disk_mb,
+                            token_deadline)
         alone = " (one job at a time)" if self.settings.one_job_at_a_time else ""
-        log(f"job {offer.job_id}.{offer.attempt} matched ({offer.spec.name or offer.spec.executable}): "
+        log(f"job {offer.job_id}.{offer.attempt} matched ({offer.spec.name or offer.spec.executable[:80]}): "
             f"{run.limits.cores} core(s), {run.limits.memory_mb} MiB; isolation: "
             f"{self.settings.isolation or 'unknown'}{alone}")
         run.start()
 
-    def _refuse_to_start(self, offer: Offer, exc: SoftwareAreaChanged) -> None:
-        """The software area changed: no wrapper from it, the job back to the broker, no more work."""
-        self.software_changed = exc
-        detail = f"not started: the software area changed on this node ({exc.path} {exc.what})"
-        log(f"job {offer.job_id}.{offer.attempt} {detail}")
-        try:
-            self.broker.report_attempt_failure(offer.job_id, offer.attempt, ATTEMPT_FAILURE[Ending.INFRASTRUCTURE],
-                                               detail, self.settings.pilot_id)
-        except Exception as error:  # noqa: BLE001 - the broker's reaper re-queues it later anyway
-            log(f"could not report job {offer.job_id}.{offer.attempt}: {error}")
-        self.request_shutdown(f"software area changed: {exc.path} {exc.what}",
-                              m.StopReason.STOP_REASON_AGENT_SHUTDOWN)
-
     def _on_done(self, run: JobRun, outcome: Outcome) -> None:
-        if self.settings.one_job_at_a_time:
-            # Before this job leaves `running` (the next may start then): nothing of it may stay.
-            killed = self.kill_leftovers() if self.kill_leftovers is not None else 0
-            shutil.rmtree(os.path.dirname(run.sandbox_host), ignore_errors=True)
-            if killed:
-                log(f"job {outcome.job_id}.{outcome.attempt} left {killed} process(es) behind: killed")
-        with self._lock:
-            self.running.pop((outcome.job_id, outcome.attempt), None)
-            self.outcomes.append(outcome)
-        state = m.JobState.Name(outcome.result.final_state) if outcome.result else "no result"
-        log(f"job {outcome.job_id}.{outcome.attempt} ended: {outcome.ending.value} ({state}): {outcome.detail}")
-        if outcome.ending in ATTEMPT_FAILURE and self.refused is not None:
-            log(f"job {outcome.job_id}.{outcome.attempt} not reported (the broker refuses this agent's token): "
-                "the broker re-queues it when its heartbeats stop")
-        elif outcome.ending in ATTEMPT_FAILURE:
+        """Called in the job's thread: hand the end over to the main thread."""
+        self._events.put(("ended", (run, outcome)))
+        self.waker.wake()
+
+    def _job_ended(self, run: JobRun, outcome: Outcome) -> None:
+        key = (outcome.job_id, outcome.attempt)
+        if self.settings.one_job_at_a_time and self.kill_leftovers is not None:
+            # Before the sandbox goes, before the attempt is reported (the broker may give the job to another
+            # pilot then) and before the next job may start: nothing of this one may still run.
             try:
-                self.broker.report_attempt_failure(outcome.job_id, outcome.attempt, ATTEMPT_FAILURE[outcome.ending],
-                                                   outcome.detail, self.settings.pilot_id)
-            except Exception as exc:  # noqa: BLE001 - the broker's reaper re-queues it later anyway
-                log(f"could not report job {outcome.job_id}.{outcome.attempt}: {exc}")
-        if outcome.counts_as_node_failure:
-            self.consecutive_failures += 1
-            if self.consecutive_failures >= self.settings.black_hole_failures and not self.black_hole:
-                self.black_hole = True
-                log(f"black-hole guard: {self.consecutive_failures} consecutive failures of this node; "
-                    "taking no more work")
-        elif outcome.ending is Ending.REPORTED:
-            self.consecutive_failures = 0
-        self._wake.set()
+                killed = self.kill_leftovers()
+            except Exception as exc:  # noqa: BLE001 - said; the sandbox is still removed
+                killed = 0
+                log(f"job {key[0]}.{key[1]}: killing what it left failed: {exc}")
+            if killed:
+                log(f"job {key[0]}.{key[1]} left {killed} process(es) behind: killed")
+        remove_job_folder(os.path.dirname(run.sandbox_host))
+        self.running.pop(key, None)
+        self.outcomes.append(outcome)
+        state = name_of(m.JobState, outcome.result.final_state, sender="the wrapper") if outcome.result \
+            else "no result"
+        log(f"job {key[0]}.{key[1]} ended: {outcome.ending.value} ({state}): {outcome.detail}")
+        if outcome.ending is Ending.JOB_UNUSABLE:
+            self._unusable[key] = (run.token_pem, run.key_pem)
+        self.policy.job_ended(time.monotonic(), key, outcome.ending, outcome.detail)
 
-    def _pilot_heartbeat(self) -> None:
-        with self._lock:
-            running = list(self.running)
+    def _pilot_heartbeat(self, action: policy.PilotHeartbeat) -> None:
+        s = self.settings
         try:
-            stop, leave = self.broker.pilot_heartbeat(self.settings.pilot_id, self.settings.node, running,
-                                                      self.slot.cores - self._free().cores)
-        except AgentTokenRefused as exc:
-            self._refused(exc, "pilot heartbeat")
+            stop, leave = self.broker.pilot_heartbeat(s.pilot_id, s.node, list(action.running), action.cores_in_use)
+        except Exception as exc:  # noqa: BLE001 - sorted for the policy
+            failure = call_failure(exc)
+            if failure is CallFailure.REFUSED:
+                self._note_refusal(exc)
+            self.policy.heartbeat_failed(time.monotonic(), failure, getattr(exc, "cause", str(exc)),
+                                         getattr(exc, "exit_code", exitcodes.TOKEN_REFUSED))
             return
-        except Exception as exc:  # noqa: BLE001 - next time
-            log(f"pilot heartbeat failed: {exc}")
-            return
-        self.refusals = 0
-        for key in stop:
-            with self._lock:
-                run = self.running.get(tuple(key))
-            if run is not None:
-                run.request_stop(m.StopReason.STOP_REASON_KILLED, "killed at the broker", 10)
-        if leave:
-            self.request_shutdown("the site is drained or disabled")
+        self.policy.heartbeat_answered(time.monotonic(), [tuple(k) for k in stop], leave)
 
-    def _drain(self) -> None:
-        """Wait for every job to end (their Stop deadlines bound this)."""
-        while True:
-            with self._lock:
-                runs = list(self.running.values())
-            if not runs:
-                return
-            for run in runs:
-                run.join(timeout=1.0)
+    def _refresh(self, key: tuple[int, int]) -> None:
+        run = self.running.get(key)
+        if run is None:
+            return
+        try:
+            fresh = self.broker.refresh_job_token(run.token_pem, run.key_pem)
+        except Exception as exc:  # noqa: BLE001 - sorted for the policy
+            failure = call_failure(exc)
+            self.policy.token_refresh_failed(time.monotonic(), key, failure, str(exc))
+            return
+        run.deliver_token(fresh.token_pem, fresh.private_key_pem, fresh.not_after)
+        expires = datetime.datetime.fromtimestamp(fresh.not_after, datetime.UTC)
+        log(f"job {key[0]}.{key[1]}: token refreshed, valid until {expires:%H:%M:%S}Z")
+        self.policy.token_refreshed(time.monotonic(), key, self._mono(fresh.not_after))
+
+    def _report(self, action) -> None:
+        s = self.settings
+        try:
+            if isinstance(action, policy.ReportAttempt):
+                self.broker.report_attempt_failure(action.key[0], action.key[1], action.failure, action.detail,
+                                                   s.pilot_id)
+            elif isinstance(action, policy.ReportJobUnusable):
+                token_pem, key_pem = self._unusable[action.key]
+                self.broker.report_job_unusable(token_pem, key_pem, action.detail)
+            else:
+                self.broker.report_pilot_end(s.pilot_id, s.node, action.jobs_run, action.reason)
+        except Exception as exc:  # noqa: BLE001 - sorted for the policy
+            failure = call_failure(exc)
+            if failure is CallFailure.REFUSED:
+                self._note_refusal(exc)
+            self.policy.report_failed(time.monotonic(), action.report_id, failure,
+                                      getattr(exc, "cause", None) or str(exc),
+                                      getattr(exc, "exit_code", exitcodes.TOKEN_REFUSED))
+            return
+        if isinstance(action, policy.ReportJobUnusable):
+            self._unusable.pop(action.key, None)
+        self.policy.report_done(time.monotonic(), action.report_id)
+
+    def _note_refusal(self, exc: AgentTokenRefused) -> None:
+        self.refused = exc
+
+    def _leave(self, action: policy.Leave) -> int:
+        log(f"leaving: {action.reason}; ran {self.jobs_run} job(s)")
+        self.waker.close()
+        if self.policy.refused_exit is not None and self.refused is not None:
+            # Nothing was reported with a refused token; the last line says why and what to fix.
+            log(f"{self.refused} (exit code {action.exit_code})")
+        elif self.software_changed is not None:
+            log(f"{self.software_changed} (exit code {action.exit_code})")
+        return action.exit_code
 
 
 def job_limits(spec: m.JobSpec) -> m.Limits:
     req = spec.requirements
     return m.Limits(cores=max(1, req.cores), memory_mb=req.memory_mb, disk_mb=req.disk_mb,
                     walltime_s=req.walltime_s)
+
+
+#: What a job's folder in the work dir is called: job-<job id>-<attempt>.
+JOB_FOLDER_PREFIX = "job-"
+
+
+def job_folder_name(name: str) -> bool:
+    """Whether NAME is a job folder's name (job-<digits>-<digits>), the only folders the agent removes."""
+    if not name.startswith(JOB_FOLDER_PREFIX):
+        return False
+    parts = name[len(JOB_FOLDER_PREFIX):].split("-")
+    return len(parts) == 2 and all(part.isdigit() and part.isascii() for part in parts)
+
+
+def _make_writable_and_retry(function, path, _excinfo) -> None:
+    """rmtree's error handler: a folder the payload made read-only is made writable (by its owner) again."""
+    parent = os.path.dirname(path)
+    if not os.path.islink(parent):
+        os.chmod(parent, 0o700)
+    function(path)
+
+
+def remove_job_folder(path: str) -> None:
+    """Remove a job's folder without following symbolic links (shutil.rmtree works from descriptors and
+    refuses a link at the top), whatever the payload left in it (read-only folders included)."""
+    try:
+        if os.path.islink(path):
+            os.unlink(path)   # the link only: never what it points at
+            return
+        shutil.rmtree(path, onerror=_make_writable_and_retry)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log(f"could not remove {path} entirely: {exc}")
+
+
+def remove_stale_job_folders(work_dir: str) -> list[str]:
+    """Remove the job folders an earlier agent left in WORK_DIR (it was killed before cleaning up).
+
+    Called with the work dir's lock held (no live agent uses it): only
+    entries named like job folders, never through a link."""
+    removed = []
+    with os.scandir(work_dir) as entries:
+        for entry in entries:
+            if job_folder_name(entry.name) and (entry.is_dir(follow_symlinks=False) or entry.is_symlink()):
+                remove_job_folder(entry.path)
+                removed.append(entry.name)
+    return sorted(removed)
 
 
 def sandbox_for(work_dir: str, offer: Offer) -> str:

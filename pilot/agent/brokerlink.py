@@ -14,7 +14,7 @@ from typing import Protocol
 from pilot.agent.refusal import AgentTokenRefused, probe_tls, refusal_of
 from pilot.pipe import messages as m
 
-__all__ = ["AgentBroker", "AgentTokenRefused", "GrpcAgentBroker", "NoOffer", "Offer", "SlotRequest"]
+__all__ = ["AgentBroker", "AgentTokenRefused", "GrpcAgentBroker", "NoOffer", "Offer", "RefreshedToken", "SlotRequest"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,16 @@ class Offer:
     token_pem: bytes          # job certificate chain
     private_key_pem: bytes    # made on this node; goes to the wrapper over the pipe only
     token_not_after: int
+    broker_heartbeat_s: int = 0   # how often the wrapper heartbeats the broker (0: the wrapper's default)
+
+
+@dataclass(frozen=True)
+class RefreshedToken:
+    """A job token for the same job and attempt, with the key made here for it."""
+
+    token_pem: bytes
+    private_key_pem: bytes
+    not_after: int
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,13 @@ class AgentBroker(Protocol):
     def report_attempt_failure(self, job_id: int, attempt: int, failure: int, detail: str,
                                pilot_id: str) -> None:
         """FAILURE: a splitpilot.broker.v1.AttemptFailure value."""
+
+    def refresh_job_token(self, token_pem: bytes, private_key_pem: bytes) -> RefreshedToken:
+        """A fresh token for the job of TOKEN_PEM (JobService.RefreshToken with that token; a new key made here)."""
+
+    def report_job_unusable(self, token_pem: bytes, private_key_pem: bytes, detail: str) -> None:
+        """End the attempt of TOKEN_PEM as the job's own input failure (STARTED, then FAILED_INPUT with DETAIL),
+        with the job's token: the job cannot be handed to a wrapper as described."""
 
     def close(self) -> None: ...
 
@@ -108,7 +125,7 @@ class GrpcAgentBroker:
         if not answer.matched:
             return NoOffer(answer.reason, float(answer.retry_after_s or 1), answer.leave)
         return Offer(answer.job_id, answer.attempt, answer.spec, answer.token_pem, answer.key_pem,
-                     int(answer.not_after.timestamp()))
+                     int(answer.not_after.timestamp()), answer.broker_heartbeat_s)
 
     def pilot_heartbeat(self, pilot_id, node, running, cores_in_use):
         answer = self._guard(self._client.pilot_heartbeat, pilot_id, node, running, cores_in_use)
@@ -122,6 +139,23 @@ class GrpcAgentBroker:
 
     def report_attempt_failure(self, job_id, attempt, failure, detail, pilot_id):
         self._guard(self._client.report_attempt_failure, job_id, attempt, failure, detail, pilot_id)
+
+    def _job_client(self, token_pem: bytes, private_key_pem: bytes):
+        from broker.client import JobClient
+
+        return JobClient(self.address, token_pem, private_key_pem, self.ca_pem, retries=0)
+
+    def refresh_job_token(self, token_pem, private_key_pem):
+        with self._job_client(token_pem, private_key_pem) as client:
+            not_after = client.refresh_token()
+            return RefreshedToken(client.token_pem, client.key_pem, int(not_after.timestamp()))
+
+    def report_job_unusable(self, token_pem, private_key_pem, detail):
+        from broker.lifecycle import JobState
+
+        with self._job_client(token_pem, private_key_pem) as client:
+            client.update_state(JobState.STARTED, "the agent could not hand the job to a wrapper")
+            client.update_state(JobState.FAILED_INPUT, detail)
 
     def close(self):
         self._client.close()

@@ -163,7 +163,7 @@ def run_agent(args: argparse.Namespace) -> int:
 def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str, work_dir: str,
            non_dumpable: bool) -> int:
     """The agent proper (the guardian's child): software area, runtime, slot, then the loop."""
-    from pilot.agent.agent import Agent, AgentSettings, job_limits, log, sandbox_for
+    from pilot.agent.agent import Agent, AgentSettings, job_limits, log, remove_stale_job_folders, sandbox_for
     from pilot.agent.brokerlink import GrpcAgentBroker
     from pilot.agent.jobrun import JobRun, RunSettings
     from pilot.agent.limits import prepare_delegation
@@ -176,6 +176,13 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
     log(f"agent token for site {identity.site} (queue {identity.queue}), valid until "
         f"{identity.not_after:%Y-%m-%d %H:%M:%S}Z; memory protected: {'yes' if non_dumpable else 'NO'}; "
         f"pilot {pilot_id}, guardian pid {os.getppid()}")
+    # Held until this process ends (however: the kernel releases it on SIGKILL too). The guardian does not
+    # hold it, so that a killed agent's work dir can be taken over at once.
+    lock_work_dir(work_dir)
+    stale = remove_stale_job_folders(work_dir)
+    if stale:
+        log(f"removed {len(stale)} job folder(s) an earlier agent left in {work_dir}: {', '.join(stale[:10])}"
+            f"{' ...' if len(stale) > 10 else ''}")
     software = _software(args, work_dir)
     try:
         guard = SoftwareGuard.verify(software)
@@ -213,7 +220,7 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
                              idle_timeout_s=parse_duration(args.idle_timeout).total_seconds(),
                              black_hole_failures=args.black_hole, platforms=tuple(args.platform),
                              run=RunSettings(stop_deadline_s=args.stop_deadline), isolation=isolation.name,
-                             one_job_at_a_time=exclusive)
+                             one_job_at_a_time=exclusive, token_not_after=identity.not_after.timestamp())
     cgroup_parent = prepare_delegation()
     log(f"runtime: {launcher.describe()}; isolation: {isolation.name}"
         f"{' (nothing separates jobs: one job at a time)' if exclusive else ''}; "
@@ -242,6 +249,27 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
         return agent.run()
     finally:
         broker.close()
+
+
+#: The lock file that keeps two agents out of one work dir.
+WORK_DIR_LOCK = ".splitpilot-agent.lock"
+
+
+def lock_work_dir(work_dir: str) -> int:
+    """Take WORK_DIR for this process (an exclusive flock held until it ends); UsageError when another live
+    agent has it. Returns the lock's descriptor (close-on-exec: no wrapper or payload inherits it)."""
+    import fcntl
+
+    fd = os.open(os.path.join(work_dir, WORK_DIR_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"the work dir {work_dir} is in use by another agent; fix: give each agent its own "
+                         "--work-dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _software(args, work_dir: str) -> str:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 from pilot.pipe.errors import PeerClosed, ProtocolError, UnexpectedMessage
 from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES
@@ -52,6 +53,16 @@ class PipeTimeout(ProtocolError):
         super().__init__(f"{what} (is it hung?)")
         self.seconds = seconds
         self.sending = sending
+
+
+class _Woken:
+    def __repr__(self) -> str:
+        return "WOKEN"
+
+
+#: receive(wake_fd=...): the wake descriptor became readable before a message arrived (the
+#: caller has something else to do, e.g. send a Stop; it drains the descriptor itself).
+WOKEN: Final = _Woken()
 
 
 class PipeChannel:
@@ -154,22 +165,30 @@ class PipeChannel:
 
     # ---------------------------------------------------------- receiving
 
-    def receive(self, timeout: float | None = None):
+    def receive(self, timeout: float | None = None, *, wake_fd: int | None = None):
         """Return the peer's next message, or ConnectionClosed at a clean end.
 
         Raises PipeTimeout when TIMEOUT seconds pass without a full message,
-        and the protocol's errors for anything the peer gets wrong.
+        and the protocol's errors for anything the peer gets wrong. With
+        WAKE_FD, returns WOKEN as soon as that descriptor is readable (it is
+        not read here: its owner drains it).
         """
         conn = self.conn
         event = conn.next_event()
         if event is not NEED_DATA:
             return event
         deadline = None if timeout is None else time.monotonic() + timeout
+        watched = [self.read_fd] if wake_fd is None else [self.read_fd, wake_fd]
         while True:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.read_fd], [], [], left)[0]:
+            if deadline is not None or wake_fd is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
                     raise PipeTimeout(timeout)
+                ready = select.select(watched, [], [], left)[0]
+                if not ready:
+                    raise PipeTimeout(timeout)
+                if self.read_fd not in ready:
+                    return WOKEN
             view = conn.get_buffer()
             if view is not None:  # a large frame: read straight into its buffer
                 count = os.readv(self.read_fd, (view,))

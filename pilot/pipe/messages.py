@@ -7,14 +7,16 @@ the generated package's layout is known in one place.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from pilot.pipe.framing import encode_varint
 from splitpilot.job.v1 import job_pb2
 from splitpilot.pipe.v1 import pipe_pb2
 
 #: (major, minor) of the pipe protocol this code speaks. The major equals the
-#: `.v1` in the proto package; a new minor only adds optional fields.
-PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+#: `.v1` in the proto package; a new minor adds fields, enum values and message
+#: kinds (MINORS says which), never changes what exists.
+PROTOCOL_VERSION: tuple[int, int] = (1, 1)
 
 # Re-exported message and enum types, so callers write `messages.Heartbeat`.
 AgentMessage = pipe_pb2.AgentMessage
@@ -42,6 +44,42 @@ JobSpec = job_pb2.JobSpec
 JobState = job_pb2.JobState
 InputFile = job_pb2.InputFile
 Requirements = job_pb2.Requirements
+
+
+
+
+@dataclass(frozen=True)
+class MinorAdditions:
+    """What one minor version of the protocol added.
+
+    kinds: envelope field names (message kinds), either direction.
+    enum_values: (enum full name, number) pairs.
+    fields: "Message.field" names, for the record only: fields need no
+    negotiation (an older reader skips them).
+    """
+
+    kinds: frozenset[str] = frozenset()
+    enum_values: frozenset[tuple[str, int]] = frozenset()
+    fields: tuple[str, ...] = ()
+
+
+#: Minor -> what it added. A side never sends a kind or an enum value of a
+#: minor above the negotiated one (the smaller of both greetings' minors).
+MINORS: dict[int, MinorAdditions] = {
+    0: MinorAdditions(),  # the protocol as first published
+    1: MinorAdditions(
+        enum_values=frozenset({("splitpilot.pipe.v1.FailureClass", pipe_pb2.FAILURE_CLASS_LIMIT),
+                               ("splitpilot.pipe.v1.FailureClass", pipe_pb2.FAILURE_CLASS_FENCED),
+                               ("splitpilot.job.v1.JobState", job_pb2.JOB_STATE_FAILED_LIMIT)}),
+        fields=("JobStart.broker_heartbeat_s",)),
+}
+assert max(MINORS) == PROTOCOL_VERSION[1], "describe every minor in MINORS"
+
+#: Message kind -> the minor that added it (kinds absent here: minor 0).
+KIND_MINOR: dict[str, int] = {kind: minor for minor, added in MINORS.items() for kind in added.kinds}
+#: (enum full name, number) -> the minor that added it (values absent here: minor 0).
+ENUM_VALUE_MINOR: dict[tuple[str, int], int] = {
+    value: minor for minor, added in MINORS.items() for value in added.enum_values}
 
 
 def _kinds(envelope: type) -> dict[type, str]:

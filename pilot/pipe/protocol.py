@@ -10,6 +10,13 @@ blocking pipes; an agent's selector loop later) stay thin around it.
 All the rules of the conversation are in the single table `TRANSITIONS`:
 for each (sender, sender's state, message kind), the sender's next state.
 Anything not in the table is illegal, whichever side tries it.
+
+Versions: each side announces (major, minor) in its greeting (Hello or
+Ready). Majors must match. The minor in use is the smaller of the two
+(`negotiated_minor`; 0 until the peer's greeting has arrived): `send`
+refuses a message kind or an enum value of a later minor
+(pilot.pipe.messages.MINORS), and a peer that sends a kind of a later minor
+than the negotiated one breaks the protocol.
 """
 
 from __future__ import annotations
@@ -30,7 +37,13 @@ from pilot.pipe.errors import (
     UnsupportedVersion,
 )
 from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES, FrameDecoder, encode_varint
-from pilot.pipe.messages import ENVELOPE_KEYS
+from pilot.pipe.messages import ENUM_VALUE_MINOR, ENVELOPE_KEYS, KIND_MINOR
+
+#: Message kinds whose top-level enum fields are checked against the negotiated minor on sending.
+_ENUM_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "result": ("final_state", "failure_class"), "state_change": ("state",), "stop": ("reason",),
+    "error": ("code",),
+}
 
 
 class Role(enum.Enum):
@@ -128,6 +141,7 @@ class Connection:
         self.our_state = State.START
         self.their_state = State.START
         self.peer_version: tuple[int, int] | None = None
+        self.own_minor = messages.PROTOCOL_VERSION[1]
         self._decoder = FrameDecoder(max_frame_bytes)
         if role is Role.AGENT:
             self._out_kinds, self._in_envelope = messages.AGENT_KINDS, messages.WrapperMessage
@@ -139,6 +153,18 @@ class Connection:
         # answer them in order.
         self._pending_pings: collections.deque[int] = collections.deque()
         self._error: ProtocolError | None = None
+
+    @property
+    def negotiated_minor(self) -> int:
+        """The minor both sides speak: the smaller announced one, 0 before the peer's greeting."""
+        if self.peer_version is None:
+            return 0
+        return min(self.own_minor, self.peer_version[1])
+
+    def peer_knows(self, kind: str, enum_values: tuple[tuple[str, int], ...] = ()) -> bool:
+        """Whether message KIND and ENUM_VALUES ((enum full name, number) pairs) exist in the negotiated minor."""
+        minor = self.negotiated_minor
+        return KIND_MINOR.get(kind, 0) <= minor and all(ENUM_VALUE_MINOR.get(v, 0) <= minor for v in enum_values)
 
     # ----------------------------------------------------------- sending
 
@@ -155,6 +181,10 @@ class Connection:
             raise UnexpectedMessage(type(message).__name__, self.role.value, self.our_state.value,
                                     local=True, why=f"is not a message the {self.role.value} sends")
         new_state = self._transition(self.role, self.our_state, kind, local=True, message=message)
+        self._check_minor(kind, message)
+        if kind == "hello" or kind == "ready":
+            # The minor we announce is the one we hold ourselves to (never above what this code knows).
+            self.own_minor = min(message.protocol_minor, messages.PROTOCOL_VERSION[1])
         body = message.SerializeToString()
         key = ENVELOPE_KEYS[kind]
         size = len(body)
@@ -259,6 +289,10 @@ class Connection:
             new_state = self._transition(peer, self.their_state, kind, local=False, message=message)
             if kind == "hello" or kind == "ready":
                 self._check_version(message)
+            elif KIND_MINOR.get(kind, 0) > self.negotiated_minor:
+                raise UnexpectedMessage(kind, peer.value, self.their_state.value, local=False,
+                                        why=f"was added in minor {KIND_MINOR[kind]}, but the negotiated "
+                                            f"protocol is 1.{self.negotiated_minor}")
             self._after(peer, kind, message)
             self.their_state = new_state
             return message
@@ -287,6 +321,23 @@ class Connection:
                                             why=f"carries nonce {message.nonce}, but the oldest "
                                                 f"unanswered Ping is {pending[0]}")
         return new_state
+
+    def _check_minor(self, kind: str, message) -> None:
+        """Refuse (locally) a kind or an enum value the peer's minor lacks: the caller must send another."""
+        minor = self.negotiated_minor
+        added = KIND_MINOR.get(kind, 0)
+        if added > minor:
+            raise UnexpectedMessage(kind, self.role.value, self.our_state.value, local=True,
+                                    why=f"was added in minor {added}; the negotiated protocol is 1.{minor}")
+        for name in _ENUM_FIELDS.get(kind, ()):
+            field = message.DESCRIPTOR.fields_by_name[name]
+            value = getattr(message, name)
+            added = ENUM_VALUE_MINOR.get((field.enum_type.full_name, value), 0)
+            if added > minor:
+                raise UnexpectedMessage(kind, self.role.value, self.our_state.value, local=True,
+                                        why=f"carries {name} {field.enum_type.values_by_number[value].name}, "
+                                            f"added in minor {added}; the negotiated protocol is 1.{minor} "
+                                            "(send the older value it stands for)")
 
     def _after(self, sender: Role, kind: str, message) -> None:
         if kind == "job_start":

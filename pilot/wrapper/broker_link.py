@@ -1,24 +1,101 @@
 """The wrapper's link to the broker, with the job token and only it.
 
 `JobBroker` is what the wrapper needs from the broker; `broker.client.JobClient`
-implements it over gRPC with the token held in memory. State reports go
-through a `Reporter`: one background thread sends them in order, so the
-payload starts without waiting for broker round trips, and the final report
-is awaited before the wrapper sends its Result.
+implements it over gRPC with the token held in memory. Around it:
+
+- `classify` sorts a failed call: *transient* (the broker is restarting or
+  unreachable: UNAVAILABLE, DEADLINE_EXCEEDED, ...: retry), *fenced* (the
+  broker will not let this attempt act any more: FAILED_PRECONDITION, e.g.
+  another attempt holds the job: stop the payload, save nothing) or
+  *final* (anything else: the call's own failure).
+- `retry` repeats a call while it fails transiently, with exponential
+  backoff, until a deadline (the job token's end: it is refreshed by the
+  agent while the job runs, which moves the deadline). A broker outage
+  never becomes a final state by itself.
+- `Reporter` sends state reports in order from one thread, retrying each;
+  the final report is awaited before the wrapper sends its Result.
+- `BrokerHeartbeat` heartbeats the broker from its own thread for the whole
+  job, at the interval the broker asked for (JobStart.broker_heartbeat_s),
+  and records a kill or a fencing for the main loop.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 from pilot.pipe import messages as m
 
+#: gRPC codes of a broker that is restarting, overloaded or unreachable: retried until the deadline.
+TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED"})
+#: Codes that may be transient (a broker bug, a stream cut by a restart) but may also persist: retried a few times.
+DOUBTFUL_CODES = frozenset({"INTERNAL", "UNKNOWN"})
+DOUBTFUL_TRIES = 5
+#: The broker will not let this attempt act any more (another attempt holds the job, or it ended there).
+FENCED_CODES = frozenset({"FAILED_PRECONDITION"})
+
+TRANSIENT, DOUBTFUL, FENCED, FINAL = "transient", "doubtful", "fenced", "final"
+
+
+def classify(error: BaseException) -> str:
+    """TRANSIENT, DOUBTFUL, FENCED or FINAL for an exception raised by a JobBroker call.
+
+    Works on anything shaped like broker.client.BrokerError (a `code` with a
+    `name`): tests' fakes raise such errors without importing grpc."""
+    code = getattr(getattr(error, "code", None), "name", None)
+    if code in TRANSIENT_CODES:
+        return TRANSIENT
+    if code in DOUBTFUL_CODES:
+        return DOUBTFUL
+    if code in FENCED_CODES:
+        return FENCED
+    return FINAL
+
+
+class Fenced(Exception):
+    """The broker refused a call of this attempt for good (see classify): the wrapper must stop."""
+
+    def __init__(self, what: str, error: BaseException) -> None:
+        super().__init__(f"the broker refused {what}: {getattr(error, 'details', None) or error}")
+        self.error = error
+
+
+def retry(call: Callable[[], object], what: str, *, deadline: Callable[[], float],
+          pause: Callable[[float], None], log: Callable[[str], None], first_delay: float = 0.5,
+          max_delay: float = 15.0):
+    """CALL's result, retried while it fails transiently and time.time() is before DEADLINE().
+
+    PAUSE(seconds) waits between tries (the caller's way: serving the agent,
+    or an interruptible sleep; it may raise to abandon). A fenced failure
+    raises Fenced; any other failure, or a transient one past the deadline,
+    is raised as is."""
+    delay = first_delay
+    doubtful = 0
+    while True:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - sorted below
+            kind = classify(exc)
+            if kind == FENCED:
+                raise Fenced(what, exc) from None
+            if kind == DOUBTFUL:
+                doubtful += 1
+            if kind == FINAL or (kind == DOUBTFUL and doubtful >= DOUBTFUL_TRIES):
+                raise
+            if time.time() + delay > deadline():
+                raise
+            log(f"{what} failed ({getattr(getattr(exc, 'code', None), 'name', type(exc).__name__)}); "
+                f"retrying in {delay:.1f} s")
+            pause(delay)
+            delay = min(max_delay, delay * 2)
+
 
 class JobBroker(Protocol):
-    def update_state(self, state: int, detail: str = "", exit_code: int | None = None) -> None: ...
+    def update_state(self, state: int, detail: str = "", exit_code: int | None = None) -> None:
+        """Report STATE. A transient failure may be retried with the same arguments (same sequence number)."""
 
     def heartbeat(self, cpu_seconds: float, rss_bytes: int, sandbox_bytes: int) -> bool:
         """True when the job was killed and must stop."""
@@ -38,11 +115,14 @@ BrokerFactory = Callable[[m.JobStart], JobBroker]
 
 
 def connect_grpc(job: m.JobStart) -> JobBroker:
-    """The real link: a JobClient on the JobStart's broker endpoint and token."""
+    """The real link: a JobClient on the JobStart's broker endpoint and token.
+
+    The client does not retry itself (retries=0): the wrapper retries every
+    call up to the token's end (see `retry`)."""
     from broker.client import JobClient  # late: grpc is only needed once a job runs
 
-    return JobClient(job.broker.address, ca_pem=job.broker.ca_pem,
-                     certificate_pem=job.token.certificate_pem, private_key_pem=job.token.private_key_pem)
+    return JobClient(job.broker.address, ca_pem=job.broker.ca_pem, certificate_pem=job.token.certificate_pem,
+                     private_key_pem=job.token.private_key_pem, retries=0)
 
 
 class LazyBroker:
@@ -96,36 +176,106 @@ class LazyBroker:
 
 
 class Reporter:
-    """Sends state updates to the broker in order, from one thread."""
+    """Sends state updates to the broker in order, from one thread, each retried while the broker is away.
 
-    def __init__(self, broker: JobBroker) -> None:
+    After a fencing (`fenced` is set) or another failure (`error`), later
+    reports are dropped: the broker would refuse them as out of order."""
+
+    def __init__(self, broker: JobBroker, *, deadline: Callable[[], float], log: Callable[[str], None],
+                 first_delay: float = 0.5, max_delay: float = 15.0) -> None:
         self.broker = broker
         self.error: Exception | None = None
+        self.fenced: Fenced | None = None
+        self._deadline = deadline
+        self._log = log
+        self._delays = (first_delay, max_delay)
+        self._closing = threading.Event()
         self._queue: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="broker-reporter", daemon=True)
         self._thread.start()
 
     def report(self, state: int, detail: str = "", exit_code: int | None = None) -> None:
+        with self._lock:
+            self._pending += 1
         self._queue.put((state, detail, exit_code))
 
-    def flush(self, timeout: float = 60.0) -> Exception | None:
-        """Wait until everything queued was sent; return the first error, if any."""
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait(timeout)
-        if not done.is_set() and self.error is None:
-            self.error = TimeoutError(f"broker did not take the state reports within {timeout:g} s")
-        return self.error
+    @property
+    def idle(self) -> bool:
+        """Everything reported so far was sent (or dropped after a failure)."""
+        with self._lock:
+            return self._pending == 0
+
+    def close(self) -> None:
+        """Stop waiting between retries (the wrapper is ending without its reports)."""
+        self._closing.set()
+
+    def _pause(self, seconds: float) -> None:
+        if self._closing.wait(seconds):
+            raise InterruptedError("the wrapper is ending")
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
-            if isinstance(item, threading.Event):
-                item.set()
-                continue
-            if self.error is not None:
-                continue  # after a failure, later reports would be refused as out of order
             try:
-                self.broker.update_state(*item)
-            except Exception as exc:  # noqa: BLE001 - recorded and reported in the Result
-                self.error = exc
+                if self.error is None and self.fenced is None:
+                    self._send(*item)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def _send(self, state: int, detail: str, exit_code: int | None) -> None:
+        what = f"the state report {m.JobState.Name(state) if state in m.JobState.values() else state}"
+        first, most = self._delays
+        try:
+            retry(lambda: self.broker.update_state(state, detail, exit_code), what, deadline=self._deadline,
+                  pause=self._pause, log=self._log, first_delay=first, max_delay=most)
+        except Fenced as exc:
+            self.fenced = exc
+        except Exception as exc:  # noqa: BLE001 - recorded and reported in the Result
+            self.error = exc
+
+
+class BrokerHeartbeat:
+    """Heartbeats to the broker every INTERVAL seconds from a thread, for the whole job.
+
+    USAGE() gives (cpu_seconds, rss_bytes, sandbox_bytes). A kill answer sets
+    `killed`; a fencing sets `fenced`; WAKE() is called on either. Transient
+    failures are skipped (the next beat is the retry). The main loop looks at the flags every few tens of
+    milliseconds while the payload runs."""
+
+    def __init__(self, broker: JobBroker, interval: float, usage: Callable[[], tuple[float, int, int]],
+                 log: Callable[[str], None], wake: Callable[[], None] = lambda: None) -> None:
+        self.broker = broker
+        self.interval = interval
+        self.killed = False
+        self.fenced: Fenced | None = None
+        self._usage = usage
+        self._wake = wake
+        self._log = log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.interval):
+            try:
+                if self.broker.heartbeat(*self._usage()):
+                    self.killed = True
+                    self._wake()
+                failures = 0
+            except Exception as exc:  # noqa: BLE001 - sorted below
+                if classify(exc) == FENCED:
+                    self.fenced = Fenced("this attempt's heartbeat", exc)
+                    self._wake()
+                    return
+                failures += 1
+                if failures == 1 or failures % 10 == 0:
+                    self._log(f"heartbeat to the broker failed ({failures} in a row): {exc}")

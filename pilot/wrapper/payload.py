@@ -10,6 +10,7 @@ end.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pilot.prctl import become_subreaper
 from pilot.procstat import TreeUsage, tree_usage
 
-__all__ = ["STDERR_FILE", "STDOUT_FILE", "Exit", "Payload", "PayloadStartError", "become_subreaper"]
+__all__ = ["STDERR_FILE", "STDOUT_FILE", "Exit", "Payload", "PayloadStartError", "become_subreaper", "spec_problem"]
 STDOUT_FILE = "payload.stdout"
 STDERR_FILE = "payload.stderr"
 
@@ -43,7 +44,11 @@ class Exit:
 
     def describe(self) -> str:
         if self.signal is not None:
-            return f"killed by signal {self.signal} ({signal.Signals(self.signal).name})"
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:   # a real-time signal has no name
+                name = f"SIGRTMIN+{self.signal - signal.SIGRTMIN}" if self.signal >= signal.SIGRTMIN else "?"
+            return f"killed by signal {self.signal} ({name})"
         return f"exit code {self.exit_code}"
 
 
@@ -61,7 +66,16 @@ class Payload:
                     [executable, *argv[1:]], cwd=sandbox, env=dict(env), stdin=subprocess.DEVNULL,
                     stdout=out, stderr=err, start_new_session=True, close_fds=True)
             except OSError as exc:
-                raise PayloadStartError(f"cannot start {argv[0]!r}: {exc.strerror}") from None
+                hint = ""
+                if exc.errno == errno.E2BIG:
+                    hint = ("; the job's arguments and environment exceed what one program may get (each string "
+                            f"at most {MAX_ARG_STRLEN // 1024} KiB, all together a few MiB); fix: pass large "
+                            "data in an input file")
+                elif exc.errno == errno.ENOEXEC:
+                    hint = "; fix: give a script a '#!' line, or name its interpreter as the executable"
+                raise PayloadStartError(f"cannot start {argv[0]!r}: {exc.strerror}{hint}") from None
+            except ValueError as exc:   # what spec_problem checks first; kept as a last line of defence
+                raise PayloadStartError(f"cannot start {argv[0]!r}: {exc}") from None
         self.pid = self.process.pid
         self.started = time.monotonic()
         self.exit: Exit | None = None
@@ -124,6 +138,31 @@ class Payload:
             pass
 
 
+#: Linux's limit on one argument or environment string (32 pages).
+MAX_ARG_STRLEN = 32 * 4096
+
+
+def spec_problem(executable: str, arguments: Sequence[str], environment: Mapping[str, str]) -> str:
+    """Why a payload with this executable, arguments and environment cannot be started, or ''.
+
+    These are the job owner's mistakes (the broker refuses them at submit;
+    an older broker did not): the message names the field and the fix."""
+    if not executable:
+        return "the job names no executable; fix: set executable in the job file"
+    if "\0" in executable:
+        return "the executable's name contains a NUL character; fix: name a program or an input file"
+    for index, argument in enumerate(arguments):
+        if "\0" in argument:
+            return f"argument {index + 1} contains a NUL character, which no program can receive; fix: remove it"
+    for name, value in environment.items():
+        if not name or "=" in name or "\0" in name:
+            return (f"environment variable name {name[:60]!r} is empty or contains '=' or a NUL character; fix: "
+                    "use names such as MY_SETTING")
+        if "\0" in value:
+            return f"the value of environment variable {name[:60]!r} contains a NUL character; fix: remove it"
+    return ""
+
+
 def _resolve(executable: str, sandbox: str, path: str) -> str:
     """A path inside the sandbox (made executable if it is an input), or a PATH lookup."""
     if not executable:
@@ -138,7 +177,8 @@ def _resolve(executable: str, sandbox: str, path: str) -> str:
         in_sandbox = os.path.join(sandbox, executable)
         if os.path.isfile(in_sandbox):
             return _resolve("./" + executable, sandbox, path)
-        raise PayloadStartError(f"{executable!r} is neither in the sandbox nor on the PATH ({path})")
+        raise PayloadStartError(f"{executable!r} is neither an input in the sandbox nor on the PATH ({path}); fix: "
+                                "list it in the job's input files, or name a program the node has")
     return found
 
 

@@ -12,30 +12,77 @@ left is killed before SAVING starts, and outputs are opened from the
 sandbox's descriptor and uploaded from the descriptor opened
 (pilot.wrapper.outputs): nothing of the payload is left to swap a file
 between the check and the upload.
+
+Who is to blame (the Result's failure class) decides whether the job is
+re-queued and whether the node is charged:
+
+- the job's own mistakes (an executable that is neither an input nor on the
+  PATH, a bad environment, arguments too large for exec, a missing or
+  corrupt input) are input failures: final, the message names the cause;
+- a broker that cannot be reached is never a final state: transfers and
+  state reports are retried with backoff up to the job token's end (the
+  agent refreshes the token; pilot.wrapper.broker_link.retry);
+- a broker that refuses this attempt (FAILED_PRECONDITION: another attempt
+  holds the job, or it ended there) stops the payload within seconds,
+  nothing is saved, and the Result says FENCED (STOPPED to an agent of
+  protocol minor 0): the agent reports nothing;
+- a Stop for an exceeded limit ends as FAILED_LIMIT / LIMIT (minor 1; STOPPED
+  before), any other Stop as STOPPED: the agent reports those;
+- a full disk on the node: an input that cannot be written, or a payload that
+  failed while the sandbox's file system was full although the job stayed
+  within its disk limit, is the node's fault (INFRASTRUCTURE, re-queued); a
+  job over its disk limit is a LIMIT.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 
 from pilot import __version__
 from pilot.pipe import messages as m
 from pilot.pipe.channel import PipeChannel, PipeTimeout
-from pilot.pipe.errors import PeerClosed
+from pilot.pipe.enums import name_of
+from pilot.pipe.errors import PeerClosed, UnsupportedVersion
 from pilot.pipe.protocol import ConnectionClosed
 from pilot.procstat import directory_bytes
 from pilot.safefiles import write_private
-from pilot.wrapper.broker_link import BrokerFactory, JobBroker, LazyBroker, Reporter, connect_grpc
+from pilot.wrapper.broker_link import (
+    DOUBTFUL,
+    TRANSIENT,
+    BrokerFactory,
+    BrokerHeartbeat,
+    Fenced,
+    JobBroker,
+    LazyBroker,
+    Reporter,
+    classify,
+    connect_grpc,
+    retry,
+)
 from pilot.wrapper.logs import LogTail
 from pilot.wrapper.outputs import OutputRefused, find_outputs, open_output
-from pilot.wrapper.payload import STDERR_FILE, STDOUT_FILE, Payload, PayloadStartError, become_subreaper
+from pilot.wrapper.payload import (
+    STDERR_FILE,
+    STDOUT_FILE,
+    Payload,
+    PayloadStartError,
+    become_subreaper,
+    spec_problem,
+)
 
 S = m.JobState
 F = m.FailureClass
 TOKEN_FILE = ".job-token.pem"
+#: Codes meaning the broker no longer accepts this job token (expired, revoked): not the job's fault.
+_TOKEN_REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
+#: A file system with less free space than this, under a failed payload, counts as full.
+DISK_FULL_BYTES = 1 << 20
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,17 +90,32 @@ class WrapperSettings:
     """Timing of the wrapper's loop."""
 
     tick_s: float = 1.0                 # heartbeats and log tails to the agent
-    broker_heartbeat_s: float = 30.0    # heartbeats to the broker
+    broker_heartbeat_s: float = 30.0    # heartbeats to the broker when JobStart.broker_heartbeat_s is 0
     default_stop_grace_s: float = 10.0  # SIGTERM -> SIGKILL when a Stop gives no deadline
+    fenced_grace_s: float = 2.0         # SIGTERM -> SIGKILL when the broker ended the attempt
     log_chunk_limit: int = 64 * 1024
+    retry_first_s: float = 0.5          # backoff of broker calls that failed transiently
+    retry_max_s: float = 15.0
+    retry_without_token_end_s: float = 600.0  # retry window when the token names no end
 
 
 class Outcome(Exception):
-    """Ends the job early with a final state (raised inside the phases)."""
+    """Ends the job early with a final state (raised inside the phases).
 
-    def __init__(self, state: int, failure: int, message: str) -> None:
+    REPORT: whether the wrapper reports the state to the broker (False for the
+    states only the agent reports: wrapper and infrastructure failures)."""
+
+    def __init__(self, state: int, failure: int, message: str, *, report: bool = True) -> None:
         super().__init__(message)
-        self.state, self.failure, self.message = state, failure, message
+        self.state, self.failure, self.message, self.report = state, failure, message, report
+
+
+class Stopped(Exception):
+    """The agent sent Stop, or went away, while the wrapper waited for the broker."""
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} wrapper: {message}", file=sys.stderr, flush=True)
 
 
 class Wrapper:
@@ -65,17 +127,24 @@ class Wrapper:
         self.job: m.JobStart | None = None
         self.broker: JobBroker | None = None
         self.reporter: Reporter | None = None
+        self.beat: BrokerHeartbeat | None = None
         self.payload: Payload | None = None
         self.stop: m.Stop | None = None
         self.kill_reason = ""
         self.agent_gone = False
         self.sandbox_fd = -1   # the sandbox as it was at the start, whatever is renamed later
+        self._usage: tuple[float, int, int] = (0.0, 0, 0)   # cpu, rss, sandbox: what the heartbeat sends
+        self._started = time.time()
 
     # ------------------------------------------------------------------ run
 
     def run(self) -> int:
         self.channel.send(m.make_ready(("log-chunks", "token-refresh", "stop"), f"splitpilot {__version__}"))
-        job = self._await_job()
+        try:
+            job = self._await_job()
+        except UnsupportedVersion as exc:
+            self.channel.send(m.Error(code=m.ErrorCode.ERROR_CODE_VERSION, message=str(exc)))
+            return 3
         if job is None:
             return 0  # probed: the agent only checked that we start
         problem = _check_job(job)
@@ -88,6 +157,10 @@ class Wrapper:
         try:
             result = self._run_job(job)
         finally:
+            if self.beat is not None:
+                self.beat.stop()
+            if self.reporter is not None:
+                self.reporter.close()
             if self.payload is not None:
                 self.payload.kill_everything()
             if self.broker is not None:
@@ -114,8 +187,15 @@ class Wrapper:
     def _run_job(self, job: m.JobStart) -> m.Result:
         try:
             self.broker = LazyBroker(self.connect, job)
-            self.reporter = Reporter(self.broker)
+            self.reporter = Reporter(self.broker, deadline=self._retry_deadline, log=log,
+                                     first_delay=self.settings.retry_first_s, max_delay=self.settings.retry_max_s)
             self._state(S.JOB_STATE_STARTED, f"wrapper pid {os.getpid()}, sandbox {job.sandbox_dir}")
+            self.beat = BrokerHeartbeat(self.broker, job.broker_heartbeat_s or self.settings.broker_heartbeat_s,
+                                        lambda: self._usage, log)
+            self.beat.start()
+            problem = spec_problem(job.spec.executable, job.spec.arguments, job.spec.environment)
+            if problem:
+                raise Outcome(S.JOB_STATE_FAILED_INPUT, F.FAILURE_CLASS_INPUT, f"the job cannot be started: {problem}")
             self._fetch_inputs(job)
             self._expose_token(job)
             exit_status = self._run_payload(job)
@@ -123,10 +203,70 @@ class Wrapper:
             self.payload.kill_everything()
             return self._finish(job, exit_status)
         except Outcome as outcome:
-            return self._final(outcome.state, outcome.failure, outcome.message)
+            return self._final(outcome.state, outcome.failure, outcome.message, report=outcome.report)
+        except Fenced as fenced:
+            return self._fenced(str(fenced))
+        except Stopped:
+            return self._stopped(None)
         except Exception as exc:  # noqa: BLE001 - a wrapper bug must still end in a Result
             return self._final(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_WRAPPER,
                                f"wrapper error: {type(exc).__name__}: {exc}", report=False)
+
+    # ------------------------------------------------------ waiting, retries
+
+    def _retry_deadline(self) -> float:
+        """Until when a broker call that fails transiently is retried: the job token's end (a refresh
+        moves it), less a margin for the call itself; bounded by the job's deadline."""
+        job = self.job
+        end = job.token.not_after_unix - 5 if job.token.not_after_unix else \
+            self._started + self.settings.retry_without_token_end_s
+        if job.deadline_unix:
+            end = min(end, job.deadline_unix)
+        return end
+
+    def _pause(self, seconds: float) -> None:
+        """Wait SECONDS between retries while serving the agent (Stops, token refreshes, pings).
+
+        Raises Stopped when the agent asks to stop or goes away, Fenced when the broker ended the attempt."""
+        end = time.monotonic() + seconds
+        while True:
+            self._interrupted()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._serve_agent(min(left, 0.5))
+
+    def _interrupted(self) -> None:
+        if self.stop is not None or self.agent_gone:
+            raise Stopped()
+        fenced = self._fencing()
+        if fenced is not None:
+            raise fenced
+
+    def _fencing(self) -> Fenced | None:
+        if self.beat is not None and self.beat.fenced is not None:
+            return self.beat.fenced
+        if self.reporter is not None and self.reporter.fenced is not None:
+            return self.reporter.fenced
+        return None
+
+    def _call(self, what: str, call):
+        """CALL with the broker, retried while the broker is away (see broker_link.retry)."""
+        return retry(call, what, deadline=self._retry_deadline, pause=self._pause, log=log,
+                     first_delay=self.settings.retry_first_s, max_delay=self.settings.retry_max_s)
+
+    def _not_the_jobs_fault(self, what: str, exc: BaseException) -> Outcome | None:
+        """The Outcome for a failed transfer that is not the job's fault (broker away past the token's end,
+        token refused), or None when it is (a missing input, a checksum mismatch, an output refused)."""
+        kind = classify(exc)
+        code = getattr(getattr(exc, "code", None), "name", "")
+        if kind in (TRANSIENT, DOUBTFUL):
+            return Outcome(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE,
+                           f"{what}: the broker could not be reached until the job token's end: {exc}", report=False)
+        if code in _TOKEN_REFUSED:
+            return Outcome(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE,
+                           f"{what}: the broker refused the job token: {exc}", report=False)
+        return None
 
     # --------------------------------------------------------------- phases
 
@@ -135,15 +275,26 @@ class Wrapper:
             destination = _inside(job.sandbox_dir, item.name)
             os.makedirs(os.path.dirname(destination), exist_ok=True)
             try:
-                self.broker.get_input(item.name, destination)
-            except Exception as exc:  # noqa: BLE001 - any failure here is an input failure
+                self._call(f"input {item.name!r}",
+                           lambda n=item.name, d=destination: self.broker.get_input(n, d))
+            except (Fenced, Stopped):
+                raise
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise Outcome(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE,
+                                  f"input {item.name!r} could not be written: this node's disk is full "
+                                  f"({exc.strerror}); not the job's fault", report=False) from None
                 raise Outcome(S.JOB_STATE_FAILED_INPUT, F.FAILURE_CLASS_INPUT,
                               f"input {item.name!r} could not be fetched: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - sorted: the job's fault or not
+                raise self._not_the_jobs_fault(f"input {item.name!r}", exc) or \
+                    Outcome(S.JOB_STATE_FAILED_INPUT, F.FAILURE_CLASS_INPUT,
+                            f"input {item.name!r} could not be fetched: {exc}") from None
 
     def _expose_token(self, job: m.JobStart) -> None:
         if job.expose_token_to_payload:
             write_private(os.path.join(job.sandbox_dir, TOKEN_FILE),
-                               job.token.certificate_pem + job.token.private_key_pem)
+                          job.token.certificate_pem + job.token.private_key_pem)
 
     def _run_payload(self, job: m.JobStart):
         env = dict(os.environ)
@@ -155,7 +306,9 @@ class Wrapper:
         try:
             self.payload = Payload([job.spec.executable, *job.spec.arguments], job.sandbox_dir, env)
         except PayloadStartError as exc:
-            raise Outcome(S.JOB_STATE_FAILED_EXECUTION, F.FAILURE_CLASS_PAYLOAD, str(exc)) from None
+            # The job's own mistake, found before anything ran: an input failure (legal from STARTED).
+            raise Outcome(S.JOB_STATE_FAILED_INPUT, F.FAILURE_CLASS_INPUT,
+                          f"the payload could not be started: {exc}") from None
         self._state(S.JOB_STATE_RUNNING, f"payload pid {self.payload.pid}")
         return self._watch(job)
 
@@ -164,26 +317,28 @@ class Wrapper:
         tails = [LogTail(payload.stdout_path, m.LogStream.LOG_STREAM_STDOUT, self.settings.log_chunk_limit),
                  LogTail(payload.stderr_path, m.LogStream.LOG_STREAM_STDERR, self.settings.log_chunk_limit)]
         next_tick = time.monotonic()
-        next_broker = time.monotonic() + self.settings.broker_heartbeat_s
         while payload.poll() is None:
             now = time.monotonic()
             if now >= next_tick:
-                self._tick(job, tails, broker=now >= next_broker)
+                self._tick(job, tails)
                 next_tick = now + self.settings.tick_s
-                if now >= next_broker:
-                    next_broker = now + self.settings.broker_heartbeat_s
             self._serve_agent(min(0.05, max(0.0, next_tick - time.monotonic())))
+            if self.beat.killed and not self.kill_reason:
+                self.kill_reason = "killed at the broker (by its owner or an administrator)"
+            if self._fencing() is not None:
+                return payload.terminate(self.settings.fenced_grace_s)
             if self.stop is not None or self.kill_reason or self.agent_gone:
                 grace = self.settings.default_stop_grace_s
                 if self.stop is not None and self.stop.deadline_s:
                     grace = max(0.5, self.stop.deadline_s / 2)  # leave half for saving
                 return payload.terminate(grace)
-        self._tick(job, tails, broker=False)
+        self._tick(job, tails)
         return payload.wait()
 
-    def _tick(self, job: m.JobStart, tails: list[LogTail], *, broker: bool) -> None:
+    def _tick(self, job: m.JobStart, tails: list[LogTail]) -> None:
         usage = self.payload.usage()
         sandbox = directory_bytes(job.sandbox_dir)
+        self._usage = (usage.cpu_seconds, usage.rss_bytes, sandbox)
         if self.agent_gone:
             return
         batch = [m.Heartbeat(payload_pid=self.payload.pid, cpu_seconds=usage.cpu_seconds, rss_bytes=usage.rss_bytes,
@@ -198,13 +353,6 @@ class Wrapper:
                     self.channel.send_log_chunk(data, stream=tail.stream, offset=offset, skipped_before=skipped)
         except PeerClosed:
             self.agent_gone = True
-            return
-        if broker:
-            try:
-                if self.broker.heartbeat(usage.cpu_seconds, usage.rss_bytes, sandbox):
-                    self.kill_reason = "killed at the broker (by its owner or an administrator)"
-            except Exception:  # noqa: BLE001, S110 - a missed heartbeat is retried next time
-                pass
 
     def _serve_agent(self, timeout: float) -> None:
         try:
@@ -219,23 +367,32 @@ class Wrapper:
         elif isinstance(event, m.Ping):
             self.channel.send(m.Pong(nonce=event.nonce))
         elif isinstance(event, m.Stop):
-            self.stop = event
+            if self.stop is None or (event.deadline_s and event.deadline_s < self.stop.deadline_s):
+                self.stop = event
+            name_of(m.StopReason, event.reason, sender="the agent")   # an unknown reason: a generic stop, said once
         elif isinstance(event, m.TokenRefresh):
-            self.broker.replace_token(event.token.certificate_pem, event.token.private_key_pem)
+            try:
+                self.broker.replace_token(event.token.certificate_pem, event.token.private_key_pem)
+            except Exception as exc:  # noqa: BLE001 - keep the old token; the agent will try again
+                log(f"the refreshed job token could not be used: {exc}")
+                return
             self.job.token.CopyFrom(event.token)
             self._expose_token(self.job)
 
     def _finish(self, job: m.JobStart, status) -> m.Result:
+        fenced = self._fencing()
+        if fenced is not None:
+            return self._fenced(str(fenced), status)
         self._state(S.JOB_STATE_SAVING, f"payload {status.describe()}")
         upload_error = self._upload_outputs(job)
         if self.stop is not None or self.agent_gone:
-            reason = m.StopReason.Name(self.stop.reason) if self.stop else "agent gone"
-            detail = f": {self.stop.detail}" if self.stop and self.stop.detail else ""
-            return self._final(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_STOPPED,
-                               f"stopped ({reason}{detail}); payload {status.describe()}", status=status, report=False)
+            return self._stopped(status)
         if self.kill_reason:
             return self._final(S.JOB_STATE_KILLED, F.FAILURE_CLASS_KILLED, self.kill_reason, status=status)
         if not status.success:
+            full = self._full_disk(job, status)
+            if full is not None:
+                return full
             return self._final(S.JOB_STATE_FAILED_EXECUTION, F.FAILURE_CLASS_PAYLOAD,
                                f"payload failed: {status.describe()}", status=status)
         if upload_error:
@@ -247,7 +404,9 @@ class Wrapper:
 
         Each file is opened from the sandbox's descriptor and uploaded from the
         descriptor opened (see pilot.wrapper.outputs); links, FIFOs, devices,
-        hard-linked files are refused by name, the others still uploaded."""
+        hard-linked files are refused by name, the others still uploaded. An
+        upload that fails because the broker is away is retried; Fenced and
+        Stopped end the saving."""
         names = [STDOUT_FILE, STDERR_FILE, *find_outputs(self.sandbox_fd, job.spec.output_patterns)]
         refused: list[str] = []
         for name in dict.fromkeys(names):
@@ -259,8 +418,15 @@ class Wrapper:
                 refused.append(str(exc))
                 continue
             try:
-                self.broker.put_output_fd(fd, name)
-            except Exception as exc:  # noqa: BLE001 - reported as an output failure
+                self._call(f"output {name!r}", lambda f=fd, n=name: self.broker.put_output_fd(f, n))
+            except Stopped:
+                return f"output {name!r} not uploaded: the agent stopped the job"
+            except Fenced:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the job's fault (too large...) or not
+                outcome = self._not_the_jobs_fault(f"output {name!r}", exc)
+                if outcome is not None:
+                    raise outcome from None
                 return f"output {name!r} could not be uploaded: {exc}"
             finally:
                 os.close(fd)
@@ -268,6 +434,32 @@ class Wrapper:
             return (f"output(s) refused: {'; '.join(refused)} (outputs must be regular files of the sandbox, with "
                     "one link only; nothing else is uploaded)")
         return ""
+
+    def _full_disk(self, job: m.JobStart, status) -> m.Result | None:
+        """The Result of a payload that failed on a full sandbox file system, or None when it was not full.
+
+        Over its disk limit, the job filled it: a LIMIT. Within it, the node offered disk it did not have:
+        INFRASTRUCTURE (re-queued; the black-hole guard counts it)."""
+        try:
+            stat = os.statvfs(job.sandbox_dir)
+        except OSError:
+            return None
+        free = stat.f_bavail * stat.f_frsize
+        if free >= DISK_FULL_BYTES:
+            return None
+        used = directory_bytes(job.sandbox_dir)
+        limit = job.limits.disk_mb
+        if limit and used > limit * MIB:
+            message = (f"payload {status.describe()} after filling its sandbox: {used // MIB} MiB, over its disk "
+                       f"limit of {limit} MiB")
+            if self._peer_knows(S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT):
+                return self._final(S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT, message, status=status,
+                                   report=False)
+            return self._final(S.JOB_STATE_FAILED_EXECUTION, F.FAILURE_CLASS_PAYLOAD, message, status=status)
+        return self._final(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE,
+                           f"payload {status.describe()} while the node's disk was full ({free} bytes free; the job "
+                           f"used {used // MIB} MiB{f' of its {limit} MiB' if limit else ''}): not the job's fault",
+                           status=status, report=False)
 
     # -------------------------------------------------------------- reports
 
@@ -278,16 +470,51 @@ class Wrapper:
         except PeerClosed:
             self.agent_gone = True
 
+    def _peer_knows(self, state: int, failure: int) -> bool:
+        return self.channel.conn.peer_knows("result", (("splitpilot.job.v1.JobState", state),
+                                                       ("splitpilot.pipe.v1.FailureClass", failure)))
+
+    def _stopped(self, status) -> m.Result:
+        """The Result of a Stop (or of the agent's going away): the agent reports it."""
+        if self.stop is None:
+            what = "agent gone"
+        else:
+            reason = name_of(m.StopReason, self.stop.reason, sender="the agent")
+            what = f"{reason}: {self.stop.detail}" if self.stop.detail else reason
+        message = f"stopped ({what})" + (f"; payload {status.describe()}" if status is not None else "")
+        if self.stop is not None and self.stop.reason == m.StopReason.STOP_REASON_LIMIT_EXCEEDED and \
+                self._peer_knows(S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT):
+            return self._final(S.JOB_STATE_FAILED_LIMIT, F.FAILURE_CLASS_LIMIT, message, status=status, report=False)
+        return self._final(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_STOPPED, message, status=status, report=False)
+
+    def _fenced(self, detail: str, status=None) -> m.Result:
+        """The broker ended this attempt: nothing saved, nothing reported (the broker would refuse it)."""
+        log(f"{detail}: the payload is stopped and nothing is saved")
+        message = f"this attempt was ended at the broker ({detail}); payload stopped, nothing saved"
+        failure = F.FAILURE_CLASS_FENCED if self._peer_knows(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_FENCED) \
+            else F.FAILURE_CLASS_STOPPED
+        return self._final(S.JOB_STATE_FAILED_WRAPPER, failure, message, status=status, report=False)
+
+    def _await_reports(self) -> None:
+        """Wait until the reporter has sent (or given up on) everything, serving the agent meanwhile: a
+        broker away for a while delays the Result, it does not change it."""
+        while not self.reporter.idle:
+            self._serve_agent(0.2)
+
     def _final(self, state: int, failure: int, message: str, *, status=None, report: bool = True) -> m.Result:
-        """Report the final state to the broker (unless the agent does: stops,
-        wrapper errors) and build the Result."""
+        """Report the final state to the broker (unless the agent does: stops, wrapper errors, fencing) and
+        build the Result."""
         exit_code = status.exit_code if status is not None else None
         if report and self.reporter is not None:
             self.reporter.report(state, message, exit_code)
-        if self.reporter is not None:
-            error = self.reporter.flush()
-            if error is not None and report:
-                message += f" (the broker did not take the state report: {error})"
+            self._await_reports()
+            if self.reporter.fenced is not None:
+                message += f" (then {self.reporter.fenced})"
+                state, failure = S.JOB_STATE_FAILED_WRAPPER, (
+                    F.FAILURE_CLASS_FENCED if self._peer_knows(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_FENCED)
+                    else F.FAILURE_CLASS_STOPPED)
+            elif self.reporter.error is not None:
+                message += f" (the broker did not take the state report: {self.reporter.error})"
                 state, failure = S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = m.Result(final_state=state, failure_class=failure, message=message,
@@ -310,13 +537,11 @@ def _inside(sandbox: str, name: str) -> str:
 
 
 def _check_job(job: m.JobStart) -> str:
-    """Why JobStart cannot be run, or ''."""
+    """Why JobStart cannot be run on this node, or '' (the job's own mistakes are checked later: input failures)."""
     if not job.sandbox_dir or not os.path.isdir(job.sandbox_dir):
         return f"sandbox {job.sandbox_dir!r} does not exist"
     if not os.access(job.sandbox_dir, os.W_OK):
         return f"sandbox {job.sandbox_dir!r} is not writable"
-    if not job.spec.executable:
-        return "the job names no executable"
     if job.job_id == 0 or job.attempt == 0:
         return "JobStart lacks the job id or attempt"
     return ""

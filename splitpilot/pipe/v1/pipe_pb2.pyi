@@ -35,6 +35,7 @@ class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILURE_CLASS_STOPPED: _ClassVar[FailureClass]
     FAILURE_CLASS_NONE: _ClassVar[FailureClass]
     FAILURE_CLASS_LIMIT: _ClassVar[FailureClass]
+    FAILURE_CLASS_FENCED: _ClassVar[FailureClass]
 
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -62,6 +63,7 @@ FAILURE_CLASS_KILLED: FailureClass
 FAILURE_CLASS_STOPPED: FailureClass
 FAILURE_CLASS_NONE: FailureClass
 FAILURE_CLASS_LIMIT: FailureClass
+FAILURE_CLASS_FENCED: FailureClass
 ERROR_CODE_UNSPECIFIED: ErrorCode
 ERROR_CODE_PROTOCOL: ErrorCode
 ERROR_CODE_VERSION: ErrorCode
