@@ -12,10 +12,13 @@
 # Usage: install-system-deps.sh [PACKAGE...]   (default: all of the above)
 set -eu
 
-packages="protobuf-compiler libprotobuf-java libprotobuf-dev g++ pkg-config bubblewrap podman runc debootstrap catatonit postgresql docker.io npm"
+packages="protobuf-compiler libprotobuf-java libprotobuf-dev g++ pkg-config bubblewrap podman runc debootstrap catatonit postgresql docker.io"
 # Callers may name the packages they need instead (make demo: only debootstrap).
 [ "$#" -gt 0 ] && packages="$*"
+# A JDK and npm are asked for only when their commands are missing: machines often have them from
+# elsewhere (NodeSource's nodejs ships npm and conflicts with Debian's npm package).
 [ "$#" -gt 0 ] || command -v javac >/dev/null 2>&1 || packages="$packages default-jdk-headless"
+[ "$#" -gt 0 ] || command -v npm >/dev/null 2>&1 || packages="$packages npm"
 
 missing=""
 for pkg in $packages; do
