@@ -249,6 +249,7 @@ class Round:
         os.chmod(self.base, 0o755)
         self.result = RoundResult(index=index, seed=seed)
         self.started = time.monotonic()
+        self.wall_started = time.time()
         self.user = pwd.getpwnam(settings.user)
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -481,13 +482,12 @@ class Round:
         stats = os.statvfs(folder)
         size = stats.f_bavail * stats.f_frsize
         try:
-            with open(filler, "wb") as handle:
+            with open(filler, "wb", buffering=0) as handle:   # unbuffered: nothing left to flush at close
                 with contextlib.suppress(OSError):
                     os.posix_fallocate(handle.fileno(), 0, max(1, size))
                 with contextlib.suppress(OSError):
-                    while True:
-                        handle.write(b"\0" * 4096)
-                        handle.flush()
+                    while handle.write(b"\0" * 4096):
+                        pass
             time.sleep(held)  # the disk stays full this long
         finally:
             filler.unlink(missing_ok=True)
@@ -576,7 +576,11 @@ class Round:
                 time.sleep(delay)
             # A fault that finds nothing to act on now (no wrapper yet) tries again shortly.
             for _ in range(20):
-                if self.inject(kind) is not None:
+                try:
+                    if self.inject(kind) is not None:
+                        break
+                except Exception as exc:  # noqa: BLE001 - the round says so; the other faults still come
+                    self.result.error = f"injecting {kind} failed: {type(exc).__name__}: {exc}"
                     break
                 time.sleep(0.25)
 
@@ -593,7 +597,8 @@ class Round:
                 continue
             history = [(round(e.time.timestamp(), 3), e.state.name, e.attempt, e.detail) for e in status.history]
             evidence = {"job": job_id, "state": status.state.name, "attempt": status.attempt,
-                        "message": status.message, "history": history}
+                        "message": status.message, "faults_meanwhile": self._faults_during(status),
+                        "history": history}
             if not status.final:
                 r.lost.append({**evidence, "why": "not final at the end of the round"})
                 continue
@@ -622,6 +627,15 @@ class Round:
             if status.state is JobState.DONE:
                 self._check_output(job_id, status, expect, evidence)
             self._runs(job_id, status, expect)
+
+    def _faults_during(self, status) -> list[str]:
+        """The faults that overlapped the job's last attempt (from its match to its last event)."""
+        events = [e.time.timestamp() - self.wall_started for e in status.history if e.attempt == status.attempt]
+        if not events:
+            return []
+        first, last = min(events), max(events)
+        return [f"{f.kind} at {f.at:g} s ({f.target})" for f in self.result.faults
+                if f.at <= last + 1 and f.at + f.duration_s >= first - 1]
 
     def _check_output(self, job_id: int, status, expect: dict, evidence: dict) -> None:
         from broker.client import BrokerClient
