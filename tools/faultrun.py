@@ -301,7 +301,7 @@ class Round:
             raise RuntimeError(f"the broker did not answer within {timeout:g} s")
 
     def load_ca(self) -> None:
-        from pilot.tokens import CertificateAuthority, TokenRole
+        from pilot.tokens import TokenRole
 
         ca_dir = self.base / "broker" / "ca"
         if not poll(lambda: (ca_dir / "ca.crt").exists() and (ca_dir / "policy.toml").exists(), 30):
@@ -473,8 +473,8 @@ class Round:
             fault.target, fault.duration_s = f"work folder of agent {slot}", held
             fault.detail = self._fill(self.work_dir(slot), held)
         self.result.faults.append(fault)
-        say(f"  {fault.at:6.1f} s  {kind:<13} {fault.target}"
-            f"{f' for {fault.duration_s:g} s' if fault.duration_s else ''}{f' ({fault.detail})' if fault.detail else ''}")
+        held = f" for {fault.duration_s:g} s" if fault.duration_s else ""
+        say(f"  {fault.at:6.1f} s  {kind:<13} {fault.target}{held}{f' ({fault.detail})' if fault.detail else ''}")
         return fault
 
     def _fill(self, folder: Path, held: float) -> str:
