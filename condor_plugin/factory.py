@@ -397,19 +397,19 @@ class Factory:
         s = self.settings
         state = self.loop_state
         all_glideins = self.glideins(history=True)
-        ended = [g for g in all_glideins if g.status in (COMPLETED, REMOVED)
+        newly = [g for g in all_glideins if g.status in (COMPLETED, REMOVED)
                  and (g.cluster, g.proc) not in state.seen_finished]
-        state.seen_finished.update((g.cluster, g.proc) for g in ended)
-        if not state.primed:
-            ended = []      # ended before this factory started: not ours to judge
-        state.primed = True
+        ended = newly if state.primed else []   # ended before this factory started: not ours to judge
         site_state = "unknown"
+        # The broker first: when it does not answer, the cycle fails with nothing marked as judged.
         if waiting is not None or self.broker is None:
             found = Waiting(fit=waiting or 0)
         else:
             found = self.broker.waiting(s.slot)
             site_state = self.broker.site_state()
         jobs = self._jobs_of(ended)
+        state.seen_finished.update((g.cluster, g.proc) for g in newly)
+        state.primed = True
         ends = tuple(GlideinEnd(cluster=g.cluster, proc=g.proc, batch=g.batch, status=g.status,
                                 exit_code=g.exit_code, ran_s=g.ran_seconds, jobs=jobs.get((g.cluster, g.proc), 0),
                                 removed_by_us=(g.cluster, g.proc) in state.removed_by_us) for g in ended)

@@ -19,7 +19,8 @@ tmpfs work folder) and submits jobs with inputs and outputs. While they run, fau
 
 At the end of each round: every job final; none lost (every job DONE unless it was meant to fail); none
 completed twice; outputs correct (content, and written by the attempt the broker took); no stale attempt
-accepted (no event of an attempt after a later one began); no payload of a fenced attempt still running;
+accepted (no event of an attempt after a later one began); no payload of a fenced attempt still running,
+nor running on longer than --fence-limit seconds after the broker ended its attempt (or its node ran again);
 no process and no sandbox left once the agents have left. Figures: successful payload runs thrown away
 (an attempt whose payload succeeded but that was not the job's final attempt), and how long fenced
 payloads ran on after the broker had ended their attempt.
@@ -96,6 +97,10 @@ class Settings:
     long_outage_s: float = 60.0           # the longest outage, given with LONG_OUTAGE_CHANCE
     long_outage_chance: float = 0.1
     payload_s: tuple[float, float] = (0.3, 3.0)
+    long_job_chance: float = 0.2          # long payloads: a fenced one has time left to run on beside the next
+    long_payload_s: tuple[float, float] = (8.0, 20.0)
+    #: A fenced attempt's payload must stop within this once its node runs again (heartbeat refused).
+    fence_limit_s: float = 10.0
     bad_job_chance: float = 0.12          # jobs whose payload exits 3: meant to fail (FAILED_EXECUTION)
     max_attempts: int = 8                 # more than the faults of a round: a fault alone never uses them up
     launcher: str = "process"
@@ -126,6 +131,7 @@ class RoundResult:
     wrong_output: list[dict] = field(default_factory=list)
     stale: list[dict] = field(default_factory=list)
     fenced_running: list[dict] = field(default_factory=list)
+    fenced_ran_on: list[dict] = field(default_factory=list)
     leftover_processes: list[str] = field(default_factory=list)
     leftover_sandboxes: list[str] = field(default_factory=list)
     wasted_runs: list[dict] = field(default_factory=list)
@@ -138,8 +144,8 @@ class RoundResult:
     @property
     def problems(self) -> int:
         return (len(self.lost) + len(self.double) + len(self.wrong_output) + len(self.stale)
-                + len(self.fenced_running) + len(self.leftover_processes) + len(self.leftover_sandboxes)
-                + (1 if self.error else 0))
+                + len(self.fenced_running) + len(self.fenced_ran_on) + len(self.leftover_processes)
+                + len(self.leftover_sandboxes) + (1 if self.error else 0))
 
     def record(self) -> dict:
         data = dataclasses.asdict(self)
@@ -263,6 +269,7 @@ class Round:
         self.expected: dict[int, dict] = {}                    # job id -> what it must end as
         self.lock = threading.Lock()                           # agents and broker are replaced by two threads
         self.paused: set[int] = set()                          # slots not to be replaced now (a fault holds them)
+        self.resumed: list[float] = []                         # wall times of the SIGCONTs (agent-stop)
         self.stopping = False
 
     @property
@@ -395,7 +402,8 @@ class Round:
                 path = self.base / f"data-{index}.bin"
                 path.write_bytes(data)
                 bad = self.rng.random() < self.s.bad_job_chance
-                duration = round(self.rng.uniform(*self.s.payload_s), 2)
+                long = self.rng.random() < self.s.long_job_chance
+                duration = round(self.rng.uniform(*(self.s.long_payload_s if long else self.s.payload_s)), 2)
                 specs.append(m.JobSpec(
                     name=f"faultrun-{self.index}-{index}", executable="python3",
                     arguments=["payload.py", str(self.ledger), str(duration), "3" if bad else "0"],
@@ -462,6 +470,7 @@ class Round:
                 signal_all(pids, signal.SIGSTOP)
                 time.sleep(held)  # past the heartbeat timeout: the broker reaps its attempts meanwhile
                 signal_all(pids, signal.SIGCONT)
+                self.resumed.append(time.time())
             finally:
                 with self.lock:
                     self.paused.discard(slot)
@@ -548,7 +557,8 @@ class Round:
             self.make_work_dir(slot)
             self.start_agent(slot)
         faults = self.rng.randint(1, s.max_faults)
-        plan = sorted(self.rng.uniform(0.5, 2.0 + 1.5 * s.jobs / s.agents) for _ in range(faults))
+        # While the agents are busy (about a job a second and a half each), so that a fault finds its target.
+        plan = sorted(self.rng.uniform(0.5, 1.0 + 1.5 * s.jobs / s.agents) for _ in range(faults))
         kinds = [self.rng.choice(s.kinds) for _ in range(faults)]
         injector = threading.Thread(target=self._injector, args=(plan, kinds), daemon=True)
         injector.start()
@@ -674,9 +684,19 @@ class Round:
             alive = self.ledger / f"{job_id}.{attempt}.alive"
             if attempt in ended_at and alive.exists():
                 with contextlib.suppress(ValueError, OSError):
-                    overrun = float(alive.read_text()) - ended_at[attempt]
+                    last = float(alive.read_text())
+                    # From when the broker ended the attempt, or when its frozen node ran again if later.
+                    since = max([ended_at[attempt]] + [t for t in self.resumed if t <= last])
+                    overrun = last - since
                     if overrun > 0:
                         self.result.fenced_overrun_s.append(round(overrun, 2))
+                    if overrun > self.s.fence_limit_s:
+                        self.result.fenced_ran_on.append({
+                            "job": job_id, "attempt": attempt, "ran_on_s": round(overrun, 1),
+                            "why": f"its payload ran {overrun:.1f} s after the broker ended attempt {attempt} "
+                                   "(or after its node ran again)", "history": [
+                                (round(e.time.timestamp(), 3), e.state.name, e.attempt, e.detail)
+                                for e in status.history]})
 
     # ------------------------------------------------------------ teardown
 
@@ -732,7 +752,8 @@ def verdict(result: RoundResult) -> str:
     text = (f"round {result.index} seed {result.seed}: {result.seconds:.0f} s, {result.jobs} jobs, "
             f"{result.done} done, faults {dict(kinds) or 'none'}, lost {len(result.lost)}, double "
             f"{len(result.double)}, wrong outputs {len(result.wrong_output)}, stale {len(result.stale)}, fenced "
-            f"running {len(result.fenced_running)}, leftover processes {len(result.leftover_processes)}, "
+            f"running {len(result.fenced_running)}, fenced ran on {len(result.fenced_ran_on)}, leftover processes "
+            f"{len(result.leftover_processes)}, "
             f"leftover sandboxes {len(result.leftover_sandboxes)}, wasted successful runs {len(result.wasted_runs)}")
     if result.error:
         text += f"; ERROR {result.error}"
@@ -757,7 +778,7 @@ def run(settings: Settings, seed: int, rounds: int, json_path: Path | None = Non
             result = one.run()
             results.append(result)
             say(verdict(result))
-            for name in ("lost", "double", "wrong_output", "stale", "fenced_running"):
+            for name in ("lost", "double", "wrong_output", "stale", "fenced_running", "fenced_ran_on"):
                 for item in getattr(result, name):
                     say(f"  {name}: {json.dumps(item)[:1500]}")
             for item in result.leftover_processes + result.leftover_sandboxes:
@@ -787,7 +808,8 @@ def summary(results: list[RoundResult]) -> None:
     say(f"jobs: {sum(r.jobs for r in results)}, done {sum(r.done for r in results)}, meant to fail "
         f"{sum(r.meant_to_fail for r in results)}")
     say(f"lost {total('lost')}, double {total('double')}, wrong outputs {total('wrong_output')}, stale "
-        f"{total('stale')}, fenced still running {total('fenced_running')}, leftover processes "
+        f"{total('stale')}, fenced still running {total('fenced_running')}, fenced ran on (> limit) "
+        f"{total('fenced_ran_on')}, leftover processes "
         f"{total('leftover_processes')}, leftover sandboxes {total('leftover_sandboxes')}, round errors "
         f"{sum(1 for r in results if r.error)}")
     say(f"successful payload runs thrown away: {total('wasted_runs')}; fenced payloads ran on after their attempt "
@@ -813,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="longest usual broker outage (default %(default)s)")
     parser.add_argument("--long-outage", type=float, default=Settings.long_outage_s, metavar="S",
                         help="longest broker outage, drawn with a 10%% chance (default %(default)s)")
+    parser.add_argument("--fence-limit", type=float, default=Settings.fence_limit_s, metavar="S",
+                        help="a fenced payload running on longer than this is a problem (default %(default)s)")
     parser.add_argument("--launcher", default="process", choices=("process", "namespace"))
     parser.add_argument("--json", type=Path, metavar="FILE", help="append every round's record to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the folders of rounds with problems")
@@ -823,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown fault kind(s) {unknown}; choose from {', '.join(KINDS)}")
     settings = Settings(jobs=args.jobs, agents=args.agents, max_faults=args.max_faults, kinds=kinds,
                         heartbeat_timeout_s=args.heartbeat_timeout, max_outage_s=args.max_outage,
-                        long_outage_s=args.long_outage, launcher=args.launcher)
+                        long_outage_s=args.long_outage, launcher=args.launcher, fence_limit_s=args.fence_limit)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     results = run(settings, seed, args.rounds, args.json, args.keep)
     return 1 if any(r.problems for r in results) else 0
