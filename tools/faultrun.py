@@ -835,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="longest usual broker outage (default %(default)s)")
     parser.add_argument("--long-outage", type=float, default=Settings.long_outage_s, metavar="S",
                         help="longest broker outage, drawn with a 10%% chance (default %(default)s)")
+    parser.add_argument("--long-jobs", type=float, default=Settings.long_job_chance, metavar="FRACTION",
+                        help="share of jobs with a long payload (8-20 s; default %(default)s)")
     parser.add_argument("--fence-limit", type=float, default=Settings.fence_limit_s, metavar="S",
                         help="a fenced payload running on longer than this is a problem (default %(default)s)")
     parser.add_argument("--launcher", default="process", choices=("process", "namespace"))
@@ -847,7 +849,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown fault kind(s) {unknown}; choose from {', '.join(KINDS)}")
     settings = Settings(jobs=args.jobs, agents=args.agents, max_faults=args.max_faults, kinds=kinds,
                         heartbeat_timeout_s=args.heartbeat_timeout, max_outage_s=args.max_outage,
-                        long_outage_s=args.long_outage, launcher=args.launcher, fence_limit_s=args.fence_limit)
+                        long_outage_s=args.long_outage, launcher=args.launcher, fence_limit_s=args.fence_limit,
+                        long_job_chance=args.long_jobs)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     results = run(settings, seed, args.rounds, args.json, args.keep)
     return 1 if any(r.problems for r in results) else 0
