@@ -612,7 +612,9 @@ class Round:
             if not status.final:
                 r.lost.append({**evidence, "why": "not final at the end of the round"})
                 continue
-            if status.state is JobState.DONE:
+            if status.state is JobState.DONE and expect["bad"]:
+                r.lost.append({**evidence, "why": "meant to fail with exit 3, but DONE"})
+            elif status.state is JobState.DONE:
                 r.done += 1
             elif expect["bad"] and status.state is JobState.FAILED_EXECUTION and status.exit_code == 3:
                 pass
