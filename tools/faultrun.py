@@ -44,6 +44,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -136,6 +137,8 @@ class RoundResult:
     leftover_sandboxes: list[str] = field(default_factory=list)
     wasted_runs: list[dict] = field(default_factory=list)
     fenced_overrun_s: list[float] = field(default_factory=list)
+    #: Per broker restart with jobs still to run: seconds until the broker recorded the next job event.
+    resumed_after_restart_s: list[float] = field(default_factory=list)
     agent_exits: Counter = field(default_factory=Counter)
     faults: list[Fault] = field(default_factory=list)
     seconds: float = 0.0
@@ -270,6 +273,7 @@ class Round:
         self.lock = threading.Lock()                           # agents and broker are replaced by two threads
         self.paused: set[int] = set()                          # slots not to be replaced now (a fault holds them)
         self.resumed: list[float] = []                         # wall times of the SIGCONTs (agent-stop)
+        self.restarts: list[float] = []                        # wall times the broker answered again
         self.stopping = False
 
     @property
@@ -460,6 +464,7 @@ class Round:
             time.sleep(outage)  # the outage itself
             self.start_broker()
             self.wait_broker()
+            self.restarts.append(time.time())
         elif kind == "agent-stop":
             with self.lock:
                 self.paused.add(slot)
@@ -600,6 +605,7 @@ class Round:
         from broker.lifecycle import JobState
 
         r = self.result
+        self._recovery({job_id: st for job_id, st in statuses.items() if st is not None})
         for job_id, expect in self.expected.items():
             status = statuses.get(job_id)
             if status is None:
@@ -639,6 +645,16 @@ class Round:
             if status.state is JobState.DONE:
                 self._check_output(job_id, status, expect, evidence)
             self._runs(job_id, status, expect)
+
+    def _recovery(self, statuses: dict[int, object]) -> None:
+        """How long after each broker restart the work went on (the next job event anywhere), when some job
+        was not final yet: the agents' and wrappers' reconnection delay."""
+        events = sorted(e.time.timestamp() for st in statuses.values() for e in st.history)
+        for restart in self.restarts:
+            later = [t for t in events if t >= restart]
+            if later and any(not st.final or max(e.time.timestamp() for e in st.history) > restart
+                             for st in statuses.values()):
+                self.result.resumed_after_restart_s.append(round(later[0] - restart, 1))
 
     def _faults_during(self, status) -> list[str]:
         """The faults that overlapped the job's last attempt (from its match to its last event)."""
@@ -816,6 +832,10 @@ def summary(results: list[RoundResult]) -> None:
         f"{sum(1 for r in results if r.error)}")
     say(f"successful payload runs thrown away: {total('wasted_runs')}; fenced payloads ran on after their attempt "
         f"ended: {len(overruns)} times, longest {max(overruns, default=0):.1f} s")
+    recoveries = [x for r in results for x in r.resumed_after_restart_s]
+    say(f"broker restarts with work left: {len(recoveries)}; next job event after "
+        f"{statistics.median(recoveries) if recoveries else 0:.1f} s (median), {max(recoveries, default=0):.1f} s "
+        "(longest)")
     exits = sum((r.agent_exits for r in results), Counter())
     say(f"agent exit codes: {dict(exits)}")
     say(f"faultrun_lost_jobs: {total('lost')} jobs")
