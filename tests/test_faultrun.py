@@ -107,6 +107,6 @@ def test_checks_find_lost_double_stale_wasted_and_fenced_runs(checker):
     assert sorted(item["job"] for item in r.lost) == [2, 5]          # input failure; meant to fail, but DONE
     assert [item["job"] for item in r.double] == [3]
     assert [item["job"] for item in r.stale] == [4] and "RUNNING of attempt 1 after attempt 2" in r.stale[0]["why"]
-    assert r.wasted_runs == [{"job": 4, "attempt": 1, "final_attempt": 2, "state": "DONE"}]
+    assert r.wasted_runs == [{"job": 4, "attempt": 1, "final_attempt": 2, "state": "DONE", "why": ""}]
     assert [(item["job"], item["ran_on_s"]) for item in r.fenced_ran_on] == [(7, 22.0)]
     assert r.done == 4 and r.problems == 5

@@ -698,7 +698,9 @@ class Round:
             final_attempt = status.state is JobState.DONE and attempt == status.attempt
             if end.exists() and end.read_text().split()[0] == "0" and not final_attempt and not expect["bad"]:
                 self.result.wasted_runs.append({"job": job_id, "attempt": attempt, "final_attempt": status.attempt,
-                                                "state": status.state.name})
+                                                "state": status.state.name, "why": next(
+                                                    (e.detail for e in status.history if e.attempt == attempt
+                                                     and e.state is JobState.WAITING), "")})
             alive = self.ledger / f"{job_id}.{attempt}.alive"
             if attempt in ended_at and alive.exists():
                 with contextlib.suppress(ValueError, OSError):
