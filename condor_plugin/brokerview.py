@@ -28,6 +28,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pilot.errors import SplitpilotError
+
 #: Time a glidein spends before its agent first asks for work (venv, self-tests), and the agent's own
 #: reserve (its Stop deadline at the slot's end): a job needing more than lifetime minus this never fits.
 STARTUP_MARGIN_S = 180
@@ -135,7 +137,7 @@ class BrokerView:
 
     def site_state(self) -> str:
         """'enabled', 'draining or disabled', or 'unknown' (no CA to mint a probe token with)."""
-        from broker.client import AgentClient
+        from broker.client import AgentClient, BrokerError
         from pilot.tokens import TokenRole
 
         if self.ca is None:
@@ -145,9 +147,19 @@ class BrokerView:
             self._probe = self.ca.new_token(TokenRole.AGENT, f"factory-{self.factory}", site=self.site,
                                             queue="default", ttl=PROBE_TTL)
             self._probe_id = f"factory-{self.factory}-{self._probe.certificate.serial_number:x}"[:120]
-        with AgentClient(self.address, self._probe) as probe:
-            answer = probe.pilot_heartbeat(self._probe_id, socket.gethostname())
+        try:
+            with AgentClient(self.address, self._probe) as probe:
+                answer = probe.pilot_heartbeat(self._probe_id, socket.gethostname())
+        except BrokerError as exc:
+            raise SiteStateUnknown(
+                f"could not learn whether site {self.site} is draining (a PilotHeartbeat with an agent token "
+                f"from the factory's CA): {exc}; fix: when the broker refuses it, the factory's --ca is not the "
+                "broker's CA, and every glidein's agent token would be refused alike") from None
         return "draining or disabled" if answer.leave else "enabled"
 
 
-__all__ = ["STARTUP_MARGIN_S", "BrokerView", "GlideinSlot", "Waiting", "count_waiting"]
+class SiteStateUnknown(SplitpilotError):
+    """The factory could not ask the broker for its site's state (the cycle submits nothing)."""
+
+
+__all__ = ["STARTUP_MARGIN_S", "BrokerView", "GlideinSlot", "SiteStateUnknown", "Waiting", "count_waiting"]

@@ -231,3 +231,35 @@ def test_factory_removes_idle_glideins_of_a_closed_site_and_does_not_judge_them(
     schedd.ads = []
     broker.state = "enabled"
     assert factory.run_once(now=1020) == 2 and factory.policy.backoff_s == 0
+
+
+# ---------------------------------------------------------------------------------------- the real broker
+
+def test_broker_view_against_a_real_broker(tmp_path):
+    """Waiting jobs that fit, pilot records, the site's state by the probe; a factory whose CA is not the
+    broker's is told so (its glideins' tokens would be refused alike)."""
+    from broker.client import AdminClient, BrokerClient
+    from broker.server import BrokerConfig, BrokerServer
+    from condor_plugin.brokerview import BrokerView, SiteStateUnknown
+    from pilot.tokens import CertificateAuthority, TokenRole
+
+    server = BrokerServer(BrokerConfig(state_dir=str(tmp_path / "broker"), listen="127.0.0.1:0"))
+    server.start()
+    try:
+        user = server.ca.new_token(TokenRole.USER, "someone")
+        admin = server.ca.new_token(TokenRole.ADMIN, "admin")
+        with BrokerClient(server.address, user, server.ca_pem) as client, \
+                AdminClient(server.address, admin, server.ca_pem) as admin_client:
+            client.submit([spec(), spec(cores=64), spec(sites_allowed=["B"])])
+            view = BrokerView(admin_client, "A", ca=server.ca, factory="t")
+            assert view.waiting(SLOT) == Waiting(fit=1, unfit=1, reason="1 need cores 64 > 2")
+            assert view.site_state() == "enabled"
+            admin_client.set_site_state("A", "disabled", "test")
+            assert view.site_state() == "draining or disabled"
+            (probe,) = [p for p in view.pilots(60) if p.pilot_id.startswith("factory-t-")]
+            assert probe.site == "A" and probe.jobs_matched == 0          # the probe's one record
+            foreign = BrokerView(admin_client, "A", ca=CertificateAuthority.create(), factory="t")
+            with pytest.raises(SiteStateUnknown, match="factory's --ca is not the broker's CA"):
+                foreign.site_state()
+    finally:
+        server.stop()
