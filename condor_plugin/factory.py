@@ -5,7 +5,15 @@
     batch = factory.submit(count=2)     # a fresh agent token, the package, a batch folder, one cluster
     factory.glideins()                  # this factory's glideins in the queue (and recent history)
     factory.collect()                   # finished glideins: output, error and log back; they leave the queue
-    factory.run_once(waiting=5)         # one step of the loop: submit what the waiting jobs need
+    factory.remove(idle_only=True)      # this factory's idle glideins (their spooled tokens go with them)
+    factory.broker = BrokerView(admin_client, "SITE-A", ca=ca)   # condor_plugin.brokerview
+    factory.run_once()                  # one step of the loop: observe, decide (condor_plugin.policy), act
+
+The loop's decisions (how many to submit, which idle ones to remove, the
+backoff) are condor_plugin.policy.FactoryPolicy's, a pure object; this
+module observes (the schedd; the broker through a BrokerView: waiting jobs
+that fit a glidein, the pilot records of its glideins, the site's state)
+and carries the decisions out.
 
 Everything goes through the bindings (Schedd.submit, spool, retrieve, query,
 history); no command output is parsed. Every glidein carries
