@@ -40,8 +40,9 @@ def test_fault_round_loses_no_job(kind, capsys):
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("the fault runner needs root (tmpfs work folders, agents as nobody, kill -9)")
     faultrun = load_tool()
+    # Short rounds: a round that cannot finish gives up after 90 s (its jobs count as lost).
     settings = faultrun.Settings(jobs=6, agents=2, max_faults=2, kinds=(kind,), max_outage_s=8.0,
-                                 long_outage_s=20.0)
+                                 long_outage_s=20.0, long_payload_s=(8.0, 12.0), round_timeout_s=90.0)
     (result,) = faultrun.run(settings, ROUNDS[kind], 1)
     out = capsys.readouterr().out
     with capsys.disabled():
