@@ -67,20 +67,24 @@ PAYLOAD = r'''
 import hashlib, os, sys, time
 ledger, duration, code = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 mark = os.path.join(ledger, "%s.%s" % (os.environ["SPLITPILOT_JOB_ID"], os.environ["SPLITPILOT_ATTEMPT"]))
-with open(mark + ".start", "w") as f:
-    f.write("%d %f\n" % (os.getpid(), time.time()))
+seen = os.path.isdir(ledger)   # not under the namespace launcher, which shows the payload its sandbox only
+
+def note(suffix, text):
+    if seen:
+        with open(mark + suffix, "w") as f:
+            f.write(text)
+
+note(".start", "%d %f\n" % (os.getpid(), time.time()))
 end = time.time() + duration
 while True:
-    with open(mark + ".alive", "w") as f:
-        f.write("%f\n" % time.time())
+    note(".alive", "%f\n" % time.time())
     if time.time() >= end:
         break
     time.sleep(min(0.2, max(0.0, end - time.time())))
 digest = hashlib.sha256(open("data.txt", "rb").read()).hexdigest()
 with open("result.out", "w") as f:
     f.write("%s %s %s\n" % (os.environ["SPLITPILOT_JOB_ID"], os.environ["SPLITPILOT_ATTEMPT"], digest))
-with open(mark + ".end", "w") as f:
-    f.write("%d %f\n" % (code, time.time()))
+note(".end", "%d %f\n" % (code, time.time()))
 sys.exit(code)
 '''
 
@@ -863,7 +867,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of jobs with a long payload (8-20 s; default %(default)s)")
     parser.add_argument("--fence-limit", type=float, default=Settings.fence_limit_s, metavar="S",
                         help="a fenced payload running on longer than this is a problem (default %(default)s)")
-    parser.add_argument("--launcher", default="process", choices=("process", "namespace"))
+    parser.add_argument("--launcher", default="process", choices=("process", "namespace"),
+                        help="the agents' launcher (default %(default)s); under 'namespace' the payloads cannot "
+                             "reach the ledger: no payload-kill, wasted runs or fenced-payload figures")
     parser.add_argument("--json", type=Path, metavar="FILE", help="append every round's record to FILE")
     parser.add_argument("--keep", action="store_true", help="keep the folders of rounds with problems")
     args = parser.parse_args(argv)
