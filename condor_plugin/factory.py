@@ -5,7 +5,15 @@
     batch = factory.submit(count=2)     # a fresh agent token, the package, a batch folder, one cluster
     factory.glideins()                  # this factory's glideins in the queue (and recent history)
     factory.collect()                   # finished glideins: output, error and log back; they leave the queue
-    factory.run_once(waiting=5)         # one step of the loop: submit what the waiting jobs need
+    factory.remove(idle_only=True)      # this factory's idle glideins (their spooled tokens go with them)
+    factory.broker = BrokerView(admin_client, "SITE-A", ca=ca)   # condor_plugin.brokerview
+    factory.run_once()                  # one step of the loop: observe, decide (condor_plugin.policy), act
+
+The loop's decisions (how many to submit, which idle ones to remove, the
+backoff) are condor_plugin.policy.FactoryPolicy's, a pure object; this
+module observes (the schedd; the broker through a BrokerView: waiting jobs
+that fit a glidein, the pilot records of its glideins, the site's state)
+and carries the decisions out.
 
 Everything goes through the bindings (Schedd.submit, spool, retrieve, query,
 history); no command output is parsed. Every glidein carries
@@ -36,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -43,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from condor_plugin.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting
 from condor_plugin.glidein import (
     GlideinPackage,
     GlideinSettings,
@@ -50,13 +60,14 @@ from condor_plugin.glidein import (
     prepare_batch,
     remove_batch,
 )
+from condor_plugin.policy import Decision, FactoryPolicy, GlideinEnd, Observation, PolicySettings
 from pilot.agent import exitcodes
-from pilot.durations import parse_duration
 from pilot.errors import SplitpilotError
 
 if TYPE_CHECKING:
     import htcondor2
 
+    from condor_plugin.brokerview import BrokerView
     from pilot.tokens import CertificateAuthority
 
 #: HTCondor JobStatus values.
@@ -96,12 +107,25 @@ class FactorySettings:
     max_running: int = 50               # glideins running at most
     max_per_cycle: int = 5              # submitted in one cycle at most
     jobs_per_glidein: int = 1           # waiting jobs one new glidein is counted for
-    fast_failure_s: float = 60.0        # a glidein that ends sooner than this failed fast (or came back empty)
     backoff_initial_s: float = 30.0
     backoff_max_s: float = 900.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "work_dir", Path(self.work_dir).absolute())
+
+    @property
+    def policy(self) -> PolicySettings:
+        return PolicySettings(max_queued=self.max_queued, max_running=self.max_running,
+                              max_per_cycle=self.max_per_cycle, jobs_per_glidein=self.jobs_per_glidein,
+                              backoff_initial_s=self.backoff_initial_s, backoff_max_s=self.backoff_max_s)
+
+    @property
+    def slot(self) -> GlideinSlot:
+        """What each glidein offers its jobs: the resources it asks HTCondor for, its lifetime less the
+        start-up margin."""
+        return GlideinSlot(cores=self.cpus, memory_mb=self.memory_mb, disk_mb=self.disk_mb,
+                           time_s=max(0, int(self.lifetime.total_seconds()) - STARTUP_MARGIN_S), site=self.site,
+                           containers=self.glidein.container_policy != "off")
 
 
 @dataclass(frozen=True)
@@ -129,6 +153,10 @@ class Glidein:
         return STATUS_NAMES.get(self.status, str(self.status))
 
     @property
+    def name(self) -> str:
+        return f"{self.cluster}.{self.proc}"
+
+    @property
     def ran_seconds(self) -> float | None:
         if self.started and self.finished:
             return float(self.finished - self.started)
@@ -148,25 +176,32 @@ class Glidein:
 
 @dataclass
 class LoopState:
-    """What the loop remembers between cycles (backoff)."""
+    """What the loop remembers between cycles besides the policy's backoff: the glideins already judged."""
 
-    backoff_s: float = 0.0
-    not_before: float = 0.0
     seen_finished: set[tuple[int, int]] = field(default_factory=set)
     primed: bool = False        # glideins that ended before this factory started do not count
-    refused: Glidein | None = None  # the last glidein whose agent token was refused or had expired
+    #: Glideins this factory removed itself (excess idle, a drained site, Ctrl-C): not failures.
+    removed_by_us: set[tuple[int, int]] = field(default_factory=set)
+    #: Pilot records (ids) already matched to an ended glidein of their batch.
+    pilots_seen: set[str] = field(default_factory=set)
 
 
 class Factory:
     def __init__(self, settings: FactorySettings, schedd: htcondor2.Schedd, ca: CertificateAuthority,
-                 builder: PackageBuilder | None = None, progress: Callable[[str], None] | None = None) -> None:
+                 builder: PackageBuilder | None = None, progress: Callable[[str], None] | None = None,
+                 broker: BrokerView | None = None) -> None:
         self.settings = settings
         self.schedd = schedd
         self.ca = ca
         self.builder = builder or PackageBuilder()
         self.progress = progress or (lambda line: None)
+        #: The broker's side (waiting jobs that fit, pilot records, the site's state); None: only what
+        #: run_once is told (waiting jobs), every ended glidein counted as empty unless it failed.
+        self.broker = broker
         self._package: GlideinPackage | None = None
+        self.policy = FactoryPolicy(settings.policy)
         self.loop_state = LoopState()
+        self._serials: dict[str, str] = {}
 
     @property
     def batches_dir(self) -> Path:
@@ -200,6 +235,8 @@ class Factory:
         ttl = s.lifetime + s.grace + s.max_idle
         ttl = min(ttl, self.ca.policy.max_lifetime[TokenRole.AGENT])
         token = self.ca.new_token(TokenRole.AGENT, f"glidein-{batch}", site=s.site, queue=s.queue, ttl=ttl)
+        # How the broker's pilot records of this batch's glideins are found (PilotInfo.certificate_serial).
+        serial = f"{token.certificate.serial_number:x}"
         # 0700 and ours: the token is written below it for as long as the spooling takes.
         self.batches_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.batches_dir.chmod(0o700)
@@ -219,8 +256,9 @@ class Factory:
             files.token.unlink(missing_ok=True)
         self._wait_released(result.cluster())
         record = {"batch": batch, "cluster": result.cluster(), "count": count, "package": package.key,
-                  "submitted": time.time()}
+                  "submitted": time.time(), "serial": serial}
         (files.directory / "batch.json").write_text(json.dumps(record) + "\n")
+        self._serials[batch] = serial
         self.progress(f"submitted {count} glidein(s): cluster {result.cluster()}, batch {batch} (inputs spooled)")
         return SubmittedBatch(batch, result.cluster(), count, files.directory)
 
@@ -305,6 +343,39 @@ class Factory:
             return []
         return done
 
+    def remove(self, *, idle_only: bool = False, batch: str | None = None, count: int | None = None,
+               reason: str = "splitpilot factory: removed") -> list[Glidein]:
+        """Remove this factory's glideins for its site: all of them, only the idle ones (IDLE_ONLY), only
+        BATCH's, at most COUNT (the newest first); return those removed.
+
+        A removed glidein leaves the queue, and the schedd drops its spooled
+        inputs (the batch's agent token) with it. A running one gets SIGTERM
+        first: its agent stops its jobs and reports them (the broker re-queues
+        them)."""
+        import htcondor2
+
+        from submit.quoting import classad_string
+
+        chosen = [g for g in self.glideins(history=False)
+                  if g.status not in (COMPLETED, REMOVED) and (not idle_only or g.status == IDLE)
+                  and (batch is None or g.batch == batch)]
+        chosen.sort(key=lambda g: (g.cluster, g.proc), reverse=True)
+        if count is not None:
+            chosen = chosen[:max(0, count)]
+        if not chosen:
+            return []
+        which = " || ".join(f"(ClusterId == {g.cluster} && ProcId == {g.proc})" for g in chosen)
+        extra = f"({which})" + (f" && JobStatus == {IDLE}" if idle_only else "")
+        if batch is not None:
+            extra += f" && SplitpilotBatch == {classad_string(batch, key='batch')}"
+        try:
+            self.schedd.act(htcondor2.JobAction.Remove, self._constraint(extra), reason)
+        except (htcondor2.HTCondorException, RuntimeError) as exc:
+            raise FactoryError(f"the schedd did not remove glidein(s) {', '.join(g.name for g in chosen)}: "
+                               f"{exc}; fix: check that this client may act on the schedd's jobs") from exc
+        self.loop_state.removed_by_us.update((g.cluster, g.proc) for g in chosen)
+        return chosen
+
     def remove_all(self, reason: str = "splitpilot factory: removed") -> None:
         """Remove every glidein of this factory and site from the queue."""
         import htcondor2
@@ -319,84 +390,109 @@ class Factory:
 
     # -- the loop ----------------------------------------------------------------
 
-    def run_once(self, waiting: int, now: float | None = None) -> int:
-        """One cycle: how many glideins to submit for WAITING jobs of the site, bounded and backed off.
+    def batch_serials(self) -> dict[str, str]:
+        """batch -> serial of its agent token, for every batch folder of this factory (batch.json)."""
+        if self.batches_dir.is_dir():
+            for record in self.batches_dir.glob("*/batch.json"):
+                if record.parent.name not in self._serials:
+                    with contextlib.suppress(OSError, ValueError, KeyError):
+                        self._serials[record.parent.name] = json.loads(record.read_text())["serial"]
+        return dict(self._serials)
 
-        Returns the number submitted. Wanted: one glidein per jobs_per_glidein
-        waiting jobs, minus the glideins already idle; bounded by max_queued,
-        max_running and max_per_cycle. Backoff: each glidein that ended within
-        max(fast_failure_s, its idle timeout + 60 s) (failed fast, or came back
-        empty: the agent leaves after its idle timeout), or with a non-zero
-        exit, or removed, doubles the pause before the next submission (from
-        backoff_initial_s up to backoff_max_s); one that ran longer resets it.
-        A glidein whose agent left because its token was refused or had expired
-        (exit codes 4 and 5, pilot.agent.exitcodes) sets the pause to
-        backoff_max_s at once, and says loudly what to check: every glidein
-        carrying this factory's tokens would fail the same way.
-        Glideins that ended before the first cycle do not count.
-        """
+    def observe(self, now: float, waiting: int | None = None) -> Observation:
+        """What the policy decides on: the queue, the glideins that ended since, and (from the broker, or
+        WAITING when given) the waiting jobs a glidein fits and the site's state."""
         s = self.settings
         state = self.loop_state
-        now = time.time() if now is None else now
         all_glideins = self.glideins(history=True)
-        queued = [g for g in all_glideins if g.status in (IDLE, RUNNING, HELD, TRANSFERRING, SUSPENDED)]
-        # A glidein that ran no longer than its agent's idle timeout plus a margin found
-        # (nearly) nothing to do: as useless as one that failed fast.
-        idle_s = parse_duration(s.glidein.idle_timeout, what="idle timeout").total_seconds()
-        threshold = max(s.fast_failure_s, idle_s + 60.0)
-        for glidein in all_glideins:
-            key = (glidein.cluster, glidein.proc)
-            if glidein.status not in (COMPLETED, REMOVED) or key in state.seen_finished:
-                continue
-            state.seen_finished.add(key)
-            if not state.primed:
-                continue
-            ran = glidein.ran_seconds
-            if glidein.status == COMPLETED and glidein.exit_code in exitcodes.CREDENTIALS:
-                state.backoff_s = s.backoff_max_s
-                state.not_before = max(state.not_before, now + state.backoff_s)
-                state.refused = glidein
-                self.progress(credentials_alarm(glidein, s, state.backoff_s))
-            elif glidein.status == REMOVED or ran is None or ran < threshold or glidein.exit_code:
-                state.backoff_s = min(s.backoff_max_s, max(s.backoff_initial_s, state.backoff_s * 2))
-                state.not_before = max(state.not_before, now + state.backoff_s)
-                self.progress(f"glidein {key[0]}.{key[1]} ended after {ran or 0:.0f} s (exit {glidein.exit_code}): "
-                              f"backing off {state.backoff_s:.0f} s")
-            else:
-                state.backoff_s = 0.0
+        newly = [g for g in all_glideins if g.status in (COMPLETED, REMOVED)
+                 and (g.cluster, g.proc) not in state.seen_finished]
+        ended = newly if state.primed else []   # ended before this factory started: not ours to judge
+        site_state = "unknown"
+        # The broker first: when it does not answer, the cycle fails with nothing marked as judged.
+        if waiting is not None or self.broker is None:
+            found = Waiting(fit=waiting or 0)
+        else:
+            found = self.broker.waiting(s.slot)
+            site_state = self.broker.site_state()
+        jobs = self._jobs_of(ended)
+        state.seen_finished.update((g.cluster, g.proc) for g in newly)
         state.primed = True
-        self.collect()
-        idle = sum(1 for g in queued if g.status == IDLE)
-        running = sum(1 for g in queued if g.status == RUNNING)
-        wanted = -(-waiting // max(1, s.jobs_per_glidein)) - idle
-        room = min(s.max_queued - idle, s.max_running - running - idle, s.max_per_cycle)
-        count = max(0, min(wanted, room))
-        if count and now < state.not_before:
-            why = ""
-            if state.refused is not None:
-                why = (f" (glidein {state.refused.cluster}.{state.refused.proc} ended with exit "
-                       f"{state.refused.exit_code}: its agent token was refused or had expired)")
-            self.progress(f"{waiting} waiting job(s), {idle} idle glidein(s): backing off "
-                          f"{state.not_before - now:.0f} s more{why}")
-            return 0
-        if count:
-            self.submit(count)
-        return count
+        ends = tuple(GlideinEnd(cluster=g.cluster, proc=g.proc, batch=g.batch, status=g.status,
+                                exit_code=g.exit_code, ran_s=g.ran_seconds, jobs=jobs.get((g.cluster, g.proc), 0),
+                                removed_by_us=(g.cluster, g.proc) in state.removed_by_us) for g in ended)
+        return Observation(now=now, waiting_fit=found.fit, waiting_unfit=found.unfit, unfit_reason=found.reason,
+                           idle=sum(1 for g in all_glideins if g.status == IDLE),
+                           running=sum(1 for g in all_glideins if g.status == RUNNING), ended=ends,
+                           site_state=site_state)
 
-    def run(self, waiting_jobs: Callable[[], int], interval: float = 15.0,
-            should_stop: Callable[[], bool] = lambda: False) -> None:
-        """Cycle every INTERVAL seconds until SHOULD_STOP() is true."""
+    def _jobs_of(self, ended: list[Glidein]) -> dict[tuple[int, int], int]:
+        """Jobs each ended glidein's agent was given, from the broker's pilot records: the pilots of a batch
+        are those of its agent token (by serial); each ended pilot record is matched to one ended glidein of
+        its batch (a glidein's pilot reports its end before the glidein ends). No record: 0 (its agent
+        never reached the broker)."""
+        if not ended or self.broker is None:
+            return {}
+        serials = self.batch_serials()
+        wanted = {serials[g.batch] for g in ended if g.batch in serials}
+        if not wanted:
+            return {}
+        s = self.settings
+        window = (s.lifetime + s.grace + s.max_idle).total_seconds() + 3600
+        records = [p for p in self.broker.pilots(int(window))
+                   if p.certificate_serial in wanted and p.end_reason and p.pilot_id not in self.loop_state.pilots_seen]
+        # Records with jobs first: a glidein is not called empty while an unmatched record of its batch ran jobs.
+        records.sort(key=lambda p: -p.jobs_matched)
+        jobs: dict[tuple[int, int], int] = {}
+        for glidein in ended:
+            serial = serials.get(glidein.batch)
+            record = next((p for p in records if p.certificate_serial == serial), None)
+            if record is not None:
+                records.remove(record)
+                self.loop_state.pilots_seen.add(record.pilot_id)
+                jobs[(glidein.cluster, glidein.proc)] = record.jobs_matched
+        return jobs
+
+    def run_once(self, waiting: int | None = None, now: float | None = None) -> int:
+        """One cycle: observe, let the policy decide (condor_plugin.policy), carry it out.
+
+        WAITING: the number of waiting jobs to serve (without a broker view);
+        else the broker view says how many fit a glidein. Returns the number
+        of glideins submitted."""
+        now = time.time() if now is None else now
+        policy = self.policy
+        refused_before = policy.refused
+        observation = self.observe(now, waiting)
+        self.collect()
+        decision: Decision = policy.decide(observation)
+        if policy.refused is not None and policy.refused is not refused_before:
+            self.progress(credentials_alarm(policy.refused, self.settings, policy.backoff_s))
+        for line in decision.messages:
+            self.progress(line)
+        if decision.remove_idle:
+            removed = self.remove(idle_only=True, count=decision.remove_idle,
+                                  reason="splitpilot factory: not needed (no waiting job for it, or the site is "
+                                         "draining or disabled)")
+            if removed:
+                self.progress(f"removed idle glidein(s) {', '.join(g.name for g in removed)}")
+        if decision.submit:
+            self.submit(decision.submit)
+        return decision.submit
+
+    def run(self, waiting_jobs: Callable[[], int] | None = None, interval: float = 15.0,
+            should_stop: Callable[[], bool] = lambda: False, wake: threading.Event | None = None) -> None:
+        """Cycle every INTERVAL seconds until SHOULD_STOP() is true (WAKE, when set, ends a pause at once).
+        WAITING_JOBS: how many jobs to serve, when there is no broker view."""
+        wake = wake or threading.Event()
         while not should_stop():
             try:
-                self.run_once(waiting_jobs())
+                self.run_once(waiting_jobs() if waiting_jobs is not None else None)
             except SplitpilotError as exc:
                 self.progress(f"cycle failed: {exc}")
-            deadline = time.monotonic() + interval
-            while time.monotonic() < deadline and not should_stop():
-                time.sleep(min(1.0, interval))
+            wake.wait(interval)
 
 
-def credentials_alarm(glidein: Glidein, settings: FactorySettings, pause_s: float) -> str:
+def credentials_alarm(glidein: Glidein | GlideinEnd, settings: FactorySettings, pause_s: float) -> str:
     """The progress line for a glidein whose agent's token was refused or had expired."""
     where = f"glidein {glidein.cluster}.{glidein.proc} (batch {glidein.batch})"
     if glidein.exit_code == exitcodes.TOKEN_EXPIRED:

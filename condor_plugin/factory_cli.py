@@ -3,12 +3,19 @@
   glidein submit --count N   mint an agent token for the site, package the pilot (cached), write a
                              batch folder (0700: script, token, log folder), submit N glideins with
                              their inputs spooled into the schedd, and remove the token file at once
-  glidein status             this factory's glideins for the site: in the queue and recently ended;
+  glidein status [--json]    this factory's glideins for the site: in the queue and recently ended;
                              brings back the output, error and log of finished ones (into their
                              batch's log folder), after which they leave the queue
+  glidein remove [--idle] [--batch B] [--json]
+                             remove this factory's glideins (all, only the idle ones, one batch's);
+                             the schedd drops their spooled agent tokens with them; a running one
+                             gets SIGTERM (its agent stops and reports its jobs)
   factory run                keep queued glideins in line with the broker's waiting jobs for the site
-                             (bounded; backs off when glideins fail fast or come back empty; brings
-                             back finished glideins' output each cycle)
+                             that fit a glidein (bounded; none for a draining or disabled site; backs
+                             off when glideins fail or come back having run no job, as the broker's
+                             pilot records say; brings back finished glideins' output each cycle).
+                             Ctrl-C (SIGINT) or SIGTERM: removes its idle glideins, then exits 130
+                             (143 for SIGTERM); running glideins are left to end by themselves
 
 The schedd: the mini-condor of --minicondor DIR (its client configuration;
 batch folders in DIR/factory, which its node does not see); a remote schedd
@@ -42,7 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.set_defaults(handler=run_submit)
     status = sub.add_parser("status", help="this factory's glideins")
     _common(status, need_broker=False)
+    status.add_argument("--json", action="store_true", help="one JSON object per glidein, one a line")
     status.set_defaults(handler=run_status)
+    remove = sub.add_parser("remove", help="remove this factory's glideins (all, idle only, or one batch's)")
+    _common(remove, need_broker=False)
+    remove.add_argument("--idle", action="store_true", help="only glideins still idle in the queue")
+    remove.add_argument("--batch", metavar="BATCH", help="only this batch's glideins (see glidein status)")
+    remove.add_argument("--json", action="store_true", help="the glideins removed, one JSON object a line")
+    remove.set_defaults(handler=run_remove)
 
     factory = subparsers.add_parser("factory", help="keep glideins in line with the broker's waiting jobs",
                                     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,13 +184,25 @@ def run_submit(args) -> int:
     return 0
 
 
+def _record(glidein, now: float) -> dict:
+    return {"cluster": glidein.cluster, "proc": glidein.proc, "batch": glidein.batch, "status": glidein.status_name,
+            "seconds_in_status": round(now - glidein.entered) if glidein.entered else None,
+            "exit_code": glidein.exit_code, "hold_reason": glidein.hold_reason}
+
+
 def run_status(args) -> int:
+    import json
+
     factory = _factory(args)
     glideins = factory.glideins()
     collected = factory.collect()
+    now = datetime.datetime.now().timestamp()
+    if args.json:
+        for g in glideins:
+            print(json.dumps(_record(g, now)))
+        return 0
     if not glideins:
         print(f"no glideins of factory {args.factory} for site {args.site}")
-    now = datetime.datetime.now().timestamp()
     for g in glideins:
         detail = g.hold_reason or (f"exit {g.exit_code}" if g.exit_code is not None else "")
         print(f"{g.cluster}.{g.proc}  {g.status_name:<10} {now - g.entered:7.0f} s  batch {g.batch}  {detail}")
@@ -186,19 +212,55 @@ def run_status(args) -> int:
     return 0
 
 
-def run_factory(args) -> int:
-    from broker.client import AdminClient
-    from condor_plugin.factory import waiting_jobs_for_site
+def run_remove(args) -> int:
+    import json
 
     factory = _factory(args)
-    stop = {"now": False}
+    if args.batch is not None and not any(g.batch == args.batch for g in factory.glideins()):
+        raise UsageError(f"factory {args.factory} has no glidein of batch {args.batch!r} for site {args.site}; "
+                         "fix: copy the batch from `splitpilot glidein status`")
+    which = ("idle " if args.idle else "") + (f"batch {args.batch} " if args.batch else "")
+    removed = factory.remove(idle_only=args.idle, batch=args.batch,
+                             reason=f"splitpilot glidein remove: {which or 'all'}".strip())
+    now = datetime.datetime.now().timestamp()
+    if args.json:
+        for g in removed:
+            print(json.dumps(_record(g, now)))
+    elif removed:
+        print(f"removed {len(removed)} {which}glidein(s): {', '.join(g.name for g in removed)}")
+    else:
+        print(f"no {which}glidein of factory {args.factory} for site {args.site} to remove")
+    return 0
+
+
+def run_factory(args) -> int:
+    import threading
+
+    from broker.client import AdminClient
+    from condor_plugin.brokerview import BrokerView
+
+    factory = _factory(args)
+    stop = threading.Event()
+    caught: list[int] = []
 
     def on_signal(signum, frame):
-        stop["now"] = True
+        # Only flags: the loop notices at once (the pause waits on the event) and cleans up itself.
+        caught.append(signum)
+        stop.set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    with AdminClient(args.broker, args.admin_token) as admin:
-        factory.run(lambda: waiting_jobs_for_site(admin, args.site), interval=args.interval,
-                    should_stop=lambda: stop["now"])
-    return 0
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with AdminClient(args.broker, args.admin_token) as admin:
+            factory.broker = BrokerView(admin, args.site, ca=factory.ca, factory=args.factory)
+            factory.run(interval=args.interval, should_stop=stop.is_set, wake=stop)
+        if not caught:
+            return 0
+        # Idle glideins would start later with nobody to serve; their spooled tokens leave with them.
+        removed = factory.remove(idle_only=True, reason="splitpilot factory run: stopped")
+        print(f"factory: stopped by {signal.Signals(caught[0]).name}: removed {len(removed)} idle glidein(s)"
+              f"{': ' + ', '.join(g.name for g in removed) if removed else ''}; running ones end by themselves",
+              file=sys.stderr, flush=True)
+        return 128 + caught[0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

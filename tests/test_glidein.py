@@ -576,7 +576,7 @@ def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
     ad |= {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1005, "ExitCode": 0}
     assert factory.run_once(waiting=1, now=1010) == 0
     assert schedd.retrieved and not schedd.ads and schedd.done == [ad]
-    assert factory.loop_state.backoff_s == 30
+    assert factory.policy.backoff_s == 30
     assert factory.run_once(waiting=1, now=1041) == 1       # after the backoff
 
 

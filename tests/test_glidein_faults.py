@@ -178,7 +178,7 @@ def test_foreign_ca_glideins_fail_fast_and_the_factory_stops_submitting(site):
                   f"{alarm_s}:", *lines[:6], sep="\n  ")
             assert 1 <= submitted <= 2 and len({g.cluster for g in glideins}) == submitted, "\n".join(lines)
             assert alarmed_at is not None, "no credentials alarm\n" + "\n".join(lines)
-            assert factory.loop_state.backoff_s == 900.0 and factory.loop_state.not_before > time.time() + 800
+            assert factory.policy.backoff_s == 900.0 and factory.policy.not_before > time.time() + 800
             (alarm,) = [line for line in lines if "ATTENTION" in line]
             assert "exit 4" in alarm and "REFUSES THIS FACTORY'S AGENT TOKENS" in alarm and "--ca" in alarm
             assert any("backing off" in line and "exit 4" in line for line in lines)   # said again each cycle
@@ -228,7 +228,7 @@ def test_expired_token_glidein_says_so_and_exits_5(site):
     assert "the agent token has expired (valid until" in err and "fix:" in err, err
     assert "the agent left with code 5" in err and "PRIVATE KEY" not in err
     assert factory.run_once(waiting=3) == 0
-    assert factory.loop_state.backoff_s == settings.backoff_max_s
+    assert factory.policy.backoff_s == settings.backoff_max_s
     (alarm,) = [line for line in lines if "ATTENTION" in line]
     assert "exit 5" in alarm and "expired" in alarm and "clocks" in alarm
 
@@ -251,7 +251,7 @@ def test_factory_backs_off_to_the_maximum_on_refused_tokens(fake_factory, monkey
     assert factory.run_once(waiting=1, now=1000) == 1
     schedd.done.append(finished(schedd.ads.pop(), exit_code))
     assert factory.run_once(waiting=5, now=1010) == 0
-    assert factory.loop_state.backoff_s == factory.settings.backoff_max_s == 900
+    assert factory.policy.backoff_s == factory.settings.backoff_max_s == 900
     (alarm,) = [line for line in lines if line.startswith("ATTENTION")]
     assert f"exit {exit_code}" in alarm and words in alarm and "Not submitting glideins for 900 s" in alarm
     # Each later cycle says why it waits; an ordinary short-lived glidein does not shorten the pause.
@@ -271,5 +271,5 @@ def test_factory_ordinary_failures_still_back_off_gradually(fake_factory, monkey
     assert factory.run_once(waiting=1, now=1000) == 1
     schedd.done.append(finished(schedd.ads.pop(), 1))           # any other failure: the usual doubling
     assert factory.run_once(waiting=1, now=1010) == 0
-    assert factory.loop_state.backoff_s == factory.settings.backoff_initial_s
-    assert factory.loop_state.refused is None
+    assert factory.policy.backoff_s == factory.settings.backoff_initial_s
+    assert factory.policy.refused is None
