@@ -571,8 +571,15 @@ def test_stale_job_folders_are_removed_without_following_links(tmp_path):
     for keep in ("software", "job-x-1", "job-1-2-3", "jobs"):
         (work / keep).mkdir()
     (work / "job-12-1.wrapper.log").write_text("kept for diagnosis")
-    assert remove_stale_job_folders(str(work)) == ["job-12-1", "job-13-2", "job-14-1"]
-    assert sorted(os.listdir(work)) == ["job-1-2-3", "job-12-1.wrapper.log", "job-x-1", "jobs", "software"]
+    # An agent killed during its runtime self-test leaves its probe folder (found by the fault runner).
+    (work / "probe-cv6b9dd5" / "x").mkdir(parents=True)
+    (work / "probe-link0001").symlink_to(outside)
+    for keep in ("probe-", "probe-toolongname", "probes"):
+        (work / keep).mkdir()
+    assert remove_stale_job_folders(str(work)) == ["job-12-1", "job-13-2", "job-14-1", "probe-cv6b9dd5",
+                                                   "probe-link0001"]
+    assert sorted(os.listdir(work)) == ["job-1-2-3", "job-12-1.wrapper.log", "job-x-1", "jobs", "probe-",
+                                        "probe-toolongname", "probes", "software"]
     assert (outside / "precious").read_text() == "keep me"
 
 

@@ -385,6 +385,8 @@ def job_limits(spec: m.JobSpec) -> m.Limits:
 
 #: What a job's folder in the work dir is called: job-<job id>-<attempt>.
 JOB_FOLDER_PREFIX = "job-"
+#: The runtime self-test's scratch folder (tempfile.mkdtemp's 8 random characters follow the prefix).
+PROBE_FOLDER_PREFIX = "probe-"
 
 
 def job_folder_name(name: str) -> bool:
@@ -393,6 +395,14 @@ def job_folder_name(name: str) -> bool:
         return False
     parts = name[len(JOB_FOLDER_PREFIX):].split("-")
     return len(parts) == 2 and all(part.isdigit() and part.isascii() for part in parts)
+
+
+def probe_folder_name(name: str) -> bool:
+    """Whether NAME is the runtime self-test's scratch folder (probe-XXXXXXXX), left when an agent is
+    killed during its start-up probe."""
+    rest = name[len(PROBE_FOLDER_PREFIX):]
+    return (name.startswith(PROBE_FOLDER_PREFIX) and len(rest) == 8
+            and all(c.isascii() and (c.isalnum() or c == "_") for c in rest))
 
 
 def _make_writable_and_retry(function, path, _excinfo) -> None:
@@ -418,14 +428,16 @@ def remove_job_folder(path: str) -> None:
 
 
 def remove_stale_job_folders(work_dir: str) -> list[str]:
-    """Remove the job folders an earlier agent left in WORK_DIR (it was killed before cleaning up).
+    """Remove the job folders (and runtime-probe folders) an earlier agent left in WORK_DIR (it was
+    killed before cleaning up).
 
     Called with the work dir's lock held (no live agent uses it): only
-    entries named like job folders, never through a link."""
+    entries named like job or probe folders, never through a link."""
     removed = []
     with os.scandir(work_dir) as entries:
         for entry in entries:
-            if job_folder_name(entry.name) and (entry.is_dir(follow_symlinks=False) or entry.is_symlink()):
+            ours = job_folder_name(entry.name) or probe_folder_name(entry.name)
+            if ours and (entry.is_dir(follow_symlinks=False) or entry.is_symlink()):
                 remove_job_folder(entry.path)
                 removed.append(entry.name)
     return sorted(removed)

@@ -44,7 +44,6 @@ import datetime
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import uuid
@@ -96,14 +95,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _runtime(args, software: str, work_dir: str):
+    from pilot.agent.agent import PROBE_FOLDER_PREFIX, remove_job_folder
     from pilot.launch import Mounts, detect
 
-    probe_sandbox = tempfile.mkdtemp(prefix="probe-", dir=work_dir)
+    # Named so that the next agent in this work dir removes it if this one is killed during the probe.
+    probe_sandbox = tempfile.mkdtemp(prefix=PROBE_FOLDER_PREFIX, dir=work_dir)
     try:
         selection = detect([r for r in args.runtimes.split(",") if r], args.container_policy, args.image,
                            Mounts.on_host(probe_sandbox, software))
     finally:
-        subprocess.run(["rm", "-rf", probe_sandbox], check=False)
+        remove_job_folder(probe_sandbox)
     for attempt in selection.attempts:
         print(f"agent: runtime {attempt.name}: {'ok' if attempt.ok else attempt.reason}", file=sys.stderr)
     return selection
