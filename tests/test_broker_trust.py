@@ -382,20 +382,20 @@ def test_a_replaced_output_frees_its_old_content_unless_still_referenced(small_s
             for round_ in range(6):
                 data = bytes([65 + round_]) * (60 * KiB)
                 stored = job.put_output(write(tmp_path / f"log-{round_}", data), "log.txt")
-                assert files.has(stored.sha256)
+                assert files.size_of(stored.sha256) is not None
                 if previous is not None:
-                    assert not files.has(previous), f"round {round_}: the replaced content is still stored"
+                    assert files.size_of(previous) is None, f"round {round_}: the replaced content is still stored"
                 previous = stored.sha256
             assert files.usage() == (2, 60 * KiB + len(kept))
             # The same bytes as Alice's upload, then replaced: her upload is still there.
             job.put_output(write(tmp_path / "same", kept), "copy.dat")
             job.put_output(write(tmp_path / "other", b"other"), "copy.dat")
-            assert files.has(hashlib.sha256(kept).hexdigest())
+            assert files.size_of(hashlib.sha256(kept).hexdigest()) is not None
             # An output a later job takes as input stays when the output is replaced.
             shared = job.put_output(write(tmp_path / "shared", b"shared data\n"), "shared.out")
             submit_one(alice, input_files=[job_pb2.InputFile(name="in", size=shared.size, sha256=shared.sha256)])
             job.put_output(write(tmp_path / "shared2", b"replacement\n"), "shared.out")
-            assert files.has(shared.sha256)
+            assert files.size_of(shared.sha256) is not None
         outputs = {o.name: o.sha256 for o in alice.status(job_id).outputs}
         assert outputs["log.txt"] == previous and small_server.store.pending_outputs(job_id) == []
 

@@ -197,7 +197,6 @@ def test_naive_datetimes_are_refused(store):
 def test_unknown_job_everywhere(store):
     calls = [
         lambda: store.get(99),
-        lambda: store.current_attempt(99),
         lambda: store.kill(99, None, "", at()),
         lambda: store.job_update(99, 1, S.STARTED, 1, "", None, at()),
         lambda: store.job_heartbeat(99, 1, 0.0, 0, 0, at()),
@@ -265,7 +264,7 @@ def test_match_claims_and_records(store):
         (S.ASSIGNED, 1, SITE, "node-1", "pilot-1")
     assert record.updated == at(10) and assignment.spec.executable == "run.sh"
     assert history_states(store, job_id) == [(S.WAITING, 0), (S.ASSIGNED, 1)]
-    assert store.current_attempt(job_id) == (S.ASSIGNED, 1)
+    assert (store.get(job_id).state, store.get(job_id).attempt) == (S.ASSIGNED, 1)
     assert store.match(slot(), PILOT, at(11)) is None  # claimed once only
     assert store.stats()["matches_total"] == 1
 
@@ -590,7 +589,7 @@ def test_lost_heartbeat_requeues_with_next_attempt(store):
         [(job_id, 1, RequeueCause.LOST, S.WAITING)]
     record = store.get(job_id)
     assert record.state is S.WAITING and record.updated == at(311)
-    assert store.current_attempt(job_id) == (S.WAITING, 1)
+    assert (record.state, record.attempt) == (S.WAITING, 1)
     for refused in (lambda: store.job_update(job_id, 1, S.SAVING, 3, "", None, at(312)),
                     lambda: store.job_heartbeat(job_id, 1, 0.0, 0, 0, at(312)),
                     lambda: store.add_output(job_id, 1, OutputRecord("o", 1, "a" * 64), at(312))):
@@ -1119,7 +1118,7 @@ def test_ids_beyond_the_database_name_no_job(store, job_id):
     for call in (lambda: store.get(job_id), lambda: store.kill(job_id, None, "", at(1)),
                  lambda: store.requeue(job_id, RequeueCause.ADMIN, "", at(1)),
                  lambda: store.attempt_failed(job_id, 1, PILOT, RequeueCause.WRAPPER, "", at(1)),
-                 lambda: store.job_heartbeat(job_id, 1, 0, 0, 0, at(1)), lambda: store.current_attempt(job_id),
+                 lambda: store.job_heartbeat(job_id, 1, 0, 0, 0, at(1)),
                  lambda: store.jobs_ahead(job_id)):
         with pytest.raises(UnknownJob):
             call()
