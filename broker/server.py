@@ -44,7 +44,7 @@ import grpc
 from cryptography import x509
 
 from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, FileStore
-from broker.metrics import Metrics, MetricsServer
+from broker.metrics import BrokerCollector, Metrics, MetricsServer
 from broker.service import Broker, ServiceSettings, add_servicers, heartbeat_interval, utcnow
 from broker.store.base import JobStore, Reaped, StoreSettings, StoreUnavailable
 from pilot.errors import SplitpilotError, UsageError
@@ -206,6 +206,8 @@ class BrokerServer:
                 offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+"))),
                 broker_heartbeat_s=heartbeat_s)
             self.broker = Broker(self.store, files, self.ca, settings=settings, metrics=self.metrics)
+            broker, store = self.broker, self.store
+            self.metrics.registry.register(BrokerCollector(store.counts, store.stats, lambda: broker.auth.cache))
             self.broker.refresh_revocations()  # before the first call: a restarted broker knows them all
             credentials = grpc.ssl_server_credentials(
                 [(private_key_pem(host_token.key), certificate_pem(list(host_token.chain)))],
@@ -221,7 +223,7 @@ class BrokerServer:
             if metrics_address is not None:
                 metrics_host, metrics_port = metrics_address
                 try:
-                    self._metrics_server = MetricsServer(metrics_host, metrics_port, self.render_metrics,
+                    self._metrics_server = MetricsServer(metrics_host, metrics_port, self.metrics.render,
                                                          read_timeout=config.metrics_timeout)
                 except OSError as exc:
                     raise BrokerStartError(f"metrics endpoint {config.metrics}: {exc.strerror}; fix: choose "
@@ -302,7 +304,7 @@ class BrokerServer:
         reaped = self.store.reap(now)
         for item in reaped:
             cause = item.cause.value if item.cause is not None else "expired"
-            self.metrics.reaped[cause] += 1
+            self.metrics.reaped.labels(cause).inc()
             log.info("reaper: job %d attempt %d %s: now %s", item.job_id, item.attempt, cause, item.new_state.name)
         self.broker.prune(now)
         return reaped
@@ -323,12 +325,8 @@ class BrokerServer:
                 log.exception("revocations: refresh failed; trying again in %.0fs", self.config.revocation_refresh)
 
     def render_metrics(self) -> str:
-        cache = self.broker.auth.cache
-        return self.metrics.render(self.store.counts(), self.store.stats(), extra={
-            "splitpilot_identity_cache_hits_total": cache.hits,
-            "splitpilot_identity_cache_misses_total": cache.misses,
-            "splitpilot_identity_cache_entries": len(cache),
-        })
+        """What the metrics endpoint serves (rendered now, whatever the endpoint's cache holds)."""
+        return self.metrics.render().decode()
 
     # ------------------------------------------------------------ start-up pieces
 
