@@ -8,6 +8,7 @@ per job attempt; and, for SQLite, SIGKILL in the middle of work.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ from collections import Counter
 
 import psycopg
 import pytest
-from pg import pg_server, pg_url  # noqa: F401  (fixtures)
+from pg import DATABASE, free_port, pg_server, pg_url  # noqa: F401  (fixtures)
 from store_v1 import make_postgres_v1, make_sqlite_v1
 
 from broker.lifecycle import TRANSITIONS, Actor, JobState, RequeueCause, allowed
@@ -39,7 +40,9 @@ from broker.store.base import (
     SeenToken,
     SlotOffer,
     StaleAttemptError,
+    StoreError,
     StoreSettings,
+    StoreUnavailable,
     TooManyJobs,
     UnknownJob,
 )
@@ -138,6 +141,66 @@ def test_open_store_urls(tmp_path, pg_url):  # noqa: F811
         open_store("mysql://x/y", SETTINGS)
     with pytest.raises(UsageError):
         open_store("sqlite://", SETTINGS)
+
+
+def _pool_threads() -> list[str]:
+    """Threads of the PostgreSQL stores' connection pools (psycopg_pool names them after the pool)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("splitpilot-broker")]
+
+
+def test_postgres_store_refuses_an_absent_server_at_once_with_the_drivers_words(pg_server):  # noqa: F811
+    """A URL where no PostgreSQL listens fails open_store with the driver's own words (not a pool timeout
+    without a cause), and leaves no pool thread behind."""
+    port = free_port()
+    with pytest.raises(StoreUnavailable) as info:
+        open_store(f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}", SETTINGS)
+    assert f"(PostgreSQL: 'connection failed: connection to server at \"127.0.0.1\", port {port} failed" \
+        in str(info.value) and "fix: retry later" in str(info.value)
+    assert _pool_threads() == []
+
+
+def test_postgres_store_busy_pool_is_unavailable_in_bounded_time_and_changes_nothing(pg_url):  # noqa: F811
+    """Every connection held (a stuck call): the next call waits at most pool_timeout, then answers
+    StoreUnavailable naming the busy pool and the fix (the services answer UNAVAILABLE: clients
+    retry), and the refused submit stored nothing. Closed, the store refuses every call by name."""
+    settings = dataclasses.replace(SETTINGS, extra={"pool_size": 1, "pool_timeout": 0.5})
+    store = open_store(pg_url, settings)
+    try:
+        job_id = submit_one(store)
+        with store._pool.connection():
+            for call in (lambda: store.get(job_id), lambda: store.submit("mallory", [spec()], at())):
+                with pytest.raises(StoreUnavailable, match="all 1 connections of this broker stayed busy for "
+                                                           "0.5s .raise the store's pool_size"):
+                    call()
+        assert store.counts()[S.WAITING] == 1 and store.get(job_id).owner == "alice"
+    finally:
+        store.close()
+    with pytest.raises(StoreError, match="the store is closed"):
+        store.get(job_id)
+    assert _pool_threads() == []
+
+
+def test_postgres_store_refuses_a_forked_child(pg_url):  # noqa: F811
+    """A child forked after the store was opened must not use the parent's connections (their
+    sockets are shared): its call is refused with the fix; the parent's store keeps working."""
+    store = open_store(pg_url, SETTINGS)
+    try:
+        job_id = submit_one(store)
+        child = os.fork()
+        if child == 0:  # pragma: no cover (runs in the child)
+            code = 3
+            try:
+                store.get(job_id)
+                code = 1
+            except StoreError as exc:
+                code = 0 if "open the store again after fork" in str(exc) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store.get(job_id).state is S.WAITING
+    finally:
+        store.close()
 
 
 def test_reopen_keeps_jobs(url):
