@@ -872,3 +872,21 @@ def test_health_follows_the_database_and_says_not_serving_while_stopping(tmp_pat
             if stopper.ident is not None:
                 stopper.join(60)
             server.stop()
+
+
+def test_a_flood_of_health_checks_cannot_become_a_flood_of_store_queries(tmp_path, ca_dir, tokens):
+    """200 checks from one client: the store is asked once per min_interval (here: once), not per check."""
+    server = start_server(tmp_path, ca_dir, revocation_refresh=0)  # no other reader of the probe's query
+    try:
+        asked = []
+        real = server.store.revocation_generation
+        server.store.revocation_generation = lambda: asked.append(1) or real()
+        server.health.min_interval = 3600
+        credentials = grpc.ssl_channel_credentials(server.ca_pem, private_key_pem(tokens.alice.key),
+                                                   certificate_pem(list(tokens.alice.chain[:1])))
+        with grpc.secure_channel(server.address, credentials) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            statuses = {stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status for _ in range(200)}
+        assert statuses == {SERVING} and len(asked) == 1
+    finally:
+        server.stop()
