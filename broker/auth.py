@@ -36,6 +36,8 @@ SERVICE_ROLES: dict[str, tuple[TokenRole, ...]] = {
     "AgentService": (TokenRole.AGENT,),
     "JobService": (TokenRole.JOB,),
     "AdminService": (TokenRole.ADMIN,),
+    # grpc.health.v1.Health: any client token (broker/health.py says why).
+    "Health": (TokenRole.USER, TokenRole.ADMIN, TokenRole.AGENT, TokenRole.JOB),
 }
 
 

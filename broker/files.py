@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -276,10 +276,6 @@ class FileStore:
         except FileNotFoundError:
             return None
 
-    def has(self, sha256: str, size: int | None = None) -> bool:
-        stored = self.size_of(sha256)
-        return stored is not None and (size is None or stored == size)
-
     def check_header(self, name: str, size: int, sha256: str, *, what: str = "file name") -> None:
         """Refuse a header before any data is read (name, digest, size limit)."""
         check_sandbox_name(name, what)
@@ -291,16 +287,6 @@ class FileStore:
         """Start receiving a file announced by its header (checked here)."""
         self.check_header(name, size, sha256, what=what)
         return Incoming(self, name, size, sha256)
-
-    def read_chunks(self, sha256: str, name: str = "", chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """The stored content in pieces of CHUNK_SIZE (MissingFile if absent)."""
-        try:
-            handle = open(self.path(sha256), "rb")
-        except FileNotFoundError:
-            raise MissingFile(name, sha256) from None
-        with handle:
-            while block := handle.read(chunk_size):
-                yield block
 
     def open(self, sha256: str, name: str = ""):
         """A binary file object of the stored content (MissingFile if absent)."""

@@ -1,22 +1,30 @@
-"""Broker metrics in the Prometheus text exposition format, over plain HTTP.
+"""Broker metrics through prometheus_client, served over a bounded plain-HTTP endpoint.
 
-Counters of this process (requests and errors per RPC, match outcomes,
-reaped attempts) live in `Metrics`; the durable figures (jobs per state,
-matches since the database was created, lost attempts, pilots) come from the
-store at scrape time, at most once per `cache_seconds`.
+Each BrokerServer has its own CollectorRegistry (never the process-global one:
+tests and embedding programs run several brokers in one process). `Metrics`
+holds this process's Counters and Histograms (calls, match outcomes, reaped
+attempts, file traffic); `BrokerCollector` reads the durable figures (jobs per
+state, matches since the database was created, lost attempts, pilots) from
+the store, and the identity cache's figures, at scrape time. The endpoint
+renders at most once per `cache_seconds`, so a scrape storm cannot become a
+query storm on the database.
 
-    splitpilot_jobs{state="WAITING"}                    queue depth per state
+    splitpilot_jobs{state="WAITING"}                    gauge: queue depth per state
     splitpilot_matches_total                            jobs matched, since the database was created
     splitpilot_broker_matches_total                     the same, by this broker process (rate() it)
     splitpilot_match_requests_total{result=...}         matched / empty / refused Match calls
     splitpilot_lost_attempts_total                      attempts lost (missed heartbeats)
-    splitpilot_pilots_seen                              pilots the broker has seen
+    splitpilot_pilots_seen                              gauge: pilots the broker has seen
     splitpilot_empty_pilots_total                       pilots that left without running a job
     splitpilot_reaped_total{cause=...}                  attempts ended by this process's reaper
     splitpilot_rpc_requests_total{method=...,code=...}  calls per RPC and status code
     splitpilot_rpc_errors_total{method=...}             calls that did not end OK
-    splitpilot_rpc_duration_seconds_{sum,count}         time in handlers per RPC
-    splitpilot_identity_cache_{hits,misses}_total       token verification cache
+    splitpilot_rpc_duration_seconds{method=...}         histogram: time in handlers per RPC
+    splitpilot_identity_cache_{hits,misses}_total       token verification cache (and _entries, a gauge)
+
+prometheus_client's own HTTP servers (start_http_server, make_wsgi_app) are
+not used: they run a thread per connection with no bound on idle ones,
+which is what MetricsServer below exists to prevent.
 """
 
 from __future__ import annotations
@@ -26,97 +34,132 @@ import logging
 import socket
 import threading
 import time
-from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
 
 from broker.lifecycle import JobState
 
 log = logging.getLogger("splitpilot.broker.metrics")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: The classic text format: every name here is a legacy Prometheus name, so nothing needs the 1.0.0 escaping.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+
+#: Seconds. Most calls take a millisecond or less; file streams and heavy listings take seconds.
+RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+MATCH_RESULTS = ("matched", "empty", "refused")
 
 
 class Metrics:
-    """In-process counters. Updated from the server's event loop (and the
-    reaper thread); single increments are safe under the GIL, and a scrape
-    that reads a value mid-update only sees it a moment early or late."""
+    """This process's instruments, registered in REGISTRY (a new one by default). prometheus_client's
+    instruments lock their own updates, so the event loop and the reaper thread may both count."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
         self.started = time.time()
-        self.requests: defaultdict[tuple[str, str], int] = defaultdict(int)
-        self.duration_sum: defaultdict[str, float] = defaultdict(float)
-        self.duration_count: defaultdict[str, int] = defaultdict(int)
-        self.match_results: defaultdict[str, int] = defaultdict(int)
-        self.reaped: defaultdict[str, int] = defaultdict(int)
-        self.files_received_bytes = 0
-        self.files_sent_bytes = 0
+        r = self.registry
+        self.rpc_requests = Counter("splitpilot_rpc_requests", "RPCs handled, by method and status code.",
+                                    ("method", "code"), registry=r)
+        self.rpc_errors = Counter("splitpilot_rpc_errors", "RPCs that did not end OK, by method.", ("method",),
+                                  registry=r)
+        self.rpc_duration = Histogram("splitpilot_rpc_duration_seconds", "Seconds spent in handlers, by method.",
+                                      ("method",), buckets=RPC_BUCKETS, registry=r)
+        self.match_requests = Counter("splitpilot_match_requests", "Match calls by result.", ("result",),
+                                      registry=r)
+        self.broker_matches = Counter("splitpilot_broker_matches", "Jobs matched by this broker process.",
+                                      registry=r)
+        self.reaped = Counter("splitpilot_reaped", "Attempts ended by this process's reaper, by cause.", ("cause",),
+                              registry=r)
+        self.file_bytes_received = Counter("splitpilot_file_bytes_received", "File bytes accepted into the store.",
+                                           registry=r)
+        self.file_bytes_sent = Counter("splitpilot_file_bytes_sent", "File bytes streamed to clients.", registry=r)
+        Gauge("splitpilot_broker_start_time_seconds", "Unix time the broker process started.",
+              registry=r).set(self.started)
+        for result in MATCH_RESULTS:  # every result shown from the start, so that rate() sees the first one
+            self.match_requests.labels(result)
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests[(method, code)] += 1
-        self.duration_sum[method] += seconds
-        self.duration_count[method] += 1
+        """One handled call of METHOD that ended with gRPC status CODE (a name: OK, NOT_FOUND, ...)."""
+        self.rpc_requests.labels(method, code).inc()
+        if code != "OK":
+            self.rpc_errors.labels(method).inc()
+        self.rpc_duration.labels(method).observe(seconds)
 
-    @property
-    def matches(self) -> int:
-        return self.match_results["matched"]
+    def match_result(self, result: str) -> None:
+        """One Match call answered with RESULT (one of MATCH_RESULTS)."""
+        self.match_requests.labels(result).inc()
+        if result == "matched":
+            self.broker_matches.inc()
 
-    def render(self, store_counts: dict[JobState, int] | None, store_stats: dict[str, int] | None,
-               extra: dict[str, float] | None = None) -> str:
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                lines.append(f"{name}{labels} {_number(value)}")
-
-        if store_counts is not None:
-            metric("splitpilot_jobs", "gauge", "Jobs per state (queue depth for WAITING).",
-                   [(f'{{state="{s.name}"}}', store_counts.get(s, 0)) for s in JobState])
-        stats = store_stats or {}
-        for key, name, kind, help_text in (
-                ("matches_total", "splitpilot_matches_total", "counter",
-                 "Jobs matched to pilots since the broker database was created."),
-                ("lost_attempts_total", "splitpilot_lost_attempts_total", "counter",
-                 "Job attempts lost (no heartbeat) since the database was created."),
-                ("pilots_seen", "splitpilot_pilots_seen", "gauge", "Pilots the broker has seen."),
-                ("empty_pilots_total", "splitpilot_empty_pilots_total", "counter",
-                 "Pilots that ended without running a job.")):
-            if key in stats:
-                metric(name, kind, help_text, [("", stats[key])])
-        metric("splitpilot_broker_matches_total", "counter", "Jobs matched by this broker process.",
-               [("", self.matches)])
-        metric("splitpilot_match_requests_total", "counter", "Match calls by result.",
-               [(f'{{result="{r}"}}', self.match_results.get(r, 0)) for r in ("matched", "empty", "refused")])
-        metric("splitpilot_reaped_total", "counter", "Attempts ended by this process's reaper, by cause.",
-               [(f'{{cause="{c}"}}', n) for c, n in sorted(self.reaped.items())])
-        metric("splitpilot_rpc_requests_total", "counter", "RPCs handled, by method and status code.",
-               [(f'{{method="{m}",code="{c}"}}', n) for (m, c), n in sorted(self.requests.items())])
-        errors: defaultdict[str, int] = defaultdict(int)
-        for (m, c), n in list(self.requests.items()):
-            errors[m] += n if c != "OK" else 0
-        metric("splitpilot_rpc_errors_total", "counter", "RPCs that did not end OK, by method.",
-               [(f'{{method="{m}"}}', n) for m, n in sorted(errors.items())])
-        metric("splitpilot_rpc_duration_seconds_sum", "counter", "Seconds spent in handlers, by method.",
-               [(f'{{method="{m}"}}', s) for m, s in sorted(self.duration_sum.items())])
-        metric("splitpilot_rpc_duration_seconds_count", "counter", "Handled calls, by method.",
-               [(f'{{method="{m}"}}', n) for m, n in sorted(self.duration_count.items())])
-        metric("splitpilot_file_bytes_received_total", "counter", "File bytes accepted into the store.",
-               [("", self.files_received_bytes)])
-        metric("splitpilot_file_bytes_sent_total", "counter", "File bytes streamed to clients.",
-               [("", self.files_sent_bytes)])
-        for name, value in (extra or {}).items():
-            metric(name, "counter" if name.endswith("_total") else "gauge", name.replace("_", " "), [("", value)])
-        metric("splitpilot_broker_start_time_seconds", "gauge", "Unix time the broker process started.",
-               [("", self.started)])
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        """The registry in the text format (what the endpoint serves)."""
+        return generate_latest(self.registry)
 
 
-def _number(value: float) -> str:
-    if isinstance(value, float) and not value.is_integer():
-        return repr(value)
-    return str(int(value))
+class IdentityCacheFigures(Protocol):
+    """What BrokerCollector reads from the identity cache (broker.auth.IdentityCache)."""
+
+    hits: int
+    misses: int
+
+    def __len__(self) -> int: ...
+
+
+class BrokerCollector(Collector):
+    """The figures that live outside this process's instruments, read at scrape time: the store's job
+    counts per state and durable counters (COUNTS() and STATS(), as JobStore.counts and .stats), and
+    the identity cache's hits, misses and size (CACHE())."""
+
+    #: Store statistics shown, with their kind and help; others the store keeps are not exported.
+    STATS = (
+        ("matches_total", "counter", "Jobs matched to pilots since the broker database was created."),
+        ("lost_attempts_total", "counter", "Job attempts lost (no heartbeat) since the database was created."),
+        ("pilots_seen", "gauge", "Pilots the broker has seen."),
+        ("empty_pilots_total", "counter", "Pilots that ended without running a job."),
+    )
+
+    def __init__(self, counts: Callable[[], Mapping[JobState, int]], stats: Callable[[], Mapping[str, int]],
+                 cache: Callable[[], IdentityCacheFigures]) -> None:
+        self._counts = counts
+        self._stats = stats
+        self._cache = cache
+
+    def describe(self) -> Iterable[Metric]:
+        # The names without samples: registering must not query the database.
+        return list(self._families(None, {}, None))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(self._counts(), self._stats(), self._cache()))
+
+    def _families(self, counts: Mapping[JobState, int] | None, stats: Mapping[str, int],
+                  cache: IdentityCacheFigures | None) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily("splitpilot_jobs", "Jobs per state (queue depth for WAITING).", labels=("state",))
+        if counts is not None:
+            for state in JobState:  # every state, zero included: a state that empties shows 0, not a gap
+                jobs.add_metric((state.name,), counts.get(state, 0))
+        yield jobs
+        for key, kind, help_text in self.STATS:
+            value = stats.get(key)
+            if kind == "counter":  # the family's name without _total: the format adds it to the sample
+                yield CounterMetricFamily(f"splitpilot_{key.removesuffix('_total')}", help_text, value=value)
+            else:
+                yield GaugeMetricFamily(f"splitpilot_{key}", help_text, value=value)
+        hits = misses = entries = None
+        if cache is not None:
+            hits, misses, entries = cache.hits, cache.misses, len(cache)
+        yield CounterMetricFamily("splitpilot_identity_cache_hits", "Calls whose token was verified before.",
+                                  value=hits)
+        yield CounterMetricFamily("splitpilot_identity_cache_misses", "Calls whose token had to be verified.",
+                                  value=misses)
+        yield GaugeMetricFamily("splitpilot_identity_cache_entries", "Verified identities cached now.",
+                                value=entries)
 
 
 class MetricsServer:
@@ -136,7 +179,7 @@ class MetricsServer:
 
     MAX_HEAD = 8 << 10
 
-    def __init__(self, host: str, port: int, render: Callable[[], str], *, cache_seconds: float = 1.0,
+    def __init__(self, host: str, port: int, render: Callable[[], bytes], *, cache_seconds: float = 1.0,
                  read_timeout: float = 10.0, max_connections: int = 256) -> None:
         self._render = render
         self._cache_seconds = cache_seconds
@@ -161,7 +204,7 @@ class MetricsServer:
         with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] >= self._cache_seconds:
-                self._cached = (now, self._render().encode())
+                self._cached = (now, self._render())
             return self._cached[1]
 
     @property
@@ -249,4 +292,4 @@ class MetricsServer:
         self._renderer.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["CONTENT_TYPE", "Metrics", "MetricsServer"]
+__all__ = ["CONTENT_TYPE", "BrokerCollector", "Metrics", "MetricsServer"]

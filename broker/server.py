@@ -24,7 +24,9 @@ Besides the gRPC loop, three threads: the reaper, the revocation refresher
 (every `revocation_refresh` seconds it writes the certificates this process
 saw first and reloads the revocations when the store's changed, so a token
 revoked through any broker on the same database is refused here within
-seconds), and the metrics endpoint (loopback only unless `metrics_public`).
+seconds, and tells the health service whether the store answered), and the
+metrics endpoint (loopback only unless `metrics_public`). The standard gRPC
+health service (broker/health.py) shares the gRPC port and its mutual TLS.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ from dataclasses import dataclass, field
 
 import grpc
 from cryptography import x509
+from grpc_health.v1 import health_pb2_grpc
 
 from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, FileStore
-from broker.metrics import Metrics, MetricsServer
+from broker.health import BrokerHealth
+from broker.metrics import BrokerCollector, Metrics, MetricsServer
 from broker.service import Broker, ServiceSettings, add_servicers, heartbeat_interval, utcnow
 from broker.store.base import JobStore, Reaped, StoreSettings, StoreUnavailable
 from pilot.errors import SplitpilotError, UsageError
@@ -149,6 +153,7 @@ class BrokerServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: grpc.aio.Server | None = None
+        self.health: BrokerHealth | None = None
         self._metrics_server: MetricsServer | None = None
         self._reaper: threading.Thread | None = None
         self._revocations: threading.Thread | None = None
@@ -206,6 +211,8 @@ class BrokerServer:
                 offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+"))),
                 broker_heartbeat_s=heartbeat_s)
             self.broker = Broker(self.store, files, self.ca, settings=settings, metrics=self.metrics)
+            broker, store = self.broker, self.store
+            self.metrics.registry.register(BrokerCollector(store.counts, store.stats, lambda: broker.auth.cache))
             self.broker.refresh_revocations()  # before the first call: a restarted broker knows them all
             credentials = grpc.ssl_server_credentials(
                 [(private_key_pem(host_token.key), certificate_pem(list(host_token.chain)))],
@@ -221,7 +228,7 @@ class BrokerServer:
             if metrics_address is not None:
                 metrics_host, metrics_port = metrics_address
                 try:
-                    self._metrics_server = MetricsServer(metrics_host, metrics_port, self.render_metrics,
+                    self._metrics_server = MetricsServer(metrics_host, metrics_port, self.metrics.render,
                                                          read_timeout=config.metrics_timeout)
                 except OSError as exc:
                     raise BrokerStartError(f"metrics endpoint {config.metrics}: {exc.strerror}; fix: choose "
@@ -258,6 +265,11 @@ class BrokerServer:
         if self._metrics_server is not None:
             self._metrics_server.stop()
         if self._loop is not None:
+            if self.health is not None:  # NOT_SERVING for good: probes send no new calls during the grace
+                try:
+                    asyncio.run_coroutine_threadsafe(self.health.enter_graceful_shutdown(), self._loop).result(10)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("health: could not announce the stop: %s", exc)
             if self._server is not None:
                 try:
                     asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result(grace + 10)
@@ -302,7 +314,7 @@ class BrokerServer:
         reaped = self.store.reap(now)
         for item in reaped:
             cause = item.cause.value if item.cause is not None else "expired"
-            self.metrics.reaped[cause] += 1
+            self.metrics.reaped.labels(cause).inc()
             log.info("reaper: job %d attempt %d %s: now %s", item.job_id, item.attempt, cause, item.new_state.name)
         self.broker.prune(now)
         return reaped
@@ -319,16 +331,20 @@ class BrokerServer:
             try:
                 if self.broker.refresh_revocations():
                     log.info("revocations reloaded: %d in force", len(self.broker.auth.revoked))
+                answered = True
             except Exception:  # noqa: BLE001 (keep the last list; the database may be back next time)
                 log.exception("revocations: refresh failed; trying again in %.0fs", self.config.revocation_refresh)
+                answered = False
+            self._report_health(answered)
+
+    def _report_health(self, store_answered: bool) -> None:
+        """Tell the health service what a query of the store just showed (Watch streams hear of it)."""
+        if self.health is not None and self._loop is not None and not self._stopping.is_set():
+            asyncio.run_coroutine_threadsafe(self.health.observe(store_answered), self._loop)
 
     def render_metrics(self) -> str:
-        cache = self.broker.auth.cache
-        return self.metrics.render(self.store.counts(), self.store.stats(), extra={
-            "splitpilot_identity_cache_hits_total": cache.hits,
-            "splitpilot_identity_cache_misses_total": cache.misses,
-            "splitpilot_identity_cache_entries": len(cache),
-        })
+        """What the metrics endpoint serves (rendered now, whatever the endpoint's cache holds)."""
+        return self.metrics.render().decode()
 
     # ------------------------------------------------------------ start-up pieces
 
@@ -445,6 +461,8 @@ class BrokerServer:
     async def _start_grpc(self, host: str, port: int, credentials) -> int:
         server = grpc.aio.server(options=GRPC_OPTIONS)
         add_servicers(server, self.broker)
+        self.health = BrokerHealth(self.broker)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = format_address(host, port)
         try:
             bound = server.add_secure_port(address, credentials)

@@ -457,7 +457,7 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
             running.add_done_callback(lambda _done: incoming.abort())
         else:
             incoming.abort()
-    broker.metrics.files_received_bytes += header.size
+    broker.metrics.file_bytes_received.inc(header.size)
     return header, result
 
 
@@ -468,7 +468,7 @@ async def send_file(broker: Broker, name: str, size: int, sha256: str, message):
     try:
         yield message(header=pb.FileHeader(name=name, size=size, sha256=sha256))
         while block := await broker.io(handle.read, CHUNK_SIZE):
-            broker.metrics.files_sent_bytes += len(block)
+            broker.metrics.file_bytes_sent.inc(len(block))
             yield message(data=block)
     finally:
         handle.close()

@@ -109,9 +109,9 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
                       assignment.job_id, assignment.attempt, exc)
             await broker.call(broker.store.attempt_failed, assignment.job_id, assignment.attempt, pilot,
                               RequeueCause.INFRASTRUCTURE, f"job token not issued: {exc}", now)
-            broker.metrics.match_results["refused"] += 1
+            broker.metrics.match_result("refused")
             raise
-        broker.metrics.match_results["matched"] += 1
+        broker.metrics.match_result("matched")
         return pb.MatchResponse(job=pb.MatchedJob(
             job_id=assignment.job_id, attempt=assignment.attempt, spec=assignment.spec,
             job_token_pem=certificate.public_bytes(_PEM) + broker.ca_pem,
@@ -122,10 +122,10 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
         broker = self.broker
         state = await broker.call(broker.store.site_state, site)
         if state != "enabled":
-            broker.metrics.match_results["refused"] += 1
+            broker.metrics.match_result("refused")
             return pb.MatchResponse(no_match=pb.NoMatch(
                 reason=f"site {site} is {state}: no new jobs; leave", retry_after_s=0, leave=True))
-        broker.metrics.match_results["empty"] += 1
+        broker.metrics.match_result("empty")
         return pb.MatchResponse(no_match=pb.NoMatch(
             reason="no waiting job fits this slot", retry_after_s=broker.settings.empty_retry_s, leave=False))
 
@@ -150,7 +150,7 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
         ended = await broker.call(broker.store.pilot_end, pilot, request.jobs_run, reason, utcnow(),
                                   abandoned=request.abandoned)
         for attempt in ended:
-            broker.metrics.reaped["pilot_end"] += 1
+            broker.metrics.reaped.labels("pilot_end").inc()
             log.info("pilot %s ended holding job %d attempt %d: now %s", pilot_id, attempt.job_id, attempt.attempt,
                      attempt.new_state.name)
         log.log(logging.WARNING if request.abandoned else logging.DEBUG, "pilot %s at %s ended after %d job(s)%s: %s",

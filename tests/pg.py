@@ -91,6 +91,7 @@ class PostgresCluster:
         self.as_root = os.geteuid() == 0
         self.dir = ""
         self.port = 0
+        self._options = ""
         self._watchdog: subprocess.Popen | None = None
 
     # paths
@@ -147,6 +148,7 @@ class PostgresCluster:
             options = (f"-k {self.socket_dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off "
                        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300 "
                        "-c shared_buffers=128MB")
+            self._options = options
             try:
                 self._run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", options, "start")
                 break
@@ -155,6 +157,14 @@ class PostgresCluster:
                     raise
         self._psql(f"CREATE DATABASE {DATABASE}", database="postgres")
         return self
+
+    def pause(self) -> None:
+        """Stop the server as an outage would, keeping data, port and directory (resume() restarts it)."""
+        self._run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop", timeout=90)
+
+    def resume(self) -> None:
+        """Start a paused server again, on the same port."""
+        self._run("pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "60", "-o", self._options, "start")
 
     def _start_watchdog(self) -> None:
         spec = {"dir": self.dir, "data": self.data,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 
 from broker.client import AgentClient, MatchedJob
 from broker.lifecycle import JobState
@@ -27,14 +30,14 @@ def run(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess
                           env={**os.environ, **(env or {})})
 
 
-@pytest.fixture
-def broker(tmp_path):
-    """A broker process on a free port, with a user token and a client config file."""
+@contextlib.contextmanager
+def serving(tmp_path, *options: str):
+    """A broker process on a free port (with OPTIONS), a user token and a client config file."""
     state = tmp_path / "state"
     log_path = tmp_path / "broker.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([str(BIN), "broker", "serve", "--state-dir", str(state), "--listen",
-                                    "127.0.0.1:0", "--reap-interval", "1s"],
+                                    "127.0.0.1:0", "--reap-interval", "1s", *options],
                                    stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 60
@@ -59,6 +62,13 @@ def broker(tmp_path):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    """A broker process on a free port, with a user token and a client config file."""
+    with serving(tmp_path) as running:
+        yield running
 
 
 def job(broker, *args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -179,6 +189,24 @@ def test_serve_stops_cleanly_on_sigterm(broker):
     for words in ("created CA", "issued host token", "listening on 127.0.0.1:", "ready:", "shutting down",
                   "broker stopped"):
         assert words in log, log
+
+
+def test_serve_logs_one_format_with_time_and_level_and_no_pool_chatter(tmp_path, pg_url):  # noqa: F811
+    """`broker serve` on PostgreSQL configures logging once: every line carries a timestamp and a level
+    (the lines' words as before), and psycopg_pool's per-connection INFO lines stay out of the log
+    (psycopg keeps its loggers at WARNING unless the program sets them)."""
+    with serving(tmp_path, "--db", pg_url) as running:
+        for _ in range(3):
+            listed = job(running, "status")
+            assert listed.returncode == 0, listed.stderr
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=60) == 0
+    log = running.log.read_text()
+    lines = log.splitlines()
+    assert lines and all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ", line)
+                         for line in lines if not line.startswith((" ", "Traceback"))), log
+    assert "INFO store postgresql://" in log and "INFO broker stopped" in log, log
+    assert "connection requested" not in log and "returning connection" not in log, log
 
 
 def test_serve_refuses_bad_options(tmp_path):

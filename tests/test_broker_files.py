@@ -43,8 +43,9 @@ def test_store_is_content_addressed_and_deduplicated(tmp_path):
     with store.receive("b.txt", len(data), digest(data)) as incoming:
         incoming.write(data)
         assert incoming.finish().already_present
-    assert store.usage() == (1, len(data)) and store.has(digest(data), len(data))
-    assert b"".join(store.read_chunks(digest(data))) == data
+    assert store.usage() == (1, len(data)) and store.size_of(digest(data)) == len(data)
+    with store.open(digest(data)) as handle:
+        assert handle.read() == data
     assert store.temp_files() == []
 
 
@@ -78,7 +79,7 @@ def test_limits_and_headers(tmp_path):
     with pytest.raises(BadFileHeader, match="64 lower-case"):
         store.receive("a", 1, "ABC")
     with pytest.raises(MissingFile):
-        list(store.read_chunks("0" * 64))
+        store.open("0" * 64)
     assert store.temp_files() == []
 
 

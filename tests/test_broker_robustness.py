@@ -250,7 +250,7 @@ def test_limit_overruns_end_failed_limit_not_killed(server, clients):
         assert words in status.message
         assert not any(e.state is JobState.KILLED for e in status.history)
     assert clients.alice.list().counts[JobState.FAILED_LIMIT] == 2
-    assert 'splitpilot_jobs{state="FAILED_LIMIT"} 2' in server.render_metrics()
+    assert 'splitpilot_jobs{state="FAILED_LIMIT"} 2.0' in server.render_metrics().splitlines()
     assert not isinstance(clients.agent.match(SLOT, "pilot-1", "node-1"), MatchedJob)  # neither was re-queued
 
 

@@ -23,6 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 from broker.client import (
     AccessDenied,
@@ -785,7 +787,20 @@ def test_job_client_verifies_inputs(server, clients, tmp_path):
 
 # ------------------------------------------------------------------ metrics, start-up
 
+def scrape(port: int) -> tuple[str, dict[str, str], dict[tuple[str, tuple], float]]:
+    """GET /metrics: (content type, {family: type}, {(sample name, sorted labels): value}), parsed by
+    prometheus_client's own parser (a malformed exposition fails here)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        content_type, text = response.headers["Content-Type"], response.read().decode()
+    families = list(text_string_to_metric_families(text))
+    types = {family.name: family.type for family in families}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+    return content_type, types, samples
+
+
 def test_metrics_endpoint(server, clients):
+    """A real scrape, parsed by prometheus_client: the store's figures at scrape time, this process's
+    counters, and the call durations as a histogram (not `_sum`/`_count` typed as counters)."""
     two_cores = job_pb2.Requirements(cores=2, walltime_s=3600)
     submit_one(clients.alice, requirements=two_cores)
     submit_one(clients.alice, requirements=two_cores)
@@ -794,23 +809,47 @@ def test_metrics_endpoint(server, clients):
     clients.agent_b.report_pilot_end("pilot-b", "n", 0, "idle")
     with pytest.raises(NotFound):
         clients.alice.status(999)
+    content_type, types, samples = scrape(server.metrics_port)
+    assert content_type.startswith("text/plain; version=0.0.4")
+    expected = {("splitpilot_jobs", (("state", "WAITING"),)): 1, ("splitpilot_jobs", (("state", "ASSIGNED"),)): 1,
+                ("splitpilot_jobs", (("state", "DONE"),)): 0,
+                ("splitpilot_matches_total", ()): 1, ("splitpilot_broker_matches_total", ()): 1,
+                ("splitpilot_lost_attempts_total", ()): 0, ("splitpilot_pilots_seen", ()): 2,
+                ("splitpilot_empty_pilots_total", ()): 1,
+                ("splitpilot_match_requests_total", (("result", "empty"),)): 1,
+                ("splitpilot_match_requests_total", (("result", "refused"),)): 0,
+                ("splitpilot_rpc_requests_total", (("code", "OK"), ("method", "Match"))): 2,
+                ("splitpilot_rpc_requests_total", (("code", "NOT_FOUND"), ("method", "GetJob"))): 1,
+                ("splitpilot_rpc_errors_total", (("method", "GetJob"),)): 1,
+                ("splitpilot_rpc_duration_seconds_count", (("method", "Match"),)): 2,
+                ("splitpilot_rpc_duration_seconds_bucket", (("le", "+Inf"), ("method", "Match"))): 2}
+    assert {key: samples.get(key) for key in expected} == expected
+    assert ("splitpilot_rpc_errors_total", (("method", "Match"),)) not in samples  # only calls that failed
+    assert samples[("splitpilot_identity_cache_misses_total", ())] >= 2  # two agents, each verified once
+    assert types["splitpilot_matches"] == "counter" and types["splitpilot_jobs"] == "gauge"
+    assert types["splitpilot_pilots_seen"] == "gauge" and types["splitpilot_rpc_duration_seconds"] == "histogram"
+    assert not [name for name, kind in types.items() if kind == "counter" and name.endswith(("_sum", "_count"))]
     url = f"http://127.0.0.1:{server.metrics_port}"
-    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    lines = set(text.splitlines())
-    for expected in ('splitpilot_jobs{state="WAITING"} 1', 'splitpilot_jobs{state="ASSIGNED"} 1',
-                     "splitpilot_matches_total 1", "splitpilot_broker_matches_total 1",
-                     "splitpilot_lost_attempts_total 0", "splitpilot_pilots_seen 2",
-                     "splitpilot_empty_pilots_total 1", 'splitpilot_match_requests_total{result="empty"} 1',
-                     'splitpilot_rpc_requests_total{method="Match",code="OK"} 2',
-                     'splitpilot_rpc_requests_total{method="GetJob",code="NOT_FOUND"} 1',
-                     'splitpilot_rpc_errors_total{method="GetJob"} 1',
-                     "# TYPE splitpilot_matches_total counter"):
-        assert expected in lines, expected
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(f"{url}/other", timeout=30)
     assert info.value.code == 404
+
+
+def test_each_broker_counts_its_own_calls(tmp_path, ca_dir, tokens):
+    """Two brokers in one process (tests, embedding programs): each registry holds its own counters,
+    so a call to one never shows in the other's scrape, and neither leaks into the global registry."""
+    first, second = start_server(tmp_path, ca_dir), start_server(tmp_path, ca_dir)
+    try:
+        with BrokerClient(first.address, tokens.alice) as alice, pytest.raises(NotFound):
+            alice.status(999)
+        key = ("splitpilot_rpc_requests_total", (("code", "NOT_FOUND"), ("method", "GetJob")))
+        assert scrape(first.metrics_port)[2].get(key) == 1
+        assert key not in scrape(second.metrics_port)[2]
+        assert REGISTRY.get_sample_value("splitpilot_rpc_requests_total",
+                                         {"method": "GetJob", "code": "NOT_FOUND"}) is None
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_state_dir_is_locked_and_host_token_reused(tmp_path, ca_dir):

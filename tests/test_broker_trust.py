@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pg import PostgresCluster, pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 from test_pilot_e2e import wait_for
 
 from broker.client import (
@@ -29,6 +30,7 @@ from broker.client import (
     AdminClient,
     AgentClient,
     BrokerClient,
+    BrokerUnavailable,
     InvalidRequest,
     JobClient,
     MatchedJob,
@@ -52,6 +54,8 @@ SLOT = {"cores": 4, "memory_mb": 8000, "disk_mb": 10000, "time_left_s": 86400}
 KiB = 1024
 BIN = pathlib.Path(sys.executable).parent / "splitpilot"
 HOUR = datetime.timedelta(hours=1)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 # ------------------------------------------------------------------ fixtures and helpers
@@ -382,20 +386,20 @@ def test_a_replaced_output_frees_its_old_content_unless_still_referenced(small_s
             for round_ in range(6):
                 data = bytes([65 + round_]) * (60 * KiB)
                 stored = job.put_output(write(tmp_path / f"log-{round_}", data), "log.txt")
-                assert files.has(stored.sha256)
+                assert files.size_of(stored.sha256) is not None
                 if previous is not None:
-                    assert not files.has(previous), f"round {round_}: the replaced content is still stored"
+                    assert files.size_of(previous) is None, f"round {round_}: the replaced content is still stored"
                 previous = stored.sha256
             assert files.usage() == (2, 60 * KiB + len(kept))
             # The same bytes as Alice's upload, then replaced: her upload is still there.
             job.put_output(write(tmp_path / "same", kept), "copy.dat")
             job.put_output(write(tmp_path / "other", b"other"), "copy.dat")
-            assert files.has(hashlib.sha256(kept).hexdigest())
+            assert files.size_of(hashlib.sha256(kept).hexdigest()) is not None
             # An output a later job takes as input stays when the output is replaced.
             shared = job.put_output(write(tmp_path / "shared", b"shared data\n"), "shared.out")
             submit_one(alice, input_files=[job_pb2.InputFile(name="in", size=shared.size, sha256=shared.sha256)])
             job.put_output(write(tmp_path / "shared2", b"replacement\n"), "shared.out")
-            assert files.has(shared.sha256)
+            assert files.size_of(shared.sha256) is not None
         outputs = {o.name: o.sha256 for o in alice.status(job_id).outputs}
         assert outputs["log.txt"] == previous and small_server.store.pending_outputs(job_id) == []
 
@@ -780,3 +784,109 @@ def test_token_revoke_and_revoked_commands(sqlite_server, tokens, ca, tmp_path):
     write_private(str(as_user), tokens.alice.to_pem())
     denied = run_cli("token", "revoked", "--broker", server.address, "--token", str(as_user))
     assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
+
+
+# ------------------------------------------------------------------ 8. the health service
+
+def health_check(server: BrokerServer, token, service: str = "") -> int:
+    """grpc.health.v1.Health/Check over the broker's mutual TLS with TOKEN: the serving status."""
+    credentials = grpc.ssl_channel_credentials(server.ca_pem, private_key_pem(token.key),
+                                               certificate_pem(list(token.chain[:1])))
+    with grpc.secure_channel(server.address, credentials) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                         timeout=30).status
+
+
+def health_refusal(server: BrokerServer, token, channel_credentials=None) -> grpc.RpcError:
+    credentials = channel_credentials or grpc.ssl_channel_credentials(
+        server.ca_pem, private_key_pem(token.key), certificate_pem(list(token.chain[:1])))
+    with grpc.secure_channel(server.address, credentials) as channel, pytest.raises(grpc.RpcError) as info:
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    return info.value
+
+
+def test_health_answers_client_tokens_only_under_the_same_mutual_tls(sqlite_server, ca, tokens):
+    """Every client role gets SERVING for the server and each broker service; an unknown service is
+    NOT_FOUND. A peer without a certificate, with another CA's, or with the broker's own host token
+    fails the handshake; a revoked token is refused by name, like on every other service."""
+    server = sqlite_server
+    job = ca.new_token(TokenRole.JOB, "alice", job_id=7, attempt=1)
+    for token in (tokens.alice, tokens.admin, tokens.agent, job):
+        assert health_check(server, token) == SERVING
+    for service in ("splitpilot.broker.v1.UserService", "splitpilot.broker.v1.AgentService",
+                    "splitpilot.broker.v1.JobService", "splitpilot.broker.v1.AdminService"):
+        assert health_check(server, tokens.alice, service) == SERVING
+    with pytest.raises(grpc.RpcError) as info:
+        health_check(server, tokens.alice, "grpc.reflection.v1.ServerReflection")
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+    no_certificate = grpc.ssl_channel_credentials(server.ca_pem)
+    stranger = CertificateAuthority.create().new_token(TokenRole.ADMIN, "root")
+    host = ca.new_token(TokenRole.HOST, "localhost", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    for refused in (health_refusal(server, None, no_certificate), health_refusal(server, stranger),
+                    health_refusal(server, host)):
+        assert refused.code() is grpc.StatusCode.UNAVAILABLE
+    mallory = ca.new_token(TokenRole.USER, "mallory")
+    assert health_check(server, mallory) == SERVING
+    with AdminClient(server.address, tokens.admin) as admin:
+        admin.revoke_token("laptop stolen", certificate_pem=certificate_pem([mallory.certificate]))
+    refused = health_refusal(server, mallory)
+    assert refused.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "was revoked at" in refused.details() and "(laptop stolen); fix: ask for a new token" in refused.details()
+    samples = server.render_metrics().splitlines()
+    assert 'splitpilot_rpc_requests_total{code="UNAUTHENTICATED",method="Check"} 1.0' in samples
+
+
+def test_health_follows_the_database_and_says_not_serving_while_stopping(tmp_path, ca_dir, tokens):
+    """A private PostgreSQL server goes away: Check answers NOT_SERVING (and a Watch stream hears it)
+    while user calls answer UNAVAILABLE and nothing is lost; back, SERVING again. Stopping the broker
+    turns a Watch stream NOT_SERVING before the stream ends."""
+    with PostgresCluster() as cluster:
+        server = start_server(tmp_path, ca_dir, db_url=cluster.url())
+        stopper = threading.Thread(target=server.stop)
+        try:
+            with BrokerClient(server.address, tokens.alice) as alice:
+                job_id = alice.submit(job_pb2.JobSpec(executable="/bin/true", requirements=WALLTIME))[0]
+                assert health_check(server, tokens.alice) == SERVING
+                credentials = grpc.ssl_channel_credentials(server.ca_pem, private_key_pem(tokens.agent.key),
+                                                           certificate_pem(list(tokens.agent.chain[:1])))
+                with grpc.secure_channel(server.address, credentials) as channel:
+                    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=300)
+                    assert next(watch).status == SERVING
+                    cluster.pause()
+                    wait_for(lambda: health_check(server, tokens.alice) == NOT_SERVING, 120,
+                             "the health service to see the database gone")
+                    assert next(watch).status == NOT_SERVING
+                    with pytest.raises(BrokerUnavailable) as info:
+                        alice.status(job_id)
+                    assert info.value.code is grpc.StatusCode.UNAVAILABLE
+                    cluster.resume()
+                    wait_for(lambda: health_check(server, tokens.alice) == SERVING, 120,
+                             "the health service to see the database back")
+                    assert next(watch).status == SERVING
+                    assert alice.status(job_id).state is JobState.WAITING
+                    stopper.start()
+                    assert next(watch).status == NOT_SERVING
+                    with pytest.raises(grpc.RpcError):
+                        next(watch)  # the stream ends with the server
+        finally:
+            if stopper.ident is not None:
+                stopper.join(60)
+            server.stop()
+
+
+def test_a_flood_of_health_checks_cannot_become_a_flood_of_store_queries(tmp_path, ca_dir, tokens):
+    """200 checks from one client: the store is asked once per min_interval (here: once), not per check."""
+    server = start_server(tmp_path, ca_dir, revocation_refresh=0)  # no other reader of the probe's query
+    try:
+        asked = []
+        real = server.store.revocation_generation
+        server.store.revocation_generation = lambda: asked.append(1) or real()
+        server.health.min_interval = 3600
+        credentials = grpc.ssl_channel_credentials(server.ca_pem, private_key_pem(tokens.alice.key),
+                                                   certificate_pem(list(tokens.alice.chain[:1])))
+        with grpc.secure_channel(server.address, credentials) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            statuses = {stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status for _ in range(200)}
+        assert statuses == {SERVING} and len(asked) == 1
+    finally:
+        server.stop()

@@ -8,6 +8,7 @@ per job attempt; and, for SQLite, SIGKILL in the middle of work.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ from collections import Counter
 
 import psycopg
 import pytest
-from pg import pg_server, pg_url  # noqa: F401  (fixtures)
+from pg import DATABASE, free_port, pg_server, pg_url  # noqa: F401  (fixtures)
 from store_v1 import make_postgres_v1, make_sqlite_v1
 
 from broker.lifecycle import TRANSITIONS, Actor, JobState, RequeueCause, allowed
@@ -39,7 +40,9 @@ from broker.store.base import (
     SeenToken,
     SlotOffer,
     StaleAttemptError,
+    StoreError,
     StoreSettings,
+    StoreUnavailable,
     TooManyJobs,
     UnknownJob,
 )
@@ -140,6 +143,66 @@ def test_open_store_urls(tmp_path, pg_url):  # noqa: F811
         open_store("sqlite://", SETTINGS)
 
 
+def _pool_threads() -> list[str]:
+    """Threads of the PostgreSQL stores' connection pools (psycopg_pool names them after the pool)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("splitpilot-broker")]
+
+
+def test_postgres_store_refuses_an_absent_server_at_once_with_the_drivers_words(pg_server):  # noqa: F811
+    """A URL where no PostgreSQL listens fails open_store with the driver's own words (not a pool timeout
+    without a cause), and leaves no pool thread behind."""
+    port = free_port()
+    with pytest.raises(StoreUnavailable) as info:
+        open_store(f"postgresql://postgres@127.0.0.1:{port}/{DATABASE}", SETTINGS)
+    assert f"(PostgreSQL: 'connection failed: connection to server at \"127.0.0.1\", port {port} failed" \
+        in str(info.value) and "fix: retry later" in str(info.value)
+    assert _pool_threads() == []
+
+
+def test_postgres_store_busy_pool_is_unavailable_in_bounded_time_and_changes_nothing(pg_url):  # noqa: F811
+    """Every connection held (a stuck call): the next call waits at most pool_timeout, then answers
+    StoreUnavailable naming the busy pool and the fix (the services answer UNAVAILABLE: clients
+    retry), and the refused submit stored nothing. Closed, the store refuses every call by name."""
+    settings = dataclasses.replace(SETTINGS, extra={"pool_size": 1, "pool_timeout": 0.5})
+    store = open_store(pg_url, settings)
+    try:
+        job_id = submit_one(store)
+        with store._pool.connection():
+            for call in (lambda: store.get(job_id), lambda: store.submit("mallory", [spec()], at())):
+                with pytest.raises(StoreUnavailable, match="all 1 connections of this broker stayed busy for "
+                                                           "0.5s .raise the store's pool_size"):
+                    call()
+        assert store.counts()[S.WAITING] == 1 and store.get(job_id).owner == "alice"
+    finally:
+        store.close()
+    with pytest.raises(StoreError, match="the store is closed"):
+        store.get(job_id)
+    assert _pool_threads() == []
+
+
+def test_postgres_store_refuses_a_forked_child(pg_url):  # noqa: F811
+    """A child forked after the store was opened must not use the parent's connections (their
+    sockets are shared): its call is refused with the fix; the parent's store keeps working."""
+    store = open_store(pg_url, SETTINGS)
+    try:
+        job_id = submit_one(store)
+        child = os.fork()
+        if child == 0:  # pragma: no cover (runs in the child)
+            code = 3
+            try:
+                store.get(job_id)
+                code = 1
+            except StoreError as exc:
+                code = 0 if "open the store again after fork" in str(exc) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert store.get(job_id).state is S.WAITING
+    finally:
+        store.close()
+
+
 def test_reopen_keeps_jobs(url):
     first = open_store(url, SETTINGS)
     ids = first.submit("alice", [spec(), spec(cores=2)], at())
@@ -197,7 +260,6 @@ def test_naive_datetimes_are_refused(store):
 def test_unknown_job_everywhere(store):
     calls = [
         lambda: store.get(99),
-        lambda: store.current_attempt(99),
         lambda: store.kill(99, None, "", at()),
         lambda: store.job_update(99, 1, S.STARTED, 1, "", None, at()),
         lambda: store.job_heartbeat(99, 1, 0.0, 0, 0, at()),
@@ -265,7 +327,7 @@ def test_match_claims_and_records(store):
         (S.ASSIGNED, 1, SITE, "node-1", "pilot-1")
     assert record.updated == at(10) and assignment.spec.executable == "run.sh"
     assert history_states(store, job_id) == [(S.WAITING, 0), (S.ASSIGNED, 1)]
-    assert store.current_attempt(job_id) == (S.ASSIGNED, 1)
+    assert (store.get(job_id).state, store.get(job_id).attempt) == (S.ASSIGNED, 1)
     assert store.match(slot(), PILOT, at(11)) is None  # claimed once only
     assert store.stats()["matches_total"] == 1
 
@@ -590,7 +652,7 @@ def test_lost_heartbeat_requeues_with_next_attempt(store):
         [(job_id, 1, RequeueCause.LOST, S.WAITING)]
     record = store.get(job_id)
     assert record.state is S.WAITING and record.updated == at(311)
-    assert store.current_attempt(job_id) == (S.WAITING, 1)
+    assert (record.state, record.attempt) == (S.WAITING, 1)
     for refused in (lambda: store.job_update(job_id, 1, S.SAVING, 3, "", None, at(312)),
                     lambda: store.job_heartbeat(job_id, 1, 0.0, 0, 0, at(312)),
                     lambda: store.add_output(job_id, 1, OutputRecord("o", 1, "a" * 64), at(312))):
@@ -1119,7 +1181,7 @@ def test_ids_beyond_the_database_name_no_job(store, job_id):
     for call in (lambda: store.get(job_id), lambda: store.kill(job_id, None, "", at(1)),
                  lambda: store.requeue(job_id, RequeueCause.ADMIN, "", at(1)),
                  lambda: store.attempt_failed(job_id, 1, PILOT, RequeueCause.WRAPPER, "", at(1)),
-                 lambda: store.job_heartbeat(job_id, 1, 0, 0, 0, at(1)), lambda: store.current_attempt(job_id),
+                 lambda: store.job_heartbeat(job_id, 1, 0, 0, 0, at(1)),
                  lambda: store.jobs_ahead(job_id)):
         with pytest.raises(UnknownJob):
             call()

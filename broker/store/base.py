@@ -461,10 +461,6 @@ class JobStore(abc.ABC):
     def content_referenced(self, sha256: str) -> bool:
         """Whether any output row or owner record refers to this content."""
 
-    @abc.abstractmethod
-    def current_attempt(self, job_id: int) -> tuple[JobState, int]:
-        """State and attempt now (for token fencing before streaming files)."""
-
     # --- admins and the reaper
     @abc.abstractmethod
     def set_site_state(self, site: str, state: str, reason: str, now: datetime.datetime) -> str:

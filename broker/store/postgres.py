@@ -1,9 +1,12 @@
 """The shared store: PostgreSQL through psycopg 3, for several broker processes.
 
-Each process keeps a small pool of connections (`extra["pool_size"]`,
-default 8) in autocommit mode; a method's transaction is an explicit
+Each process keeps a pool of connections (psycopg_pool; `extra["pool_size"]`,
+default 8, grown on demand; `extra["pool_timeout"]`, default 10 s, bounds the
+wait for one) in autocommit mode; a method's transaction is an explicit
 `conn.transaction()` at READ COMMITTED, which locks the job row first
-(`SELECT ... FOR UPDATE`) and is retried on a deadlock.
+(`SELECT ... FOR UPDATE`) and is retried on a deadlock or serialization
+failure (`_retry`: psycopg_pool has no such retry, and only the store knows
+that its transactions are safe to run again).
 
 Matching is one statement, atomic on its own, in the common case:
 
@@ -52,6 +55,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import psycopg
+import psycopg_pool
 from psycopg import errors as pgerrors
 
 from broker.store.base import Assignment, BadValue, PilotRef, SlotOffer, StoreError, StoreSettings, StoreUnavailable
@@ -66,6 +70,8 @@ _LOCK_SCHEMA = 0x5350_0001
 _LOCK_CLASSES = 0x5350_0002
 _COUNTER_SHARDS = 8
 _RETRIES = 8
+#: What every connection of the store is opened with.
+_CONNECT: dict[str, Any] = {"autocommit": True, "application_name": "splitpilot-broker"}
 
 
 @contextlib.contextmanager
@@ -170,65 +176,52 @@ class _Cursor:
             cursor.executemany(_pg(sql), params)
 
 
-class ConnectionPool:
-    """At most SIZE autocommit connections to URL, shared by the threads of one process."""
+class _Pool:
+    """psycopg_pool's ConnectionPool (autocommit connections, at most SIZE, grown on demand), with what
+    the broker adds: a first connection made directly, so that a wrong URL or an absent server fails
+    the start at once with the driver's words (the pool itself would retry in the background and time
+    out without them); a refusal after fork (a child must not share the parent's sockets); and the
+    pool's own errors as the store's (closed: StoreError; no connection in time: StoreUnavailable
+    naming whether the server is gone or every connection busy)."""
 
-    def __init__(self, url: str, size: int) -> None:
-        self.url, self.size = url, size
-        self._idle: list[psycopg.Connection] = []
-        self._open = 0
-        self._closed = False
-        self._cond = threading.Condition()
+    def __init__(self, url: str, size: int, timeout: float) -> None:
+        self.url, self.size, self.timeout = url, size, timeout
         self._pid = os.getpid()
+        with _translated():
+            psycopg.connect(url, **_CONNECT).close()
+        self._pool = psycopg_pool.ConnectionPool(url, kwargs=_CONNECT, min_size=1, max_size=size, timeout=timeout,
+                                                 name="splitpilot-broker", open=False)
+        self._pool.open()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
-        conn = self._acquire()
+        if os.getpid() != self._pid:
+            raise StoreError("this store was opened in a parent process; fix: open the store again after fork")
+        try:
+            conn = self._pool.getconn()
+        except psycopg_pool.PoolClosed:
+            raise StoreError("the store is closed") from None
+        except psycopg_pool.PoolTimeout:
+            raise self._no_connection() from None
         try:
             yield conn
         finally:
-            self._release(conn)
+            # The pool rolls back a transaction left open and drops a broken connection (making a new
+            # one in the background).
+            self._pool.putconn(conn)
 
-    def _acquire(self) -> psycopg.Connection:
-        if os.getpid() != self._pid:  # a forked child must not share the parent's sockets
-            raise StoreError("this store was opened in a parent process; fix: open the store again after fork")
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise StoreError("the store is closed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._open < self.size:
-                    self._open += 1
-                    break
-                self._cond.wait()
+    def _no_connection(self) -> StoreUnavailable:
+        """Why no connection came within the timeout: the driver's words if the server cannot be reached."""
         try:
-            return psycopg.connect(self.url, autocommit=True, application_name="splitpilot-broker")
-        except BaseException:
-            with self._cond:
-                self._open -= 1
-                self._cond.notify()
-            raise
-
-    def _release(self, conn: psycopg.Connection) -> None:
-        healthy = not conn.closed and not conn.broken and \
-            conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
-        with self._cond:
-            if healthy and not self._closed:
-                self._idle.append(conn)
-            else:
-                self._open -= 1
-            self._cond.notify()
-        if not healthy or self._closed:
-            conn.close()
+            psycopg.connect(self.url, connect_timeout=max(2, int(self.timeout)), **_CONNECT).close()
+        except psycopg.OperationalError as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            return StoreUnavailable(f"PostgreSQL: {detail}")
+        return StoreUnavailable(f"PostgreSQL: all {self.size} connections of this broker stayed busy for "
+                                f"{self.timeout:g}s (raise the store's pool_size if this persists)")
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._cond.notify_all()
-        for conn in idle:
-            conn.close()
+        self._pool.close()
 
 
 class PostgresStore(SqlStore):
@@ -241,7 +234,8 @@ class PostgresStore(SqlStore):
         super().__init__(settings or StoreSettings())
         self.url = url
         self._thread = threading.local()
-        self._pool = ConnectionPool(url, int(self.settings.extra.get("pool_size", 8)))
+        self._pool = _Pool(url, int(self.settings.extra.get("pool_size", 8)),
+                           float(self.settings.extra.get("pool_timeout", 10.0)))
         try:
             self._write(self._create_schema)
             self._job_sequence = self._read(lambda cur: cur.row(

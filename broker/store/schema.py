@@ -258,7 +258,3 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE pilots ADD COLUMN cert_not_after BIGINT NOT NULL DEFAULT 0"),
     2: (),  # site_offers: a new table only
 }
-
-#: Tables in the order a test may empty them.
-TABLES = ("jobs", "events", "outputs", "reservations", "file_owners", "classes", "pilots", "sites", "revoked",
-          "tokens", "site_offers", "counters", "meta")

@@ -686,13 +686,6 @@ class SqlStore(JobStore):
             "SELECT 1 FROM outputs WHERE sha256 = ? UNION ALL SELECT 1 FROM file_owners WHERE sha256 = ? LIMIT 1",
             (sha256, sha256))) is not None
 
-    def current_attempt(self, job_id: int) -> tuple[JobState, int]:
-        known_id(job_id)
-        row = self._read(lambda cur: cur.row("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,)))
-        if row is None:
-            raise UnknownJob(job_id)
-        return JobState(row[0]), int(row[1])
-
     # ------------------------------------------------------ admins and reaper
     def set_site_state(self, site: str, state: str, reason: str, now: datetime.datetime) -> str:
         if state not in SITE_STATES:

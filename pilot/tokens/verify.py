@@ -65,10 +65,6 @@ class TokenVerifier:
         self._store = Store(self._trusted)
         self._by_subject = {ca.subject: ca for ca in self._trusted}
 
-    @classmethod
-    def from_pem(cls, data: bytes) -> TokenVerifier:
-        return cls(load_certificates(data, "trusted CA bundle"))
-
     def verify(self, presented, expect: Expectation = ANY_ROLE, *,
                now: datetime.datetime | None = None) -> Identity:
         """Return the identity of PRESENTED (PEM chain, certificate or list of
