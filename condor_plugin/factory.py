@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from htcondor2 import JobStatus
+
 from condor_plugin.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting
 from condor_plugin.glidein import (
     GlideinPackage,
@@ -70,17 +72,13 @@ if TYPE_CHECKING:
     from condor_plugin.brokerview import BrokerView
     from pilot.tokens import CertificateAuthority
 
-#: HTCondor JobStatus values.
-IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
-STATUS_NAMES = {IDLE: "IDLE", RUNNING: "RUNNING", REMOVED: "REMOVED", COMPLETED: "COMPLETED", HELD: "HELD",
-                TRANSFERRING: "TRANSFERRING", SUSPENDED: "SUSPENDED"}
 #: HoldReasonCode of a job submitted with spooling until its inputs have arrived.
 SPOOLING_HOLD = 16
 #: Seconds the schedd may take to release spooled glideins once their inputs are there.
 SPOOL_RELEASE_TIMEOUT = 60.0
 #: Finished and not yet retrieved: the spooled glideins that wait for `collect` (LeaveJobInQueue holds
 #: them until StageOutFinish, set by a retrieval, is later than their completion).
-NOT_RETRIEVED = "JobStatus == 4 && (StageOutFinish ?: 0) < EnteredCurrentStatus"
+NOT_RETRIEVED = f"JobStatus == {JobStatus.COMPLETED:d} && (StageOutFinish ?: 0) < EnteredCurrentStatus"
 PROJECTION = ["ClusterId", "ProcId", "JobStatus", "SplitpilotBatch", "SplitpilotSite", "EnteredCurrentStatus",
               "QDate", "JobStartDate", "CompletionDate", "ExitCode", "HoldReason", "RemoteHost"]
 
@@ -141,7 +139,7 @@ class Glidein:
     cluster: int
     proc: int
     batch: str
-    status: int
+    status: int                 # an htcondor2.JobStatus, or the number of one these bindings do not know
     entered: int
     started: int | None
     finished: int | None
@@ -150,7 +148,10 @@ class Glidein:
 
     @property
     def status_name(self) -> str:
-        return STATUS_NAMES.get(self.status, str(self.status))
+        try:
+            return JobStatus(self.status).name
+        except ValueError:
+            return str(self.status)
 
     @property
     def name(self) -> str:
@@ -289,7 +290,7 @@ class Factory:
         after the inputs arrived): a caller must not see them HELD, nor count them as anything but idle."""
         import htcondor2
 
-        constraint = f"ClusterId == {cluster} && JobStatus == {HELD} && HoldReasonCode == {SPOOLING_HOLD}"
+        constraint = f"ClusterId == {cluster} && JobStatus == {JobStatus.HELD:d} && HoldReasonCode == {SPOOLING_HOLD}"
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -357,7 +358,8 @@ class Factory:
         from submit.quoting import classad_string
 
         chosen = [g for g in self.glideins(history=False)
-                  if g.status not in (COMPLETED, REMOVED) and (not idle_only or g.status == IDLE)
+                  if g.status not in (JobStatus.COMPLETED, JobStatus.REMOVED)
+                  and (not idle_only or g.status == JobStatus.IDLE)
                   and (batch is None or g.batch == batch)]
         chosen.sort(key=lambda g: (g.cluster, g.proc), reverse=True)
         if count is not None:
@@ -365,7 +367,7 @@ class Factory:
         if not chosen:
             return []
         which = " || ".join(f"(ClusterId == {g.cluster} && ProcId == {g.proc})" for g in chosen)
-        extra = f"({which})" + (f" && JobStatus == {IDLE}" if idle_only else "")
+        extra = f"({which})" + (f" && JobStatus == {JobStatus.IDLE:d}" if idle_only else "")
         if batch is not None:
             extra += f" && SplitpilotBatch == {classad_string(batch, key='batch')}"
         try:
@@ -405,7 +407,7 @@ class Factory:
         s = self.settings
         state = self.loop_state
         all_glideins = self.glideins(history=True)
-        newly = [g for g in all_glideins if g.status in (COMPLETED, REMOVED)
+        newly = [g for g in all_glideins if g.status in (JobStatus.COMPLETED, JobStatus.REMOVED)
                  and (g.cluster, g.proc) not in state.seen_finished]
         ended = newly if state.primed else []   # ended before this factory started: not ours to judge
         site_state = "unknown"
@@ -422,8 +424,8 @@ class Factory:
                                 exit_code=g.exit_code, ran_s=g.ran_seconds, jobs=jobs.get((g.cluster, g.proc), 0),
                                 removed_by_us=(g.cluster, g.proc) in state.removed_by_us) for g in ended)
         return Observation(now=now, waiting_fit=found.fit, waiting_unfit=found.unfit, unfit_reason=found.reason,
-                           idle=sum(1 for g in all_glideins if g.status == IDLE),
-                           running=sum(1 for g in all_glideins if g.status == RUNNING), ended=ends,
+                           idle=sum(1 for g in all_glideins if g.status == JobStatus.IDLE),
+                           running=sum(1 for g in all_glideins if g.status == JobStatus.RUNNING), ended=ends,
                            site_state=site_state)
 
     def _jobs_of(self, ended: list[Glidein]) -> dict[tuple[int, int], int]:

@@ -25,6 +25,8 @@ them instead of repeating numbers:
     +SplitpilotMaxIdle   seconds a glidein may stay idle (queued) before it is put on hold
     +SplitpilotMaxHeld   seconds a held glidein stays before it is removed
 
+    (JobStatus numbers: htcondor2.JobStatus IDLE 1, RUNNING 2, HELD 5.)
+
     periodic_hold   = JobStatus == 1 && time() - EnteredCurrentStatus > SplitpilotMaxIdle
         Idle too long: no slot (vanilla) or no CE batch slot (grid) took it,
         or it went back to idle after an eviction. Held rather than removed,
@@ -79,6 +81,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from htcondor2 import JobStatus
+
 import pilot
 from pilot.durations import parse_duration
 from submit.errors import Problem, SubmitDescriptionError
@@ -103,11 +107,13 @@ AGENT_STOP_DEADLINE_S = 30
 MIN_REPORT_MARGIN_S = 10
 DEFAULT_MAX_VACATE_S = 60
 
-PERIODIC_HOLD = "JobStatus == 1 && time() - EnteredCurrentStatus > SplitpilotMaxIdle"
+#: HoldReasonCode of a hold put by a person (condor_hold); the bindings have no enum for hold codes.
+HOLD_BY_USER = 1
+PERIODIC_HOLD = f"JobStatus == {JobStatus.IDLE:d} && time() - EnteredCurrentStatus > SplitpilotMaxIdle"
 PERIODIC_HOLD_REASON = ('strcat("splitpilot: glidein idle for more than ", SplitpilotMaxIdle, '
                         '" s: no slot took it; it is removed after ", SplitpilotMaxHeld, " s on hold")')
-PERIODIC_REMOVE = ("(JobStatus == 2 && time() - EnteredCurrentStatus > SplitpilotLifetime + SplitpilotGrace)"
-                   " || (JobStatus == 5 && HoldReasonCode =!= 1"
+PERIODIC_REMOVE = (f"(JobStatus == {JobStatus.RUNNING:d} && time() - EnteredCurrentStatus > SplitpilotLifetime"
+                   f" + SplitpilotGrace) || (JobStatus == {JobStatus.HELD:d} && HoldReasonCode =!= {HOLD_BY_USER}"
                    " && time() - EnteredCurrentStatus > SplitpilotMaxHeld)")
 
 #: Comments written above these keys in a .sub file, for the person reading it.

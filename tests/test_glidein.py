@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from htcondor2 import JobStatus
 
 from condor_plugin.glidein import (
     PACKAGE_NAME,
@@ -204,7 +205,7 @@ def wait_until_final(client, factory, ids, started: float) -> float | None:
         if all(job.final for job in jobs):
             break
         glideins = factory.glideins(history=False)
-        held = [g for g in glideins if g.status == 5]
+        held = [g for g in glideins if g.status == JobStatus.HELD]
         assert not held, f"glidein held: {held[0].hold_reason}"
         if not glideins:
             break  # the glideins left with jobs still waiting: the caller's checks say why
@@ -226,7 +227,7 @@ def wait_for_glideins_to_finish(factory, timeout: float = 120.0) -> list:
     end = time.monotonic() + timeout
     while True:
         queued = factory.glideins(history=False)
-        if queued and all(g.status == 4 for g in queued):
+        if queued and all(g.status == JobStatus.COMPLETED for g in queued):
             return queued
         assert time.monotonic() < end, f"glideins not finished after {timeout:.0f} s: {queued}"
         time.sleep(1.0)
@@ -483,9 +484,9 @@ class FakeSchedd:
 
     def query(self, constraint, projection):
         if "StageOutFinish" in constraint:     # the factory's NOT_RETRIEVED
-            return [ad for ad in self.ads if ad["JobStatus"] == 4 and not ad.get("StageOutFinish")]
+            return [ad for ad in self.ads if ad["JobStatus"] == JobStatus.COMPLETED and not ad.get("StageOutFinish")]
         if "HoldReasonCode == 16" in constraint:   # waiting for their inputs
-            return [ad for ad in self.ads if ad["JobStatus"] == 5 and ad.get("HoldReasonCode") == 16]
+            return [ad for ad in self.ads if ad["JobStatus"] == JobStatus.HELD and ad.get("HoldReasonCode") == 16]
         return list(self.ads)
 
     def history(self, constraint, projection, match):
@@ -497,7 +498,7 @@ class FakeSchedd:
         self.submitted.append(count)
         batch = description["+SplitpilotBatch"].strip('"')
         # On hold until their inputs arrive, as the schedd does (HoldReasonCode 16).
-        self.ads += [{"ClusterId": cluster, "ProcId": p, "JobStatus": 5, "HoldReasonCode": 16,
+        self.ads += [{"ClusterId": cluster, "ProcId": p, "JobStatus": JobStatus.HELD, "HoldReasonCode": 16,
                       "SplitpilotBatch": batch, "EnteredCurrentStatus": 0} for p in range(count)]
 
         class Result:
@@ -514,12 +515,12 @@ class FakeSchedd:
         self.spooled[result.cluster()] = {Path(p).name: Path(p).read_bytes() for p in result.inputs}
         for ad in self.ads:
             if ad["ClusterId"] == result.cluster():
-                ad.update(JobStatus=1, HoldReasonCode=None)
+                ad.update(JobStatus=JobStatus.IDLE, HoldReasonCode=None)
 
     def retrieve(self, constraint):
         self.retrieved.append(constraint)
         for ad in self.ads:
-            if ad["JobStatus"] == 4:
+            if ad["JobStatus"] == JobStatus.COMPLETED:
                 ad["StageOutFinish"] = 1
         self.done += [ad for ad in self.ads if ad.get("StageOutFinish")]
         self.ads = [ad for ad in self.ads if not ad.get("StageOutFinish")]
@@ -573,7 +574,7 @@ def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
     ad = schedd.ads[-1]
     # It came back after 5 s (empty or failed fast): still in the queue (spooled), it is retrieved in
     # the cycle, and the factory waits.
-    ad |= {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1005, "ExitCode": 0}
+    ad |= {"JobStatus": JobStatus.COMPLETED, "JobStartDate": 1000, "CompletionDate": 1005, "ExitCode": 0}
     assert factory.run_once(waiting=1, now=1010) == 0
     assert schedd.retrieved and not schedd.ads and schedd.done == [ad]
     assert factory.policy.backoff_s == 30
@@ -614,11 +615,13 @@ def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieva
     monkeypatch.setattr(schedd, "retrieve", broken)
     assert factory.collect() == []                                    # said, not raised: next cycle tries again
     assert "could not retrieve the output of glidein(s) 1.0" in lines[-1] and "permission denied" in lines[-1]
-    assert [ad["JobStatus"] for ad in schedd.ads] == [4, 2, 1]        # nothing left the queue
+    # Nothing left the queue.
+    assert [ad["JobStatus"] for ad in schedd.ads] == [JobStatus.COMPLETED, JobStatus.RUNNING, JobStatus.IDLE]
     monkeypatch.undo()
     monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
     assert factory.collect() == [(1, 0)]
-    assert [ad["JobStatus"] for ad in schedd.ads] == [2, 1] and schedd.done[0]["ProcId"] == 0
+    assert [ad["JobStatus"] for ad in schedd.ads] == [JobStatus.RUNNING, JobStatus.IDLE]
+    assert schedd.done[0]["ProcId"] == 0
 
 
 def test_cli_needs_a_work_dir_without_minicondor(tmp_path):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import classad2
 import pytest
+from htcondor2 import JobStatus
 from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 from test_minicondor import JOB_TIMEOUT, job_dir, new_base_dir, stop_and_clean, write_script
@@ -622,15 +623,15 @@ def job_ad(status: int, in_status_for: int, hold_code: int | None = None) -> cla
 
 
 @pytest.mark.parametrize(("status", "age", "hold_code", "hold", "remove"), [
-    (1, 60, None, False, False),         # idle a minute
-    (1, 1801, None, True, False),        # idle past max_idle: held
-    (2, 3600, None, False, False),       # running within lifetime
-    (2, 4201, None, False, True),        # running past lifetime + grace: removed
-    (5, 600, 3, False, False),           # held by policy, recently
-    (5, 901, 3, False, True),            # held by policy too long: removed
-    (5, 901, 46, False, True),           # held by allowed_job_duration too long: removed
-    (5, 99999, 1, False, False),         # held by a person: left alone
-    (4, 99999, None, False, False),      # completed
+    (JobStatus.IDLE, 60, None, False, False),          # idle a minute
+    (JobStatus.IDLE, 1801, None, True, False),         # idle past max_idle: held
+    (JobStatus.RUNNING, 3600, None, False, False),     # running within lifetime
+    (JobStatus.RUNNING, 4201, None, False, True),      # running past lifetime + grace: removed
+    (JobStatus.HELD, 600, 3, False, False),            # held by policy, recently
+    (JobStatus.HELD, 901, 3, False, True),             # held by policy too long: removed
+    (JobStatus.HELD, 901, 46, False, True),            # held by allowed_job_duration too long: removed
+    (JobStatus.HELD, 99999, 1, False, False),          # held by a person: left alone
+    (JobStatus.COMPLETED, 99999, None, False, False),  # completed
 ])
 def test_periodic_expressions(status, age, hold_code, hold, remove):
     ad = job_ad(status, age, hold_code)
@@ -684,7 +685,7 @@ def finished(pool: MiniCondor, batch: str, count: int, projection: list[str],
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         queued = schedd.query(constraint=constraint, projection=["JobStatus", "HoldReason"])
-        held = [ad.get("HoldReason") for ad in queued if ad.get("JobStatus") == 5]
+        held = [ad.get("HoldReason") for ad in queued if ad.get("JobStatus") == JobStatus.HELD]
         if held:
             pytest.fail(f"glidein held: {held}")
         if not queued:
@@ -919,14 +920,14 @@ def test_stuck_idle_glidein_is_held_then_removed(pool):
         queued = schedd.query(constraint=constraint, projection=["JobStatus", "HoldReason", "HoldReasonCode"])
         if not queued:
             break
-        if queued[0].get("JobStatus") == 5:
+        if queued[0].get("JobStatus") == JobStatus.HELD:
             hold_reasons.add(f"{queued[0].get('HoldReasonCode')}: {queued[0].get('HoldReason')}")
         time.sleep(1)
     else:
         pytest.fail(f"glidein {cluster} still queued after 300 s; holds seen: {hold_reasons}")
     gone = list(schedd.history(constraint=constraint, projection=["JobStatus", "RemoveReason", "NumJobStarts"],
                                match=1))
-    assert gone and gone[0]["JobStatus"] == 3 and gone[0].get("NumJobStarts", 0) == 0
+    assert gone and gone[0]["JobStatus"] == JobStatus.REMOVED and gone[0].get("NumJobStarts", 0) == 0
     assert "PeriodicRemove" in gone[0].get("RemoveReason", ""), gone[0]
     # Held for one evaluation interval before the removal: seen, and ours.
     assert hold_reasons
