@@ -179,13 +179,12 @@ class FakeBrokerView:
 
 @pytest.fixture
 def shell(tmp_path, monkeypatch):
-    import submit
     from condor_plugin.factory import Factory, FactorySettings
     from condor_plugin.glidein import GlideinSettings, PackageBuilder
     from pilot.tokens import CertificateAuthority
     from tests.test_glidein import FakeSchedd
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     settings = FactorySettings(work_dir=tmp_path / "f", site="S", glidein=GlideinSettings(broker="127.0.0.1:1"),
                                max_queued=3, max_per_cycle=2, lifetime=datetime.timedelta(hours=1))
     schedd, broker = FakeSchedd(), FakeBrokerView()

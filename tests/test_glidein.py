@@ -543,14 +543,13 @@ def fake_factory(tmp_path, package):
                                max_queued=3, max_per_cycle=2, lifetime=datetime.timedelta(hours=1))
     schedd = FakeSchedd()
     factory = Factory(settings, schedd, ca, PackageBuilder(progress=lambda line: None))
-    factory._package = package   # the factory imports submit.to_submit lazily: the tests patch it there
+    factory._package = package   # the tests patch condor_plugin.factory.to_submit: the fake schedd takes dicts
     return factory, schedd
 
 
 def test_factory_loop_is_bounded(fake_factory, monkeypatch):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=10, now=1000) == 2      # max_per_cycle
     assert factory.run_once(waiting=10, now=1001) == 1      # max_queued (3 idle)
@@ -566,9 +565,8 @@ def test_factory_loop_is_bounded(fake_factory, monkeypatch):
 
 
 def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=1, now=1000) == 1
     ad = schedd.ads[-1]
@@ -584,10 +582,9 @@ def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
 def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factory, monkeypatch):
     """The schedd takes the glideins but not their inputs: no glidein waits on hold for inputs that never
     come, no token file and no batch folder stay behind, and the error says what failed and where."""
-    import submit
     from condor_plugin.factory import FactoryError
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     schedd.spool_error = RuntimeError("SPOOL: no space left on device")
     with pytest.raises(FactoryError) as err:
@@ -599,9 +596,8 @@ def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factor
 
 
 def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieval(fake_factory, monkeypatch):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     lines: list[str] = []
     factory.progress = lines.append
@@ -618,7 +614,7 @@ def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieva
     # Nothing left the queue.
     assert [ad["JobStatus"] for ad in schedd.ads] == [JobStatus.COMPLETED, JobStatus.RUNNING, JobStatus.IDLE]
     monkeypatch.undo()
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     assert factory.collect() == [(1, 0)]
     assert [ad["JobStatus"] for ad in schedd.ads] == [JobStatus.RUNNING, JobStatus.IDLE]
     assert schedd.done[0]["ProcId"] == 0

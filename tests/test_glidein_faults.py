@@ -244,9 +244,8 @@ def finished(ad: dict, exit_code: int, ran: int = 8) -> dict:
 
 @pytest.mark.parametrize(("exit_code", "words"), [(4, "REFUSES THIS FACTORY'S AGENT TOKENS"), (5, "expired")])
 def test_factory_backs_off_to_the_maximum_on_refused_tokens(fake_factory, monkeypatch, exit_code, words):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     lines: list[str] = []
     factory.progress = lines.append
@@ -266,9 +265,8 @@ def test_factory_backs_off_to_the_maximum_on_refused_tokens(fake_factory, monkey
 
 
 def test_factory_ordinary_failures_still_back_off_gradually(fake_factory, monkeypatch):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=1, now=1000) == 1
     schedd.done.append(finished(schedd.ads.pop(), 1))           # any other failure: the usual doubling
