@@ -157,7 +157,7 @@ def _ce(args):
 
     if args.ce is None:
         if args.scitoken is not None:
-            raise UsageError("--scitoken is for an HTCondor-CE: give --ce HOST[:PORT] too, or drop --scitoken")
+            raise UsageError("--scitoken is for an HTCondor-CE; fix: give --ce HOST[:PORT] too, or drop --scitoken")
         return None
     host, colon, port = args.ce.rpartition(":")
     if not colon:

@@ -710,3 +710,98 @@ def test_stuck_idle_glidein_is_held_then_removed(pool):
     assert hold_reasons
     for reason in hold_reasons:
         assert reason.startswith("3: splitpilot: glidein idle for more than 1 s"), reason
+
+
+# ---------------------------------------------------------------------------
+# The factory's CLI: --ce, --scitoken, --submit-line
+
+def factory_args(tmp_path: Path, *extra: str):
+    import argparse
+
+    from condor_plugin import factory_cli
+
+    parser = argparse.ArgumentParser()
+    factory_cli.register(parser.add_subparsers())
+    return parser.parse_args(["glidein", "submit", "--site", "SITE-A", "--broker", "broker.example.org:7443",
+                              "--ca", str(tmp_path / "no-ca"), "--work-dir", str(tmp_path / "work"), *extra])
+
+
+def cli_description(tmp_path: Path, folder: Path, *extra: str) -> dict[str, str]:
+    """The submit description `glidein submit EXTRA` would submit, with FOLDER's script, log and inputs."""
+    from condor_plugin import factory_cli
+
+    settings = factory_cli._settings(factory_args(tmp_path, *extra), None)
+    request_ = settings.glidein_request(folder / "glidein_startup.sh", folder / "log", batch=uuid.uuid4().hex,
+                                        inputs=(str(folder / "payload.txt"),))
+    return build_description(request_)
+
+
+def test_cli_ce_scitoken_and_submit_lines_reach_the_description(tmp_path):
+    scitoken = tmp_path / "ce.scitoken"
+    scitoken.write_text("not read here\n")
+    d = cli_description(tmp_path, tmp_path, "--ce", "ce.example.org:9620", "--scitoken", str(scitoken),
+                        "--submit-line", "accounting_group=group_pilots.site_a",
+                        "--submit-line", '+ProjectName = "alice"', "--submit-line", "requirements=(OpSys == \"LINUX\")")
+    assert d["universe"] == "grid" and d["grid_resource"] == "condor ce.example.org ce.example.org:9620"
+    assert d["use_scitokens"] == "true" and d["scitokens_file"] == str(scitoken)
+    assert d["accounting_group"] == "group_pilots.site_a" and d["+ProjectName"] == '"alice"'
+    assert d["requirements"] == '(OpSys == "LINUX")'
+    plain = cli_description(tmp_path, tmp_path)
+    assert plain["universe"] == "vanilla" and "grid_resource" not in plain and "accounting_group" not in plain
+    assert cli_description(tmp_path, tmp_path, "--ce", "ce.example.org")["grid_resource"].endswith(":9619")
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--submit-line", "universe=vanilla"], ["extra[universe]", "cannot be overridden", "GlideinRequest.ce"]),
+    (["--submit-line", "Executable=/bin/sh"], ["extra[Executable]", "cannot be overridden"]),
+    (["--submit-line", '+SplitpilotSite="OTHER"'], ["extra[+SplitpilotSite]", "Splitpilot"]),
+    (["--submit-line", "MY.Cmd=/bin/sh"], ["extra[MY.Cmd]", "cannot be overridden"]),
+    (["--submit-line", "getenv=true"], ["extra[getenv]", "credentials"]),
+    (["--submit-line", "environment=A=1"], ["extra[environment]", "GlideinSettings"]),
+    (["--submit-line", "transfer_input_files=/etc/shadow"], ["extra[transfer_input_files]"]),
+    (["--submit-line", "periodic_remove=false"], ["extra[periodic_remove]", "lifetime"]),
+    (["--submit-line", f"accounting_group_user={JWT}"], ["extra[accounting_group_user]", "JSON Web Token"]),
+    (["--submit-line", "requirements=true\\"], ["extra[requirements]", "backslash"]),
+    (["--submit-line", "requirements"], ["not KEY=VALUE", "fix:"]),
+    (["--submit-line", "=x"], ["not KEY=VALUE"]),
+    (["--submit-line", "rank=1", "--submit-line", "RANK=2"], ["RANK is given twice"]),
+    (["--scitoken", "/srv/ce.scitoken"], ["--scitoken is for an HTCondor-CE", "--ce"]),
+    (["--ce", "https://ce.example.org"], ["--ce", "port is not a number"]),
+    (["--ce", "ce example org"], ["ce.host", "not a host name"]),
+    (["--ce", "ce.example.org:0"], ["ce.port"]),
+    (["--ce", "ce.example.org", "--scitoken", "/nonexistent/ce.scitoken"], ["no such file"]),
+])
+def test_cli_refuses_hostile_submit_settings_before_minting_a_token(tmp_path, extra, words):
+    """The operator's extra lines may not take over what the generator owns, carry a credential or break the
+    file; the refusal comes before a token is minted, a CA read, or a batch folder written."""
+    args = factory_args(tmp_path, *extra)
+    with pytest.raises(UsageError) as info:
+        args.handler(args)
+    message = str(info.value)
+    for word in words:
+        assert word in message, (word, message)
+    assert "fix:" in message and JWT not in message and info.value.exit_code == 2
+    assert not (tmp_path / "work").exists()       # no batch folder, no token file
+
+
+@pytest.mark.condor
+def test_cli_ce_submission_accepted_by_condor_submit_dry_run(pool, tmp_path):
+    """What `glidein submit --ce ... --scitoken ... --submit-line ...` builds, through the node's
+    condor_submit -dry-run: the grid universe to the CE, its SciToken, the site's lines; nothing queued."""
+    folder = glidein_folder(pool, "cli-grid")
+    write_script(folder / "glidein_startup.sh", GLIDEIN_SCRIPT)
+    (folder / "payload.txt").write_text("input\n")
+    scitoken = folder / "ce.scitoken"
+    scitoken.write_text("not a real token\n")
+    d = cli_description(tmp_path, folder, "--ce", "ce.example.org:9620", "--scitoken", str(scitoken),
+                        "--submit-line", "accounting_group=group_pilots", "--submit-line", '+ProjectName="alice"')
+    sub = folder / "cli-grid.sub"
+    sub.write_text(render_sub_file(d, queue=2))
+    result = pool.run_in_node(["condor_submit", "-dry-run", "-", str(sub)], cwd="/")
+    assert result.returncode == 0, result.stdout + result.stderr
+    ad = dry_run_ad(result.stdout)
+    assert ad["JobUniverse"] == 9 and ad["GridResource"] == "condor ce.example.org ce.example.org:9620"
+    assert ad["ScitokensFile"] == str(scitoken) and ad["AcctGroup"] == "group_pilots"
+    assert ad["ProjectName"] == "alice" and ad["SplitpilotSite"] == "SITE-A"
+    assert pool.schedd().query(constraint=f"SplitpilotBatch == {d['+SplitpilotBatch']}",
+                               projection=["ClusterId"]) == []
