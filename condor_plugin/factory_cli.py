@@ -106,6 +106,9 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
     parser.add_argument("--image", default="", help="container image for the agent (default with --minicondor: "
                                                     "its apptainer sandbox image)")
     parser.add_argument("--lifetime", default="6h", help="glidein lifetime (default %(default)s)")
+    parser.add_argument("--bind", action="append", default=[], metavar="SRC[:DST]", dest="binds",
+                        help="a site bind for the agent's jobs: the node's SRC read-only at DST (default SRC) "
+                             "(repeatable; `splitpilot agent --bind`)")
     parser.add_argument("--idle-timeout", default="2m",
                         help="the agent leaves after this long idle (default %(default)s)")
     parser.add_argument("--ce", metavar="HOST[:PORT]",
@@ -199,7 +202,8 @@ def _settings(args, pool):
     if hasattr(args, "broker"):
         image = args.image or (pool.sandbox_image if pool is not None else "")
         extra = dict(glidein=GlideinSettings(broker=args.broker, container_policy=args.container_policy,
-                                             runtimes=args.runtimes, image=image, idle_timeout=args.idle_timeout),
+                                             runtimes=args.runtimes, image=image, idle_timeout=args.idle_timeout,
+                                             binds=tuple(args.binds)),
                      lifetime=parse_duration(args.lifetime, what="--lifetime"), cpus=args.cpus,
                      memory_mb=args.memory, disk_mb=args.disk, ce=_ce(args),
                      submit_lines=_submit_lines(args.submit_lines))

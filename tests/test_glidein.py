@@ -29,6 +29,7 @@ from condor_plugin.glidein import (
     GlideinSettings,
     PackageBuilder,
     prepare_batch,
+    render_script,
 )
 
 JOBS = 5
@@ -84,6 +85,56 @@ def test_script_holds_no_token_and_checks_the_package(package, tmp_path):
     assert result.returncode == 1 and "checksum mismatch" in result.stderr
     assert not (scratch / TOKEN_NAME).exists() and not (scratch / "splitpilot").exists()
     assert "BBB" not in result.stderr + result.stdout
+
+
+def test_glidein_binds_reach_the_agents_command_line(package, tmp_path):
+    settings = GlideinSettings(broker="127.0.0.1:1", binds=("/data/site:/site/data", "/cvmfs-like"))
+    text = render_script(package, settings)
+    assert "--bind '/data/site:/site/data' --bind '/cvmfs-like'" in text and "@BIND_ARGS@" not in text
+    assert "--bind" not in render_script(package, GlideinSettings(broker="127.0.0.1:1"))
+    script = tmp_path / "glidein_startup.sh"
+    script.write_text(text)
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+
+
+@pytest.mark.parametrize("bind, words", [
+    ("/data site:/x", "whitespace"),
+    ("/data';touch /tmp/pwned;'", "a quote"),
+    ("/data$(id)", "'$'"),
+    ("/data`id`", "'`'"),
+    ("data", "not absolute"),
+    ("/data:/workdir", "overlaps /workdir"),
+    ("/:/host", "whole host"),
+    ("/proc", "processes"),
+    ("/data/../etc", "'..'"),
+])
+def test_glidein_binds_that_would_break_the_script_or_the_isolation_are_refused(bind, words, tmp_path):
+    """--bind of `glidein submit` and `factory run`: refused before the settings exist (no token, no batch)."""
+    from condor_plugin import factory_cli
+    from pilot.errors import UsageError
+
+    with pytest.raises(UsageError) as err:
+        GlideinSettings(broker="127.0.0.1:1", binds=(bind,))
+    assert words in str(err.value)
+    parser = argparse.ArgumentParser()
+    factory_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["glidein", "submit", "--site", "S", "--broker", "127.0.0.1:1", "--ca",
+                              str(tmp_path / "ca"), "--work-dir", str(tmp_path / "work"), "--bind", bind])
+    with pytest.raises(UsageError, match="bind"):
+        args.handler(args)
+    assert not (tmp_path / "work").exists()
+
+
+def test_factory_cli_binds_reach_the_glidein_settings(tmp_path):
+    from condor_plugin import factory_cli
+
+    parser = argparse.ArgumentParser()
+    factory_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["factory", "run", "--site", "S", "--broker", "127.0.0.1:1", "--ca", str(tmp_path),
+                              "--admin-token", "x", "--work-dir", str(tmp_path / "w"),
+                              "--bind", "/data/site:/site/data", "--bind", "/opt/exp"])
+    settings = factory_cli._settings(args, None)
+    assert settings.glidein.binds == ("/data/site:/site/data", "/opt/exp")
 
 
 def test_settings_refuse_quotes():
