@@ -18,24 +18,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import difflib
 import logging
 import os
 import signal
 import sys
 import time
-import tomllib
 
 from broker.files import format_size, parse_size, shown
 from broker.lifecycle import JobState
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
+from pilot.tomlschema import Checker
 
 DEFAULT_BROKER = "localhost:7443"
 DEFAULT_TOKEN = "~/.splitpilot/token.pem"
 DEFAULT_CONFIG = "~/.splitpilot/config.toml"
 CONFIG_ENV = "SPLITPILOT_CONFIG"
 CONFIG_KEYS = ("broker", "token", "ca_cert")
+CONFIG_EXAMPLES = {"broker": '"host:7443"', "token": f'"{DEFAULT_TOKEN}"', "ca_cert": '"~/.splitpilot/ca.crt"'}
 STATE_NAMES = [s.name for s in JobState]
 
 SERVE_EPILOG = """\
@@ -279,26 +279,20 @@ def client_settings(args: argparse.Namespace) -> tuple[str, str, str | None]:
     if explicit or os.path.exists(config_path):
         try:
             with open(config_path, "rb") as handle:
-                document = tomllib.load(handle)
+                data = handle.read()
         except OSError as exc:
             raise UsageError(f"config file {config_path}: {exc.strerror}; fix: check --config / "
                              f"${CONFIG_ENV}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise UsageError(f"config file {config_path}: not valid TOML ({exc}); fix: write e.g. "
-                             '[client] broker = "host:7443"') from None
-        for key in document:
-            if key != "client":
-                raise UsageError(f"config file {config_path}: unknown table [{key}]; fix: put the settings under "
-                                 "[client]")
-        values = document.get("client", {})
-        for key, value in values.items():
-            if key not in CONFIG_KEYS:
-                close = difflib.get_close_matches(key, CONFIG_KEYS, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
-                raise UsageError(f"config file {config_path}: client.{key}: unknown setting{hint}; fix: use "
-                                 f"{', '.join(CONFIG_KEYS)}")
-            if not isinstance(value, str):
-                raise UsageError(f"config file {config_path}: client.{key}: expected a string; fix: quote it")
+        check = Checker(f"config file {config_path}", examples=CONFIG_EXAMPLES)
+        document = check.load_text(data.decode("utf-8", errors="replace"),
+                                   'write e.g. [client] broker = "host:7443"')
+        check.unknown(document, ("client",), "")
+        values = check.table(document.get("client", {}), "client", "client") or {}
+        check.unknown(values, CONFIG_KEYS, "client")
+        for key in CONFIG_KEYS:
+            if key in values:
+                check.string(values[key], f"client.{key}", key)
+        check.raise_problems()
     broker = args.broker or values.get("broker") or DEFAULT_BROKER
     token = os.path.expanduser(args.token or values.get("token") or DEFAULT_TOKEN)
     ca_cert = args.ca_cert or values.get("ca_cert")

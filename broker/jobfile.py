@@ -23,22 +23,22 @@ has either `[job]` or `[[jobs]]`, not both.
 
 Every problem is reported with the file, the field and the fix, all at once;
 unknown fields are errors (with a "did you mean"). Relative input paths are
-relative to the job file's directory.
+relative to the job file's directory. The reading and the checks common to
+every TOML file a person writes are pilot.tomlschema's.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import tomllib
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from broker.files import BadFileHeader, check_sandbox_name
 from pilot.durations import parse_duration
 from pilot.errors import UsageError
+from pilot.tomlschema import Checker, Problem, TomlSchemaError
+from pilot.tomlschema import type_name as _type_name
 from splitpilot.job.v1 import job_pb2
 
 MAX_COUNT = 100_000
@@ -51,36 +51,16 @@ INDEX_PLACEHOLDER = "{index}"
 
 # ------------------------------------------------------------------ errors
 
-@dataclass(frozen=True)
-class JobFileProblem:
-    """One problem: the dotted FIELD it concerns, what is wrong, and the fix."""
-
-    field: str
-    problem: str
-    fix: str
-
-    def render(self, path: str) -> str:
-        return f"{path}: {self.field}: {self.problem}; fix: {self.fix}"
+#: One problem: the dotted field it concerns, what is wrong, and the fix.
+JobFileProblem = Problem
 
 
-class JobFileError(UsageError):
+class JobFileError(TomlSchemaError):
     """A job description file cannot be used.
 
     Attributes: path (as given), problems (list of JobFileProblem), and, for
     the first problem, field and fix.
     """
-
-    def __init__(self, path: str, problems: Sequence[JobFileProblem]) -> None:
-        self.path = path
-        self.problems = list(problems)
-        self.field = self.problems[0].field
-        self.fix = self.problems[0].fix
-        lines = [p.render(path) for p in self.problems]
-        if len(lines) == 1:
-            message = lines[0]
-        else:
-            message = f"{path}: {len(lines)} problems:\n  " + "\n  ".join(lines)
-        super().__init__(message)
 
 
 # ------------------------------------------------------------------ results
@@ -122,81 +102,15 @@ OUTPUT_FIELDS = ("patterns",)
 TOP_FIELDS = ("job", "jobs", "defaults")
 
 
-def _type_name(value: Any) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "a table"}.get(type(value), type(value).__name__)
-
-
-class _Checker:
-    """Collects problems while reading one file."""
+class _Checker(Checker):
+    """Collects problems while reading one job file; inputs are relative to BASE_DIR."""
 
     def __init__(self, path: str, base_dir: str) -> None:
-        self.path = path
+        super().__init__(path, examples=_EXAMPLES, error=JobFileError)
         self.base_dir = base_dir
-        self.problems: list[JobFileProblem] = []
 
-    def add(self, field_path: str, problem: str, fix: str) -> None:
-        self.problems.append(JobFileProblem(field_path, problem, fix))
 
-    def fix_write(self, key: str) -> str:
-        return f"write {key} = {_EXAMPLES.get(key, '...')}"
-
-    def unknown(self, table: dict, known: Sequence[str], prefix: str) -> None:
-        for key in table:
-            if key in known:
-                continue
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            if close:
-                self.add(f"{prefix}.{key}" if prefix else key, f"unknown field; did you mean '{close[0]}'?",
-                         f"rename it to {close[0]}")
-            else:
-                self.add(f"{prefix}.{key}" if prefix else key, "unknown field",
-                         f"remove it (known fields here: {', '.join(known)})")
-
-    def table(self, value: Any, field_path: str, key: str) -> dict | None:
-        if isinstance(value, dict):
-            return value
-        self.add(field_path, f"expected a table, got {_type_name(value)}",
-                 f"write it as a [{field_path}] section, or {key} = {{ ... }}")
-        return None
-
-    def string(self, value: Any, field_path: str, key: str, *, nonempty: bool = False) -> str | None:
-        if not isinstance(value, str):
-            self.add(field_path, f"expected a string, got {_type_name(value)} {value!r}",
-                     f"{self.fix_write(key)} (strings are quoted)")
-            return None
-        if nonempty and not value.strip():
-            self.add(field_path, "must not be empty", self.fix_write(key))
-            return None
-        return value
-
-    def integer(self, value: Any, field_path: str, key: str, *, low: int, high: int, what: str) -> int | None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.add(field_path, f"expected {what}, got {value!r}", self.fix_write(key))
-            return None
-        if not low <= value <= high:
-            self.add(field_path, f"expected {what}, got {value}", f"{self.fix_write(key)} (between {low} and {high})")
-            return None
-        return value
-
-    def strings(self, value: Any, field_path: str, key: str,
-                check: Callable[[str], str | None] | None = None) -> list[str] | None:
-        if not isinstance(value, list):
-            self.add(field_path, f"expected an array of strings, got {_type_name(value)} {value!r}",
-                     self.fix_write(key))
-            return None
-        result = []
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                self.add(f"{field_path}[{i}]", f"expected a string, got {_type_name(item)} {item!r}",
-                         f"quote it: \"{item}\"")
-                continue
-            problem = check(item) if check else None
-            if problem:
-                self.add(f"{field_path}[{i}]", problem[0], problem[1])
-                continue
-            result.append(item)
-        return result
+_SYNTAX_FIX = 'check quoting and brackets near that line; strings are quoted (name = "hello"), sections are [job]'
 
 
 # ------------------------------------------------------------------ parsing
@@ -204,29 +118,18 @@ class _Checker:
 def load_job_file(path: str | os.PathLike) -> list[JobDescription]:
     """Read and validate the job file at PATH (JobFileError naming every problem)."""
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise JobFileError(path, [JobFileProblem("(file)", f"cannot read it: {exc.strerror}",
-                                                 "check the path and its permissions")]) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise JobFileError(path, [JobFileProblem("(file)", f"not UTF-8 text ({exc.reason} at byte {exc.start})",
-                                                 "save the file as UTF-8")]) from None
-    return parse_job_text(text, path, os.path.dirname(os.path.abspath(path)))
+    check = _Checker(path, os.path.dirname(os.path.abspath(path)))
+    return _parse_document(check.load_file(_SYNTAX_FIX), check)
 
 
 def parse_job_text(text: str, path: str = "<job description>", base_dir: str = ".") -> list[JobDescription]:
     """Validate the TOML TEXT (named PATH in messages); inputs relative to BASE_DIR."""
     check = _Checker(path, base_dir)
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise JobFileError(path, [JobFileProblem("(syntax)", f"not valid TOML: {exc}",
-                                                 'check quoting and brackets near that line; strings are '
-                                                 'quoted (name = "hello"), sections are [job]')]) from None
+    return _parse_document(check.load_text(text, _SYNTAX_FIX), check)
+
+
+def _parse_document(document: dict[str, Any], check: _Checker) -> list[JobDescription]:
+    path = check.path
     check.unknown(document, TOP_FIELDS, "")
     tables: list[tuple[str, dict]] = []
     defaults: dict = {}
@@ -280,8 +183,7 @@ def parse_job_text(text: str, path: str = "<job description>", base_dir: str = "
                       "split it into several files")
             break
         jobs.extend(_expand(merged, prefix, path, count))
-    if check.problems:
-        raise JobFileError(path, check.problems)
+    check.raise_problems()
     return jobs
 
 

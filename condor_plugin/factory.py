@@ -47,10 +47,13 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import htcondor2
+from htcondor2 import JobStatus
 
 from condor_plugin.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting
 from condor_plugin.glidein import (
@@ -63,24 +66,20 @@ from condor_plugin.glidein import (
 from condor_plugin.policy import Decision, FactoryPolicy, GlideinEnd, Observation, PolicySettings
 from pilot.agent import exitcodes
 from pilot.errors import SplitpilotError
+from submit import CondorCE, GlideinRequest, build_description, to_submit
+from submit.quoting import classad_string
 
 if TYPE_CHECKING:
-    import htcondor2
-
     from condor_plugin.brokerview import BrokerView
     from pilot.tokens import CertificateAuthority
 
-#: HTCondor JobStatus values.
-IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
-STATUS_NAMES = {IDLE: "IDLE", RUNNING: "RUNNING", REMOVED: "REMOVED", COMPLETED: "COMPLETED", HELD: "HELD",
-                TRANSFERRING: "TRANSFERRING", SUSPENDED: "SUSPENDED"}
 #: HoldReasonCode of a job submitted with spooling until its inputs have arrived.
 SPOOLING_HOLD = 16
 #: Seconds the schedd may take to release spooled glideins once their inputs are there.
 SPOOL_RELEASE_TIMEOUT = 60.0
 #: Finished and not yet retrieved: the spooled glideins that wait for `collect` (LeaveJobInQueue holds
 #: them until StageOutFinish, set by a retrieval, is later than their completion).
-NOT_RETRIEVED = "JobStatus == 4 && (StageOutFinish ?: 0) < EnteredCurrentStatus"
+NOT_RETRIEVED = f"JobStatus == {JobStatus.COMPLETED:d} && (StageOutFinish ?: 0) < EnteredCurrentStatus"
 PROJECTION = ["ClusterId", "ProcId", "JobStatus", "SplitpilotBatch", "SplitpilotSite", "EnteredCurrentStatus",
               "QDate", "JobStartDate", "CompletionDate", "ExitCode", "HoldReason", "RemoteHost"]
 
@@ -102,6 +101,12 @@ class FactorySettings:
     lifetime: datetime.timedelta = datetime.timedelta(hours=6)
     grace: datetime.timedelta = datetime.timedelta(minutes=10)
     max_idle: datetime.timedelta = datetime.timedelta(hours=2)
+    #: None: the schedd runs the glideins (vanilla universe); a CondorCE: the schedd forwards them to that
+    #: HTCondor-CE (grid universe, with its SciToken file).
+    ce: CondorCE | None = None
+    #: More submit lines (raw submit language: accounting_group, requirements, +Attr = "text"); checked
+    #: against the generator's keys and for credentials when the settings are made.
+    submit_lines: Mapping[str, str] = field(default_factory=dict)
     # -- the loop ------------------------------------------------------------------
     max_queued: int = 10                # glideins idle in the queue at most
     max_running: int = 50               # glideins running at most
@@ -112,6 +117,19 @@ class FactorySettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "work_dir", Path(self.work_dir).absolute())
+        object.__setattr__(self, "submit_lines", dict(self.submit_lines))
+        # Every submit description problem now, before a token is minted or a batch folder made.
+        build_description(self.glidein_request(self.work_dir / "check" / "glidein_startup.sh",
+                                               self.work_dir / "check" / "log", batch="check", inputs=()))
+
+    def glidein_request(self, script: Path, log_dir: Path, *, batch: str, inputs: tuple[str, ...],
+                        encrypted: tuple[str, ...] = ()) -> GlideinRequest:
+        """The submit settings of one batch: SCRIPT, its LOG_DIR, the transfer INPUTS (ENCRYPTED among them)."""
+        return GlideinRequest(executable=script, log_dir=log_dir, site=self.site, factory=self.factory, batch=batch,
+                              ce=self.ce, transfer_input_files=inputs, encrypt_input_files=encrypted,
+                              cpus=self.cpus, memory_mb=self.memory_mb, disk_mb=self.disk_mb,
+                              lifetime=self.lifetime, grace=self.grace, max_idle=self.max_idle,
+                              extra=self.submit_lines)
 
     @property
     def policy(self) -> PolicySettings:
@@ -141,7 +159,7 @@ class Glidein:
     cluster: int
     proc: int
     batch: str
-    status: int
+    status: int                 # an htcondor2.JobStatus, or the number of one these bindings do not know
     entered: int
     started: int | None
     finished: int | None
@@ -150,7 +168,10 @@ class Glidein:
 
     @property
     def status_name(self) -> str:
-        return STATUS_NAMES.get(self.status, str(self.status))
+        try:
+            return JobStatus(self.status).name
+        except ValueError:
+            return str(self.status)
 
     @property
     def name(self) -> str:
@@ -213,8 +234,6 @@ class Factory:
         return self._package
 
     def _constraint(self, extra: str = "") -> str:
-        from submit.quoting import classad_string
-
         base = (f"SplitpilotFactory == {classad_string(self.settings.factory, key='factory')} && "
                 f"SplitpilotSite == {classad_string(self.settings.site, key='site')}")
         return f"{base} && ({extra})" if extra else base
@@ -223,9 +242,7 @@ class Factory:
 
     def submit(self, count: int) -> SubmittedBatch:
         """Submit COUNT glideins as one batch (one cluster, one fresh agent token), inputs spooled."""
-
         from pilot.tokens import TokenRole
-        from submit import GlideinRequest, build_description, to_submit
 
         if count < 1:
             raise FactoryError("count must be at least 1")
@@ -243,10 +260,8 @@ class Factory:
         files = prepare_batch(package, self.batches_dir / batch, token_pem=token.to_pem(), settings=s.glidein)
         del token
         try:
-            request = GlideinRequest(executable=files.script, log_dir=files.log_dir, site=s.site,
-                                     factory=s.factory, batch=batch, transfer_input_files=files.transfer_input_files,
-                                     encrypt_input_files=(str(files.token),), cpus=s.cpus, memory_mb=s.memory_mb,
-                                     disk_mb=s.disk_mb, lifetime=s.lifetime, grace=s.grace, max_idle=s.max_idle)
+            request = s.glidein_request(files.script, files.log_dir, batch=batch,
+                                        inputs=files.transfer_input_files, encrypted=(str(files.token),))
             result = self._submit_spooled(to_submit(build_description(request)), count, batch)
         except BaseException:
             remove_batch(files.directory)
@@ -264,8 +279,6 @@ class Factory:
 
     def _submit_spooled(self, description: htcondor2.Submit, count: int, batch: str):
         """Submit on hold, send the inputs to the schedd's SPOOL (which releases the glideins); the result."""
-        import htcondor2
-
         try:
             result = self.schedd.submit(description, count=count, spool=True)
         except (htcondor2.HTCondorException, RuntimeError) as exc:
@@ -287,9 +300,7 @@ class Factory:
     def _wait_released(self, cluster: int, timeout: float = SPOOL_RELEASE_TIMEOUT) -> None:
         """Until the schedd has released CLUSTER's glideins from their spooling hold (it does so shortly
         after the inputs arrived): a caller must not see them HELD, nor count them as anything but idle."""
-        import htcondor2
-
-        constraint = f"ClusterId == {cluster} && JobStatus == {HELD} && HoldReasonCode == {SPOOLING_HOLD}"
+        constraint = f"ClusterId == {cluster} && JobStatus == {JobStatus.HELD:d} && HoldReasonCode == {SPOOLING_HOLD}"
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -327,8 +338,6 @@ class Factory:
         idle, running or held is not touched: it may still start (again) from
         its spooled inputs.
         """
-        import htcondor2
-
         constraint = self._constraint(NOT_RETRIEVED)
         done = [(int(ad["ClusterId"]), int(ad["ProcId"]))
                 for ad in self.schedd.query(constraint=constraint, projection=["ClusterId", "ProcId"])]
@@ -352,12 +361,9 @@ class Factory:
         inputs (the batch's agent token) with it. A running one gets SIGTERM
         first: its agent stops its jobs and reports them (the broker re-queues
         them)."""
-        import htcondor2
-
-        from submit.quoting import classad_string
-
         chosen = [g for g in self.glideins(history=False)
-                  if g.status not in (COMPLETED, REMOVED) and (not idle_only or g.status == IDLE)
+                  if g.status not in (JobStatus.COMPLETED, JobStatus.REMOVED)
+                  and (not idle_only or g.status == JobStatus.IDLE)
                   and (batch is None or g.batch == batch)]
         chosen.sort(key=lambda g: (g.cluster, g.proc), reverse=True)
         if count is not None:
@@ -365,7 +371,7 @@ class Factory:
         if not chosen:
             return []
         which = " || ".join(f"(ClusterId == {g.cluster} && ProcId == {g.proc})" for g in chosen)
-        extra = f"({which})" + (f" && JobStatus == {IDLE}" if idle_only else "")
+        extra = f"({which})" + (f" && JobStatus == {JobStatus.IDLE:d}" if idle_only else "")
         if batch is not None:
             extra += f" && SplitpilotBatch == {classad_string(batch, key='batch')}"
         try:
@@ -378,15 +384,7 @@ class Factory:
 
     def remove_all(self, reason: str = "splitpilot factory: removed") -> None:
         """Remove every glidein of this factory and site from the queue."""
-        import htcondor2
-
         self.schedd.act(htcondor2.JobAction.Remove, self._constraint(), reason)
-
-    def purge_batches(self) -> None:
-        """Remove all batch folders (scripts, logs): after remove_all, when nothing is queued."""
-        if self.batches_dir.is_dir():
-            for folder in self.batches_dir.iterdir():
-                remove_batch(folder)
 
     # -- the loop ----------------------------------------------------------------
 
@@ -405,7 +403,7 @@ class Factory:
         s = self.settings
         state = self.loop_state
         all_glideins = self.glideins(history=True)
-        newly = [g for g in all_glideins if g.status in (COMPLETED, REMOVED)
+        newly = [g for g in all_glideins if g.status in (JobStatus.COMPLETED, JobStatus.REMOVED)
                  and (g.cluster, g.proc) not in state.seen_finished]
         ended = newly if state.primed else []   # ended before this factory started: not ours to judge
         site_state = "unknown"
@@ -422,8 +420,8 @@ class Factory:
                                 exit_code=g.exit_code, ran_s=g.ran_seconds, jobs=jobs.get((g.cluster, g.proc), 0),
                                 removed_by_us=(g.cluster, g.proc) in state.removed_by_us) for g in ended)
         return Observation(now=now, waiting_fit=found.fit, waiting_unfit=found.unfit, unfit_reason=found.reason,
-                           idle=sum(1 for g in all_glideins if g.status == IDLE),
-                           running=sum(1 for g in all_glideins if g.status == RUNNING), ended=ends,
+                           idle=sum(1 for g in all_glideins if g.status == JobStatus.IDLE),
+                           running=sum(1 for g in all_glideins if g.status == JobStatus.RUNNING), ended=ends,
                            site_state=site_state)
 
     def _jobs_of(self, ended: list[Glidein]) -> dict[tuple[int, int], int]:

@@ -17,6 +17,15 @@
                              Ctrl-C (SIGINT) or SIGTERM: removes its idle glideins, then exits 130
                              (143 for SIGTERM); running glideins are left to end by themselves
 
+Where the glideins run: the schedd's own pool (vanilla universe), or with
+--ce HOST[:PORT] an HTCondor-CE the schedd forwards them to (grid universe;
+--scitoken FILE names the SciToken the CE accepts, else HTCondor looks in its
+default places). --submit-line KEY=VALUE (repeatable) adds a line of the
+site's own to every glidein's submit description (accounting_group=...,
+requirements=..., +Attr="text"); the lines the generator owns (universe,
+executable, resources, the periodic policy, +Splitpilot*) and anything that
+looks like a credential are refused before a token is minted.
+
 The schedd: the mini-condor of --minicondor DIR (its client configuration;
 batch folders in DIR/factory, which its node does not see); a remote schedd
 located through a collector (--pool HOST[:PORT], --schedd NAME); else the
@@ -97,8 +106,17 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
     parser.add_argument("--image", default="", help="container image for the agent (default with --minicondor: "
                                                     "its apptainer sandbox image)")
     parser.add_argument("--lifetime", default="6h", help="glidein lifetime (default %(default)s)")
+    parser.add_argument("--bind", action="append", default=[], metavar="SRC[:DST]", dest="binds",
+                        help="a site bind for the agent's jobs: the node's SRC read-only at DST (default SRC) "
+                             "(repeatable; `splitpilot agent --bind`)")
     parser.add_argument("--idle-timeout", default="2m",
                         help="the agent leaves after this long idle (default %(default)s)")
+    parser.add_argument("--ce", metavar="HOST[:PORT]",
+                        help="submit to this HTCondor-CE (grid universe; port 9619 unless given)")
+    parser.add_argument("--scitoken", type=Path, metavar="FILE",
+                        help="the SciToken file the CE accepts (with --ce; default: HTCondor's own search)")
+    parser.add_argument("--submit-line", action="append", default=[], metavar="KEY=VALUE", dest="submit_lines",
+                        help="an extra submit description line, e.g. accounting_group=group_pilots (repeatable)")
     parser.add_argument("--cpus", type=int, default=1)
     parser.add_argument("--memory", type=int, default=1024, metavar="MB")
     parser.add_argument("--disk", type=int, default=2048, metavar="MB")
@@ -136,6 +154,41 @@ def _schedd(pool, collector: str | None = None, name: str | None = None):
     return htcondor2.Schedd(chosen[0])
 
 
+def _ce(args):
+    """The CondorCE of --ce HOST[:PORT] and --scitoken FILE, or None."""
+    from submit import CE_PORT, CondorCE
+
+    if args.ce is None:
+        if args.scitoken is not None:
+            raise UsageError("--scitoken is for an HTCondor-CE; fix: give --ce HOST[:PORT] too, or drop --scitoken")
+        return None
+    host, colon, port = args.ce.rpartition(":")
+    if not colon:
+        host, port = args.ce, str(CE_PORT)
+    if not port.isdigit():
+        raise UsageError(f"--ce {args.ce!r}: the port is not a number; fix: give HOST or HOST:PORT "
+                         f"(e.g. ce.example.org:{CE_PORT})")
+    scitoken = args.scitoken.absolute() if args.scitoken is not None else None
+    if scitoken is not None and not scitoken.is_file():
+        raise UsageError(f"--scitoken {scitoken}: no such file; fix: give the file holding the CE's SciToken")
+    return CondorCE(host, int(port), scitokens_file=scitoken)
+
+
+def _submit_lines(entries: list[str]) -> dict[str, str]:
+    """--submit-line KEY=VALUE entries as a mapping (the generator checks keys and values)."""
+    lines: dict[str, str] = {}
+    for entry in entries:
+        key, equals, value = entry.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals or not key:
+            raise UsageError(f"--submit-line {entry!r} is not KEY=VALUE; fix: e.g. "
+                             "--submit-line accounting_group=group_pilots")
+        if key.lower() in (k.lower() for k in lines):
+            raise UsageError(f"--submit-line {key} is given twice; fix: give each key once")
+        lines[key] = value
+    return lines
+
+
 def _settings(args, pool):
     from condor_plugin.factory import FactorySettings
     from condor_plugin.glidein import GlideinSettings
@@ -149,9 +202,11 @@ def _settings(args, pool):
     if hasattr(args, "broker"):
         image = args.image or (pool.sandbox_image if pool is not None else "")
         extra = dict(glidein=GlideinSettings(broker=args.broker, container_policy=args.container_policy,
-                                             runtimes=args.runtimes, image=image, idle_timeout=args.idle_timeout),
+                                             runtimes=args.runtimes, image=image, idle_timeout=args.idle_timeout,
+                                             binds=tuple(args.binds)),
                      lifetime=parse_duration(args.lifetime, what="--lifetime"), cpus=args.cpus,
-                     memory_mb=args.memory, disk_mb=args.disk)
+                     memory_mb=args.memory, disk_mb=args.disk, ce=_ce(args),
+                     submit_lines=_submit_lines(args.submit_lines))
     else:
         extra = dict(glidein=GlideinSettings(broker="unused:0"))
     for name in ("max_queued", "max_running", "max_per_cycle", "jobs_per_glidein"):

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pilot.errors import SplitpilotError, UsageError
+from pilot.launch.errors import LaunchConfigError
+from pilot.launch.mounts import parse_bind
 
 #: The cache of built packages (one folder per key).
 DEFAULT_CACHE_DIR = Path("/var/cache/splitpilot/glidein")
@@ -291,6 +293,8 @@ class GlideinSettings:
     idle_timeout: str = "2m"
     #: Used when the job ad has no SplitpilotLifetime (the submit description sets it).
     lifetime: str = "24h"
+    #: Site binds for the agent's jobs (`--bind SRC[:DST]`, read-only); paths on the worker node.
+    binds: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.container_policy not in ("require", "prefer", "off"):
@@ -301,6 +305,16 @@ class GlideinSettings:
                 raise UsageError(f"glidein setting {name} {value!r} contains a quote, a backslash or a newline")
         if ":" not in self.broker:
             raise UsageError(f"broker {self.broker!r} is not HOST:PORT")
+        object.__setattr__(self, "binds", tuple(self.binds))
+        for bind in self.binds:
+            # The agent checks the rest on the node (the source exists, it is not its work dir).
+            if any(c.isspace() or c in "'\\\"$`" for c in bind):
+                raise UsageError(f"glidein bind {bind!r} contains whitespace, a quote, a backslash, '$' or '`'; "
+                                 "fix: bind a path without them")
+            try:
+                parse_bind(bind)
+            except LaunchConfigError as exc:
+                raise UsageError(f"glidein bind: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -329,6 +343,8 @@ def render_script(package: GlideinPackage, settings: GlideinSettings, template: 
         "TOKEN_NAME": TOKEN_NAME, "BROKER": settings.broker, "CONTAINER_POLICY": settings.container_policy,
         "RUNTIMES": settings.runtimes, "IMAGE": settings.image, "IDLE_TIMEOUT": settings.idle_timeout,
         "LIFETIME": settings.lifetime,
+        # Single-quoted words on the agent's command line: GlideinSettings refused quotes and whitespace.
+        "BIND_ARGS": "".join(f" --bind '{bind}'" for bind in settings.binds),
     }
     text = template.read_text()
     for name, value in values.items():

@@ -118,7 +118,7 @@ fi
 # --- the agent -------------------------------------------------------------------
 set -- agent --broker "$BROKER" --token "$token" --work-dir "$base/agent" \
     --container-policy "$CONTAINER_POLICY" --runtimes "$RUNTIMES" \
-    --lifetime "$lifetime" --idle-timeout "$IDLE_TIMEOUT"
+    --lifetime "$lifetime" --idle-timeout "$IDLE_TIMEOUT"@BIND_ARGS@
 [ -n "$IMAGE" ] && set -- "$@" --image "$IMAGE"
 say "starting the agent (broker $BROKER, policy $CONTAINER_POLICY, runtimes $RUNTIMES, lifetime $lifetime)"
 cd "$scratch" || fail "cannot enter $scratch"

@@ -35,10 +35,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from htcondor2 import JobStatus
+
 from pilot.agent import exitcodes
 
-#: HTCondor JobStatus of a glidein that ended.
-COMPLETED, REMOVED = 4, 3
 #: Site states in which the site takes glideins: "enabled", and "unknown" (the factory could not learn it:
 #: then it is not held back). Any other ("draining", "disabled", "draining or disabled") closes the site.
 OPEN_STATES = ("enabled", "unknown")
@@ -61,7 +61,7 @@ class GlideinEnd:
     cluster: int
     proc: int
     batch: str
-    status: int                     # COMPLETED or REMOVED
+    status: int                     # JobStatus.COMPLETED or JobStatus.REMOVED
     exit_code: int | None
     ran_s: float | None
     #: Jobs its agent was given (the broker's pilot record); 0 also when the broker has no record of it.
@@ -150,13 +150,13 @@ class FactoryPolicy:
         if end.removed_by_us:
             return ""
         ran = f"{end.ran_s:.0f} s" if end.ran_s is not None else "unknown time"
-        if end.status == COMPLETED and end.exit_code in exitcodes.CREDENTIALS:
+        if end.status == JobStatus.COMPLETED and end.exit_code in exitcodes.CREDENTIALS:
             self.backoff_s = s.backoff_max_s
             self.not_before = max(self.not_before, now + self.backoff_s)
             self.refused = end
             return ""   # the factory says it loudly (credentials_alarm), with what to check
-        if end.status != COMPLETED or end.exit_code:
-            what = "was removed" if end.status == REMOVED else f"failed (exit {end.exit_code})"
+        if end.status != JobStatus.COMPLETED or end.exit_code:
+            what = "was removed" if end.status == JobStatus.REMOVED else f"failed (exit {end.exit_code})"
         elif end.jobs == 0:
             what = "ran no job (empty)"
         else:
@@ -167,4 +167,4 @@ class FactoryPolicy:
         return f"glidein {end.name} {what} after {ran}: backing off {self.backoff_s:.0f} s"
 
 
-__all__ = ["COMPLETED", "REMOVED", "Decision", "FactoryPolicy", "GlideinEnd", "Observation", "PolicySettings"]
+__all__ = ["Decision", "FactoryPolicy", "GlideinEnd", "Observation", "PolicySettings"]

@@ -9,10 +9,11 @@
     schedd.submit(to_submit(description), count=5)
 
 `submit.description` decides the lines (universe, resources, lifetime and the
-periodic_hold / periodic_remove policy, +Splitpilot attributes, reserved
-keys, refusal of credentials); `submit.quoting` holds HTCondor's quoting
-rules as small pure functions with reference parsers. Errors are
-`SubmitDescriptionError` (a UsageError) with `key`, `problem` and `fix`.
+periodic_hold / periodic_remove policy, +Splitpilot attributes, a site's
+extra lines, reserved keys, refusal of credentials); `submit.quoting` says
+what a submit line can carry and quotes ClassAd strings with the bindings'
+classad2.quote. Errors are `SubmitDescriptionError` (a UsageError) with
+`key`, `problem` and `fix`.
 """
 
 from submit.description import (

@@ -8,9 +8,12 @@
 
 The dict is the one place where the submit lines are decided (the
 dask-jobqueue way); both renderings write the same lines. Every value in it
-is already in submit-language syntax: arguments and environment quoted in
-HTCondor's new syntax, ClassAd strings escaped, `$` escaped where a macro
-could start (see `submit.quoting`).
+is already in submit-language syntax: ClassAd strings quoted by the
+bindings (classad2.quote), and no value in which a macro could start (see
+`submit.quoting`). The glidein takes no arguments and no environment: its
+settings are in its startup script (condor_plugin.glidein). A site's own
+lines (an accounting group, requirements) go in `extra`, raw submit
+language, checked against the generator's keys and for credentials.
 
 Two universes: vanilla for a local pool (`ce=None`), grid for an HTCondor-CE
 (`ce=CondorCE("ce.example.org")`: `universe = grid`, `grid_resource = condor
@@ -24,6 +27,8 @@ them instead of repeating numbers:
     +SplitpilotGrace     seconds past the lifetime before HTCondor stops it
     +SplitpilotMaxIdle   seconds a glidein may stay idle (queued) before it is put on hold
     +SplitpilotMaxHeld   seconds a held glidein stays before it is removed
+
+    (JobStatus numbers: htcondor2.JobStatus IDLE 1, RUNNING 2, HELD 5.)
 
     periodic_hold   = JobStatus == 1 && time() - EnteredCurrentStatus > SplitpilotMaxIdle
         Idle too long: no slot (vanilla) or no CE batch slot (grid) took it,
@@ -79,17 +84,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from htcondor2 import JobStatus
+
 import pilot
 from pilot.durations import parse_duration
 from submit.errors import Problem, SubmitDescriptionError
-from submit.quoting import (
-    check_line_value,
-    check_representable,
-    classad_string,
-    escape_macros,
-    quote_arguments,
-    quote_environment,
-)
+from submit.quoting import check_line_value, check_representable, classad_string, refuse_macros
 
 if TYPE_CHECKING:  # imported lazily: building a description must not need the bindings
     import htcondor2
@@ -103,11 +103,13 @@ AGENT_STOP_DEADLINE_S = 30
 MIN_REPORT_MARGIN_S = 10
 DEFAULT_MAX_VACATE_S = 60
 
-PERIODIC_HOLD = "JobStatus == 1 && time() - EnteredCurrentStatus > SplitpilotMaxIdle"
+#: HoldReasonCode of a hold put by a person (condor_hold); the bindings have no enum for hold codes.
+HOLD_BY_USER = 1
+PERIODIC_HOLD = f"JobStatus == {JobStatus.IDLE:d} && time() - EnteredCurrentStatus > SplitpilotMaxIdle"
 PERIODIC_HOLD_REASON = ('strcat("splitpilot: glidein idle for more than ", SplitpilotMaxIdle, '
                         '" s: no slot took it; it is removed after ", SplitpilotMaxHeld, " s on hold")')
-PERIODIC_REMOVE = ("(JobStatus == 2 && time() - EnteredCurrentStatus > SplitpilotLifetime + SplitpilotGrace)"
-                   " || (JobStatus == 5 && HoldReasonCode =!= 1"
+PERIODIC_REMOVE = (f"(JobStatus == {JobStatus.RUNNING:d} && time() - EnteredCurrentStatus > SplitpilotLifetime"
+                   f" + SplitpilotGrace) || (JobStatus == {JobStatus.HELD:d} && HoldReasonCode =!= {HOLD_BY_USER}"
                    " && time() - EnteredCurrentStatus > SplitpilotMaxHeld)")
 
 #: Comments written above these keys in a .sub file, for the person reading it.
@@ -129,7 +131,6 @@ KEY_NOTES: dict[str, str] = {
 }
 
 _SUBMIT_KEY = re.compile(r"(\+|[Mm][Yy]\.)?[A-Za-z_][A-Za-z0-9_.]*")
-_ATTRIBUTE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BATCH = re.compile(r"[A-Za-z0-9._:@+-]{1,128}")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*")
 _PEM = re.compile(r"-----begin", re.IGNORECASE)
@@ -140,6 +141,8 @@ _FIX_CE = "set GlideinRequest.ce to a CondorCE (grid universe), or leave it None
 _FIX_BOUNDS = "set GlideinRequest.lifetime, grace, max_idle and max_held: the expressions read them"
 _FIX_VACATE = ("set GlideinRequest.max_vacate (the glidein must get SIGTERM and time to stop its jobs and "
                "report them)")
+_FIX_SETTINGS = ("the glidein takes its settings from its startup script, not from arguments or the "
+                 "environment: set them in condor_plugin.glidein.GlideinSettings (the glidein/factory CLI flags)")
 _FIX_TRANSFER = "the generator always transfers files (should_transfer_files = YES, ON_EXIT); list inputs " \
                 "in GlideinRequest.transfer_input_files"
 
@@ -149,12 +152,9 @@ RESERVED_COMMANDS: dict[str, str] = {
     "use_scitokens": "set GlideinRequest.ce (CondorCE.scitokens_file)",
     "scitokens_file": "set GlideinRequest.ce (CondorCE.scitokens_file)",
     "executable": "set GlideinRequest.executable",
-    "arguments": "set GlideinRequest.arguments to a list: the generator quotes it",
-    "args": "set GlideinRequest.arguments to a list: the generator quotes it",
-    "environment": "set GlideinRequest.environment to a mapping: the generator quotes it",
-    "env": "set GlideinRequest.environment to a mapping: the generator quotes it",
-    "getenv": "list what the glidein needs in GlideinRequest.environment (getenv would copy the "
-              "factory's own environment into the job, credentials included)",
+    "arguments": _FIX_SETTINGS, "args": _FIX_SETTINGS, "environment": _FIX_SETTINGS, "env": _FIX_SETTINGS,
+    "getenv": "the glidein's settings are in its startup script (condor_plugin.glidein.GlideinSettings); "
+              "getenv would copy the factory's own environment into the job, credentials included",
     "request_cpus": "set GlideinRequest.cpus",
     "request_memory": "set GlideinRequest.memory_mb",
     "request_disk": "set GlideinRequest.disk_mb",
@@ -177,8 +177,7 @@ RESERVED_COMMANDS: dict[str, str] = {
 RESERVED_ATTRIBUTES: dict[str, str] = {
     "jobuniverse": _FIX_CE, "gridresource": _FIX_CE,
     "cmd": "set GlideinRequest.executable",
-    "args": RESERVED_COMMANDS["arguments"], "arguments": RESERVED_COMMANDS["arguments"],
-    "env": RESERVED_COMMANDS["environment"], "environment": RESERVED_COMMANDS["environment"],
+    "args": _FIX_SETTINGS, "arguments": _FIX_SETTINGS, "env": _FIX_SETTINGS, "environment": _FIX_SETTINGS,
     "requestcpus": "set GlideinRequest.cpus", "xcount": "set GlideinRequest.cpus",
     "requestmemory": "set GlideinRequest.memory_mb", "maxmemory": "set GlideinRequest.memory_mb",
     "requestdisk": "set GlideinRequest.disk_mb",
@@ -242,8 +241,6 @@ class GlideinRequest:
     batch: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     #: None: vanilla universe in the local pool; a CondorCE: grid universe to that CE.
     ce: CondorCE | None = None
-    arguments: Sequence[str] = ()
-    environment: Mapping[str, str] = field(default_factory=dict)
     #: Absolute paths or URLs, without commas or whitespace.
     transfer_input_files: Sequence[str | Path] = ()
     #: Those of transfer_input_files HTCondor must transfer encrypted whatever the pool's default
@@ -260,9 +257,8 @@ class GlideinRequest:
     #: After SIGTERM, how long HTCondor waits before SIGKILL (job_max_vacate_time): at least the agent's
     #: stop deadline (30 s) plus the time to report the stopped jobs.
     max_vacate: Duration = datetime.timedelta(seconds=DEFAULT_MAX_VACATE_S)
-    #: More job attributes (+Name = value), typed: str, int, float or bool. Not Splitpilot*.
-    attributes: Mapping[str, str | int | float | bool] = field(default_factory=dict)
-    #: More submit lines, raw submit language, passed through (site specifics); not the generator's keys.
+    #: More submit lines, raw submit language, passed through (site specifics: accounting_group,
+    #: requirements, +Attribute = "text"); not the generator's keys, no credentials.
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -273,15 +269,10 @@ class GlideinRequest:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise SubmitDescriptionError(name, Problem.INVALID, "empty", f"give the {name} name")
-            classad_string(value, key=name)
+            _string_value(value, name)
         if not isinstance(self.batch, str) or not _BATCH.fullmatch(self.batch):
             raise SubmitDescriptionError("batch", Problem.INVALID, "not a batch identifier",
                                          "use 1-128 of letters, digits and . _ : @ + -")
-        if isinstance(self.arguments, str):
-            raise SubmitDescriptionError("arguments", Problem.INVALID, "a string, not a list of arguments",
-                                         "pass a list: ['--site', 'X'], not '--site X'")
-        set_(self, "arguments", tuple(self.arguments))
-        set_(self, "environment", types.MappingProxyType(dict(self.environment)))
         set_(self, "transfer_input_files", tuple(str(p) for p in self.transfer_input_files))
         set_(self, "encrypt_input_files", tuple(str(p) for p in self.encrypt_input_files))
         for entry in self.encrypt_input_files:
@@ -290,7 +281,6 @@ class GlideinRequest:
                                              f"{entry!r} is not one of transfer_input_files",
                                              "list the file in transfer_input_files too (HTCondor encrypts only "
                                              "files it transfers)")
-        set_(self, "attributes", types.MappingProxyType(dict(self.attributes)))
         set_(self, "extra", types.MappingProxyType(dict(self.extra)))
         for name, low in (("cpus", 1), ("memory_mb", 1), ("disk_mb", 1)):
             value = getattr(self, name)
@@ -418,19 +408,6 @@ def build_description(request: GlideinRequest) -> dict[str, str]:
         if request.ce.scitokens_file is not None:
             d["scitokens_file"] = _path_value(request.ce.scitokens_file, "ce.scitokens_file")
     d["executable"] = _path_value(request.executable, "executable")
-    if request.arguments:
-        for index, argument in enumerate(request.arguments):
-            _refuse_secret(f"arguments[{index}]", argument)
-            escape_macros(argument, key=f"arguments[{index}]")  # names the argument; the whole line is checked next
-        d["arguments"] = escape_macros(quote_arguments(request.arguments), key="arguments")
-    if request.environment:
-        for name, value in request.environment.items():
-            if not isinstance(value, str):
-                raise SubmitDescriptionError(f"environment[{name}]", Problem.INVALID, "not text",
-                                             "give environment values as str")
-            _refuse_secret(f"environment[{name}]", value)
-            escape_macros(value, key=f"environment[{name}]")
-        d["environment"] = escape_macros(quote_environment(request.environment), key="environment")
     d["request_cpus"] = str(request.cpus)
     d["request_memory"] = f"{request.memory_mb}MB"
     d["request_disk"] = f"{request.disk_mb}MB"
@@ -449,7 +426,7 @@ def build_description(request: GlideinRequest) -> dict[str, str]:
             entries.append(_transfer_entry(entry, request.transfer_input_files.index(entry)))
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if "://" not in entry and "*" not in name:
-                entries.append(escape_macros(f"*/{name}", key="encrypt_input_files", match_time=False))
+                entries.append(refuse_macros(f"*/{name}", key="encrypt_input_files"))
         d["encrypt_input_files"] = ",".join(entries)
     d["transfer_output_files"] = '""'
     logs = _path_value(request.log_dir, "log_dir").rstrip("/")
@@ -478,13 +455,6 @@ def build_description(request: GlideinRequest) -> dict[str, str]:
         d["+maxWallTime"] = str(math.ceil((request.seconds("lifetime") + request.seconds("grace")) / 60))
         d["+xcount"] = str(request.cpus)
         d["+maxMemory"] = str(request.memory_mb)
-    for name, value in request.attributes.items():
-        key = f"+{name}"
-        if not isinstance(name, str) or not _ATTRIBUTE_NAME.fullmatch(name):
-            raise SubmitDescriptionError(f"attributes[{name!r}]", Problem.INVALID, "not a ClassAd attribute name",
-                                         "use letters, digits and underscores, not starting with a digit")
-        _refuse_reserved(key, f"attributes[{name}]")
-        d[key] = _attribute_value(value, f"attributes[{name}]")
     for key, value in request.extra.items():
         if not isinstance(key, str) or not _SUBMIT_KEY.fullmatch(key):
             raise SubmitDescriptionError(f"extra[{key!r}]", Problem.INVALID, "not a submit key",
@@ -493,11 +463,11 @@ def build_description(request: GlideinRequest) -> dict[str, str]:
         if any(_identity(k) == _identity(key) for k in d):
             raise SubmitDescriptionError(f"extra[{key}]", Problem.INVALID, "the key is set twice (keys and "
                                          "attribute names are case-insensitive; +Name is My.Name)",
-                                         "set it once, in either attributes or extra")
+                                         "set it once")
         if not isinstance(value, str):
             raise SubmitDescriptionError(f"extra[{key}]", Problem.INVALID, "not text",
-                                         "give raw submit-language text; for typed attributes use "
-                                         "GlideinRequest.attributes")
+                                         "give raw submit-language text (a ClassAd string in double quotes: "
+                                         "+Name = \"text\")")
         _refuse_secret(f"extra[{key}]", value)
         check_line_value(value, key=f"extra[{key}]")
         d[key] = value
@@ -514,28 +484,11 @@ def _refuse_reserved(key: str, where: str) -> None:
 
 
 def _path_value(path: Path, key: str) -> str:
-    return escape_macros(str(path), key=key, match_time=False)
+    return refuse_macros(str(path), key=key)
 
 
 def _string_value(value: str, key: str) -> str:
-    return escape_macros(classad_string(value, key=key), key=key, match_time=False)
-
-
-def _attribute_value(value: object, key: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise SubmitDescriptionError(key, Problem.UNREPRESENTABLE, "not a finite number",
-                                         "give a finite float, or a string")
-        return repr(value)
-    if isinstance(value, str):
-        _refuse_secret(key, value)
-        return _string_value(value, key)
-    raise SubmitDescriptionError(key, Problem.INVALID, f"a {type(value).__name__}",
-                                 "give str, int, float or bool; for expressions use GlideinRequest.extra")
+    return refuse_macros(classad_string(value, key=key), key=key)
 
 
 def _transfer_entry(entry: str, index: int) -> str:
@@ -550,7 +503,7 @@ def _transfer_entry(entry: str, index: int) -> str:
                                      "give an absolute path (condor_submit and the bindings resolve relative "
                                      "ones differently) or a URL")
     _refuse_secret(key, entry)
-    return escape_macros(entry, key=key, match_time=False)
+    return refuse_macros(entry, key=key)
 
 
 # ---------------------------------------------------------------------------

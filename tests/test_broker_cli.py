@@ -300,3 +300,28 @@ def test_token_issue_creates_the_folder_of_the_token(tmp_path):
     blocked = run("token", "issue", "--ca", str(ca), "--role", "user", "--out", str(tmp_path / "file" / "t.pem"))
     assert blocked.returncode == 2
     assert f"cannot create the folder {tmp_path / 'file'} for --out" in blocked.stderr and "fix:" in blocked.stderr
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[client]\nbrokr = "x:1"\n', ["client.brokr", "did you mean 'broker'?", "fix: rename it to broker"]),
+    ('[clients]\nbroker = "x:1"\n', ["clients", "did you mean 'client'?"]),
+    ('[client]\nbroker = 7443\n', ["client.broker", "expected a string", 'broker = "host:7443"']),
+    ('[client]\ntoken = ["a", "b"]\n', ["client.token", "expected a string"]),
+    ('client = "x"\n', ["client", "expected a table"]),
+    ('[client\n', ["(syntax)", "not valid TOML", "[client]"]),
+])
+def test_client_config_mistakes_name_the_file_key_and_fix(tmp_path, text, words):
+    """Every mistake in the client config at once, with the file, the key and the fix; nothing is read from a
+    config that has one (a typo must not silently fall back to the default broker)."""
+    from broker.cli import client_settings
+    from pilot.errors import UsageError
+
+    config = tmp_path / "client.toml"
+    config.write_text(text)
+    args = SimpleNamespace(config=str(config), broker=None, token=str(tmp_path / "token.pem"), ca_cert=None)
+    with pytest.raises(UsageError) as err:
+        client_settings(args)
+    message = str(err.value)
+    assert message.startswith(f"config file {config}:") and err.value.exit_code == 2
+    for word in words:
+        assert word in message, (word, message)

@@ -10,16 +10,17 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from htcondor2 import JobStatus
 
 from condor_plugin.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting, count_waiting
-from condor_plugin.policy import COMPLETED, REMOVED, FactoryPolicy, GlideinEnd, Observation, PolicySettings
+from condor_plugin.policy import FactoryPolicy, GlideinEnd, Observation, PolicySettings
 from pilot.pipe import messages as m
 
 SETTINGS = PolicySettings(max_queued=3, max_running=5, max_per_cycle=2, backoff_initial_s=30, backoff_max_s=900)
 
 
-def ended(exit_code: int | None = 0, *, jobs: int = 0, ran: float = 5.0, status: int = COMPLETED, proc: int = 0,
-          by_us: bool = False) -> GlideinEnd:
+def ended(exit_code: int | None = 0, *, jobs: int = 0, ran: float = 5.0, status: int = JobStatus.COMPLETED,
+          proc: int = 0, by_us: bool = False) -> GlideinEnd:
     return GlideinEnd(cluster=7, proc=proc, batch="b", status=status, exit_code=exit_code, ran_s=ran, jobs=jobs,
                       removed_by_us=by_us)
 
@@ -62,7 +63,7 @@ def test_empty_glideins_back_off_doubling_and_a_useful_one_resets():
 
 
 @pytest.mark.parametrize("end", [ended(exit_code=1, jobs=3), ended(exit_code=3, jobs=0),
-                                 ended(exit_code=None, status=REMOVED, jobs=0)], ids=["killed", "black-hole",
+                                 ended(exit_code=None, status=JobStatus.REMOVED, jobs=0)], ids=["killed", "black-hole",
                                                                                       "removed"])
 def test_failures_back_off_whatever_they_ran(end):
     policy = FactoryPolicy(SETTINGS)
@@ -84,7 +85,8 @@ def test_refused_or_expired_tokens_back_off_to_the_maximum_at_once(code):
 
 def test_glideins_the_factory_removed_are_not_judged():
     policy = FactoryPolicy(SETTINGS)
-    decision = policy.decide(observe(100, waiting=1, ends=[ended(exit_code=None, status=REMOVED, by_us=True)]))
+    gone = ended(exit_code=None, status=JobStatus.REMOVED, by_us=True)
+    decision = policy.decide(observe(100, waiting=1, ends=[gone]))
     assert decision.submit == 1 and policy.backoff_s == 0 and not decision.messages
 
 
@@ -177,13 +179,12 @@ class FakeBrokerView:
 
 @pytest.fixture
 def shell(tmp_path, monkeypatch):
-    import submit
     from condor_plugin.factory import Factory, FactorySettings
     from condor_plugin.glidein import GlideinSettings, PackageBuilder
     from pilot.tokens import CertificateAuthority
     from tests.test_glidein import FakeSchedd
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     settings = FactorySettings(work_dir=tmp_path / "f", site="S", glidein=GlideinSettings(broker="127.0.0.1:1"),
                                max_queued=3, max_per_cycle=2, lifetime=datetime.timedelta(hours=1))
     schedd, broker = FakeSchedd(), FakeBrokerView()
@@ -209,11 +210,11 @@ def test_factory_judges_an_ended_glidein_by_its_pilot_record(shell):
     (batch,) = factory.batch_serials()
     serial = factory.batch_serials()[batch]
     assert len(serial) > 8 and all(ad["SplitpilotBatch"] == batch for ad in schedd.ads)
-    schedd.ads[0] |= {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1020, "ExitCode": 0}
+    schedd.ads[0] |= {"JobStatus": JobStatus.COMPLETED, "JobStartDate": 1000, "CompletionDate": 1020, "ExitCode": 0}
     broker.records = [pilot_record(serial, 4, "p1"), pilot_record("other", 0, "p9", "empty"),
                       pilot_record(serial, 0, "p2", end_reason="")]        # still running: not ended
     assert factory.run_once(now=1030) == 1 and factory.policy.backoff_s == 0
-    schedd.ads[0] |= {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1100, "ExitCode": 0}
+    schedd.ads[0] |= {"JobStatus": JobStatus.COMPLETED, "JobStartDate": 1000, "CompletionDate": 1100, "ExitCode": 0}
     broker.records = [pilot_record(serial, 4, "p1"), pilot_record(serial, 0, "p2", "empty")]
     assert factory.run_once(now=1110) == 0 and factory.policy.backoff_s == 30
 
@@ -224,10 +225,10 @@ def test_factory_removes_idle_glideins_of_a_closed_site_and_does_not_judge_them(
     assert factory.run_once(now=1000) == 2
     broker.state = "draining or disabled"
     assert factory.run_once(now=1010) == 0
-    assert len(schedd.removed) == 1 and "JobStatus == 1" in schedd.removed[0][0]
+    assert len(schedd.removed) == 1 and f"JobStatus == {JobStatus.IDLE:d}" in schedd.removed[0][0]
     assert "ProcId == 0" in schedd.removed[0][0] and "ProcId == 1" in schedd.removed[0][0]
     assert factory.loop_state.removed_by_us == {(1, 0), (1, 1)}
-    schedd.done += [ad | {"JobStatus": 3} for ad in schedd.ads]
+    schedd.done += [ad | {"JobStatus": JobStatus.REMOVED} for ad in schedd.ads]
     schedd.ads = []
     broker.state = "enabled"
     assert factory.run_once(now=1020) == 2 and factory.policy.backoff_s == 0

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from htcondor2 import JobStatus
 
 from condor_plugin.glidein import (
     PACKAGE_NAME,
@@ -28,6 +29,7 @@ from condor_plugin.glidein import (
     GlideinSettings,
     PackageBuilder,
     prepare_batch,
+    render_script,
 )
 
 JOBS = 5
@@ -83,6 +85,56 @@ def test_script_holds_no_token_and_checks_the_package(package, tmp_path):
     assert result.returncode == 1 and "checksum mismatch" in result.stderr
     assert not (scratch / TOKEN_NAME).exists() and not (scratch / "splitpilot").exists()
     assert "BBB" not in result.stderr + result.stdout
+
+
+def test_glidein_binds_reach_the_agents_command_line(package, tmp_path):
+    settings = GlideinSettings(broker="127.0.0.1:1", binds=("/data/site:/site/data", "/cvmfs-like"))
+    text = render_script(package, settings)
+    assert "--bind '/data/site:/site/data' --bind '/cvmfs-like'" in text and "@BIND_ARGS@" not in text
+    assert "--bind" not in render_script(package, GlideinSettings(broker="127.0.0.1:1"))
+    script = tmp_path / "glidein_startup.sh"
+    script.write_text(text)
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+
+
+@pytest.mark.parametrize("bind, words", [
+    ("/data site:/x", "whitespace"),
+    ("/data';touch /tmp/pwned;'", "a quote"),
+    ("/data$(id)", "'$'"),
+    ("/data`id`", "'`'"),
+    ("data", "not absolute"),
+    ("/data:/workdir", "overlaps /workdir"),
+    ("/:/host", "whole host"),
+    ("/proc", "processes"),
+    ("/data/../etc", "'..'"),
+])
+def test_glidein_binds_that_would_break_the_script_or_the_isolation_are_refused(bind, words, tmp_path):
+    """--bind of `glidein submit` and `factory run`: refused before the settings exist (no token, no batch)."""
+    from condor_plugin import factory_cli
+    from pilot.errors import UsageError
+
+    with pytest.raises(UsageError) as err:
+        GlideinSettings(broker="127.0.0.1:1", binds=(bind,))
+    assert words in str(err.value)
+    parser = argparse.ArgumentParser()
+    factory_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["glidein", "submit", "--site", "S", "--broker", "127.0.0.1:1", "--ca",
+                              str(tmp_path / "ca"), "--work-dir", str(tmp_path / "work"), "--bind", bind])
+    with pytest.raises(UsageError, match="bind"):
+        args.handler(args)
+    assert not (tmp_path / "work").exists()
+
+
+def test_factory_cli_binds_reach_the_glidein_settings(tmp_path):
+    from condor_plugin import factory_cli
+
+    parser = argparse.ArgumentParser()
+    factory_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["factory", "run", "--site", "S", "--broker", "127.0.0.1:1", "--ca", str(tmp_path),
+                              "--admin-token", "x", "--work-dir", str(tmp_path / "w"),
+                              "--bind", "/data/site:/site/data", "--bind", "/opt/exp"])
+    settings = factory_cli._settings(args, None)
+    assert settings.glidein.binds == ("/data/site:/site/data", "/opt/exp")
 
 
 def test_settings_refuse_quotes():
@@ -204,7 +256,7 @@ def wait_until_final(client, factory, ids, started: float) -> float | None:
         if all(job.final for job in jobs):
             break
         glideins = factory.glideins(history=False)
-        held = [g for g in glideins if g.status == 5]
+        held = [g for g in glideins if g.status == JobStatus.HELD]
         assert not held, f"glidein held: {held[0].hold_reason}"
         if not glideins:
             break  # the glideins left with jobs still waiting: the caller's checks say why
@@ -226,7 +278,7 @@ def wait_for_glideins_to_finish(factory, timeout: float = 120.0) -> list:
     end = time.monotonic() + timeout
     while True:
         queued = factory.glideins(history=False)
-        if queued and all(g.status == 4 for g in queued):
+        if queued and all(g.status == JobStatus.COMPLETED for g in queued):
             return queued
         assert time.monotonic() < end, f"glideins not finished after {timeout:.0f} s: {queued}"
         time.sleep(1.0)
@@ -483,9 +535,9 @@ class FakeSchedd:
 
     def query(self, constraint, projection):
         if "StageOutFinish" in constraint:     # the factory's NOT_RETRIEVED
-            return [ad for ad in self.ads if ad["JobStatus"] == 4 and not ad.get("StageOutFinish")]
+            return [ad for ad in self.ads if ad["JobStatus"] == JobStatus.COMPLETED and not ad.get("StageOutFinish")]
         if "HoldReasonCode == 16" in constraint:   # waiting for their inputs
-            return [ad for ad in self.ads if ad["JobStatus"] == 5 and ad.get("HoldReasonCode") == 16]
+            return [ad for ad in self.ads if ad["JobStatus"] == JobStatus.HELD and ad.get("HoldReasonCode") == 16]
         return list(self.ads)
 
     def history(self, constraint, projection, match):
@@ -497,7 +549,7 @@ class FakeSchedd:
         self.submitted.append(count)
         batch = description["+SplitpilotBatch"].strip('"')
         # On hold until their inputs arrive, as the schedd does (HoldReasonCode 16).
-        self.ads += [{"ClusterId": cluster, "ProcId": p, "JobStatus": 5, "HoldReasonCode": 16,
+        self.ads += [{"ClusterId": cluster, "ProcId": p, "JobStatus": JobStatus.HELD, "HoldReasonCode": 16,
                       "SplitpilotBatch": batch, "EnteredCurrentStatus": 0} for p in range(count)]
 
         class Result:
@@ -514,12 +566,12 @@ class FakeSchedd:
         self.spooled[result.cluster()] = {Path(p).name: Path(p).read_bytes() for p in result.inputs}
         for ad in self.ads:
             if ad["ClusterId"] == result.cluster():
-                ad.update(JobStatus=1, HoldReasonCode=None)
+                ad.update(JobStatus=JobStatus.IDLE, HoldReasonCode=None)
 
     def retrieve(self, constraint):
         self.retrieved.append(constraint)
         for ad in self.ads:
-            if ad["JobStatus"] == 4:
+            if ad["JobStatus"] == JobStatus.COMPLETED:
                 ad["StageOutFinish"] = 1
         self.done += [ad for ad in self.ads if ad.get("StageOutFinish")]
         self.ads = [ad for ad in self.ads if not ad.get("StageOutFinish")]
@@ -542,14 +594,13 @@ def fake_factory(tmp_path, package):
                                max_queued=3, max_per_cycle=2, lifetime=datetime.timedelta(hours=1))
     schedd = FakeSchedd()
     factory = Factory(settings, schedd, ca, PackageBuilder(progress=lambda line: None))
-    factory._package = package   # the factory imports submit.to_submit lazily: the tests patch it there
+    factory._package = package   # the tests patch condor_plugin.factory.to_submit: the fake schedd takes dicts
     return factory, schedd
 
 
 def test_factory_loop_is_bounded(fake_factory, monkeypatch):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=10, now=1000) == 2      # max_per_cycle
     assert factory.run_once(waiting=10, now=1001) == 1      # max_queued (3 idle)
@@ -565,15 +616,14 @@ def test_factory_loop_is_bounded(fake_factory, monkeypatch):
 
 
 def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=1, now=1000) == 1
     ad = schedd.ads[-1]
     # It came back after 5 s (empty or failed fast): still in the queue (spooled), it is retrieved in
     # the cycle, and the factory waits.
-    ad |= {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1005, "ExitCode": 0}
+    ad |= {"JobStatus": JobStatus.COMPLETED, "JobStartDate": 1000, "CompletionDate": 1005, "ExitCode": 0}
     assert factory.run_once(waiting=1, now=1010) == 0
     assert schedd.retrieved and not schedd.ads and schedd.done == [ad]
     assert factory.policy.backoff_s == 30
@@ -583,10 +633,9 @@ def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
 def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factory, monkeypatch):
     """The schedd takes the glideins but not their inputs: no glidein waits on hold for inputs that never
     come, no token file and no batch folder stay behind, and the error says what failed and where."""
-    import submit
     from condor_plugin.factory import FactoryError
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     schedd.spool_error = RuntimeError("SPOOL: no space left on device")
     with pytest.raises(FactoryError) as err:
@@ -598,9 +647,8 @@ def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factor
 
 
 def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieval(fake_factory, monkeypatch):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     lines: list[str] = []
     factory.progress = lines.append
@@ -614,11 +662,13 @@ def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieva
     monkeypatch.setattr(schedd, "retrieve", broken)
     assert factory.collect() == []                                    # said, not raised: next cycle tries again
     assert "could not retrieve the output of glidein(s) 1.0" in lines[-1] and "permission denied" in lines[-1]
-    assert [ad["JobStatus"] for ad in schedd.ads] == [4, 2, 1]        # nothing left the queue
+    # Nothing left the queue.
+    assert [ad["JobStatus"] for ad in schedd.ads] == [JobStatus.COMPLETED, JobStatus.RUNNING, JobStatus.IDLE]
     monkeypatch.undo()
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     assert factory.collect() == [(1, 0)]
-    assert [ad["JobStatus"] for ad in schedd.ads] == [2, 1] and schedd.done[0]["ProcId"] == 0
+    assert [ad["JobStatus"] for ad in schedd.ads] == [JobStatus.RUNNING, JobStatus.IDLE]
+    assert schedd.done[0]["ProcId"] == 0
 
 
 def test_cli_needs_a_work_dir_without_minicondor(tmp_path):

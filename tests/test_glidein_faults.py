@@ -27,6 +27,7 @@ import datetime
 import time
 
 import pytest
+from htcondor2 import JobStatus
 
 import tests.test_glidein as glidein_tests
 from condor_plugin.glidein import TOKEN_NAME, PackageBuilder
@@ -128,7 +129,7 @@ def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site, capsy
         log = (batch.directory / "log" / f"glidein.{batch.cluster}.0.log").read_text()
         assert "Job was evicted" in log and log.count("Job executing on host") >= 2, log
         (glidein,) = [g for g in factory.glideins() if g.cluster == batch.cluster]
-        assert glidein.status == 4 and glidein.exit_code == 0
+        assert glidein.status == JobStatus.COMPLETED and glidein.exit_code == 0
         assert "the agent left with code 0" in glidein_err(batch.directory, glidein)
 
 
@@ -182,7 +183,7 @@ def test_foreign_ca_glideins_fail_fast_and_the_factory_stops_submitting(site):
             (alarm,) = [line for line in lines if "ATTENTION" in line]
             assert "exit 4" in alarm and "REFUSES THIS FACTORY'S AGENT TOKENS" in alarm and "--ca" in alarm
             assert any("backing off" in line and "exit 4" in line for line in lines)   # said again each cycle
-            ended = [g for g in glideins if g.status == 4]
+            ended = [g for g in glideins if g.status == JobStatus.COMPLETED]
             assert ended and all(g.exit_code == 4 for g in ended)
             directory = settings.work_dir / "batches" / ended[0].batch
             err = glidein_err(directory, ended[0])
@@ -224,7 +225,7 @@ def test_expired_token_glidein_says_so_and_exits_5(site):
     glidein = wait_for_end(factory, batch.cluster)
     err = glidein_err(batch.directory, glidein)
     print("\n" + "\n".join(line for line in err.splitlines() if "expired" in line))
-    assert glidein.status == 4 and glidein.exit_code == 5, batch_logs(batch.directory)
+    assert glidein.status == JobStatus.COMPLETED and glidein.exit_code == 5, batch_logs(batch.directory)
     assert "the agent token has expired (valid until" in err and "fix:" in err, err
     assert "the agent left with code 5" in err and "PRIVATE KEY" not in err
     assert factory.run_once(waiting=3) == 0
@@ -237,14 +238,14 @@ def test_expired_token_glidein_says_so_and_exits_5(site):
 # The factory's reaction, against a fake schedd (no pool)
 
 def finished(ad: dict, exit_code: int, ran: int = 8) -> dict:
-    return ad | {"JobStatus": 4, "JobStartDate": 1000, "CompletionDate": 1000 + ran, "ExitCode": exit_code}
+    return ad | {"JobStatus": JobStatus.COMPLETED, "JobStartDate": 1000, "CompletionDate": 1000 + ran,
+                 "ExitCode": exit_code}
 
 
 @pytest.mark.parametrize(("exit_code", "words"), [(4, "REFUSES THIS FACTORY'S AGENT TOKENS"), (5, "expired")])
 def test_factory_backs_off_to_the_maximum_on_refused_tokens(fake_factory, monkeypatch, exit_code, words):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     lines: list[str] = []
     factory.progress = lines.append
@@ -264,9 +265,8 @@ def test_factory_backs_off_to_the_maximum_on_refused_tokens(fake_factory, monkey
 
 
 def test_factory_ordinary_failures_still_back_off_gradually(fake_factory, monkeypatch):
-    import submit
 
-    monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=1, now=1000) == 1
     schedd.done.append(finished(schedd.ads.pop(), 1))           # any other failure: the usual doubling

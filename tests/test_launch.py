@@ -48,11 +48,13 @@ from pilot.launch import (
     ProcessLauncher,
     SingularityLauncher,
     build_software_area,
+    check_site_binds,
     clear_cache,
     detect,
     detection,
     dry_run,
     make_launcher,
+    parse_bind,
     setup_command,
     spawn,
     wrapper_command,
@@ -260,6 +262,56 @@ def test_configuration_errors_name_the_fix(bad, fix):
     with pytest.raises(LaunchConfigError) as err:
         bad()
     assert fix in str(err.value)
+
+
+@pytest.mark.parametrize("text, fix", [
+    ("data", "not absolute"),
+    ("/data:site", "not absolute"),
+    ("/data:/site:/x", "not SRC or SRC:DST"),
+    ("/data:", "not SRC or SRC:DST"),
+    (":/site", "not SRC or SRC:DST"),
+    ("/data/../etc:/site", "contains '..'"),
+    ("/data:/site/../workdir", "contains '..'"),
+    ("/:/host", "the whole host"),
+    ("/proc:/site/proc", "the whole host or its processes"),
+    ("/proc/1/root:/site/root", "its processes"),
+    ("/data:/workdir", "overlaps /workdir"),
+    ("/data:/sw/lib", "overlaps /sw"),
+    ("/data:/proc", "overlaps /proc"),
+    ("/data:/tmp", "overlaps /tmp"),
+    ("/data:/", "overlaps"),
+    ("/data,x:/site", "a comma"),
+])
+def test_site_binds_from_a_command_line_are_refused_with_the_fix(text, fix):
+    with pytest.raises(LaunchConfigError) as err:
+        parse_bind(text)
+    assert fix in str(err.value)
+
+
+def test_site_binds_parse_read_only_with_the_same_path_by_default():
+    assert parse_bind("/data/site") == Bind("/data/site", "/data/site", read_only=True)
+    assert parse_bind("/data/site/:/site/data") == Bind("/data/site", "/site/data", read_only=True)
+
+
+def test_site_binds_never_show_the_agents_work_dir_or_the_hosts_processes(tmp_path):
+    """Checked after symlinks, against the agent's work dir: a bind of the work dir, a folder inside it (other
+    jobs' sandboxes), a folder holding it, or a symlink leading to it or to /proc, is refused."""
+    work = tmp_path / "work"
+    (work / "job-1-1" / "sandbox").mkdir(parents=True)
+    data = tmp_path / "data"
+    data.mkdir()
+    (tmp_path / "to-work").symlink_to(work)
+    (tmp_path / "to-proc").symlink_to("/proc/self")
+    check_site_binds((parse_bind(f"{data}:/site/data"),), work_dir=str(work))     # fine
+    for source, fix in ((work, "is the agent's work dir"),
+                        (work / "job-1-1" / "sandbox", "is inside the agent's work dir"),
+                        (tmp_path, "holds the agent's work dir"),
+                        (tmp_path / "to-work", "is the agent's work dir"),
+                        (tmp_path / "to-proc", "the host's processes"),
+                        (tmp_path / "missing", "does not exist")):
+        with pytest.raises(LaunchConfigError) as err:
+            check_site_binds((parse_bind(f"{source}:/site/x"),), work_dir=str(work))
+        assert fix in str(err.value) and "fix:" in str(err.value), str(err.value)
     assert err.value.exit_code == 2  # a usage error: fix the configuration
 
 

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from htcondor2 import JobStatus
 
 from condor_plugin import minicondor_cli, nodeproc
 from condor_plugin.minicondor import (
@@ -95,7 +96,7 @@ def wait_for_job(pool: MiniCondor, constraint: str, timeout: float = JOB_TIMEOUT
     while time.monotonic() < deadline:
         queued = schedd.query(constraint=constraint, projection=["JobStatus", "HoldReason"])
         for ad in queued:
-            if ad.get("JobStatus") == 5:
+            if ad.get("JobStatus") == JobStatus.HELD:
                 pytest.fail(f"job held: {ad.get('HoldReason')}")
         if not queued:
             done = list(schedd.history(constraint=constraint, projection=["ExitCode", "JobStatus", "Owner"], match=1))

@@ -64,7 +64,8 @@ def world():
 
 
 def agent_command(world, name: str, runtime: str, *, as_nobody: bool = False, image: str | None = None,
-                  idle: str = "3s", own_software: bool = False) -> tuple[list[str], dict, bytes]:
+                  idle: str = "3s", own_software: bool = False,
+                  extra: tuple[str, ...] = ()) -> tuple[list[str], dict, bytes]:
     """The argv and environment of one agent, and its token (PEM, for its stdin)."""
     ca = world["server"].ca
     agent_token = ca.new_token(TokenRole.AGENT, f"pilot-{name}", site="E2E", queue="default",
@@ -78,6 +79,7 @@ def agent_command(world, name: str, runtime: str, *, as_nobody: bool = False, im
         argv += ["--software-dir", str(world["software"])]
     if image:
         argv += ["--image", image]
+    argv += list(extra)
     env = {"PATH": os.environ["PATH"], "SPLITPILOT_AGENT_TOKEN": SENTINEL,
            "PYTHONPATH": str(HERE.parent)}
     if "DOCKER_HOST" in os.environ:  # the tests' private Docker engine (conftest.docker_engine)
@@ -561,3 +563,57 @@ def test_outputs_are_uploaded_from_what_the_payload_left_never_from_what_it_poin
         assert f"'{name}' is a symbolic link" in status.message
     assert not any(b"root:" in data or b"PATH=" in data for data in stored.values())
     assert not processes_in(work)
+
+
+BIND_PROBE = """#!/bin/sh
+# The site's data, bound by the agent's --bind: readable, not writable (even where the host folder is 0777).
+cat /site/data/given.txt > seen.out
+if echo x > /site/data/planted.txt 2>/dev/null; then echo written > write.out; else echo refused > write.out; fi
+"""
+
+
+def test_site_binds_from_the_agents_command_line_reach_the_payload_read_only(world):
+    """`splitpilot agent --bind SRC:DST` under the namespace launcher (agent as an unprivileged user): the payload
+    reads the site's file at DST and cannot write there, though the host folder is writable by everyone."""
+    client = world["client"]
+    site = world["base"] / "site-data"
+    site.mkdir()
+    os.chmod(site, 0o777)
+    (site / "given.txt").write_text("from the site\n")
+    script = world["base"] / "bind_probe.sh"
+    script.write_text(BIND_PROBE)
+    job_id = submit(world, payload_spec(client, script, "bind-probe"))
+    result, _ = run_agent(world, "binds", "namespace", as_nobody=True, extra=("--bind", f"{site}:/site/data"))
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr[-3000:]
+    assert f"site binds (read-only): {site} at /site/data" in stderr and "isolation: namespace" in stderr
+    status = wait_final(client, job_id)
+    assert status.state is JobState.DONE, (status.message, stderr[-3000:])
+    out = world["base"] / "binds-out"
+    client.output(job_id, out)
+    assert (out / "seen.out").read_text() == "from the site\n"
+    assert (out / "write.out").read_text() == "refused\n" and not (site / "planted.txt").exists()
+
+
+@pytest.mark.parametrize("bind, words", [
+    ("WORK:/site/work", "is the agent's work dir"),
+    ("BASE:/site/all", "holds the agent's work dir"),
+    ("/proc/self:/site/me", "the whole host or its processes"),
+    ("/:/host", "the whole host"),
+    ("/usr:/workdir", "overlaps /workdir"),
+    ("/usr/../etc:/site/etc", "'..'"),
+])
+def test_agent_refuses_binds_that_would_show_a_payload_the_agent(world, bind, words):
+    """Before it reads its token or contacts the broker: exit 2 naming the bind and the fix; the work dir stays
+    empty and the broker sees no pilot."""
+    name = f"bad-bind-{abs(hash(bind)) % 10**8}"
+    work = world["base"] / f"work-{name}"
+    bind = bind.replace("WORK", str(work)).replace("BASE", str(world["base"]))
+    before = {p.pilot_id for p in world["server"].store.list_pilots(datetime.datetime.fromtimestamp(0, datetime.UTC))}
+    result, _ = run_agent(world, name, "namespace", as_nobody=True, extra=("--bind", bind), timeout=60)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr[-3000:]
+    assert "--bind" in stderr and words in stderr and "fix:" in stderr, stderr
+    assert list(work.iterdir()) == []
+    after = {p.pilot_id for p in world["server"].store.list_pilots(datetime.datetime.fromtimestamp(0, datetime.UTC))}
+    assert after == before

@@ -313,3 +313,36 @@ def test_cli_errors_are_clear_and_exit_2(tmp_path, args, match):
     result = cli(*[a.format(ca=ca_path, tmp=tmp_path) for a in args])
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert match in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("text, words", [
+    ('[max_lifetime]\nagnt = "1h"\n', ["max_lifetime.agnt", "did you mean 'agent'?", "fix: rename it to agent"]),
+    ('[max_lifetime]\nroot = "1h"\n', ["max_lifetime.root", "unknown field", "known fields here"]),
+    ('[max_lifetime]\nagent = "soon"\n', ["max_lifetime.agent", "expected a duration", 'agent = "12h"']),
+    ('[max_lifetime]\nagent = true\n', ["max_lifetime.agent", "expected a duration"]),
+    ('[max_lifetimes]\nagent = "1h"\n', ["max_lifetimes", "did you mean 'max_lifetime'?"]),
+    ('max_lifetime = "1h"\n', ["max_lifetime", "expected a table"]),
+    ('[max_lifetime\n', ["(syntax)", "not valid TOML", "[max_lifetime]"]),
+])
+def test_a_tampered_policy_file_is_refused_naming_the_key_and_the_fix(tmp_path, text, words):
+    """A policy edited by hand (or by someone else) never loads half-read: the CA refuses to load, naming the
+    key, the problem and the fix; the file is left as it is."""
+    path = str(tmp_path / "ca")
+    CertificateAuthority.init(path)
+    policy = tmp_path / "ca" / "policy.toml"
+    policy.write_text(text)
+    with pytest.raises(CertificateAuthorityError) as err:
+        CertificateAuthority.load(path)
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+    assert policy.read_text() == text
+
+
+def test_a_policy_may_only_lower_limits_when_read_from_its_file(tmp_path):
+    path = str(tmp_path / "ca")
+    CertificateAuthority.init(path)
+    (tmp_path / "ca" / "policy.toml").write_text('[max_lifetime]\njob = "30d"\n')
+    with pytest.raises(UsageError, match="may only be lowered"):
+        CertificateAuthority.load(path)
+    (tmp_path / "ca" / "policy.toml").write_text('[max_lifetime]\nagent = 3600\n')
+    assert CertificateAuthority.load(path).policy.max_lifetime[R.AGENT] == HOUR

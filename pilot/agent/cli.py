@@ -20,6 +20,14 @@ wrapper the software area is checked against what was verified at start.
 `--dry-run JOBFILE` prints the exact command, environment and isolation a
 job from JOBFILE would get, without running or matching anything.
 
+Site binds: `--bind SRC[:DST]` (repeatable) shows the host's SRC read-only
+at DST (default SRC) inside every job's container or namespace (not without
+isolation: there the payload sees the host's paths anyway). Refused at
+start, with exit 2: relative paths or '..', DST over what the launcher
+mounts itself (/workdir, /sw, /cvmfs, /proc, /dev, /sys, /tmp, /), SRC that
+is /, the host's /proc, the agent's work dir or a folder holding it (after
+symlinks), or that does not exist.
+
 Exit codes (pilot.agent.exitcodes; a glidein exits with its agent's code):
   0  left normally (idle, lifetime, drained, stopped by SIGTERM)
   1  failure (also: the agent was killed; its guardian reported it)
@@ -89,20 +97,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--allow-root-payloads", action="store_true",
                         help="run payloads as root without a container (refused by default: a root payload "
                              "can read the agent's memory, token included, despite non-dumpable)")
+    parser.add_argument("--bind", action="append", default=[], metavar="SRC[:DST]", dest="binds",
+                        help="show the host's SRC read-only at DST (default SRC) in every job's container or "
+                             "namespace (repeatable)")
     parser.add_argument("--dry-run", metavar="JOBFILE",
                         help="print the command and environment a job of JOBFILE would run with, then exit")
     parser.set_defaults(handler=run_agent)
 
 
-def _runtime(args, software: str, work_dir: str):
+def site_binds(entries: list[str], work_dir: str) -> tuple:
+    """The --bind entries as checked pilot.launch.Bind objects; UsageError naming the fix otherwise."""
+    from pilot.launch import LaunchConfigError, check_site_binds, parse_bind
+
+    try:
+        binds = tuple(parse_bind(entry) for entry in entries)
+        check_site_binds(binds, work_dir=work_dir)
+    except LaunchConfigError as exc:
+        raise UsageError(f"--bind: {exc}") from None
+    return binds
+
+
+def _runtime(args, software: str, work_dir: str, binds: tuple = ()):
     from pilot.agent.agent import PROBE_FOLDER_PREFIX, remove_job_folder
     from pilot.launch import Mounts, detect
 
     # Named so that the next agent in this work dir removes it if this one is killed during the probe.
     probe_sandbox = tempfile.mkdtemp(prefix=PROBE_FOLDER_PREFIX, dir=work_dir)
     try:
+        # The self-test runs with the site's binds: a runtime that cannot make them fails it here.
         selection = detect([r for r in args.runtimes.split(",") if r], args.container_policy, args.image,
-                           Mounts.on_host(probe_sandbox, software))
+                           Mounts.on_host(probe_sandbox, software, binds))
     finally:
         remove_job_folder(probe_sandbox)
     for attempt in selection.attempts:
@@ -118,8 +142,9 @@ def run_agent(args: argparse.Namespace) -> int:
     scrub_environment()
     work_dir = os.path.abspath(args.work_dir)
     os.makedirs(work_dir, mode=0o700, exist_ok=True)
+    binds = site_binds(args.binds, work_dir)
     if args.dry_run:
-        return _dry_run(args, _software(args, work_dir), work_dir)
+        return _dry_run(args, _software(args, work_dir), work_dir, binds)
     if not args.broker or not args.token:
         raise UsageError("--broker and --token are required (or give --dry-run JOBFILE)")
     token_pem = read_token(args.token)
@@ -153,7 +178,7 @@ def run_agent(args: argparse.Namespace) -> int:
     if isinstance(role, int):
         return role   # the guardian, with the agent's exit code
     try:
-        code = _agent(args, token, identity, ca_pem, pilot_id, node, work_dir, non_dumpable)
+        code = _agent(args, token, identity, ca_pem, pilot_id, node, work_dir, non_dumpable, binds)
     except SplitpilotError:
         role.done()   # a refusal with its message and code, before or after the loop: nothing abandoned
         raise
@@ -162,7 +187,7 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str, work_dir: str,
-           non_dumpable: bool) -> int:
+           non_dumpable: bool, binds: tuple = ()) -> int:
     """The agent proper (the guardian's child): software area, runtime, slot, then the loop."""
     from pilot.agent.agent import Agent, AgentSettings, job_limits, log, remove_stale_job_folders, sandbox_for
     from pilot.agent.brokerlink import GrpcAgentBroker
@@ -196,7 +221,7 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
             broker.close()
         return exc.exit_code
     log(f"software area {software}: {guard.entries} entries verified against its manifest")
-    selection = _runtime(args, software, work_dir)
+    selection = _runtime(args, software, work_dir, binds)
     if selection.launcher is None:
         log("no container runtime passed its self-test and the policy is 'require': taking no jobs")
         broker = GrpcAgentBroker(args.broker, token, ca_pem)
@@ -226,11 +251,14 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
     log(f"runtime: {launcher.describe()}; isolation: {isolation.name}"
         f"{' (nothing separates jobs: one job at a time)' if exclusive else ''}; "
         f"memory limits: {'cgroup v2' if cgroup_parent else 'watchdog'}")
+    if binds:
+        unused = "; not applied: without isolation payloads see the host paths" if launcher.name == "process" else ""
+        log(f"site binds (read-only): {', '.join(f'{b.host} at {b.container}' for b in binds)}{unused}")
 
     def make_run(offer, on_done):
         sandbox = sandbox_for(work_dir, offer)
         launcher.prepare_sandbox(sandbox)  # e.g. podman/docker under a root agent: an unprivileged uid inside
-        mounts = Mounts.on_host(sandbox, software)
+        mounts = Mounts.on_host(sandbox, software, binds)
         argv = wrapper_command(launcher, mounts, WRAPPER_ARGV)
         log_path = os.path.join(os.path.dirname(sandbox), "..", f"job-{offer.job_id}-{offer.attempt}.wrapper.log")
 
@@ -301,12 +329,12 @@ def _software_area(work_dir: str) -> str:
     return path
 
 
-def _dry_run(args, software: str, work_dir: str) -> int:
+def _dry_run(args, software: str, work_dir: str, binds: tuple = ()) -> int:
     from broker.jobfile import load_job_file
     from pilot.launch import Mounts, dry_run, isolation_of, wrapper_command
 
     jobs = load_job_file(args.dry_run)
-    selection = _runtime(args, software, work_dir)
+    selection = _runtime(args, software, work_dir, binds)
     launcher = selection.launcher
     if launcher is not None:
         isolation = isolation_of(launcher)
@@ -316,7 +344,7 @@ def _dry_run(args, software: str, work_dir: str) -> int:
         print()
     for index, job in enumerate(jobs):
         spec = job.spec
-        mounts = Mounts.on_host(os.path.join(work_dir, f"job-DRYRUN{index}-1", "sandbox"), software)
+        mounts = Mounts.on_host(os.path.join(work_dir, f"job-DRYRUN{index}-1", "sandbox"), software, binds)
         print(f"# job {index + 1} ({spec.name or spec.executable}): {spec.executable} {' '.join(spec.arguments)}")
         if launcher is None:
             print("# no container runtime passed its self-test and the policy is 'require': this job would "

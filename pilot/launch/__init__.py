@@ -33,7 +33,7 @@ from pilot.launch.detection import Attempt, Selection, clear_cache, detect, self
 from pilot.launch.environment import setup_command
 from pilot.launch.errors import LaunchConfigError, LaunchError, NoUsableRuntime
 from pilot.launch.isolation import Isolation, isolation_of
-from pilot.launch.mounts import CVMFS, SOFTWARE, WORKDIR, Bind, Mounts
+from pilot.launch.mounts import CVMFS, SOFTWARE, WORKDIR, Bind, Mounts, check_site_binds, parse_bind
 from pilot.launch.namespace import NamespaceLauncher
 from pilot.launch.runtimes import (
     LAUNCHERS,
@@ -52,6 +52,7 @@ __all__ = [
     "CVMFS", "LAUNCHERS", "LOOPBACK_ARGV", "SOFTWARE", "WORKDIR",
     "ApptainerLauncher", "Attempt", "Bind", "BubblewrapLauncher", "DockerLauncher", "Isolation", "LaunchConfigError",
     "LaunchError", "Launcher", "Mounts", "NamespaceLauncher", "NoUsableRuntime", "PodmanLauncher", "ProbeResult",
-    "ProcessLauncher", "Selection", "SingularityLauncher", "build_software_area", "clear_cache", "detect", "dry_run",
-    "isolation_of", "make_launcher", "self_test", "setup_command", "spawn", "wrapper_command",
+    "ProcessLauncher", "Selection", "SingularityLauncher", "build_software_area", "check_site_binds", "clear_cache",
+    "detect", "dry_run", "isolation_of", "make_launcher", "parse_bind", "self_test", "setup_command", "spawn",
+    "wrapper_command",
 ]

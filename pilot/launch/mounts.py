@@ -77,7 +77,16 @@ class Bind:
     read_only: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "host", _check_path(str(self.host), "bind host path"))
+        for path, what in ((self.host, "bind host path"), (self.container, "bind container path")):
+            if ".." in str(path).split("/"):
+                raise LaunchConfigError(f"{what} {str(path)!r} contains '..'; fix: give the path without it "
+                                        "(where it leads depends on symlinks the launcher does not see)")
+        host = _check_path(str(self.host), "bind host path")
+        if host == "/" or host == "/proc" or host.startswith("/proc/"):
+            raise LaunchConfigError(f"bind host path {host!r} would show the payload the whole host or its "
+                                    "processes (their memory and environment, the agent's token included); "
+                                    "fix: bind only the folder the jobs need")
+        object.__setattr__(self, "host", host)
         container = _check_path(str(self.container), "bind container path")
         for reserved in _RESERVED:
             if container == reserved or container.startswith(reserved + "/") or container == "/":
@@ -85,6 +94,36 @@ class Bind:
                     f"bind container path {container!r} overlaps {reserved}, which the launcher "
                     "mounts itself; fix: choose another container path (e.g. /site/...)")
         object.__setattr__(self, "container", container)
+
+
+def parse_bind(text: str) -> Bind:
+    """A site bind as given on a command line: `SRC` or `SRC:DST` (absolute paths; DST defaults to SRC).
+
+    Read-only: a site shares data with its jobs, not scratch (the sandbox is the job's scratch)."""
+    parts = text.split(":")
+    if len(parts) > 2 or not all(parts):
+        raise LaunchConfigError(f"bind {text!r} is not SRC or SRC:DST; fix: e.g. --bind /data/site:/site/data "
+                                "(absolute paths without ':')")
+    return Bind(parts[0], parts[-1])
+
+
+def check_site_binds(binds: tuple[Bind, ...], *, work_dir: str) -> None:
+    """Refuse binds that would show a payload the agent's WORK_DIR (its lock, the job folders of other jobs,
+    a token file while it is read) or the host's /proc, after symlinks; or whose source does not exist."""
+    work = os.path.realpath(work_dir)
+    for bind in binds:
+        if not os.path.exists(bind.host):
+            raise LaunchConfigError(f"bind host path {bind.host!r} does not exist; fix: create it, or drop the bind")
+        real = os.path.realpath(bind.host)
+        if real == "/proc" or real.startswith("/proc/"):
+            raise LaunchConfigError(f"bind host path {bind.host!r} leads to {real} (the host's processes); "
+                                    "fix: bind only the folder the jobs need")
+        common = os.path.commonpath([real, work])
+        if common in (real, work):
+            where = "is" if real == work else "holds" if common == real else "is inside"
+            raise LaunchConfigError(
+                f"bind host path {bind.host!r} ({real}) {where} the agent's work dir {work}, where the other "
+                "jobs' sandboxes and the agent's files are; fix: bind a folder outside it")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import datetime
 import ipaddress
 import os
 import stat
-import tomllib
 import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from pilot.durations import format_duration, parse_duration
+from pilot.durations import format_duration
 from pilot.errors import UsageError
 from pilot.tokens.errors import CertificateAuthorityError, IssueError, KeyFileError, MalformedToken
 from pilot.tokens.files import (
@@ -51,6 +50,7 @@ from pilot.tokens.identity import (
     subject_name,
     subject_urn,
 )
+from pilot.tomlschema import Checker, TomlSchemaError
 
 KEY_FILE = "ca.key"
 CERT_FILE = "ca.crt"
@@ -91,18 +91,25 @@ class CAPolicy:
 
     @classmethod
     def from_toml(cls, text: str, source: str) -> CAPolicy:
+        roles = tuple(role.value for role in TokenRole)
+        check = Checker(source, examples={role: '"12h"' for role in roles})
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as exc:
-            raise CertificateAuthorityError(source, f"unreadable policy ({exc})") from None
-        table = data.get("max_lifetime", {})
-        limits = {}
-        for key, value in table.items():
-            try:
-                role = TokenRole(key)
-            except ValueError:
-                raise CertificateAuthorityError(source, f"unknown role {key!r} in [max_lifetime]") from None
-            limits[role] = parse_duration(str(value), what=f"max_lifetime.{key}")
+            data = check.load_text(text, 'write e.g. [max_lifetime] agent = "12h"')
+            check.unknown(data, ("max_lifetime",), "")
+            table = check.table(data.get("max_lifetime", {}), "max_lifetime", "max_lifetime") or {}
+            check.unknown(table, roles, "max_lifetime")
+            limits = {}
+            for role in TokenRole:
+                if role.value in table:
+                    # Above the default: with_limits says it may only be lowered.
+                    seconds = check.duration_s(table[role.value], f"max_lifetime.{role.value}", role.value,
+                                               low_s=1, high_s=10 * 366 * 86400)
+                    if seconds is not None:
+                        limits[role] = datetime.timedelta(seconds=seconds)
+            check.raise_problems()
+        except TomlSchemaError as exc:
+            detail = "; ".join(f"{p.field}: {p.problem}; fix: {p.fix}" for p in exc.problems)
+            raise CertificateAuthorityError(source, f"policy: {detail}") from None
         return cls.with_limits(limits)
 
 
