@@ -323,10 +323,10 @@ def condor_breakdown(ads, t0: float, submit_s: float, cluster: int, seen_done: f
 # (b) splitpilot
 
 def run_pilot(site: Site, jobs: int, label: str, round_no: int) -> Phase:
-    from broker.client import BrokerClient
-    from broker.lifecycle import JobState
     from condor_plugin.factory import Factory, FactorySettings
     from condor_plugin.glidein import GlideinSettings, PackageBuilder
+    from pilot.api.client import BrokerClient
+    from pilot.api.states import JobState
     from pilot.pipe import messages as m
     from pilot.tokens import TokenRole
 
@@ -428,7 +428,7 @@ def glidein_logs(directory: Path) -> str:
 
 def pilot_breakdown(statuses, t0: float, submit_s: float, glideins_at: float, glidein_ads, seen_done: float,
                     batch_dir: Path) -> list[str]:
-    from broker.lifecycle import JobState as S
+    from pilot.api.states import JobState as S
 
     phases = collections.defaultdict(list)
     by_pilot = collections.defaultdict(list)

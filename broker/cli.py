@@ -26,8 +26,8 @@ import sys
 import time
 import tomllib
 
-from broker.files import format_size, parse_size, shown
-from broker.lifecycle import JobState
+from pilot.api.files import format_size, parse_size, shown
+from pilot.api.states import JobState
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
 
@@ -309,13 +309,13 @@ def client_settings(args: argparse.Namespace) -> tuple[str, str, str | None]:
 
 
 def _user_client(args: argparse.Namespace):
-    from broker.client import BrokerClient
+    from pilot.api.client import BrokerClient
     broker, token, ca_cert = client_settings(args)
     return BrokerClient(broker, token, ca_cert)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from broker.jobfile import load_job_file
+    from pilot.api.jobfile import load_job_file
     descriptions = []
     for path in args.files:
         descriptions.extend(load_job_file(path))  # every file checked before anything is uploaded

@@ -30,7 +30,7 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from broker.lifecycle import JobState
+from pilot.api.states import JobState
 
 log = logging.getLogger("splitpilot.broker.metrics")
 

@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
 
 from broker.auth import SERVICE_ROLES, Authoriser, Unauthenticated
-from broker.files import CHUNK_SIZE, FileRefused, FileStore, FileTooLarge, MissingFile, StoredFile
+from broker.ca import CertificateAuthority, public_key_from_request
+from broker.files import FileStore, StoredFile
 from broker.metrics import Metrics
 from broker.specs import JobStartBudget
 from broker.store.base import (
@@ -58,8 +59,9 @@ from broker.store.base import (
     UnknownJob,
 )
 from broker.waiting import OfferLog, OfferSettings
+from pilot.api.files import CHUNK_SIZE, FileRefused, FileTooLarge, MissingFile
 from pilot.errors import SplitpilotError, UsageError
-from pilot.tokens import CertificateAuthority, Identity, TokenRole, TokenVerifier, public_key_from_request
+from pilot.tokens import Identity, TokenRole, TokenVerifier
 from pilot.tokens.errors import (
     IssueError,
     MalformedToken,

@@ -67,8 +67,8 @@ from pilot.errors import SplitpilotError
 if TYPE_CHECKING:
     import htcondor2
 
+    from broker.ca import CertificateAuthority
     from condor_plugin.brokerview import BrokerView
-    from pilot.tokens import CertificateAuthority
 
 #: HTCondor JobStatus values.
 IDLE, RUNNING, REMOVED, COMPLETED, HELD, TRANSFERRING, SUSPENDED = 1, 2, 3, 4, 5, 6, 7
@@ -511,7 +511,7 @@ def credentials_alarm(glidein: Glidein | GlideinEnd, settings: FactorySettings, 
 
 def waiting_jobs_for_site(admin_client, site: str) -> int:
     """Waiting jobs at the broker that SITE may run (no sites_allowed, or SITE among them)."""
-    from broker.lifecycle import JobState
+    from pilot.api.states import JobState
 
     listing = admin_client.list_all_jobs(states=[JobState.WAITING])
     count = 0

@@ -167,7 +167,7 @@ def _factory(args):
     settings = _settings(args, pool)
     ca = None
     if getattr(args, "ca", None):
-        from pilot.tokens import CertificateAuthority
+        from broker.ca import CertificateAuthority
 
         ca = CertificateAuthority.load(args.ca)
     return Factory(settings, _schedd(pool, args.pool, args.schedd), ca,
@@ -236,8 +236,8 @@ def run_remove(args) -> int:
 def run_factory(args) -> int:
     import threading
 
-    from broker.client import AdminClient
     from condor_plugin.brokerview import BrokerView
+    from pilot.api.client import AdminClient
 
     factory = _factory(args)
     stop = threading.Event()

@@ -28,7 +28,7 @@ from pilot.errors import SplitpilotError
 #: Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "pilot.demo",
-    "pilot.tokens.cli",
+    "broker.tokens_cli",
     "broker.cli",
     "pilot.agent.cli",
     "pilot.wrapper.cli",

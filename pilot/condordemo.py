@@ -121,8 +121,8 @@ def _factory(settings: CondorDemoSettings, pool, server, work_dir: Path):
 
 
 def _run(settings: CondorDemoSettings, server, pool, factory, base: Path, started: float) -> DemoOutcome:
-    from broker.client import AdminClient, BrokerClient
     from condor_plugin.factory import waiting_jobs_for_site
+    from pilot.api.client import AdminClient, BrokerClient
     from pilot.tokens import TokenRole
 
     user = server.ca.new_token(TokenRole.USER, "demo-user")

@@ -26,10 +26,11 @@ import pytest
 from next_minor import make_next_minor
 
 from broker import lifecycle
-from broker.client import AgentClient, BrokerClient, NoMatch
-from broker.lifecycle import JobState
+from broker.ca import CertificateAuthority
 from broker.server import BrokerConfig, BrokerServer
-from pilot.tokens import CertificateAuthority, TokenRole
+from pilot.api.client import AgentClient, BrokerClient, NoMatch
+from pilot.api.states import JobState
+from pilot.tokens import TokenRole
 from pilot.tokens.files import certificate_pem, private_key_pem, write_private
 
 BIN = pathlib.Path(sys.executable).parent / "splitpilot"

@@ -24,7 +24,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 
-from broker.client import (
+from broker.ca import CertificateAuthority
+from broker.files import FileStore
+from broker.server import BrokerConfig, BrokerServer, BrokerStartError
+from broker.service import ServiceSettings
+from broker.store.base import StoreSettings
+from pilot.api.client import (
     AccessDenied,
     AdminClient,
     AgentClient,
@@ -38,13 +43,10 @@ from broker.client import (
     TokenUnusable,
     WrongBroker,
 )
-from broker.files import ChecksumMismatch, FileStore
-from broker.lifecycle import JobState
-from broker.server import BrokerConfig, BrokerServer, BrokerStartError
-from broker.service import ServiceSettings
-from broker.store.base import StoreSettings
+from pilot.api.files import ChecksumMismatch
+from pilot.api.states import JobState
 from pilot.errors import UsageError
-from pilot.tokens import CertificateAuthority, Expectation, TokenRole, TokenVerifier, parse_identity
+from pilot.tokens import Expectation, TokenRole, TokenVerifier, parse_identity
 from pilot.tokens.files import certificate_pem, load_certificates, private_key_pem
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 from pg import pg_server, pg_url  # noqa: F401 (fixtures)
 
-from broker.client import BrokerClient
-from pilot.tokens import CertificateAuthority, TokenRole
+from broker.ca import CertificateAuthority
+from pilot.api.client import BrokerClient
+from pilot.tokens import TokenRole
 from pilot.tokens.files import write_private
 from splitpilot.job.v1 import job_pb2
 

@@ -178,9 +178,9 @@ class FakeBrokerView:
 @pytest.fixture
 def shell(tmp_path, monkeypatch):
     import submit
+    from broker.ca import CertificateAuthority
     from condor_plugin.factory import Factory, FactorySettings
     from condor_plugin.glidein import GlideinSettings, PackageBuilder
-    from pilot.tokens import CertificateAuthority
     from tests.test_glidein import FakeSchedd
 
     monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
@@ -194,7 +194,7 @@ def shell(tmp_path, monkeypatch):
 
 
 def pilot_record(serial: str, jobs: int, pilot_id: str, end_reason: str = "idle"):
-    from broker.client import PilotInfo
+    from pilot.api.client import PilotInfo
 
     moment = datetime.datetime.now(datetime.UTC)
     return PilotInfo(pilot_id, "S", "node", moment, moment, jobs, end_reason, serial)
@@ -238,10 +238,11 @@ def test_factory_removes_idle_glideins_of_a_closed_site_and_does_not_judge_them(
 def test_broker_view_against_a_real_broker(tmp_path):
     """Waiting jobs that fit, pilot records, the site's state by the probe; a factory whose CA is not the
     broker's is told so (its glideins' tokens would be refused alike)."""
-    from broker.client import AdminClient, BrokerClient
+    from broker.ca import CertificateAuthority
     from broker.server import BrokerConfig, BrokerServer
     from condor_plugin.brokerview import BrokerView, SiteStateUnknown
-    from pilot.tokens import CertificateAuthority, TokenRole
+    from pilot.api.client import AdminClient, BrokerClient
+    from pilot.tokens import TokenRole
 
     server = BrokerServer(BrokerConfig(state_dir=str(tmp_path / "broker"), listen="127.0.0.1:0"))
     server.start()

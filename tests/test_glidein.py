@@ -161,7 +161,7 @@ def submit_jobs(site: Site, client, count: int, tag: str) -> dict[int, tuple[int
 
 
 def check_outputs(site: Site, client, expected: dict[int, tuple[int, str]], logs: str = "") -> None:
-    from broker.lifecycle import JobState
+    from pilot.api.states import JobState
 
     for job_id, (words, digest) in expected.items():
         status = client.status(job_id)
@@ -193,7 +193,7 @@ def batch_logs(directory: Path) -> str:
 
 def wait_until_final(client, factory, ids, started: float) -> float | None:
     """Poll until every job in IDS is final; return seconds from STARTED to the first DONE."""
-    from broker.lifecycle import JobState
+    from pilot.api.states import JobState
 
     first_done = None
     deadline = started + TIMEOUT
@@ -261,9 +261,9 @@ def key_lines(token_pem: bytes) -> list[bytes]:
 @pytest.mark.condor
 @pytest.mark.slow
 def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
-    from broker.client import BrokerClient
     from condor_plugin import factory_cli
     from condor_plugin.factory import Factory
+    from pilot.api.client import BrokerClient
     from pilot.tokens import TokenRole, parse_identity, parse_token_pem
 
     times: dict[str, float] = {}
@@ -329,8 +329,8 @@ def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
 @pytest.mark.condor
 @pytest.mark.slow
 def test_factory_cycle_follows_the_waiting_jobs(site):
-    from broker.client import AdminClient, BrokerClient
     from condor_plugin.factory import Factory, waiting_jobs_for_site
+    from pilot.api.client import AdminClient, BrokerClient
     from pilot.tokens import TokenRole
 
     admin = site.server.ca.new_token(TokenRole.ADMIN, "glidein-test-admin")
@@ -360,9 +360,9 @@ def test_removed_glidein_stops_its_job_and_the_broker_requeues_it(site):
     stop deadline and is reported, and the broker puts it back in the queue for another pilot."""
     import htcondor2
 
-    from broker.client import BrokerClient
-    from broker.lifecycle import JobState
     from condor_plugin.factory import Factory
+    from pilot.api.client import BrokerClient
+    from pilot.api.states import JobState
     from pilot.pipe import messages as m
 
     settings = factory_settings(site, factory="removed")
@@ -400,9 +400,9 @@ def test_payload_of_a_no_container_glidein_finds_no_agent_token(site):
     path of its glidein's spooled inputs, SPOOL, its scratch, /tmp, the factory's folder, SPOOL through
     /proc/PID/root, and a broad walk. The token is in the schedd's SPOOL meanwhile (checked): the payload
     must find none of its key."""
-    from broker.client import BrokerClient
-    from broker.lifecycle import JobState
     from condor_plugin.factory import Factory
+    from pilot.api.client import BrokerClient
+    from pilot.api.states import JobState
     from pilot.pipe import messages as m
 
     settings = factory_settings(site, factory="hunted", glidein=GlideinSettings(
@@ -534,8 +534,8 @@ class FakeSchedd:
 def fake_factory(tmp_path, package):
     import datetime
 
+    from broker.ca import CertificateAuthority
     from condor_plugin.factory import Factory, FactorySettings
-    from pilot.tokens import CertificateAuthority
 
     ca = CertificateAuthority.create()
     settings = FactorySettings(work_dir=tmp_path / "f", site="S", glidein=GlideinSettings(broker="127.0.0.1:1"),

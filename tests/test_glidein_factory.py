@@ -64,7 +64,7 @@ def wait_for(condition, timeout: float, what: str):
 
 @pytest.fixture
 def clients(site):
-    from broker.client import AdminClient, BrokerClient
+    from pilot.api.client import AdminClient, BrokerClient
     from pilot.tokens import TokenRole
 
     admin = site.server.ca.new_token(TokenRole.ADMIN, "factory-test-admin")

@@ -75,10 +75,10 @@ def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site, capsy
 
     import htcondor2
 
-    from broker.client import BrokerClient
-    from broker.lifecycle import JobState
     from condor_plugin import factory_cli
     from condor_plugin.factory import Factory
+    from pilot.api.client import BrokerClient
+    from pilot.api.states import JobState
     from pilot.pipe import messages as m
 
     settings = factory_settings(site, factory="vacate")
@@ -135,10 +135,11 @@ def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site, capsy
 @pytest.mark.condor
 @pytest.mark.slow
 def test_foreign_ca_glideins_fail_fast_and_the_factory_stops_submitting(site):
-    from broker.client import AdminClient, BrokerClient
+    from broker.ca import CertificateAuthority
     from condor_plugin.factory import Factory, waiting_jobs_for_site
+    from pilot.api.client import AdminClient, BrokerClient
     from pilot.pipe import messages as m
-    from pilot.tokens import CertificateAuthority, TokenRole
+    from pilot.tokens import TokenRole
 
     foreign = CertificateAuthority.create()     # the factory's CA is not the broker's
     # One glidein at a time (the loop counts only idle glideins against waiting jobs: with several, how many

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.client import AdminClient, BrokerClient
-from broker.lifecycle import JobState
 from broker.server import BrokerConfig, BrokerServer
 from broker.service import ServiceSettings
+from pilot.api.client import AdminClient, BrokerClient
+from pilot.api.states import JobState
 from pilot.launch import build_software_area
 from pilot.pipe import messages as m
 from pilot.tokens import TokenRole

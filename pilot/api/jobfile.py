@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from broker.files import BadFileHeader, check_sandbox_name
+from pilot.api.files import BadFileHeader, check_sandbox_name
 from pilot.durations import parse_duration
 from pilot.errors import UsageError
 from splitpilot.job.v1 import job_pb2
