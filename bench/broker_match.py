@@ -822,7 +822,7 @@ def summarise_profile(path: str, run: Run | None) -> str:
         ("job public key parsing (DER SPKI)", ("job_public_key",)),
         ("identify caller (auth cache)", ("broker/auth.py",)),
         ("metrics counters", ("broker/metrics.py",)),
-        ("Match handler: request/response objects, rest", ("broker/service_agent.py", "broker/service.py")),
+        ("Match handler: request/response objects, rest", ("broker/services/agent.py", "broker/services/base.py")),
         ("protobuf (Python side)", ("google/protobuf",)),
         ("gRPC aio (Python parts)", ("grpc/aio", "grpc/_")),
         ("asyncio loop bookkeeping (select, scheduling)", ("asyncio/", "selectors.py")),

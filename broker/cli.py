@@ -144,7 +144,7 @@ def _register_broker(subparsers) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.server import BrokerConfig, BrokerServer
-    from broker.service import heartbeat_interval
+    from broker.services.base import heartbeat_interval
     from broker.store.base import StoreSettings
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,

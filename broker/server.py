@@ -46,7 +46,8 @@ from cryptography import x509
 from broker.ca import CertificateAuthority
 from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, FileStore
 from broker.metrics import Metrics, MetricsServer
-from broker.service import Broker, ServiceSettings, add_servicers, heartbeat_interval, utcnow
+from broker.services import add_servicers
+from broker.services.base import Broker, ServiceSettings, heartbeat_interval, utcnow
 from broker.store.base import JobStore, Reaped, StoreSettings, StoreUnavailable
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import Expectation, TokenFile, TokenRole, TokenVerifier

@@ -25,7 +25,7 @@ from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL 
 
 from broker.ca import CertificateAuthority
 from broker.server import BrokerConfig, BrokerServer
-from broker.service import heartbeat_interval
+from broker.services.base import heartbeat_interval
 from broker.specs import MAX_ARG_BYTES
 from broker.store.base import StoreSettings
 from pilot.api.client import AdminClient, AgentClient, BrokerClient, BrokerUnavailable, InvalidRequest, MatchedJob

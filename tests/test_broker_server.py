@@ -27,7 +27,7 @@ from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL 
 from broker.ca import CertificateAuthority
 from broker.files import FileStore
 from broker.server import BrokerConfig, BrokerServer, BrokerStartError
-from broker.service import ServiceSettings
+from broker.services.base import ServiceSettings
 from broker.store.base import StoreSettings
 from pilot.api.client import (
     AccessDenied,

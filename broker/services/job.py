@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from broker.files import StoredFile
 from broker.lifecycle import JOB_REPORTABLE
-from broker.service import (
+from broker.services.base import (
     BadRequest,
     Broker,
     Conflict,

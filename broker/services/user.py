@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 from broker import waiting
 from broker.files import StoredFile
-from broker.service import (
+from broker.services.base import (
     BadRequest,
     Broker,
     Conflict,
