@@ -281,7 +281,7 @@ class BrokerProcess:
         self.state_dir = os.path.join(workdir, "brokers", name)
         self.log_path = os.path.join(workdir, "logs", f"broker-{name}.log")
         self.metrics_port = free_port()
-        argv = [sys.executable, "-m", "pilot", "broker", "serve", "--state-dir", self.state_dir, "--db", db_url,
+        argv = [sys.executable, "-m", "apps", "broker", "serve", "--state-dir", self.state_dir, "--db", db_url,
                 "--listen", "127.0.0.1:0", "--ca", ca_dir, "--metrics", f"127.0.0.1:{self.metrics_port}",
                 # Nothing here starts a job: the reaper must not re-queue matched jobs during the run.
                 "--start-timeout", "1h", "--grace", "1s"]

@@ -41,7 +41,7 @@ def free_port() -> int:
 
 
 def start_broker(state: Path, port: int, ca_dir: Path, db: str | None = None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "pilot", "broker", "serve", "--state-dir", str(state), "--listen",
+    argv = [sys.executable, "-m", "apps", "broker", "serve", "--state-dir", str(state), "--listen",
             f"127.0.0.1:{port}", "--ca", str(ca_dir), "--reap-interval", "1s", "--start-timeout", "3s",
             "--log-level", "warning"]
     if db:

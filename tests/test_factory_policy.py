@@ -1,4 +1,5 @@
-"""The factory's decisions (condor_plugin.policy) and the fit of waiting jobs (condor_plugin.brokerview),
+"""The factory's decisions (condor_plugin.factory.policy) and the fit of waiting jobs
+(condor_plugin.factory.brokerview),
 without HTCondor, a broker or a clock: observations in, decisions out.
 
 The factory shell against a fake schedd and a fake broker view is at the end: a glidein's end is judged by
@@ -11,8 +12,8 @@ import datetime
 
 import pytest
 
-from condor_plugin.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting, count_waiting
-from condor_plugin.policy import COMPLETED, REMOVED, FactoryPolicy, GlideinEnd, Observation, PolicySettings
+from condor_plugin.factory.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting, count_waiting
+from condor_plugin.factory.policy import COMPLETED, REMOVED, FactoryPolicy, GlideinEnd, Observation, PolicySettings
 from pilot.pipe import messages as m
 
 SETTINGS = PolicySettings(max_queued=3, max_running=5, max_per_cycle=2, backoff_initial_s=30, backoff_max_s=900)
@@ -179,8 +180,8 @@ class FakeBrokerView:
 def shell(tmp_path, monkeypatch):
     import submit
     from broker.ca import CertificateAuthority
-    from condor_plugin.factory import Factory, FactorySettings
-    from condor_plugin.glidein import GlideinSettings, PackageBuilder
+    from condor_plugin.factory.factory import Factory, FactorySettings
+    from condor_plugin.glidein.package import GlideinSettings, PackageBuilder
     from tests.test_glidein import FakeSchedd
 
     monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
@@ -240,7 +241,7 @@ def test_broker_view_against_a_real_broker(tmp_path):
     broker's is told so (its glideins' tokens would be refused alike)."""
     from broker.ca import CertificateAuthority
     from broker.server import BrokerConfig, BrokerServer
-    from condor_plugin.brokerview import BrokerView, SiteStateUnknown
+    from condor_plugin.factory.brokerview import BrokerView, SiteStateUnknown
     from pilot.api.client import AdminClient, BrokerClient
     from pilot.tokens import TokenRole
 

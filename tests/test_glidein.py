@@ -22,13 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from condor_plugin.glidein import (
-    PACKAGE_NAME,
-    TOKEN_NAME,
-    GlideinSettings,
-    PackageBuilder,
-    prepare_batch,
-)
+from condor_plugin.glidein.package import PACKAGE_NAME, TOKEN_NAME, GlideinSettings, PackageBuilder, prepare_batch
 
 JOBS = 5
 TIMEOUT = 420.0
@@ -119,7 +113,7 @@ def site(package, tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the mini-condor needs root")
     from broker.server import BrokerConfig, BrokerServer
-    from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
+    from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
     from pilot.tokens import TokenRole
     from tests.test_minicondor import new_base_dir, stop_and_clean
 
@@ -176,7 +170,7 @@ def check_outputs(site: Site, client, expected: dict[int, tuple[int, str]], logs
 def factory_settings(site: Site, **changes):
     import datetime
 
-    from condor_plugin.factory import FactorySettings
+    from condor_plugin.factory.factory import FactorySettings
 
     # Where `glidein submit --minicondor` puts it: the pool's state folder, which the node does not see.
     values = dict(work_dir=site.pool.settings.state_dir / "factory", site="MINICONDOR",
@@ -261,8 +255,8 @@ def key_lines(token_pem: bytes) -> list[bytes]:
 @pytest.mark.condor
 @pytest.mark.slow
 def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
-    from condor_plugin import factory_cli
-    from condor_plugin.factory import Factory
+    from apps import factory_cli
+    from condor_plugin.factory.factory import Factory
     from pilot.api.client import BrokerClient
     from pilot.tokens import TokenRole, parse_identity, parse_token_pem
 
@@ -329,7 +323,7 @@ def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
 @pytest.mark.condor
 @pytest.mark.slow
 def test_factory_cycle_follows_the_waiting_jobs(site):
-    from condor_plugin.factory import Factory, waiting_jobs_for_site
+    from condor_plugin.factory.factory import Factory, waiting_jobs_for_site
     from pilot.api.client import AdminClient, BrokerClient
     from pilot.tokens import TokenRole
 
@@ -360,7 +354,7 @@ def test_removed_glidein_stops_its_job_and_the_broker_requeues_it(site):
     stop deadline and is reported, and the broker puts it back in the queue for another pilot."""
     import htcondor2
 
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
     from pilot.api.client import BrokerClient
     from pilot.api.states import JobState
     from pilot.pipe import messages as m
@@ -400,7 +394,7 @@ def test_payload_of_a_no_container_glidein_finds_no_agent_token(site):
     path of its glidein's spooled inputs, SPOOL, its scratch, /tmp, the factory's folder, SPOOL through
     /proc/PID/root, and a broad walk. The token is in the schedd's SPOOL meanwhile (checked): the payload
     must find none of its key."""
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
     from pilot.api.client import BrokerClient
     from pilot.api.states import JobState
     from pilot.pipe import messages as m
@@ -448,7 +442,7 @@ def test_cli_finds_a_schedd_through_a_collector(site, capsys):
     """--pool/--schedd: the schedd located by name through the pool's collector (as for a remote one)."""
     import htcondor2
 
-    from condor_plugin import factory_cli
+    from apps import factory_cli
     from pilot.errors import UsageError
 
     collector = f"127.0.0.1:{site.pool._port()}"
@@ -535,7 +529,7 @@ def fake_factory(tmp_path, package):
     import datetime
 
     from broker.ca import CertificateAuthority
-    from condor_plugin.factory import Factory, FactorySettings
+    from condor_plugin.factory.factory import Factory, FactorySettings
 
     ca = CertificateAuthority.create()
     settings = FactorySettings(work_dir=tmp_path / "f", site="S", glidein=GlideinSettings(broker="127.0.0.1:1"),
@@ -584,7 +578,7 @@ def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factor
     """The schedd takes the glideins but not their inputs: no glidein waits on hold for inputs that never
     come, no token file and no batch folder stay behind, and the error says what failed and where."""
     import submit
-    from condor_plugin.factory import FactoryError
+    from condor_plugin.factory.factory import FactoryError
 
     monkeypatch.setattr(submit, "to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
@@ -622,7 +616,7 @@ def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieva
 
 
 def test_cli_needs_a_work_dir_without_minicondor(tmp_path):
-    from condor_plugin import factory_cli
+    from apps import factory_cli
     from pilot.errors import UsageError
 
     parser = argparse.ArgumentParser()

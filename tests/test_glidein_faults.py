@@ -29,7 +29,7 @@ import time
 import pytest
 
 import tests.test_glidein as glidein_tests
-from condor_plugin.glidein import TOKEN_NAME, PackageBuilder
+from condor_plugin.glidein.package import TOKEN_NAME, PackageBuilder
 from tests.test_glidein import (
     PAYLOAD,
     TIMEOUT,
@@ -75,8 +75,8 @@ def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site, capsy
 
     import htcondor2
 
-    from condor_plugin import factory_cli
-    from condor_plugin.factory import Factory
+    from apps import factory_cli
+    from condor_plugin.factory.factory import Factory
     from pilot.api.client import BrokerClient
     from pilot.api.states import JobState
     from pilot.pipe import messages as m
@@ -136,7 +136,7 @@ def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site, capsy
 @pytest.mark.slow
 def test_foreign_ca_glideins_fail_fast_and_the_factory_stops_submitting(site):
     from broker.ca import CertificateAuthority
-    from condor_plugin.factory import Factory, waiting_jobs_for_site
+    from condor_plugin.factory.factory import Factory, waiting_jobs_for_site
     from pilot.api.client import AdminClient, BrokerClient
     from pilot.pipe import messages as m
     from pilot.tokens import TokenRole
@@ -214,7 +214,7 @@ class ShortLivedTokens:
 @pytest.mark.condor
 @pytest.mark.slow
 def test_expired_token_glidein_says_so_and_exits_5(site):
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
 
     settings = factory_settings(site, factory="expired")
     lines: list[str] = []

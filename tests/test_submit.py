@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from test_minicondor import JOB_TIMEOUT, job_dir, new_base_dir, stop_and_clean, write_script
 
 import pilot
-from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
+from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
 from pilot.errors import UsageError
 from submit import (
     PERIODIC_HOLD,

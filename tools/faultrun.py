@@ -290,7 +290,7 @@ class Round:
     # ------------------------------------------------------------ broker
 
     def start_broker(self) -> None:
-        argv = [sys.executable, "-m", "pilot", "broker", "serve", "--state-dir", str(self.base / "broker"),
+        argv = [sys.executable, "-m", "apps", "broker", "serve", "--state-dir", str(self.base / "broker"),
                 "--listen", self.address, "--heartbeat-timeout", f"{self.s.heartbeat_timeout_s}s",
                 "--reap-interval", f"{self.s.reap_interval_s}s", "--start-timeout", f"{self.s.start_timeout_s}s",
                 "--grace", "1s", "--log-level", "info"]

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from pilot.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
+from apps.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
 
 
 def run_local_demo(jobs: int = 20, runtimes: str = "bubblewrap,podman,apptainer", keep: bool = False,

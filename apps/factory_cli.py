@@ -107,7 +107,7 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
 def _pool(args):
     if args.minicondor is None:
         return None
-    from condor_plugin.minicondor import MiniCondor
+    from condor_plugin.testing.minicondor import MiniCondor
 
     return MiniCondor.from_state_dir(args.minicondor, progress=lambda line: None)
 
@@ -137,8 +137,8 @@ def _schedd(pool, collector: str | None = None, name: str | None = None):
 
 
 def _settings(args, pool):
-    from condor_plugin.factory import FactorySettings
-    from condor_plugin.glidein import GlideinSettings
+    from condor_plugin.factory.factory import FactorySettings
+    from condor_plugin.glidein.package import GlideinSettings
 
     # Not the pool's shared folder: the node sees that one, and nothing there needs to (inputs are spooled).
     work_dir = args.work_dir or (pool.settings.state_dir / "factory" if pool is not None else None)
@@ -161,7 +161,7 @@ def _settings(args, pool):
 
 
 def _factory(args):
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
 
     pool = _pool(args)
     settings = _settings(args, pool)
@@ -236,7 +236,7 @@ def run_remove(args) -> int:
 def run_factory(args) -> int:
     import threading
 
-    from condor_plugin.brokerview import BrokerView
+    from condor_plugin.factory.brokerview import BrokerView
     from pilot.api.client import AdminClient
 
     factory = _factory(args)
