@@ -42,6 +42,31 @@ def test_package_is_cached_by_key(package):
     assert any(w.startswith("grpcio-") and "cp313" in w for w in package.wheels)
 
 
+def test_the_node_wheel_carries_the_node_side_only(package):
+    """A glidein (and so a job's node) gets no broker server, no CA that could mint tokens, no database
+    driver and no mini-condor: the wheel holds pilot/ and splitpilot/, names no requirement beyond the
+    runtime's, and declares no command or entry point pointing at modules it does not carry."""
+    import io
+    import tarfile
+    import zipfile
+
+    with tarfile.open(package.tarball) as tar:
+        member = next(m for m in tar.getmembers() if Path(m.name).name.startswith("splitpilot-"))
+        wheel = zipfile.ZipFile(io.BytesIO(tar.extractfile(member).read()))
+    names = wheel.namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"pilot", "splitpilot"}, tops
+    assert not any(name.startswith(("broker/", "condor_plugin/", "submit/", "apps/")) for name in names)
+    assert "pilot/tokens/ca.py" not in names and "pilot/api/client.py" in names
+    info = next(top for top in tops if top.endswith(".dist-info"))
+    metadata = wheel.read(f"{info}/METADATA").decode()
+    requires = [line.split(":", 1)[1].strip().split()[0].split(";")[0] for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert sorted(r.split(">")[0].split("<")[0].split("=")[0] for r in requires) == ["cryptography", "grpcio",
+                                                                                    "protobuf"], requires
+    assert f"{info}/entry_points.txt" not in names
+
+
 def test_key_follows_the_sources(tmp_path):
     root = tmp_path / "src"
     for name in ("setup.cfg", "pilot/__init__.py"):
