@@ -53,4 +53,4 @@ lint: $(VENV_STAMP)
 	$(BIN)/lint-imports --config setup.cfg
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache build *.egg-info .cache/buf
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache build *.egg-info .cache/buf
