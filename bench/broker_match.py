@@ -138,7 +138,7 @@ async def _worker(spec: dict) -> int:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    from broker.client import CLIENT_OPTIONS
+    from pilot.api.client import CLIENT_OPTIONS
     from pilot.tokens.files import certificate_pem, parse_token_pem, private_key_pem
     from splitpilot.broker.v1 import broker_pb2 as pb
     from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
@@ -281,7 +281,7 @@ class BrokerProcess:
         self.state_dir = os.path.join(workdir, "brokers", name)
         self.log_path = os.path.join(workdir, "logs", f"broker-{name}.log")
         self.metrics_port = free_port()
-        argv = [sys.executable, "-m", "pilot", "broker", "serve", "--state-dir", self.state_dir, "--db", db_url,
+        argv = [sys.executable, "-m", "apps", "broker", "serve", "--state-dir", self.state_dir, "--db", db_url,
                 "--listen", "127.0.0.1:0", "--ca", ca_dir, "--metrics", f"127.0.0.1:{self.metrics_port}",
                 # Nothing here starts a job: the reaper must not re-queue matched jobs during the run.
                 "--start-timeout", "1h", "--grace", "1s"]
@@ -395,7 +395,8 @@ class Bench:
         self.broker_cpus, self.agent_cpus = pinning(args.pin)
         os.makedirs(os.path.join(workdir, "logs"))
         os.makedirs(os.path.join(workdir, "tokens"))
-        from pilot.tokens import CertificateAuthority, TokenRole
+        from broker.ca import CertificateAuthority
+        from pilot.tokens import TokenRole
         from pilot.tokens.files import write_private
         self.ca_dir = os.path.join(workdir, "ca")
         ca = CertificateAuthority.init(self.ca_dir)
@@ -417,7 +418,7 @@ class Bench:
 
     def top_up(self, store, target: int) -> int:
         """Bring the store to TARGET waiting jobs (more are never removed); return the count."""
-        from broker.lifecycle import JobState
+        from pilot.api.states import JobState
         waiting = store.counts().get(JobState.WAITING, 0)
         if waiting < target:
             self.load(store, target - waiting)
@@ -612,7 +613,7 @@ class Bench:
     # ------------------------------------------------------------ checks
 
     def check_unique(self, label: str, ids: list[tuple[int, int]], store) -> None:
-        from broker.lifecycle import JobState
+        from pilot.api.states import JobState
         job_ids = [j for j, _ in ids]
         distinct = len(set(job_ids))
         attempts = collections.Counter(a for _, a in ids)
@@ -817,11 +818,11 @@ def summarise_profile(path: str, run: Run | None) -> str:
     """
     categories = (
         ("store: SQLite claim transaction (broker/store)", ("broker/store/",)),
-        ("job token issuance (CA.issue: build + ECDSA sign)", ("pilot/tokens/ca.py",)),
+        ("job token issuance (CA.issue: build + ECDSA sign)", ("broker/ca.py",)),
         ("job public key parsing (DER SPKI)", ("job_public_key",)),
         ("identify caller (auth cache)", ("broker/auth.py",)),
         ("metrics counters", ("broker/metrics.py",)),
-        ("Match handler: request/response objects, rest", ("broker/service_agent.py", "broker/service.py")),
+        ("Match handler: request/response objects, rest", ("broker/services/agent.py", "broker/services/base.py")),
         ("protobuf (Python side)", ("google/protobuf",)),
         ("gRPC aio (Python parts)", ("grpc/aio", "grpc/_")),
         ("asyncio loop bookkeeping (select, scheduling)", ("asyncio/", "selectors.py")),

@@ -100,8 +100,8 @@ def peak_rss(pid: int, stop: threading.Event, into: list) -> None:
 
 def memory(software: Path, work: Path) -> tuple[int, int]:
     """Peak RSS of a real agent running 3 jobs, and of its wrappers."""
-    from broker.client import BrokerClient
     from broker.server import BrokerConfig, BrokerServer
+    from pilot.api.client import BrokerClient
     from pilot.procstat import tree_usage
     from pilot.tokens import TokenRole
 

@@ -4,7 +4,7 @@
     python bench/pilot_vs_condor.py [--jobs N] [--runtime apptainer|process] [--repeat R]
                                     [--order alternate|pilot-first|condor-first] [--keep DIR]
 
-One mini-condor pool (condor_plugin.minicondor, default 2 CPUs: a
+One mini-condor pool (condor_plugin.testing.minicondor, default 2 CPUs: a
 partitionable slot, jobs run as the unprivileged job user) and one broker
 on 127.0.0.1 (the node shares the host's network), in one run:
 
@@ -16,7 +16,7 @@ on 127.0.0.1 (the node shares the host's network), in one run:
   splitpilot  the same N jobs (`/bin/sleep 1`, 1 core) submitted to the
               broker with a user token, then one glidein per slot (1 CPU
               each, idle timeout 10 s) submitted through
-              condor_plugin.factory.Factory as one cluster; each glidein's
+              condor_plugin.factory.factory.Factory as one cluster; each glidein's
               agent matches and runs jobs back to back, each in a wrapper
               inside the runtime chosen by --runtime (apptainer with the
               pool's sandbox image, as a glidein uses on the node; or
@@ -142,8 +142,8 @@ class Site:
 
     def start(self) -> None:
         from broker.server import BrokerConfig, BrokerServer
-        from condor_plugin.glidein import PackageBuilder
-        from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
+        from condor_plugin.glidein.package import PackageBuilder
+        from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
 
         started = time.monotonic()
         self.package = PackageBuilder(progress=lambda line: say(f"glidein package: {line}")).ensure()
@@ -164,7 +164,7 @@ class Site:
 
     def stop(self) -> None:
         """Everything started, in reverse; each step runs even if an earlier one failed."""
-        from condor_plugin import nodeproc
+        from condor_plugin.testing import nodeproc
 
         with contextlib.ExitStack() as stack:
             if self.pool is not None:
@@ -323,10 +323,10 @@ def condor_breakdown(ads, t0: float, submit_s: float, cluster: int, seen_done: f
 # (b) splitpilot
 
 def run_pilot(site: Site, jobs: int, label: str, round_no: int) -> Phase:
-    from broker.client import BrokerClient
-    from broker.lifecycle import JobState
-    from condor_plugin.factory import Factory, FactorySettings
-    from condor_plugin.glidein import GlideinSettings, PackageBuilder
+    from condor_plugin.factory.factory import Factory, FactorySettings
+    from condor_plugin.glidein.package import GlideinSettings, PackageBuilder
+    from pilot.api.client import BrokerClient
+    from pilot.api.states import JobState
     from pilot.pipe import messages as m
     from pilot.tokens import TokenRole
 
@@ -428,7 +428,7 @@ def glidein_logs(directory: Path) -> str:
 
 def pilot_breakdown(statuses, t0: float, submit_s: float, glideins_at: float, glidein_ads, seen_done: float,
                     batch_dir: Path) -> list[str]:
-    from broker.lifecycle import JobState as S
+    from pilot.api.states import JobState as S
 
     phases = collections.defaultdict(list)
     by_pilot = collections.defaultdict(list)

@@ -28,14 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: E402
 
-from pilot.tokens import (  # noqa: E402
-    CertificateAuthority,
-    Expectation,
-    TokenRole,
-    TokenVerifier,
-    generate_key,
-    public_key_from_request,
-)
+from broker.ca import CertificateAuthority, public_key_from_request
+from pilot.tokens import Expectation, TokenRole, TokenVerifier, generate_key
 from pilot.tokens.files import certificate_pem, load_certificates  # noqa: E402
 
 

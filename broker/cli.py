@@ -24,8 +24,8 @@ import signal
 import sys
 import time
 
-from broker.files import format_size, parse_size, shown
-from broker.lifecycle import JobState
+from pilot.api.files import format_size, parse_size, shown
+from pilot.api.states import JobState
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
 from pilot.tomlschema import Checker
@@ -144,7 +144,7 @@ def _register_broker(subparsers) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.server import BrokerConfig, BrokerServer
-    from broker.service import heartbeat_interval
+    from broker.services.base import heartbeat_interval
     from broker.store.base import StoreSettings
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
@@ -303,13 +303,13 @@ def client_settings(args: argparse.Namespace) -> tuple[str, str, str | None]:
 
 
 def _user_client(args: argparse.Namespace):
-    from broker.client import BrokerClient
+    from pilot.api.client import BrokerClient
     broker, token, ca_cert = client_settings(args)
     return BrokerClient(broker, token, ca_cert)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from broker.jobfile import load_job_file
+    from pilot.api.jobfile import load_job_file
     descriptions = []
     for path in args.files:
         descriptions.extend(load_job_file(path))  # every file checked before anything is uploaded

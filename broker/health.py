@@ -29,7 +29,7 @@ import time
 from grpc_health.v1 import health, health_pb2
 
 from broker.auth import SERVICE_ROLES
-from broker.service import Broker, rpc, status_of
+from broker.services.base import Broker, rpc, status_of
 from splitpilot.broker.v1 import broker_pb2 as pb
 
 log = logging.getLogger("splitpilot.broker")

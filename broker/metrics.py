@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
-from broker.lifecycle import JobState
+from pilot.api.states import JobState
 
 log = logging.getLogger("splitpilot.broker.metrics")
 

@@ -46,13 +46,15 @@ import grpc
 from cryptography import x509
 from grpc_health.v1 import health_pb2_grpc
 
+from broker.ca import CertificateAuthority
 from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, FileStore
 from broker.health import BrokerHealth
 from broker.metrics import BrokerCollector, Metrics, MetricsServer
-from broker.service import Broker, ServiceSettings, add_servicers, heartbeat_interval, utcnow
+from broker.services import add_servicers
+from broker.services.base import Broker, ServiceSettings, heartbeat_interval, utcnow
 from broker.store.base import JobStore, Reaped, StoreSettings, StoreUnavailable
 from pilot.errors import SplitpilotError, UsageError
-from pilot.tokens import CertificateAuthority, Expectation, TokenFile, TokenRole, TokenVerifier
+from pilot.tokens import Expectation, TokenFile, TokenRole, TokenVerifier
 from pilot.tokens.errors import KeyFileError, TokenError
 from pilot.tokens.files import certificate_pem, private_key_pem, read_token_file, write_private, write_public
 

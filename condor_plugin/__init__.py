@@ -1,8 +1,10 @@
-"""HTCondor side of splitpilot: the mini-condor, glidein packaging, the factory.
+"""HTCondor side of splitpilot: glidein packaging, the factory, and (for tests and demos) the mini-condor.
 
-- `condor_plugin.minicondor`: a real HTCondor pool on one machine (MiniCondor),
-  in a cached Debian 13 node root where the host has no condor_master;
-- `condor_plugin.noderoot`, `nodedaemons`, `nodeproc`: building the root,
-  configuring the daemons, checking nothing is left behind;
-- `condor_plugin.minicondor_cli`: `splitpilot minicondor start|stop|status|env|build`.
+- `condor_plugin.glidein`: the glidein package (pilot/ + splitpilot/ wheel, wheelhouse, startup script) and
+  batches (`package`), the node wheel's own metadata (`nodewheel`);
+- `condor_plugin.factory`: the factory's pure scaling policy (`policy`), what the broker says (`brokerview`),
+  and the loop that observes and acts on a schedd (`factory`);
+- `condor_plugin.testing`: the mini-condor, a real HTCondor pool on one machine (`minicondor`, `noderoot`,
+  `nodedaemons`, `nodeproc`, `cli` for `splitpilot minicondor ...`). Never shipped in glideins; glidein/ and
+  factory/ never import it (the import-linter contract).
 """

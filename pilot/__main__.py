@@ -1,4 +1,4 @@
-"""`python -m pilot` is the `splitpilot` command."""
+"""`python -m pilot` is the node's command (agent, wrapper, pipe dump): see pilot.cli."""
 
 import sys
 

@@ -1,9 +1,8 @@
-"""The `splitpilot` command: one entry point, one subcommand per concern.
+"""The node's command line: `python -m pilot agent|wrapper|pipe`, what a glidein or a container runs.
 
-Each subcommand lives in the module of its concept and exposes
-`register(subparsers)`, which adds its parser and sets `handler` to a
-function taking the parsed arguments and returning an exit code. Nothing is
-configured at import time: configuration files are read by the handlers.
+The full `splitpilot` command (broker, CA, jobs, HTCondor, demos) is `apps.cli`, which is not installed on
+worker nodes; this one offers the node-side subcommands only, from the modules of their concepts, and the
+dispatch both share (`run`).
 
 Exit codes: 0 success, 1 the operation failed, 2 bad usage or input,
 130 interrupted.
@@ -17,43 +16,33 @@ INFO or DEBUG shows it again).
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from pilot import __version__
+from pilot.agent import cli as agent_cli
 from pilot.errors import SplitpilotError
-
-#: Modules that contribute subcommands, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = (
-    "pilot.demo",
-    "pilot.tokens.cli",
-    "broker.cli",
-    "pilot.agent.cli",
-    "pilot.wrapper.cli",
-    "condor_plugin.minicondor_cli",
-    "condor_plugin.factory_cli",
-    "pilot.pipe.dump",
-)
+from pilot.pipe import dump
+from pilot.wrapper import cli as wrapper_cli
 
 EPILOG = """\
 exit codes: 0 success, 1 the operation failed, 2 bad usage or input, 130 interrupted.
-Run 'splitpilot COMMAND --help' for the options of one command.
+Run 'python -m pilot COMMAND --help' for the options of one command.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="splitpilot",
-        description="A split, two-layer job pilot for HTCondor grid sites.",
+        prog="python -m pilot",
+        description="The node side of splitpilot: the job agent, the job wrapper, the pipe's dump.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"splitpilot {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in (agent_cli, wrapper_cli, dump):
+        module.register(subparsers)
     return parser
 
 
@@ -63,9 +52,8 @@ def quiet_grpc() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    quiet_grpc()
-    parser = build_parser()
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
+    """Parse ARGV with PARSER and run the chosen subcommand's handler; errors become exit codes."""
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:
@@ -79,3 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("splitpilot: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    quiet_grpc()
+    return run(build_parser(), argv)

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from condor_plugin.nodeproc import mounts_under, wait_for
+from condor_plugin.testing.nodeproc import mounts_under, wait_for
 from pilot.launch.testimage import ensure_image
 
 #: Seconds the daemon may take to answer (a few on an idle machine).

@@ -39,7 +39,7 @@ class FakeJobBroker:
     def _faults(self, call: str) -> None:
         import grpc
 
-        from broker.client import BrokerUnavailable, PreconditionFailed
+        from pilot.api.client import BrokerUnavailable, PreconditionFailed
 
         if call != "get_input" and os.path.exists(os.path.join(self.dir, "FENCED")):
             raise PreconditionFailed(call, grpc.StatusCode.FAILED_PRECONDITION,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from broker.lifecycle import JobState
 from broker.store.classes import CLASS_INSERT_COLUMNS, RequirementClass
 from broker.store.schema import ALIVE_STATES, POSTGRES, SQLITE, WAITING, Dialect
+from pilot.api.states import JobState
 from splitpilot.job.v1 import job_pb2
 
 V1_DDL = """

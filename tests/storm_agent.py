@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from broker.client import AgentClient, BrokerError, MatchedJob
+from pilot.api.client import AgentClient, BrokerError, MatchedJob
 
 SLOT = {"cores": 8, "memory_mb": 64000, "disk_mb": 100000, "time_left_s": 86400}
 

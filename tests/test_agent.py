@@ -246,7 +246,7 @@ def test_refusal_while_a_job_runs_stops_it_and_reports_nothing(tmp_path):
 
 
 class FakeError(Exception):
-    """Shaped like broker.client.BrokerError: a grpc.StatusCode and details."""
+    """Shaped like pilot.api.client.BrokerError: a grpc.StatusCode and details."""
 
     def __init__(self, code, details):
         super().__init__(details)
@@ -299,11 +299,12 @@ def test_real_broker_refusals_are_told_from_a_broker_down(tmp_path):
     """A real broker (mTLS): the errors the agent gets for each credential problem, and for a broker down."""
     import datetime
 
-    from broker.client import BrokerError
+    from broker.ca import CertificateAuthority
     from broker.server import BrokerConfig, BrokerServer
     from pilot.agent.brokerlink import GrpcAgentBroker, SlotRequest
     from pilot.agent.refusal import AgentTokenRefused
-    from pilot.tokens import CertificateAuthority, TokenRole
+    from pilot.api.client import BrokerError
+    from pilot.tokens import TokenRole
 
     slot = SlotRequest(1, 100, 100, 1000)
     server = BrokerServer(BrokerConfig(state_dir=str(tmp_path / "broker"), listen="127.0.0.1:0"))
@@ -359,7 +360,8 @@ def test_real_broker_refusals_are_told_from_a_broker_down(tmp_path):
 def test_cli_refuses_expired_and_wrong_role_tokens_with_their_codes(tmp_path):
     import datetime
 
-    from pilot.tokens import CertificateAuthority, TokenRole
+    from broker.ca import CertificateAuthority
+    from pilot.tokens import TokenRole
 
     ca = CertificateAuthority.create()
     tokens = {5: ca.new_token(TokenRole.AGENT, "e", site="S", queue="default", ttl=datetime.timedelta(seconds=1)),

@@ -16,9 +16,10 @@ from types import SimpleNamespace
 import pytest
 from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 
-from broker.client import AgentClient, MatchedJob
-from broker.lifecycle import JobState
-from pilot.tokens import CertificateAuthority, TokenRole
+from broker.ca import CertificateAuthority
+from pilot.api.client import AgentClient, MatchedJob
+from pilot.api.states import JobState
+from pilot.tokens import TokenRole
 from pilot.tokens.files import write_private
 
 BIN = pathlib.Path(sys.executable).parent / "splitpilot"

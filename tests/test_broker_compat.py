@@ -25,11 +25,12 @@ from types import SimpleNamespace
 import pytest
 from next_minor import make_next_minor
 
-from broker import lifecycle
-from broker.client import AgentClient, BrokerClient, NoMatch
-from broker.lifecycle import JobState
+from broker.ca import CertificateAuthority
 from broker.server import BrokerConfig, BrokerServer
-from pilot.tokens import CertificateAuthority, TokenRole
+from pilot.api import states
+from pilot.api.client import AgentClient, BrokerClient, NoMatch
+from pilot.api.states import JobState
+from pilot.tokens import TokenRole
 from pilot.tokens.files import certificate_pem, private_key_pem, write_private
 
 BIN = pathlib.Path(sys.executable).parent / "splitpilot"
@@ -172,7 +173,7 @@ def test_this_client_reads_a_newer_brokers_answers(next_minor, ca, tmp_path, cap
     try:
         address = f"127.0.0.1:{int(process.stdout.readline())}"
         alice = ca.new_token(TokenRole.USER, "alice")
-        lifecycle._unknown.pop(15, None)  # so that "logged once" is this test's to see
+        states._unknown.pop(15, None)  # so that "logged once" is this test's to see
         with caplog.at_level(logging.WARNING, logger="splitpilot"), BrokerClient(address, alice) as client:
             for _ in range(3):
                 status = client.status(7)

@@ -21,10 +21,11 @@ import pytest
 from google.protobuf import descriptor as d
 from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 
-from broker.client import AgentClient, BrokerClient, JobClient, MatchedJob
-from broker.lifecycle import JobState
+from broker.ca import CertificateAuthority
 from broker.server import BrokerConfig, BrokerServer
-from pilot.tokens import CertificateAuthority, TokenRole
+from pilot.api.client import AgentClient, BrokerClient, JobClient, MatchedJob
+from pilot.api.states import JobState
+from pilot.tokens import TokenRole
 from pilot.tokens.files import certificate_pem, private_key_pem
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.job.v1 import job_pb2

@@ -9,10 +9,11 @@ import re
 import pytest
 
 from broker.auth import IdentityCache
-from broker.files import (
+from broker.ca import CertificateAuthority
+from broker.files import FileStore
+from pilot.api.files import (
     BadFileHeader,
     ChecksumMismatch,
-    FileStore,
     FileTooLarge,
     MissingFile,
     SizeMismatch,
@@ -22,7 +23,7 @@ from broker.files import (
     shown,
 )
 from pilot.errors import UsageError
-from pilot.tokens import CertificateAuthority, TokenRole, TokenVerifier
+from pilot.tokens import TokenRole, TokenVerifier
 
 
 def digest(data: bytes) -> str:
@@ -150,10 +151,10 @@ def test_identity_cache_verifies_once_per_certificate_until_expiry():
     assert cache.misses == 2
 
 
-# ------------------------------------------------------------------ writing downloads (broker.outdir)
+# ------------------------------------------------------------------ writing downloads (pilot.api.outdir)
 
 def test_output_directory_follows_no_link_and_overwrites_nothing(tmp_path):
-    from broker.outdir import OutputDirectory, OutputRefused
+    from pilot.api.outdir import OutputDirectory, OutputRefused
 
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from broker.jobfile import JobFileError, load_job_file, parse_job_text
+from pilot.api.jobfile import JobFileError, load_job_file, parse_job_text
 
 EXAMPLE = """\
 [job]

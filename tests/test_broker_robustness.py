@@ -23,22 +23,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 
-from broker.client import (
-    AdminClient,
-    AgentClient,
-    BrokerClient,
-    BrokerUnavailable,
-    InvalidRequest,
-    MatchedJob,
-)
-from broker.lifecycle import JobState
+from broker.ca import CertificateAuthority
 from broker.server import BrokerConfig, BrokerServer
-from broker.service import heartbeat_interval
+from broker.services.base import heartbeat_interval
 from broker.specs import MAX_ARG_BYTES
 from broker.store.base import StoreSettings
+from pilot.api.client import AdminClient, AgentClient, BrokerClient, BrokerUnavailable, InvalidRequest, MatchedJob
+from pilot.api.states import JobState
 from pilot.errors import UsageError
 from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES
-from pilot.tokens import CertificateAuthority, TokenRole
+from pilot.tokens import TokenRole
 from pilot.tokens.files import certificate_pem, private_key_pem
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb

@@ -26,7 +26,12 @@ from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from broker.client import (
+from broker.ca import CertificateAuthority
+from broker.files import FileStore
+from broker.server import BrokerConfig, BrokerServer, BrokerStartError
+from broker.services.base import ServiceSettings
+from broker.store.base import StoreSettings
+from pilot.api.client import (
     AccessDenied,
     AdminClient,
     AgentClient,
@@ -40,13 +45,10 @@ from broker.client import (
     TokenUnusable,
     WrongBroker,
 )
-from broker.files import ChecksumMismatch, FileStore
-from broker.lifecycle import JobState
-from broker.server import BrokerConfig, BrokerServer, BrokerStartError
-from broker.service import ServiceSettings
-from broker.store.base import StoreSettings
+from pilot.api.files import ChecksumMismatch
+from pilot.api.states import JobState
 from pilot.errors import UsageError
-from pilot.tokens import CertificateAuthority, Expectation, TokenRole, TokenVerifier, parse_identity
+from pilot.tokens import Expectation, TokenRole, TokenVerifier, parse_identity
 from pilot.tokens.files import certificate_pem, load_certificates, private_key_pem
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb

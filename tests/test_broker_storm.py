@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 from pg import pg_server, pg_url  # noqa: F401 (fixtures)
 
-from broker.client import BrokerClient
-from pilot.tokens import CertificateAuthority, TokenRole
+from broker.ca import CertificateAuthority
+from pilot.api.client import BrokerClient
+from pilot.tokens import TokenRole
 from pilot.tokens.files import write_private
 from splitpilot.job.v1 import job_pb2
 
@@ -40,7 +41,7 @@ def free_port() -> int:
 
 
 def start_broker(state: Path, port: int, ca_dir: Path, db: str | None = None) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "pilot", "broker", "serve", "--state-dir", str(state), "--listen",
+    argv = [sys.executable, "-m", "apps", "broker", "serve", "--state-dir", str(state), "--listen",
             f"127.0.0.1:{port}", "--ca", str(ca_dir), "--reap-interval", "1s", "--start-timeout", "3s",
             "--log-level", "warning"]
     if db:

@@ -25,7 +25,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pg import PostgresCluster, pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 from test_pilot_e2e import wait_for
 
-from broker.client import (
+from broker.ca import CertificateAuthority
+from broker.files import Incoming
+from broker.server import BrokerConfig, BrokerServer
+from broker.store.base import OutputRecord
+from pilot.api.client import (
     AccessDenied,
     AdminClient,
     AgentClient,
@@ -37,12 +41,9 @@ from broker.client import (
     NotFound,
     PreconditionFailed,
 )
-from broker.files import Incoming
-from broker.lifecycle import JobState
-from broker.server import BrokerConfig, BrokerServer
-from broker.store.base import OutputRecord
+from pilot.api.states import JobState
 from pilot.errors import UsageError
-from pilot.tokens import CertificateAuthority, TokenRole
+from pilot.tokens import TokenRole
 from pilot.tokens.files import certificate_pem, private_key_pem, write_private
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb

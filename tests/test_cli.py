@@ -124,7 +124,22 @@ def test_pipe_dump_refuses_garbage_and_missing_files(tmp_path):
     assert result.returncode == 2 and b"--max-frame-bytes" in result.stderr
 
 
-def test_python_dash_m_pilot_is_the_same_command():
-    result = subprocess.run([sys.executable, "-m", "pilot", "--version"], capture_output=True, timeout=60,
+def test_python_dash_m_apps_is_the_same_command():
+    result = subprocess.run([sys.executable, "-m", "apps", "--version"], capture_output=True, timeout=60,
                             env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)})
     assert result.stdout.decode().strip() == f"splitpilot {__version__}"
+
+
+def test_python_dash_m_pilot_is_the_node_command_and_offers_no_server_side():
+    """What a glidein runs: the agent, the wrapper and the pipe's dump; asking it for the broker, the CA or
+    the factory is a usage error, as these are not on a node."""
+    env = {**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).parent.parent)}
+    result = subprocess.run([sys.executable, "-m", "pilot", "--version"], capture_output=True, timeout=60, env=env)
+    assert result.stdout.decode().strip() == f"splitpilot {__version__}"
+    result = subprocess.run([sys.executable, "-m", "pilot", "--help"], capture_output=True, timeout=60, env=env)
+    out = result.stdout.decode()
+    assert result.returncode == 0 and "agent" in out and "wrapper" in out and "pipe" in out
+    for command in ("broker", "token", "factory", "minicondor"):
+        refused = subprocess.run([sys.executable, "-m", "pilot", command, "--help"], capture_output=True,
+                                 timeout=60, env=env)
+        assert refused.returncode == 2 and b"invalid choice" in refused.stderr, command

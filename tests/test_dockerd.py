@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from condor_plugin.nodeproc import mounts_under
+from condor_plugin.testing.nodeproc import mounts_under
 from tests.dockerd import docker_clients, private_dockerd
 
 

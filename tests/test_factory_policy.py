@@ -1,4 +1,5 @@
-"""The factory's decisions (condor_plugin.policy) and the fit of waiting jobs (condor_plugin.brokerview),
+"""The factory's decisions (condor_plugin.factory.policy) and the fit of waiting jobs
+(condor_plugin.factory.brokerview),
 without HTCondor, a broker or a clock: observations in, decisions out.
 
 The factory shell against a fake schedd and a fake broker view is at the end: a glidein's end is judged by
@@ -12,8 +13,8 @@ import datetime
 import pytest
 from htcondor2 import JobStatus
 
-from condor_plugin.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting, count_waiting
-from condor_plugin.policy import FactoryPolicy, GlideinEnd, Observation, PolicySettings
+from condor_plugin.factory.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting, count_waiting
+from condor_plugin.factory.policy import FactoryPolicy, GlideinEnd, Observation, PolicySettings
 from pilot.pipe import messages as m
 
 SETTINGS = PolicySettings(max_queued=3, max_running=5, max_per_cycle=2, backoff_initial_s=30, backoff_max_s=900)
@@ -179,12 +180,12 @@ class FakeBrokerView:
 
 @pytest.fixture
 def shell(tmp_path, monkeypatch):
-    from condor_plugin.factory import Factory, FactorySettings
-    from condor_plugin.glidein import GlideinSettings, PackageBuilder
-    from pilot.tokens import CertificateAuthority
+    from broker.ca import CertificateAuthority
+    from condor_plugin.factory.factory import Factory, FactorySettings
+    from condor_plugin.glidein.package import GlideinSettings, PackageBuilder
     from tests.test_glidein import FakeSchedd
 
-    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.factory.to_submit", lambda d: dict(d))
     settings = FactorySettings(work_dir=tmp_path / "f", site="S", glidein=GlideinSettings(broker="127.0.0.1:1"),
                                max_queued=3, max_per_cycle=2, lifetime=datetime.timedelta(hours=1))
     schedd, broker = FakeSchedd(), FakeBrokerView()
@@ -195,7 +196,7 @@ def shell(tmp_path, monkeypatch):
 
 
 def pilot_record(serial: str, jobs: int, pilot_id: str, end_reason: str = "idle"):
-    from broker.client import PilotInfo
+    from pilot.api.client import PilotInfo
 
     moment = datetime.datetime.now(datetime.UTC)
     return PilotInfo(pilot_id, "S", "node", moment, moment, jobs, end_reason, serial)
@@ -239,10 +240,11 @@ def test_factory_removes_idle_glideins_of_a_closed_site_and_does_not_judge_them(
 def test_broker_view_against_a_real_broker(tmp_path):
     """Waiting jobs that fit, pilot records, the site's state by the probe; a factory whose CA is not the
     broker's is told so (its glideins' tokens would be refused alike)."""
-    from broker.client import AdminClient, BrokerClient
+    from broker.ca import CertificateAuthority
     from broker.server import BrokerConfig, BrokerServer
-    from condor_plugin.brokerview import BrokerView, SiteStateUnknown
-    from pilot.tokens import CertificateAuthority, TokenRole
+    from condor_plugin.factory.brokerview import BrokerView, SiteStateUnknown
+    from pilot.api.client import AdminClient, BrokerClient
+    from pilot.tokens import TokenRole
 
     server = BrokerServer(BrokerConfig(state_dir=str(tmp_path / "broker"), listen="127.0.0.1:0"))
     server.start()

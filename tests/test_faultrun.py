@@ -59,7 +59,7 @@ def status(job_id: int, state, attempt: int, events, exit_code=None):
     """A JobStatus as the broker would report it; EVENTS: (seconds, state, attempt)."""
     import datetime
 
-    from broker.client import JobEvent, JobStatus
+    from pilot.api.client import JobEvent, JobStatus
     from pilot.pipe import messages as m
 
     moment = lambda s: datetime.datetime.fromtimestamp(1_000_000 + s, datetime.UTC)  # noqa: E731
@@ -83,7 +83,7 @@ def checker(tmp_path, monkeypatch):
 
 
 def test_checks_find_lost_double_stale_wasted_and_fenced_runs(checker):
-    from broker.lifecycle import JobState as S
+    from pilot.api.states import JobState as S
 
     W, A, R, D = S.WAITING, S.ASSIGNED, S.RUNNING, S.DONE
     checker.expected = {job: {"digest": "x", "bad": job == 5, "may_fail": job == 6} for job in range(1, 8)}

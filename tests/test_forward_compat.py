@@ -152,7 +152,8 @@ from tests.test_broker_server import ca, ca_dir, clients, match, server, submit_
 def newer_answers(monkeypatch):
     """UpdateState and ReportAttemptFailure answer with JobState 99, as a newer broker could (set before the
     broker starts: its servicers are bound then)."""
-    from broker import service_agent, service_job
+    from broker.services import agent as service_agent
+    from broker.services import job as service_job
 
     def answering_99(method):
         async def patched(self, request, context):

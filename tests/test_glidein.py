@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from htcondor2 import JobStatus
 
-from condor_plugin.glidein import (
+from condor_plugin.glidein.package import (
     PACKAGE_NAME,
     TOKEN_NAME,
     GlideinSettings,
@@ -48,6 +48,31 @@ def test_package_is_cached_by_key(package):
         assert hashlib.file_digest(handle, "sha256").hexdigest() == package.sha256
     assert any(w.startswith("splitpilot-") for w in package.wheels)
     assert any(w.startswith("grpcio-") and "cp313" in w for w in package.wheels)
+
+
+def test_the_node_wheel_carries_the_node_side_only(package):
+    """A glidein (and so a job's node) gets no broker server, no CA that could mint tokens, no database
+    driver and no mini-condor: the wheel holds pilot/ and splitpilot/, names no requirement beyond the
+    runtime's, and declares no command or entry point pointing at modules it does not carry."""
+    import io
+    import tarfile
+    import zipfile
+
+    with tarfile.open(package.tarball) as tar:
+        member = next(m for m in tar.getmembers() if Path(m.name).name.startswith("splitpilot-"))
+        wheel = zipfile.ZipFile(io.BytesIO(tar.extractfile(member).read()))
+    names = wheel.namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert {top for top in tops if not top.endswith(".dist-info")} == {"pilot", "splitpilot"}, tops
+    assert not any(name.startswith(("broker/", "condor_plugin/", "submit/", "apps/")) for name in names)
+    assert "pilot/tokens/ca.py" not in names and "pilot/api/client.py" in names
+    info = next(top for top in tops if top.endswith(".dist-info"))
+    metadata = wheel.read(f"{info}/METADATA").decode()
+    requires = [line.split(":", 1)[1].strip().split()[0].split(";")[0] for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert sorted(r.split(">")[0].split("<")[0].split("=")[0] for r in requires) == ["cryptography", "grpcio",
+                                                                                    "protobuf"], requires
+    assert f"{info}/entry_points.txt" not in names
 
 
 def test_key_follows_the_sources(tmp_path):
@@ -110,7 +135,7 @@ def test_glidein_binds_reach_the_agents_command_line(package, tmp_path):
 ])
 def test_glidein_binds_that_would_break_the_script_or_the_isolation_are_refused(bind, words, tmp_path):
     """--bind of `glidein submit` and `factory run`: refused before the settings exist (no token, no batch)."""
-    from condor_plugin import factory_cli
+    from apps import factory_cli
     from pilot.errors import UsageError
 
     with pytest.raises(UsageError) as err:
@@ -126,7 +151,7 @@ def test_glidein_binds_that_would_break_the_script_or_the_isolation_are_refused(
 
 
 def test_factory_cli_binds_reach_the_glidein_settings(tmp_path):
-    from condor_plugin import factory_cli
+    from apps import factory_cli
 
     parser = argparse.ArgumentParser()
     factory_cli.register(parser.add_subparsers())
@@ -171,7 +196,7 @@ def site(package, tmp_path_factory):
     if os.geteuid() != 0:
         pytest.skip("the mini-condor needs root")
     from broker.server import BrokerConfig, BrokerServer
-    from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
+    from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
     from pilot.tokens import TokenRole
     from tests.test_minicondor import new_base_dir, stop_and_clean
 
@@ -213,7 +238,7 @@ def submit_jobs(site: Site, client, count: int, tag: str) -> dict[int, tuple[int
 
 
 def check_outputs(site: Site, client, expected: dict[int, tuple[int, str]], logs: str = "") -> None:
-    from broker.lifecycle import JobState
+    from pilot.api.states import JobState
 
     for job_id, (words, digest) in expected.items():
         status = client.status(job_id)
@@ -228,7 +253,7 @@ def check_outputs(site: Site, client, expected: dict[int, tuple[int, str]], logs
 def factory_settings(site: Site, **changes):
     import datetime
 
-    from condor_plugin.factory import FactorySettings
+    from condor_plugin.factory.factory import FactorySettings
 
     # Where `glidein submit --minicondor` puts it: the pool's state folder, which the node does not see.
     values = dict(work_dir=site.pool.settings.state_dir / "factory", site="MINICONDOR",
@@ -245,7 +270,7 @@ def batch_logs(directory: Path) -> str:
 
 def wait_until_final(client, factory, ids, started: float) -> float | None:
     """Poll until every job in IDS is final; return seconds from STARTED to the first DONE."""
-    from broker.lifecycle import JobState
+    from pilot.api.states import JobState
 
     first_done = None
     deadline = started + TIMEOUT
@@ -313,9 +338,9 @@ def key_lines(token_pem: bytes) -> list[bytes]:
 @pytest.mark.condor
 @pytest.mark.slow
 def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
-    from broker.client import BrokerClient
-    from condor_plugin import factory_cli
-    from condor_plugin.factory import Factory
+    from apps import factory_cli
+    from condor_plugin.factory.factory import Factory
+    from pilot.api.client import BrokerClient
     from pilot.tokens import TokenRole, parse_identity, parse_token_pem
 
     times: dict[str, float] = {}
@@ -381,8 +406,8 @@ def test_glidein_runs_jobs_in_the_minicondor(site, capsys):
 @pytest.mark.condor
 @pytest.mark.slow
 def test_factory_cycle_follows_the_waiting_jobs(site):
-    from broker.client import AdminClient, BrokerClient
-    from condor_plugin.factory import Factory, waiting_jobs_for_site
+    from condor_plugin.factory.factory import Factory, waiting_jobs_for_site
+    from pilot.api.client import AdminClient, BrokerClient
     from pilot.tokens import TokenRole
 
     admin = site.server.ca.new_token(TokenRole.ADMIN, "glidein-test-admin")
@@ -412,9 +437,9 @@ def test_removed_glidein_stops_its_job_and_the_broker_requeues_it(site):
     stop deadline and is reported, and the broker puts it back in the queue for another pilot."""
     import htcondor2
 
-    from broker.client import BrokerClient
-    from broker.lifecycle import JobState
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
+    from pilot.api.client import BrokerClient
+    from pilot.api.states import JobState
     from pilot.pipe import messages as m
 
     settings = factory_settings(site, factory="removed")
@@ -452,9 +477,9 @@ def test_payload_of_a_no_container_glidein_finds_no_agent_token(site):
     path of its glidein's spooled inputs, SPOOL, its scratch, /tmp, the factory's folder, SPOOL through
     /proc/PID/root, and a broad walk. The token is in the schedd's SPOOL meanwhile (checked): the payload
     must find none of its key."""
-    from broker.client import BrokerClient
-    from broker.lifecycle import JobState
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
+    from pilot.api.client import BrokerClient
+    from pilot.api.states import JobState
     from pilot.pipe import messages as m
 
     settings = factory_settings(site, factory="hunted", glidein=GlideinSettings(
@@ -500,7 +525,7 @@ def test_cli_finds_a_schedd_through_a_collector(site, capsys):
     """--pool/--schedd: the schedd located by name through the pool's collector (as for a remote one)."""
     import htcondor2
 
-    from condor_plugin import factory_cli
+    from apps import factory_cli
     from pilot.errors import UsageError
 
     collector = f"127.0.0.1:{site.pool._port()}"
@@ -586,8 +611,8 @@ class FakeSchedd:
 def fake_factory(tmp_path, package):
     import datetime
 
-    from condor_plugin.factory import Factory, FactorySettings
-    from pilot.tokens import CertificateAuthority
+    from broker.ca import CertificateAuthority
+    from condor_plugin.factory.factory import Factory, FactorySettings
 
     ca = CertificateAuthority.create()
     settings = FactorySettings(work_dir=tmp_path / "f", site="S", glidein=GlideinSettings(broker="127.0.0.1:1"),
@@ -600,7 +625,7 @@ def fake_factory(tmp_path, package):
 
 def test_factory_loop_is_bounded(fake_factory, monkeypatch):
 
-    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=10, now=1000) == 2      # max_per_cycle
     assert factory.run_once(waiting=10, now=1001) == 1      # max_queued (3 idle)
@@ -617,7 +642,7 @@ def test_factory_loop_is_bounded(fake_factory, monkeypatch):
 
 def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
 
-    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=1, now=1000) == 1
     ad = schedd.ads[-1]
@@ -633,9 +658,9 @@ def test_factory_backs_off_after_empty_glideins(fake_factory, monkeypatch):
 def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factory, monkeypatch):
     """The schedd takes the glideins but not their inputs: no glidein waits on hold for inputs that never
     come, no token file and no batch folder stay behind, and the error says what failed and where."""
-    from condor_plugin.factory import FactoryError
+    from condor_plugin.factory.factory import FactoryError
 
-    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     schedd.spool_error = RuntimeError("SPOOL: no space left on device")
     with pytest.raises(FactoryError) as err:
@@ -648,7 +673,7 @@ def test_a_failed_spool_leaves_no_token_no_batch_and_no_held_glidein(fake_factor
 
 def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieval(fake_factory, monkeypatch):
 
-    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     lines: list[str] = []
     factory.progress = lines.append
@@ -665,14 +690,14 @@ def test_collect_retrieves_only_finished_glideins_and_survives_a_failed_retrieva
     # Nothing left the queue.
     assert [ad["JobStatus"] for ad in schedd.ads] == [JobStatus.COMPLETED, JobStatus.RUNNING, JobStatus.IDLE]
     monkeypatch.undo()
-    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.factory.to_submit", lambda d: dict(d))
     assert factory.collect() == [(1, 0)]
     assert [ad["JobStatus"] for ad in schedd.ads] == [JobStatus.RUNNING, JobStatus.IDLE]
     assert schedd.done[0]["ProcId"] == 0
 
 
 def test_cli_needs_a_work_dir_without_minicondor(tmp_path):
-    from condor_plugin import factory_cli
+    from apps import factory_cli
     from pilot.errors import UsageError
 
     parser = argparse.ArgumentParser()

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import tests.test_glidein as glidein_tests
-from condor_plugin.glidein import PackageBuilder
+from condor_plugin.glidein.package import PackageBuilder
 from tests.test_glidein import factory_settings, spooled_tokens, wait_for_glideins_to_finish, wait_until_final
 
 package = glidein_tests.package
@@ -64,7 +64,7 @@ def wait_for(condition, timeout: float, what: str):
 
 @pytest.fixture
 def clients(site):
-    from broker.client import AdminClient, BrokerClient
+    from pilot.api.client import AdminClient, BrokerClient
     from pilot.tokens import TokenRole
 
     admin = site.server.ca.new_token(TokenRole.ADMIN, "factory-test-admin")
@@ -82,8 +82,8 @@ def kill_waiting(client, ids) -> None:
 @pytest.mark.condor
 @pytest.mark.slow
 def test_a_short_glidein_that_ran_jobs_is_useful_and_one_that_ran_none_is_empty(site, clients):
-    from condor_plugin.brokerview import BrokerView
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.brokerview import BrokerView
+    from condor_plugin.factory.factory import Factory
 
     client, admin_client, _ = clients
     lines: list[str] = []
@@ -115,8 +115,8 @@ def test_a_short_glidein_that_ran_jobs_is_useful_and_one_that_ran_none_is_empty(
 @pytest.mark.condor
 @pytest.mark.slow
 def test_a_closed_site_gets_no_glideins_and_its_idle_ones_leave_with_their_tokens(site, clients):
-    from condor_plugin.brokerview import BrokerView
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.brokerview import BrokerView
+    from condor_plugin.factory.factory import Factory
 
     client, admin_client, _ = clients
     lines: list[str] = []
@@ -154,7 +154,7 @@ def test_a_closed_site_gets_no_glideins_and_its_idle_ones_leave_with_their_token
 @pytest.mark.condor
 @pytest.mark.slow
 def test_ctrl_c_on_factory_run_removes_its_idle_glideins_and_exits_130(site, clients, tmp_path):
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
 
     client, _, admin = clients
     token = tmp_path / "admin.pem"
@@ -164,7 +164,7 @@ def test_ctrl_c_on_factory_run_removes_its_idle_glideins_and_exits_130(site, cli
     ids = quick_jobs(site, client, 2)
     settings = factory_settings(site, factory="ctrlc", memory_mb=NEVER_STARTS_MB)
     factory = Factory(settings, site.pool.schedd(), site.server.ca, PackageBuilder(progress=lambda line: None))
-    argv = [sys.executable, "-m", "pilot", "factory", "run", "--site", "MINICONDOR", "--factory", "ctrlc",
+    argv = [sys.executable, "-m", "apps", "factory", "run", "--site", "MINICONDOR", "--factory", "ctrlc",
             "--minicondor", str(site.pool.settings.state_dir), "--broker", site.server.address,
             "--ca", site.server.config.ca_path, "--admin-token", str(token), "--interval", "1",
             "--memory", str(NEVER_STARTS_MB), "--idle-timeout", "10s", "--lifetime", "30m"]
@@ -192,8 +192,8 @@ def test_ctrl_c_on_factory_run_removes_its_idle_glideins_and_exits_130(site, cli
 @pytest.mark.condor
 @pytest.mark.slow
 def test_glidein_remove_one_batch_then_the_idle_ones(site, capsys):
-    from condor_plugin import factory_cli
-    from condor_plugin.factory import Factory
+    from apps import factory_cli
+    from condor_plugin.factory.factory import Factory
     from pilot.errors import UsageError
 
     settings = factory_settings(site, factory="removal", memory_mb=NEVER_STARTS_MB)

@@ -30,7 +30,7 @@ import pytest
 from htcondor2 import JobStatus
 
 import tests.test_glidein as glidein_tests
-from condor_plugin.glidein import TOKEN_NAME, PackageBuilder
+from condor_plugin.glidein.package import TOKEN_NAME, PackageBuilder
 from tests.test_glidein import (
     PAYLOAD,
     TIMEOUT,
@@ -76,10 +76,10 @@ def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site, capsy
 
     import htcondor2
 
-    from broker.client import BrokerClient
-    from broker.lifecycle import JobState
-    from condor_plugin import factory_cli
-    from condor_plugin.factory import Factory
+    from apps import factory_cli
+    from condor_plugin.factory.factory import Factory
+    from pilot.api.client import BrokerClient
+    from pilot.api.states import JobState
     from pilot.pipe import messages as m
 
     settings = factory_settings(site, factory="vacate")
@@ -136,10 +136,11 @@ def test_vacated_glidein_job_is_requeued_and_done_at_a_later_attempt(site, capsy
 @pytest.mark.condor
 @pytest.mark.slow
 def test_foreign_ca_glideins_fail_fast_and_the_factory_stops_submitting(site):
-    from broker.client import AdminClient, BrokerClient
-    from condor_plugin.factory import Factory, waiting_jobs_for_site
+    from broker.ca import CertificateAuthority
+    from condor_plugin.factory.factory import Factory, waiting_jobs_for_site
+    from pilot.api.client import AdminClient, BrokerClient
     from pilot.pipe import messages as m
-    from pilot.tokens import CertificateAuthority, TokenRole
+    from pilot.tokens import TokenRole
 
     foreign = CertificateAuthority.create()     # the factory's CA is not the broker's
     # One glidein at a time (the loop counts only idle glideins against waiting jobs: with several, how many
@@ -214,7 +215,7 @@ class ShortLivedTokens:
 @pytest.mark.condor
 @pytest.mark.slow
 def test_expired_token_glidein_says_so_and_exits_5(site):
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
 
     settings = factory_settings(site, factory="expired")
     lines: list[str] = []
@@ -245,7 +246,7 @@ def finished(ad: dict, exit_code: int, ran: int = 8) -> dict:
 @pytest.mark.parametrize(("exit_code", "words"), [(4, "REFUSES THIS FACTORY'S AGENT TOKENS"), (5, "expired")])
 def test_factory_backs_off_to_the_maximum_on_refused_tokens(fake_factory, monkeypatch, exit_code, words):
 
-    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     lines: list[str] = []
     factory.progress = lines.append
@@ -266,7 +267,7 @@ def test_factory_backs_off_to_the_maximum_on_refused_tokens(fake_factory, monkey
 
 def test_factory_ordinary_failures_still_back_off_gradually(fake_factory, monkeypatch):
 
-    monkeypatch.setattr("condor_plugin.factory.to_submit", lambda d: dict(d))
+    monkeypatch.setattr("condor_plugin.factory.factory.to_submit", lambda d: dict(d))
     factory, schedd = fake_factory
     assert factory.run_once(waiting=1, now=1000) == 1
     schedd.done.append(finished(schedd.ads.pop(), 1))           # any other failure: the usual doubling

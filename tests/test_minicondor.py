@@ -1,4 +1,4 @@
-"""The mini-condor: a real HTCondor pool on this machine (condor_plugin.minicondor).
+"""The mini-condor: a real HTCondor pool on this machine (condor_plugin.testing.minicondor).
 
 Tests marked `condor` start real pools: they need root, and the first run on a
 machine builds the cached node root (about a minute; cached afterwards). The
@@ -28,15 +28,11 @@ from pathlib import Path
 import pytest
 from htcondor2 import JobStatus
 
-from condor_plugin import minicondor_cli, nodeproc
-from condor_plugin.minicondor import (
-    MiniCondor,
-    MiniCondorSettings,
-    PoolState,
-    RunningNode,
-)
-from condor_plugin.nodedaemons import ENTER_SCRIPT, client_config, daemon_config
-from condor_plugin.noderoot import (
+from condor_plugin.testing import cli as minicondor_cli
+from condor_plugin.testing import nodeproc
+from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings, PoolState, RunningNode
+from condor_plugin.testing.nodedaemons import ENTER_SCRIPT, client_config, daemon_config
+from condor_plugin.testing.noderoot import (
     MirrorNotFoundError,
     NodeRootRecipe,
     host_debian_mirror,
@@ -318,7 +314,7 @@ def test_host_daemons_inside_the_node(pool):
         from pathlib import Path
         sys.path.insert(0, {str(folder / "code")!r})
         import htcondor2
-        from condor_plugin.minicondor import DaemonSource, MiniCondor, MiniCondorSettings
+        from condor_plugin.testing.minicondor import DaemonSource, MiniCondor, MiniCondorSettings
         base = Path("/tmp/host-daemons")
         base.mkdir(mode=0o755)
         settings = MiniCondorSettings(state_dir=base / "state", daemons=DaemonSource.HOST)
@@ -413,7 +409,7 @@ def test_pool_dies_with_a_killed_caller(own_pool):
     program = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
+        from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
         settings = MiniCondorSettings(state_dir=Path({str(state_dir)!r}),
                                       shared_dirs=({str(own_pool.shared_dirs[0])!r},))
         with MiniCondor(settings, progress=lambda line: None):

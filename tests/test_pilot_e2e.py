@@ -30,9 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.client import BrokerClient
-from broker.lifecycle import JobState
 from broker.server import BrokerConfig, BrokerServer
+from pilot.api.client import BrokerClient
+from pilot.api.states import JobState
 from pilot.launch import build_software_area
 from pilot.launch.testimage import ensure_rootfs
 from pilot.pipe import messages as m
@@ -457,7 +457,7 @@ def test_a_job_patching_the_software_area_stops_the_agent_before_the_next_wrappe
     agent = start_agent(world, "tamper", "process", as_nobody=True, idle="60s", own_software=True)
     other_user = server.ca.new_token(TokenRole.USER, "e2e-other-user")
     admin = server.ca.new_token(TokenRole.ADMIN, "e2e-admin")
-    from broker.client import AdminClient
+    from pilot.api.client import AdminClient
     with BrokerClient(server.address, other_user, server.ca_pem) as other, \
             AdminClient(server.address, admin, server.ca_pem) as admin_client:
         second = None

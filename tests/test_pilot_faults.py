@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.client import AdminClient, BrokerClient
-from broker.lifecycle import JobState
 from broker.server import BrokerConfig, BrokerServer
-from broker.service import ServiceSettings
+from broker.services.base import ServiceSettings
+from pilot.api.client import AdminClient, BrokerClient
+from pilot.api.states import JobState
 from pilot.launch import build_software_area
 from pilot.pipe import messages as m
 from pilot.tokens import TokenRole
@@ -279,7 +279,7 @@ def test_an_attempt_the_broker_ended_has_its_payload_stopped_within_seconds(worl
     """Issue 11: a fenced attempt's payload ran on beside the new attempt (71 times in the fault runs). An
     admin re-queues a running job; the wrapper's next heartbeat is refused and it stops its payload at once
     (the broker asks for 1 s heartbeats here; the agent's pilot heartbeat is a minute away)."""
-    from broker import service_agent
+    from broker.services import agent as service_agent
 
     original = service_agent.AgentServicer.Match
 

@@ -146,3 +146,23 @@ def test_the_agent_rebuilds_its_own_area_when_it_changed(tmp_path):
     again = Path(_software_area(str(work)))
     assert again == area and run_py.read_bytes() == original
     SoftwareGuard.verify(again)
+
+
+def test_the_area_holds_the_node_side_only(built):
+    """A job can read the software area: it holds pilot/ and splitpilot/ (and their runtime), never the
+    broker server, the CA, the HTCondor side or the CLI root. Its Python finds the API client and not the
+    server, whatever the host has installed (-S: no site packages, as inside an image)."""
+    import subprocess
+    import sys
+
+    lib = built / "lib" / "python"
+    assert {"pilot", "splitpilot"} <= {p.name for p in lib.iterdir()}
+    assert not any((lib / name).exists() for name in ("broker", "condor_plugin", "submit", "apps"))
+    assert not (lib / "pilot" / "tokens" / "ca.py").exists()
+    probe = ("import importlib.util as u, pilot.api.client; "
+             "print([n for n in ('broker', 'condor_plugin', 'submit', 'apps') if u.find_spec(n)])")
+    result = subprocess.run([sys.executable, "-S", "-c", probe], env={"PYTHONPATH": str(lib), "PATH": "/usr/bin"},
+                            capture_output=True, text=True, timeout=60, cwd=built)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+

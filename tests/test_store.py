@@ -25,7 +25,7 @@ import pytest
 from pg import DATABASE, free_port, pg_server, pg_url  # noqa: F401  (fixtures)
 from store_v1 import make_postgres_v1, make_sqlite_v1
 
-from broker.lifecycle import TRANSITIONS, Actor, JobState, RequeueCause, allowed
+from broker.lifecycle import TRANSITIONS, Actor, RequeueCause, allowed
 from broker.store import open_store
 from broker.store.base import (
     BadValue,
@@ -47,6 +47,7 @@ from broker.store.base import (
     UnknownJob,
 )
 from broker.store.schema import SCHEMA_VERSION
+from pilot.api.states import JobState
 from pilot.errors import UsageError
 from splitpilot.job.v1 import job_pb2
 

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from test_minicondor import JOB_TIMEOUT, job_dir, new_base_dir, stop_and_clean, write_script
 
 import pilot
-from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
+from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
 from pilot.errors import UsageError
 from submit import (
     PERIODIC_HOLD,
@@ -718,7 +718,7 @@ def test_stuck_idle_glidein_is_held_then_removed(pool):
 def factory_args(tmp_path: Path, *extra: str):
     import argparse
 
-    from condor_plugin import factory_cli
+    from apps import factory_cli
 
     parser = argparse.ArgumentParser()
     factory_cli.register(parser.add_subparsers())
@@ -728,7 +728,7 @@ def factory_args(tmp_path: Path, *extra: str):
 
 def cli_description(tmp_path: Path, folder: Path, *extra: str) -> dict[str, str]:
     """The submit description `glidein submit EXTRA` would submit, with FOLDER's script, log and inputs."""
-    from condor_plugin import factory_cli
+    from apps import factory_cli
 
     settings = factory_cli._settings(factory_args(tmp_path, *extra), None)
     request_ = settings.glidein_request(folder / "glidein_startup.sh", folder / "log", batch=uuid.uuid4().hex,

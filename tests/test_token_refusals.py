@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from tokens_helpers import AGENT_DN, AGENT_URN, HOUR, NOW, hand_made, name, pem, token
 
+from broker.ca import CertificateAuthority
 from pilot.tokens import (
-    CertificateAuthority,
     Expectation,
     ExpiredToken,
     MalformedToken,

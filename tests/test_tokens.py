@@ -16,11 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from tokens_helpers import HOUR, NOW, pem, token
 
+from broker.ca import CAPolicy, CertificateAuthority, public_key_from_request
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
 from pilot.tokens import (
-    CAPolicy,
-    CertificateAuthority,
     CertificateAuthorityError,
     Expectation,
     IssueError,
@@ -31,7 +30,6 @@ from pilot.tokens import (
     TokenVerifier,
     generate_key,
     parse_token_pem,
-    public_key_from_request,
     read_token_file,
 )
 from pilot.tokens.files import write_private

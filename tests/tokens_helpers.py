@@ -8,7 +8,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from pilot.tokens import CertificateAuthority, TokenRole, generate_key
+from broker.ca import CertificateAuthority
+from pilot.tokens import TokenRole, generate_key
 
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 HOUR = datetime.timedelta(hours=1)

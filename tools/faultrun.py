@@ -290,7 +290,7 @@ class Round:
     # ------------------------------------------------------------ broker
 
     def start_broker(self) -> None:
-        argv = [sys.executable, "-m", "pilot", "broker", "serve", "--state-dir", str(self.base / "broker"),
+        argv = [sys.executable, "-m", "apps", "broker", "serve", "--state-dir", str(self.base / "broker"),
                 "--listen", self.address, "--heartbeat-timeout", f"{self.s.heartbeat_timeout_s}s",
                 "--reap-interval", f"{self.s.reap_interval_s}s", "--start-timeout", f"{self.s.start_timeout_s}s",
                 "--grace", "1s", "--log-level", "info"]
@@ -300,7 +300,7 @@ class Round:
         log.close()
 
     def wait_broker(self, timeout: float = 60.0) -> None:
-        from broker.client import BrokerClient, BrokerError
+        from pilot.api.client import BrokerClient, BrokerError
 
         def answers() -> bool:
             if self.broker.poll() is not None:
@@ -326,7 +326,7 @@ class Round:
         self.user_token = self.ca.new_token(TokenRole.USER, "faultrun", ttl=datetime.timedelta(hours=2))
 
     def _try_load(self, ca_dir: Path) -> bool:
-        from pilot.tokens import CertificateAuthority
+        from broker.ca import CertificateAuthority
 
         try:
             self.ca = CertificateAuthority.load(str(ca_dir))
@@ -395,7 +395,7 @@ class Round:
     # ------------------------------------------------------------ jobs
 
     def submit(self) -> None:
-        from broker.client import BrokerClient
+        from pilot.api.client import BrokerClient
         from pilot.pipe import messages as m
 
         self.ledger.mkdir()
@@ -426,7 +426,7 @@ class Round:
         self.result.meant_to_fail = sum(1 for r in records if r["bad"])
 
     def statuses(self) -> dict[int, object] | None:
-        from broker.client import BrokerClient, BrokerError
+        from pilot.api.client import BrokerClient, BrokerError
 
         try:
             with BrokerClient(self.address, self.user_token, self.ca_pem, timeout=5) as client:
@@ -606,7 +606,7 @@ class Round:
     # ------------------------------------------------------------ checks
 
     def _check(self, statuses: dict[int, object]) -> None:
-        from broker.lifecycle import JobState
+        from pilot.api.states import JobState
 
         r = self.result
         self._recovery({job_id: st for job_id, st in statuses.items() if st is not None})
@@ -670,7 +670,7 @@ class Round:
                 if f.at <= last + 1 and f.at + f.duration_s >= first - 1]
 
     def _check_output(self, job_id: int, status, expect: dict, evidence: dict) -> None:
-        from broker.client import BrokerClient
+        from pilot.api.client import BrokerClient
 
         target = self.base / "out" / str(job_id)
         try:
@@ -687,7 +687,7 @@ class Round:
 
     def _runs(self, job_id: int, status, expect: dict) -> None:
         """Successful payload runs thrown away, and fenced payloads that ran on."""
-        from broker.lifecycle import JobState
+        from pilot.api.states import JobState
 
         # Attempt A ended at the first event of a later attempt (the re-queue's WAITING included).
         ended_at: dict[int, float] = {}

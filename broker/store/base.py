@@ -19,7 +19,8 @@ import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from broker.lifecycle import JobState, RequeueCause
+from broker.lifecycle import RequeueCause
+from pilot.api.states import JobState
 from pilot.errors import SplitpilotError
 from splitpilot.job.v1 import job_pb2
 

@@ -55,7 +55,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import dataclass
 
-from broker.lifecycle import JobState
+from pilot.api.states import JobState
 
 SCHEMA_VERSION = 3
 

@@ -33,8 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from broker.files import format_size
-from broker.lifecycle import ACTIVE_STATES, FREE_CAUSES, Actor, JobState, RequeueCause, allowed, requeue_target
+from broker.lifecycle import FREE_CAUSES, Actor, RequeueCause, allowed, requeue_target
 from broker.store.base import (
     BadValue,
     InvalidTransition,
@@ -73,6 +72,8 @@ from broker.store.schema import (
     from_ms,
     to_ms,
 )
+from pilot.api.files import format_size
+from pilot.api.states import ACTIVE_STATES, JobState
 from pilot.errors import UsageError
 from splitpilot.job.v1 import job_pb2
 

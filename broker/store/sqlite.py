@@ -37,7 +37,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from broker.lifecycle import JobState
 from broker.store.base import Assignment, BadValue, PilotRef, SlotOffer, StoreError, StoreSettings, StoreUnavailable
 from broker.store.schema import ALIVE_STATES, ASSIGNED, SCHEMA_VERSION, SQLITE, WAITING, ddl, to_ms
 from broker.store.sql import (
@@ -49,6 +48,7 @@ from broker.store.sql import (
     SqlStore,
     matched_detail,
 )
+from pilot.api.states import JobState
 from splitpilot.job.v1 import job_pb2
 
 T = TypeVar("T")

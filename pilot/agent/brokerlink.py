@@ -1,7 +1,7 @@
 """What the agent needs from the broker, with the agent token only.
 
 `AgentBroker` is the interface the agent's loop uses; `GrpcAgentBroker`
-adapts broker.client.AgentClient to it. Tests may pass another implementation.
+adapts pilot.api.client.AgentClient to it. Tests may pass another implementation.
 A call the broker refuses because of the agent's token raises
 `pilot.agent.refusal.AgentTokenRefused` (see that module).
 """
@@ -88,12 +88,12 @@ class AgentBroker(Protocol):
 
 
 class GrpcAgentBroker:
-    """AgentBroker over gRPC: broker.client.AgentClient with the agent token.
+    """AgentBroker over gRPC: pilot.api.client.AgentClient with the agent token.
 
     Every call raises AgentTokenRefused when the broker refuses the token (see refusal_of)."""
 
     def __init__(self, address: str, token, ca_pem: bytes | None = None, probe_timeout: float = 5.0) -> None:
-        from broker.client import AgentClient  # late: grpc is heavy and only the agent needs it here
+        from pilot.api.client import AgentClient  # late: grpc is heavy and only the agent needs it here
 
         self._client = AgentClient(address, token, ca_pem)
         self._token = token
@@ -108,7 +108,7 @@ class GrpcAgentBroker:
                          self.ca_pem, self._probe_timeout)
 
     def _guard(self, call, *args):
-        from broker.client import BrokerError
+        from pilot.api.client import BrokerError
 
         try:
             return call(*args)
@@ -141,7 +141,7 @@ class GrpcAgentBroker:
         self._guard(self._client.report_attempt_failure, job_id, attempt, failure, detail, pilot_id)
 
     def _job_client(self, token_pem: bytes, private_key_pem: bytes):
-        from broker.client import JobClient
+        from pilot.api.client import JobClient
 
         return JobClient(self.address, token_pem, private_key_pem, self.ca_pem, retries=0)
 
@@ -151,7 +151,7 @@ class GrpcAgentBroker:
             return RefreshedToken(client.token_pem, client.key_pem, int(not_after.timestamp()))
 
     def report_job_unusable(self, token_pem, private_key_pem, detail):
-        from broker.lifecycle import JobState
+        from pilot.api.states import JobState
 
         with self._job_client(token_pem, private_key_pem) as client:
             client.update_state(JobState.STARTED, "the agent could not hand the job to a wrapper")

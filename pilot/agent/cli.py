@@ -330,7 +330,7 @@ def _software_area(work_dir: str) -> str:
 
 
 def _dry_run(args, software: str, work_dir: str, binds: tuple = ()) -> int:
-    from broker.jobfile import load_job_file
+    from pilot.api.jobfile import load_job_file
     from pilot.launch import Mounts, dry_run, isolation_of, wrapper_command
 
     jobs = load_job_file(args.dry_run)

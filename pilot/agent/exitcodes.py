@@ -1,6 +1,6 @@
 """The exit codes of `splitpilot agent`, also a glidein's (the startup script exits with the agent's code).
 
-The glidein factory reads them from the glideins' ExitCode (condor_plugin.factory):
+The glidein factory reads them from the glideins' ExitCode (condor_plugin.factory.factory):
 TOKEN_REFUSED and TOKEN_EXPIRED mean that every glidein carrying this
 factory's tokens would fail the same way, so it stops submitting for long.
 """

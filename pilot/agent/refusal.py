@@ -100,7 +100,7 @@ def handshake_refusal(details: str) -> str | None:
 
 
 def refusal_of(error: BaseException, probe: Callable[[], str | None] | None = None) -> AgentTokenRefused | None:
-    """AgentTokenRefused if ERROR (a broker.client.BrokerError) means the broker refuses this agent's token.
+    """AgentTokenRefused if ERROR (a pilot.api.client.BrokerError) means the broker refuses this agent's token.
 
     PROBE (called only for an UNAVAILABLE error whose details name no certificate problem) returns what
     it found (a cause) or None; see probe_tls."""

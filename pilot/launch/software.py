@@ -33,9 +33,10 @@ from pilot.launch.mounts import Mounts
 #: wrapper, which greets with Ready and leaves cleanly when the agent closes.
 LOOPBACK_ARGV: tuple[str, ...] = ("python3", "-m", "pilot.pipe.loopback")
 
-#: Importable packages copied from this installation: splitpilot's own (the
-#: wrapper talks to the broker with broker.client).
-OWN_PACKAGES: tuple[str, ...] = ("pilot", "splitpilot", "broker")
+#: Importable packages copied from this installation: the node side only (the
+#: wrapper talks to the broker with pilot.api.client) and the generated code.
+#: Never the broker server, the CA or the HTCondor side: a job can read this area.
+OWN_PACKAGES: tuple[str, ...] = ("pilot", "splitpilot")
 #: Distributions copied whole (their files as installed): what the wrapper
 #: imports, with their own requirements (grpcio needs typing_extensions,
 #: cryptography needs cffi, which needs pycparser).

@@ -17,7 +17,7 @@ import logging
 from cryptography.hazmat.primitives import serialization
 
 from broker.lifecycle import RequeueCause
-from broker.service import BadRequest, Broker, job_public_key, rpc, text, to_ms, utcnow
+from broker.services.base import BadRequest, Broker, job_public_key, rpc, text, to_ms, utcnow
 from broker.store.base import PilotRef, SlotOffer
 from pilot.tokens import Identity
 from splitpilot.broker.v1 import broker_pb2 as pb

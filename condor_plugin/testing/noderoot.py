@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from condor_plugin.nodeproc import mounts_under
+from condor_plugin.testing.nodeproc import mounts_under
 from pilot.errors import SplitpilotError, UsageError
 
 #: Bump when the build steps change in a way the recipe fields do not show:
@@ -409,7 +409,7 @@ class _Builder:
         new, count = re.subn(r"(?m)^mount devpts = yes$", "mount devpts = no", text)
         if count != 1:
             raise NodeRootError(f"{conf}: no 'mount devpts = yes' line to change; the Apptainer "
-                                "package changed: fix condor_plugin/noderoot.py configure_apptainer()")
+                                "package changed: fix condor_plugin/testing/noderoot.py configure_apptainer()")
         conf.write_text(new)
 
     def make_sandbox_image(self) -> None:

@@ -3,14 +3,14 @@
 Modelled on `htcondor2.personal.PersonalPool`: an explicit state machine and a
 context manager, with helpers that hand out htcondor2 objects for this pool.
 
-    from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
+    from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
 
     with MiniCondor(MiniCondorSettings(state_dir=Path("/run/my-pool"))) as pool:
         result = pool.schedd().submit(htcondor2.Submit({...}))
 
 Where the daemons come from: a host with `condor_master` installed uses it.
 Elsewhere (Debian 12 has no HTCondor package) the daemons run from a cached
-Debian 13 root (`condor_plugin.noderoot`) entered through `node-enter.sh`:
+Debian 13 root (`condor_plugin.testing.noderoot`) entered through `node-enter.sh`:
 private mount and PID namespaces, an overlay of the cached root and this
 pool's writable layer, pivot_root. Either way the whole pool lives in one PID
 namespace, so stopping it cannot leave a process behind, and in a private
@@ -53,8 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from condor_plugin import nodeproc
-from condor_plugin.nodedaemons import (
+from condor_plugin.testing import nodeproc
+from condor_plugin.testing.nodedaemons import (
     POOL_DOMAIN,
     Daemons,
     DaemonSource,
@@ -63,7 +63,7 @@ from condor_plugin.nodedaemons import (
     StateLayout,
     client_config,
 )
-from condor_plugin.noderoot import (
+from condor_plugin.testing.noderoot import (
     DEFAULT_CACHE_DIR,
     NODE_PATH,
     SANDBOX_IMAGE_PATH,

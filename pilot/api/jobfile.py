@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from broker.files import BadFileHeader, check_sandbox_name
+from pilot.api.files import BadFileHeader, check_sandbox_name
 from pilot.durations import parse_duration
 from pilot.errors import UsageError
 from pilot.tomlschema import Checker, Problem, TomlSchemaError

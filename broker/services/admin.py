@@ -15,8 +15,8 @@ import logging
 import re
 
 from broker.lifecycle import RequeueCause
-from broker.service import BadRequest, Broker, rpc, text, to_ms, utcnow
-from broker.service_user import list_jobs
+from broker.services.base import BadRequest, Broker, rpc, text, to_ms, utcnow
+from broker.services.user import list_jobs
 from broker.store.base import NotRevocable, Revocation
 from pilot.tokens import Identity, TokenRole, TokenVerifier
 from pilot.tokens.errors import IssueError, TokenError

@@ -22,14 +22,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from condor_plugin.minicondor import (
+from condor_plugin.testing.minicondor import (
     DEFAULT_STATE_DIR,
     DaemonSource,
     MiniCondor,
     MiniCondorSettings,
     PoolState,
 )
-from condor_plugin.noderoot import DEFAULT_CACHE_DIR, NodeRootCache, NodeRootRecipe
+from condor_plugin.testing.noderoot import DEFAULT_CACHE_DIR, NodeRootCache, NodeRootRecipe
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -3,7 +3,7 @@
 A pure object: fed one `Observation` per cycle (what the schedd and the
 broker said, and the time), it returns a `Decision` and keeps only its
 backoff state. No HTCondor, no broker, no clock, no sleep: the factory
-(condor_plugin.factory) gathers the observation and carries the decision
+(condor_plugin.factory.factory) gathers the observation and carries the decision
 out, and the tests drive the policy with made-up observations.
 
 The rules:

@@ -18,13 +18,13 @@ import sys
 import tempfile
 import time
 
-from pilot.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
+from apps.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
 
 
 def run_local_demo(jobs: int = 20, runtimes: str = "bubblewrap,podman,apptainer", keep: bool = False,
                    timeout: float = 600.0) -> int:
-    from broker.client import BrokerClient
     from broker.server import BrokerConfig, BrokerServer
+    from pilot.api.client import BrokerClient
     from pilot.tokens import TokenRole
     from pilot.tokens.files import write_private
 

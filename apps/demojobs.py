@@ -110,7 +110,7 @@ def state_counts(listing) -> dict[str, int]:
 
 def check_outputs(client, expected: list[Expected], out_dir: str) -> list[Checked]:
     """Fetch every DONE job's outputs into OUT_DIR/ID and check them against EXPECTED."""
-    from broker.lifecycle import JobState
+    from pilot.api.states import JobState
 
     checked = []
     for item in expected:

@@ -1,6 +1,6 @@
 """The Python API of the broker: one client class per token role.
 
-    from broker.client import BrokerClient
+    from pilot.api.client import BrokerClient
     with BrokerClient("broker.example:7443", "~/.splitpilot/token.pem") as broker:
         ids = broker.submit(["jobs.toml"])          # uploads the inputs first
         print(broker.status(ids[0]).state)
@@ -11,7 +11,7 @@
     JobClient     a job token held in memory only: states, heartbeats, inputs, outputs
     AdminClient   admin token: sites, pilots, requeue, everyone's jobs, revocation
 
-Outputs are written by `broker.outdir.OutputDirectory`: never outside the
+Outputs are written by `pilot.api.outdir.OutputDirectory`: never outside the
 folder given, never through a symbolic link, never over an existing file
 (unless force=True, and then only over regular files).
 
@@ -29,7 +29,7 @@ tells its refusals apart itself: pilot.agent.refusal.) Any client reports a
 broker whose certificate is not from the trusted CA as such (`WrongBroker`).
 
 A newer broker may answer with values this version does not know: a job
-state becomes the pseudo-state UNKNOWN(n) (broker.lifecycle.read_state), a
+state becomes the pseudo-state UNKNOWN(n) (pilot.api.states.read_state), a
 count of an unknown state is kept by its name (JobListing.other_counts), a
 Match answer of an unknown kind is an empty match; each is logged once.
 """
@@ -50,16 +50,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from broker.files import CHUNK_SIZE, check_sandbox_name, copy_verified, sha256_of_file
-from broker.jobfile import JobDescription, load_job_file
-from broker.lifecycle import JobState, read_state
-from broker.outdir import OutputDirectory
-
-# The same values the store records, as the client reports them.
-from broker.store.base import JobEventRecord as JobEvent
-from broker.store.base import OutputRecord as OutputFile
-from broker.store.base import PilotRecord as PilotInfo
-from broker.store.base import Revocation as RevokedToken
+from pilot.api.files import CHUNK_SIZE, check_sandbox_name, copy_verified, sha256_of_file
+from pilot.api.jobfile import JobDescription, load_job_file
+from pilot.api.outdir import OutputDirectory
+from pilot.api.states import JobState, read_state
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import Identity, TokenFile, parse_identity, read_token_file
 from pilot.tokens.files import KeyPermissions, certificate_pem, load_certificates, private_key_pem
@@ -83,6 +77,52 @@ CLIENT_OPTIONS = (
 
 
 # ------------------------------------------------------------------ errors
+
+# The values the broker records, as the client reports them (the client's own types: the
+# store's records are the server's business).
+
+@dataclass(frozen=True)
+class JobEvent:
+    time: datetime.datetime
+    state: JobState
+    attempt: int
+    detail: str
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PilotInfo:
+    pilot_id: str
+    site: str
+    node: str
+    first_seen: datetime.datetime
+    last_seen: datetime.datetime
+    jobs_matched: int
+    end_reason: str = ""
+    #: Serial (hex) of the agent certificate the pilot id is bound to ('' for a pilot not yet bound).
+    certificate_serial: str = ""
+
+
+@dataclass(frozen=True)
+class RevokedToken:
+    """One revoked token (SERIAL set), or every token of SUBJECT in ROLE issued up to REVOKED (SERIAL '')."""
+
+    id: int
+    serial: str
+    subject: str
+    role: str
+    reason: str
+    revoked: datetime.datetime
+    revoked_by: str
+    #: End of validity of the revoked certificate (None: unknown, or a holder revocation).
+    not_after: datetime.datetime | None = None
+
 
 class BrokerError(SplitpilotError):
     """A broker call failed. Attributes: method, code (grpc.StatusCode), details (the broker's message)."""

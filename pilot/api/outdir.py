@@ -31,14 +31,7 @@ import secrets
 import stat
 from collections.abc import Iterable
 
-from broker.files import (
-    BadFileHeader,
-    ChecksumMismatch,
-    FileRefused,
-    SizeMismatch,
-    check_sandbox_name,
-    shown,
-)
+from pilot.api.files import BadFileHeader, ChecksumMismatch, FileRefused, SizeMismatch, check_sandbox_name, shown
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FIX_DOWNLOAD = "the download was discarded; fix: download it again (if it persists, the broker's copy is damaged)"

@@ -6,11 +6,11 @@
     factory.glideins()                  # this factory's glideins in the queue (and recent history)
     factory.collect()                   # finished glideins: output, error and log back; they leave the queue
     factory.remove(idle_only=True)      # this factory's idle glideins (their spooled tokens go with them)
-    factory.broker = BrokerView(admin_client, "SITE-A", ca=ca)   # condor_plugin.brokerview
-    factory.run_once()                  # one step of the loop: observe, decide (condor_plugin.policy), act
+    factory.broker = BrokerView(admin_client, "SITE-A", ca=ca)   # condor_plugin.factory.brokerview
+    factory.run_once()                  # one step of the loop: observe, decide (condor_plugin.factory.policy), act
 
 The loop's decisions (how many to submit, which idle ones to remove, the
-backoff) are condor_plugin.policy.FactoryPolicy's, a pure object; this
+backoff) are condor_plugin.factory.policy.FactoryPolicy's, a pure object; this
 module observes (the schedd; the broker through a BrokerView: waiting jobs
 that fit a glidein, the pilot records of its glideins, the site's state)
 and carries the decisions out.
@@ -55,23 +55,17 @@ from typing import TYPE_CHECKING
 import htcondor2
 from htcondor2 import JobStatus
 
-from condor_plugin.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting
-from condor_plugin.glidein import (
-    GlideinPackage,
-    GlideinSettings,
-    PackageBuilder,
-    prepare_batch,
-    remove_batch,
-)
-from condor_plugin.policy import Decision, FactoryPolicy, GlideinEnd, Observation, PolicySettings
+from condor_plugin.factory.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting
+from condor_plugin.factory.policy import Decision, FactoryPolicy, GlideinEnd, Observation, PolicySettings
+from condor_plugin.glidein.package import GlideinPackage, GlideinSettings, PackageBuilder, prepare_batch, remove_batch
 from pilot.agent import exitcodes
 from pilot.errors import SplitpilotError
 from submit import CondorCE, GlideinRequest, build_description, to_submit
 from submit.quoting import classad_string
 
 if TYPE_CHECKING:
-    from condor_plugin.brokerview import BrokerView
-    from pilot.tokens import CertificateAuthority
+    from broker.ca import CertificateAuthority
+    from condor_plugin.factory.brokerview import BrokerView
 
 #: HoldReasonCode of a job submitted with spooling until its inputs have arrived.
 SPOOLING_HOLD = 16
@@ -452,7 +446,7 @@ class Factory:
         return jobs
 
     def run_once(self, waiting: int | None = None, now: float | None = None) -> int:
-        """One cycle: observe, let the policy decide (condor_plugin.policy), carry it out.
+        """One cycle: observe, let the policy decide (condor_plugin.factory.policy), carry it out.
 
         WAITING: the number of waiting jobs to serve (without a broker view);
         else the broker view says how many fit a glidein. Returns the number
@@ -509,7 +503,7 @@ def credentials_alarm(glidein: Glidein | GlideinEnd, settings: FactorySettings, 
 
 def waiting_jobs_for_site(admin_client, site: str) -> int:
     """Waiting jobs at the broker that SITE may run (no sites_allowed, or SITE among them)."""
-    from broker.lifecycle import JobState
+    from pilot.api.states import JobState
 
     listing = admin_client.list_all_jobs(states=[JobState.WAITING])
     count = 0

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pilot.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
+from apps.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
 from pilot.errors import UsageError
 
 SITE = "MINICONDOR"
@@ -61,8 +61,8 @@ def say(line: str) -> None:
 def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
     """Run the demo; everything it starts is stopped before it returns (or raises)."""
     from broker.server import BrokerConfig, BrokerServer
-    from condor_plugin.minicondor import MiniCondor, MiniCondorSettings
-    from condor_plugin.noderoot import require_root
+    from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
+    from condor_plugin.testing.noderoot import require_root
 
     require_root("the HTCondor demo (it starts a mini-condor; `splitpilot demo --local` needs no root)")
     started = time.monotonic()
@@ -93,7 +93,7 @@ def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
             if settings.keep:
                 say(f"state kept in {base} (glidein logs in factory/batches/*/log)")
             else:
-                from condor_plugin import nodeproc
+                from condor_plugin.testing import nodeproc
 
                 if not nodeproc.mounts_under(base):   # never remove a tree with something mounted below
                     shutil.rmtree(base, ignore_errors=True)
@@ -103,8 +103,8 @@ def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
 def _factory(settings: CondorDemoSettings, pool, server, work_dir: Path):
     import datetime
 
-    from condor_plugin.factory import Factory, FactorySettings
-    from condor_plugin.glidein import GlideinSettings, PackageBuilder
+    from condor_plugin.factory.factory import Factory, FactorySettings
+    from condor_plugin.glidein.package import GlideinSettings, PackageBuilder
 
     per_glidein = -(-settings.jobs // settings.glideins)
     # The factory's folder is not the pool's shared folder: the glideins' inputs (the agent token among
@@ -121,8 +121,8 @@ def _factory(settings: CondorDemoSettings, pool, server, work_dir: Path):
 
 
 def _run(settings: CondorDemoSettings, server, pool, factory, base: Path, started: float) -> DemoOutcome:
-    from broker.client import AdminClient, BrokerClient
-    from condor_plugin.factory import waiting_jobs_for_site
+    from condor_plugin.factory.factory import waiting_jobs_for_site
+    from pilot.api.client import AdminClient, BrokerClient
     from pilot.tokens import TokenRole
 
     user = server.ca.new_token(TokenRole.USER, "demo-user")

@@ -122,7 +122,7 @@ class BrokerView:
         self._probe_id = ""
 
     def waiting(self, slot: GlideinSlot) -> Waiting:
-        from broker.lifecycle import JobState
+        from pilot.api.states import JobState
 
         specs, before = [], 0
         while True:
@@ -137,7 +137,7 @@ class BrokerView:
 
     def site_state(self) -> str:
         """'enabled', 'draining or disabled', or 'unknown' (no CA to mint a probe token with)."""
-        from broker.client import AgentClient, BrokerError
+        from pilot.api.client import AgentClient, BrokerError
         from pilot.tokens import TokenRole
 
         if self.ca is None:

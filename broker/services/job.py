@@ -14,8 +14,8 @@ import logging
 from cryptography.hazmat.primitives import serialization
 
 from broker.files import StoredFile
-from broker.lifecycle import ACTIVE_STATES, JOB_REPORTABLE, JobState
-from broker.service import (
+from broker.lifecycle import JOB_REPORTABLE
+from broker.services.base import (
     BadRequest,
     Broker,
     Conflict,
@@ -29,6 +29,7 @@ from broker.service import (
     utcnow,
 )
 from broker.store.base import JobRecord, OutputRecord
+from pilot.api.states import ACTIVE_STATES, JobState
 from pilot.tokens import Identity, TokenRole
 from pilot.tokens.errors import StaleAttempt, WrongJob
 from splitpilot.broker.v1 import broker_pb2 as pb

@@ -1,8 +1,8 @@
 """Where the mini-condor's daemons run, and the files that make them a pool.
 
-Two daemon sources share one lifecycle (condor_plugin.minicondor):
+Two daemon sources share one lifecycle (condor_plugin.testing.minicondor):
 
-- `NodeRootDaemons`: the cached Debian 13 root (condor_plugin.noderoot) under an
+- `NodeRootDaemons`: the cached Debian 13 root (condor_plugin.testing.noderoot) under an
   overlay whose upper layer is the pool's own (so the cache is never written and
   every pool has its own logs, spool, keys), entered through node-enter.sh with
   private mount, PID and UTS namespaces and pivot_root.
@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from condor_plugin.nodeproc import mounts_under
-from condor_plugin.noderoot import NodeRoot, remove_tree
+from condor_plugin.testing.nodeproc import mounts_under
+from condor_plugin.testing.noderoot import NodeRoot, remove_tree
 from pilot.errors import SplitpilotError, UsageError
 
 if TYPE_CHECKING:
-    from condor_plugin.minicondor import MiniCondorSettings
+    from condor_plugin.testing.minicondor import MiniCondorSettings
 
 #: The node's host name (its own UTS namespace): daemon and slot names do not depend on the host.
 NODE_HOSTNAME = "minicondor"
@@ -51,7 +51,7 @@ class DaemonSource(enum.StrEnum):
 
     AUTO = "auto"            # the host's condor_master if installed, else the node root
     HOST = "host"            # the host's own HTCondor installation
-    NODE_ROOT = "node-root"  # the cached Debian 13 root (condor_plugin.noderoot)
+    NODE_ROOT = "node-root"  # the cached Debian 13 root (condor_plugin.testing.noderoot)
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,7 @@ class HostDaemons(Daemons):
 def daemon_config(settings: MiniCondorSettings, port: int, extra: Sequence[str], spool: str) -> str:
     """The daemons' configuration: a personal pool on 127.0.0.1, IDTOKENS, quick cycles, SPOOL hidden from jobs."""
     lines = [
-        "# Written by splitpilot's mini-condor at every start: edit condor_plugin/minicondor.py instead.",
+        "# Written by splitpilot's mini-condor at every start: edit condor_plugin/testing/minicondor.py instead.",
         *extra,
         "use ROLE : Personal",
         "use FEATURE : PartitionableSlot",

@@ -125,7 +125,7 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
 def _pool(args):
     if args.minicondor is None:
         return None
-    from condor_plugin.minicondor import MiniCondor
+    from condor_plugin.testing.minicondor import MiniCondor
 
     return MiniCondor.from_state_dir(args.minicondor, progress=lambda line: None)
 
@@ -190,8 +190,8 @@ def _submit_lines(entries: list[str]) -> dict[str, str]:
 
 
 def _settings(args, pool):
-    from condor_plugin.factory import FactorySettings
-    from condor_plugin.glidein import GlideinSettings
+    from condor_plugin.factory.factory import FactorySettings
+    from condor_plugin.glidein.package import GlideinSettings
 
     # Not the pool's shared folder: the node sees that one, and nothing there needs to (inputs are spooled).
     work_dir = args.work_dir or (pool.settings.state_dir / "factory" if pool is not None else None)
@@ -216,13 +216,13 @@ def _settings(args, pool):
 
 
 def _factory(args):
-    from condor_plugin.factory import Factory
+    from condor_plugin.factory.factory import Factory
 
     pool = _pool(args)
     settings = _settings(args, pool)
     ca = None
     if getattr(args, "ca", None):
-        from pilot.tokens import CertificateAuthority
+        from broker.ca import CertificateAuthority
 
         ca = CertificateAuthority.load(args.ca)
     return Factory(settings, _schedd(pool, args.pool, args.schedd), ca,
@@ -291,8 +291,8 @@ def run_remove(args) -> int:
 def run_factory(args) -> int:
     import threading
 
-    from broker.client import AdminClient
-    from condor_plugin.brokerview import BrokerView
+    from condor_plugin.factory.brokerview import BrokerView
+    from pilot.api.client import AdminClient
 
     factory = _factory(args)
     stop = threading.Event()

@@ -13,7 +13,7 @@ Every handler is wrapped by `rpc()`: it identifies the caller (auth.py),
 checks the service's role, runs the handler, and turns any exception into a
 gRPC status with a message that names the problem and the fix
 (`status_of`). The server keeps serving after any bad request. Requests are
-decoded by `add_servicers`' own deserializers: bytes protobuf cannot parse
+decoded by `broker.services.add_servicers`' own deserializers: bytes protobuf cannot parse
 (a string that is not UTF-8, a truncated field) reach the handler as
 `Undecodable` and are refused with INVALID_ARGUMENT, where gRPC's own would
 answer UNKNOWN.
@@ -39,7 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from google.protobuf.message import DecodeError
 
 from broker.auth import SERVICE_ROLES, Authoriser, Unauthenticated
-from broker.files import CHUNK_SIZE, FileRefused, FileStore, FileTooLarge, MissingFile, StoredFile
+from broker.ca import CertificateAuthority, public_key_from_request
+from broker.files import FileStore, StoredFile
 from broker.metrics import Metrics
 from broker.specs import JobStartBudget
 from broker.store.base import (
@@ -58,8 +59,9 @@ from broker.store.base import (
     UnknownJob,
 )
 from broker.waiting import OfferLog, OfferSettings
+from pilot.api.files import CHUNK_SIZE, FileRefused, FileTooLarge, MissingFile
 from pilot.errors import SplitpilotError, UsageError
-from pilot.tokens import CertificateAuthority, Identity, TokenRole, TokenVerifier, public_key_from_request
+from pilot.tokens import Identity, TokenRole, TokenVerifier
 from pilot.tokens.errors import (
     IssueError,
     MalformedToken,
@@ -485,31 +487,5 @@ _HANDLERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True):
              (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
 
 
-def add_servicers(server, broker: Broker) -> None:
-    """Register the four services on a grpc.aio server, as the generated add_*_to_server functions do, but
-    with deserializers that hand an undecodable request to the handler (see `Undecodable`)."""
-    from broker.service_admin import AdminServicer
-    from broker.service_agent import AgentServicer
-    from broker.service_job import JobServicer
-    from broker.service_user import UserServicer
-
-    for servicer in (UserServicer(broker), AgentServicer(broker), JobServicer(broker), AdminServicer(broker)):
-        service = pb.DESCRIPTOR.services_by_name[_service_name(servicer)]
-        handlers = {}
-        for method in service.methods:
-            make = _HANDLERS[(method.client_streaming, method.server_streaming)]
-            handlers[method.name] = make(
-                getattr(servicer, method.name),
-                request_deserializer=_deserializer(getattr(pb, method.input_type.name)),
-                response_serializer=getattr(pb, method.output_type.name).SerializeToString)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-        server.add_registered_method_handlers(service.full_name, handlers)
-
-
-def _service_name(servicer) -> str:
-    """UserServicer -> UserService (each servicer class is named after its service)."""
-    return type(servicer).__name__[:-len("Servicer")] + "Service"
-
-
-__all__ = ["BadRequest", "Broker", "Conflict", "NotFound", "ServiceSettings", "add_servicers", "job_info",
+__all__ = ["BadRequest", "Broker", "Conflict", "NotFound", "ServiceSettings", "job_info",
            "rpc", "rpc_stream", "status_of"]

@@ -20,9 +20,8 @@ import logging
 from collections.abc import Sequence
 
 from broker import waiting
-from broker.files import BadFileHeader, StoredFile, check_sandbox_name, check_sha256, name_problem
-from broker.lifecycle import JobState
-from broker.service import (
+from broker.files import StoredFile
+from broker.services.base import (
     BadRequest,
     Broker,
     Conflict,
@@ -40,6 +39,8 @@ from broker.service import (
 )
 from broker.specs import MAX_PATTERN, SpecProblem, check_spec
 from broker.store.classes import RequirementClass
+from pilot.api.files import BadFileHeader, check_sandbox_name, check_sha256, name_problem
+from pilot.api.states import JobState
 from pilot.tokens import Identity
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb

@@ -26,9 +26,9 @@ import sys
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from broker.ca import CAPolicy, CertificateAuthority, public_key_from_request
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
-from pilot.tokens.ca import CAPolicy, CertificateAuthority, public_key_from_request
 from pilot.tokens.files import (
     KeyPermissions,
     TokenFile,
@@ -235,7 +235,7 @@ def _token_verify(args: argparse.Namespace) -> int:
 
 
 def _admin_client(args: argparse.Namespace):
-    from broker.client import AdminClient
+    from pilot.api.client import AdminClient
     return AdminClient(args.broker, args.token, args.ca_cert)
 
 

@@ -7,15 +7,16 @@
 The package is a tarball with a wheelhouse for the node's Python (3.13 by
 default, the mini-condor node's): protobuf, grpcio, cryptography and their
 dependencies downloaded as binary wheels for that Python and platform, plus
-splitpilot's own wheel (built from a copy of the sources, so the repository
-gets no build/ folder). Its sha256 is written into the startup script, which
+splitpilot's own node wheel: pilot/ and splitpilot/ only, with the metadata of
+condor_plugin.glidein.nodewheel (built from a copy of the sources, so the
+repository gets no build/ folder). Its sha256 is written into the startup script, which
 checks it before unpacking. Built once per key (the sources, setup.cfg, the
 target Python and the pinned versions) into CACHE/KEY/; a second build with
 the same key is a lookup.
 
-The startup script (condor_plugin/glidein_startup.sh, filled in here) makes a
+The startup script (condor_plugin/glidein/glidein_startup.sh, filled in here) makes a
 venv in the glidein's scratch directory, installs the wheelhouse offline,
-and runs `splitpilot agent --token FILE ...`; the agent builds the software
+and runs `python -m pilot agent --token FILE ...`; the agent builds the software
 area for its wrappers from that venv, reads the token file and removes it.
 
 The token: minted per batch by the caller (short-lived, site-scoped), written
@@ -45,6 +46,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from condor_plugin.glidein.nodewheel import NODE_PACKAGES, write_node_sources
 from pilot.errors import SplitpilotError, UsageError
 from pilot.launch.errors import LaunchConfigError
 from pilot.launch.mounts import parse_bind
@@ -53,9 +55,9 @@ from pilot.launch.mounts import parse_bind
 DEFAULT_CACHE_DIR = Path("/var/cache/splitpilot/glidein")
 TEMPLATE = Path(__file__).with_name("glidein_startup.sh")
 #: The repository (or installed tree) the package is built from.
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
-#: What goes into splitpilot's own wheel: the packages setup.cfg finds, and its metadata files.
-SOURCE_PACKAGES: tuple[str, ...] = ("pilot", "broker", "condor_plugin", "submit", "splitpilot")
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+#: What goes into splitpilot's own wheel: the node side only, and its metadata files.
+SOURCE_PACKAGES: tuple[str, ...] = NODE_PACKAGES
 SOURCE_FILES: tuple[str, ...] = ("setup.cfg", "pyproject.toml", "README.md")
 #: What the agent and wrapper import at run time (setup.cfg's other requirements, htcondor and
 #: psycopg, serve the factory and the broker: a glidein does not need them).
@@ -218,6 +220,7 @@ class PackageBuilder:
                 self.progress(f"warning: {missing.parent.relative_to(sources)} has no __init__.py; "
                               "adding an empty one to the wheel's sources")
                 missing.write_text("")
+            write_node_sources(sources, self.source_root / "setup.cfg")
             self._pip("pip wheel", ["wheel", "--no-deps", "--wheel-dir", str(wheelhouse), str(sources)])
             wheels = tuple(sorted(p.name for p in wheelhouse.glob("*.whl")))
             tarball = staging / PACKAGE_NAME
@@ -357,7 +360,7 @@ def prepare_batch(package: GlideinPackage, directory: Path, *, token_pem: bytes,
     """Write one batch's files into DIRECTORY (created 0700): script, token (0600), log folder.
 
     Everything here is read by this process only: the factory submits with
-    spooling (condor_plugin.factory), so the schedd gets the inputs from us
+    spooling (condor_plugin.factory.factory), so the schedd gets the inputs from us
     and no shadow or job ever reads this folder. The caller removes the token
     as soon as the schedd holds it; the log folder receives the glideins'
     output, error and event log when the factory retrieves them.

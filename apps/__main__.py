@@ -1,0 +1,7 @@
+"""`python -m apps` is the `splitpilot` command."""
+
+import sys
+
+from apps.cli import main
+
+sys.exit(main())
