@@ -221,7 +221,8 @@ def test_refused_token_ends_the_agent_with_exit_4_reporting_nothing(tmp_path, ca
 
 def test_a_transient_refusal_does_not_end_the_pilot(tmp_path):
     broker = RefusingBroker([script_spec("#!/bin/sh\ntrue\n", tmp_path)], refusals=2)
-    agent = make_agent(tmp_path, broker, idle=0.5)
+    # The idle timeout well above the two refusals' backoffs (0.2 s + 0.3 s): at 0.5 s it raced them.
+    agent = make_agent(tmp_path, broker, idle=3)
     assert agent.run() == 0
     assert len(broker.matched) == 1 and broker.ends == [(1, "idle")]
     assert states(tmp_path).count(m.JobState.JOB_STATE_DONE) == 1
