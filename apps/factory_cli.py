@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import signal
-import sys
 from pathlib import Path
 
+from pilot import logconfig
 from pilot.durations import parse_duration
 from pilot.errors import UsageError
 
@@ -96,6 +97,10 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
                              "one --pool lists)")
     parser.add_argument("--work-dir", type=Path, metavar="DIR",
                         help="batch folders, on this host (default with --minicondor: its state folder/factory)")
+    parser.add_argument("--log-level", default="info", choices=logconfig.LEVELS,
+                        help="log level of the `factory:` and `glidein:` lines on stderr (default %(default)s)")
+    parser.add_argument("--log-file", type=Path, metavar="FILE",
+                        help="append the log lines to FILE (created 0600) instead of stderr")
     if not need_broker:
         return
     parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="the broker, as the nodes reach it")
@@ -218,6 +223,8 @@ def _settings(args, pool):
 def _factory(args):
     from condor_plugin.factory.factory import Factory
 
+    # Every glidein/factory command starts here: the process's one logging configuration.
+    logconfig.configure(args.log_level, log_file=str(args.log_file) if args.log_file else None)
     pool = _pool(args)
     settings = _settings(args, pool)
     ca = None
@@ -225,8 +232,7 @@ def _factory(args):
         from broker.ca import CertificateAuthority
 
         ca = CertificateAuthority.load(args.ca)
-    return Factory(settings, _schedd(pool, args.pool, args.schedd), ca,
-                   progress=lambda line: print(f"factory: {line}", file=sys.stderr, flush=True))
+    return Factory(settings, _schedd(pool, args.pool, args.schedd), ca)   # progress: `factory:` log lines
 
 
 def run_submit(args) -> int:
@@ -312,9 +318,9 @@ def run_factory(args) -> int:
             return 0
         # Idle glideins would start later with nobody to serve; their spooled tokens leave with them.
         removed = factory.remove(idle_only=True, reason="splitpilot factory run: stopped")
-        print(f"factory: stopped by {signal.Signals(caught[0]).name}: removed {len(removed)} idle glidein(s)"
-              f"{': ' + ', '.join(g.name for g in removed) if removed else ''}; running ones end by themselves",
-              file=sys.stderr, flush=True)
+        logging.getLogger("splitpilot.factory").info(
+            f"stopped by {signal.Signals(caught[0]).name}: removed {len(removed)} idle glidein(s)"
+            f"{': ' + ', '.join(g.name for g in removed) if removed else ''}; running ones end by themselves")
         return 128 + caught[0]
     finally:
         for sig, handler in previous.items():

@@ -24,6 +24,7 @@ import signal
 import sys
 import time
 
+from pilot import logconfig
 from pilot.api.files import format_size, parse_size, shown
 from pilot.api.states import JobState
 from pilot.durations import format_duration, parse_duration
@@ -136,8 +137,8 @@ def _register_broker(subparsers) -> None:
                             "%(default)s)")
     serve.add_argument("--grace", default="5s", metavar="DURATION",
                        help="time running calls get to finish on shutdown (default: %(default)s)")
-    serve.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                       help="stderr log level (default: %(default)s)")
+    serve.add_argument("--log-level", default="info", choices=logconfig.LEVELS,
+                       help="stderr log level (default: %(default)s; times are UTC)")
     serve.set_defaults(handler=_serve)
     broker.set_defaults(handler=lambda _a: broker.print_help(sys.stderr) or 2)
 
@@ -147,8 +148,8 @@ def _serve(args: argparse.Namespace) -> int:
     from broker.services.base import heartbeat_interval
     from broker.store.base import StoreSettings
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    # The broker's lines keep their form (`INFO store ...`): its loggers all say `broker`, so no source word.
+    logconfig.configure(args.log_level, source=False)
     if args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
     if args.max_outputs < 1:

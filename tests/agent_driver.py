@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 
+from pilot import logconfig
 from pilot.agent.agent import Agent, AgentSettings, job_limits, sandbox_for
 from pilot.agent.brokerlink import NoOffer, Offer
 from pilot.agent.jobrun import JobRun, RunSettings
@@ -103,6 +104,7 @@ def error_wrapper() -> int:
 def main(config_path: str) -> int:
     with open(config_path) as handle:
         config = json.load(handle)
+    logconfig.configure(config.get("log_level", "info"))   # as `splitpilot agent` does
     specs = [m.JobSpec.FromString(bytes.fromhex(h)) for h in config["specs"]]
     broker = RecordingBroker(specs, config["events"])
     work = config["work"]

@@ -25,6 +25,7 @@ import shutil
 import sys
 import threading
 
+from pilot import logconfig
 from pilot.pipe.channel import PipeChannel, claim_stdio
 from pilot.pipe.protocol import Role
 
@@ -103,11 +104,12 @@ class FakeJobBroker:
 
 
 def main() -> int:
-    """Run a real Wrapper over stdin/stdout with this fake broker (argv[1]: its dir)."""
+    """Run a real Wrapper over stdin/stdout with this fake broker (argv[1]: its dir; argv[2]: a log level)."""
     from pilot.wrapper.run import Wrapper, WrapperSettings
 
     read_fd, write_fd = claim_stdio()
     directory = sys.argv[1]
+    logconfig.configure(sys.argv[2] if len(sys.argv) > 2 else "info")   # as pilot.wrapper.cli does, after the claim
     settings = WrapperSettings(tick_s=0.2, broker_heartbeat_s=0.2, default_stop_grace_s=2.0, retry_first_s=0.1,
                                retry_max_s=0.5, fenced_grace_s=1.0)
     with PipeChannel(Role.WRAPPER, read_fd, write_fd) as channel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -209,14 +210,17 @@ class RefusingBroker(FakeAgentBroker):
         return super().match(slot, pilot_id, node)
 
 
-def test_refused_token_ends_the_agent_with_exit_4_reporting_nothing(tmp_path, capsys):
+def test_refused_token_ends_the_agent_with_exit_4_reporting_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="splitpilot")
     broker = RefusingBroker([])
     agent = make_agent(tmp_path, broker, idle=60)    # without the refusal rule it would sit for 60 s
     assert agent.run() == 4
     assert broker.calls == agent.settings.refusals_to_leave == 3
     assert broker.ends == [] and broker.failures == []   # nothing reported with a refused token
-    err = capsys.readouterr().err
+    err = caplog.text
     assert "the broker refused this agent token (TLS handshake: test); fix:" in err and "exit code 4" in err
+    assert ("splitpilot.agent", logging.ERROR) in {(r.name, r.levelno) for r in caplog.records
+                                                   if "exit code 4" in r.getMessage()}
 
 
 def test_a_transient_refusal_does_not_end_the_pilot(tmp_path):
@@ -417,7 +421,8 @@ def test_with_isolation_jobs_share_the_slot_and_say_how_they_are_isolated(tmp_pa
     assert {slot.isolation for slot in broker.slots} == {"namespace"}
 
 
-def test_a_changed_software_area_stops_the_agent_before_the_next_wrapper(tmp_path, capsys):
+def test_a_changed_software_area_stops_the_agent_before_the_next_wrapper(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="splitpilot")
     from pilot.launch.manifest import SoftwareGuard, write_manifest
 
     area = tmp_path / "sw"
@@ -439,7 +444,7 @@ def test_a_changed_software_area_stops_the_agent_before_the_next_wrapper(tmp_pat
     assert detail.startswith("not started: the software area changed on this node (lib/run.py was modified")
     (jobs_run, reason), = broker.ends
     assert jobs_run == 1 and reason.startswith("software area changed: lib/run.py was modified")
-    err = capsys.readouterr().err
+    err = caplog.text
     assert f"job {second}.1 not started" in err and "(exit code 6)" in err
 
 

@@ -24,7 +24,10 @@ HERE = Path(__file__).parent
 
 PROGRAM = """
 import json, os, signal, sys, time
+from pilot import logconfig
 from pilot.agent.guardian import fork_agent
+
+logconfig.configure("info")    # as `splitpilot agent` does before it forks
 
 behaviour, reports = sys.argv[1], sys.argv[2]
 

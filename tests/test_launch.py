@@ -17,6 +17,7 @@ import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import pickle
 import shlex
@@ -946,49 +947,47 @@ def test_detect_require_with_nothing_working_matches_nothing(request, mounts):
     assert err.value.reasons == reasons
 
 
-def test_detect_prefer_falls_back_to_no_container_loudly(request, mounts):
-    warnings = io.StringIO()
+def test_detect_prefer_falls_back_to_no_container_loudly(request, mounts, caplog):
     selection = detect(["podman"], "prefer", "localhost/splitpilot-no-such-image:0", mounts,
-                       self_test_argv=lambda launcher: ["/bin/false"], stderr=warnings)
+                       self_test_argv=lambda launcher: ["/bin/false"])
     assert selection.launcher == ProcessLauncher() and selection.fell_back
-    assert "WARNING" in warnings.getvalue() and "WITHOUT a container" in warnings.getvalue()
+    assert [r.levelname for r in caplog.records if "WITHOUT a container" in r.getMessage()] == ["WARNING"]
     assert "podman" in selection.reasons
 
 
-def test_detect_prefer_with_a_working_runtime_does_not_warn(mounts, capsys):
+def test_detect_prefer_with_a_working_runtime_does_not_warn(mounts, caplog):
     selection = detect(["bubblewrap"], "prefer", None, mounts)
     assert selection.launcher == BubblewrapLauncher() and not selection.fell_back
-    assert "WARNING" not in capsys.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
-def test_detect_off_tries_only_the_namespace_launcher(mounts, capsys):
+def test_detect_off_tries_only_the_namespace_launcher(mounts, caplog):
     """`off` means no container: the namespace launcher (no image) if it works, never a configured runtime."""
     selection = detect(["podman", "bubblewrap"], "off", "img", mounts)
     assert selection.launcher == NamespaceLauncher() and not selection.fell_back
     assert [a.name for a in selection.attempts] == ["namespace"] and selection.attempts[0].ok
-    assert "WARNING" not in capsys.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
-def test_detect_off_without_user_namespaces_falls_back_to_no_isolation_loudly(mounts):
-    warnings = io.StringIO()
-    selection = detect(["podman"], "off", "img", mounts, self_test_argv=["/bin/false"], stderr=warnings)
+def test_detect_off_without_user_namespaces_falls_back_to_no_isolation_loudly(mounts, caplog):
+    selection = detect(["podman"], "off", "img", mounts, self_test_argv=["/bin/false"])
+    warnings = caplog.text
     assert selection.launcher == ProcessLauncher() and selection.fell_back
     assert [a.name for a in selection.attempts] == ["namespace"]
-    assert "WITHOUT a container or any isolation (policy 'off')" in warnings.getvalue()
-    assert "one at a time" in warnings.getvalue()
+    assert "WITHOUT a container or any isolation (policy 'off')" in warnings
+    assert "one at a time" in warnings
 
 
-def test_detect_prefer_takes_the_namespace_launcher_before_no_isolation(request, mounts):
+def test_detect_prefer_takes_the_namespace_launcher_before_no_isolation(request, mounts, caplog):
     """The configured runtime fails its self-test: the namespace launcher, not the process launcher."""
     from pilot.launch.detection import default_self_test_argv
 
-    warnings = io.StringIO()
     selection = detect(["podman"], "prefer", request.getfixturevalue("podman_image"), mounts,
                        self_test_argv=lambda launcher: ["/bin/false"] if launcher.name == "podman"
-                       else default_self_test_argv(launcher, mounts), stderr=warnings)
+                       else default_self_test_argv(launcher, mounts))
     assert selection.launcher == NamespaceLauncher() and selection.fell_back
     assert [(a.name, a.ok) for a in selection.attempts] == [("podman", False), ("namespace", True)]
-    assert "namespace launcher" in warnings.getvalue() and "WITHOUT" not in warnings.getvalue()
+    assert "namespace launcher" in caplog.text and "WITHOUT" not in caplog.text
 
 
 def test_detect_refuses_an_unknown_policy(mounts):

@@ -235,6 +235,36 @@ def test_memory_hog_killed_with_reason(world):
     assert "exceeds the limit of 200 MiB" in status.message or "memory" in status.message, status.message
 
 
+def test_an_agent_at_debug_logs_no_token_or_key(world):
+    """The curious operator (or whoever reads a glidein's .err): an agent at --log-level debug, whose wrappers
+    then log at DEBUG too (every pipe frame's kind and size, the JobStart with the job token among them), runs
+    a job; its log file (0600), its stderr and its wrappers' logs hold no PEM, no line of the agent token's
+    certificate or key, and the agent token itself never went through argv (stdin)."""
+    client = world["client"]
+    script = world["base"] / "debug_job.sh"
+    script.write_text("#!/bin/sh\necho debug-job > debug.out\n")
+    job_id = submit(world, payload_spec(client, script, "debug-log"))
+    log_file = world["base"] / "agent-debug.log"
+    result, token = run_agent(world, "debug-log", "bubblewrap", extra=("--log-level", "debug",
+                                                                       "--log-file", str(log_file)))
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert wait_final(client, job_id).state is JobState.DONE
+    agent_lines = log_file.read_text()
+    wrapper_logs = sorted((world["base"] / "work-debug-log").glob("job-*.wrapper.log"))
+    assert wrapper_logs, "no wrapper log kept"
+    wrapper_lines = "".join(path.read_text() for path in wrapper_logs)
+    # DEBUG was on in both processes, and the frames that carry tokens went by.
+    assert "DEBUG pipe: agent sends JobStart" in agent_lines and "INFO agent: leaving:" in agent_lines, agent_lines
+    assert "DEBUG pipe: wrapper received JobStart" in wrapper_lines, wrapper_lines[-3000:]
+    assert os.stat(log_file).st_mode & 0o777 == 0o600
+    assert b"agent:" not in result.stderr, result.stderr[-2000:]            # the lines went to the file
+    secret_lines = [line for line in token.decode().splitlines() if len(line) >= 40 and not line.startswith("-----")]
+    assert len(secret_lines) > 10                                           # key and certificate bodies
+    for text in (agent_lines, wrapper_lines, result.stderr.decode(errors="replace")):
+        assert "-----BEGIN" not in text and "PRIVATE KEY" not in text
+        assert not [line for line in secret_lines if line in text]
+
+
 def test_agent_refuses_root_payloads_without_a_container(world):
     if os.geteuid() != 0:
         pytest.skip("needs root to check the refusal of root payloads")

@@ -32,7 +32,7 @@ class Run:
     """One wrapper process and everything it reported."""
 
     def __init__(self, tmp_path: Path, script: str, *, inputs: dict[str, bytes] | None = None,
-                 patterns=("*.out",), expose_token=False, corrupt_input=False) -> None:
+                 patterns=("*.out",), expose_token=False, corrupt_input=False, log_level: str = "info") -> None:
         self.broker_dir = tmp_path / "broker"
         self.sandbox = tmp_path / "sandbox"
         self.broker_dir.mkdir()
@@ -54,7 +54,8 @@ class Run:
                               expose_token_to_payload=expose_token)
         env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE.parent) + os.pathsep + str(HERE)}
         self.process, self.channel = spawn_with_channel([sys.executable, str(HERE / "fake_job_broker.py"),
-                                                         str(self.broker_dir)], env=env, stderr=subprocess.PIPE)
+                                                         str(self.broker_dir), log_level], env=env,
+                                                        stderr=subprocess.PIPE)
         self.events: list = []
 
     def start(self, hello: m.Hello | None = None) -> m.Ready:
@@ -391,6 +392,51 @@ def test_token_not_on_disk_or_in_env_by_default(run_job):
     outputs = run.broker_dir / "outputs"
     assert b"JOB-KEY" not in (outputs / "env.out").read_bytes()
     assert ".job-token.pem" not in (outputs / "ls.out").read_text()
+
+
+def test_a_wrapper_logging_at_debug_puts_nothing_but_frames_on_stdout(run_job):
+    """The wrapper's stdout is the pipe: with every log line on (DEBUG: each frame's kind and size), a payload
+    writing to its stdout and stderr, and the broker away for a while (retry warnings), the agent's side
+    decodes every byte of the wrapper's stdout as frames up to a clean end (a stray byte is a protocol
+    error), and the log lines, with the job token in neither, are on stderr."""
+    script = "#!/bin/sh\necho payload-stdout\necho payload-stderr >&2\ncat data.txt > copy.out\n"
+    run = run_job(script, inputs={"data.txt": b"hello\n"}, log_level="debug")
+    run.job.token.not_after_unix = int(time.time()) + 3600
+    (run.broker_dir / "unavailable.json").write_text(json.dumps({"get_input": 1}))
+    run.start()
+    result = run.result()
+    run.finish()                     # ConnectionClosed: the stream ended on a frame boundary
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_DONE, F.FAILURE_CLASS_NONE), result.message
+    err = run.process.stderr.read().decode()
+    assert "DEBUG pipe: wrapper received JobStart" in err and "DEBUG pipe: wrapper sends Result" in err, err
+    assert "WARNING wrapper: " in err, err     # the broker's absence: a retry warning
+    assert "JOB-KEY" not in err and "JOB-CERT" not in err
+    assert b"payload-stdout" in run.log(m.LogStream.LOG_STREAM_STDOUT)   # the payload's output: in LogChunks only
+
+
+def test_the_wrapper_command_at_debug_logs_to_stderr_only(tmp_path):
+    """`python3 -m pilot.wrapper --log-level debug`, the command the agent runs at DEBUG: its stdout holds
+    frames only (read here raw, to its end), its stderr the DEBUG lines."""
+    from pilot.pipe.protocol import NEED_DATA, Connection, Role
+
+    job = m.JobStart(job_id=3, attempt=1, sandbox_dir="/nonexistent/sandbox", spec=m.JobSpec(executable="/bin/true"),
+                     token=m.JobToken(certificate_pem=b"JOB-CERT", private_key_pem=b"JOB-KEY"))
+    agent = Connection(Role.AGENT)
+    frames = b"".join(b"".join(agent.send_parts(message)) for message in (m.make_hello("a"), job))
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE.parent)}
+    done = subprocess.run([sys.executable, "-m", "pilot.wrapper", "--log-level", "debug"], input=frames,
+                          capture_output=True, env=env, timeout=60)
+    assert done.returncode == 2, done.stderr
+    agent.receive_data(done.stdout)
+    agent.receive_data(b"")
+    received = []
+    while (event := agent.next_event()) is not ConnectionClosed:
+        assert event is not NEED_DATA, f"the stream ended inside a frame after {received}"
+        received.append(type(event).__name__)
+    assert received == ["Ready", "Error"]             # every byte a frame, then a clean end
+    err = done.stderr.decode()
+    assert "DEBUG pipe: wrapper received JobStart" in err and "DEBUG pipe: wrapper sends Error" in err, err
+    assert "JOB-KEY" not in err and "JOB-CERT" not in err
 
 
 def test_bad_job_start_gets_an_error(run_job):

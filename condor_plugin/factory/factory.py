@@ -58,6 +58,7 @@ from htcondor2 import JobStatus
 from condor_plugin.factory.brokerview import STARTUP_MARGIN_S, GlideinSlot, Waiting
 from condor_plugin.factory.policy import Decision, FactoryPolicy, GlideinEnd, Observation, PolicySettings
 from condor_plugin.glidein.package import GlideinPackage, GlideinSettings, PackageBuilder, prepare_batch, remove_batch
+from pilot import logconfig
 from pilot.agent import exitcodes
 from pilot.errors import SplitpilotError
 from submit import CondorCE, GlideinRequest, build_description, to_submit
@@ -209,7 +210,8 @@ class Factory:
         self.schedd = schedd
         self.ca = ca
         self.builder = builder or PackageBuilder()
-        self.progress = progress or (lambda line: None)
+        #: Where progress lines go: the `factory: ...` lines of the process's log unless a caller takes them.
+        self.progress = progress or logconfig.progress_logger("splitpilot.factory")
         #: The broker's side (waiting jobs that fit, pilot records, the site's state); None: only what
         #: run_once is told (waiting jobs), every ended glidein counted as empty unless it failed.
         self.broker = broker

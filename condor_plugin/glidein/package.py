@@ -50,6 +50,7 @@ from condor_plugin.glidein.nodewheel import NODE_PACKAGES, write_node_sources
 from pilot.errors import SplitpilotError, UsageError
 from pilot.launch.errors import LaunchConfigError
 from pilot.launch.mounts import parse_bind
+from pilot.logconfig import progress_logger
 
 #: The cache of built packages (one folder per key).
 DEFAULT_CACHE_DIR = Path("/var/cache/splitpilot/glidein")
@@ -72,8 +73,8 @@ SCRIPT_NAME = "glidein_startup.sh"
 Progress = Callable[[str], None]
 
 
-def _stderr(line: str) -> None:
-    print(f"glidein: {line}", file=sys.stderr, flush=True)
+#: The builder's lines (`glidein: ...`) in the log of the process that builds (the factory's).
+_log_line = progress_logger("splitpilot.glidein")
 
 
 class GlideinError(SplitpilotError):
@@ -117,7 +118,7 @@ class PackageBuilder:
     platforms: tuple[str, ...] = DEFAULT_PLATFORMS
     #: None: pin each requirement to the version installed here (the tested set).
     pins: tuple[str, ...] | None = None
-    progress: Progress = _stderr
+    progress: Progress = _log_line
 
     def requirements(self) -> tuple[str, ...]:
         if self.pins is not None:

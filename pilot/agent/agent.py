@@ -30,13 +30,13 @@ retried by the policy with backoff until the agent token's end.
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import queue
 import shutil
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -88,8 +88,8 @@ class AgentSettings:
     report_max_delay_s: float = 30.0
 
 
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} agent: {message}", file=sys.stderr, flush=True)
+#: The agent's log lines (`agent: ...`); where they go is set once by the process (pilot.logconfig).
+log = logging.getLogger("splitpilot.agent")
 
 
 def call_failure(error: BaseException) -> CallFailure:
@@ -182,8 +182,8 @@ class Agent:
             refusals_to_leave=s.refusals_to_leave, stop_deadline_s=s.run.stop_deadline_s,
             one_job_at_a_time=s.one_job_at_a_time, report_until=self._mono(token_end),
             report_first_delay_s=s.report_first_delay_s, report_max_delay_s=s.report_max_delay_s), now)
-        log(f"pilot {s.pilot_id} on {s.node}: {self.slot.cores} cores, {self.slot.memory_mb} MiB, "
-            f"{self.slot.disk_mb} MiB disk, {self.slot.time_left():.0f} s left ({self.slot.source})")
+        log.info(f"pilot {s.pilot_id} on {s.node}: {self.slot.cores} cores, {self.slot.memory_mb} MiB, "
+                 f"{self.slot.disk_mb} MiB disk, {self.slot.time_left():.0f} s left ({self.slot.source})")
         while True:
             self._take_events()
             for action in self.policy.actions(time.monotonic()):
@@ -192,7 +192,7 @@ class Agent:
                 try:
                     self._execute(action)
                 except Exception as exc:  # noqa: BLE001 - a bug in one action must not end the pilot
-                    log(f"error while doing {action!r}: {type(exc).__name__}: {exc}")
+                    log.warning(f"error while doing {action!r}: {type(exc).__name__}: {exc}")
             wake = self.policy.wake_at(time.monotonic())
             if self._signal is None and self._events.empty():
                 self.waker.wait(None if math.isinf(wake) else wake - time.monotonic())
@@ -200,7 +200,7 @@ class Agent:
     def _take_events(self) -> None:
         name, self._signal = self._signal, None
         if name is not None:
-            log(f"received {name}: stopping {len(self.running)} job(s)")
+            log.info(f"received {name}: stopping {len(self.running)} job(s)")
             self.policy.signal(time.monotonic(), name)
         while True:
             try:
@@ -225,11 +225,11 @@ class Agent:
         elif isinstance(action, policy.RefreshToken):
             self._refresh(action.key)
         elif isinstance(action, policy.Log):
-            log(action.text)
+            log.log(action.level, action.text)
         elif isinstance(action, (policy.ReportAttempt, policy.ReportJobUnusable, policy.ReportPilotEnd)):
             self._report(action)
         else:
-            log(f"unknown action {action!r}: ignored")
+            log.warning(f"unknown action {action!r}: ignored")
 
     # ---------------------------------------------------------------- actions
 
@@ -259,7 +259,7 @@ class Agent:
             except SoftwareAreaChanged as exc:
                 self.software_changed = exc
                 detail = f"not started: the software area changed on this node ({exc.path} {exc.what})"
-                log(f"job {offer.job_id}.{offer.attempt} {detail}")
+                log.warning(f"job {offer.job_id}.{offer.attempt} {detail}")
                 self.policy.start_refused(time.monotonic(), key, detail,
                                           f"software area changed: {exc.path} {exc.what}", exitcodes.SOFTWARE_CHANGED)
                 return
@@ -269,7 +269,7 @@ class Agent:
             run = self.make_run(offer, self._on_done)
         except Exception as exc:  # noqa: BLE001 - the job goes back; the pilot goes on
             ending = Ending.INFRASTRUCTURE if isinstance(exc, OSError) else Ending.AGENT_ERROR
-            log(f"job {offer.job_id}.{offer.attempt} could not be prepared: {type(exc).__name__}: {exc}")
+            log.warning(f"job {offer.job_id}.{offer.attempt} could not be prepared: {type(exc).__name__}: {exc}")
             remove_job_folder(os.path.join(self.settings.work_dir, f"job-{offer.job_id}-{offer.attempt}"))
             now = time.monotonic()
             self.policy.matched(now, key, limits.cores, limits.memory_mb, limits.disk_mb, token_deadline)
@@ -280,9 +280,9 @@ class Agent:
         self.policy.matched(time.monotonic(), key, run.limits.cores, run.limits.memory_mb, run.limits.disk_mb,
                             token_deadline)
         alone = " (one job at a time)" if self.settings.one_job_at_a_time else ""
-        log(f"job {offer.job_id}.{offer.attempt} matched ({offer.spec.name or offer.spec.executable[:80]}): "
-            f"{run.limits.cores} core(s), {run.limits.memory_mb} MiB; isolation: "
-            f"{self.settings.isolation or 'unknown'}{alone}")
+        log.info(f"job {offer.job_id}.{offer.attempt} matched ({offer.spec.name or offer.spec.executable[:80]}): "
+                 f"{run.limits.cores} core(s), {run.limits.memory_mb} MiB; isolation: "
+                 f"{self.settings.isolation or 'unknown'}{alone}")
         run.start()
 
     def _on_done(self, run: JobRun, outcome: Outcome) -> None:
@@ -299,15 +299,15 @@ class Agent:
                 killed = self.kill_leftovers()
             except Exception as exc:  # noqa: BLE001 - said; the sandbox is still removed
                 killed = 0
-                log(f"job {key[0]}.{key[1]}: killing what it left failed: {exc}")
+                log.warning(f"job {key[0]}.{key[1]}: killing what it left failed: {exc}")
             if killed:
-                log(f"job {key[0]}.{key[1]} left {killed} process(es) behind: killed")
+                log.info(f"job {key[0]}.{key[1]} left {killed} process(es) behind: killed")
         remove_job_folder(os.path.dirname(run.sandbox_host))
         self.running.pop(key, None)
         self.outcomes.append(outcome)
         state = name_of(m.JobState, outcome.result.final_state, sender="the wrapper") if outcome.result \
             else "no result"
-        log(f"job {key[0]}.{key[1]} ended: {outcome.ending.value} ({state}): {outcome.detail}")
+        log.info(f"job {key[0]}.{key[1]} ended: {outcome.ending.value} ({state}): {outcome.detail}")
         if outcome.ending is Ending.JOB_UNUSABLE:
             self._unusable[key] = (run.token_pem, run.key_pem)
         self.policy.job_ended(time.monotonic(), key, outcome.ending, outcome.detail)
@@ -337,7 +337,7 @@ class Agent:
             return
         run.deliver_token(fresh.token_pem, fresh.private_key_pem, fresh.not_after)
         expires = datetime.datetime.fromtimestamp(fresh.not_after, datetime.UTC)
-        log(f"job {key[0]}.{key[1]}: token refreshed, valid until {expires:%H:%M:%S}Z")
+        log.info(f"job {key[0]}.{key[1]}: token refreshed, valid until {expires:%H:%M:%S}Z")
         self.policy.token_refreshed(time.monotonic(), key, self._mono(fresh.not_after))
 
     def _report(self, action) -> None:
@@ -367,13 +367,13 @@ class Agent:
         self.refused = exc
 
     def _leave(self, action: policy.Leave) -> int:
-        log(f"leaving: {action.reason}; ran {self.jobs_run} job(s)")
+        log.info(f"leaving: {action.reason}; ran {self.jobs_run} job(s)")
         self.waker.close()
         if self.policy.refused_exit is not None and self.refused is not None:
             # Nothing was reported with a refused token; the last line says why and what to fix.
-            log(f"{self.refused} (exit code {action.exit_code})")
+            log.error(f"{self.refused} (exit code {action.exit_code})")
         elif self.software_changed is not None:
-            log(f"{self.software_changed} (exit code {action.exit_code})")
+            log.error(f"{self.software_changed} (exit code {action.exit_code})")
         return action.exit_code
 
 
@@ -424,7 +424,7 @@ def remove_job_folder(path: str) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        log(f"could not remove {path} entirely: {exc}")
+        log.warning(f"could not remove {path} entirely: {exc}")
 
 
 def remove_stale_job_folders(work_dir: str) -> list[str]:

@@ -49,17 +49,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import uuid
 
+from pilot import logconfig
 from pilot.durations import parse_duration
 from pilot.errors import SplitpilotError, UsageError
 
 WRAPPER_ARGV = ("python3", "-m", "pilot.wrapper")
+log = logging.getLogger("splitpilot.agent")
 DEFAULT_RUNTIMES = "apptainer,singularity,podman,bubblewrap"
 
 
@@ -102,7 +104,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "namespace (repeatable)")
     parser.add_argument("--dry-run", metavar="JOBFILE",
                         help="print the command and environment a job of JOBFILE would run with, then exit")
+    parser.add_argument("--log-level", default="info", choices=logconfig.LEVELS,
+                        help="the agent's, its guardian's and its wrappers' log level (default %(default)s; "
+                             "debug adds every pipe frame's kind and size, never its content)")
+    parser.add_argument("--log-file", metavar="FILE",
+                        help="append the agent's log lines to FILE (created 0600) instead of stderr")
     parser.set_defaults(handler=run_agent)
+
+
+def wrapper_argv(level: str) -> tuple[str, ...]:
+    """The wrapper's command with the agent's log level (the default one adds nothing: argv as before)."""
+    return WRAPPER_ARGV if level == "info" else (*WRAPPER_ARGV, "--log-level", level)
 
 
 def site_binds(entries: list[str], work_dir: str) -> tuple:
@@ -130,13 +142,15 @@ def _runtime(args, software: str, work_dir: str, binds: tuple = ()):
     finally:
         remove_job_folder(probe_sandbox)
     for attempt in selection.attempts:
-        print(f"agent: runtime {attempt.name}: {'ok' if attempt.ok else attempt.reason}", file=sys.stderr)
+        log.info(f"runtime {attempt.name}: {'ok' if attempt.ok else attempt.reason}")
     return selection
 
 
 def run_agent(args: argparse.Namespace) -> int:
     from pilot.agent.secrets import make_non_dumpable, read_token, scrub_environment
 
+    # One configuration for the process; the guardian forked from it below keeps it.
+    logconfig.configure(args.log_level, log_file=args.log_file)
     # Before anything else: protect the memory that will hold the token.
     non_dumpable = make_non_dumpable()
     scrub_environment()
@@ -189,7 +203,7 @@ def run_agent(args: argparse.Namespace) -> int:
 def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str, work_dir: str,
            non_dumpable: bool, binds: tuple = ()) -> int:
     """The agent proper (the guardian's child): software area, runtime, slot, then the loop."""
-    from pilot.agent.agent import Agent, AgentSettings, job_limits, log, remove_stale_job_folders, sandbox_for
+    from pilot.agent.agent import Agent, AgentSettings, job_limits, remove_stale_job_folders, sandbox_for
     from pilot.agent.brokerlink import GrpcAgentBroker
     from pilot.agent.jobrun import JobRun, RunSettings
     from pilot.agent.limits import prepare_delegation
@@ -199,31 +213,31 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
     from pilot.prctl import become_subreaper
     from pilot.procstat import kill_descendants
 
-    log(f"agent token for site {identity.site} (queue {identity.queue}), valid until "
-        f"{identity.not_after:%Y-%m-%d %H:%M:%S}Z; memory protected: {'yes' if non_dumpable else 'NO'}; "
-        f"pilot {pilot_id}, guardian pid {os.getppid()}")
+    log.info(f"agent token for site {identity.site} (queue {identity.queue}), valid until "
+             f"{identity.not_after:%Y-%m-%d %H:%M:%S}Z; memory protected: {'yes' if non_dumpable else 'NO'}; "
+             f"pilot {pilot_id}, guardian pid {os.getppid()}")
     # Held until this process ends (however: the kernel releases it on SIGKILL too). The guardian does not
     # hold it, so that a killed agent's work dir can be taken over at once.
     lock_work_dir(work_dir)
     stale = remove_stale_job_folders(work_dir)
     if stale:
-        log(f"removed {len(stale)} job folder(s) an earlier agent left in {work_dir}: {', '.join(stale[:10])}"
-            f"{' ...' if len(stale) > 10 else ''}")
+        log.info(f"removed {len(stale)} job folder(s) an earlier agent left in {work_dir}: {', '.join(stale[:10])}"
+                 f"{' ...' if len(stale) > 10 else ''}")
     software = _software(args, work_dir)
     try:
         guard = SoftwareGuard.verify(software)
     except SoftwareAreaChanged as exc:
-        log(str(exc))
+        log.error(str(exc))
         broker = GrpcAgentBroker(args.broker, token, ca_pem)
         try:
             broker.report_pilot_end(pilot_id, node, 0, f"software area changed: {exc.path} {exc.what}")
         finally:
             broker.close()
         return exc.exit_code
-    log(f"software area {software}: {guard.entries} entries verified against its manifest")
+    log.info(f"software area {software}: {guard.entries} entries verified against its manifest")
     selection = _runtime(args, software, work_dir, binds)
     if selection.launcher is None:
-        log("no container runtime passed its self-test and the policy is 'require': taking no jobs")
+        log.error("no container runtime passed its self-test and the policy is 'require': taking no jobs")
         broker = GrpcAgentBroker(args.broker, token, ca_pem)
         broker.report_pilot_end(pilot_id, node, 0, "no usable container runtime")
         return 3
@@ -248,18 +262,18 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
                              run=RunSettings(stop_deadline_s=args.stop_deadline), isolation=isolation.name,
                              one_job_at_a_time=exclusive, token_not_after=identity.not_after.timestamp())
     cgroup_parent = prepare_delegation()
-    log(f"runtime: {launcher.describe()}; isolation: {isolation.name}"
-        f"{' (nothing separates jobs: one job at a time)' if exclusive else ''}; "
-        f"memory limits: {'cgroup v2' if cgroup_parent else 'watchdog'}")
+    log.info(f"runtime: {launcher.describe()}; isolation: {isolation.name}"
+             f"{' (nothing separates jobs: one job at a time)' if exclusive else ''}; "
+             f"memory limits: {'cgroup v2' if cgroup_parent else 'watchdog'}")
     if binds:
         unused = "; not applied: without isolation payloads see the host paths" if launcher.name == "process" else ""
-        log(f"site binds (read-only): {', '.join(f'{b.host} at {b.container}' for b in binds)}{unused}")
+        log.info(f"site binds (read-only): {', '.join(f'{b.host} at {b.container}' for b in binds)}{unused}")
 
     def make_run(offer, on_done):
         sandbox = sandbox_for(work_dir, offer)
         launcher.prepare_sandbox(sandbox)  # e.g. podman/docker under a root agent: an unprivileged uid inside
         mounts = Mounts.on_host(sandbox, software, binds)
-        argv = wrapper_command(launcher, mounts, WRAPPER_ARGV)
+        argv = wrapper_command(launcher, mounts, wrapper_argv(args.log_level))
         log_path = os.path.join(os.path.dirname(sandbox), "..", f"job-{offer.job_id}-{offer.attempt}.wrapper.log")
 
         def start():
@@ -320,7 +334,7 @@ def _software_area(work_dir: str) -> str:
             SoftwareGuard.verify(path)
             return path
         except SplitpilotError as exc:
-            print(f"agent: rebuilding its own software area: {exc}", file=sys.stderr, flush=True)
+            log.warning(f"rebuilding its own software area: {exc}")
             shutil.rmtree(path)
     staging = tempfile.mkdtemp(prefix=".software-", dir=work_dir)
     build_software_area(os.path.join(staging, "area"))
@@ -350,7 +364,7 @@ def _dry_run(args, software: str, work_dir: str, binds: tuple = ()) -> int:
             print("# no container runtime passed its self-test and the policy is 'require': this job would "
                   "not be matched\n")
             continue
-        print(dry_run(launcher, wrapper_command(launcher, mounts, WRAPPER_ARGV), mounts), end="")
+        print(dry_run(launcher, wrapper_command(launcher, mounts, wrapper_argv(args.log_level)), mounts), end="")
         print(f"# then, over the wrapper's stdin: Hello, JobStart (job token and key; sandbox "
               f"{launcher.workdir(mounts)}; software {launcher.software_dir(mounts)}; limits "
               f"{spec.requirements.cores} core(s), {spec.requirements.memory_mb} MiB, "

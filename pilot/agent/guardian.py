@@ -22,11 +22,10 @@ Under the namespace launcher or a container the payload cannot see either.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
-import time
 from collections.abc import Callable
 
 from pilot.agent import exitcodes
@@ -39,8 +38,8 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 ReportAbandoned = Callable[[str], None]
 
 
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} guardian: {message}", file=sys.stderr, flush=True)
+#: The guardian's lines (`guardian: ...`), through the logging the agent's process set up before forking.
+log = logging.getLogger("splitpilot.guardian")
 
 
 class AgentEnd:
@@ -116,12 +115,13 @@ def guard(child: int, end_fd: int, pilot_id: str, report: ReportAbandoned, *,
         if marker:
             return code
         reason = f"agent ended with exit code {code} without its end report (pilot {pilot_id}); its jobs were abandoned"
-    log(reason)
+    log.warning(reason)
     try:
         report(reason)
-        log("reported to the broker: the pilot is abandoned, its running jobs are ended and re-queued")
+        log.info("reported to the broker: the pilot is abandoned, its running jobs are ended and re-queued")
     except Exception as exc:  # noqa: BLE001 - the broker's reaper is the fallback
-        log(f"could not report the abandoned pilot to the broker ({exc}); its reaper will re-queue the jobs later")
+        log.error(f"could not report the abandoned pilot to the broker ({exc}); its reaper will re-queue the jobs "
+                  "later")
     return code
 
 

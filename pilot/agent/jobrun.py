@@ -24,12 +24,11 @@ remove before it reports the attempt (pilot.agent.agent).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 
 from pilot import __version__
@@ -44,6 +43,8 @@ from pilot.pipe.errors import ProtocolError
 from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES, encode_varint
 from pilot.pipe.protocol import ConnectionClosed, State
 from pilot.procstat import directory_bytes, tree_usage
+
+log = logging.getLogger("splitpilot.agent")
 
 F = m.FailureClass
 
@@ -129,7 +130,7 @@ class JobRun(threading.Thread):
         try:
             outcome = self._run()
         except BaseException as exc:  # noqa: BLE001 - whatever happens, the agent gets an Outcome
-            traceback.print_exc(file=sys.stderr)
+            log.exception(f"job {self.offer.job_id}.{self.offer.attempt}: error in the agent while running the job")
             outcome = self._outcome(Ending.AGENT_ERROR, f"error in the agent while running the job: "
                                                         f"{type(exc).__name__}: {exc}")
         with self._lock:

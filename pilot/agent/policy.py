@@ -34,6 +34,7 @@ Times are monotonic seconds. Decisions:
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -141,6 +142,7 @@ class RefreshToken:
 @dataclass(frozen=True)
 class Log:
     text: str
+    level: int = logging.INFO     # a logging level: a failure the agent lives with is a WARNING
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ class AgentPolicy:
             self._back_off(now, self.settings.min_backoff_s * 2)
             return
         self.refusals = 0
-        self._log(f"match failed: {detail}")
+        self._log(f"match failed: {detail}", logging.WARNING)
         self._back_off(now, self.settings.min_backoff_s * 4)
 
     def start_refused(self, now: float, key: Key, detail: str, reason: str, exit_code: int) -> None:
@@ -273,7 +275,7 @@ class AgentPolicy:
         failure = ATTEMPT_FAILURE.get(ending)
         if (failure is not None or ending is Ending.JOB_UNUSABLE) and self.refused_exit is not None:
             self._log(f"job {key[0]}.{key[1]} not reported (the broker refuses this agent's token): the broker "
-                      "re-queues it when its heartbeats stop")
+                      "re-queues it when its heartbeats stop", logging.WARNING)
         elif failure is not None:
             self._queue_report(now, lambda rid: ReportAttempt(rid, key, failure, detail))
         elif ending is Ending.JOB_UNUSABLE:
@@ -283,7 +285,7 @@ class AgentPolicy:
             if self.consecutive_failures >= self.settings.black_hole_failures and not self.black_hole:
                 self.black_hole = True
                 self._log(f"black-hole guard: {self.consecutive_failures} consecutive failures of this node; "
-                          "taking no more work")
+                          "taking no more work", logging.ERROR)
         elif ending is Ending.REPORTED:
             self.consecutive_failures = 0
 
@@ -299,7 +301,7 @@ class AgentPolicy:
         if failure is CallFailure.REFUSED:
             self._token_refused("pilot heartbeat", detail, exit_code)
         else:
-            self._log(f"pilot heartbeat failed: {detail}")
+            self._log(f"pilot heartbeat failed: {detail}", logging.WARNING)
 
     def report_done(self, now: float, report_id: int) -> None:
         self._answered()
@@ -316,7 +318,7 @@ class AgentPolicy:
         if failure is CallFailure.REFUSED:
             self._token_refused(what, detail, exit_code)
             if self.refused_exit is not None:
-                self._log(f"{what} dropped: the broker refuses this agent's token")
+                self._log(f"{what} dropped: the broker refuses this agent's token", logging.WARNING)
                 self._resolve(report_id)
                 return
         elif failure is CallFailure.INVALID and isinstance(action, ReportAttempt) and action.failure == FAILURE_AGENT:
@@ -326,22 +328,22 @@ class AgentPolicy:
             pending.next_try = now
             return
         elif failure in (CallFailure.REJECTED, CallFailure.INVALID):
-            self._log(f"{what} refused by the broker ({detail}): dropped")
+            self._log(f"{what} refused by the broker ({detail}): dropped", logging.WARNING)
             self._resolve(report_id)
             return
         elif failure is CallFailure.DOUBTFUL:
             pending.doubtful += 1
             if pending.doubtful >= DOUBTFUL_TRIES:
-                self._log(f"{what} failed {pending.doubtful} times ({detail}): dropped")
+                self._log(f"{what} failed {pending.doubtful} times ({detail}): dropped", logging.WARNING)
                 self._resolve(report_id)
                 return
         if now >= self.settings.report_until:
             self._log(f"{what} given up: the broker could not be reached before this agent's token ended "
-                      f"({detail}); the broker's reaper ends what the report would have")
+                      f"({detail}); the broker's reaper ends what the report would have", logging.WARNING)
             self._resolve(report_id)
             return
         pending.next_try = min(now + pending.delay, self.settings.report_until)   # a last try at the token's end
-        self._log(f"{what} failed ({detail}); retrying in {pending.next_try - now:.0f} s")
+        self._log(f"{what} failed ({detail}); retrying in {pending.next_try - now:.0f} s", logging.WARNING)
         pending.delay = min(self.settings.report_max_delay_s, pending.delay * 2)
 
     def token_refreshed(self, now: float, key: Key, token_deadline: float) -> None:
@@ -365,7 +367,7 @@ class AgentPolicy:
         job.refreshing = False
         if failure is CallFailure.REFUSED:
             self._token_refused(f"job {key[0]}.{key[1]}'s token refresh", detail, exit_code)
-        self._log(f"job {key[0]}.{key[1]}: token refresh failed ({detail})")
+        self._log(f"job {key[0]}.{key[1]}: token refresh failed ({detail})", logging.WARNING)
         left = job.token_deadline - now
         job.next_refresh = now + min(self.settings.refresh_retry_s, max(1.0, left / 4)) if left > 0 else math.inf
 
@@ -464,8 +466,8 @@ class AgentPolicy:
     def _answered(self) -> None:
         self.refusals = 0
 
-    def _log(self, text: str) -> None:
-        self._pending_actions.append(Log(text))
+    def _log(self, text: str, level: int = logging.INFO) -> None:
+        self._pending_actions.append(Log(text, level))
 
     def _refresh_time(self, job: _Job, now: float) -> float:
         life = job.token_deadline - job.token_issued
@@ -483,16 +485,17 @@ class AgentPolicy:
         limit = max(1, self.settings.refusals_to_leave)
         if self.refusals < limit:
             self._log(f"{call}: the broker refused this agent token ({detail}); {self.refusals} of {limit} "
-                      "refusals in a row before leaving")
+                      "refusals in a row before leaving", logging.WARNING)
             return
         if self.refused_exit is None:
             self.refused_exit = exit_code
-            self._log(f"{call}: {detail}")
+            self._log(f"{call}: {detail}", logging.ERROR)
             self.leaving = None    # a refusal overrides any other reason to leave
             self._begin_leave(f"the broker refused this agent token {self.refusals} times in a row",
                               STOP_AGENT_SHUTDOWN)
             for pending in self._reports.values():   # nothing can be reported with a refused token
-                self._log(f"{_describe(pending.action)} dropped: the broker refuses this agent's token")
+                self._log(f"{_describe(pending.action)} dropped: the broker refuses this agent's token",
+                          logging.WARNING)
             self._reports.clear()
 
     def _could_match(self, now: float) -> bool:

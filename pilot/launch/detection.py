@@ -17,7 +17,7 @@ Policies, as the site configures them:
              None: do not match jobs
     prefer   the listed runtimes, then the `namespace` launcher (no container,
              but own namespaces and no capabilities), then ProcessLauncher (no
-             isolation at all) with a loud warning on stderr
+             isolation at all) with a loud warning in the log
     off      no container: the `namespace` launcher if it works, else
              ProcessLauncher, with the same loud warning
 
@@ -28,14 +28,14 @@ not have (the other jobs, the agent, capabilities).
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TextIO
+from typing import Literal
 
 from pilot.errors import SplitpilotError
 from pilot.launch.base import Launcher
@@ -56,6 +56,9 @@ POLICIES: tuple[str, ...] = ("require", "prefer", "off")
 SELF_TEST_TIMEOUT = 60.0
 #: Seconds a failed self-test is remembered before it is tried again.
 FAILURE_TTL = 300.0
+#: The fallback warnings (`launch: ...`), in the agent's log.
+log = logging.getLogger("splitpilot.launch")
+
 #: Bytes of the wrapper's stderr kept in a failure reason.
 _STDERR_TAIL = 600
 
@@ -220,8 +223,7 @@ def _image_for(name: str, image: str | Mapping[str, str | None] | None) -> str |
 
 def detect(preference: Sequence[str], policy: Policy, image: str | Mapping[str, str | None] | None,
            mounts: Mounts, self_test_argv: ArgvFor | None = None, *, timeout: float = SELF_TEST_TIMEOUT,
-           env: Mapping[str, str] | None = None, refresh: bool = False,
-           stderr: TextIO | None = None) -> Selection:
+           env: Mapping[str, str] | None = None, refresh: bool = False) -> Selection:
     """Pick the first runtime of PREFERENCE that works here, under POLICY.
 
     IMAGE is the container image (one for all runtimes, or a mapping from
@@ -248,7 +250,6 @@ def detect(preference: Sequence[str], policy: Policy, image: str | Mapping[str, 
                 return Selection(launcher, policy, tuple(attempts))
         if policy == "require":
             return Selection(None, policy, tuple(attempts))
-    out = stderr or sys.stderr
     fell_back = policy == "prefer"
     if not any(a.name == NamespaceLauncher.name for a in attempts):
         namespace = NamespaceLauncher()
@@ -257,14 +258,14 @@ def detect(preference: Sequence[str], policy: Policy, image: str | Mapping[str, 
         if attempt.ok:
             if fell_back:
                 tried = "; ".join(f"{a.name}: {a.reason}" for a in attempts if not a.ok) or "none configured"
-                print(f"splitpilot: warning: no container runtime works on this node ({tried}). Jobs will run "
-                      "in the namespace launcher: no container image, the host's system folders read-only, "
-                      "own namespaces, no capabilities.", file=out, flush=True)
+                log.warning(f"no container runtime works on this node ({tried}). Jobs will run in the namespace "
+                            "launcher: no container image, the host's system folders read-only, own namespaces, no "
+                            "capabilities.")
             return Selection(namespace, policy, tuple(attempts), fell_back=fell_back)
     tried = "; ".join(f"{a.name}: {a.reason}" for a in attempts if not a.ok) or "no runtime configured"
-    print(f"splitpilot: WARNING: neither a container runtime nor the namespace launcher works on this node "
-          f"({tried}). Jobs will run WITHOUT a container or any isolation (policy '{policy}'): the payload "
-          "sees this user's files and processes, so jobs run one at a time. Fix: allow unprivileged user "
-          "namespaces or install a runtime (apptainer, podman or bubblewrap), or repair the one named above; "
-          "set the policy to 'require' to refuse jobs instead.", file=out, flush=True)
+    log.warning(f"neither a container runtime nor the namespace launcher works on this node ({tried}). Jobs will "
+                f"run WITHOUT a container or any isolation (policy '{policy}'): the payload sees this user's files "
+                "and processes, so jobs run one at a time. Fix: allow unprivileged user namespaces or install a "
+                "runtime (apptainer, podman or bubblewrap), or repair the one named above; set the policy to "
+                "'require' to refuse jobs instead.")
     return Selection(ProcessLauncher(), policy, tuple(attempts), fell_back=True)

@@ -9,6 +9,7 @@ side buffer more than one frame plus one read.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import select
 import subprocess
@@ -21,6 +22,9 @@ from pilot.pipe.errors import PeerClosed, ProtocolError, UnexpectedMessage
 from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES
 from pilot.pipe.memory import keep_frames_on_heap
 from pilot.pipe.protocol import NEED_DATA, Connection, ConnectionClosed, Role
+
+#: Frame kinds and sizes at DEBUG (`pipe: ...`); never a message's content.
+log = logging.getLogger("splitpilot.pipe")
 
 READ_SIZE = 64 * 1024
 
@@ -98,6 +102,8 @@ class PipeChannel:
         peer does not read it within TIMEOUT seconds (None: wait for ever).
         """
         header, body = self.conn.send_parts(message)
+        if log.isEnabledFor(logging.DEBUG):   # the kind and size only: JobStart and TokenRefresh carry tokens
+            log.debug(f"{self.conn.role.value} sends {type(message).__name__} ({len(header) + len(body)} B)")
         if len(body) < _WRITEV_FROM or timeout is not None:
             self._write(header + body, timeout)
         else:
@@ -176,6 +182,8 @@ class PipeChannel:
         conn = self.conn
         event = conn.next_event()
         if event is not NEED_DATA:
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(f"{conn.role.value} received {type(event).__name__}")
             return event
         deadline = None if timeout is None else time.monotonic() + timeout
         watched = [self.read_fd] if wake_fd is None else [self.read_fd, wake_fd]
@@ -204,6 +212,8 @@ class PipeChannel:
                 conn.receive_data(data)
             event = conn.next_event()
             if event is not NEED_DATA:
+                if log.isEnabledFor(logging.DEBUG):   # the kind only, never the content (tokens)
+                    log.debug(f"{conn.role.value} received {type(event).__name__}")
                 return event
 
     def expect(self, *types: type, timeout: float | None = None):

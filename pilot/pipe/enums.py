@@ -5,8 +5,8 @@ Protobuf enums are open in proto3: a value this side's schema does not know
 is harmless; what raises is asking its name (`FailureClass.Name(42)` is a
 ValueError). Every place that names a value read from a peer goes through
 `name_of`, which returns e.g. "FAILURE_CLASS_UNKNOWN(42)" and reports the
-first sighting of each (enum, value) once, through `report` (stderr by
-default: the agent's and the wrapper's logs).
+first sighting of each (enum, value) once, through `report` (by
+default the process's log: the agent's and the wrapper's).
 
 What each side *does* with an unknown value is decided where it is read and
 documented at the enum in pipe.proto: an unknown final state or failure
@@ -17,21 +17,16 @@ failure; an unknown LogStream or intermediate state is only logged.
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
-import time
 from collections.abc import Callable
 
 _seen: set[tuple[str, int]] = set()
 _seen_lock = threading.Lock()
 
 
-def _stderr(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} pipe: {message}", file=sys.stderr, flush=True)
-
-
-#: Where first sightings go (tests may replace it).
-report: Callable[[str], None] = _stderr
+#: Where first sightings go (tests may replace it): a WARNING `pipe: ...` line in the process's log.
+report: Callable[[str], None] = logging.getLogger("splitpilot.pipe").warning
 
 
 def known(enum, value: int) -> bool:

@@ -37,9 +37,9 @@ re-queued and whether the node is charged:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import resource
-import sys
 import time
 from dataclasses import dataclass
 
@@ -114,8 +114,8 @@ class Stopped(Exception):
     """The agent sent Stop, or went away, while the wrapper waited for the broker."""
 
 
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} wrapper: {message}", file=sys.stderr, flush=True)
+#: The wrapper's lines (`wrapper: ...`): to stderr, the agent's job-N-A.wrapper.log; never to stdout, the pipe.
+log = logging.getLogger("splitpilot.wrapper")
 
 
 class Wrapper:
@@ -187,11 +187,11 @@ class Wrapper:
     def _run_job(self, job: m.JobStart) -> m.Result:
         try:
             self.broker = LazyBroker(self.connect, job)
-            self.reporter = Reporter(self.broker, deadline=self._retry_deadline, log=log,
+            self.reporter = Reporter(self.broker, deadline=self._retry_deadline, log=log.warning,
                                      first_delay=self.settings.retry_first_s, max_delay=self.settings.retry_max_s)
             self._state(S.JOB_STATE_STARTED, f"wrapper pid {os.getpid()}, sandbox {job.sandbox_dir}")
             self.beat = BrokerHeartbeat(self.broker, job.broker_heartbeat_s or self.settings.broker_heartbeat_s,
-                                        lambda: self._usage, log)
+                                        lambda: self._usage, log.warning)
             self.beat.start()
             problem = spec_problem(job.spec.executable, job.spec.arguments, job.spec.environment)
             if problem:
@@ -252,7 +252,7 @@ class Wrapper:
 
     def _call(self, what: str, call):
         """CALL with the broker, retried while the broker is away (see broker_link.retry)."""
-        return retry(call, what, deadline=self._retry_deadline, pause=self._pause, log=log,
+        return retry(call, what, deadline=self._retry_deadline, pause=self._pause, log=log.warning,
                      first_delay=self.settings.retry_first_s, max_delay=self.settings.retry_max_s)
 
     def _not_the_jobs_fault(self, what: str, exc: BaseException) -> Outcome | None:
@@ -374,7 +374,7 @@ class Wrapper:
             try:
                 self.broker.replace_token(event.token.certificate_pem, event.token.private_key_pem)
             except Exception as exc:  # noqa: BLE001 - keep the old token; the agent will try again
-                log(f"the refreshed job token could not be used: {exc}")
+                log.warning(f"the refreshed job token could not be used: {exc}")
                 return
             self.job.token.CopyFrom(event.token)
             self._expose_token(self.job)
@@ -489,7 +489,7 @@ class Wrapper:
 
     def _fenced(self, detail: str, status=None) -> m.Result:
         """The broker ended this attempt: nothing saved, nothing reported (the broker would refuse it)."""
-        log(f"{detail}: the payload is stopped and nothing is saved")
+        log.warning(f"{detail}: the payload is stopped and nothing is saved")
         message = f"this attempt was ended at the broker ({detail}); payload stopped, nothing saved"
         failure = F.FAILURE_CLASS_FENCED if self._peer_knows(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_FENCED) \
             else F.FAILURE_CLASS_STOPPED
