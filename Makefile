@@ -17,7 +17,7 @@ help:
 	@echo "make bench   - run the benchmarks in bench/"
 	@echo "make proto   - regenerate splitpilot/ (generated code) from proto/"
 	@echo "make proto-gate - buf lint and buf breaking against the release in proto/BASELINE"
-	@echo "make lint    - ruff over every package, and the import layers (lint-imports)"
+	@echo "make lint    - ruff over every package, the import layers (lint-imports), mypy (setup.cfg [mypy] files)"
 	@echo "make clean   - remove the virtual environment and caches"
 
 $(VENV_STAMP): setup.cfg pyproject.toml scripts/bootstrap-venv.sh
@@ -51,6 +51,7 @@ lint: $(VENV_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test,dev]'
 	$(BIN)/ruff check pilot broker condor_plugin submit apps tests bench tools
 	$(BIN)/lint-imports --config setup.cfg
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .import_linter_cache build *.egg-info .cache/buf
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .mypy_cache .import_linter_cache build *.egg-info .cache/buf

@@ -192,7 +192,10 @@ class CertificateAuthority:
                 certificate = x509.load_pem_x509_certificate(handle.read())
         except ValueError as exc:
             raise CertificateAuthorityError(directory, f"unreadable key or certificate ({exc})") from None
-        if key.public_key().public_numbers() != certificate.public_key().public_numbers():
+        if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
+            raise CertificateAuthorityError(directory, f"ca.key is a {type(key).__name__}, not an elliptic-curve or "
+                                                       "RSA key; fix: make a new CA with splitpilot ca init")
+        if key.public_key() != certificate.public_key():
             raise CertificateAuthorityError(directory, "ca.key does not belong to ca.crt")
         policy_path = os.path.join(directory, POLICY_FILE)
         policy = None

@@ -82,7 +82,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from htcondor2 import JobStatus
 
@@ -289,7 +289,7 @@ class GlideinRequest:
                                              f"give {name} as an int >= {low}")
         for name in ("lifetime", "grace", "max_idle", "max_held", "max_vacate"):
             set_(self, name, _duration(getattr(self, name), name))
-        if self.max_vacate.total_seconds() < AGENT_STOP_DEADLINE_S + MIN_REPORT_MARGIN_S:
+        if self.seconds("max_vacate") < AGENT_STOP_DEADLINE_S + MIN_REPORT_MARGIN_S:
             raise SubmitDescriptionError("max_vacate", Problem.INVALID,
                                          f"shorter than the agent's stop deadline ({AGENT_STOP_DEADLINE_S} s) plus "
                                          f"{MIN_REPORT_MARGIN_S} s to report",
@@ -306,7 +306,7 @@ class GlideinRequest:
         assert isinstance(value, datetime.timedelta)
         return int(value.total_seconds())
 
-    def replace(self, **changes: object) -> GlideinRequest:
+    def replace(self, **changes: Any) -> GlideinRequest:
         return dataclasses.replace(self, **changes)
 
 
@@ -414,7 +414,7 @@ def build_description(request: GlideinRequest) -> dict[str, str]:
     d["should_transfer_files"] = "YES"
     d["when_to_transfer_output"] = "ON_EXIT"
     if request.transfer_input_files:
-        d["transfer_input_files"] = ",".join(_transfer_entry(entry, index)
+        d["transfer_input_files"] = ",".join(_transfer_entry(str(entry), index)
                                              for index, entry in enumerate(request.transfer_input_files))
     if request.encrypt_input_files:
         # HTCondor matches these against the path each file is sent from: the submit side's path
@@ -422,7 +422,7 @@ def build_description(request: GlideinRequest) -> dict[str, str]:
         # jobs the schedd's SPOOL/.../NAME, which only a wildcard covers (observed with 23.9: the
         # shadow sent a spooled token unencrypted when only its submit path was listed).
         entries: list[str] = []
-        for entry in request.encrypt_input_files:
+        for entry in map(str, request.encrypt_input_files):   # (strings already: __post_init__)
             entries.append(_transfer_entry(entry, request.transfer_input_files.index(entry)))
             name = entry.rstrip("/").rsplit("/", 1)[-1]
             if "://" not in entry and "*" not in name:

@@ -564,6 +564,29 @@ def test_refresh_token_gives_a_working_token_never_outliving_the_agent(server, c
                 other.replace_token(stranger_token.token_pem, stranger_token.key)
 
 
+def test_a_wrapper_handed_the_agents_token_as_its_job_token_refuses_it(server, clients, tokens):
+    """A JobStart carrying the agent's own token (a confused or rogue agent): the wrapper's link refuses it
+    before connecting, naming the fix; the job at the broker is untouched. An RSA key is named too."""
+    from pilot.pipe import messages as m
+    from pilot.wrapper.broker_link import connect_grpc
+
+    job_id = submit_one(clients.alice)
+    matched = match(clients.agent)
+    before = clients.alice.status(job_id)
+    start = m.JobStart(job_id=matched.job_id, attempt=matched.attempt, spec=matched.spec,
+                       token=m.JobToken(certificate_pem=certificate_pem(list(tokens.agent.chain)),
+                                        private_key_pem=private_key_pem(tokens.agent.key)),
+                       broker=m.BrokerEndpoint(address=server.address, ca_pem=server.ca_pem))
+    with pytest.raises(UsageError, match="a job client needs a job token, got the agent token of glidein-a") as err:
+        connect_grpc(start)
+    assert "fix: use the job token that came with the match" in str(err.value)
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    with pytest.raises(UsageError, match="the job token key is a .*RSAPrivateKey.*, not an elliptic-curve key"):
+        JobClient(server.address, matched.token_pem, private_key_pem(rsa_key))
+    after = clients.alice.status(job_id)
+    assert (after.state, after.attempt, len(after.history)) == (before.state, before.attempt, len(before.history))
+
+
 def test_the_wrappers_broker_link_talks_to_the_real_broker(server, clients):
     """pilot.wrapper.broker_link.connect_grpc builds a JobClient from the pipe's JobStart."""
     from pilot.pipe import messages as m

@@ -96,6 +96,27 @@ def test_load_refuses_key_of_another_ca(tmp_path, ca_dir):
         CertificateAuthority.load(ca_dir)
 
 
+def test_load_refuses_a_ca_key_of_another_kind_by_name(ca_dir):
+    """An Ed25519 ca.key with its own matching ca.crt (a hand-made or tampered CA directory): named, not a
+    crash (AttributeError: no public_numbers) that ends the broker's start with a traceback."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "rogue CA")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(NOW - HOUR).not_valid_after(NOW + HOUR).sign(key, None))
+    key_path, cert_path = Path(ca_dir, "ca.key"), Path(ca_dir, "ca.crt")
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    before = {path: path.read_bytes() for path in (key_path, cert_path)}
+    with pytest.raises(CertificateAuthorityError, match="ca.key is a Ed25519PrivateKey, not an elliptic-curve or "
+                                                        "RSA key") as err:
+        CertificateAuthority.load(ca_dir)
+    assert "fix: " in str(err.value)
+    assert {path: path.read_bytes() for path in before} == before
+
+
 def test_init_refuses_world_writable_directory(tmp_path):
     path = tmp_path / "open"
     path.mkdir()

@@ -27,8 +27,12 @@ import socket
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pilot.errors import SplitpilotError
+
+if TYPE_CHECKING:   # the token code is loaded when a probe is first made
+    from pilot.tokens import TokenFile
 
 #: Time a glidein spends before its agent first asks for work (venv, self-tests), and the agent's own
 #: reserve (its Stop deadline at the slot's end): a job needing more than lifetime minus this never fits.
@@ -118,7 +122,7 @@ class BrokerView:
         self.address = address or admin.address
         self.ca = ca
         self.factory = factory
-        self._probe = None
+        self._probe: TokenFile | None = None
         self._probe_id = ""
 
     def waiting(self, slot: GlideinSlot) -> Waiting:

@@ -43,6 +43,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,7 +177,7 @@ class PackageBuilder:
         self.progress(f"package {key} from the cache ({found.tarball})")
         return found
 
-    def prune(self, keep: set[str] = frozenset(), newest: int = 3) -> list[str]:
+    def prune(self, keep: AbstractSet[str] = frozenset(), newest: int = 3) -> list[str]:
         """Remove cached packages but the NEWEST most recently built (and KEEP); return the keys removed.
 
         Every change of the sources makes a new key: without this the cache grows

@@ -21,6 +21,7 @@ import dataclasses
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from condor_plugin.testing.minicondor import (
     DEFAULT_STATE_DIR,
@@ -90,7 +91,7 @@ def settings_for_start(args: argparse.Namespace) -> MiniCondorSettings:
         base = MiniCondorSettings.from_json(settings_file.read_text())
     else:
         base = MiniCondorSettings(state_dir=args.state_dir)
-    changes: dict[str, object] = {}
+    changes: dict[str, Any] = {}
     if args.shared_dir:
         changes["shared_dirs"] = tuple(args.shared_dir)
     for option, name in (("port", "port"), ("cpus", "cpus"), ("memory", "memory_mb"), ("cache_dir", "cache_dir"),

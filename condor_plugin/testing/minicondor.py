@@ -51,7 +51,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from condor_plugin.testing import nodeproc
 from condor_plugin.testing.nodedaemons import (
@@ -209,7 +209,8 @@ class MiniCondorSettings:
     def from_json(cls, text: str) -> MiniCondorSettings:
         data = json.loads(text)
         recipe = data.pop("recipe")
-        recipe = NodeRootRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items()}
+        recipe = NodeRootRecipe(**fields)
         return cls(**{**data, "shared_dirs": tuple(data["shared_dirs"]), "recipe": recipe,
                       "extra_config": tuple(data.get("extra_config", ()))})
 
@@ -464,7 +465,7 @@ class MiniCondor:
                                               start_new_session=True)
         launcher_pid = self._launcher.pid
         launcher_start = nodeproc.start_time(launcher_pid)
-        init_pid = nodeproc.wait_for(lambda: (nodeproc.children(launcher_pid) or [None])[0], 10.0)
+        init_pid = nodeproc.wait_for(lambda: next(iter(nodeproc.children(launcher_pid)), None), 10.0)
         if init_pid is None or launcher_start is None:
             raise PoolStartError("the node's first process did not appear", [self._layout.log_file],
                                  _tail(self._layout.log_file, 20))
@@ -673,7 +674,7 @@ class MiniCondor:
         """The pool's state, daemons and slots (from its collector, through htcondor2)."""
         import htcondor2
 
-        base = {"state_dir": self.settings.state_dir, "shared_dirs": self.settings.shared_dirs}
+        base: dict[str, Any] = {"state_dir": self.settings.state_dir, "shared_dirs": self.settings.shared_dirs}
         record = self._read_record()
         if record is None or not nodeproc.alive(record.init_pid, record.init_start):
             self._set_state(PoolState.STOPPED)

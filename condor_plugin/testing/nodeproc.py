@@ -42,7 +42,9 @@ def start_time(pid: int) -> int | None:
 def alive(pid: int, started: int) -> bool:
     """PID runs, is not a zombie, and is the process that started at STARTED (not a reused PID)."""
     fields = stat_fields(pid)
-    return bool(fields) and fields[0] != "Z" and int(fields[19]) == started
+    if not fields:
+        return False
+    return fields[0] != "Z" and int(fields[19]) == started
 
 
 def all_pids() -> list[int]:

@@ -169,6 +169,13 @@ class Agent:
         """A Unix time as monotonic time (what the policy works in)."""
         return unix - self._clock_offset
 
+    @property
+    def _policy(self) -> AgentPolicy:
+        """The policy, made as run() starts (its settings need the clock then)."""
+        if self.policy is None:
+            raise RuntimeError("agent bug: the policy is used before run() made it")
+        return self.policy
+
     def run(self) -> int:
         s = self.settings
         now = time.monotonic()
@@ -201,7 +208,7 @@ class Agent:
         name, self._signal = self._signal, None
         if name is not None:
             log.info(f"received {name}: stopping {len(self.running)} job(s)")
-            self.policy.signal(time.monotonic(), name)
+            self._policy.signal(time.monotonic(), name)
         while True:
             try:
                 kind, payload = self._events.get_nowait()
@@ -211,7 +218,7 @@ class Agent:
                 self._job_ended(*payload)
             elif kind == "shutdown":
                 reason, stop_reason = payload
-                self.policy.shutdown(time.monotonic(), reason, stop_reason)
+                self._policy.shutdown(time.monotonic(), reason, stop_reason)
 
     def _execute(self, action) -> None:
         if isinstance(action, policy.Match):
@@ -241,15 +248,15 @@ class Agent:
             answer = self.broker.match(request, s.pilot_id, s.node)
         except AgentTokenRefused as exc:
             self._note_refusal(exc)
-            self.policy.match_failed(time.monotonic(), CallFailure.REFUSED, exc.cause, exc.exit_code)
+            self._policy.match_failed(time.monotonic(), CallFailure.REFUSED, exc.cause, exc.exit_code)
             return
         except Exception as exc:  # noqa: BLE001 - the broker may be down for a while: back off
-            self.policy.match_failed(time.monotonic(), CallFailure.TRANSIENT, f"broker unreachable: {exc}")
+            self._policy.match_failed(time.monotonic(), CallFailure.TRANSIENT, f"broker unreachable: {exc}")
             return
         if isinstance(answer, Offer):
             self._start(answer)
         else:
-            self.policy.no_match(time.monotonic(), answer.reason, answer.retry_after_s, answer.leave)
+            self._policy.no_match(time.monotonic(), answer.reason, answer.retry_after_s, answer.leave)
 
     def _start(self, offer: Offer) -> None:
         key = (offer.job_id, offer.attempt)
@@ -260,7 +267,7 @@ class Agent:
                 self.software_changed = exc
                 detail = f"not started: the software area changed on this node ({exc.path} {exc.what})"
                 log.warning(f"job {offer.job_id}.{offer.attempt} {detail}")
-                self.policy.start_refused(time.monotonic(), key, detail,
+                self._policy.start_refused(time.monotonic(), key, detail,
                                           f"software area changed: {exc.path} {exc.what}", exitcodes.SOFTWARE_CHANGED)
                 return
         limits = job_limits(offer.spec)
@@ -272,12 +279,12 @@ class Agent:
             log.warning(f"job {offer.job_id}.{offer.attempt} could not be prepared: {type(exc).__name__}: {exc}")
             remove_job_folder(os.path.join(self.settings.work_dir, f"job-{offer.job_id}-{offer.attempt}"))
             now = time.monotonic()
-            self.policy.matched(now, key, limits.cores, limits.memory_mb, limits.disk_mb, token_deadline)
-            self.policy.job_ended(now, key, ending, f"the job could not be prepared on this node: "
+            self._policy.matched(now, key, limits.cores, limits.memory_mb, limits.disk_mb, token_deadline)
+            self._policy.job_ended(now, key, ending, f"the job could not be prepared on this node: "
                                                     f"{type(exc).__name__}: {exc}")
             return
         self.running[key] = run
-        self.policy.matched(time.monotonic(), key, run.limits.cores, run.limits.memory_mb, run.limits.disk_mb,
+        self._policy.matched(time.monotonic(), key, run.limits.cores, run.limits.memory_mb, run.limits.disk_mb,
                             token_deadline)
         alone = " (one job at a time)" if self.settings.one_job_at_a_time else ""
         log.info(f"job {offer.job_id}.{offer.attempt} matched ({offer.spec.name or offer.spec.executable[:80]}): "
@@ -310,7 +317,7 @@ class Agent:
         log.info(f"job {key[0]}.{key[1]} ended: {outcome.ending.value} ({state}): {outcome.detail}")
         if outcome.ending is Ending.JOB_UNUSABLE:
             self._unusable[key] = (run.token_pem, run.key_pem)
-        self.policy.job_ended(time.monotonic(), key, outcome.ending, outcome.detail)
+        self._policy.job_ended(time.monotonic(), key, outcome.ending, outcome.detail)
 
     def _pilot_heartbeat(self, action: policy.PilotHeartbeat) -> None:
         s = self.settings
@@ -318,12 +325,12 @@ class Agent:
             stop, leave = self.broker.pilot_heartbeat(s.pilot_id, s.node, list(action.running), action.cores_in_use)
         except Exception as exc:  # noqa: BLE001 - sorted for the policy
             failure = call_failure(exc)
-            if failure is CallFailure.REFUSED:
+            if isinstance(exc, AgentTokenRefused):   # (what call_failure calls REFUSED)
                 self._note_refusal(exc)
-            self.policy.heartbeat_failed(time.monotonic(), failure, getattr(exc, "cause", str(exc)),
+            self._policy.heartbeat_failed(time.monotonic(), failure, getattr(exc, "cause", str(exc)),
                                          getattr(exc, "exit_code", exitcodes.TOKEN_REFUSED))
             return
-        self.policy.heartbeat_answered(time.monotonic(), [tuple(k) for k in stop], leave)
+        self._policy.heartbeat_answered(time.monotonic(), [(job_id, attempt) for job_id, attempt in stop], leave)
 
     def _refresh(self, key: tuple[int, int]) -> None:
         run = self.running.get(key)
@@ -333,12 +340,12 @@ class Agent:
             fresh = self.broker.refresh_job_token(run.token_pem, run.key_pem)
         except Exception as exc:  # noqa: BLE001 - sorted for the policy
             failure = call_failure(exc)
-            self.policy.token_refresh_failed(time.monotonic(), key, failure, str(exc))
+            self._policy.token_refresh_failed(time.monotonic(), key, failure, str(exc))
             return
         run.deliver_token(fresh.token_pem, fresh.private_key_pem, fresh.not_after)
         expires = datetime.datetime.fromtimestamp(fresh.not_after, datetime.UTC)
         log.info(f"job {key[0]}.{key[1]}: token refreshed, valid until {expires:%H:%M:%S}Z")
-        self.policy.token_refreshed(time.monotonic(), key, self._mono(fresh.not_after))
+        self._policy.token_refreshed(time.monotonic(), key, self._mono(fresh.not_after))
 
     def _report(self, action) -> None:
         s = self.settings
@@ -353,15 +360,15 @@ class Agent:
                 self.broker.report_pilot_end(s.pilot_id, s.node, action.jobs_run, action.reason)
         except Exception as exc:  # noqa: BLE001 - sorted for the policy
             failure = call_failure(exc)
-            if failure is CallFailure.REFUSED:
+            if isinstance(exc, AgentTokenRefused):   # (what call_failure calls REFUSED)
                 self._note_refusal(exc)
-            self.policy.report_failed(time.monotonic(), action.report_id, failure,
+            self._policy.report_failed(time.monotonic(), action.report_id, failure,
                                       getattr(exc, "cause", None) or str(exc),
                                       getattr(exc, "exit_code", exitcodes.TOKEN_REFUSED))
             return
         if isinstance(action, policy.ReportJobUnusable):
             self._unusable.pop(action.key, None)
-        self.policy.report_done(time.monotonic(), action.report_id)
+        self._policy.report_done(time.monotonic(), action.report_id)
 
     def _note_refusal(self, exc: AgentTokenRefused) -> None:
         self.refused = exc
@@ -369,7 +376,7 @@ class Agent:
     def _leave(self, action: policy.Leave) -> int:
         log.info(f"leaving: {action.reason}; ran {self.jobs_run} job(s)")
         self.waker.close()
-        if self.policy.refused_exit is not None and self.refused is not None:
+        if self._policy.refused_exit is not None and self.refused is not None:
             # Nothing was reported with a refused token; the last line says why and what to fix.
             log.error(f"{self.refused} (exit code {action.exit_code})")
         elif self.software_changed is not None:

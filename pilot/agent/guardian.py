@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from pilot.agent import exitcodes
 
@@ -82,7 +82,7 @@ def fork_agent(pilot_id: str, report: ReportAbandoned) -> AgentEnd | int:
 
 
 def guard(child: int, end_fd: int, pilot_id: str, report: ReportAbandoned, *,
-          unblock: set[signal.Signals] | None = None) -> int:
+          unblock: Iterable[int] | None = None) -> int:
     """Wait for the agent CHILD, passing signals on; report it abandoned if it did not end normally.
 
     UNBLOCK: the signal mask to restore once the handlers are in place (fork_agent blocks them)."""

@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from pilot import __version__
 from pilot.agent.brokerlink import Offer
@@ -275,7 +276,10 @@ class JobRun(threading.Thread):
             if request is not None:
                 reason, detail, deadline = request
                 if self._stop_sent_at is None or deadline < self._stop_deadline:
-                    channel.send(m.Stop(reason=reason, detail=detail, deadline_s=deadline), timeout=5)
+                    # cast: protoc's .pyi types an enum field by its own int subclass; the policy's
+                    # STOP_* numbers are the wire values.
+                    channel.send(m.Stop(reason=cast(m.StopReason, reason), detail=detail, deadline_s=deadline),
+                                 timeout=5)
         except ProtocolError:
             pass  # it is going away (the next receive says how); a Stop's deadline below still applies
         if request is not None and (self._stop_sent_at is None or request[2] < self._stop_deadline):

@@ -428,7 +428,7 @@ class AgentPolicy:
             out.append(self.free(now))
             self.next_match_at = math.inf   # until the answer
         if self.leaving is not None and not self.jobs:
-            out += self._leave_when_done(now)
+            out += self._leave_when_done(now, self.leaving)
         out += self._pending_actions
         self._pending_actions = []
         return out
@@ -543,8 +543,9 @@ class AgentPolicy:
         if report_id == self._end_report:
             self._end_resolved = True
 
-    def _leave_when_done(self, now: float) -> list:
-        """Once every job ended and its report is resolved: report the pilot's end, then leave."""
+    def _leave_when_done(self, now: float, reason: str) -> list:
+        """Once every job ended and its report is resolved: report the pilot's end (leaving for REASON),
+        then leave."""
         if any(not isinstance(p.action, ReportPilotEnd) for p in self._reports.values()):
             return []
         if self._end_report is None:
@@ -552,14 +553,14 @@ class AgentPolicy:
                 self._end_resolved = True   # nothing can be reported with a refused token
             else:
                 self._end_report = self._queue_report(now, lambda rid: ReportPilotEnd(rid, self.jobs_run,
-                                                                                      self.leaving))
+                                                                                      reason))
                 pending = self._reports[self._end_report]
                 pending.in_flight = True
                 return [pending.action]
         if not self._end_resolved:
             return []
         self.left = True
-        return [Leave(self.exit_code, self.leaving)]
+        return [Leave(self.exit_code, reason)]
 
 
 def _describe(action: Report) -> str:

@@ -36,13 +36,15 @@ Match answer of an unknown kind is an empty match; each is logged once.
 
 from __future__ import annotations
 
+import builtins
 import datetime
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import grpc
 from cryptography import x509
@@ -55,7 +57,7 @@ from pilot.api.jobfile import JobDescription, load_job_file
 from pilot.api.outdir import OutputDirectory
 from pilot.api.states import JobState, read_state
 from pilot.errors import SplitpilotError, UsageError
-from pilot.tokens import Identity, TokenFile, parse_identity, read_token_file
+from pilot.tokens import Identity, TokenFile, TokenRole, parse_identity, read_token_file
 from pilot.tokens.files import KeyPermissions, certificate_pem, load_certificates, private_key_pem
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
@@ -462,7 +464,7 @@ class _Client:
         key_pem = key if isinstance(key, bytes) else private_key_pem(key)
         credentials = grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
                                                    certificate_chain=certificate_pem([chain[0]]))
-        options = list(CLIENT_OPTIONS)
+        options: list[tuple[str, str | int]] = list(CLIENT_OPTIONS)
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
         self._channel = grpc.secure_channel(self.address, credentials, options=options)
@@ -496,7 +498,8 @@ class _Client:
         except grpc.RpcError as exc:
             raise self._failure(method, exc) from None
 
-    def _stream(self, method: str, stub_method, request, *, timeout: float = STREAM_TIMEOUT) -> Iterator:
+    def _stream(self, method: str, stub_method, request, *,
+                timeout: float = STREAM_TIMEOUT) -> Generator[Any, None, None]:
         """A server stream whose errors arrive as BrokerError."""
         call = stub_method(request, timeout=timeout)
         try:
@@ -510,10 +513,27 @@ class _Client:
 def _private_key(key: bytes | ec.EllipticCurvePrivateKey) -> ec.EllipticCurvePrivateKey:
     if isinstance(key, (bytes, bytearray)):
         try:
-            return serialization.load_pem_private_key(bytes(key), password=None)
+            loaded = serialization.load_pem_private_key(bytes(key), password=None)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"unreadable job token key ({exc})") from None
+        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+            raise UsageError(f"the job token key is a {type(loaded).__name__}, not an elliptic-curve key; fix: use "
+                             "the key that came with the job token (Match makes a P-256 key)")
+        return loaded
     return key
+
+
+def _wire_states(states: Iterable[JobState]) -> builtins.list[job_pb2.JobState]:
+    # cast: protoc's .pyi types an enum field by its own int subclass; any int is valid on the wire.
+    return [cast(job_pb2.JobState, int(s)) for s in states]
+
+
+def _job_scope(identity: Identity) -> tuple[int, int]:
+    """The job and attempt a job token is for; a caller's mistake (another role's token) named."""
+    if identity.role is not TokenRole.JOB or identity.job_id is None or identity.attempt is None:
+        raise UsageError(f"a job client needs a job token, got the {identity.describe()}; fix: use the job "
+                         "token that came with the match (MatchedJob.job_client())")
+    return identity.job_id, identity.attempt
 
 
 def _load_token(token: TokenFile | str | os.PathLike) -> TokenFile:
@@ -647,11 +667,11 @@ class BrokerClient(_Client):
     def list(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0) -> JobListing:
         """The caller's jobs, newest first (LIMIT 0: the broker's default, 1,000)."""
         response = self._call("ListJobs", self._stub.ListJobs, pb.ListJobsRequest(
-            states=[int(s) for s in states], limit=limit, before_job_id=before_job_id))
+            states=_wire_states(states), limit=limit, before_job_id=before_job_id))
         return _listing(response)
 
     def output(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None, *,
-               force: bool = False) -> list[str]:
+               force: bool = False) -> builtins.list[str]:
         """Download the outputs of a job (all, or NAMES) into DEST_DIR, verifying
         each sha256; return the paths written. Raises the first failure (after
         trying every output): see `download` for the per-output results."""
@@ -659,10 +679,10 @@ class BrokerClient(_Client):
         for result in results:
             if result.error is not None:
                 raise result.error
-        return [result.path for result in results]
+        return [result.path for result in results if result.path is not None]   # (each one without error)
 
     def download(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None, *,
-                 force: bool = False, job: JobStatus | None = None) -> list[Download]:
+                 force: bool = False, job: JobStatus | None = None) -> builtins.list[Download]:
         """Download the outputs of a job (all, or NAMES) into DEST_DIR: one Download per output, in name
         order; a failed output (an unsafe name, an existing file, a link or file in the way, a damaged
         copy) does not stop the others. Existing files are kept unless FORCE (regular files only)."""
@@ -784,7 +804,9 @@ class AgentClient(_Client):
                 raise UsageError(f"failure {failure!r}: use one of {', '.join(_FAILURES)}")
             failure = _FAILURES[failure]
         response = self._call("ReportAttemptFailure", self._stub.ReportAttemptFailure,
-                              pb.ReportAttemptFailureRequest(job_id=job_id, attempt=attempt, failure=failure,
+                              # cast: protoc's .pyi types enum fields by their own int subclass
+                              pb.ReportAttemptFailureRequest(job_id=job_id, attempt=attempt,
+                                                             failure=cast(pb.AttemptFailure, failure),
                                                              detail=detail, pilot_id=pilot_id))
         return read_state(response.state)
 
@@ -806,6 +828,7 @@ class JobClient(_Client):
                  ca_pem=None, *, timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None,
                  retries: int = 3, first_sequence: int = 1) -> None:
         chain = load_certificates(certificate_pem, "job token")
+        _job_scope(parse_identity(chain[0]))   # before connecting
         self._key = _private_key(private_key_pem)
         self._token_pem = certificate_pem
         self.retries = retries
@@ -817,11 +840,11 @@ class JobClient(_Client):
 
     @property
     def job_id(self) -> int:
-        return self.identity.job_id
+        return _job_scope(self.identity)[0]
 
     @property
     def attempt(self) -> int:
-        return self.identity.attempt
+        return _job_scope(self.identity)[1]
 
     @property
     def token_pem(self) -> bytes:
@@ -841,7 +864,9 @@ class JobClient(_Client):
         """Report a state change (numbered by this client). A transient failure
         is retried with the same sequence number: the broker acknowledges a
         replay of an update it already applied."""
-        request = pb.UpdateStateRequest(state=int(state), detail=detail, sequence=self._next_sequence)
+        # cast: protoc's .pyi types an enum field by its own int subclass; any int is valid on the wire.
+        request = pb.UpdateStateRequest(state=cast(job_pb2.JobState, int(state)), detail=detail,
+                                        sequence=self._next_sequence)
         if exit_code is not None:
             request.exit_code = exit_code
         for attempt in range(self.retries + 1):
@@ -966,7 +991,7 @@ class AdminClient(_Client):
 
     def list_all_jobs(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0) -> JobListing:
         response = self._call("ListAllJobs", self._stub.ListAllJobs, pb.ListAllJobsRequest(
-            states=[int(s) for s in states], limit=limit, before_job_id=before_job_id))
+            states=_wire_states(states), limit=limit, before_job_id=before_job_id))
         return _listing(response)
 
     def revoke_token(self, reason: str, *, serial: str | None = None, subject: str | None = None,
@@ -981,7 +1006,7 @@ class AdminClient(_Client):
             request.serial = serial
         elif certificate_pem is not None:
             request.certificate_pem = certificate_pem
-        else:
+        elif subject is not None and role is not None:   # (checked above: the only way left)
             request.holder.subject, request.holder.role = subject, role
         response = self._call("RevokeToken", self._stub.RevokeToken, request)
         return _revoked(response.revoked), response.already_revoked

@@ -197,18 +197,18 @@ def _parse_job_table(table: dict, prefix: str, check: _Checker) -> dict:
     if "executable" in table and (v := check.string(table["executable"], p + "executable", "executable",
                                                     nonempty=True)) is not None:
         out["executable"] = v
-    if "arguments" in table and (v := check.strings(table["arguments"], p + "arguments", "arguments")) is not None:
-        out["arguments"] = v
-    if "priority" in table and (v := check.integer(table["priority"], p + "priority", "priority",
+    if "arguments" in table and (args := check.strings(table["arguments"], p + "arguments", "arguments")) is not None:
+        out["arguments"] = args
+    if "priority" in table and (n := check.integer(table["priority"], p + "priority", "priority",
                                                    low=-(2**31), high=2**31 - 1, what="an integer")) is not None:
-        out["priority"] = v
-    if "max_attempts" in table and (v := check.integer(
+        out["priority"] = n
+    if "max_attempts" in table and (n := check.integer(
             table["max_attempts"], p + "max_attempts", "max_attempts", low=0, high=MAX_ATTEMPTS,
             what="a number of attempts (0: the broker's default)")) is not None:
-        out["max_attempts"] = v
-    if "count" in table and (v := check.integer(table["count"], p + "count", "count", low=1, high=MAX_COUNT,
+        out["max_attempts"] = n
+    if "count" in table and (n := check.integer(table["count"], p + "count", "count", low=1, high=MAX_COUNT,
                                                 what="a positive integer")) is not None:
-        out["count"] = v
+        out["count"] = n
     if "environment" in table and (env := check.table(table["environment"], p + "environment",
                                                       "environment")) is not None:
         out["environment"] = _parse_environment(env, p + "environment", check)
@@ -284,11 +284,11 @@ def _parse_requirements(req: dict, prefix: str, check: _Checker) -> dict:
             elif seconds is not None:
                 out["walltime_s"] = seconds
     for key in ("container_image", "platform"):
-        if key in req and (v := check.string(req[key], p + key, key)) is not None:
-            out[key] = v
+        if key in req and (text := check.string(req[key], p + key, key)) is not None:
+            out[key] = text
     for key in ("sites_allowed", "sites_denied"):
-        if key in req and (v := check.strings(req[key], p + key, key, _site_problem)) is not None:
-            out[key] = v
+        if key in req and (sites := check.strings(req[key], p + key, key, _site_problem)) is not None:
+            out[key] = sites
     return out
 
 

@@ -68,7 +68,9 @@ def read_state(value: int) -> JobState:
         if state is None:
             state = int.__new__(JobState, value)
             state._name_ = f"UNKNOWN({value})"
-            state._value_ = value
+            # The pseudo-member's value is the bare number (the enum's own members hold theirs the same way);
+            # the checker types an IntEnum's _value_ as the enum.
+            state._value_ = value  # type: ignore[assignment]
             _unknown[value] = state
             log.warning("job state %d is unknown to this version (a newer peer?); shown as %s", value, state.name)
     return state

@@ -260,8 +260,8 @@ def outer(options: Options) -> int:
         os._exit(code)
     os.close(status_w)
     os.close(alive_r)
-    for signum in pending:
-        forward(signum, None)
+    for queued in pending:
+        forward(queued, None)
     _release_stdio()
     while True:
         try:
@@ -342,8 +342,8 @@ def init(options: Options, status_w: int, alive_r: int) -> int:
             print(f"splitpilot isolate: cannot run {options.argv[0]!r}: {exc.strerror}", file=sys.stderr,
                   flush=True)
         os._exit(127)
-    for signum in pending:
-        forward(signum, None)
+    for queued in pending:
+        forward(queued, None)
     _release_stdio()
     while True:
         try:

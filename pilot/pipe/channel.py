@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pilot.pipe.errors import PeerClosed, ProtocolError, UnexpectedMessage
 from pilot.pipe.framing import DEFAULT_MAX_FRAME_BYTES
@@ -25,6 +25,9 @@ from pilot.pipe.protocol import NEED_DATA, Connection, ConnectionClosed, Role
 
 #: Frame kinds and sizes at DEBUG (`pipe: ...`); never a message's content.
 log = logging.getLogger("splitpilot.pipe")
+
+if TYPE_CHECKING:
+    from pilot.pipe.messages import LogStream
 
 READ_SIZE = 64 * 1024
 
@@ -109,7 +112,8 @@ class PipeChannel:
         else:
             self._write_large(header, body)
 
-    def send_log_chunk(self, data: bytes, *, stream: int, offset: int, skipped_before: bool = False) -> None:
+    def send_log_chunk(self, data: bytes, *, stream: LogStream, offset: int,
+                       skipped_before: bool = False) -> None:
         """Send a LogChunk of DATA without copying it (the bulk path)."""
         header, body = self.conn.send_log_chunk(data, stream=stream, offset=offset,
                                                 skipped_before=skipped_before)
@@ -189,11 +193,13 @@ class PipeChannel:
         watched = [self.read_fd] if wake_fd is None else [self.read_fd, wake_fd]
         while True:
             if deadline is not None or wake_fd is not None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise PipeTimeout(timeout)
+                left = None
+                if timeout is not None and deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise PipeTimeout(timeout)
                 ready = select.select(watched, [], [], left)[0]
-                if not ready:
+                if not ready and timeout is not None:   # (without a timeout select returns only when ready)
                     raise PipeTimeout(timeout)
                 if self.read_fd not in ready:
                     return WOKEN

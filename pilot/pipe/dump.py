@@ -53,7 +53,7 @@ def dump_stream(source: BinaryIO, sender: str, out, max_frame_bytes: int = DEFAU
             if frame is FrameDecoder.EOF:
                 return count
             try:
-                message = envelope.FromString(frame)
+                message = envelope.FromString(bytes(frame))   # a debugging tool: the copy is harmless
             except DecodeError as exc:
                 raise UndecodableMessage(f"frame {count} at byte {offset}: {exc}") from None
             kind = message.WhichOneof("kind")

@@ -11,6 +11,9 @@ length prefix is read, before it buffers or allocates the frame.
 
 from __future__ import annotations
 
+import enum
+from typing import Final, NoReturn
+
 from pilot.pipe.errors import FrameTooLarge, TruncatedFrame, UndecodableMessage
 
 #: Default cap on one frame, both directions: room for a JobStart with a
@@ -74,6 +77,12 @@ def encode_frame(payload: bytes, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES)
     return encode_varint(size) + payload
 
 
+class EndOfStream(enum.Enum):
+    """The type of `FrameDecoder.EOF`: one enum member, so that a type checker narrows `frame is EOF`."""
+
+    EOF = "EOF"
+
+
 class FrameDecoder:
     """Turns a byte stream into frame payloads, one at a time.
 
@@ -83,7 +92,7 @@ class FrameDecoder:
     after one, every call raises it again.
     """
 
-    EOF = object()
+    EOF: Final = EndOfStream.EOF
 
     __slots__ = ("max_frame_bytes", "_buf", "_pos", "_eof", "_error", "_large", "_large_filled")
 
@@ -136,7 +145,7 @@ class FrameDecoder:
     def feed_eof(self) -> None:
         self._eof = True
 
-    def next_frame(self) -> bytes | bytearray | object | None:
+    def next_frame(self) -> bytes | bytearray | EndOfStream | None:
         """The next frame's bytes, None (need more data) or `EOF`."""
         if self._error is not None:
             raise self._error
@@ -208,6 +217,6 @@ class FrameDecoder:
             self._pos = stop
         return frame
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, error: Exception) -> NoReturn:
         self._error = error
         raise error

@@ -82,10 +82,15 @@ ENUM_VALUE_MINOR: dict[tuple[str, int], int] = {
     value: minor for minor, added in MINORS.items() for value in added.enum_values}
 
 
-def _kinds(envelope: type) -> dict[type, str]:
+def _kinds(envelope: type[AgentMessage] | type[WrapperMessage]) -> dict[type, str]:
     """Map each message class of an envelope's `kind` oneof to its field name."""
     oneof = envelope.DESCRIPTOR.oneofs_by_name["kind"]
-    return {getattr(pipe_pb2, field.message_type.name): field.name for field in oneof.fields}
+    kinds: dict[type, str] = {}
+    for field in oneof.fields:
+        if field.message_type is None:   # pipe.proto's rule: every `kind` is a message
+            raise TypeError(f"{envelope.DESCRIPTOR.name}.{field.name} is not a message")
+        kinds[getattr(pipe_pb2, field.message_type.name)] = field.name
+    return kinds
 
 
 #: Message class -> envelope field name, per direction.
@@ -93,7 +98,7 @@ AGENT_KINDS: dict[type, str] = _kinds(AgentMessage)
 WRAPPER_KINDS: dict[type, str] = _kinds(WrapperMessage)
 
 
-def _tags(envelope: type) -> dict[str, bytes]:
+def _tags(envelope: type[AgentMessage] | type[WrapperMessage]) -> dict[str, bytes]:
     """Envelope field name -> the encoded key of that field (number, wire type 2)."""
     oneof = envelope.DESCRIPTOR.oneofs_by_name["kind"]
     return {field.name: encode_varint(field.number << 3 | 2) for field in oneof.fields}

@@ -143,6 +143,7 @@ class Connection:
         self.peer_version: tuple[int, int] | None = None
         self.own_minor = messages.PROTOCOL_VERSION[1]
         self._decoder = FrameDecoder(max_frame_bytes)
+        self._in_envelope: type[messages.AgentMessage] | type[messages.WrapperMessage]
         if role is Role.AGENT:
             self._out_kinds, self._in_envelope = messages.AGENT_KINDS, messages.WrapperMessage
         else:
@@ -197,7 +198,7 @@ class Connection:
         self.our_state = new_state
         return header, body
 
-    def send_log_chunk(self, data: bytes, *, stream: int, offset: int,
+    def send_log_chunk(self, data: bytes, *, stream: messages.LogStream, offset: int,
                        skipped_before: bool = False) -> tuple[bytes, bytes]:
         """Frame a LogChunk around DATA without copying DATA: (header, DATA).
 

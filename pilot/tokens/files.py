@@ -105,7 +105,7 @@ def parse_token_pem(data: bytes, source: str = "token") -> TokenFile:
         raise MalformedToken(f"{source}: unreadable private key ({exc})") from None
     if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)):
         raise MalformedToken(f"{source}: unsupported key type {type(key).__name__}")
-    if key.public_key().public_numbers() != chain[0].public_key().public_numbers():
+    if key.public_key() != chain[0].public_key():
         raise KeyFileError(source, "the private key does not belong to the certificate; "
                                    "fix: re-issue the token (key and certificate are written together)")
     return TokenFile(tuple(chain), key)

@@ -154,6 +154,8 @@ def parse_identity(cert: x509.Certificate, *, subject: x509.Name | None = None,
             bucket = by_oid.get(attribute.oid)
             if bucket is None:
                 raise MalformedToken(f"unexpected attribute {attribute.oid.dotted_string} in the subject")
+            if not isinstance(attribute.value, str):   # O, OU and CN are strings; never bytes here
+                raise MalformedToken(f"attribute {attribute.oid.dotted_string} in the subject is not a string")
             bucket.append(attribute.value)
     except ValueError as exc:
         raise MalformedToken(f"unreadable subject name ({exc})") from None
@@ -165,7 +167,7 @@ def parse_identity(cert: x509.Certificate, *, subject: x509.Name | None = None,
         raise MalformedToken(f"unknown role {units[0]!r} in the subject") from None
     if not commons or "=" in commons[0]:
         raise MalformedToken("subject has no holder name (first CN)")
-    subject = commons[0]
+    holder = commons[0]
     extra = dict(_key_value(c) for c in commons[1:])
     if len(extra) != len(commons) - 1:
         raise MalformedToken("a scope field appears twice in the subject")
@@ -191,11 +193,11 @@ def parse_identity(cert: x509.Certificate, *, subject: x509.Name | None = None,
             raise MalformedToken(f"unreadable extensions ({exc})") from None
     urns = [n.value for n in alt_names
             if isinstance(n, x509.UniformResourceIdentifier) and n.value.startswith(URN_PREFIX)]
-    expected_urn = subject_urn(role, subject, site=site, queue=queue, job_id=job_id, attempt=attempt)
+    expected_urn = subject_urn(role, holder, site=site, queue=queue, job_id=job_id, attempt=attempt)
     if urns != [expected_urn]:
         raise MalformedToken(f"subjectAltName {urns} does not match the subject (expected {expected_urn})")
     return Identity(
-        role=role, subject=subject, site=site, queue=queue, job_id=job_id, attempt=attempt,
+        role=role, subject=holder, site=site, queue=queue, job_id=job_id, attempt=attempt,
         not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
         serial=cert.serial_number, fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
         issuer=(cert.issuer if issuer is None else issuer).rfc4514_string(),

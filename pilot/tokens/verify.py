@@ -115,6 +115,8 @@ def check_expectation(identity: Identity, expect: Expectation) -> None:
     if identity.role is TokenRole.AGENT and expect.site is not None and identity.site != expect.site:
         raise WrongSite(identity.site or "", expect.site)
     if identity.role is TokenRole.JOB and expect.job_id is not None:
+        if identity.job_id is None or identity.attempt is None:   # parse_identity never makes one
+            raise MalformedToken("a job token without job id and attempt in its subject")
         presented = (identity.job_id, identity.attempt)
         if identity.job_id != expect.job_id:
             raise WrongJob(presented, (expect.job_id, expect.attempt or 0))

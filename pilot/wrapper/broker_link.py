@@ -94,16 +94,17 @@ def retry(call: Callable[[], object], what: str, *, deadline: Callable[[], float
 
 
 class JobBroker(Protocol):
-    def update_state(self, state: int, detail: str = "", exit_code: int | None = None) -> None:
+    # Results are `object`: the wrapper ignores them (JobClient returns what it learnt, fakes need not).
+    def update_state(self, state: int, detail: str = "", exit_code: int | None = None) -> object:
         """Report STATE. A transient failure may be retried with the same arguments (same sequence number)."""
 
     def heartbeat(self, cpu_seconds: float, rss_bytes: int, sandbox_bytes: int) -> bool:
         """True when the job was killed and must stop."""
 
-    def get_input(self, name: str, destination: str) -> None:
+    def get_input(self, name: str, destination: str, /) -> object:
         """Download input NAME to DESTINATION, verifying its checksum."""
 
-    def put_output_fd(self, fd: int, name: str) -> None:
+    def put_output_fd(self, fd: int, name: str) -> object:
         """Upload the open file FD (from offset 0, never reopened by path) as output NAME."""
 
     def replace_token(self, certificate_pem: bytes, private_key_pem: bytes) -> None: ...
@@ -152,6 +153,8 @@ class LazyBroker:
         self._ready.wait()
         if self._error is not None:
             raise self._error
+        if self._broker is None:   # (the connecting thread sets one of the two before _ready)
+            raise RuntimeError("the broker connection ended without a client or an error")
         return self._broker
 
     def update_state(self, state, detail="", exit_code=None):

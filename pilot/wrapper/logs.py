@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import stat
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pilot.pipe.messages import LogStream
 
 DEFAULT_CHUNK_LIMIT = 64 * 1024
 
@@ -17,7 +21,7 @@ DEFAULT_CHUNK_LIMIT = 64 * 1024
 class LogTail:
     """Reads what was appended to a file since the last call, bounded."""
 
-    def __init__(self, path: str, stream: int, chunk_limit: int = DEFAULT_CHUNK_LIMIT) -> None:
+    def __init__(self, path: str, stream: LogStream, chunk_limit: int = DEFAULT_CHUNK_LIMIT) -> None:
         self.path = path
         self.stream = stream
         self.chunk_limit = chunk_limit

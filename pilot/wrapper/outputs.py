@@ -93,7 +93,7 @@ def find_outputs(sandbox_fd: int, patterns: Iterable[str]) -> list[str]:
 def _entries(sandbox_fd: int, depth: int | None) -> Iterator[list[str]]:
     """Every non-folder entry below the sandbox, as components; folders entered by descriptor with
     O_NOFOLLOW (a link to a folder is an entry, never entered), no deeper than DEPTH components."""
-    stack = [([], os.dup(sandbox_fd))]
+    stack: list[tuple[list[str], int]] = [([], os.dup(sandbox_fd))]
     while stack:
         prefix, fd = stack.pop()
         try:

@@ -42,6 +42,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pilot import __version__
 from pilot.pipe import messages as m
@@ -77,6 +78,7 @@ from pilot.wrapper.payload import (
 
 S = m.JobState
 F = m.FailureClass
+_T = TypeVar("_T")
 TOKEN_FILE = ".job-token.pem"
 #: Codes meaning the broker no longer accepts this job token (expired, revoked): not the job's fault.
 _TOKEN_REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
@@ -105,7 +107,7 @@ class Outcome(Exception):
     REPORT: whether the wrapper reports the state to the broker (False for the
     states only the agent reports: wrapper and infrastructure failures)."""
 
-    def __init__(self, state: int, failure: int, message: str, *, report: bool = True) -> None:
+    def __init__(self, state: m.JobState, failure: m.FailureClass, message: str, *, report: bool = True) -> None:
         super().__init__(message)
         self.state, self.failure, self.message, self.report = state, failure, message, report
 
@@ -116,6 +118,13 @@ class Stopped(Exception):
 
 #: The wrapper's lines (`wrapper: ...`): to stderr, the agent's job-N-A.wrapper.log; never to stdout, the pipe.
 log = logging.getLogger("splitpilot.wrapper")
+
+
+def _started(value: _T | None, what: str) -> _T:
+    """VALUE, which is set as the job starts: reading it before is a wrapper bug."""
+    if value is None:
+        raise RuntimeError(f"wrapper bug: {what} used before the job started")
+    return value
 
 
 class Wrapper:
@@ -135,6 +144,27 @@ class Wrapper:
         self.sandbox_fd = -1   # the sandbox as it was at the start, whatever is renamed later
         self._usage: tuple[float, int, int] = (0.0, 0, 0)   # cpu, rss, sandbox: what the heartbeat sends
         self._started = time.time()
+
+    # The job's parts, set as it starts (None before, for run()'s cleanup); the phases read them here.
+    @property
+    def _job(self) -> m.JobStart:
+        return _started(self.job, "the job")
+
+    @property
+    def _broker(self) -> JobBroker:
+        return _started(self.broker, "the broker link")
+
+    @property
+    def _reporter(self) -> Reporter:
+        return _started(self.reporter, "the reporter")
+
+    @property
+    def _beat(self) -> BrokerHeartbeat:
+        return _started(self.beat, "the broker heartbeat")
+
+    @property
+    def _payload(self) -> Payload:
+        return _started(self.payload, "the payload")
 
     # ------------------------------------------------------------------ run
 
@@ -200,7 +230,7 @@ class Wrapper:
             self._expose_token(job)
             exit_status = self._run_payload(job)
             # Nothing the payload started may run on while its outputs are read (no swap after a check).
-            self.payload.kill_everything()
+            self._payload.kill_everything()
             return self._finish(job, exit_status)
         except Outcome as outcome:
             return self._final(outcome.state, outcome.failure, outcome.message, report=outcome.report)
@@ -217,7 +247,7 @@ class Wrapper:
     def _retry_deadline(self) -> float:
         """Until when a broker call that fails transiently is retried: the job token's end (a refresh
         moves it), less a margin for the call itself; bounded by the job's deadline."""
-        job = self.job
+        job = self._job
         end = job.token.not_after_unix - 5 if job.token.not_after_unix else \
             self._started + self.settings.retry_without_token_end_s
         if job.deadline_unix:
@@ -276,7 +306,7 @@ class Wrapper:
             os.makedirs(os.path.dirname(destination), exist_ok=True)
             try:
                 self._call(f"input {item.name!r}",
-                           lambda n=item.name, d=destination: self.broker.get_input(n, d))
+                           lambda n=item.name, d=destination: self._broker.get_input(n, d))
             except (Fenced, Stopped):
                 raise
             except OSError as exc:
@@ -313,7 +343,7 @@ class Wrapper:
         return self._watch(job)
 
     def _watch(self, job: m.JobStart):
-        payload = self.payload
+        payload = self._payload
         tails = [LogTail(payload.stdout_path, m.LogStream.LOG_STREAM_STDOUT, self.settings.log_chunk_limit),
                  LogTail(payload.stderr_path, m.LogStream.LOG_STREAM_STDERR, self.settings.log_chunk_limit)]
         next_tick = time.monotonic()
@@ -323,7 +353,7 @@ class Wrapper:
                 self._tick(job, tails)
                 next_tick = now + self.settings.tick_s
             self._serve_agent(min(0.05, max(0.0, next_tick - time.monotonic())))
-            if self.beat.killed and not self.kill_reason:
+            if self._beat.killed and not self.kill_reason:
                 self.kill_reason = "killed at the broker (by its owner or an administrator)"
             if self._fencing() is not None:
                 return payload.terminate(self.settings.fenced_grace_s)
@@ -336,13 +366,13 @@ class Wrapper:
         return payload.wait()
 
     def _tick(self, job: m.JobStart, tails: list[LogTail]) -> None:
-        usage = self.payload.usage()
+        usage = self._payload.usage()
         sandbox = directory_bytes(job.sandbox_dir)
         self._usage = (usage.cpu_seconds, usage.rss_bytes, sandbox)
         if self.agent_gone:
             return
-        batch = [m.Heartbeat(payload_pid=self.payload.pid, cpu_seconds=usage.cpu_seconds, rss_bytes=usage.rss_bytes,
-                             sandbox_bytes=sandbox, wall_seconds=self.payload.wall_seconds,
+        batch = [m.Heartbeat(payload_pid=self._payload.pid, cpu_seconds=usage.cpu_seconds, rss_bytes=usage.rss_bytes,
+                             sandbox_bytes=sandbox, wall_seconds=self._payload.wall_seconds,
                              processes=usage.processes, time_unix_ms=int(time.time() * 1000))]
         try:
             self.channel.send_many(batch)
@@ -372,12 +402,12 @@ class Wrapper:
             name_of(m.StopReason, event.reason, sender="the agent")   # an unknown reason: a generic stop, said once
         elif isinstance(event, m.TokenRefresh):
             try:
-                self.broker.replace_token(event.token.certificate_pem, event.token.private_key_pem)
+                self._broker.replace_token(event.token.certificate_pem, event.token.private_key_pem)
             except Exception as exc:  # noqa: BLE001 - keep the old token; the agent will try again
                 log.warning(f"the refreshed job token could not be used: {exc}")
                 return
-            self.job.token.CopyFrom(event.token)
-            self._expose_token(self.job)
+            self._job.token.CopyFrom(event.token)
+            self._expose_token(self._job)
 
     def _finish(self, job: m.JobStart, status) -> m.Result:
         fenced = self._fencing()
@@ -418,7 +448,7 @@ class Wrapper:
                 refused.append(str(exc))
                 continue
             try:
-                self._call(f"output {name!r}", lambda f=fd, n=name: self.broker.put_output_fd(f, n))
+                self._call(f"output {name!r}", lambda f=fd, n=name: self._broker.put_output_fd(f, n))
             except Stopped:
                 return f"output {name!r} not uploaded: the agent stopped the job"
             except Fenced:
@@ -463,8 +493,8 @@ class Wrapper:
 
     # -------------------------------------------------------------- reports
 
-    def _state(self, state: int, detail: str) -> None:
-        self.reporter.report(state, detail)
+    def _state(self, state: m.JobState, detail: str) -> None:
+        self._reporter.report(state, detail)
         try:
             self.channel.send(m.StateChange(state=state, detail=detail, time_unix_ms=int(time.time() * 1000)))
         except PeerClosed:
@@ -498,10 +528,11 @@ class Wrapper:
     def _await_reports(self) -> None:
         """Wait until the reporter has sent (or given up on) everything, serving the agent meanwhile: a
         broker away for a while delays the Result, it does not change it."""
-        while not self.reporter.idle:
+        while not self._reporter.idle:
             self._serve_agent(0.2)
 
-    def _final(self, state: int, failure: int, message: str, *, status=None, report: bool = True) -> m.Result:
+    def _final(self, state: m.JobState, failure: m.FailureClass, message: str, *, status=None,
+               report: bool = True) -> m.Result:
         """Report the final state to the broker (unless the agent does: stops, wrapper errors, fencing) and
         build the Result."""
         exit_code = status.exit_code if status is not None else None
