@@ -605,6 +605,31 @@ def test_a_payload_failing_on_a_full_disk_is_the_nodes_fault_unless_over_its_lim
     assert S.JOB_STATE_FAILED_EXECUTION not in run.states()       # never reported as the payload's failure
 
 
+def test_a_disk_full_while_the_payload_ran_and_freed_before_it_failed_is_still_the_nodes_fault(run_job, small_disk,
+                                                                                               tmp_path):
+    """The fault runner lost a job this way: the node's disk was full for 5 s, the payload failed on it, and
+    by the time it exited there was room again, so the failure was charged to the job (final)."""
+    go = tmp_path / "go"
+    run = run_job(f"""\
+        #!/bin/sh
+        head -c 8000000 /dev/zero > big.out 2>/dev/null
+        while [ ! -e {go} ]; do sleep 0.05; done
+        rm -f big.out
+        exit 1
+        """)
+    run.job.limits.disk_mb = 100
+    run.start()
+    # The wrapper looked at the disk while it was full: its heartbeat carries the filled sandbox.
+    run.until(lambda e: isinstance(e, m.Heartbeat) and e.sandbox_bytes >= 3 * (1 << 20))
+    go.touch()
+    result = run.result()
+    run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_WRAPPER,
+                                                          F.FAILURE_CLASS_INFRASTRUCTURE), result.message
+    assert "while the node's disk was full" in result.message and "not the job's fault" in result.message
+    assert os.statvfs(small_disk).f_bavail > 0        # freed: the judgement came from what was seen meanwhile
+
+
 def test_an_input_that_does_not_fit_the_nodes_disk_is_not_the_jobs_fault(run_job, small_disk):
     run = run_job("#!/bin/sh\ntrue\n", inputs={"big.dat": b"x" * (6 << 20)})
     run.start()

@@ -84,6 +84,17 @@ TOKEN_FILE = ".job-token.pem"
 _TOKEN_REFUSED = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED"})
 #: A file system with less free space than this, under a failed payload, counts as full.
 DISK_FULL_BYTES = 1 << 20
+
+
+def sandbox_free_bytes(path: str) -> int | None:
+    """Bytes an unprivileged writer may still use on PATH's file system (None when it cannot be asked)."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
 MIB = 1 << 20
 
 
@@ -143,6 +154,10 @@ class Wrapper:
         self.agent_gone = False
         self.sandbox_fd = -1   # the sandbox as it was at the start, whatever is renamed later
         self._usage: tuple[float, int, int] = (0.0, 0, 0)   # cpu, rss, sandbox: what the heartbeat sends
+        # The least free space seen on the sandbox's file system while the payload ran (None: never below
+        # DISK_FULL_BYTES). A disk filled by someone else and freed again before the payload exits must still
+        # count as the node's fault (the fault runner lost a job to a 5 s full disk that way).
+        self._disk_full_free: int | None = None
         self._started = time.time()
 
     # The job's parts, set as it starts (None before, for run()'s cleanup); the phases read them here.
@@ -369,6 +384,9 @@ class Wrapper:
         usage = self._payload.usage()
         sandbox = directory_bytes(job.sandbox_dir)
         self._usage = (usage.cpu_seconds, usage.rss_bytes, sandbox)
+        free = sandbox_free_bytes(job.sandbox_dir)
+        if free is not None and free < DISK_FULL_BYTES:
+            self._disk_full_free = free if self._disk_full_free is None else min(free, self._disk_full_free)
         if self.agent_gone:
             return
         batch = [m.Heartbeat(payload_pid=self._payload.pid, cpu_seconds=usage.cpu_seconds, rss_bytes=usage.rss_bytes,
@@ -470,14 +488,12 @@ class Wrapper:
 
         Over its disk limit, the job filled it: a LIMIT. Within it, the node offered disk it did not have:
         INFRASTRUCTURE (re-queued; the black-hole guard counts it)."""
-        try:
-            stat = os.statvfs(job.sandbox_dir)
-        except OSError:
-            return None
-        free = stat.f_bavail * stat.f_frsize
-        if free >= DISK_FULL_BYTES:
-            return None
-        used = directory_bytes(job.sandbox_dir)
+        free = sandbox_free_bytes(job.sandbox_dir)
+        if free is None or free >= DISK_FULL_BYTES:
+            if self._disk_full_free is None:
+                return None
+            free = self._disk_full_free    # full while it ran, freed since: still the disk it failed on
+        used = max(directory_bytes(job.sandbox_dir), self._usage[2])
         limit = job.limits.disk_mb
         if limit and used > limit * MIB:
             message = (f"payload {status.describe()} after filling its sandbox: {used // MIB} MiB, over its disk "
