@@ -553,7 +553,7 @@ def test_refresh_token_gives_a_working_token_never_outliving_the_agent(server, c
         # A token refreshed elsewhere (the agent, over the pipe) replaces the one in use.
         with JobClient(server.address, certificate_pem=matched.token_pem, private_key_pem=matched.key_pem,
                        first_sequence=3) as other:
-            other.replace_token(job.token_pem, private_key_pem(job._key))
+            other.replace_token(job.token_pem, job.key_pem)
             assert other.identity.serial == job.identity.serial
             assert other.heartbeat() is False
             assert other.update_state(JobState.SAVING).state is JobState.SAVING
