@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import signal
 import sys
+import threading
 from pathlib import Path
 
+from broker.ca import CertificateAuthority
 from pilot.durations import parse_duration
 from pilot.errors import UsageError
 
@@ -125,7 +128,7 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
 def _pool(args):
     if args.minicondor is None:
         return None
-    from condor_plugin.testing.minicondor import MiniCondor
+    from condor_plugin.testing.minicondor import MiniCondor  # why: the mini-condor, for --minicondor only
 
     return MiniCondor.from_state_dir(args.minicondor, progress=lambda line: None)
 
@@ -136,7 +139,7 @@ def _schedd(pool, collector: str | None = None, name: str | None = None):
         if collector or name:
             raise UsageError("--minicondor names the pool already; drop --pool/--schedd")
         return pool.schedd()
-    import htcondor2
+    import htcondor2  # why: the condor extra is optional; `splitpilot` loads every command's module
 
     if collector is None and name is None:
         return htcondor2.Schedd()
@@ -156,7 +159,7 @@ def _schedd(pool, collector: str | None = None, name: str | None = None):
 
 def _ce(args):
     """The CondorCE of --ce HOST[:PORT] and --scitoken FILE, or None."""
-    from submit import CE_PORT, CondorCE
+    from submit import CE_PORT, CondorCE  # why: htcondor2 (the condor extra)
 
     if args.ce is None:
         if args.scitoken is not None:
@@ -190,8 +193,8 @@ def _submit_lines(entries: list[str]) -> dict[str, str]:
 
 
 def _settings(args, pool):
-    from condor_plugin.factory.factory import FactorySettings
-    from condor_plugin.glidein.package import GlideinSettings
+    from condor_plugin.factory.factory import FactorySettings  # why: htcondor2 (the condor extra)
+    from condor_plugin.glidein.package import GlideinSettings  # why: htcondor2 (the condor extra)
 
     # Not the pool's shared folder: the node sees that one, and nothing there needs to (inputs are spooled).
     work_dir = args.work_dir or (pool.settings.state_dir / "factory" if pool is not None else None)
@@ -216,14 +219,12 @@ def _settings(args, pool):
 
 
 def _factory(args):
-    from condor_plugin.factory.factory import Factory
+    from condor_plugin.factory.factory import Factory  # why: htcondor2 (the condor extra)
 
     pool = _pool(args)
     settings = _settings(args, pool)
     ca = None
     if getattr(args, "ca", None):
-        from broker.ca import CertificateAuthority
-
         ca = CertificateAuthority.load(args.ca)
     return Factory(settings, _schedd(pool, args.pool, args.schedd), ca,
                    progress=lambda line: print(f"factory: {line}", file=sys.stderr, flush=True))
@@ -246,8 +247,6 @@ def _record(glidein, now: float) -> dict:
 
 
 def run_status(args) -> int:
-    import json
-
     factory = _factory(args)
     glideins = factory.glideins()
     collected = factory.collect()
@@ -268,8 +267,6 @@ def run_status(args) -> int:
 
 
 def run_remove(args) -> int:
-    import json
-
     factory = _factory(args)
     if args.batch is not None and not any(g.batch == args.batch for g in factory.glideins()):
         raise UsageError(f"factory {args.factory} has no glidein of batch {args.batch!r} for site {args.site}; "
@@ -289,10 +286,8 @@ def run_remove(args) -> int:
 
 
 def run_factory(args) -> int:
-    import threading
-
-    from condor_plugin.factory.brokerview import BrokerView
-    from pilot.api.client import AdminClient
+    from condor_plugin.factory.brokerview import BrokerView  # why: grpc and htcondor2
+    from pilot.api.client import AdminClient  # why: grpc; `splitpilot` loads every command's module
 
     factory = _factory(args)
     stop = threading.Event()

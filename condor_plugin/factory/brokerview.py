@@ -28,7 +28,10 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pilot.api.client import AgentClient, BrokerError
+from pilot.api.states import JobState
 from pilot.errors import SplitpilotError
+from pilot.tokens import TokenRole
 
 #: Time a glidein spends before its agent first asks for work (venv, self-tests), and the agent's own
 #: reserve (its Stop deadline at the slot's end): a job needing more than lifetime minus this never fits.
@@ -122,8 +125,6 @@ class BrokerView:
         self._probe_id = ""
 
     def waiting(self, slot: GlideinSlot) -> Waiting:
-        from pilot.api.states import JobState
-
         specs, before = [], 0
         while True:
             listing = self.admin.list_all_jobs(states=[JobState.WAITING], limit=PAGE, before_job_id=before)
@@ -137,9 +138,6 @@ class BrokerView:
 
     def site_state(self) -> str:
         """'enabled', 'draining or disabled', or 'unknown' (no CA to mint a probe token with)."""
-        from pilot.api.client import AgentClient, BrokerError
-        from pilot.tokens import TokenRole
-
         if self.ca is None:
             return "unknown"
         now = datetime.datetime.now(datetime.UTC)

@@ -84,7 +84,7 @@ class JobClient(BaseClient):
         """The token parsed in full (loads cryptography: the wrapper never asks)."""
         if self._identity is None:
             from pilot.tokens import parse_identity  # why: cryptography, only for callers that ask
-            from pilot.tokens.files import load_certificates
+            from pilot.tokens.files import load_certificates  # why: as above
 
             self._identity = parse_identity(load_certificates(self._token_pem, "job token")[0])
         return self._identity
@@ -193,7 +193,7 @@ class JobClient(BaseClient):
     def refresh_token(self, time_left_s: int = 0) -> datetime.datetime:
         """Get a new token for a new key (made here); later calls use it. Returns its not_after."""
         from cryptography.hazmat.primitives import serialization  # why: a new key; the agent refreshes, not the wrapper
-        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric import ec  # why: as above
 
         from pilot.tokens.files import load_certificates, private_key_pem  # why: as above
 

@@ -23,7 +23,7 @@ def main() -> int:
     make_non_dumpable()
     # fd 1 becomes frames-only before anything else can print.
     read_fd, write_fd = claim_stdio()
-    from pilot.wrapper.run import Wrapper  # after the claim: imports may print warnings
+    from pilot.wrapper.run import Wrapper  # why: after the claim: imports may print warnings
 
     with PipeChannel(Role.WRAPPER, read_fd, write_fd) as channel:
         try:
