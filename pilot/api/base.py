@@ -177,7 +177,7 @@ class BaseClient:
     def _open(self, certificate_pem: bytes, key_pem: bytes) -> None:
         credentials = grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
                                                    certificate_chain=certificate_pem)
-        options = list(CLIENT_OPTIONS)
+        options: list[tuple[str, int | str]] = list(CLIENT_OPTIONS)
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
         self._channel = grpc.secure_channel(self.address, credentials, options=options)

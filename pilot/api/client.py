@@ -9,6 +9,7 @@
     BrokerClient  user (or admin) token: submit, upload, status, list, output, kill
     AgentClient   agent token: match (with a P-256 job key made here), pilot reports
     JobClient     a job token held in memory only: states, heartbeats, inputs, outputs
+                  (pilot.api.jobclient, re-exported here: it never loads cryptography)
     AdminClient   admin token: sites, pilots, requeue, everyone's jobs, revocation
 
 Outputs are written by `pilot.api.outdir.OutputDirectory`: never outside the

@@ -42,9 +42,8 @@ from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-
     from pilot.tokens import Identity
+    from pilot.tokens.files import PrivateKey
 
 _TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -64,7 +63,7 @@ class JobClient(BaseClient):
     file) verifies the broker; None: the last certificate of the chain.
     """
 
-    def __init__(self, address: str, certificate_pem: bytes, private_key_pem: bytes | PrivateKeyTypes,
+    def __init__(self, address: str, certificate_pem: bytes, private_key_pem: bytes | PrivateKey,
                  ca_pem=None, *, timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None,
                  retries: int = 3, first_sequence: int = 1) -> None:
         self._token_pem = certificate_pem
@@ -176,7 +175,7 @@ class JobClient(BaseClient):
             raise _broker_error("PutOutput", exc, self.address) from None
         return OutputFile(name, response.size, response.sha256)
 
-    def replace_token(self, certificate_pem: bytes, private_key_pem: bytes | PrivateKeyTypes) -> None:
+    def replace_token(self, certificate_pem: bytes, private_key_pem: bytes | PrivateKey) -> None:
         """Use a token refreshed elsewhere (e.g. by the agent) for later calls: same job and attempt."""
         new, current = job_of_token(certificate_pem), job_of_token(self._token_pem)
         if new != current:
@@ -207,7 +206,7 @@ class JobClient(BaseClient):
         return self.identity.not_after
 
 
-def _key_bytes(key: bytes | PrivateKeyTypes) -> bytes:
+def _key_bytes(key: bytes | PrivateKey) -> bytes:
     """KEY as PEM bytes, unparsed (gRPC reads it); a key object is serialised (its holder loaded cryptography)."""
     if isinstance(key, (bytes, bytearray)):
         if b"PRIVATE KEY-----" not in key:
