@@ -18,6 +18,7 @@ stopped and the state folder removed (unless --keep).
 
 from __future__ import annotations
 
+import datetime
 import shutil
 import tempfile
 import time
@@ -25,7 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apps.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
+from broker.server import BrokerConfig, BrokerServer
+from condor_plugin.factory.factory import Factory, FactorySettings, waiting_jobs_for_site
+from condor_plugin.glidein.package import GlideinSettings, PackageBuilder
+from condor_plugin.testing import nodeproc
+from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
+from condor_plugin.testing.noderoot import require_root
+from pilot.api.client import AdminClient, BrokerClient
 from pilot.errors import UsageError
+from pilot.tokens import TokenRole
 
 SITE = "MINICONDOR"
 
@@ -60,10 +69,6 @@ def say(line: str) -> None:
 
 def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
     """Run the demo; everything it starts is stopped before it returns (or raises)."""
-    from broker.server import BrokerConfig, BrokerServer
-    from condor_plugin.testing.minicondor import MiniCondor, MiniCondorSettings
-    from condor_plugin.testing.noderoot import require_root
-
     require_root("the HTCondor demo (it starts a mini-condor; `splitpilot demo --local` needs no root)")
     started = time.monotonic()
     # Not 0700 like mkdtemp's default: the job user must reach the shared folder through every parent.
@@ -93,19 +98,12 @@ def run_condor_demo(settings: CondorDemoSettings) -> DemoOutcome:
             if settings.keep:
                 say(f"state kept in {base} (glidein logs in factory/batches/*/log)")
             else:
-                from condor_plugin.testing import nodeproc
-
                 if not nodeproc.mounts_under(base):   # never remove a tree with something mounted below
                     shutil.rmtree(base, ignore_errors=True)
                     say("state folder removed (--keep keeps it, the glideins' logs included)")
 
 
 def _factory(settings: CondorDemoSettings, pool, server, work_dir: Path):
-    import datetime
-
-    from condor_plugin.factory.factory import Factory, FactorySettings
-    from condor_plugin.glidein.package import GlideinSettings, PackageBuilder
-
     per_glidein = -(-settings.jobs // settings.glideins)
     # The factory's folder is not the pool's shared folder: the glideins' inputs (the agent token among
     # them) are spooled into the schedd, so nothing of it needs to be, or is, visible in the node.
@@ -121,10 +119,6 @@ def _factory(settings: CondorDemoSettings, pool, server, work_dir: Path):
 
 
 def _run(settings: CondorDemoSettings, server, pool, factory, base: Path, started: float) -> DemoOutcome:
-    from condor_plugin.factory.factory import waiting_jobs_for_site
-    from pilot.api.client import AdminClient, BrokerClient
-    from pilot.tokens import TokenRole
-
     user = server.ca.new_token(TokenRole.USER, "demo-user")
     admin = server.ca.new_token(TokenRole.ADMIN, "demo-factory")
     with BrokerClient(server.address, user, server.ca_pem) as client, \

@@ -76,14 +76,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     if args.local:
-        from apps.localdemo import run_local_demo
+        from apps.localdemo import run_local_demo  # why: each demo loads its own world (the broker server)
 
         jobs = 20 if args.jobs is None else args.jobs
         if jobs < 1:
             raise UsageError("--jobs must be at least 1")
         return run_local_demo(jobs, args.runtimes or "bubblewrap,podman,apptainer", args.keep)
     if not args.protocol:
-        from apps.condordemo import CondorDemoSettings, run_condor_demo
+        from apps.condordemo import CondorDemoSettings, run_condor_demo  # why: htcondor (the condor extra)
 
         settings = CondorDemoSettings(jobs=20 if args.jobs is None else args.jobs, glideins=args.glideins,
                                       runtimes=args.runtimes or "apptainer", container_policy=args.container_policy,

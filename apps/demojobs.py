@@ -17,6 +17,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from pilot.api.states import JobState
+from pilot.pipe import messages as m
+
 PAYLOAD = """\
 #!/bin/sh
 # A sample payload: count the words of its input, hash it, and say where it ran.
@@ -71,8 +74,6 @@ class Checked:
 def submit_sample_jobs(client, inputs_dir: str, jobs: int, sleep_s: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8),
                        ) -> list[Expected]:
     """Upload the payload and one input per job, submit JOBS jobs; return what each must produce."""
-    from pilot.pipe import messages as m
-
     os.makedirs(inputs_dir, exist_ok=True)
     payload = os.path.join(inputs_dir, "count.sh")
     with open(payload, "w") as handle:
@@ -110,8 +111,6 @@ def state_counts(listing) -> dict[str, int]:
 
 def check_outputs(client, expected: list[Expected], out_dir: str) -> list[Checked]:
     """Fetch every DONE job's outputs into OUT_DIR/ID and check them against EXPECTED."""
-    from pilot.api.states import JobState
-
     checked = []
     for item in expected:
         status = client.status(item.job_id)

@@ -40,10 +40,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import signal
+import threading
 from pathlib import Path
 
+from broker.ca import CertificateAuthority
 from pilot import logconfig
 from pilot.durations import parse_duration
 from pilot.errors import UsageError
@@ -130,7 +133,7 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
 def _pool(args):
     if args.minicondor is None:
         return None
-    from condor_plugin.testing.minicondor import MiniCondor
+    from condor_plugin.testing.minicondor import MiniCondor  # why: the mini-condor, for --minicondor only
 
     return MiniCondor.from_state_dir(args.minicondor, progress=lambda line: None)
 
@@ -141,7 +144,7 @@ def _schedd(pool, collector: str | None = None, name: str | None = None):
         if collector or name:
             raise UsageError("--minicondor names the pool already; drop --pool/--schedd")
         return pool.schedd()
-    import htcondor2
+    import htcondor2  # why: the condor extra is optional; `splitpilot` loads every command's module
 
     if collector is None and name is None:
         return htcondor2.Schedd()
@@ -161,7 +164,7 @@ def _schedd(pool, collector: str | None = None, name: str | None = None):
 
 def _ce(args):
     """The CondorCE of --ce HOST[:PORT] and --scitoken FILE, or None."""
-    from submit import CE_PORT, CondorCE
+    from submit import CE_PORT, CondorCE  # why: htcondor2 (the condor extra)
 
     if args.ce is None:
         if args.scitoken is not None:
@@ -195,8 +198,8 @@ def _submit_lines(entries: list[str]) -> dict[str, str]:
 
 
 def _settings(args, pool):
-    from condor_plugin.factory.factory import FactorySettings
-    from condor_plugin.glidein.package import GlideinSettings
+    from condor_plugin.factory.factory import FactorySettings  # why: htcondor2 (the condor extra)
+    from condor_plugin.glidein.package import GlideinSettings  # why: htcondor2 (the condor extra)
 
     # Not the pool's shared folder: the node sees that one, and nothing there needs to (inputs are spooled).
     work_dir = args.work_dir or (pool.settings.state_dir / "factory" if pool is not None else None)
@@ -221,7 +224,7 @@ def _settings(args, pool):
 
 
 def _factory(args):
-    from condor_plugin.factory.factory import Factory
+    from condor_plugin.factory.factory import Factory  # why: htcondor2 (the condor extra)
 
     # Every glidein/factory command starts here: the process's one logging configuration.
     logconfig.configure(args.log_level, log_file=str(args.log_file) if args.log_file else None)
@@ -229,8 +232,6 @@ def _factory(args):
     settings = _settings(args, pool)
     ca = None
     if getattr(args, "ca", None):
-        from broker.ca import CertificateAuthority
-
         ca = CertificateAuthority.load(args.ca)
     return Factory(settings, _schedd(pool, args.pool, args.schedd), ca)   # progress: `factory:` log lines
 
@@ -252,8 +253,6 @@ def _record(glidein, now: float) -> dict:
 
 
 def run_status(args) -> int:
-    import json
-
     factory = _factory(args)
     glideins = factory.glideins()
     collected = factory.collect()
@@ -274,8 +273,6 @@ def run_status(args) -> int:
 
 
 def run_remove(args) -> int:
-    import json
-
     factory = _factory(args)
     if args.batch is not None and not any(g.batch == args.batch for g in factory.glideins()):
         raise UsageError(f"factory {args.factory} has no glidein of batch {args.batch!r} for site {args.site}; "
@@ -295,10 +292,8 @@ def run_remove(args) -> int:
 
 
 def run_factory(args) -> int:
-    import threading
-
-    from condor_plugin.factory.brokerview import BrokerView
-    from pilot.api.client import AdminClient
+    from condor_plugin.factory.brokerview import BrokerView  # why: grpc and htcondor2
+    from pilot.api.client import AdminClient  # why: grpc; `splitpilot` loads every command's module
 
     factory = _factory(args)
     stop = threading.Event()

@@ -19,15 +19,14 @@ import tempfile
 import time
 
 from apps.demojobs import check_outputs, print_summary, progress_line, state_counts, submit_sample_jobs
+from broker.server import BrokerConfig, BrokerServer
+from pilot.api.client import BrokerClient
+from pilot.tokens import TokenRole
+from pilot.tokens.files import write_private
 
 
 def run_local_demo(jobs: int = 20, runtimes: str = "bubblewrap,podman,apptainer", keep: bool = False,
                    timeout: float = 600.0) -> int:
-    from broker.server import BrokerConfig, BrokerServer
-    from pilot.api.client import BrokerClient
-    from pilot.tokens import TokenRole
-    from pilot.tokens.files import write_private
-
     state = tempfile.mkdtemp(prefix="splitpilot-demo-")
     print(f"splitpilot demo: broker, {jobs} jobs and one agent on this machine (state in {state})", flush=True)
     started = time.monotonic()

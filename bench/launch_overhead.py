@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Launch overhead of the wrapper per runtime, and the agent's and wrapper's memory.
 
-    python bench/launch_overhead.py [--quick] [--jobs N]
+    python bench/launch_overhead.py [--quick] [--jobs N] [--memory-only [--runs R]]
 
 For each runtime present (process, namespace, bubblewrap, podman with a local image
 folder; apptainer and docker when present), N jobs one after the other:
@@ -154,6 +154,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="10 jobs per runtime (a smoke run)")
     parser.add_argument("--jobs", type=int, default=50, help="jobs per runtime (default 50)")
+    parser.add_argument("--memory-only", action="store_true", help="only the agent's and wrapper's RSS (no launches)")
+    parser.add_argument("--runs", type=int, default=3, help="with --memory-only: runs, the median is printed")
     args = parser.parse_args()
     count = 10 if args.quick else args.jobs
     work = Path(tempfile.mkdtemp(prefix="splitpilot-launch-bench-"))
@@ -162,6 +164,14 @@ def main() -> int:
         software = build_software_area(work / "software")
         shutil.copy(REPO / "tests" / "fake_job_broker.py", software / "lib" / "python")
         write_manifest(software)   # the area changed: the agent refuses an area that differs from its manifest
+        if args.memory_only:
+            runs = [memory(software, work / f"memory-{i}") for i in range(args.runs)]
+            for agent_rss, wrapper_rss in runs:
+                print(f"run: agent {agent_rss / 2**20:.1f} MiB, wrapper {wrapper_rss / 2**20:.1f} MiB")
+            print(f"memory: agent peak RSS {statistics.median(r[0] for r in runs) / 2**20:.1f} MiB (target 40), "
+                  f"wrapper peak RSS {statistics.median(r[1] for r in runs) / 2**20:.1f} MiB (target 35) "
+                  f"(median of {len(runs)})")
+            return 0
         from pilot.launch.testimage import ensure_rootfs
         image = str(ensure_rootfs())
         candidates = [("process", None), ("namespace", None), ("bubblewrap", None), ("podman", image),

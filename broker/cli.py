@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ import time
 
 from pilot import logconfig
 from pilot.api.files import format_size, parse_size, shown
+from pilot.api.jobfile import load_job_file
 from pilot.api.states import JobState
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
@@ -144,9 +146,9 @@ def _register_broker(subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from broker.server import BrokerConfig, BrokerServer
-    from broker.services.base import heartbeat_interval
-    from broker.store.base import StoreSettings
+    from broker.server import BrokerConfig, BrokerServer  # why: the server and the broker extra
+    from broker.services.base import heartbeat_interval  # why: as above
+    from broker.store.base import StoreSettings  # why: as above
 
     # The broker's lines keep their form (`INFO store ...`): its loggers all say `broker`, so no source word.
     logconfig.configure(args.log_level, source=False)
@@ -195,7 +197,6 @@ def _tune_gc() -> None:
     thresholds the full collections that follow scan everything imported at
     start-up (measured: 15-30 ms pauses several times per 10 s under load).
     Objects alive now are moved out of the collector's sight (gc.freeze)."""
-    import gc
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 50, 100)
@@ -304,13 +305,12 @@ def client_settings(args: argparse.Namespace) -> tuple[str, str, str | None]:
 
 
 def _user_client(args: argparse.Namespace):
-    from pilot.api.client import BrokerClient
+    from pilot.api.client import BrokerClient  # why: grpc; `splitpilot` loads every command's module
     broker, token, ca_cert = client_settings(args)
     return BrokerClient(broker, token, ca_cert)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pilot.api.jobfile import load_job_file
     descriptions = []
     for path in args.files:
         descriptions.extend(load_job_file(path))  # every file checked before anything is uploaded

@@ -52,6 +52,7 @@ from broker.health import BrokerHealth
 from broker.metrics import BrokerCollector, Metrics, MetricsServer
 from broker.services import add_servicers
 from broker.services.base import Broker, ServiceSettings, heartbeat_interval, utcnow
+from broker.store import open_store
 from broker.store.base import JobStore, Reaped, StoreSettings, StoreUnavailable
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import Expectation, TokenFile, TokenRole, TokenVerifier
@@ -443,7 +444,6 @@ class BrokerServer:
         return None
 
     def _open_store(self) -> JobStore:
-        from broker.store import open_store
         url = self.config.store_url
         try:
             store = open_store(url, self.config.store_settings)

@@ -235,7 +235,7 @@ def _token_verify(args: argparse.Namespace) -> int:
 
 
 def _admin_client(args: argparse.Namespace):
-    from pilot.api.client import AdminClient
+    from pilot.api.client import AdminClient  # why: grpc; `splitpilot` loads every command's module
     return AdminClient(args.broker, args.token, args.ca_cert)
 
 

@@ -82,17 +82,15 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import htcondor2
 from htcondor2 import JobStatus
 
 import pilot
 from pilot.durations import parse_duration
 from submit.errors import Problem, SubmitDescriptionError
 from submit.quoting import check_line_value, check_representable, classad_string, refuse_macros
-
-if TYPE_CHECKING:  # imported lazily: building a description must not need the bindings
-    import htcondor2
 
 #: The port HTCondor-CE listens on.
 CE_PORT = 9619
@@ -528,7 +526,5 @@ def render_sub_file(description: Mapping[str, str], queue: int = 1, *, comments:
 
 def to_submit(description: Mapping[str, str]) -> htcondor2.Submit:
     """DESCRIPTION as an htcondor2.Submit; queue N of them with `schedd.submit(submit, count=N)`."""
-    import htcondor2
-
     check_description(description)
     return htcondor2.Submit(dict(description))

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -48,6 +51,7 @@ from pilot.api.client import (
 from pilot.api.files import ChecksumMismatch
 from pilot.api.states import JobState
 from pilot.errors import UsageError
+from pilot.pipe import messages as m
 from pilot.tokens import Expectation, TokenRole, TokenVerifier, parse_identity
 from pilot.tokens.files import certificate_pem, load_certificates, private_key_pem
 from splitpilot.broker.v1 import broker_pb2 as pb
@@ -553,7 +557,7 @@ def test_refresh_token_gives_a_working_token_never_outliving_the_agent(server, c
         # A token refreshed elsewhere (the agent, over the pipe) replaces the one in use.
         with JobClient(server.address, certificate_pem=matched.token_pem, private_key_pem=matched.key_pem,
                        first_sequence=3) as other:
-            other.replace_token(job.token_pem, private_key_pem(job._key))
+            other.replace_token(job.token_pem, job.key_pem)
             assert other.identity.serial == job.identity.serial
             assert other.heartbeat() is False
             assert other.update_state(JobState.SAVING).state is JobState.SAVING
@@ -589,7 +593,6 @@ def test_a_wrapper_handed_the_agents_token_as_its_job_token_refuses_it(server, c
 
 def test_the_wrappers_broker_link_talks_to_the_real_broker(server, clients):
     """pilot.wrapper.broker_link.connect_grpc builds a JobClient from the pipe's JobStart."""
-    from pilot.pipe import messages as m
     from pilot.wrapper.broker_link import connect_grpc
 
     job_id = submit_one(clients.alice)
@@ -605,6 +608,70 @@ def test_the_wrappers_broker_link_talks_to_the_real_broker(server, clients):
     finally:
         link.close()
     assert clients.alice.status(job_id).state is JobState.STARTED
+
+
+#: A wrapper's broker link in a fresh interpreter: the JobStart and a refreshed token on stdin (never argv).
+WRAPPER_LINK = r"""
+import json, os, sys, tempfile
+from pilot.api.states import JobState
+from pilot.errors import UsageError
+from pilot.pipe import messages as m
+import pilot.wrapper.run
+from pilot.wrapper.broker_link import connect_grpc
+
+given = json.load(sys.stdin)
+start = m.JobStart.FromString(bytes.fromhex(given["start"]))
+link = connect_grpc(start)
+done = {}
+link.update_state(int(JobState.STARTED))
+sandbox = tempfile.mkdtemp()
+link.get_input("in.txt", os.path.join(sandbox, "in.txt"))
+done["input"] = open(os.path.join(sandbox, "in.txt")).read()
+link.replace_token(given["refreshed"].encode(), given["refreshed_key"].encode())
+assert link.heartbeat(0.0, 0, 0) is False
+fd = os.open(os.path.join(sandbox, "in.txt"), os.O_RDONLY)
+link.put_output_fd(fd, "out.txt")
+try:
+    link.replace_token(given["stranger"].encode(), given["stranger_key"].encode())
+except UsageError as exc:
+    done["refused"] = str(exc)
+link.close()
+done["loaded"] = sorted({name.split(".")[0] for name in sys.modules} & {"cryptography", "grpc", "pilot"})
+print(json.dumps(done))
+"""
+
+
+def test_the_wrappers_broker_link_never_loads_cryptography(server, clients, tmp_path):
+    """A real wrapper's broker link in its own interpreter, against the real broker: a state, an input, a
+    token refresh, a heartbeat with the new token, an output; a refreshed token for another job (a confused
+    or hostile agent) refused, the link keeping its own; and `cryptography` never imported (its ~10 MiB)."""
+    source = tmp_path / "in.txt"
+    source.write_text("payload input")
+    job_id = submit_one(clients.alice, input_files=[clients.alice.upload(source, "in.txt")])
+    matched = match(clients.agent)
+    with matched.job_client() as agent_side:
+        agent_side.refresh_token()   # as the agent does: its new token goes to the wrapper over the pipe
+        refreshed, refreshed_key = agent_side.token_pem, agent_side.key_pem
+    submit_one(clients.alice)
+    stranger = match(clients.agent, "pilot-2")
+    start = m.JobStart(job_id=matched.job_id, attempt=matched.attempt, spec=matched.spec,
+                       token=m.JobToken(certificate_pem=matched.token_pem, private_key_pem=matched.key_pem,
+                                        not_after_unix=int(matched.not_after.timestamp())),
+                       broker=m.BrokerEndpoint(address=server.address, ca_pem=server.ca_pem))
+    given = {"start": start.SerializeToString().hex(), "refreshed": refreshed.decode(),
+             "refreshed_key": refreshed_key.decode(), "stranger": stranger.token_pem.decode(),
+             "stranger_key": stranger.key_pem.decode()}
+    child = subprocess.run([sys.executable, "-c", WRAPPER_LINK], input=json.dumps(given), capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-3000:]
+    done = json.loads(child.stdout)
+    assert done["input"] == "payload input"
+    assert done["refused"] == (f"the new token is for job {stranger.job_id} attempt 1, not job {job_id} attempt 1")
+    assert done["loaded"] == ["grpc", "pilot"], "the wrapper's broker link loaded cryptography"
+    status = clients.alice.status(job_id)
+    assert status.state is JobState.STARTED
+    assert [o.name for o in status.outputs] == ["out.txt"]
+    assert clients.alice.status(stranger.job_id).state is not JobState.STARTED   # nothing done to the other job
 
 
 def test_kill_of_a_running_job_reaches_it_through_heartbeats(server, clients):

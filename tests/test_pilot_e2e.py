@@ -207,6 +207,48 @@ def test_hostile_payload_finds_no_agent_token(world, runtime, options, tmp_path,
     print(f"{runtime}: " + report.replace("\n", " | "))
 
 
+def test_a_real_wrapper_runs_its_job_without_loading_cryptography(world):
+    """The wrapper holds a job token but never parses it: while its job runs (the token used for the input
+    and the states), its process maps gRPC's library and not cryptography's (~10 MiB of resident memory)."""
+    client = world["client"]
+    go = shared_folder(world, "no-crypto") / "go"
+    script = world["base"] / "wait_for_go.sh"
+    # The payload waits (bounded) for the test to have looked at its wrapper.
+    script.write_text('#!/bin/sh\ni=0\nwhile [ ! -e "$1" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done\n'
+                      'echo ran > ran.out\n')
+    script.chmod(0o755)
+    job_id = submit(world, payload_spec(client, script, "no-crypto", str(go)))
+    agent = start_agent(world, "no-crypto", "process", extra=("--allow-root-payloads",))
+    try:
+        wait_for(lambda: client.status(job_id).state is JobState.RUNNING, 60, "the job to run")
+
+        def wrappers():
+            found = []
+            for pid in processes_in(world["base"] / "work-no-crypto"):
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if b"pilot.wrapper" in argv and not argv[0].endswith(b"sh"):
+                    found.append(pid)
+            return found
+
+        wrapper, = wait_for(wrappers, 30, "the job's wrapper")
+        maps = Path(f"/proc/{wrapper}/maps").read_text()
+        go.touch()
+        assert "cygrpc" in maps, "the wrapper's gRPC client is not loaded: this test looked at the wrong process"
+        assert "cryptography" not in maps and "_rust.abi3" not in maps
+        assert wait_final(client, job_id).state is JobState.DONE
+        assert agent.wait(timeout=60) == 0, agent_log(world, "no-crypto")[-3000:]
+    finally:
+        go.touch()
+        if agent.poll() is None:   # a failed assertion above: nothing of this agent may outlive the test
+            agent.kill()
+            agent.wait()
+        wait_for(lambda: not processes_in(world["base"] / "work-no-crypto"), timeout=60,
+                 what="the agent, its wrapper and payload to end")
+
+
 def test_wrapper_sigkill_is_an_infrastructure_failure_and_requeued(world):
     client = world["client"]
     script = world["base"] / "suicide.sh"

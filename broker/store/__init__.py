@@ -11,6 +11,7 @@ backends (psycopg is imported only when a PostgreSQL URL is opened).
 from __future__ import annotations
 
 from broker.store.base import JobStore, StoreSettings
+from broker.store.sqlite import SqliteStore
 from pilot.errors import UsageError
 
 __all__ = ["JobStore", "StoreSettings", "open_store"]
@@ -27,7 +28,7 @@ def open_store(url: str, settings: StoreSettings | None = None) -> JobStore:
     scheme, sep, rest = url.partition(":")
     if sep and scheme in ("postgresql", "postgres"):
         try:
-            from broker.store.postgres import PostgresStore
+            from broker.store.postgres import PostgresStore  # why: psycopg (the broker extra)
         except ImportError as exc:  # psycopg missing
             raise UsageError(f"a PostgreSQL store needs psycopg ({exc}); fix: pip install 'psycopg[binary]>=3.2'"
                              ) from exc
@@ -41,5 +42,4 @@ def open_store(url: str, settings: StoreSettings | None = None) -> JobStore:
         path = url
     if not path or path == ":memory:":
         raise UsageError(f"store URL {url!r} names no file; fix: sqlite:///path/to/file.db")
-    from broker.store.sqlite import SqliteStore
     return SqliteStore(path, settings)

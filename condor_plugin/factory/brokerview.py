@@ -29,7 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pilot.api.client import AgentClient, BrokerError
+from pilot.api.states import JobState
 from pilot.errors import SplitpilotError
+from pilot.tokens import TokenRole
 
 if TYPE_CHECKING:   # the token code is loaded when a probe is first made
     from pilot.tokens import TokenFile
@@ -126,8 +129,6 @@ class BrokerView:
         self._probe_id = ""
 
     def waiting(self, slot: GlideinSlot) -> Waiting:
-        from pilot.api.states import JobState
-
         specs, before = [], 0
         while True:
             listing = self.admin.list_all_jobs(states=[JobState.WAITING], limit=PAGE, before_job_id=before)
@@ -141,9 +142,6 @@ class BrokerView:
 
     def site_state(self) -> str:
         """'enabled', 'draining or disabled', or 'unknown' (no CA to mint a probe token with)."""
-        from pilot.api.client import AgentClient, BrokerError
-        from pilot.tokens import TokenRole
-
         if self.ca is None:
             return "unknown"
         now = datetime.datetime.now(datetime.UTC)

@@ -60,7 +60,9 @@ from condor_plugin.factory.policy import Decision, FactoryPolicy, GlideinEnd, Ob
 from condor_plugin.glidein.package import GlideinPackage, GlideinSettings, PackageBuilder, prepare_batch, remove_batch
 from pilot import logconfig
 from pilot.agent import exitcodes
+from pilot.api.states import JobState
 from pilot.errors import SplitpilotError
+from pilot.tokens import TokenRole
 from submit import CondorCE, GlideinRequest, build_description, to_submit
 from submit.quoting import classad_string
 
@@ -238,8 +240,6 @@ class Factory:
 
     def submit(self, count: int) -> SubmittedBatch:
         """Submit COUNT glideins as one batch (one cluster, one fresh agent token), inputs spooled."""
-        from pilot.tokens import TokenRole
-
         if count < 1:
             raise FactoryError("count must be at least 1")
         s = self.settings
@@ -505,8 +505,6 @@ def credentials_alarm(glidein: Glidein | GlideinEnd, settings: FactorySettings, 
 
 def waiting_jobs_for_site(admin_client, site: str) -> int:
     """Waiting jobs at the broker that SITE may run (no sites_allowed, or SITE among them)."""
-    from pilot.api.states import JobState
-
     listing = admin_client.list_all_jobs(states=[JobState.WAITING])
     count = 0
     for job in listing.jobs:

@@ -478,7 +478,7 @@ class MiniCondor:
 
     def _wait_ready(self, record: RunningNode) -> None:
         """Poll the collector until it lists a schedd and a slot, with progress; fail on timeout or death."""
-        import htcondor2
+        import htcondor2  # why: the condor extra's bindings, only for queries
 
         deadline = time.monotonic() + self.settings.start_timeout
         started = last_report = time.monotonic()
@@ -621,7 +621,7 @@ class MiniCondor:
         from CONDOR_CONFIG, process-wide; `restore_client_config()` (called on
         leaving `with`) puts the previous one back.
         """
-        import htcondor2
+        import htcondor2  # why: the condor extra's bindings, only for queries
 
         path = str(self.client_config_path)
         if os.environ.get("CONDOR_CONFIG") == path:
@@ -635,7 +635,7 @@ class MiniCondor:
         """Undo `use_client_config()`: the CONDOR_CONFIG this process had before."""
         if not self._saved_condor_config:
             return
-        import htcondor2
+        import htcondor2  # why: the condor extra's bindings, only for queries
 
         previous = self._saved_condor_config.pop()
         if previous is None:
@@ -646,7 +646,7 @@ class MiniCondor:
 
     def collector(self) -> htcondor2.Collector:
         """The pool's collector, with this pool's client configuration in effect."""
-        import htcondor2
+        import htcondor2  # why: the condor extra's bindings, only for queries
 
         port = self._port()
         self.use_client_config()
@@ -654,7 +654,7 @@ class MiniCondor:
 
     def schedd(self) -> htcondor2.Schedd:
         """The pool's schedd, with this pool's client configuration in effect."""
-        import htcondor2
+        import htcondor2  # why: the condor extra's bindings, only for queries
 
         ads = self.collector().locateAll(htcondor2.DaemonType.Schedd)
         if not ads:
@@ -672,7 +672,7 @@ class MiniCondor:
 
     def status(self) -> PoolStatus:
         """The pool's state, daemons and slots (from its collector, through htcondor2)."""
-        import htcondor2
+        import htcondor2  # why: the condor extra's bindings, only for queries
 
         base: dict[str, Any] = {"state_dir": self.settings.state_dir, "shared_dirs": self.settings.shared_dirs}
         record = self._read_record()
@@ -758,7 +758,7 @@ def _prepare_shared_dir(path: Path, uid: int, gid: int) -> None:
 def _htcondor_errors() -> tuple[type[BaseException], ...]:
     """What htcondor2 raises when a daemon does not answer: HTCondorException since 24.x,
     RuntimeError before (the bindings inside a Debian 13 node are 23.9)."""
-    import htcondor2
+    import htcondor2  # why: the condor extra's bindings, only for queries
 
     return tuple(e for e in (getattr(htcondor2, "HTCondorException", None), RuntimeError) if e is not None)
 

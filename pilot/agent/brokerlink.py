@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from pilot.agent.refusal import AgentTokenRefused, probe_tls, refusal_of
+from pilot.api.client import AgentClient, BrokerError, JobClient
+from pilot.api.states import JobState
 from pilot.pipe import messages as m
+from pilot.tokens.files import certificate_pem, private_key_pem
 
 __all__ = ["AgentBroker", "AgentTokenRefused", "GrpcAgentBroker", "NoOffer", "Offer", "RefreshedToken", "SlotRequest"]
 
@@ -93,8 +96,6 @@ class GrpcAgentBroker:
     Every call raises AgentTokenRefused when the broker refuses the token (see refusal_of)."""
 
     def __init__(self, address: str, token, ca_pem: bytes | None = None, probe_timeout: float = 5.0) -> None:
-        from pilot.api.client import AgentClient  # late: grpc is heavy and only the agent needs it here
-
         self._client = AgentClient(address, token, ca_pem)
         self._token = token
         self._probe_timeout = probe_timeout
@@ -102,14 +103,10 @@ class GrpcAgentBroker:
         self.ca_pem = self._client.ca_pem
 
     def probe(self) -> str | None:
-        from pilot.tokens.files import certificate_pem, private_key_pem
-
         return probe_tls(self.address, certificate_pem([self._token.chain[0]]), private_key_pem(self._token.key),
                          self.ca_pem, self._probe_timeout)
 
     def _guard(self, call, *args):
-        from pilot.api.client import BrokerError
-
         try:
             return call(*args)
         except BrokerError as exc:
@@ -141,8 +138,6 @@ class GrpcAgentBroker:
         self._guard(self._client.report_attempt_failure, job_id, attempt, failure, detail, pilot_id)
 
     def _job_client(self, token_pem: bytes, private_key_pem: bytes):
-        from pilot.api.client import JobClient
-
         return JobClient(self.address, token_pem, private_key_pem, self.ca_pem, retries=0)
 
     def refresh_job_token(self, token_pem, private_key_pem):
@@ -151,8 +146,6 @@ class GrpcAgentBroker:
             return RefreshedToken(client.token_pem, client.key_pem, int(not_after.timestamp()))
 
     def report_job_unusable(self, token_pem, private_key_pem, detail):
-        from pilot.api.states import JobState
-
         with self._job_client(token_pem, private_key_pem) as client:
             client.update_state(JobState.STARTED, "the agent could not hand the job to a wrapper")
             client.update_state(JobState.FAILED_INPUT, detail)

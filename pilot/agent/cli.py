@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import logging
 import os
 import shutil
@@ -57,8 +58,28 @@ import tempfile
 import uuid
 
 from pilot import logconfig
+from pilot.agent.guardian import fork_agent
+from pilot.agent.refusal import AgentTokenExpired, AgentTokenRefused
+from pilot.agent.secrets import make_non_dumpable, read_token, scrub_environment
+from pilot.api.jobfile import load_job_file
 from pilot.durations import parse_duration
 from pilot.errors import SplitpilotError, UsageError
+from pilot.launch import (
+    LaunchConfigError,
+    Mounts,
+    build_software_area,
+    check_site_binds,
+    detect,
+    dry_run,
+    isolation_of,
+    parse_bind,
+    spawn,
+    wrapper_command,
+)
+from pilot.launch.manifest import SoftwareAreaChanged, SoftwareGuard
+from pilot.prctl import become_subreaper
+from pilot.procstat import kill_descendants
+from pilot.tokens import TokenRole, parse_identity, parse_token_pem
 
 WRAPPER_ARGV = ("python3", "-m", "pilot.wrapper")
 log = logging.getLogger("splitpilot.agent")
@@ -119,8 +140,6 @@ def wrapper_argv(level: str) -> tuple[str, ...]:
 
 def site_binds(entries: list[str], work_dir: str) -> tuple:
     """The --bind entries as checked pilot.launch.Bind objects; UsageError naming the fix otherwise."""
-    from pilot.launch import LaunchConfigError, check_site_binds, parse_bind
-
     try:
         binds = tuple(parse_bind(entry) for entry in entries)
         check_site_binds(binds, work_dir=work_dir)
@@ -130,8 +149,7 @@ def site_binds(entries: list[str], work_dir: str) -> tuple:
 
 
 def _runtime(args, software: str, work_dir: str, binds: tuple = ()):
-    from pilot.agent.agent import PROBE_FOLDER_PREFIX, remove_job_folder
-    from pilot.launch import Mounts, detect
+    from pilot.agent.agent import PROBE_FOLDER_PREFIX, remove_job_folder  # why: after the fork: not in the guardian
 
     # Named so that the next agent in this work dir removes it if this one is killed during the probe.
     probe_sandbox = tempfile.mkdtemp(prefix=PROBE_FOLDER_PREFIX, dir=work_dir)
@@ -147,8 +165,6 @@ def _runtime(args, software: str, work_dir: str, binds: tuple = ()):
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from pilot.agent.secrets import make_non_dumpable, read_token, scrub_environment
-
     # One configuration for the process; the guardian forked from it below keeps it.
     logconfig.configure(args.log_level, log_file=args.log_file)
     # Before anything else: protect the memory that will hold the token.
@@ -162,9 +178,6 @@ def run_agent(args: argparse.Namespace) -> int:
     if not args.broker or not args.token:
         raise UsageError("--broker and --token are required (or give --dry-run JOBFILE)")
     token_pem = read_token(args.token)
-    from pilot.agent.guardian import fork_agent
-    from pilot.agent.refusal import AgentTokenExpired, AgentTokenRefused
-    from pilot.tokens import TokenRole, parse_identity, parse_token_pem
 
     token = parse_token_pem(token_pem, "agent token")
     identity = parse_identity(token.certificate)
@@ -179,7 +192,7 @@ def run_agent(args: argparse.Namespace) -> int:
     node = socket.gethostname()
 
     def report_abandoned(reason: str) -> None:
-        from pilot.agent.brokerlink import GrpcAgentBroker
+        from pilot.agent.brokerlink import GrpcAgentBroker  # why: grpc in the guardian only once the agent ended
 
         broker = GrpcAgentBroker(args.broker, token, ca_pem)
         try:
@@ -203,15 +216,17 @@ def run_agent(args: argparse.Namespace) -> int:
 def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str, work_dir: str,
            non_dumpable: bool, binds: tuple = ()) -> int:
     """The agent proper (the guardian's child): software area, runtime, slot, then the loop."""
-    from pilot.agent.agent import Agent, AgentSettings, job_limits, remove_stale_job_folders, sandbox_for
-    from pilot.agent.brokerlink import GrpcAgentBroker
-    from pilot.agent.jobrun import JobRun, RunSettings
-    from pilot.agent.limits import prepare_delegation
-    from pilot.agent.slot import discover
-    from pilot.launch import Mounts, isolation_of, spawn, wrapper_command
-    from pilot.launch.manifest import SoftwareAreaChanged, SoftwareGuard
-    from pilot.prctl import become_subreaper
-    from pilot.procstat import kill_descendants
+    from pilot.agent.agent import (  # why: after the fork: the guardian holds none of the agent's modules
+        Agent,
+        AgentSettings,
+        job_limits,
+        remove_stale_job_folders,
+        sandbox_for,
+    )
+    from pilot.agent.brokerlink import GrpcAgentBroker  # why: after the fork: grpc is not fork-safe
+    from pilot.agent.jobrun import JobRun, RunSettings  # why: after the fork: not in the guardian
+    from pilot.agent.limits import prepare_delegation  # why: after the fork: not in the guardian
+    from pilot.agent.slot import discover  # why: after the fork: not in the guardian
 
     log.info(f"agent token for site {identity.site} (queue {identity.queue}), valid until "
              f"{identity.not_after:%Y-%m-%d %H:%M:%S}Z; memory protected: {'yes' if non_dumpable else 'NO'}; "
@@ -301,8 +316,6 @@ WORK_DIR_LOCK = ".splitpilot-agent.lock"
 def lock_work_dir(work_dir: str) -> int:
     """Take WORK_DIR for this process (an exclusive flock held until it ends); UsageError when another live
     agent has it. Returns the lock's descriptor (close-on-exec: no wrapper or payload inherits it)."""
-    import fcntl
-
     fd = os.open(os.path.join(work_dir, WORK_DIR_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -325,8 +338,6 @@ def _software(args, work_dir: str) -> str:
 def _software_area(work_dir: str) -> str:
     """This agent's own area in WORK_DIR/software: built when missing, rebuilt when it no longer matches its
     manifest (a job of an earlier agent in this work dir may have changed it)."""
-    from pilot.launch import build_software_area
-    from pilot.launch.manifest import SoftwareGuard
 
     path = os.path.join(work_dir, "software")
     if os.path.exists(os.path.join(path, "setup.sh")):
@@ -344,8 +355,6 @@ def _software_area(work_dir: str) -> str:
 
 
 def _dry_run(args, software: str, work_dir: str, binds: tuple = ()) -> int:
-    from pilot.api.jobfile import load_job_file
-    from pilot.launch import Mounts, dry_run, isolation_of, wrapper_command
 
     jobs = load_job_file(args.dry_run)
     selection = _runtime(args, software, work_dir, binds)

@@ -9,6 +9,7 @@
     BrokerClient  user (or admin) token: submit, upload, status, list, output, kill
     AgentClient   agent token: match (with a P-256 job key made here), pilot reports
     JobClient     a job token held in memory only: states, heartbeats, inputs, outputs
+                  (pilot.api.jobclient, re-exported here: it never loads cryptography)
     AdminClient   admin token: sites, pilots, requeue, everyone's jobs, revocation
 
 Outputs are written by `pilot.api.outdir.OutputDirectory`: never outside the
@@ -38,13 +39,11 @@ from __future__ import annotations
 
 import builtins
 import datetime
-import hashlib
 import logging
 import os
-import time
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import grpc
 from cryptography import x509
@@ -52,7 +51,25 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from pilot.api.files import CHUNK_SIZE, check_sandbox_name, copy_verified, sha256_of_file
+from pilot.api.base import (  # noqa: F401 (re-exported: the API's names stay pilot.api.client.*)
+    CLIENT_OPTIONS,
+    DEFAULT_TIMEOUT,
+    STREAM_TIMEOUT,
+    AccessDenied,
+    BaseClient,
+    BrokerError,
+    BrokerUnavailable,
+    InvalidRequest,
+    NotFound,
+    OutputFile,
+    PreconditionFailed,
+    TokenUnusable,
+    WrongBroker,
+    _receive,
+    read_ca_pem,
+)
+from pilot.api.files import CHUNK_SIZE, check_sandbox_name, sha256_of_file
+from pilot.api.jobclient import JobClient, UpdateResult  # noqa: F401 (re-exported)
 from pilot.api.jobfile import JobDescription, load_job_file
 from pilot.api.outdir import OutputDirectory
 from pilot.api.states import JobState, read_state
@@ -65,17 +82,9 @@ from splitpilot.job.v1 import job_pb2
 
 log = logging.getLogger("splitpilot.client")
 
-DEFAULT_TIMEOUT = 30.0
 #: Wait before asking again after a Match answer this version cannot read (a newer broker's), seconds.
 UNKNOWN_ANSWER_RETRY_S = 30
-STREAM_TIMEOUT = 3600.0
 SUBMIT_BATCH = 5000
-CLIENT_OPTIONS = (
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 32 << 20),
-    ("grpc.keepalive_time_ms", 120_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-)
 
 
 # ------------------------------------------------------------------ errors
@@ -89,13 +98,6 @@ class JobEvent:
     state: JobState
     attempt: int
     detail: str
-
-
-@dataclass(frozen=True)
-class OutputFile:
-    name: str
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -126,79 +128,6 @@ class RevokedToken:
     not_after: datetime.datetime | None = None
 
 
-class BrokerError(SplitpilotError):
-    """A broker call failed. Attributes: method, code (grpc.StatusCode), details (the broker's message)."""
-
-    def __init__(self, method: str, code: grpc.StatusCode, details: str, address: str = "") -> None:
-        self.method = method
-        self.code = code
-        self.details = details
-        self.address = address
-        super().__init__(self._message())
-
-    def _message(self) -> str:
-        return f"broker refused {self.method} ({self.code.name}): {self.details}"
-
-
-class BrokerUnavailable(BrokerError):
-    """The broker could not be reached, or did not answer in time (retrying may help)."""
-
-    def _message(self) -> str:
-        return (f"cannot reach the broker at {self.address} ({self.method}, {self.code.name}: {self.details}); "
-                "fix: check that it runs (splitpilot broker serve), the address (--broker), and that the CA "
-                "certificate (--ca-cert) is the broker's")
-
-
-class WrongBroker(BrokerUnavailable):
-    """The TLS handshake failed because the broker's certificate is not from the CA this client trusts."""
-
-    def _message(self) -> str:
-        return (f"the broker at {self.address} presented a certificate that is not from the CA this client trusts "
-                f"({self.method}: {self.details}): your token is not from this broker's CA, or the address is "
-                "another service's; fix: use a token issued by the broker's CA (its ca.crt: `splitpilot ca show` on "
-                "the broker), or pass that CA with --ca-cert")
-
-
-class AccessDenied(BrokerError):
-    """The token was refused (UNAUTHENTICATED) or may not do this (PERMISSION_DENIED)."""
-
-
-class TokenUnusable(AccessDenied):
-    """The client's own token cannot work (expired, not yet valid, or not from the CA it trusts): found
-    before connecting, or when the broker could not be reached. Attributes: as AccessDenied (code
-    UNAUTHENTICATED, method: the call about to be made)."""
-
-    def _message(self) -> str:
-        return self.details
-
-
-class NotFound(BrokerError):
-    """No such job, input or output (NOT_FOUND)."""
-
-
-class PreconditionFailed(BrokerError):
-    """The job's state does not allow this (FAILED_PRECONDITION): for a job client,
-    usually that its attempt is over (fencing) and the wrapper must stop."""
-
-
-class InvalidRequest(BrokerError):
-    """The request was malformed or over a limit (INVALID_ARGUMENT)."""
-
-    exit_code = 2
-
-
-_ERRORS = {
-    grpc.StatusCode.UNAVAILABLE: BrokerUnavailable,
-    grpc.StatusCode.DEADLINE_EXCEEDED: BrokerUnavailable,
-    grpc.StatusCode.UNAUTHENTICATED: AccessDenied,
-    grpc.StatusCode.PERMISSION_DENIED: AccessDenied,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: PreconditionFailed,
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: InvalidRequest,
-}
-
-
 _logged: set[str] = set()
 
 
@@ -207,14 +136,6 @@ def _logged_once(what: str) -> bool:
     seen = what in _logged
     _logged.add(what)
     return seen
-
-
-def _broker_error(method: str, exc: grpc.RpcError, address: str) -> BrokerError:
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
-    if code is grpc.StatusCode.UNAVAILABLE and "CERTIFICATE_VERIFY_FAILED" in details:
-        return WrongBroker(method, code, details, address)
-    return _ERRORS.get(code, BrokerError)(method, code, details, address)
 
 
 def token_problem(chain: Sequence[x509.Certificate], ca_pem: bytes, now: datetime.datetime | None = None
@@ -408,12 +329,6 @@ class HeartbeatAnswer:
     leave: bool
 
 
-@dataclass(frozen=True)
-class UpdateResult:
-    state: JobState   # UNKNOWN(n) for a state this client does not know (lifecycle.read_state)
-    replay: bool
-
-
 # ------------------------------------------------------------------ the base client
 
 def _from_ms(ms: int) -> datetime.datetime:
@@ -427,100 +342,27 @@ def _read_ca(ca_pem: bytes | str | os.PathLike | None, chain: Sequence[x509.Cert
             raise UsageError("the token file holds no CA certificate; fix: pass the broker's CA certificate "
                              "(--ca-cert FILE, or ca_pem=...)")
         return certificate_pem([root])
-    if isinstance(ca_pem, (bytes, bytearray)):
-        data = bytes(ca_pem)
-    else:
-        try:
-            with open(os.path.expanduser(os.fspath(ca_pem)), "rb") as handle:
-                data = handle.read(1 << 20)
-        except OSError as exc:
-            raise UsageError(f"cannot read the CA certificate {ca_pem}: {exc.strerror}; fix: give the broker's "
-                             "ca.crt (splitpilot ca show)") from None
+    data = read_ca_pem(ca_pem)
     load_certificates(data, "CA certificate")
     return data
 
 
-class _Client:
-    """A channel with a client certificate, and the error mapping."""
+class _TokenClient(BaseClient):
+    """A client of a token file: its chain is parsed (identity, the own-token check), then the channel opens."""
 
     #: Check the own token before connecting and when the broker cannot be reached (TokenUnusable).
     CHECKS_OWN_TOKEN = False
 
-    def __init__(self, address: str, chain: Sequence[x509.Certificate], key, ca_pem, *,
+    def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
                  timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.identity: Identity = parse_identity(chain[0])
-        self.ca_pem = _read_ca(ca_pem, chain)
-        self._server_name = server_name
-        self._chain = tuple(chain)
-        problem = token_problem(chain, self.ca_pem) if self.CHECKS_OWN_TOKEN else None
-        if problem is not None:  # before connecting: the handshake would only say "cannot reach the broker"
-            raise TokenUnusable("(connecting)", grpc.StatusCode.UNAUTHENTICATED, problem, address)
-        self._open(chain, key)
+        tf = _load_token(token)
+        self._chain = tuple(tf.chain)
+        self.identity: Identity = parse_identity(tf.chain[0])
+        super().__init__(address, certificate_pem([tf.chain[0]]), private_key_pem(tf.key), _read_ca(ca_pem, tf.chain),
+                         timeout=timeout, server_name=server_name)
 
-    def _open(self, chain: Sequence[x509.Certificate], key) -> None:
-        self._chain = tuple(chain)
-        key_pem = key if isinstance(key, bytes) else private_key_pem(key)
-        credentials = grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
-                                                   certificate_chain=certificate_pem([chain[0]]))
-        options: list[tuple[str, str | int]] = list(CLIENT_OPTIONS)
-        if self._server_name:
-            options.append(("grpc.ssl_target_name_override", self._server_name))
-        self._channel = grpc.secure_channel(self.address, credentials, options=options)
-        self._stubs()
-
-    def _stubs(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _failure(self, method: str, exc: grpc.RpcError) -> BrokerError:
-        """The BrokerError for a failed call; an unreachable broker is first checked against this client's
-        own token (it may have expired since the client was made)."""
-        error = _broker_error(method, exc, self.address)
-        if self.CHECKS_OWN_TOKEN and isinstance(error, BrokerUnavailable) and not isinstance(error, WrongBroker):
-            problem = token_problem(self._chain, self.ca_pem)
-            if problem is not None:
-                return TokenUnusable(method, grpc.StatusCode.UNAUTHENTICATED, problem, self.address)
-        return error
-
-    def _call(self, method: str, stub_method, request, *, timeout: float | None = None):
-        try:
-            return stub_method(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            raise self._failure(method, exc) from None
-
-    def _stream(self, method: str, stub_method, request, *,
-                timeout: float = STREAM_TIMEOUT) -> Generator[Any, None, None]:
-        """A server stream whose errors arrive as BrokerError."""
-        call = stub_method(request, timeout=timeout)
-        try:
-            yield from call
-        except grpc.RpcError as exc:
-            raise self._failure(method, exc) from None
-        finally:
-            call.cancel()  # a consumer that stopped early (e.g. a checksum mismatch) ends the stream
-
-
-def _private_key(key: bytes | ec.EllipticCurvePrivateKey) -> ec.EllipticCurvePrivateKey:
-    if isinstance(key, (bytes, bytearray)):
-        try:
-            loaded = serialization.load_pem_private_key(bytes(key), password=None)
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"unreadable job token key ({exc})") from None
-        if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-            raise UsageError(f"the job token key is a {type(loaded).__name__}, not an elliptic-curve key; fix: use "
-                             "the key that came with the job token (Match makes a P-256 key)")
-        return loaded
-    return key
+    def _token_problem(self) -> str | None:
+        return token_problem(self._chain, self.ca_pem) if self.CHECKS_OWN_TOKEN else None
 
 
 def _wire_states(states: Iterable[JobState]) -> builtins.list[job_pb2.JobState]:
@@ -549,54 +391,12 @@ def _file_chunks(path: str, name: str, size: int, sha256: str) -> Iterator[pb.Up
             yield pb.UploadFileRequest(data=block)
 
 
-def _fd_digest(fd: int) -> tuple[str, int]:
-    """(hex sha256, size) of the open file FD from offset 0, read with pread (FD's offset is left alone)."""
-    digest = hashlib.sha256()
-    offset = 0
-    while block := os.pread(fd, CHUNK_SIZE, offset):
-        digest.update(block)
-        offset += len(block)
-    return digest.hexdigest(), offset
-
-
-def _fd_chunks(fd: int, name: str, size: int, sha256: str) -> Iterator[pb.PutOutputRequest]:
-    """The PutOutput stream of FD's first SIZE bytes (pread: no shared offset, no reopening)."""
-    yield pb.PutOutputRequest(header=pb.FileHeader(name=name, size=size, sha256=sha256))
-    offset = 0
-    while offset < size:
-        block = os.pread(fd, min(CHUNK_SIZE, size - offset), offset)
-        if not block:
-            raise SplitpilotError(f"output {name!r} shrank from {size} to {offset} bytes while it was uploaded")
-        offset += len(block)
-        yield pb.PutOutputRequest(data=block)
-
-
-def _receive(chunks: Iterable[pb.GetInputResponse | pb.DownloadOutputResponse], dest: str, expect_name: str,
-             expect: tuple[int, str] | None = None) -> str:
-    """Write a file stream (header, then data) to DEST atomically, verifying size and sha256."""
-    iterator = iter(chunks)
-    first = next(iterator, None)
-    if first is None or first.WhichOneof("kind") != "header":
-        raise SplitpilotError(f"{expect_name}: the broker's stream did not start with a header")
-    header = first.header
-    if expect is not None and (header.size, header.sha256) != expect:
-        raise SplitpilotError(f"{expect_name}: the broker announced size {header.size} sha256 {header.sha256}, "
-                              f"expected {expect[0]} {expect[1]}")
-    copy_verified((c.data for c in iterator), dest, header.sha256, header.size, expect_name)
-    return dest
-
-
 # ------------------------------------------------------------------ users
 
-class BrokerClient(_Client):
+class BrokerClient(_TokenClient):
     """Calls with a user (or admin) token: UserService."""
 
     CHECKS_OWN_TOKEN = True
-
-    def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
-                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
-        tf = _load_token(token)
-        super().__init__(address, tf.chain, tf.key, ca_pem, timeout=timeout, server_name=server_name)
 
     def _stubs(self) -> None:
         self._stub = rpc_pb.UserServiceStub(self._channel)
@@ -752,13 +552,8 @@ _FAILURES = {"wrapper": pb.ATTEMPT_FAILURE_WRAPPER, "infrastructure": pb.ATTEMPT
              "agent": pb.ATTEMPT_FAILURE_AGENT}
 
 
-class AgentClient(_Client):
+class AgentClient(_TokenClient):
     """Calls with an agent token: AgentService."""
-
-    def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
-                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
-        tf = _load_token(token)
-        super().__init__(address, tf.chain, tf.key, ca_pem, timeout=timeout, server_name=server_name)
 
     def _stubs(self) -> None:
         self._stub = rpc_pb.AgentServiceStub(self._channel)
@@ -811,163 +606,16 @@ class AgentClient(_Client):
         return read_state(response.state)
 
 
-# ------------------------------------------------------------------ jobs
-
-_TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-class JobClient(_Client):
-    """Calls with a job token: JobService. The token and its key stay in memory
-    (the TLS credentials are built from bytes), never on disk.
-
-    CERTIFICATE_PEM is the token's chain (leaf first, as Match returns it);
-    PRIVATE_KEY_PEM its key, as PEM bytes or a key object.
-    """
-
-    def __init__(self, address: str, certificate_pem: bytes, private_key_pem: bytes | ec.EllipticCurvePrivateKey,
-                 ca_pem=None, *, timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None,
-                 retries: int = 3, first_sequence: int = 1) -> None:
-        chain = load_certificates(certificate_pem, "job token")
-        _job_scope(parse_identity(chain[0]))   # before connecting
-        self._key = _private_key(private_key_pem)
-        self._token_pem = certificate_pem
-        self.retries = retries
-        self._next_sequence = first_sequence
-        super().__init__(address, chain, self._key, ca_pem, timeout=timeout, server_name=server_name)
-
-    def _stubs(self) -> None:
-        self._stub = rpc_pb.JobServiceStub(self._channel)
-
-    @property
-    def job_id(self) -> int:
-        return _job_scope(self.identity)[0]
-
-    @property
-    def attempt(self) -> int:
-        return _job_scope(self.identity)[1]
-
-    @property
-    def token_pem(self) -> bytes:
-        return self._token_pem
-
-    @property
-    def not_after(self) -> datetime.datetime:
-        return self.identity.not_after
-
-    @property
-    def key_pem(self) -> bytes:
-        """The current token's private key as PEM: for a holder that hands the token on (the agent passes a
-        refreshed token to its wrapper over the pipe), never for a file."""
-        return private_key_pem(self._key)
-
-    def update_state(self, state: JobState | int, detail: str = "", exit_code: int | None = None) -> UpdateResult:
-        """Report a state change (numbered by this client). A transient failure
-        is retried with the same sequence number: the broker acknowledges a
-        replay of an update it already applied."""
-        # cast: protoc's .pyi types an enum field by its own int subclass; any int is valid on the wire.
-        request = pb.UpdateStateRequest(state=cast(job_pb2.JobState, int(state)), detail=detail,
-                                        sequence=self._next_sequence)
-        if exit_code is not None:
-            request.exit_code = exit_code
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._stub.UpdateState(request, timeout=self.timeout)
-                break
-            except grpc.RpcError as exc:
-                if exc.code() in _TRANSIENT and attempt < self.retries:
-                    time.sleep(min(0.5 * 2 ** attempt, 5))
-                    continue
-                raise _broker_error("UpdateState", exc, self.address) from None
-        self._next_sequence += 1
-        return UpdateResult(read_state(response.state), response.replay)
-
-    @property
-    def next_sequence(self) -> int:
-        return self._next_sequence
-
-    def heartbeat(self, cpu_seconds: float = 0.0, rss_bytes: int = 0, sandbox_bytes: int = 0) -> bool:
-        """Report liveness; True when the job was killed and must stop."""
-        response = self._call("Heartbeat", self._stub.Heartbeat, pb.HeartbeatRequest(
-            cpu_seconds=cpu_seconds, rss_bytes=rss_bytes, sandbox_bytes=sandbox_bytes))
-        return response.kill
-
-    def get_input(self, name: str, dest: str | os.PathLike) -> str:
-        """Fetch input NAME to DEST (a directory: DEST/NAME), verifying its sha256; return the path."""
-        dest = os.fspath(dest)
-        if os.path.isdir(dest):
-            dest = os.path.join(dest, check_sandbox_name(name, "input name"))
-        stream = self._stream("GetInput", self._stub.GetInput, pb.GetInputRequest(name=name))
-        return _receive(stream, dest, name)
-
-    def put_output(self, path: str | os.PathLike, name: str | None = None) -> OutputFile:
-        """Upload the file at PATH as output NAME (default: its base name).
-
-        PATH is opened once; its checksum and its content are read from that
-        one descriptor (put_output_fd)."""
-        path = os.fspath(path)
-        name = check_sandbox_name(name or os.path.basename(path), "output name")
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return self.put_output_fd(fd, name)
-        finally:
-            os.close(fd)
-
-    def put_output_fd(self, fd: int, name: str) -> OutputFile:
-        """Upload the open file FD as output NAME, read from its start with pread (never reopened by path).
-
-        The wrapper opens each output itself (refusing links and anything that
-        is not a plain file of the sandbox) and uploads that very descriptor,
-        so nothing can swap the file between the check and the upload. A file
-        that changes while it is sent fails the upload (size or sha256)."""
-        name = check_sandbox_name(name, "output name")
-        sha256, size = _fd_digest(fd)
-        try:
-            response = self._stub.PutOutput(_fd_chunks(fd, name, size, sha256), timeout=STREAM_TIMEOUT)
-        except grpc.RpcError as exc:
-            raise _broker_error("PutOutput", exc, self.address) from None
-        return OutputFile(name, response.size, response.sha256)
-
-    def replace_token(self, certificate_pem: bytes, private_key_pem: bytes | ec.EllipticCurvePrivateKey) -> None:
-        """Use a token refreshed elsewhere (e.g. by the agent) for later calls: same job and attempt."""
-        chain = load_certificates(certificate_pem, "job token")
-        identity = parse_identity(chain[0])
-        if (identity.job_id, identity.attempt) != (self.job_id, self.attempt):
-            raise UsageError(f"the new token is for job {identity.job_id} attempt {identity.attempt}, not job "
-                             f"{self.job_id} attempt {self.attempt}")
-        self._switch(chain, certificate_pem, _private_key(private_key_pem))
-
-    def _switch(self, chain: Sequence[x509.Certificate], certificate_pem: bytes, key) -> None:
-        old = self._channel
-        self._key, self._token_pem = key, certificate_pem
-        self.identity = parse_identity(chain[0])
-        self._open(chain, key)
-        old.close()
-
-    def refresh_token(self, time_left_s: int = 0) -> datetime.datetime:
-        """Get a new token for a new key (made here); later calls use it. Returns its not_after."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        response = self._call("RefreshToken", self._stub.RefreshToken, pb.RefreshTokenRequest(
-            public_key=_public_der(key), time_left_s=time_left_s))
-        chain = load_certificates(response.job_token_pem, "refreshed job token")
-        self._switch(chain, response.job_token_pem, key)
-        return self.identity.not_after
-
-
 # ------------------------------------------------------------------ admins
 
 _SITE_STATES = {"enabled": pb.SITE_STATE_ENABLED, "draining": pb.SITE_STATE_DRAINING,
                 "disabled": pb.SITE_STATE_DISABLED}
 
 
-class AdminClient(_Client):
+class AdminClient(_TokenClient):
     """Calls with an admin token: AdminService."""
 
     CHECKS_OWN_TOKEN = True
-
-    def __init__(self, address: str, token: TokenFile | str | os.PathLike, ca_pem=None, *,
-                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
-        tf = _load_token(token)
-        super().__init__(address, tf.chain, tf.key, ca_pem, timeout=timeout, server_name=server_name)
 
     def _stubs(self) -> None:
         self._stub = rpc_pb.AdminServiceStub(self._channel)

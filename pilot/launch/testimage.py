@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import io
 import os
 import re
@@ -79,8 +80,6 @@ def _libraries(elves: list[Path]) -> set[Path]:
 
 
 def _software_area_extensions() -> list[Path]:
-    import importlib.metadata
-
     found = []
     for dist in ("grpcio", "cryptography", "cffi", "protobuf"):
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 import os
 import stat
+import sys
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -77,7 +78,6 @@ def read_private(path: str, policy: KeyPermissions = KeyPermissions.REFUSE, *, w
 
 
 def _stderr_warning(message: str) -> None:
-    import sys
     print(message, file=sys.stderr)
 
 

@@ -1,6 +1,6 @@
 """The wrapper's link to the broker, with the job token and only it.
 
-`JobBroker` is what the wrapper needs from the broker; `pilot.api.client.JobClient`
+`JobBroker` is what the wrapper needs from the broker; `pilot.api.jobclient.JobClient`
 implements it over gRPC with the token held in memory. Around it:
 
 - `classify` sorts a failed call: *transient* (the broker is restarting or
@@ -120,7 +120,7 @@ def connect_grpc(job: m.JobStart) -> JobBroker:
 
     The client does not retry itself (retries=0): the wrapper retries every
     call up to the token's end (see `retry`)."""
-    from pilot.api.client import JobClient  # late: grpc is only needed once a job runs
+    from pilot.api.jobclient import JobClient  # why: grpc (~15 MiB) only once a job runs, in the background
 
     return JobClient(job.broker.address, ca_pem=job.broker.ca_pem, certificate_pem=job.token.certificate_pem,
                      private_key_pem=job.token.private_key_pem, retries=0)

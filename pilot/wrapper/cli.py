@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # fd 1 becomes frames-only before anything else can print.
     read_fd, write_fd = claim_stdio()
     logconfig.configure(level, stream=sys.stderr)   # fd 2; fd 1 now is a copy of it, the frames have their own fd
-    from pilot.wrapper.run import Wrapper  # after the claim: imports may print warnings
+    from pilot.wrapper.run import Wrapper  # why: after the claim: imports may print warnings
 
     with PipeChannel(Role.WRAPPER, read_fd, write_fd) as channel:
         try:
