@@ -325,9 +325,13 @@ def test_the_monitor_page_in_a_real_browser(server, tokens, tmp_path):
     the job no site can run; the hostile message is text (no <img>, no <b> element, the title unchanged,
     no table broken out of)."""
     made = populate(server, tokens)
+    for _ in range(3):
+        server._monitor_server.monitor.sample()  # what the sampler thread does every 10 s
     url = f"http://127.0.0.1:{server.monitor_port}/"
     dom = DomText()
-    dom.feed(chromium(tmp_path, url, "--dump-dom"))
+    html = chromium(tmp_path, url, "--dump-dom")
+    dom.feed(html)
+    assert "polyline" in dom.tags and "running at SITE-A: 1" in html and "waiting (all): 1" in html
     assert dom.title == "splitpilot broker monitor"
     assert "img" not in dom.tags and "b" not in dom.tags and "script" in dom.tags  # only the page's own script
     sites = {row[0]: row for row in dom.tables["sites"][1:]}
