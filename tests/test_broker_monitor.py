@@ -21,7 +21,7 @@ from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import pytest
-from pg import PostgresCluster
+from pg import PostgresCluster, pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 from prometheus_client.parser import text_string_to_metric_families
 from test_pilot_e2e import wait_for
 
@@ -121,11 +121,19 @@ def populate(server: BrokerServer, tokens) -> SimpleNamespace:
 
 # ------------------------------------------------------------------ metrics, probes
 
-def test_metrics_are_labelled_by_site(server, tokens):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_metrics_are_labelled_by_site(backend, request, tmp_path, ca_dir, tokens):
     """Per site: pilots alive/busy/idle, jobs by state, failures by class, pilot ends and empty pilots;
-    the Match latency histogram by result; pilots alive now."""
-    populate(server, tokens)
-    got = samples(server)
+    the Match latency histogram by result; pilots alive now (both stores: the figures are SQL of their own)."""
+    db = {"db_url": request.getfixturevalue("pg_url")} if backend == "postgresql" else {}
+    server = start_server(tmp_path, ca_dir, **db)
+    try:
+        populate(server, tokens)
+        got = samples(server)
+        status, _, body = get(f"http://127.0.0.1:{server.monitor_port}/api/monitor.json")
+        assert status == 200 and [s["site"] for s in json.loads(body)["sites"]] == ["SITE-A", "SITE-B"]
+    finally:
+        server.stop()
     expected = {
         ("splitpilot_pilots_alive", ()): 1,
         ("splitpilot_site_pilots", (("site", "SITE-A"), ("status", "alive"))): 1,
