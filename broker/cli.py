@@ -111,6 +111,13 @@ def _register_broker(subparsers) -> None:
                             "counts, RPC rates and pilots seen (logged as a warning); use it only behind a firewall")
     serve.add_argument("--metrics-timeout", default="10s", metavar="DURATION",
                        help="a metrics connection must send its request within this (default: %(default)s)")
+    serve.add_argument("--monitor", metavar="[HOST:]PORT",
+                       help="serve the live web monitor at http://HOST:PORT/ (default: off; PORT alone: "
+                            "127.0.0.1:PORT); read-only, no authentication, so an address other than loopback "
+                            "also needs --monitor-public")
+    serve.add_argument("--monitor-public", action="store_true",
+                       help="allow --monitor on an address other machines reach; it then shows aggregated counts "
+                            "only (no site names, job ids or messages)")
     serve.add_argument("--ca", metavar="CA_DIR", help="an existing CA directory (default: DIR/ca, created on first "
                                                       "start)")
     serve.add_argument("--host-name", action="append", default=[], metavar="NAME",
@@ -164,7 +171,7 @@ def _serve(args: argparse.Namespace) -> int:
         queue_timeout=parse_duration(args.queue_timeout, what="--queue-timeout") if args.queue_timeout else None)
     config = BrokerConfig(
         state_dir=args.state_dir, db_url=args.db, listen=args.listen, metrics=args.metrics, ca_dir=args.ca,
-        metrics_public=args.metrics_public,
+        metrics_public=args.metrics_public, monitor=args.monitor, monitor_public=args.monitor_public,
         metrics_timeout=parse_duration(args.metrics_timeout, what="--metrics-timeout").total_seconds(),
         revocation_refresh=parse_duration(args.revocation_refresh, what="--revocation-refresh").total_seconds(),
         max_job_files=args.max_outputs,

@@ -21,6 +21,17 @@ query storm on the database.
     splitpilot_rpc_errors_total{method=...}             calls that did not end OK
     splitpilot_rpc_duration_seconds{method=...}         histogram: time in handlers per RPC
     splitpilot_identity_cache_{hits,misses}_total       token verification cache (and _entries, a gauge)
+    splitpilot_match_duration_seconds{result=...}       histogram: Match latency by result
+    splitpilot_pilots_alive                             gauge: pilots alive now (not ended, heard from lately)
+    splitpilot_site_pilots{site=...,status=...}         gauge: alive / busy / idle pilots per site
+    splitpilot_site_jobs{site=...,state=...}            gauge: jobs a site holds now, or ended there in the last hour
+    splitpilot_site_failures{site=...,class=...}        gauge: jobs failed in the last hour, by final state
+    splitpilot_site_pilot_ends{site=...,reason=...}     gauge: pilots ended in the last hour, by end reason
+    splitpilot_site_empty_pilots{site=...}              gauge: pilots ended in the last hour without a job
+
+Site and reason labels are capped (broker.store.figures: 200 sites, 20 reasons, the rest "other").
+The endpoint also answers /healthz (the process answers) and /readyz (the store answers: the same
+probe as the gRPC health service; 503 when it does not).
 
 prometheus_client's own HTTP servers (start_http_server, make_wsgi_app) are
 not used: they run a thread per connection with no bound on idle ones,
@@ -44,6 +55,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
+from broker.store.figures import SiteFigures
 from pilot.api.states import JobState
 
 log = logging.getLogger("splitpilot.broker.metrics")
@@ -55,6 +67,9 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 MATCH_RESULTS = ("matched", "empty", "refused")
+
+#: Seconds. A Match is one store transaction plus, when matched, a job token's signature.
+MATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics:
@@ -73,6 +88,9 @@ class Metrics:
                                       ("method",), buckets=RPC_BUCKETS, registry=r)
         self.match_requests = Counter("splitpilot_match_requests", "Match calls by result.", ("result",),
                                       registry=r)
+        self.match_duration = Histogram("splitpilot_match_duration_seconds",
+                                        "Seconds a Match call took (the claim and the job token), by result.",
+                                        ("result",), buckets=MATCH_BUCKETS, registry=r)
         self.broker_matches = Counter("splitpilot_broker_matches", "Jobs matched by this broker process.",
                                       registry=r)
         self.reaped = Counter("splitpilot_reaped", "Attempts ended by this process's reaper, by cause.", ("cause",),
@@ -92,9 +110,11 @@ class Metrics:
             self.rpc_errors.labels(method).inc()
         self.rpc_duration.labels(method).observe(seconds)
 
-    def match_result(self, result: str) -> None:
-        """One Match call answered with RESULT (one of MATCH_RESULTS)."""
+    def match_result(self, result: str, seconds: float | None = None) -> None:
+        """One Match call answered with RESULT (one of MATCH_RESULTS) after SECONDS (None: not timed)."""
         self.match_requests.labels(result).inc()
+        if seconds is not None:
+            self.match_duration.labels(result).observe(seconds)
         if result == "matched":
             self.broker_matches.inc()
 
@@ -126,17 +146,48 @@ class BrokerCollector(Collector):
     )
 
     def __init__(self, counts: Callable[[], Mapping[JobState, int]], stats: Callable[[], Mapping[str, int]],
-                 cache: Callable[[], IdentityCacheFigures]) -> None:
+                 cache: Callable[[], IdentityCacheFigures],
+                 figures: Callable[[], SiteFigures] | None = None) -> None:
         self._counts = counts
         self._stats = stats
         self._cache = cache
+        self._figures = figures
 
     def describe(self) -> Iterable[Metric]:
         # The names without samples: registering must not query the database.
-        return list(self._families(None, {}, None))
+        return list(self._families(None, {}, None)) + list(self._site_families(None))
 
     def collect(self) -> Iterable[Metric]:
-        return list(self._families(self._counts(), self._stats(), self._cache()))
+        figures = self._figures() if self._figures is not None else None
+        return list(self._families(self._counts(), self._stats(), self._cache())) + list(self._site_families(figures))
+
+    def _site_families(self, figures: SiteFigures | None) -> Iterator[Metric]:
+        if self._figures is None:
+            return
+        alive = GaugeMetricFamily("splitpilot_pilots_alive", "Pilots alive now (not ended, heard from lately).",
+                                  value=None if figures is None else sum(p.alive for p in figures.pilots.values()))
+        pilots = GaugeMetricFamily("splitpilot_site_pilots", "Pilots alive now per site: alive, busy (holding a "
+                                   "job), idle.", labels=("site", "status"))
+        jobs = GaugeMetricFamily("splitpilot_site_jobs", "Jobs per site and state: held now, or ended there in "
+                                 "the last hour.", labels=("site", "state"))
+        failures = GaugeMetricFamily("splitpilot_site_failures", "Jobs that failed in the last hour, per site "
+                                     "and failure class (final state).", labels=("site", "class"))
+        ends = GaugeMetricFamily("splitpilot_site_pilot_ends", "Pilots that ended in the last hour, per site and "
+                                 "end reason.", labels=("site", "reason"))
+        empty = GaugeMetricFamily("splitpilot_site_empty_pilots", "Pilots that ended in the last hour without "
+                                  "running a job, per site.", labels=("site",))
+        if figures is not None:
+            for site, counts in sorted(figures.pilots.items()):
+                for status in ("alive", "busy", "idle"):
+                    pilots.add_metric((site, status), getattr(counts, status))
+                empty.add_metric((site,), counts.empty)
+            for (site, state), n in sorted(figures.jobs.items()):
+                jobs.add_metric((site, state), n)
+            for (site, failure), n in sorted(figures.failures.items()):
+                failures.add_metric((site, failure), n)
+            for (site, reason), n in sorted(figures.pilot_ends.items()):
+                ends.add_metric((site, reason), n)
+        yield from (alive, pilots, jobs, failures, ends, empty)
 
     def _families(self, counts: Mapping[JobState, int] | None, stats: Mapping[str, int],
                   cache: IdentityCacheFigures | None) -> Iterator[Metric]:
@@ -162,29 +213,33 @@ class BrokerCollector(Collector):
                                 value=entries)
 
 
-class MetricsServer:
-    """Serves RENDER() at /metrics (and /) on HOST:PORT.
+#: What a route answers: (status line, content type, body).
+Response = tuple[str, str, bytes]
+TEXT = "text/plain; charset=utf-8"
+
+
+class BoundedHttpServer:
+    """Serves ROUTES (path -> a function answering it, run in one rendering thread) on HOST:PORT.
 
     One thread runs an asyncio server, whatever the number of connections
     (the old thread-per-connection server grew to 1,512 threads for 1,500
-    idle connections); a second one renders (the store is queried at most
-    once per CACHE_SECONDS). Every connection must send its request head
-    (at most 8 KiB) within READ_TIMEOUT seconds or is closed; at most
-    MAX_CONNECTIONS are open at once, and when a new one arrives at that
-    bound the oldest connection still waiting for its request is closed to
-    make room, so idle connections can delay a scrape by no more than their
-    own number of accepts, and never block it. One request per connection
-    (the answer says Connection: close).
+    idle connections); a second one renders. Every connection must send its
+    request head (at most 8 KiB) within READ_TIMEOUT seconds or is closed;
+    at most MAX_CONNECTIONS are open at once, and when a new one arrives at
+    that bound the oldest connection still waiting for its request is
+    closed to make room, so idle connections can delay a request by no more
+    than their own number of accepts, and never block it. One request per
+    connection (the answer says Connection: close). Only GET and HEAD; the
+    query string is ignored. The metrics endpoint and the web monitor
+    (broker/monitor.py) are two of these.
     """
 
     MAX_HEAD = 8 << 10
+    NAME = "broker-http"
 
-    def __init__(self, host: str, port: int, render: Callable[[], bytes], *, cache_seconds: float = 1.0,
+    def __init__(self, host: str, port: int, routes: Mapping[str, Callable[[], Response]], *,
                  read_timeout: float = 10.0, max_connections: int = 256) -> None:
-        self._render = render
-        self._cache_seconds = cache_seconds
-        self._cached: tuple[float, bytes] | None = None
-        self._lock = threading.Lock()
+        self.routes = dict(routes)
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         # Bound here, so that a port in use fails the broker's start (OSError), as before.
@@ -192,20 +247,13 @@ class MetricsServer:
         self._socket = socket.create_server((host, port), family=family, backlog=128)
         self.port = self._socket.getsockname()[1]
         self._loop = asyncio.new_event_loop()
-        self._renderer = ThreadPoolExecutor(1, thread_name_prefix="broker-metrics-render")
+        self._renderer = ThreadPoolExecutor(1, thread_name_prefix=f"{self.NAME}-render")
         #: Connections still waiting for their request head, oldest first (evicted first at the bound).
         self._waiting: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()
         self._open = 0
         self._server: asyncio.base_events.Server | None = None
-        self._thread = threading.Thread(target=self._run, name="broker-metrics", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.NAME, daemon=True)
         self._started = threading.Event()
-
-    def body(self) -> bytes:
-        with self._lock:
-            now = time.monotonic()
-            if self._cached is None or now - self._cached[0] >= self._cache_seconds:
-                self._cached = (now, self._render())
-            return self._cached[1]
 
     @property
     def connections(self) -> int:
@@ -250,24 +298,30 @@ class MetricsServer:
     async def _answer(self, head: bytes, writer: asyncio.StreamWriter) -> None:
         parts = head.split(b"\r\n", 1)[0].split()
         method, target = (parts[0], parts[1].decode("latin-1")) if len(parts) == 3 else (b"", "")
+        route = self.routes.get(target.split("?")[0])
+        served = ", ".join(sorted(self.routes))
         if method not in (b"GET", b"HEAD"):
-            status, body = "405 Method Not Allowed", b"only GET /metrics is served here\n"
-        elif target.split("?")[0] not in ("/", "/metrics"):
-            status, body = "404 Not Found", b"only /metrics is served here\n"
+            status, content_type, body = "405 Method Not Allowed", TEXT, f"only GET of {served} here\n".encode()
+        elif route is None:
+            status, content_type, body = "404 Not Found", TEXT, f"only {served} are served here\n".encode()
         else:
             try:
-                body = await self._loop.run_in_executor(self._renderer, self.body)
-                status = "200 OK"
+                status, content_type, body = await self._loop.run_in_executor(self._renderer, route)
             except Exception:  # noqa: BLE001
-                log.exception("metrics: rendering failed")
-                status, body = "500 Internal Server Error", b"metrics could not be collected; see the broker's log\n"
-        content_type = CONTENT_TYPE if status == "200 OK" else "text/plain; charset=utf-8"
+                log.exception("%s: answering %s failed", self.NAME, target[:200])
+                status, content_type, body = ("500 Internal Server Error", TEXT,
+                                              b"the answer could not be made; see the broker's log\n")
         writer.write(f"HTTP/1.1 {status}\r\nServer: splitpilot-broker\r\nContent-Type: {content_type}\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+                     f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff"
+                     f"\r\n{self.extra_headers()}Connection: close\r\n\r\n".encode())
         if method != b"HEAD":
             writer.write(body)
         await asyncio.wait_for(writer.drain(), self.read_timeout)
-        log.debug("metrics: %s %s %s", method.decode("latin-1"), target[:200], status)
+        log.debug("%s: %s %s %s", self.NAME, method.decode("latin-1"), target[:200], status)
+
+    def extra_headers(self) -> str:
+        """Header lines (each ending in CRLF) added to every answer."""
+        return ""
 
     def stop(self) -> None:
         if self._thread.is_alive():
@@ -283,7 +337,7 @@ class MetricsServer:
             try:
                 asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
             except Exception as exc:  # noqa: BLE001
-                log.warning("metrics: stop: %s", exc)
+                log.warning("%s: stop: %s", self.NAME, exc)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
         if not self._loop.is_running():
@@ -292,4 +346,53 @@ class MetricsServer:
         self._renderer.shutdown(wait=False, cancel_futures=True)
 
 
-__all__ = ["CONTENT_TYPE", "BrokerCollector", "Metrics", "MetricsServer"]
+class MetricsServer(BoundedHttpServer):
+    """RENDER() at /metrics (and /), rendered at most once per CACHE_SECONDS (the store is queried no more
+    often, however many scrapes arrive); /healthz: 200 while the process answers; /readyz: 200 when READY()
+    (the store answers), else 503 (asked at most once per CACHE_SECONDS too)."""
+
+    NAME = "broker-metrics"
+
+    def __init__(self, host: str, port: int, render: Callable[[], bytes], *, cache_seconds: float = 1.0,
+                 read_timeout: float = 10.0, max_connections: int = 256,
+                 ready: Callable[[], bool] | None = None) -> None:
+        self._render = render
+        self._ready = ready
+        self._cache_seconds = cache_seconds
+        self._cached: tuple[float, bytes] | None = None
+        self._readiness: tuple[float, bool] | None = None
+        self._lock = threading.Lock()
+        routes: dict[str, Callable[[], Response]] = {"/": self._metrics, "/metrics": self._metrics,
+                                                     "/healthz": lambda: ("200 OK", TEXT, b"ok\n")}
+        if ready is not None:
+            routes["/readyz"] = self._readyz
+        super().__init__(host, port, routes, read_timeout=read_timeout, max_connections=max_connections)
+
+    def body(self) -> bytes:
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self._cache_seconds:
+                self._cached = (now, self._render())
+            return self._cached[1]
+
+    def _metrics(self) -> Response:
+        try:
+            return "200 OK", CONTENT_TYPE, self.body()
+        except Exception:  # noqa: BLE001
+            log.exception("metrics: rendering failed")
+            return "500 Internal Server Error", TEXT, b"metrics could not be collected; see the broker's log\n"
+
+    def _readyz(self) -> Response:
+        assert self._ready is not None
+        with self._lock:
+            now = time.monotonic()
+            if self._readiness is None or now - self._readiness[0] >= self._cache_seconds:
+                self._readiness = (now, self._ready())
+            ready = self._readiness[1]
+        if ready:
+            return "200 OK", TEXT, b"ready: the store answers\n"
+        return ("503 Service Unavailable", TEXT,
+                b"not ready: the store does not answer; see the broker's log for the database error\n")
+
+
+__all__ = ["CONTENT_TYPE", "BoundedHttpServer", "BrokerCollector", "Metrics", "MetricsServer", "Response"]

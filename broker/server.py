@@ -50,10 +50,13 @@ from broker.ca import CertificateAuthority
 from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, FileStore
 from broker.health import BrokerHealth
 from broker.metrics import BrokerCollector, Metrics, MetricsServer
+from broker.monitor import Monitor, MonitorServer, MonitorSettings, unrunnable
 from broker.services import add_servicers
 from broker.services.base import Broker, ServiceSettings, heartbeat_interval, utcnow
 from broker.store import open_store
 from broker.store.base import JobStore, Reaped, StoreSettings, StoreUnavailable
+from broker.store.figures import SiteFigures, site_figures
+from broker.store.sql import SqlStore
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import Expectation, TokenFile, TokenRole, TokenVerifier
 from pilot.tokens.errors import KeyFileError, TokenError
@@ -116,6 +119,12 @@ class BrokerConfig:
     metrics_public: bool = False
     #: Seconds a metrics connection may take to send its request before it is closed.
     metrics_timeout: float = 10.0
+    #: HOST:PORT (or PORT: 127.0.0.1) of the live web monitor (broker/monitor.py); None: no monitor.
+    monitor: str | None = None
+    #: Allow a monitor address other than loopback; it then shows aggregated counts only.
+    monitor_public: bool = False
+    #: Seconds between the monitor's history samples (an hour of them is kept).
+    monitor_sample: float = 10.0
     #: Seconds between reloads of the revoked tokens from the store (0: only at start).
     revocation_refresh: float = 2.0
     #: CA directory; default STATE/ca (created on first start).
@@ -158,6 +167,8 @@ class BrokerServer:
         self._server: grpc.aio.Server | None = None
         self.health: BrokerHealth | None = None
         self._metrics_server: MetricsServer | None = None
+        self._monitor_server: MonitorServer | None = None
+        self.monitor_port: int | None = None
         self._reaper: threading.Thread | None = None
         self._revocations: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -199,6 +210,8 @@ class BrokerServer:
         config = self.config
         host, port = parse_address(config.listen)
         metrics_address = metrics_bind(config.metrics, config.metrics_public) if config.metrics else None
+        monitor_address = (metrics_bind(config.monitor, config.monitor_public, "--monitor") if config.monitor
+                           else None)
         # Wrappers heartbeat at a third of the timeout (MatchedJob.broker_heartbeat_s): a healthy job is never
         # reaped, and a timeout they cannot meet is refused here, before anything starts.
         heartbeat_s = heartbeat_interval(config.store_settings.heartbeat_timeout)
@@ -215,7 +228,8 @@ class BrokerServer:
                 broker_heartbeat_s=heartbeat_s)
             self.broker = Broker(self.store, files, self.ca, settings=settings, metrics=self.metrics)
             broker, store = self.broker, self.store
-            self.metrics.registry.register(BrokerCollector(store.counts, store.stats, lambda: broker.auth.cache))
+            self.metrics.registry.register(BrokerCollector(store.counts, store.stats, lambda: broker.auth.cache,
+                                                           self.site_figures if isinstance(store, SqlStore) else None))
             self.broker.refresh_revocations()  # before the first call: a restarted broker knows them all
             credentials = grpc.ssl_server_credentials(
                 [(private_key_pem(host_token.key), certificate_pem(list(host_token.chain)))],
@@ -232,7 +246,7 @@ class BrokerServer:
                 metrics_host, metrics_port = metrics_address
                 try:
                     self._metrics_server = MetricsServer(metrics_host, metrics_port, self.metrics.render,
-                                                         read_timeout=config.metrics_timeout)
+                                                         read_timeout=config.metrics_timeout, ready=self.ready)
                 except OSError as exc:
                     raise BrokerStartError(f"metrics endpoint {config.metrics}: {exc.strerror}; fix: choose "
                                            "another --metrics HOST:PORT") from None
@@ -244,6 +258,8 @@ class BrokerServer:
                                 "it on 127.0.0.1", format_address(metrics_host, self.metrics_port))
                 else:
                     log.info("metrics on http://%s/metrics", format_address(metrics_host, self.metrics_port))
+            if monitor_address is not None:
+                self._start_monitor(*monitor_address)
             if config.reap_interval > 0:
                 self._reaper = threading.Thread(target=self._reap_loop, name="broker-reaper", daemon=True)
                 self._reaper.start()
@@ -267,6 +283,8 @@ class BrokerServer:
                 thread.join(timeout=30)
         if self._metrics_server is not None:
             self._metrics_server.stop()
+        if self._monitor_server is not None:
+            self._monitor_server.stop()
         if self._loop is not None:
             if self.health is not None:  # NOT_SERVING for good: probes send no new calls during the grace
                 try:
@@ -344,6 +362,48 @@ class BrokerServer:
         """Tell the health service what a query of the store just showed (Watch streams hear of it)."""
         if self.health is not None and self._loop is not None and not self._stopping.is_set():
             asyncio.run_coroutine_threadsafe(self.health.observe(store_answered), self._loop)
+
+    def ready(self) -> bool:
+        """Whether the store answers (/readyz): the gRPC health service's probe (broker/health.py)."""
+        try:
+            self.store.revocation_generation()
+            return True
+        except Exception as exc:  # noqa: BLE001 (any failure of the store means: not ready)
+            log.warning("readyz: the store does not answer (%s)", exc)
+            return False
+
+    def site_figures(self) -> SiteFigures:
+        """Per-site figures now (metrics and monitor); a pilot heard from within the heartbeat timeout is alive."""
+        assert isinstance(self.store, SqlStore)
+        return site_figures(self.store, utcnow(), self.config.store_settings.heartbeat_timeout)
+
+    def _start_monitor(self, host: str, port: int) -> None:
+        config, broker, store = self.config, self.broker, self.store
+        assert broker is not None and store is not None
+        if not isinstance(store, SqlStore):
+            raise BrokerStartError("--monitor needs one of the SQL stores (SQLite or PostgreSQL)")
+
+        def unrunnable_now(figures: SiteFigures, states: dict[str, str]) -> list:
+            now = utcnow()
+            broker.flush_offers(now)  # this process's offers too, as GetJob's analysis does
+            return unrunnable(store, figures.waiting_classes, broker.settings.offers, states, now)
+
+        monitor = Monitor(self.site_figures, store.site_states, unrunnable_now,
+                          MonitorSettings(sample_s=config.monitor_sample, public=config.monitor_public))
+        try:
+            self._monitor_server = MonitorServer(host, port, monitor, read_timeout=config.metrics_timeout)
+        except OSError as exc:
+            raise BrokerStartError(f"monitor {config.monitor}: {exc.strerror}; fix: choose another --monitor "
+                                   "HOST:PORT") from None
+        self._monitor_server.start()
+        self.monitor_port = self._monitor_server.port
+        shown = format_address(host, self.monitor_port)
+        if config.monitor_public and not _loopback(host):
+            log.warning("MONITOR IS PUBLIC: http://%s/ answers anyone who can reach it, with aggregated counts "
+                        "only (no site names, job ids or messages); serve it on 127.0.0.1 for the full view",
+                        shown)
+        else:
+            log.info("web monitor on http://%s/", shown)
 
     def render_metrics(self) -> str:
         """What the metrics endpoint serves (rendered now, whatever the endpoint's cache holds)."""
@@ -497,11 +557,17 @@ def _loopback(host: str) -> bool:
     return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
-def metrics_bind(text: str, public: bool) -> tuple[str, int]:
-    """(host, port) of --metrics: PORT alone means 127.0.0.1:PORT; an address beyond loopback needs PUBLIC."""
+def metrics_bind(text: str, public: bool, option: str = "--metrics") -> tuple[str, int]:
+    """(host, port) of --metrics or --monitor (OPTION): PORT alone means 127.0.0.1:PORT; an address beyond
+    loopback needs PUBLIC."""
     if text.isdigit():
         text = f"127.0.0.1:{text}"
-    host, port = parse_address(text, "--metrics")
+    host, port = parse_address(text, option)
+    if not public and not _loopback(host) and option == "--monitor":
+        raise UsageError(f"--monitor {text}: {host} is reachable from other machines, and the monitor has no "
+                         f"authentication; fix: serve it on 127.0.0.1:{port} (open it through an SSH tunnel), or "
+                         "add --monitor-public to show aggregated counts only (no site names, job ids or "
+                         "messages) to anyone who reaches it")
     if not public and not _loopback(host):
         raise UsageError(f"--metrics {text}: {host} is reachable from other machines, and the endpoint has no "
                          "authentication (it shows job counts, RPC rates and pilots seen to anyone); fix: serve it "

@@ -220,6 +220,11 @@ def test_serve_refuses_bad_options(tmp_path):
                  "0.0.0.0:0")
     assert result.returncode == 2 and "add --metrics-public" in result.stderr and "fix:" in result.stderr
     assert "--metrics-public" in run("broker", "serve", "--help").stdout
+    # The same for the web monitor (no authentication either).
+    result = run("broker", "serve", "--state-dir", str(tmp_path / "s"), "--listen", "127.0.0.1:0", "--monitor",
+                 "0.0.0.0:0")
+    assert result.returncode == 2 and "add --monitor-public" in result.stderr and "fix:" in result.stderr
+    assert "--monitor-public" in run("broker", "serve", "--help").stdout
 
 
 def test_serve_refuses_a_heartbeat_timeout_wrappers_cannot_meet(tmp_path):

@@ -13,6 +13,7 @@ certificate: an agent can affect only its own pilots and the jobs they hold.
 from __future__ import annotations
 
 import logging
+import time
 
 from cryptography.hazmat.primitives import serialization
 
@@ -86,6 +87,7 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
     @rpc(SERVICE)
     async def Match(self, identity: Identity, request: pb.MatchRequest, context) -> pb.MatchResponse:
         broker = self.broker
+        started = time.monotonic()  # the Match latency histogram: from here to the answer
         key = job_public_key(request.job_public_key)
         pilot = _pilot(identity, request.pilot_id, request.node)
         slot = request.slot
@@ -97,7 +99,7 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
         assignment = await broker.call(broker.store.match, offer, pilot, now)
         broker.offers.note(offer, to_ms(now))  # in memory: why-is-my-job-waiting, no store access here
         if assignment is None:
-            return await self._no_match(site)
+            return await self._no_match(site, started)
         try:
             certificate = broker.ca.issue_job_token(
                 identity, job_id=assignment.job_id, attempt=assignment.attempt, owner=assignment.owner,
@@ -109,23 +111,23 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
                       assignment.job_id, assignment.attempt, exc)
             await broker.call(broker.store.attempt_failed, assignment.job_id, assignment.attempt, pilot,
                               RequeueCause.INFRASTRUCTURE, f"job token not issued: {exc}", now)
-            broker.metrics.match_result("refused")
+            broker.metrics.match_result("refused", time.monotonic() - started)
             raise
-        broker.metrics.match_result("matched")
+        broker.metrics.match_result("matched", time.monotonic() - started)
         return pb.MatchResponse(job=pb.MatchedJob(
             job_id=assignment.job_id, attempt=assignment.attempt, spec=assignment.spec,
             job_token_pem=certificate.public_bytes(_PEM) + broker.ca_pem,
             token_not_after_unix=int(certificate.not_valid_after_utc.timestamp()),
             broker_heartbeat_s=broker.settings.broker_heartbeat_s))
 
-    async def _no_match(self, site: str) -> pb.MatchResponse:
+    async def _no_match(self, site: str, started: float) -> pb.MatchResponse:
         broker = self.broker
         state = await broker.call(broker.store.site_state, site)
         if state != "enabled":
-            broker.metrics.match_result("refused")
+            broker.metrics.match_result("refused", time.monotonic() - started)
             return pb.MatchResponse(no_match=pb.NoMatch(
                 reason=f"site {site} is {state}: no new jobs; leave", retry_after_s=0, leave=True))
-        broker.metrics.match_result("empty")
+        broker.metrics.match_result("empty", time.monotonic() - started)
         return pb.MatchResponse(no_match=pb.NoMatch(
             reason="no waiting job fits this slot", retry_after_s=broker.settings.empty_retry_s, leave=False))
 
