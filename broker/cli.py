@@ -29,6 +29,7 @@ from pilot import logconfig
 from pilot.api.files import format_size, parse_size, shown
 from pilot.api.jobfile import load_job_file
 from pilot.api.states import JobState
+from pilot.configfile import ConfigSpec, make_configurable, resolve
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
 from pilot.tomlschema import Checker
@@ -41,7 +42,21 @@ CONFIG_KEYS = ("broker", "token", "ca_cert")
 CONFIG_EXAMPLES = {"broker": '"host:7443"', "token": f'"{DEFAULT_TOKEN}"', "ca_cert": '"~/.splitpilot/ca.crt"'}
 STATE_NAMES = [s.name for s in JobState]
 
+#: `broker serve --config FILE`: a [broker] table, one key per option (pilot.configfile).
+SERVE_CONFIG = ConfigSpec(
+    section="broker",
+    examples={"state_dir": '"/var/lib/splitpilot/broker"', "db": '"postgresql://splitpilot@db/splitpilot"',
+              "listen": '"0.0.0.0:7443"', "metrics": '"127.0.0.1:9100"', "ca": '"/var/lib/splitpilot/broker/ca"',
+              "host_name": '["broker.example.org"]'},
+    validators={"max_file_size": lambda v: parse_size(v, "max_file_size"),
+                "max_job_size": lambda v: parse_size(v, "max_job_size"),
+                "heartbeat_timeout": lambda v: _heartbeat_check(v)},
+    minimum={"max_attempts": 1, "max_outputs": 1})
+
 SERVE_EPILOG = """\
+a configuration file (--config FILE) sets any option as a key of its [broker] table
+(--state-dir -> state_dir, --host-name -> host_name = [...]); flags override it. See docs/operations.md.
+
 state directory:
   DIR/ca/         the CA, created on first start (unless --ca names an existing one)
   DIR/host.pem    the broker's TLS certificate (a host token), renewed when needed
@@ -141,8 +156,15 @@ def _register_broker(subparsers) -> None:
                        help="time running calls get to finish on shutdown (default: %(default)s)")
     serve.add_argument("--log-level", default="info", choices=logconfig.LEVELS,
                        help="stderr log level (default: %(default)s; times are UTC)")
+    make_configurable(serve, SERVE_CONFIG)
     serve.set_defaults(handler=_serve)
     broker.set_defaults(handler=lambda _a: broker.print_help(sys.stderr) or 2)
+
+
+def _heartbeat_check(text: str) -> None:
+    from broker.services.base import heartbeat_interval  # why: the broker's services, loaded when checking
+
+    heartbeat_interval(parse_duration(text, what="heartbeat_timeout"))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -150,6 +172,7 @@ def _serve(args: argparse.Namespace) -> int:
     from broker.services.base import heartbeat_interval  # why: as above
     from broker.store.base import StoreSettings  # why: as above
 
+    resolve(args)   # --config FILE: flag, else file, else default
     # The broker's lines keep their form (`INFO store ...`): its loggers all say `broker`, so no source word.
     logconfig.configure(args.log_level, source=False)
     if args.max_attempts < 1:
