@@ -62,6 +62,8 @@ FACTORY_CONFIG = ConfigSpec(
               "bind": '["/data/site:/site/data"]', "admin_token": '"/etc/splitpilot/factory-admin.pem"',
               "lifetime": '"6h"', "idle_timeout": '"2m"'},
     validators={"lifetime": lambda v: parse_duration(v, what="lifetime"),
+                "grace": lambda v: parse_duration(v, what="grace"),
+                "max_idle": lambda v: parse_duration(v, what="max_idle"),
                 "idle_timeout": lambda v: parse_duration(v, what="idle_timeout"),
                 "submit_line": lambda v: _submit_lines([v])},
     minimum={"cpus": 1, "memory": 1, "disk": 1, "max_per_cycle": 1, "jobs_per_glidein": 1, "interval": 1},
@@ -158,6 +160,12 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
                         help="the agent stops taking work after K consecutive failures (default: the agent's, 3)")
     parser.add_argument("--stop-deadline", type=int, metavar="SECONDS",
                         help="the deadline jobs get at slot end or SIGTERM (default: the agent's, 30)")
+    parser.add_argument("--grace", default="10m", metavar="DURATION",
+                        help="time a glidein may run past its lifetime before HTCondor holds it (default %(default)s)")
+    parser.add_argument("--max-idle", default="2h", metavar="DURATION",
+                        help="a glidein idle in the queue longer than this is held, then removed (default %(default)s)")
+    parser.add_argument("--queue", default="default", metavar="NAME",
+                        help="the queue named in the agent tokens (default %(default)s)")
     parser.add_argument("--cpus", type=int, default=1, metavar="N", help="cores each glidein asks for (default 1)")
     parser.add_argument("--memory", type=int, default=1024, metavar="MB",
                         help="memory each glidein asks for, MB (default 1024)")
@@ -251,6 +259,8 @@ def _settings(args, pool):
                                              platforms=tuple(args.platform), black_hole=args.black_hole,
                                              stop_deadline=args.stop_deadline),
                      lifetime=parse_duration(args.lifetime, what="--lifetime"), cpus=args.cpus,
+                     grace=parse_duration(args.grace, what="--grace"),
+                     max_idle=parse_duration(args.max_idle, what="--max-idle"), queue=args.queue,
                      memory_mb=args.memory, disk_mb=args.disk, ce=_ce(args),
                      submit_lines=_submit_lines(args.submit_lines))
     else:

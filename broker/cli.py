@@ -51,7 +51,7 @@ SERVE_CONFIG = ConfigSpec(
     validators={"max_file_size": lambda v: parse_size(v, "max_file_size"),
                 "max_job_size": lambda v: parse_size(v, "max_job_size"),
                 "heartbeat_timeout": lambda v: _heartbeat_check(v)},
-    minimum={"max_attempts": 1, "max_outputs": 1})
+    minimum={"max_attempts": 1, "max_outputs": 1, "threads": 1, "max_jobs_per_submit": 1})
 
 SERVE_EPILOG = """\
 a configuration file (--config FILE) sets any option as a key of its [broker] table
@@ -152,6 +152,15 @@ def _register_broker(subparsers) -> None:
                        help="how often revoked tokens are reloaded from the database: a token revoked through "
                             "another broker on the same database is refused here within this (default: "
                             "%(default)s)")
+    serve.add_argument("--job-token-ttl", metavar="DURATION",
+                       help="lifetime of the job token handed out at a match (default: the CA's maximum for job "
+                            "tokens; wrappers refresh it while the job runs)")
+    serve.add_argument("--empty-retry", default="30s", metavar="DURATION",
+                       help="how long an agent is told to wait after a match found no job (default: %(default)s)")
+    serve.add_argument("--threads", type=int, default=8, metavar="N",
+                       help="threads for database calls and file I/O (default: %(default)s)")
+    serve.add_argument("--max-jobs-per-submit", type=int, default=10_000, metavar="N",
+                       help="most jobs one submission may hold (default: %(default)s)")
     serve.add_argument("--grace", default="5s", metavar="DURATION",
                        help="time running calls get to finish on shutdown (default: %(default)s)")
     serve.add_argument("--log-level", default="info", choices=logconfig.LEVELS,
@@ -169,7 +178,7 @@ def _heartbeat_check(text: str) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from broker.server import BrokerConfig, BrokerServer  # why: the server and the broker extra
-    from broker.services.base import heartbeat_interval  # why: as above
+    from broker.services.base import ServiceSettings, heartbeat_interval  # why: as above
     from broker.store.base import StoreSettings  # why: as above
 
     resolve(args)   # --config FILE: flag, else file, else default
@@ -177,14 +186,17 @@ def _serve(args: argparse.Namespace) -> int:
     logconfig.configure(args.log_level, source=False)
     if args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
-    if args.max_outputs < 1:
-        raise UsageError("--max-outputs must be at least 1")
+    for flag, value in (("--max-outputs", args.max_outputs), ("--threads", args.threads),
+                        ("--max-jobs-per-submit", args.max_jobs_per_submit)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1")
     heartbeat_interval(parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"))  # refused early
     store_settings = StoreSettings(
         default_max_attempts=args.max_attempts,
         heartbeat_timeout=parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"),
         start_timeout=parse_duration(args.start_timeout, what="--start-timeout"),
-        queue_timeout=parse_duration(args.queue_timeout, what="--queue-timeout") if args.queue_timeout else None)
+        queue_timeout=parse_duration(args.queue_timeout, what="--queue-timeout") if args.queue_timeout else None,
+        max_jobs_per_submit=args.max_jobs_per_submit)
     config = BrokerConfig(
         state_dir=args.state_dir, db_url=args.db, listen=args.listen, metrics=args.metrics, ca_dir=args.ca,
         metrics_public=args.metrics_public,
@@ -196,6 +208,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_file_size=parse_size(args.max_file_size, "--max-file-size"),
         max_job_bytes=parse_size(args.max_job_size, "--max-job-size"),
         store_settings=store_settings, grace=parse_duration(args.grace, what="--grace").total_seconds())
+    # The offload choice stays the server's (a network database: every store call in a thread).
+    config.service = ServiceSettings(
+        empty_retry_s=int(parse_duration(args.empty_retry, what="--empty-retry").total_seconds()),
+        threads=args.threads, offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+")),
+        job_token_ttl=parse_duration(args.job_token_ttl, what="--job-token-ttl") if args.job_token_ttl else None)
     server = BrokerServer(config)
     previous = {sig: signal.signal(sig, lambda *_: server.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     log = logging.getLogger("splitpilot.broker")

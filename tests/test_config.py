@@ -17,7 +17,9 @@ from types import SimpleNamespace
 import pytest
 
 from broker.ca import CertificateAuthority
-from tests.test_broker_cli import BIN, run, run_to_done, write_job_file
+from pilot.api.client import AgentClient, NoMatch
+from pilot.tokens import TokenRole
+from tests.test_broker_cli import BIN, SLOT, run, run_to_done, write_job_file
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONTRIB = ROOT / "contrib"
@@ -48,7 +50,7 @@ def test_a_broker_started_with_only_a_config_file_serves_a_job(tmp_path):
     state = tmp_path / "state"
     config = tmp_path / "broker.toml"
     config.write_text(f'[broker]\nstate_dir = "{state}"\nlisten = "127.0.0.1:0"\nreap_interval = "1s"\n'
-                      'max_file_size = "1M"\nmax_outputs = 7\ngrace = 1\n')
+                      'max_file_size = "1M"\nmax_outputs = 7\ngrace = 1\nempty_retry = "7s"\n')
     log_path = tmp_path / "broker.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen([str(BIN), "broker", "serve", "--config", str(config)],
@@ -65,15 +67,26 @@ def test_a_broker_started_with_only_a_config_file_serves_a_job(tmp_path):
                    "--out", str(token)).returncode == 0
         client = tmp_path / "client.toml"
         client.write_text(f'[client]\nbroker = "{address}"\ntoken = "{token}"\n')
+        ca = CertificateAuthority.load(str(state / "ca"))
+        # A service setting from the file: an empty match tells the agent to come back in 7 s (default 30).
+        agent_token = ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+        with AgentClient(address, agent_token) as agent:
+            empty = agent.match(SLOT, "pilot-0", "node-0")
+        assert isinstance(empty, NoMatch) and empty.retry_after_s == 7
         submitted = run("job", "submit", write_job_file(tmp_path), "--config", str(client))
         assert submitted.returncode == 0, submitted.stderr
-        ca = CertificateAuthority.load(str(state / "ca"))
         job_id = run_to_done(SimpleNamespace(address=address, ca=ca), tmp_path)
         status = run("job", "status", str(job_id), "--config", str(client))
         assert status.returncode == 0 and "state:     DONE" in status.stdout, status.stdout + status.stderr
     finally:
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0   # the clean stop the systemd unit relies on
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+    assert code == 0   # the clean stop on SIGTERM the systemd unit relies on
 
 
 def test_flags_override_the_file_and_show_says_where_each_value_came_from(tmp_path):
@@ -203,16 +216,17 @@ def test_the_factory_file_reaches_the_submit_description_and_the_agents_command_
                       'submit_line = ["accounting_group = group_pilots.site_a", "+ProjectName = \\"alice\\""]\n'
                       'bind = ["/data/site:/site/data"]\nsoftware_dir = "/cvmfs/sw.example.org/sp"\n'
                       'platform = ["el9"]\nblack_hole = 4\nstop_deadline = 90\nlifetime = "12h"\ncpus = 8\n'
-                      'image = "/cvmfs/img"\nmax_queued = 3\n')
+                      'image = "/cvmfs/img"\nmax_queued = 3\ngrace = "20m"\nmax_idle = "1h"\nqueue = "short"\n')
     args = build_parser().parse_args(["glidein", "submit", "--config", str(config), "--cpus", "4"])
     settings = factory_cli._settings(args, None)
-    assert settings.cpus == 4 and settings.lifetime.total_seconds() == 12 * 3600
+    assert settings.cpus == 4 and settings.lifetime.total_seconds() == 12 * 3600 and settings.queue == "short"
     folder = tmp_path / "batch"
     d = build_description(settings.glidein_request(folder / "glidein_startup.sh", folder / "log", batch="b1",
                                                    inputs=()))
     assert d["grid_resource"] == "condor ce.example.org ce.example.org:9620"
     assert d["scitokens_file"] == str(scitoken) and d["accounting_group"] == "group_pilots.site_a"
     assert d["+ProjectName"] == '"alice"' and d["request_cpus"] == "4"
+    assert d["+SplitpilotGrace"] == "1200" and d["+SplitpilotMaxIdle"] == "3600"
     glidein = settings.glidein
     assert glidein.image == "/cvmfs/img" and glidein.binds == ("/data/site:/site/data",)
     assert glidein.agent_args() == (" --bind '/data/site:/site/data' --software-dir '/cvmfs/sw.example.org/sp'"

@@ -129,6 +129,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stop taking work after K consecutive wrapper/infrastructure failures (default 3)")
     parser.add_argument("--stop-deadline", type=int, default=30, metavar="SECONDS",
                         help="Stop deadline given to jobs at slot end or SIGTERM (default 30)")
+    parser.add_argument("--min-job-time", default="1m", metavar="DURATION",
+                        help="ask for no job when less time than this is left (default %(default)s)")
+    parser.add_argument("--pilot-heartbeat", default="1m", metavar="DURATION",
+                        help="how often the agent reports itself to the broker (default %(default)s)")
     parser.add_argument("--allow-root-payloads", action="store_true",
                         help="run payloads as root without a container (refused by default: a root payload "
                              "can read the agent's memory, token included, despite non-dumpable)")
@@ -288,6 +292,9 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
     settings = AgentSettings(work_dir=work_dir, pilot_id=pilot_id, node=node,
                              idle_timeout_s=parse_duration(args.idle_timeout).total_seconds(),
                              black_hole_failures=args.black_hole, platforms=tuple(args.platform),
+                             min_job_time_s=parse_duration(args.min_job_time, what="--min-job-time").total_seconds(),
+                             pilot_heartbeat_s=parse_duration(args.pilot_heartbeat,
+                                                              what="--pilot-heartbeat").total_seconds(),
                              run=RunSettings(stop_deadline_s=args.stop_deadline), isolation=isolation.name,
                              one_job_at_a_time=exclusive, token_not_after=identity.not_after.timestamp())
     cgroup_parent = prepare_delegation()
