@@ -164,7 +164,10 @@ def _register_broker(subparsers) -> None:
     serve.add_argument("--grace", default="5s", metavar="DURATION",
                        help="time running calls get to finish on shutdown (default: %(default)s)")
     serve.add_argument("--log-level", default="info", choices=logconfig.LEVELS,
-                       help="stderr log level (default: %(default)s; times are UTC)")
+                       help="log level (default: %(default)s; times are UTC)")
+    serve.add_argument("--log-file", metavar="FILE",
+                       help="append the log lines to FILE (created 0600) instead of stderr (default: stderr, which "
+                            "a systemd unit sends to the journal)")
     make_configurable(serve, SERVE_CONFIG)
     serve.set_defaults(handler=_serve)
     broker.set_defaults(handler=lambda _a: broker.print_help(sys.stderr) or 2)
@@ -183,7 +186,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     resolve(args)   # --config FILE: flag, else file, else default
     # The broker's lines keep their form (`INFO store ...`): its loggers all say `broker`, so no source word.
-    logconfig.configure(args.log_level, source=False)
+    logconfig.configure(args.log_level, source=False, log_file=args.log_file)
     if args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
     for flag, value in (("--max-outputs", args.max_outputs), ("--threads", args.threads),

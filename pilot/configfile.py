@@ -121,7 +121,7 @@ def make_configurable(parser: argparse.ArgumentParser, spec: ConfigSpec, *, conf
     dashed = next((o for o in options.values() if "-" in o.flag[2:]), None)
     example = f" ({dashed.flag} -> {dashed.key})" if dashed else ""
     parser.add_argument("--config", metavar="FILE",
-                        help=config_help or f"a TOML file with a [{spec.section}] table: any option above as KEY = "
+                        help=config_help or f"a TOML file whose [{spec.section}] table sets any option above as KEY = "
                                             f"VALUE{example}; flags override it (docs/operations.md)")
     _OPTIONS[id(parser)] = options
     _SECTION_KEYS.setdefault(spec.section, set()).update(options)

@@ -49,15 +49,16 @@ def show(target: str, *options: str) -> dict:
 def test_a_broker_started_with_only_a_config_file_serves_a_job(tmp_path):
     state = tmp_path / "state"
     config = tmp_path / "broker.toml"
-    config.write_text(f'[broker]\nstate_dir = "{state}"\nlisten = "127.0.0.1:0"\nreap_interval = "1s"\n'
-                      'max_file_size = "1M"\nmax_outputs = 7\ngrace = 1\nempty_retry = "7s"\n')
     log_path = tmp_path / "broker.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([str(BIN), "broker", "serve", "--config", str(config)],
-                                   stdout=subprocess.DEVNULL, stderr=log)
+    config.write_text(f'[broker]\nstate_dir = "{state}"\nlisten = "127.0.0.1:0"\nreap_interval = "1s"\n'
+                      'max_file_size = "1M"\nmax_outputs = 7\ngrace = 1\nempty_retry = "7s"\n'
+                      f'log_file = "{log_path}"\n')
+    process = subprocess.Popen([str(BIN), "broker", "serve", "--config", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
         wait(lambda: (state / "address").exists() or process.poll() is not None, 60, "the broker to start")
         assert process.poll() is None, log_path.read_text()
+        assert log_path.stat().st_mode & 0o077 == 0   # the log file from the config: private
         # The file's settings are the ones in force (the defaults are 2 GiB and 5s).
         wait(lambda: "ready:" in log_path.read_text(), 30, "the broker's ready line")
         assert "limits 1 MiB per file" in log_path.read_text() and "reaper every 1s" in log_path.read_text()
@@ -117,6 +118,8 @@ def test_every_option_of_each_command_is_a_key_of_its_file(target, argv):
     flags = {f.lstrip("-").replace("-", "_") for a in parser._actions for f in a.option_strings
              if f.startswith("--") and a.dest not in ("help", "config", "dry_run", "count")}
     assert flags - set(show(target)) == set()
+    documented = (ROOT / "docs" / "operations.md").read_text()
+    assert [key for key in sorted(flags) if f"| `{key}` |" not in documented] == []
     for action in parser._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{argv} {action.option_strings} has no help text"
