@@ -208,7 +208,7 @@ def test_an_agent_dry_run_from_a_config_file_shows_its_binds_and_runtime(tmp_pat
 def test_the_factory_file_reaches_the_submit_description_and_the_agents_command_line(tmp_path):
     from apps import factory_cli
     from apps.cli import build_parser
-    from condor_plugin.glidein.package import GlideinSettings
+    from condor_plugin.glidein.package import GlideinPackage, GlideinSettings, render_script
     from submit import build_description
 
     scitoken = tmp_path / "ce.scitoken"
@@ -235,6 +235,18 @@ def test_the_factory_file_reaches_the_submit_description_and_the_agents_command_
     assert glidein.agent_args() == (" --bind '/data/site:/site/data' --software-dir '/cvmfs/sw.example.org/sp'"
                                     " --platform 'el9' --black-hole '4' --stop-deadline '90'")
     assert GlideinSettings(broker="b:1").agent_args() == ""
+    # The startup script passes them to the agent as words a shell reads back unchanged.
+    package = GlideinPackage(tarball=tmp_path / "p.tar", sha256="0" * 64, key="k", python_version="3.11", wheels=(),
+                             built_seconds=0.0, cached=True)
+    script = tmp_path / "glidein_startup.sh"
+    script.write_text(render_script(package, glidein))
+    assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
+    line = next(t for t in script.read_text().splitlines() if "--bind" in t)
+    extra = line.split('"$IDLE_TIMEOUT"', 1)[1]
+    words = subprocess.run(["sh", "-c", "set -- " + extra + "; printf '%s\\n' \"$@\""],
+                           capture_output=True, text=True).stdout.split("\n")
+    assert words[:10] == ["--bind", "/data/site:/site/data", "--software-dir", "/cvmfs/sw.example.org/sp",
+                          "--platform", "el9", "--black-hole", "4", "--stop-deadline", "90"]
     # The factory's file is shared by glidein status: keys of factory run are known there, not refused.
     status = build_parser().parse_args(["glidein", "status", "--config", str(config)])
     factory_cli.resolve(status)
