@@ -48,8 +48,26 @@ from pathlib import Path
 
 from broker.ca import CertificateAuthority
 from pilot import logconfig
+from pilot.configfile import ConfigSpec, make_configurable, resolve
 from pilot.durations import parse_duration
 from pilot.errors import UsageError
+
+#: `glidein ...`/`factory run --config FILE`: one [factory] table for the site's glideins and the factory
+#: loop, one key per option (pilot.configfile). Tokens (admin_token, scitoken) are paths.
+FACTORY_CONFIG = ConfigSpec(
+    section="factory",
+    examples={"site": '"SITE-A"', "broker": '"broker.example.org:7443"', "ca": '"/var/lib/splitpilot/broker/ca"',
+              "work_dir": '"/var/lib/splitpilot/factory"', "ce": '"ce.example.org:9619"',
+              "scitoken": '"/etc/splitpilot/ce.scitoken"', "submit_line": '["accounting_group = group_pilots"]',
+              "bind": '["/data/site:/site/data"]', "admin_token": '"/etc/splitpilot/factory-admin.pem"',
+              "lifetime": '"6h"', "idle_timeout": '"2m"'},
+    validators={"lifetime": lambda v: parse_duration(v, what="lifetime"),
+                "grace": lambda v: parse_duration(v, what="grace"),
+                "max_idle": lambda v: parse_duration(v, what="max_idle"),
+                "idle_timeout": lambda v: parse_duration(v, what="idle_timeout"),
+                "submit_line": lambda v: _submit_lines([v])},
+    minimum={"cpus": 1, "memory": 1, "disk": 1, "max_per_cycle": 1, "jobs_per_glidein": 1, "interval": 1},
+    exclude=frozenset({"count", "idle", "batch"}))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,16 +77,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit = sub.add_parser("submit", help="submit N glideins now")
     _common(submit, need_broker=True)
     submit.add_argument("--count", type=int, default=1, metavar="N", help="glideins to submit (default 1)")
+    make_configurable(submit, FACTORY_CONFIG)
     submit.set_defaults(handler=run_submit)
     status = sub.add_parser("status", help="this factory's glideins")
     _common(status, need_broker=False)
     status.add_argument("--json", action="store_true", help="one JSON object per glidein, one a line")
+    make_configurable(status, FACTORY_CONFIG)
     status.set_defaults(handler=run_status)
     remove = sub.add_parser("remove", help="remove this factory's glideins (all, idle only, or one batch's)")
     _common(remove, need_broker=False)
     remove.add_argument("--idle", action="store_true", help="only glideins still idle in the queue")
     remove.add_argument("--batch", metavar="BATCH", help="only this batch's glideins (see glidein status)")
     remove.add_argument("--json", action="store_true", help="the glideins removed, one JSON object a line")
+    make_configurable(remove, FACTORY_CONFIG)
     remove.set_defaults(handler=run_remove)
 
     factory = subparsers.add_parser("factory", help="keep glideins in line with the broker's waiting jobs",
@@ -85,12 +106,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="submitted per cycle at most (default 5)")
     run.add_argument("--jobs-per-glidein", type=int, default=1, metavar="N",
                      help="waiting jobs one glidein is counted for (default 1)")
+    make_configurable(run, FACTORY_CONFIG)
     run.set_defaults(handler=run_factory)
 
 
 def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
-    parser.add_argument("--site", required=True, help="the site the glideins (and their agent tokens) are for")
-    parser.add_argument("--factory", default="splitpilot", help="this factory's name (default %(default)s)")
+    parser.add_argument("--site", required=True, metavar="SITE",
+                        help="the site the glideins (and their agent tokens) are for")
+    parser.add_argument("--factory", default="splitpilot", metavar="NAME",
+                        help="this factory's name (default %(default)s)")
     parser.add_argument("--minicondor", type=Path, metavar="DIR",
                         help="use the mini-condor whose state folder is DIR (default: the schedd CONDOR_CONFIG names)")
     parser.add_argument("--pool", metavar="HOST[:PORT]",
@@ -108,16 +132,18 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
         return
     parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="the broker, as the nodes reach it")
     parser.add_argument("--ca", required=True, metavar="DIR", help="the CA that mints agent tokens (broker STATE/ca)")
-    parser.add_argument("--container-policy", choices=("require", "prefer", "off"), default="prefer")
-    parser.add_argument("--runtimes", default="apptainer",
-                        help="container runtimes for the agent (default %(default)s)")
+    parser.add_argument("--container-policy", choices=("require", "prefer", "off"), default="prefer",
+                        help="the agent's container policy (default %(default)s; `splitpilot agent "
+                             "--container-policy`)")
+    parser.add_argument("--runtimes", default="apptainer", metavar="LIST",
+                        help="container runtimes for the agent, comma-separated (default %(default)s)")
     parser.add_argument("--image", default="", help="container image for the agent (default with --minicondor: "
                                                     "its apptainer sandbox image)")
-    parser.add_argument("--lifetime", default="6h", help="glidein lifetime (default %(default)s)")
+    parser.add_argument("--lifetime", default="6h", metavar="DURATION", help="glidein lifetime (default %(default)s)")
     parser.add_argument("--bind", action="append", default=[], metavar="SRC[:DST]", dest="binds",
                         help="a site bind for the agent's jobs: the node's SRC read-only at DST (default SRC) "
                              "(repeatable; `splitpilot agent --bind`)")
-    parser.add_argument("--idle-timeout", default="2m",
+    parser.add_argument("--idle-timeout", default="2m", metavar="DURATION",
                         help="the agent leaves after this long idle (default %(default)s)")
     parser.add_argument("--ce", metavar="HOST[:PORT]",
                         help="submit to this HTCondor-CE (grid universe; port 9619 unless given)")
@@ -125,9 +151,26 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
                         help="the SciToken file the CE accepts (with --ce; default: HTCondor's own search)")
     parser.add_argument("--submit-line", action="append", default=[], metavar="KEY=VALUE", dest="submit_lines",
                         help="an extra submit description line, e.g. accounting_group=group_pilots (repeatable)")
-    parser.add_argument("--cpus", type=int, default=1)
-    parser.add_argument("--memory", type=int, default=1024, metavar="MB")
-    parser.add_argument("--disk", type=int, default=2048, metavar="MB")
+    parser.add_argument("--software-dir", default="", metavar="DIR",
+                        help="the site's read-only software area on the nodes, e.g. under /cvmfs (default: each "
+                             "agent builds its own; `splitpilot agent --software-dir`)")
+    parser.add_argument("--platform", action="append", default=[], metavar="TAG",
+                        help="a platform tag the agents offer (repeatable; `splitpilot agent --platform`)")
+    parser.add_argument("--black-hole", type=int, metavar="K",
+                        help="the agent stops taking work after K consecutive failures (default: the agent's, 3)")
+    parser.add_argument("--stop-deadline", type=int, metavar="SECONDS",
+                        help="the deadline jobs get at slot end or SIGTERM (default: the agent's, 30)")
+    parser.add_argument("--grace", default="10m", metavar="DURATION",
+                        help="time a glidein may run past its lifetime before HTCondor holds it (default %(default)s)")
+    parser.add_argument("--max-idle", default="2h", metavar="DURATION",
+                        help="a glidein idle in the queue longer than this is held, then removed (default %(default)s)")
+    parser.add_argument("--queue", default="default", metavar="NAME",
+                        help="the queue named in the agent tokens (default %(default)s)")
+    parser.add_argument("--cpus", type=int, default=1, metavar="N", help="cores each glidein asks for (default 1)")
+    parser.add_argument("--memory", type=int, default=1024, metavar="MB",
+                        help="memory each glidein asks for, MB (default 1024)")
+    parser.add_argument("--disk", type=int, default=2048, metavar="MB",
+                        help="disk each glidein asks for, MB (default 2048)")
 
 
 def _pool(args):
@@ -198,6 +241,7 @@ def _submit_lines(entries: list[str]) -> dict[str, str]:
 
 
 def _settings(args, pool):
+    resolve(args)   # --config FILE: flag, else file, else default (every command comes through here)
     from condor_plugin.factory.factory import FactorySettings  # why: htcondor2 (the condor extra)
     from condor_plugin.glidein.package import GlideinSettings  # why: htcondor2 (the condor extra)
 
@@ -211,8 +255,12 @@ def _settings(args, pool):
         image = args.image or (pool.sandbox_image if pool is not None else "")
         extra = dict(glidein=GlideinSettings(broker=args.broker, container_policy=args.container_policy,
                                              runtimes=args.runtimes, image=image, idle_timeout=args.idle_timeout,
-                                             binds=tuple(args.binds)),
+                                             binds=tuple(args.binds), software_dir=args.software_dir,
+                                             platforms=tuple(args.platform), black_hole=args.black_hole,
+                                             stop_deadline=args.stop_deadline),
                      lifetime=parse_duration(args.lifetime, what="--lifetime"), cpus=args.cpus,
+                     grace=parse_duration(args.grace, what="--grace"),
+                     max_idle=parse_duration(args.max_idle, what="--max-idle"), queue=args.queue,
                      memory_mb=args.memory, disk_mb=args.disk, ce=_ce(args),
                      submit_lines=_submit_lines(args.submit_lines))
     else:
@@ -226,7 +274,8 @@ def _settings(args, pool):
 def _factory(args):
     from condor_plugin.factory.factory import Factory  # why: htcondor2 (the condor extra)
 
-    # Every glidein/factory command starts here: the process's one logging configuration.
+    # Every glidein/factory command starts here: its --config file, the process's one logging configuration.
+    resolve(args)
     logconfig.configure(args.log_level, log_file=str(args.log_file) if args.log_file else None)
     pool = _pool(args)
     settings = _settings(args, pool)

@@ -29,6 +29,7 @@ from pilot import logconfig
 from pilot.api.files import format_size, parse_size, shown
 from pilot.api.jobfile import load_job_file
 from pilot.api.states import JobState
+from pilot.configfile import ConfigSpec, make_configurable, resolve
 from pilot.durations import format_duration, parse_duration
 from pilot.errors import UsageError
 from pilot.tomlschema import Checker
@@ -41,7 +42,21 @@ CONFIG_KEYS = ("broker", "token", "ca_cert")
 CONFIG_EXAMPLES = {"broker": '"host:7443"', "token": f'"{DEFAULT_TOKEN}"', "ca_cert": '"~/.splitpilot/ca.crt"'}
 STATE_NAMES = [s.name for s in JobState]
 
+#: `broker serve --config FILE`: a [broker] table, one key per option (pilot.configfile).
+SERVE_CONFIG = ConfigSpec(
+    section="broker",
+    examples={"state_dir": '"/var/lib/splitpilot/broker"', "db": '"postgresql://splitpilot@db/splitpilot"',
+              "listen": '"0.0.0.0:7443"', "metrics": '"127.0.0.1:9100"', "ca": '"/var/lib/splitpilot/broker/ca"',
+              "host_name": '["broker.example.org"]'},
+    validators={"max_file_size": lambda v: parse_size(v, "max_file_size"),
+                "max_job_size": lambda v: parse_size(v, "max_job_size"),
+                "heartbeat_timeout": lambda v: _heartbeat_check(v)},
+    minimum={"max_attempts": 1, "max_outputs": 1, "threads": 1, "max_jobs_per_submit": 1})
+
 SERVE_EPILOG = """\
+a configuration file (--config FILE) sets any option as a key of its [broker] table
+(--state-dir -> state_dir, --host-name -> host_name = [...]); flags override it. See docs/operations.md.
+
 state directory:
   DIR/ca/         the CA, created on first start (unless --ca names an existing one)
   DIR/host.pem    the broker's TLS certificate (a host token), renewed when needed
@@ -144,31 +159,54 @@ def _register_broker(subparsers) -> None:
                        help="how often revoked tokens are reloaded from the database: a token revoked through "
                             "another broker on the same database is refused here within this (default: "
                             "%(default)s)")
+    serve.add_argument("--job-token-ttl", metavar="DURATION",
+                       help="lifetime of the job token handed out at a match (default: the CA's maximum for job "
+                            "tokens; wrappers refresh it while the job runs)")
+    serve.add_argument("--empty-retry", default="30s", metavar="DURATION",
+                       help="how long an agent is told to wait after a match found no job (default: %(default)s)")
+    serve.add_argument("--threads", type=int, default=8, metavar="N",
+                       help="threads for database calls and file I/O (default: %(default)s)")
+    serve.add_argument("--max-jobs-per-submit", type=int, default=10_000, metavar="N",
+                       help="most jobs one submission may hold (default: %(default)s)")
     serve.add_argument("--grace", default="5s", metavar="DURATION",
                        help="time running calls get to finish on shutdown (default: %(default)s)")
     serve.add_argument("--log-level", default="info", choices=logconfig.LEVELS,
-                       help="stderr log level (default: %(default)s; times are UTC)")
+                       help="log level (default: %(default)s; times are UTC)")
+    serve.add_argument("--log-file", metavar="FILE",
+                       help="append the log lines to FILE (created 0600) instead of stderr (default: stderr, which "
+                            "a systemd unit sends to the journal)")
+    make_configurable(serve, SERVE_CONFIG)
     serve.set_defaults(handler=_serve)
     broker.set_defaults(handler=lambda _a: broker.print_help(sys.stderr) or 2)
 
 
+def _heartbeat_check(text: str) -> None:
+    from broker.services.base import heartbeat_interval  # why: the broker's services, loaded when checking
+
+    heartbeat_interval(parse_duration(text, what="heartbeat_timeout"))
+
+
 def _serve(args: argparse.Namespace) -> int:
     from broker.server import BrokerConfig, BrokerServer  # why: the server and the broker extra
-    from broker.services.base import heartbeat_interval  # why: as above
+    from broker.services.base import ServiceSettings, heartbeat_interval  # why: as above
     from broker.store.base import StoreSettings  # why: as above
 
+    resolve(args)   # --config FILE: flag, else file, else default
     # The broker's lines keep their form (`INFO store ...`): its loggers all say `broker`, so no source word.
-    logconfig.configure(args.log_level, source=False)
+    logconfig.configure(args.log_level, source=False, log_file=args.log_file)
     if args.max_attempts < 1:
         raise UsageError("--max-attempts must be at least 1")
-    if args.max_outputs < 1:
-        raise UsageError("--max-outputs must be at least 1")
+    for flag, value in (("--max-outputs", args.max_outputs), ("--threads", args.threads),
+                        ("--max-jobs-per-submit", args.max_jobs_per_submit)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1")
     heartbeat_interval(parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"))  # refused early
     store_settings = StoreSettings(
         default_max_attempts=args.max_attempts,
         heartbeat_timeout=parse_duration(args.heartbeat_timeout, what="--heartbeat-timeout"),
         start_timeout=parse_duration(args.start_timeout, what="--start-timeout"),
-        queue_timeout=parse_duration(args.queue_timeout, what="--queue-timeout") if args.queue_timeout else None)
+        queue_timeout=parse_duration(args.queue_timeout, what="--queue-timeout") if args.queue_timeout else None,
+        max_jobs_per_submit=args.max_jobs_per_submit)
     config = BrokerConfig(
         state_dir=args.state_dir, db_url=args.db, listen=args.listen, metrics=args.metrics, ca_dir=args.ca,
         metrics_public=args.metrics_public, monitor=args.monitor, monitor_public=args.monitor_public,
@@ -180,6 +218,11 @@ def _serve(args: argparse.Namespace) -> int:
         max_file_size=parse_size(args.max_file_size, "--max-file-size"),
         max_job_bytes=parse_size(args.max_job_size, "--max-job-size"),
         store_settings=store_settings, grace=parse_duration(args.grace, what="--grace").total_seconds())
+    # The offload choice stays the server's (a network database: every store call in a thread).
+    config.service = ServiceSettings(
+        empty_retry_s=int(parse_duration(args.empty_retry, what="--empty-retry").total_seconds()),
+        threads=args.threads, offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+")),
+        job_token_ttl=parse_duration(args.job_token_ttl, what="--job-token-ttl") if args.job_token_ttl else None)
     server = BrokerServer(config)
     previous = {sig: signal.signal(sig, lambda *_: server.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
     log = logging.getLogger("splitpilot.broker")

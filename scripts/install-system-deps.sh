@@ -10,10 +10,12 @@
 #   postgresql: the PostgreSQL store's tests (a private cluster per test run)
 #   npm: installs buf (@bufbuild/buf) for the schema gate (scripts/schema-gate.sh)
 #   chromium: a headless browser that loads the broker's web monitor (tests/test_broker_monitor.py)
+#   systemd: systemd-analyze verify checks contrib/'s service units (tests/test_config.py)
 # Usage: install-system-deps.sh [PACKAGE...]   (default: all of the above)
 set -eu
 
 packages="protobuf-compiler libprotobuf-java libprotobuf-dev g++ pkg-config bubblewrap podman runc debootstrap catatonit postgresql docker.io chromium"
+packages="$packages systemd"
 # Callers may name the packages they need instead (make demo: only debootstrap).
 [ "$#" -gt 0 ] && packages="$*"
 # A JDK and npm are asked for only when their commands are missing: machines often have them from

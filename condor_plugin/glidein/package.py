@@ -300,6 +300,26 @@ class GlideinSettings:
     lifetime: str = "24h"
     #: Site binds for the agent's jobs (`--bind SRC[:DST]`, read-only); paths on the worker node.
     binds: tuple[str, ...] = ()
+    #: The site's read-only software area on the node (e.g. under /cvmfs); '' lets the agent build its own.
+    software_dir: str = ""
+    #: Platform tags the agent offers (`--platform`, repeatable).
+    platforms: tuple[str, ...] = ()
+    #: Consecutive failures after which the agent takes no more work (None: the agent's default).
+    black_hole: int | None = None
+    #: Stop deadline, seconds, given to jobs at slot end or SIGTERM (None: the agent's default).
+    stop_deadline: int | None = None
+
+    def agent_args(self) -> str:
+        """The agent options beyond the fixed ones, as single-quoted shell words (checked in __post_init__)."""
+        words = [f" --bind '{bind}'" for bind in self.binds]
+        if self.software_dir:
+            words.append(f" --software-dir '{self.software_dir}'")
+        words += [f" --platform '{tag}'" for tag in self.platforms]
+        if self.black_hole is not None:
+            words.append(f" --black-hole '{self.black_hole}'")
+        if self.stop_deadline is not None:
+            words.append(f" --stop-deadline '{self.stop_deadline}'")
+        return "".join(words)
 
     def __post_init__(self) -> None:
         if self.container_policy not in ("require", "prefer", "off"):
@@ -311,6 +331,20 @@ class GlideinSettings:
         if ":" not in self.broker:
             raise UsageError(f"broker {self.broker!r} is not HOST:PORT")
         object.__setattr__(self, "binds", tuple(self.binds))
+        object.__setattr__(self, "platforms", tuple(self.platforms))
+        for name, words in (("software dir", (self.software_dir,) if self.software_dir else ()),
+                            ("platform", self.platforms)):
+            for word in words:
+                if not word or any(c.isspace() or c in "'\\\"$`" for c in word):
+                    raise UsageError(f"glidein {name} {word!r} is empty or contains whitespace, a quote, a "
+                                     "backslash, '$' or '`'; fix: give one without them")
+        if self.software_dir and not self.software_dir.startswith("/"):
+            raise UsageError(f"glidein software dir {self.software_dir!r} is not an absolute path on the node; "
+                             "fix: e.g. /cvmfs/sw.example.org/splitpilot")
+        for name, number in (("black-hole count", self.black_hole), ("stop deadline", self.stop_deadline)):
+            if number is not None and number < (1 if name == "black-hole count" else 0):
+                raise UsageError(f"glidein {name} {number} is out of range; fix: a whole number of at least "
+                                 f"{1 if name == 'black-hole count' else 0}")
         for bind in self.binds:
             # The agent checks the rest on the node (the source exists, it is not its work dir).
             if any(c.isspace() or c in "'\\\"$`" for c in bind):
@@ -348,8 +382,9 @@ def render_script(package: GlideinPackage, settings: GlideinSettings, template: 
         "TOKEN_NAME": TOKEN_NAME, "BROKER": settings.broker, "CONTAINER_POLICY": settings.container_policy,
         "RUNTIMES": settings.runtimes, "IMAGE": settings.image, "IDLE_TIMEOUT": settings.idle_timeout,
         "LIFETIME": settings.lifetime,
-        # Single-quoted words on the agent's command line: GlideinSettings refused quotes and whitespace.
-        "BIND_ARGS": "".join(f" --bind '{bind}'" for bind in settings.binds),
+        # Single-quoted words on the agent's command line: GlideinSettings refused quotes and whitespace
+        # (binds, then the software area, platforms, black-hole count and stop deadline).
+        "BIND_ARGS": settings.agent_args(),
     }
     text = template.read_text()
     for name, value in values.items():

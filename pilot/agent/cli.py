@@ -62,6 +62,7 @@ from pilot.agent.guardian import fork_agent
 from pilot.agent.refusal import AgentTokenExpired, AgentTokenRefused
 from pilot.agent.secrets import make_non_dumpable, read_token, scrub_environment
 from pilot.api.jobfile import load_job_file
+from pilot.configfile import ConfigSpec, make_configurable, resolve
 from pilot.durations import parse_duration
 from pilot.errors import SplitpilotError, UsageError
 from pilot.launch import (
@@ -84,6 +85,17 @@ from pilot.tokens import TokenRole, parse_identity, parse_token_pem
 WRAPPER_ARGV = ("python3", "-m", "pilot.wrapper")
 log = logging.getLogger("splitpilot.agent")
 DEFAULT_RUNTIMES = "apptainer,singularity,podman,bubblewrap"
+
+
+#: `agent --config FILE`: an [agent] table, one key per option (pilot.configfile); the token is a path.
+AGENT_CONFIG = ConfigSpec(
+    section="agent",
+    examples={"broker": '"broker.example.org:7443"', "token": '"/var/lib/splitpilot/agent.pem"',
+              "work_dir": '"/var/lib/splitpilot/agent"', "software_dir": '"/cvmfs/sw.example.org/splitpilot"',
+              "image": '"/cvmfs/unpacked.cern.ch/registry.hub.docker.com/library/almalinux:9"',
+              "platform": '["el9"]', "bind": '["/data/site:/site/data"]'},
+    validators={"bind": parse_bind},
+    minimum={"black_hole": 1})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -117,6 +129,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stop taking work after K consecutive wrapper/infrastructure failures (default 3)")
     parser.add_argument("--stop-deadline", type=int, default=30, metavar="SECONDS",
                         help="Stop deadline given to jobs at slot end or SIGTERM (default 30)")
+    parser.add_argument("--min-job-time", default="1m", metavar="DURATION",
+                        help="ask for no job when less time than this is left (default %(default)s)")
+    parser.add_argument("--pilot-heartbeat", default="1m", metavar="DURATION",
+                        help="how often the agent reports itself to the broker (default %(default)s)")
     parser.add_argument("--allow-root-payloads", action="store_true",
                         help="run payloads as root without a container (refused by default: a root payload "
                              "can read the agent's memory, token included, despite non-dumpable)")
@@ -130,6 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "debug adds every pipe frame's kind and size, never its content)")
     parser.add_argument("--log-file", metavar="FILE",
                         help="append the agent's log lines to FILE (created 0600) instead of stderr")
+    make_configurable(parser, AGENT_CONFIG)
     parser.set_defaults(handler=run_agent)
 
 
@@ -165,6 +182,7 @@ def _runtime(args, software: str, work_dir: str, binds: tuple = ()):
 
 
 def run_agent(args: argparse.Namespace) -> int:
+    resolve(args)   # --config FILE: flag, else file, else default
     # One configuration for the process; the guardian forked from it below keeps it.
     logconfig.configure(args.log_level, log_file=args.log_file)
     # Before anything else: protect the memory that will hold the token.
@@ -274,6 +292,9 @@ def _agent(args, token, identity, ca_pem: bytes | None, pilot_id: str, node: str
     settings = AgentSettings(work_dir=work_dir, pilot_id=pilot_id, node=node,
                              idle_timeout_s=parse_duration(args.idle_timeout).total_seconds(),
                              black_hole_failures=args.black_hole, platforms=tuple(args.platform),
+                             min_job_time_s=parse_duration(args.min_job_time, what="--min-job-time").total_seconds(),
+                             pilot_heartbeat_s=parse_duration(args.pilot_heartbeat,
+                                                              what="--pilot-heartbeat").total_seconds(),
                              run=RunSettings(stop_deadline_s=args.stop_deadline), isolation=isolation.name,
                              one_job_at_a_time=exclusive, token_not_after=identity.not_after.timestamp())
     cgroup_parent = prepare_delegation()
