@@ -717,8 +717,19 @@ def test_prune_keeps_the_newest_packages(tmp_path):
         (tmp_path / key / "package.json").write_text("{}")
         os.utime(tmp_path / key / "package.json", (1000 + index, 1000 + index))
     (tmp_path / ".build-x").mkdir()
-    assert builder.prune(keep={"old"}, newest=2) == ["mid"]
+    # Another factory of the host used "mid" within the hour: it may be about to spool it.
+    assert builder.prune(keep={"old"}, newest=2, min_age_s=3600, now=1001 + 3599) == []
+    assert builder.prune(keep={"old"}, newest=2, min_age_s=3600, now=1001 + 3601) == ["mid"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".build-x", "new", "newest", "old"]
+
+
+def test_a_package_found_in_the_cache_is_marked_used(package):
+    """A cache hit refreshes the package's mtime, so another builder's prune leaves a package in use."""
+    record = package.tarball.parent / "package.json"
+    os.utime(record, (1000, 1000))
+    again = PackageBuilder(progress=lambda line: None).ensure()
+    assert again.cached and again.key == package.key
+    assert record.stat().st_mtime > 1000
 
 
 def test_script_refuses_a_node_without_the_python_of_the_package(package, tmp_path):

@@ -175,14 +175,23 @@ class PackageBuilder:
                     self.prune(keep={key})
                     return built
         self.progress(f"package {key} from the cache ({found.tarball})")
+        with contextlib.suppress(OSError):   # in use: a recent mtime keeps it from other builders' prune
+            os.utime(self.cache_dir / key / "package.json")
         return found
 
-    def prune(self, keep: AbstractSet[str] = frozenset(), newest: int = 3) -> list[str]:
-        """Remove cached packages but the NEWEST most recently built (and KEEP); return the keys removed.
+    def prune(self, keep: AbstractSet[str] = frozenset(), newest: int = 3, *, min_age_s: float = 3600,
+              now: float | None = None) -> list[str]:
+        """Remove cached packages but the NEWEST most recently built or used (and KEEP, and any used within
+        MIN_AGE_S); return the keys removed.
 
         Every change of the sources makes a new key: without this the cache grows
         by one package (~15 MB) per change. Unfinished builds (.build-*) are left to
-        the build that owns them."""
+        the build that owns them. The cache is shared by every factory of the host
+        (other sources, other versions): a package one of them built or used in the
+        last hour may be about to be spooled, so it stays (found when a second
+        checkout's builds removed a running factory's package between its build and
+        its submit)."""
+        horizon = (time.time() if now is None else now) - min_age_s
         entries = []
         for folder in self.cache_dir.iterdir() if self.cache_dir.is_dir() else ():
             record = folder / "package.json"
@@ -190,8 +199,8 @@ class PackageBuilder:
                 entries.append((record.stat().st_mtime, folder))
         entries.sort(reverse=True)
         removed = []
-        for _, folder in entries[newest:]:
-            if folder.name not in keep:
+        for mtime, folder in entries[newest:]:
+            if folder.name not in keep and mtime < horizon:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder.name)
         return removed
