@@ -1122,6 +1122,71 @@ def _busy_worker(path: str, ready) -> None:
                 store.job_update(job, attempt, state, sequence, "", 0, now)
 
 
+def test_pilot_listing_filters_by_site_and_state_and_shows_held_jobs(store):
+    held = submit_one(store)
+    assert start(store, held, when=1) == 1                    # pilot-1 (SITE-A) holds it, alive at 10 s
+    store.pilot_heartbeat(PilotRef("pilot-b", "SITE-B", "node-b"), [], at(2))
+    store.pilot_end(PilotRef("pilot-e", "SITE-B", "node-e"), 0, "idle", at(3))
+    every = {p.pilot_id: p for p in store.list_pilots(at(0), now=at(10))}
+    assert set(every) == {"pilot-1", "pilot-b", "pilot-e"}
+    assert every["pilot-1"].alive and every["pilot-1"].current_job_ids == (held,)
+    assert every["pilot-e"].ended == at(3) and not every["pilot-e"].alive and every["pilot-e"].jobs_run == 0
+    assert [p.pilot_id for p in store.list_pilots(at(0), now=at(10), site="SITE-B")] == ["pilot-e", "pilot-b"]
+    assert {p.pilot_id for p in store.list_pilots(at(0), now=at(10), state="alive")} == {"pilot-1", "pilot-b"}
+    assert [p.pilot_id for p in store.list_pilots(at(0), now=at(10), state="ended")] == ["pilot-e"]
+    # Silent for longer than the heartbeat timeout: no longer alive, though it never said goodbye.
+    store.pilot_heartbeat(PILOT, [(held, 1)], at(200))
+    later = at(2 + SETTINGS.heartbeat_timeout.total_seconds() + 1)
+    assert [p.pilot_id for p in store.list_pilots(at(0), now=later, state="alive")] == ["pilot-1"]
+    assert len(store.list_pilots(at(0), now=at(10), limit=1)) == 1
+    with pytest.raises(BadValue, match="'asleep' is not one of alive, ended"):
+        store.list_pilots(at(0), state="asleep")
+
+
+def test_site_listing_counts_states_pilots_jobs_and_failures(store):
+    store.set_site_state("SITE-D", "draining", "downtime", at(0))   # known from its state row only
+    running = submit_one(store)
+    start(store, running, when=1)                                  # SITE-A: 1 running, pilot-1 alive
+    failed = submit_one(store, when=2)
+    attempt = store.match(slot(), OTHER_PILOT, at(3)).attempt
+    store.job_update(failed, attempt, S.STARTED, 1, "", None, at(3))
+    store.job_update(failed, attempt, S.FAILED_EXECUTION, 2, "exit 1", 1, at(4))
+    store.submit("bob", [spec(sites_allowed=["SITE-B"]), spec(sites_denied=["SITE-A"]), spec()], at(5))
+    store.pilot_end(PilotRef("pilot-e", "SITE-B", "node-e"), 0, "idle", at(6))
+    sites = {s.site: s for s in store.list_sites(at(10), at(0))}
+    assert set(sites) == {"SITE-A", "SITE-B", "SITE-D"}
+    a, b, d = sites["SITE-A"], sites["SITE-B"], sites["SITE-D"]
+    assert (a.state, a.pilots_alive, a.jobs_running, a.jobs_waiting) == ("enabled", 2, 1, 1)
+    assert a.failures == {S.FAILED_EXECUTION: 1} and a.empty_pilots == 0
+    assert (b.pilots_alive, b.jobs_running, b.jobs_waiting, b.empty_pilots, b.failures) == (0, 0, 3, 1, {})
+    assert (d.state, d.reason, d.state_updated, d.jobs_waiting) == ("draining", "downtime", at(0), 2)
+    # Outside the window, the failure and the empty pilot are no longer counted.
+    a_later = {s.site: s for s in store.list_sites(at(10), at(5))}
+    assert a_later["SITE-A"].failures == {} and a_later["SITE-B"].empty_pilots == 1
+    assert {s.site: s for s in store.list_sites(at(10), at(7))}["SITE-B"].empty_pilots == 0
+
+
+def test_job_listing_filters_by_owner_site_and_update_time(store):
+    mine = submit_one(store, when=0)
+    bobs = store.submit("bob", [spec()], at(5))[0]
+    start(store, mine, when=6)
+    assert [j.job_id for j in store.list("bob")] == [bobs]
+    assert [j.job_id for j in store.list(None, site=SITE)] == [mine]
+    assert [j.job_id for j in store.list(None, updated_since=at(6))] == [mine]
+    assert [j.job_id for j in store.list(None, updated_since=at(5))] == [bobs, mine]
+    assert store.list("bob", site=SITE) == []
+
+
+def test_admin_requeue_of_a_final_job_names_what_may_be_requeued(store):
+    job_id = submit_one(store)
+    store.kill(job_id, None, "gone", at(1))
+    before = store.get(job_id)
+    with pytest.raises(InvalidTransition, match=r"only a job waiting or under way \(ASSIGNED, STARTED, RUNNING, "
+                                                r"SAVING\) is re-queued; fix: submit it again"):
+        store.requeue(job_id, RequeueCause.ADMIN, "again", at(2))
+    assert store.get(job_id) == before
+
+
 def test_sigkill_leaves_a_consistent_sqlite_file(tmp_path):
     path = str(tmp_path / "crash.db")
     setup = open_store(path, SETTINGS)

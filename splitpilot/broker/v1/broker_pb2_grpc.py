@@ -836,6 +836,11 @@ class AdminServiceStub:
                 request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.SerializeToString,
                 response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.FromString,
                 _registered_method=True)
+        self.ListSites = channel.unary_unary(
+                '/splitpilot.broker.v1.AdminService/ListSites',
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -886,6 +891,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSites(self, request, context):
+        """Every site known (from its admin state or its pilots): state, pilots alive now, jobs running
+        and waiting, recent failures by class.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -918,6 +931,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListRevoked,
                     request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.FromString,
                     response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.SerializeToString,
+            ),
+            'ListSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSites,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesRequest.FromString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1083,6 +1101,33 @@ class AdminService:
             '/splitpilot.broker.v1.AdminService/ListRevoked',
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.SerializeToString,
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitpilot.broker.v1.AdminService/ListSites',
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesRequest.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesResponse.FromString,
             options,
             channel_credentials,
             insecure,
