@@ -389,6 +389,11 @@ class _TokenClient(BaseClient):
         super().__init__(address, certificate_pem([tf.chain[0]]), private_key_pem(tf.key), _read_ca(ca_pem, tf.chain),
                          timeout=timeout, server_name=server_name)
 
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The certificate of the client's own token (its leaf)."""
+        return self._chain[0]
+
     def _token_problem(self) -> str | None:
         return token_problem(self._chain, self.ca_pem) if self.CHECKS_OWN_TOKEN else None
 
