@@ -1164,6 +1164,9 @@ def test_site_listing_counts_states_pilots_jobs_and_failures(store):
     a_later = {s.site: s for s in store.list_sites(at(10), at(5))}
     assert a_later["SITE-A"].failures == {} and a_later["SITE-B"].empty_pilots == 1
     assert {s.site: s for s in store.list_sites(at(10), at(7))}["SITE-B"].empty_pilots == 0
+    # 31 days on: SITE-B (known from its pilots only) is forgotten; A runs a job, D has a state.
+    month = 31 * 86400
+    assert [s.site for s in store.list_sites(at(month), at(month - 3600))] == ["SITE-A", "SITE-D"]
 
 
 def test_job_listing_filters_by_owner_site_and_update_time(store):

@@ -513,7 +513,8 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def list_sites(self, now: datetime.datetime, failures_since: datetime.datetime) -> list[SiteRecord]:
-        """Every site with an admin state or a pilot record, by name, with its counts."""
+        """Every site with an admin state, a pilot seen within 30 days, a job under way or a failure within the
+        window, by name, with its counts."""
 
     @abc.abstractmethod
     def pilot_expiry(self, pilot_id: str) -> datetime.datetime | None:

@@ -119,6 +119,9 @@ PILOT_TOUCH = ("UPDATE pilots SET last_seen = ?, jobs_matched = jobs_matched + ?
                f"node = coalesce(nullif(?, ''), node) WHERE {PILOT_BOUND}")
 REVOKED_COLUMNS = "id, serial, subject, role, reason, revoked, revoked_by, not_after"
 _IN_CHUNK = 500  # values per IN (...) list
+#: A site whose last pilot was seen longer ago than this (and that has no admin state, no job under
+#: way and no recent failure) is no longer listed by list_sites.
+SITE_MEMORY_MS = 30 * 86_400_000
 
 
 def pilot_key(pilot: PilotRef) -> tuple[str, str, str, str]:
@@ -755,7 +758,9 @@ class SqlStore(JobStore):
                                   "GROUP BY site", (alive_since,)))
             empty = dict(cur.rows("SELECT site, count(*) FROM pilots WHERE ended >= ? AND jobs_run = 0 "
                                   "AND end_reason = 'empty' GROUP BY site", (since,)))
-            known = set(states) | {row[0] for row in cur.rows("SELECT DISTINCT site FROM pilots")}
+            # Pilot records are kept for ever: a site is known from the recent ones (an index range).
+            known = set(states) | {row[0] for row in cur.rows("SELECT DISTINCT site FROM pilots WHERE last_seen >= ?",
+                                                              (to_ms(now) - SITE_MEMORY_MS,))}
             running = dict(cur.rows(f"SELECT site, count(*) FROM jobs WHERE fenced = 0 AND state IN ({ASSIGNED}, "
                                     f"{ALIVE_STATES[1:-1]}) GROUP BY site"))
             failures: dict[str, dict[JobState, int]] = {}

@@ -892,8 +892,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSites(self, request, context):
-        """Every site known (from its admin state or its pilots): state, pilots alive now, jobs running
-        and waiting, recent failures by class.
+        """Every site known (an admin state, a pilot seen within 30 days, a job under way or a recent
+        failure there): state, pilots alive now, jobs running and waiting, recent failures by class.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
