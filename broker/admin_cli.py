@@ -3,7 +3,7 @@
     splitpilot admin sites [--window DURATION] [--json]
     splitpilot admin site drain|enable|disable NAME --reason TEXT
     splitpilot admin pilots [--site S] [--state alive|ended] [--seen-within DURATION] [--limit N] [--json]
-    splitpilot admin requeue ID|FIRST..LAST ... [--reason TEXT]
+    splitpilot admin requeue ID|FIRST..LAST ... [--reason TEXT]   (jobs under way, FAILED_*, LOST, EXPIRED)
     splitpilot admin jobs [--all] [--owner O] [--site S] [--state STATE] [--since DURATION] [--limit N] [--json]
     splitpilot admin token revoke|revoked ...    (the same as `splitpilot token revoke|revoked`)
 
@@ -40,11 +40,10 @@ EPILOG = ("needs an admin token (`splitpilot token issue --role admin`); a user,
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
     admin = subparsers.add_parser("admin", help="operate the broker: sites, pilots, requeues, everyone's jobs, "
                                                 "token revocation (admin token)",
                                   description="The operator's commands, with an admin token.", epilog=EPILOG,
-                                  formatter_class=fmt)
+                                 )
     sub = admin.add_subparsers(title="admin commands", metavar="ADMIN_COMMAND")
 
     sites = sub.add_parser("sites", help="every site: state, pilots alive, jobs running and waiting, failures",
@@ -53,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                        "site lists allow it (resources are not compared: `splitpilot job status "
                                        "ID` says per job why it waits), jobs failed there within --window by "
                                        "final state, and pilots that ended empty within --window.",
-                           epilog=EPILOG, formatter_class=fmt)
+                           epilog=EPILOG)
     sites.add_argument("--window", default="1h", metavar="DURATION",
                        help="count failures and empty pilots over this past period (default: %(default)s, "
                             "at most 7d)")
@@ -64,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           description="drain: no new matches, running jobs finish, pilots are told to leave; "
                                       "disable: no matches and pilots told to leave at once; enable: match "
                                       "again. The reason is recorded and shown by `admin sites`.",
-                          epilog=EPILOG, formatter_class=fmt)
+                          epilog=EPILOG)
     site.add_argument("action", choices=tuple(SITE_ACTIONS), metavar="ACTION",
                       help="drain, enable or disable")
     site.add_argument("name", metavar="SITE", help="the site's name, as its agent tokens carry it")
@@ -76,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             description="Pilots seen within --seen-within, most recent first. alive: not ended "
                                         "and seen within the broker's heartbeat timeout; ended: reported its "
                                         "end, or silent for longer.",
-                            epilog=EPILOG, formatter_class=fmt)
+                            epilog=EPILOG)
     pilots.add_argument("--site", metavar="SITE", help="only this site's pilots")
     pilots.add_argument("--state", choices=PILOT_STATES, metavar="STATE", help="alive or ended (default: both)")
     pilots.add_argument("--seen-within", default="1h", metavar="DURATION",
@@ -86,13 +85,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _listing_options(pilots)
     pilots.set_defaults(handler=_pilots)
 
-    requeue = sub.add_parser("requeue", help="end jobs' current attempts and queue them again",
-                             description="Re-queue jobs waiting or under way (ASSIGNED, STARTED, RUNNING, "
-                                         "SAVING), e.g. stuck on a broken node: the attempt is ended (its "
-                                         "wrapper is told to stop), not charged to the job, and the next "
-                                         "attempt waits for a match. Final jobs and jobs their owner asked to "
-                                         "kill are refused by name (resubmit those).",
-                             epilog=EPILOG, formatter_class=fmt)
+    requeue = sub.add_parser("requeue", help="queue stuck or failed jobs again, with a new attempt",
+                             description="Re-queue jobs stuck or failed: a job under way (ASSIGNED to "
+                                         "SAVING), e.g. on a broken node, has its attempt ended (its wrapper is "
+                                         "told to stop), not charged to the job; a job ended in FAILED_*, LOST "
+                                         "or EXPIRED gets its attempts counted afresh. The next attempt waits "
+                                         "for a match. DONE and KILLED jobs, and jobs their owner asked to kill, "
+                                         "are refused by name (resubmit those).",
+                             epilog=EPILOG)
     requeue.add_argument("ids", nargs="+", metavar="ID", help="job ids, or ranges FIRST..LAST (as `job submit` "
                                                               "prints them)")
     requeue.add_argument("--reason", default="", metavar="TEXT", help="recorded in each job's history")
@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           description="Jobs of every owner, newest first. Without --all or --state: only jobs "
                                       "not yet final (waiting or under way), like condor_q; --all adds the "
                                       "ended ones, like condor_history.",
-                          epilog=EPILOG, formatter_class=fmt)
+                          epilog=EPILOG)
     jobs.add_argument("--all", action="store_true", help="ended jobs too")
     jobs.add_argument("--owner", metavar="OWNER", help="only this owner's jobs")
     jobs.add_argument("--site", metavar="SITE", help="only jobs whose current or last attempt is at this site")

@@ -399,8 +399,8 @@ def test_admin_commands_against_a_real_broker(broker, tmp_path):
     requeued = admin(config, "requeue", f"{first}..{second}", "--reason", "node-2 broken")
     assert requeued.returncode == 1
     assert f"job {held.job_id}: requeued, attempt 2 waits for a match" in requeued.stdout
-    assert (f"job {done}: not requeued: job {done}: DONE -> WAITING is not allowed (the job is final: only a job "
-            "waiting or under way") in requeued.stderr
+    assert (f"job {done}: not requeued: job {done}: DONE -> WAITING is not allowed (only a job waiting, under way "
+            "(ASSIGNED to SAVING) or ended in FAILED_INPUT") in requeued.stderr
     after = {j["job_id"]: (j["state"], j["attempt"]) for j in admin_json(config, "jobs", "--all")["jobs"]}
     assert after == {held.job_id: ("WAITING", 1), done: ("DONE", 1)}  # (attempt: the last one that ran)
 

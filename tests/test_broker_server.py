@@ -743,6 +743,29 @@ def test_admin_reads_sites_pilots_and_filtered_jobs(server, clients):
     assert [j.job_id for j in clients.admin.list_all_jobs(site="SITE-A").jobs] == [running]
 
 
+def test_admin_requeue_of_a_failed_job_fences_its_old_token_and_refuses_a_killed_one(server, clients):
+    failed = submit_one(clients.alice)
+    matched = match(clients.agent)
+    with matched.job_client() as wrapper:
+        wrapper.update_state(JobState.STARTED)
+        wrapper.update_state(JobState.RUNNING)
+        wrapper.update_state(JobState.FAILED_EXECUTION, exit_code=127)
+    assert clients.admin.requeue(failed, "the node lacked /cvmfs") == 2
+    status = clients.alice.status(failed)
+    assert status.state is JobState.WAITING and status.exit_code is None
+    assert "re-queued from FAILED_EXECUTION (the node lacked /cvmfs)" in status.history[-1].detail
+    with pytest.raises(PreconditionFailed), matched.job_client() as old:   # the failed attempt's token
+        old.heartbeat()
+    killed = submit_one(clients.alice)
+    clients.alice.kill(killed)
+    before = clients.alice.status(killed)
+    with pytest.raises(PreconditionFailed) as info:
+        clients.admin.requeue(killed, "again")
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "KILLED -> WAITING is not allowed" in info.value.details and "fix: submit it again" in info.value.details
+    assert clients.alice.status(killed) == before                        # not an event more
+
+
 @pytest.mark.parametrize(("call", "field"), [
     (lambda admin: admin.list_pilots(state="sleeping"), "state 'sleeping' is not a pilot state"),
     (lambda admin: admin.list_pilots(site="../etc"), "site: site '../etc' is not a valid name"),

@@ -733,8 +733,8 @@ def test_admin_requeue(store):
     assert store.requeue(job_id, RequeueCause.ADMIN, "again", at(3)) == attempt + 1  # already waiting
     assert store.get(job_id).state is S.WAITING
     attempt = start(store, job_id, when=4)
-    drive(store, job_id, attempt, [S.RUNNING, S.FAILED_EXECUTION], when=5)
-    with pytest.raises(InvalidTransition):
+    drive(store, job_id, attempt, [S.RUNNING, S.SAVING, S.DONE], when=5)
+    with pytest.raises(InvalidTransition, match="DONE -> WAITING is not allowed"):
         store.requeue(job_id, RequeueCause.ADMIN, "", at(6))
     other = submit_one(store, max_attempts=1)
     attempt = start(store, other, when=7)
@@ -1180,14 +1180,38 @@ def test_job_listing_filters_by_owner_site_and_update_time(store):
     assert store.list("bob", site=SITE) == []
 
 
-def test_admin_requeue_of_a_final_job_names_what_may_be_requeued(store):
-    job_id = submit_one(store)
-    store.kill(job_id, None, "gone", at(1))
-    before = store.get(job_id)
-    with pytest.raises(InvalidTransition, match=r"only a job waiting or under way \(ASSIGNED, STARTED, RUNNING, "
-                                                r"SAVING\) is re-queued; fix: submit it again"):
-        store.requeue(job_id, RequeueCause.ADMIN, "again", at(2))
-    assert store.get(job_id) == before
+def test_admin_requeue_of_a_killed_or_done_job_is_refused_naming_what_may_be(store):
+    killed = submit_one(store)
+    store.kill(killed, None, "gone", at(1))
+    done = submit_one(store, when=2)
+    drive(store, done, start(store, done, when=3), [S.RUNNING, S.SAVING, S.DONE], when=4)
+    for job_id in (killed, done):
+        before = store.get(job_id)
+        with pytest.raises(InvalidTransition, match=r"only a job waiting, under way \(ASSIGNED to SAVING\) or "
+                                                    r"ended in FAILED_INPUT, .*LOST, FAILED_LIMIT is re-queued, by "
+                                                    r"an admin; fix: submit it again"):
+            store.requeue(job_id, RequeueCause.ADMIN, "again", at(5))
+        assert store.get(job_id) == before                      # not a row or an event more
+
+
+def test_admin_requeue_gives_a_failed_job_a_fresh_set_of_attempts(store):
+    job_id = submit_one(store, max_attempts=1)
+    attempt = start(store, job_id)
+    drive(store, job_id, attempt, [S.RUNNING, S.FAILED_EXECUTION], when=2)
+    # Only an admin's requeue reopens it: a pilot's report of the old attempt is refused.
+    with pytest.raises(InvalidTransition, match="FAILED_EXECUTION -> WAITING"):
+        store.requeue(job_id, RequeueCause.WRAPPER, "", at(3))
+    assert store.requeue(job_id, RequeueCause.ADMIN, "node had no /cvmfs", at(4)) == attempt + 1
+    job = store.get(job_id)
+    assert (job.state, job.exit_code, job.message) == (S.WAITING, None, "")
+    assert job.history[-1].detail == "re-queued from FAILED_EXECUTION (node had no /cvmfs); 1 attempt(s) from now on"
+    with pytest.raises(StaleAttemptError):                      # the old attempt's wrapper is fenced off
+        store.job_heartbeat(job_id, attempt, 1.0, 1, 1, at(5))
+    again = start(store, job_id, when=6)
+    assert again == attempt + 1
+    # The fresh attempt is charged as usual: one lost attempt fails it again (max_attempts 1).
+    store.pilot_end(PILOT, 1, "gone", at(7), abandoned=True)
+    assert store.get(job_id).state is S.LOST
 
 
 def test_sigkill_leaves_a_consistent_sqlite_file(tmp_path):

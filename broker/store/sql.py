@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from broker.lifecycle import FREE_CAUSES, Actor, RequeueCause, allowed, requeue_target
+from broker.lifecycle import ADMIN_REQUEUABLE_FINAL, FREE_CAUSES, Actor, RequeueCause, allowed, requeue_target
 from broker.store.base import (
     FAILURE_STATES,
     PILOT_STATES,
@@ -119,6 +119,10 @@ PILOT_TOUCH = ("UPDATE pilots SET last_seen = ?, jobs_matched = jobs_matched + ?
                f"node = coalesce(nullif(?, ''), node) WHERE {PILOT_BOUND}")
 REVOKED_COLUMNS = "id, serial, subject, role, reason, revoked, revoked_by, not_after"
 _IN_CHUNK = 500  # values per IN (...) list
+#: Why a final job is not re-queued (the states come from lifecycle.ADMIN_REQUEUABLE_FINAL).
+REQUEUE_REFUSAL = ("only a job waiting, under way (ASSIGNED to SAVING) or ended in "
+                   + ", ".join(s.name for s in sorted(ADMIN_REQUEUABLE_FINAL))
+                   + " is re-queued, by an admin; fix: submit it again")
 #: A site whose last pilot was seen longer ago than this (and that has no admin state, no job under
 #: way and no recent failure) is no longer listed by list_sites.
 SITE_MEMORY_MS = 30 * 86_400_000
@@ -836,10 +840,15 @@ class SqlStore(JobStore):
             state, attempt, charged, max_attempts, kill_requested = self._lock_job(
                 cur, job_id, "state, attempt, charged, max_attempts, kill_requested")
             state = JobState(state)
-            if state.final:
-                raise InvalidTransition(job_id, state, JobState.WAITING,
-                                        "the job is final: only a job waiting or under way (ASSIGNED, STARTED, "
-                                        "RUNNING, SAVING) is re-queued; fix: submit it again")
+            if state.final and not (cause is RequeueCause.ADMIN and state in ADMIN_REQUEUABLE_FINAL):
+                raise InvalidTransition(job_id, state, JobState.WAITING, REQUEUE_REFUSAL)
+            if state.final:  # an admin's second chance: a new attempt, the attempts counted afresh
+                cur.run(f"UPDATE jobs SET state = {WAITING}, fenced = 1, charged = 0, kill_requested = 0, "
+                        "updated = ?, exit_code = NULL, message = '' WHERE id = ?", (ms, job_id))
+                self._event(cur, job_id, ms, JobState.WAITING, attempt,
+                            f"re-queued from {state.name}" + (f" ({detail})" if detail else "")
+                            + f"; {max_attempts} attempt(s) from now on")
+                return state, JobState.WAITING, attempt + 1
             if kill_requested:
                 raise InvalidTransition(job_id, state, JobState.WAITING, "its owner asked to kill it")
             if state is JobState.WAITING:

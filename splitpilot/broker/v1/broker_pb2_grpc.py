@@ -862,7 +862,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Requeue(self, request, context):
-        """Put a job back into the queue with a new attempt.
+        """Put a job back into the queue with a new attempt: a job waiting or under way (its attempt
+        ends, not charged to the job), or one ended in FAILED_*, LOST or EXPIRED (its attempts are
+        counted afresh). DONE and KILLED jobs are refused with FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
