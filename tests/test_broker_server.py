@@ -772,6 +772,9 @@ def test_admin_requeue_of_a_failed_job_fences_its_old_token_and_refuses_a_killed
     (lambda admin: admin.list_all_jobs(owner="a b"), "owner: owner 'a b' is not a valid name"),
     (lambda admin: admin.list_all_jobs(site="x" * 65), "site: site 'xxx"),
     (lambda admin: admin.list_sites(failures_within_s=30 * 86400), "failures_within_s 2592000 is longer"),
+    (lambda admin: admin.list_all_jobs(updated_since=datetime.datetime(9999, 12, 31, 23, 59, 59, 1000,
+                                                                       tzinfo=datetime.UTC)),
+     "updated_since_unix_ms 253402300799001 is not a time between 1970 and 9999"),
 ])
 def test_admin_queries_refuse_bad_filters_naming_the_field(server, clients, call, field):
     submit_one(clients.alice)

@@ -115,12 +115,13 @@ class AdminServicer(rpc_pb.AdminServiceServicer):
         now = utcnow()
         sites = await broker.call(broker.store.list_sites, now, now - datetime.timedelta(seconds=window),
                                   heavy=True)
+        # Bounded like every listing (sites are few; the bound only guards the message size).
         return pb.ListSitesResponse(failures_within_s=window, sites=[
             pb.SiteInfo(site=s.site, state=SITE_STATE_VALUES.get(s.state, pb.SITE_STATE_UNSPECIFIED),
                         reason=s.reason, state_updated_unix_ms=to_ms(s.state_updated) if s.state_updated else 0,
                         pilots_alive=s.pilots_alive, jobs_running=s.jobs_running, jobs_waiting=s.jobs_waiting,
                         failures_by_class={job_pb2.JobState.Name(int(state)): n for state, n in s.failures.items()},
-                        empty_pilots=s.empty_pilots) for s in sites])
+                        empty_pilots=s.empty_pilots) for s in sites[:broker.settings.list_max]])
 
     @rpc(SERVICE)
     async def Requeue(self, identity: Identity, request: pb.RequeueRequest, context) -> pb.RequeueResponse:

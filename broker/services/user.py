@@ -52,6 +52,8 @@ from splitpilot.job.v1 import job_pb2
 log = logging.getLogger("splitpilot.broker")
 
 SERVICE = "UserService"
+#: The last millisecond a time filter may name (datetime's range ends in year 9999).
+LAST_MS = int(datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC).timestamp() * 1000)
 
 
 class UserServicer(rpc_pb.UserServiceServicer):
@@ -255,11 +257,10 @@ async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsReque
             owner = checked_name("owner", request.owner)
         site = checked_name("site", request.site) if request.site else ""
         if request.updated_since_unix_ms:
-            if request.updated_since_unix_ms < 0:
-                raise BadRequest(f"updated_since_unix_ms {request.updated_since_unix_ms} is negative; fix: send "
-                                 "a Unix time in milliseconds, or 0 for any time")
-            since = datetime.datetime.fromtimestamp(min(request.updated_since_unix_ms, 2**53) / 1000,
-                                                    datetime.UTC)
+            if not 0 < request.updated_since_unix_ms <= LAST_MS:
+                raise BadRequest(f"updated_since_unix_ms {request.updated_since_unix_ms} is not a time between 1970 "
+                                 "and 9999; fix: send a Unix time in milliseconds, or 0 for any time")
+            since = datetime.datetime.fromtimestamp(request.updated_since_unix_ms / 1000, datetime.UTC)
 
     def build():  # in a thread: thousands of records are converted here
         records = broker.store.list(owner, states, limit, before, site=site, updated_since=since)
