@@ -30,7 +30,8 @@ from pilot.cli import quiet_grpc, run
 #: The entry point group every subcommand registers in.
 GROUP = "splitpilot.commands"
 #: The order `--help` lists the entry points in (others follow, by name).
-HELP_ORDER: tuple[str, ...] = ("demo", "tokens", "broker", "agent", "wrapper", "minicondor", "condor", "config", "pipe")
+HELP_ORDER: tuple[str, ...] = ("demo", "tokens", "broker", "admin", "agent", "wrapper", "minicondor", "condor",
+                               "config", "pipe")
 
 EPILOG = """\
 exit codes: 0 success, 1 the operation failed, 2 bad usage or input, 130 interrupted.

@@ -88,6 +88,12 @@ class RequeueCause(enum.Enum):
     AGENT = "agent"                  # the agent's own code failed while it ran the attempt
 
 
+#: Final states an admin may re-queue, with a fresh count of attempts: failures a broken site, node,
+#: input server or queue may have caused (the admin knows). Not DONE (nothing to redo) and not
+#: KILLED (its owner's wish); a job waiting or under way is re-queued by ending its attempt.
+ADMIN_REQUEUABLE_FINAL: Final[frozenset[JobState]] = frozenset({
+    S.FAILED_INPUT, S.FAILED_EXECUTION, S.FAILED_OUTPUT, S.FAILED_WRAPPER, S.FAILED_LIMIT, S.LOST, S.EXPIRED})
+
 #: Causes that never use up an attempt.
 FREE_CAUSES: Final[frozenset[RequeueCause]] = frozenset({RequeueCause.STOPPED, RequeueCause.ADMIN,
                                                          RequeueCause.AGENT})

@@ -22,6 +22,7 @@ import datetime
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -105,27 +106,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument("--attempt", type=int)
     verify.set_defaults(handler=_token_verify)
 
-    revoke = tok_sub.add_parser(
+    add_revocation_commands(tok_sub, _admin_options, lambda handler: handler)
+    token.set_defaults(handler=lambda _a: token.print_help(sys.stderr) or 2)
+
+
+def add_revocation_commands(sub: argparse._SubParsersAction,
+                            connection: Callable[[argparse.ArgumentParser], None],
+                            wrap: Callable[[Callable[[argparse.Namespace], int]], Callable[[argparse.Namespace], int]]
+                            ) -> None:
+    """`revoke` and `revoked` under SUB (`splitpilot token` and `splitpilot admin token`): CONNECTION adds the
+    broker and token options, WRAP turns a handler into one that has args.broker, args.token and args.ca_cert."""
+    revoke = sub.add_parser(
         "revoke", help="revoke a token at the broker (every broker on its database refuses it within seconds)",
         description="Revoke one token (by serial, or by its file: only its certificate is sent), or every token "
                     "of a holder and role issued until now. Needs an admin token. The holder of a revoked token "
                     "is refused with UNAUTHENTICATED and the reason.",
         epilog="a serial is accepted when some broker on the database has seen the token; a token never used "
                "is revoked with --token-file, or by --subject/--role.")
-    _admin_options(revoke)
+    connection(revoke)
     which = revoke.add_mutually_exclusive_group(required=True)
     which.add_argument("--serial", metavar="HEX", help="the certificate serial (`splitpilot token show` prints it)")
     which.add_argument("--subject", metavar="NAME", help="every token of this holder (with --role) issued until now")
     which.add_argument("--token-file", metavar="FILE", help="the token (or certificate) file of the token to revoke")
     revoke.add_argument("--role", choices=("user", "admin", "agent", "job"), help="with --subject: the role")
     revoke.add_argument("--reason", required=True, help="why (recorded, and shown to the refused holder)")
-    revoke.set_defaults(handler=_token_revoke)
-    revoked = tok_sub.add_parser("revoked", help="list the revocations the broker knows",
+    revoke.set_defaults(handler=wrap(_token_revoke))
+    revoked = sub.add_parser("revoked", help="list the revocations the broker knows",
                                  description="The revocations recorded at the broker, oldest first.")
-    _admin_options(revoked)
+    connection(revoked)
     revoked.add_argument("--json", action="store_true", help="one JSON document instead of a table")
-    revoked.set_defaults(handler=_token_revoked)
-    token.set_defaults(handler=lambda _a: token.print_help(sys.stderr) or 2)
+    revoked.set_defaults(handler=wrap(_token_revoked))
 
 
 def _admin_options(parser: argparse.ArgumentParser) -> None:

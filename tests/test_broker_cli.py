@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import pathlib
 import re
@@ -331,3 +332,117 @@ def test_client_config_mistakes_name_the_file_key_and_fix(tmp_path, text, words)
     assert message.startswith(f"config file {config}:") and err.value.exit_code == 2
     for word in words:
         assert word in message, (word, message)
+
+
+# ------------------------------------------------------------------ splitpilot admin
+
+def admin_config(broker, tmp_path) -> str:
+    """An admin token issued by the broker's CA, and a client config file naming it."""
+    token = tmp_path / "root.pem"
+    issued = run("token", "issue", "--ca", str(broker.state / "ca"), "--role", "admin", "--subject", "root",
+                 "--out", str(token))
+    assert issued.returncode == 0, issued.stderr
+    config = tmp_path / "admin.toml"
+    config.write_text(f'[client]\nbroker = "{broker.address}"\ntoken = "{token}"\n')
+    return str(config)
+
+
+def admin(config: str, *args: str) -> subprocess.CompletedProcess:
+    return run("admin", *args, "--config", config)
+
+
+def admin_json(config: str, *args: str):
+    done = admin(config, *args, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+SITE_FIELDS = {"site", "state", "reason", "state_updated", "pilots_alive", "jobs_running", "jobs_waiting",
+               "failures", "empty_pilots"}
+PILOT_FIELDS = {"pilot_id", "site", "node", "state", "first_seen", "last_seen", "ended", "jobs_matched", "jobs_run",
+                "current_jobs", "end_reason", "certificate_serial"}
+JOB_FIELDS = {"job_id", "name", "owner", "state", "attempt", "site", "node", "pilot_id", "submitted", "updated",
+              "exit_code", "message"}
+
+
+def test_admin_commands_against_a_real_broker(broker, tmp_path):
+    config = admin_config(broker, tmp_path)
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    first, second = (int(line) for line in submitted.stdout.split())
+    done = run_to_done(broker, tmp_path)                       # pilot-1 at SITE-A ran one job to DONE
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    with AgentClient(broker.address, agent_token) as agent:
+        held = agent.match(SLOT, "pilot-2", "node-2")          # pilot-2 holds the other
+        assert isinstance(held, MatchedJob) and {held.job_id, done} == {first, second}
+        agent.report_pilot_end("pilot-empty", "node-3", 0, "idle")
+
+    sites = admin_json(config, "sites")
+    assert [set(s) for s in sites] == [SITE_FIELDS] and sites[0]["site"] == "SITE-A"
+    assert (sites[0]["state"], sites[0]["pilots_alive"], sites[0]["jobs_running"], sites[0]["empty_pilots"]) == \
+        ("enabled", 2, 1, 1)
+    drained = admin(config, "site", "drain", "SITE-A", "--reason", "disk swap")
+    assert drained.returncode == 0, drained.stderr
+    assert "site SITE-A: enabled -> draining (disk swap)" in drained.stdout
+    table = admin(config, "sites")
+    assert table.returncode == 0 and re.search(r"SITE-A\s+draining\s+2\s+1\s+0\s+0\s+1\s+disk swap", table.stdout)
+
+    pilots = admin_json(config, "pilots", "--state", "alive")
+    assert all(set(p) == PILOT_FIELDS for p in pilots)
+    assert {p["pilot_id"]: p["current_jobs"] for p in pilots} == {"pilot-1": [], "pilot-2": [held.job_id]}
+    ended = admin_json(config, "pilots", "--site", "SITE-A", "--state", "ended")
+    assert [(p["pilot_id"], p["end_reason"], p["state"]) for p in ended] == [("pilot-empty", "empty", "ended")]
+
+    listing = admin_json(config, "jobs", "--owner", "alice")   # not final only, by default
+    assert [j["job_id"] for j in listing["jobs"]] == [held.job_id] and set(listing["jobs"][0]) == JOB_FIELDS
+    assert listing["counts"] == {"ASSIGNED": 1, "DONE": 1}
+    everything = admin_json(config, "jobs", "--all", "--site", "SITE-A", "--since", "1h")
+    assert sorted(j["job_id"] for j in everything["jobs"]) == [first, second]
+    assert admin_json(config, "jobs", "--all", "--owner", "bob")["jobs"] == []
+
+    # Requeue: the held job goes back to the queue; the final one is refused by name and stays DONE.
+    requeued = admin(config, "requeue", f"{first}..{second}", "--reason", "node-2 broken")
+    assert requeued.returncode == 1
+    assert f"job {held.job_id}: requeued, attempt 2 waits for a match" in requeued.stdout
+    assert (f"job {done}: not requeued: job {done}: DONE -> WAITING is not allowed (only a job waiting, under way "
+            "(ASSIGNED to SAVING) or ended in FAILED_INPUT") in requeued.stderr
+    after = {j["job_id"]: (j["state"], j["attempt"]) for j in admin_json(config, "jobs", "--all")["jobs"]}
+    assert after == {held.job_id: ("WAITING", 1), done: ("DONE", 1)}  # (attempt: the last one that ran)
+
+    revoked = admin(config, "token", "revoke", "--subject", "mallory", "--role", "user", "--reason", "left")
+    assert revoked.returncode == 0, revoked.stderr
+    assert [(r["subject"], r["role"], r["revoked_by"]) for r in admin_json(config, "token", "revoked")] == \
+        [("mallory", "user", "root")]
+
+
+def test_admin_commands_refuse_a_user_token_and_change_nothing(broker, tmp_path):
+    config = admin_config(broker, tmp_path)
+    job_id = int(job(broker, "submit", write_job_file(tmp_path)).stdout.split()[0])
+    for args in (("sites",), ("pilots",), ("jobs", "--all"), ("site", "disable", "SITE-A", "--reason", "mine"),
+                 ("requeue", str(job_id)), ("token", "revoke", "--subject", "root", "--role", "admin",
+                                            "--reason", "coup")):
+        refused = run("admin", *args, "--config", broker.config)   # alice's user token
+        assert refused.returncode == 1, (args, refused.stdout, refused.stderr)
+        assert "PERMISSION_DENIED" in refused.stderr and "admin token" in refused.stderr, refused.stderr
+        assert refused.stdout == ""
+    assert admin_json(config, "sites") == []                     # no site state written
+    assert admin_json(config, "token", "revoked") == []          # nothing revoked
+    state = admin_json(config, "jobs", "--all")["jobs"]
+    assert [(j["job_id"], j["state"], j["attempt"]) for j in state if j["job_id"] == job_id] == \
+        [(job_id, "WAITING", 0)]
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("requeue", "4..x"), "'4..x' is not a job id; fix: give ids like 42 or ranges like 4..53"),
+    (("requeue", "9..3"), "a range goes from low to high"),
+    (("requeue", "1..20000"), "more than 10000 job ids; fix: requeue in smaller ranges"),
+    (("pilots", "--state", "asleep"), "invalid choice: 'asleep'"),
+    (("jobs", "--since", "yesterday"), "--since"),
+    (("site", "pause", "SITE-A", "--reason", "x"), "invalid choice: 'pause'"),
+    (("pilots", "--limit", "0"), "--limit 0: give at least 1"),
+])
+def test_admin_usage_mistakes_exit_2_naming_the_fix(broker, tmp_path, args, words):
+    config = admin_config(broker, tmp_path)
+    refused = admin(config, *args)
+    assert refused.returncode == 2, refused.stderr
+    assert words in refused.stderr

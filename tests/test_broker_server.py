@@ -206,7 +206,7 @@ def test_every_rpc_refuses_every_wrong_role(server, tokens):
                     checked += 1
         finally:
             channel.close()
-    assert checked == 57  # 21 RPCs; each role is refused by the three services not its own
+    assert checked == 60  # 22 RPCs; each role is refused by the three services not its own
     # ... and the broker still serves.
     with BrokerClient(server.address, tokens.alice) as alice:
         assert alice.list().jobs == []
@@ -717,6 +717,86 @@ def test_agent_reports_and_site_states(server, clients):
     assert {p.pilot_id for p in clients.admin.list_pilots()} == {"pilot-1", "pilot-b"}
     empty = clients.agent.match(SLOT, "pilot-9", "n")
     assert isinstance(empty, NoMatch) and empty.leave
+
+
+def test_admin_reads_sites_pilots_and_filtered_jobs(server, clients):
+    running = submit_one(clients.alice)
+    bobs = submit_one(clients.bob)
+    held = match(clients.agent)
+    assert held.job_id == running
+    with held.job_client() as wrapper:
+        wrapper.update_state(JobState.STARTED)
+    clients.agent_b.report_pilot_end("pilot-b", "node-b", 0, "idle")
+    clients.admin.set_site_state("SITE-C", "disabled", "broken cooling")
+    sites = {s.site: s for s in clients.admin.list_sites()}
+    assert set(sites) == {"SITE-A", "SITE-B", "SITE-C"}
+    assert (sites["SITE-A"].state, sites["SITE-A"].pilots_alive, sites["SITE-A"].jobs_running,
+            sites["SITE-A"].jobs_waiting) == ("enabled", 1, 1, 1)
+    assert (sites["SITE-B"].pilots_alive, sites["SITE-B"].empty_pilots) == (0, 1)
+    assert (sites["SITE-C"].state, sites["SITE-C"].reason) == ("disabled", "broken cooling")
+    alive = clients.admin.list_pilots(state="alive")
+    assert [(p.pilot_id, p.current_job_ids, p.alive) for p in alive] == [("pilot-1", (running,), True)]
+    ended = clients.admin.list_pilots(site="SITE-B", state="ended")
+    assert [(p.pilot_id, p.end_reason, p.jobs_run, p.ended is not None) for p in ended] == \
+        [("pilot-b", "empty", 0, True)]
+    assert [j.job_id for j in clients.admin.list_all_jobs(owner="bob").jobs] == [bobs]
+    assert [j.job_id for j in clients.admin.list_all_jobs(site="SITE-A").jobs] == [running]
+
+
+def test_admin_requeue_of_a_failed_job_fences_its_old_token_and_refuses_a_killed_one(server, clients):
+    failed = submit_one(clients.alice)
+    matched = match(clients.agent)
+    with matched.job_client() as wrapper:
+        wrapper.update_state(JobState.STARTED)
+        wrapper.update_state(JobState.RUNNING)
+        wrapper.update_state(JobState.FAILED_EXECUTION, exit_code=127)
+    assert clients.admin.requeue(failed, "the node lacked /cvmfs") == 2
+    status = clients.alice.status(failed)
+    assert status.state is JobState.WAITING and status.exit_code is None
+    assert "re-queued from FAILED_EXECUTION (the node lacked /cvmfs)" in status.history[-1].detail
+    with pytest.raises(PreconditionFailed), matched.job_client() as old:   # the failed attempt's token
+        old.heartbeat()
+    killed = submit_one(clients.alice)
+    clients.alice.kill(killed)
+    before = clients.alice.status(killed)
+    with pytest.raises(PreconditionFailed) as info:
+        clients.admin.requeue(killed, "again")
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "KILLED -> WAITING is not allowed" in info.value.details and "fix: submit it again" in info.value.details
+    assert clients.alice.status(killed) == before                        # not an event more
+
+
+@pytest.mark.parametrize(("call", "field"), [
+    (lambda admin: admin.list_pilots(state="sleeping"), "state 'sleeping' is not a pilot state"),
+    (lambda admin: admin.list_pilots(site="../etc"), "site: site '../etc' is not a valid name"),
+    (lambda admin: admin.list_all_jobs(owner="a b"), "owner: owner 'a b' is not a valid name"),
+    (lambda admin: admin.list_all_jobs(site="x" * 65), "site: site 'xxx"),
+    (lambda admin: admin.list_sites(failures_within_s=30 * 86400), "failures_within_s 2592000 is longer"),
+    (lambda admin: admin.list_all_jobs(updated_since=datetime.datetime(9999, 12, 31, 23, 59, 59, 1000,
+                                                                       tzinfo=datetime.UTC)),
+     "updated_since_unix_ms 253402300799001 is not a time between 1970 and 9999"),
+])
+def test_admin_queries_refuse_bad_filters_naming_the_field(server, clients, call, field):
+    submit_one(clients.alice)
+    with pytest.raises(InvalidRequest) as info:
+        call(clients.admin)
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details
+    assert "fix:" in info.value.details
+    assert clients.admin.list_all_jobs().counts[JobState.WAITING] == 1  # and the broker still serves
+
+
+def test_admin_queries_refuse_other_roles_through_the_client(server, tokens):
+    """A user, an agent or a job token presented to the admin client: PERMISSION_DENIED, nothing set."""
+    for token in (tokens.alice, tokens.agent, tokens.job):
+        with AdminClient(server.address, token) as intruder:
+            for attempt in (intruder.list_sites, intruder.list_pilots,
+                            lambda i=intruder: i.set_site_state("SITE-A", "disabled", "mine now")):
+                with pytest.raises(AccessDenied) as info:
+                    attempt()
+                assert info.value.code is grpc.StatusCode.PERMISSION_DENIED
+                assert "admin token" in info.value.details
+    with AdminClient(server.address, tokens.admin) as admin:
+        assert admin.list_sites() == []  # no site state was written
 
 
 # ------------------------------------------------------------------ bad requests and error codes

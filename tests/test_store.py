@@ -733,8 +733,8 @@ def test_admin_requeue(store):
     assert store.requeue(job_id, RequeueCause.ADMIN, "again", at(3)) == attempt + 1  # already waiting
     assert store.get(job_id).state is S.WAITING
     attempt = start(store, job_id, when=4)
-    drive(store, job_id, attempt, [S.RUNNING, S.FAILED_EXECUTION], when=5)
-    with pytest.raises(InvalidTransition):
+    drive(store, job_id, attempt, [S.RUNNING, S.SAVING, S.DONE], when=5)
+    with pytest.raises(InvalidTransition, match="DONE -> WAITING is not allowed"):
         store.requeue(job_id, RequeueCause.ADMIN, "", at(6))
     other = submit_one(store, max_attempts=1)
     attempt = start(store, other, when=7)
@@ -1120,6 +1120,98 @@ def _busy_worker(path: str, ready) -> None:
         else:
             for sequence, state in enumerate((S.RUNNING, S.SAVING, S.DONE), start=2):
                 store.job_update(job, attempt, state, sequence, "", 0, now)
+
+
+def test_pilot_listing_filters_by_site_and_state_and_shows_held_jobs(store):
+    held = submit_one(store)
+    assert start(store, held, when=1) == 1                    # pilot-1 (SITE-A) holds it, alive at 10 s
+    store.pilot_heartbeat(PilotRef("pilot-b", "SITE-B", "node-b"), [], at(2))
+    store.pilot_end(PilotRef("pilot-e", "SITE-B", "node-e"), 0, "idle", at(3))
+    every = {p.pilot_id: p for p in store.list_pilots(at(0), now=at(10))}
+    assert set(every) == {"pilot-1", "pilot-b", "pilot-e"}
+    assert every["pilot-1"].alive and every["pilot-1"].current_job_ids == (held,)
+    assert every["pilot-e"].ended == at(3) and not every["pilot-e"].alive and every["pilot-e"].jobs_run == 0
+    assert [p.pilot_id for p in store.list_pilots(at(0), now=at(10), site="SITE-B")] == ["pilot-e", "pilot-b"]
+    assert {p.pilot_id for p in store.list_pilots(at(0), now=at(10), state="alive")} == {"pilot-1", "pilot-b"}
+    assert [p.pilot_id for p in store.list_pilots(at(0), now=at(10), state="ended")] == ["pilot-e"]
+    # Silent for longer than the heartbeat timeout: no longer alive, though it never said goodbye.
+    store.pilot_heartbeat(PILOT, [(held, 1)], at(200))
+    later = at(2 + SETTINGS.heartbeat_timeout.total_seconds() + 1)
+    assert [p.pilot_id for p in store.list_pilots(at(0), now=later, state="alive")] == ["pilot-1"]
+    assert len(store.list_pilots(at(0), now=at(10), limit=1)) == 1
+    with pytest.raises(BadValue, match="'asleep' is not one of alive, ended"):
+        store.list_pilots(at(0), state="asleep")
+
+
+def test_site_listing_counts_states_pilots_jobs_and_failures(store):
+    store.set_site_state("SITE-D", "draining", "downtime", at(0))   # known from its state row only
+    running = submit_one(store)
+    start(store, running, when=1)                                  # SITE-A: 1 running, pilot-1 alive
+    failed = submit_one(store, when=2)
+    attempt = store.match(slot(), OTHER_PILOT, at(3)).attempt
+    store.job_update(failed, attempt, S.STARTED, 1, "", None, at(3))
+    store.job_update(failed, attempt, S.FAILED_EXECUTION, 2, "exit 1", 1, at(4))
+    store.submit("bob", [spec(sites_allowed=["SITE-B"]), spec(sites_denied=["SITE-A"]), spec()], at(5))
+    store.pilot_end(PilotRef("pilot-e", "SITE-B", "node-e"), 0, "idle", at(6))
+    sites = {s.site: s for s in store.list_sites(at(10), at(0))}
+    assert set(sites) == {"SITE-A", "SITE-B", "SITE-D"}
+    a, b, d = sites["SITE-A"], sites["SITE-B"], sites["SITE-D"]
+    assert (a.state, a.pilots_alive, a.jobs_running, a.jobs_waiting) == ("enabled", 2, 1, 1)
+    assert a.failures == {S.FAILED_EXECUTION: 1} and a.empty_pilots == 0
+    assert (b.pilots_alive, b.jobs_running, b.jobs_waiting, b.empty_pilots, b.failures) == (0, 0, 3, 1, {})
+    assert (d.state, d.reason, d.state_updated, d.jobs_waiting) == ("draining", "downtime", at(0), 2)
+    # Outside the window, the failure and the empty pilot are no longer counted.
+    a_later = {s.site: s for s in store.list_sites(at(10), at(5))}
+    assert a_later["SITE-A"].failures == {} and a_later["SITE-B"].empty_pilots == 1
+    assert {s.site: s for s in store.list_sites(at(10), at(7))}["SITE-B"].empty_pilots == 0
+    # 31 days on: SITE-B (known from its pilots only) is forgotten; A runs a job, D has a state.
+    month = 31 * 86400
+    assert [s.site for s in store.list_sites(at(month), at(month - 3600))] == ["SITE-A", "SITE-D"]
+
+
+def test_job_listing_filters_by_owner_site_and_update_time(store):
+    mine = submit_one(store, when=0)
+    bobs = store.submit("bob", [spec()], at(5))[0]
+    start(store, mine, when=6)
+    assert [j.job_id for j in store.list("bob")] == [bobs]
+    assert [j.job_id for j in store.list(None, site=SITE)] == [mine]
+    assert [j.job_id for j in store.list(None, updated_since=at(6))] == [mine]
+    assert [j.job_id for j in store.list(None, updated_since=at(5))] == [bobs, mine]
+    assert store.list("bob", site=SITE) == []
+
+
+def test_admin_requeue_of_a_killed_or_done_job_is_refused_naming_what_may_be(store):
+    killed = submit_one(store)
+    store.kill(killed, None, "gone", at(1))
+    done = submit_one(store, when=2)
+    drive(store, done, start(store, done, when=3), [S.RUNNING, S.SAVING, S.DONE], when=4)
+    for job_id in (killed, done):
+        before = store.get(job_id)
+        with pytest.raises(InvalidTransition, match=r"only a job waiting, under way \(ASSIGNED to SAVING\) or "
+                                                    r"ended in FAILED_INPUT, .*LOST, FAILED_LIMIT is re-queued, by "
+                                                    r"an admin; fix: submit it again"):
+            store.requeue(job_id, RequeueCause.ADMIN, "again", at(5))
+        assert store.get(job_id) == before                      # not a row or an event more
+
+
+def test_admin_requeue_gives_a_failed_job_a_fresh_set_of_attempts(store):
+    job_id = submit_one(store, max_attempts=1)
+    attempt = start(store, job_id)
+    drive(store, job_id, attempt, [S.RUNNING, S.FAILED_EXECUTION], when=2)
+    # Only an admin's requeue reopens it: a pilot's report of the old attempt is refused.
+    with pytest.raises(InvalidTransition, match="FAILED_EXECUTION -> WAITING"):
+        store.requeue(job_id, RequeueCause.WRAPPER, "", at(3))
+    assert store.requeue(job_id, RequeueCause.ADMIN, "node had no /cvmfs", at(4)) == attempt + 1
+    job = store.get(job_id)
+    assert (job.state, job.exit_code, job.message) == (S.WAITING, None, "")
+    assert job.history[-1].detail == "re-queued from FAILED_EXECUTION (node had no /cvmfs); 1 attempt(s) from now on"
+    with pytest.raises(StaleAttemptError):                      # the old attempt's wrapper is fenced off
+        store.job_heartbeat(job_id, attempt, 1.0, 1, 1, at(5))
+    again = start(store, job_id, when=6)
+    assert again == attempt + 1
+    # The fresh attempt is charged as usual: one lost attempt fails it again (max_attempts 1).
+    store.pilot_end(PILOT, 1, "gone", at(7), abandoned=True)
+    assert store.get(job_id).state is S.LOST
 
 
 def test_sigkill_leaves_a_consistent_sqlite_file(tmp_path):

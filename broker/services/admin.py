@@ -16,14 +16,15 @@ import re
 
 from broker.lifecycle import RequeueCause
 from broker.services.base import BadRequest, Broker, rpc, text, to_ms, utcnow
-from broker.services.user import list_jobs
-from broker.store.base import NotRevocable, Revocation
+from broker.services.user import checked_name, list_jobs
+from broker.store.base import PILOT_STATES, NotRevocable, Revocation
 from pilot.tokens import Identity, TokenRole, TokenVerifier
 from pilot.tokens.errors import IssueError, TokenError
 from pilot.tokens.files import load_certificates
 from pilot.tokens.identity import check_name
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
+from splitpilot.job.v1 import job_pb2
 
 log = logging.getLogger("splitpilot.broker")
 
@@ -35,6 +36,8 @@ SITE_STATE_VALUES = {name: value for value, name in SITE_STATES.items()}
 #: Roles a revocation may name (host tokens never call the broker).
 REVOCABLE_ROLES = tuple(r.value for r in (TokenRole.USER, TokenRole.ADMIN, TokenRole.AGENT, TokenRole.JOB))
 MAX_REASON = 500
+#: The longest failure window ListSites counts over.
+MAX_FAILURE_WINDOW_S = 7 * 86400
 _SERIAL_RE = re.compile(r"(?:0x)?([0-9a-f]{1,40})")
 
 
@@ -86,12 +89,39 @@ class AdminServicer(rpc_pb.AdminServiceServicer):
     @rpc(SERVICE)
     async def ListPilots(self, identity: Identity, request: pb.ListPilotsRequest, context) -> pb.ListPilotsResponse:
         broker = self.broker
-        since = utcnow() - datetime.timedelta(seconds=request.seen_within_s or 3600)
-        pilots = await broker.call(broker.store.list_pilots, since, heavy=True)
+        if request.state not in ("", *PILOT_STATES):
+            raise BadRequest(f"state {request.state[:40]!r} is not a pilot state; fix: send "
+                             f"{' or '.join(repr(s) for s in PILOT_STATES)}, or leave state empty for both")
+        site = checked_name("site", request.site) if request.site else ""
+        limit = min(request.limit or broker.settings.list_default, broker.settings.list_max)
+        now = utcnow()
+        since = now - datetime.timedelta(seconds=request.seen_within_s or 3600)
+        pilots = await broker.call(broker.store.list_pilots, since, now=now, site=site, state=request.state,
+                                   limit=limit, heavy=True)
         return pb.ListPilotsResponse(pilots=[
             pb.PilotInfo(pilot_id=p.pilot_id, site=p.site, node=p.node, first_seen_unix_ms=to_ms(p.first_seen),
                          last_seen_unix_ms=to_ms(p.last_seen), jobs_matched=p.jobs_matched,
-                         end_reason=p.end_reason, certificate_serial=p.certificate_serial) for p in pilots])
+                         end_reason=p.end_reason, certificate_serial=p.certificate_serial, alive=p.alive,
+                         jobs_run=p.jobs_run, current_job_ids=p.current_job_ids,
+                         ended_unix_ms=to_ms(p.ended) if p.ended else 0) for p in pilots])
+
+    @rpc(SERVICE)
+    async def ListSites(self, identity: Identity, request: pb.ListSitesRequest, context) -> pb.ListSitesResponse:
+        broker = self.broker
+        window = request.failures_within_s or 3600
+        if window > MAX_FAILURE_WINDOW_S:
+            raise BadRequest(f"failures_within_s {window} is longer than {MAX_FAILURE_WINDOW_S} s (7 days); fix: "
+                             "ask for a shorter window, or 0 for one hour")
+        now = utcnow()
+        sites = await broker.call(broker.store.list_sites, now, now - datetime.timedelta(seconds=window),
+                                  heavy=True)
+        # Bounded like every listing (sites are few; the bound only guards the message size).
+        return pb.ListSitesResponse(failures_within_s=window, sites=[
+            pb.SiteInfo(site=s.site, state=SITE_STATE_VALUES.get(s.state, pb.SITE_STATE_UNSPECIFIED),
+                        reason=s.reason, state_updated_unix_ms=to_ms(s.state_updated) if s.state_updated else 0,
+                        pilots_alive=s.pilots_alive, jobs_running=s.jobs_running, jobs_waiting=s.jobs_waiting,
+                        failures_by_class={job_pb2.JobState.Name(int(state)): n for state, n in s.failures.items()},
+                        empty_pilots=s.empty_pilots) for s in sites[:broker.settings.list_max]])
 
     @rpc(SERVICE)
     async def Requeue(self, identity: Identity, request: pb.RequeueRequest, context) -> pb.RequeueResponse:

@@ -16,6 +16,7 @@ why a waiting job has not matched.
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Sequence
 
@@ -42,6 +43,8 @@ from broker.store.classes import RequirementClass
 from pilot.api.files import BadFileHeader, check_sandbox_name, check_sha256, name_problem
 from pilot.api.states import JobState
 from pilot.tokens import Identity
+from pilot.tokens.errors import IssueError
+from pilot.tokens.identity import check_name
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
 from splitpilot.job.v1 import job_pb2
@@ -49,6 +52,8 @@ from splitpilot.job.v1 import job_pb2
 log = logging.getLogger("splitpilot.broker")
 
 SERVICE = "UserService"
+#: The last millisecond a time filter may name (datetime's range ends in year 9999).
+LAST_MS = int(datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC).timestamp() * 1000)
 
 
 class UserServicer(rpc_pb.UserServiceServicer):
@@ -246,14 +251,33 @@ async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsReque
                          "(JOB_STATE_WAITING ...)") from None
     limit = min(request.limit or settings.list_default, settings.list_max)
     before = request.before_job_id or None
+    site, since = "", None
+    if isinstance(request, pb.ListAllJobsRequest):  # the admin's filters
+        if request.owner:
+            owner = checked_name("owner", request.owner)
+        site = checked_name("site", request.site) if request.site else ""
+        if request.updated_since_unix_ms:
+            if not 0 < request.updated_since_unix_ms <= LAST_MS:
+                raise BadRequest(f"updated_since_unix_ms {request.updated_since_unix_ms} is not a time between 1970 "
+                                 "and 9999; fix: send a Unix time in milliseconds, or 0 for any time")
+            since = datetime.datetime.fromtimestamp(request.updated_since_unix_ms / 1000, datetime.UTC)
 
     def build():  # in a thread: thousands of records are converted here
-        records = broker.store.list(owner, states, limit, before)
+        records = broker.store.list(owner, states, limit, before, site=site, updated_since=since)
         response = response_type(jobs=[job_info(r, history=False) for r in records])
         for state, count in broker.store.counts(owner).items():
             response.counts_by_state[job_pb2.JobState.Name(int(state))] = count
         return response
     return await broker.call(build, heavy=True)
+
+
+def checked_name(field: str, value: str) -> str:
+    """VALUE of the request's FIELD as a subject or site name; INVALID_ARGUMENT naming FIELD otherwise."""
+    try:
+        return check_name(field, value)
+    except IssueError as exc:
+        raise BadRequest(f"{field}: {exc.detail}; fix: send a {field} name as tokens carry it, or leave "
+                         f"{field} empty for any") from None
 
 
 def _where(index: int, spec: job_pb2.JobSpec) -> str:

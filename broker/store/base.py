@@ -267,6 +267,42 @@ class PilotRecord:
     end_reason: str = ""
     #: Serial (hex) of the agent certificate the pilot id is bound to ('' for a pilot not yet bound).
     certificate_serial: str = ""
+    #: Not ended, and seen within the heartbeat timeout (as of the listing).
+    alive: bool = False
+    #: Jobs it reported having run when it ended.
+    jobs_run: int = 0
+    #: Jobs it holds now (an attempt under way), lowest id first.
+    current_job_ids: tuple[int, ...] = ()
+    #: When it reported its end (None: not reported).
+    ended: datetime.datetime | None = None
+
+
+#: Pilot states a listing may ask for.
+PILOT_STATES = ("alive", "ended")
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """One site as ListSites reports it (see broker.proto SiteInfo)."""
+
+    site: str
+    state: str = "enabled"
+    reason: str = ""
+    #: When an admin set the state (None: never).
+    state_updated: datetime.datetime | None = None
+    pilots_alive: int = 0
+    jobs_running: int = 0
+    #: Waiting jobs whose site lists allow the site (resources not compared).
+    jobs_waiting: int = 0
+    #: Jobs that ended unsuccessfully there within the window, by final state.
+    failures: dict[JobState, int] = field(default_factory=dict)
+    #: Pilots that ended within the window without running a job.
+    empty_pilots: int = 0
+
+
+#: Final states counted as a site's failures (KILLED and EXPIRED are the owner's or the queue's doing).
+FAILURE_STATES = (JobState.FAILED_INPUT, JobState.FAILED_EXECUTION, JobState.FAILED_OUTPUT,
+                  JobState.FAILED_WRAPPER, JobState.FAILED_LIMIT, JobState.LOST)
 
 
 @dataclass(frozen=True)
@@ -345,8 +381,10 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def list(self, owner: str | None, states: Sequence[JobState] = (), limit: int = 1000,
-             before_job_id: int | None = None) -> list[JobRecord]:
-        """Jobs of OWNER (None: everyone's), newest first, without history."""
+             before_job_id: int | None = None, *, site: str = "",
+             updated_since: datetime.datetime | None = None) -> list[JobRecord]:
+        """Jobs of OWNER (None: everyone's), newest first, without history; SITE: only jobs whose
+        current or last attempt is there; UPDATED_SINCE: only jobs whose state changed since."""
 
     @abc.abstractmethod
     def counts(self, owner: str | None = None) -> dict[JobState, int]:
@@ -468,7 +506,15 @@ class JobStore(abc.ABC):
         """Set 'enabled' / 'draining' / 'disabled'; return the previous state."""
 
     @abc.abstractmethod
-    def list_pilots(self, seen_since: datetime.datetime) -> list[PilotRecord]: ...
+    def list_pilots(self, seen_since: datetime.datetime, *, now: datetime.datetime | None = None, site: str = "",
+                    state: str = "", limit: int = 1000) -> list[PilotRecord]:
+        """Pilots seen since SEEN_SINCE, most recent first; SITE and STATE ('alive', 'ended', '': both) filter.
+        A pilot is alive when it has not ended and was seen within the heartbeat timeout before NOW."""
+
+    @abc.abstractmethod
+    def list_sites(self, now: datetime.datetime, failures_since: datetime.datetime) -> list[SiteRecord]:
+        """Every site with an admin state, a pilot seen within 30 days, a job under way or a failure within the
+        window, by name, with its counts."""
 
     @abc.abstractmethod
     def pilot_expiry(self, pilot_id: str) -> datetime.datetime | None:

@@ -33,8 +33,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from broker.lifecycle import FREE_CAUSES, Actor, RequeueCause, allowed, requeue_target
+from broker.lifecycle import ADMIN_REQUEUABLE_FINAL, FREE_CAUSES, Actor, RequeueCause, allowed, requeue_target
 from broker.store.base import (
+    FAILURE_STATES,
+    PILOT_STATES,
     BadValue,
     InvalidTransition,
     JobEventRecord,
@@ -51,6 +53,7 @@ from broker.store.base import (
     Reaped,
     Revocation,
     SeenToken,
+    SiteRecord,
     SlotOffer,
     StaleAttemptError,
     StoreError,
@@ -116,6 +119,13 @@ PILOT_TOUCH = ("UPDATE pilots SET last_seen = ?, jobs_matched = jobs_matched + ?
                f"node = coalesce(nullif(?, ''), node) WHERE {PILOT_BOUND}")
 REVOKED_COLUMNS = "id, serial, subject, role, reason, revoked, revoked_by, not_after"
 _IN_CHUNK = 500  # values per IN (...) list
+#: Why a final job is not re-queued (the states come from lifecycle.ADMIN_REQUEUABLE_FINAL).
+REQUEUE_REFUSAL = ("only a job waiting, under way (ASSIGNED to SAVING) or ended in "
+                   + ", ".join(s.name for s in sorted(ADMIN_REQUEUABLE_FINAL))
+                   + " is re-queued, by an admin; fix: submit it again")
+#: A site whose last pilot was seen longer ago than this (and that has no admin state, no job under
+#: way and no recent failure) is no longer listed by list_sites.
+SITE_MEMORY_MS = 30 * 86_400_000
 
 
 def pilot_key(pilot: PilotRef) -> tuple[str, str, str, str]:
@@ -384,11 +394,19 @@ class SqlStore(JobStore):
         return self._read(body, snapshot=True)
 
     def list(self, owner: str | None, states: Sequence[JobState] = (), limit: int = 1000,
-             before_job_id: int | None = None) -> list[JobRecord]:
-        where, params = [], []
+             before_job_id: int | None = None, *, site: str = "",
+             updated_since: datetime.datetime | None = None) -> list[JobRecord]:
+        where: list[str] = []
+        params: list[Any] = []
         if owner is not None:
             where.append("owner = ?")
             params.append(owner)
+        if site:
+            where.append("site = ?")
+            params.append(site)
+        if updated_since is not None:
+            where.append("updated >= ?")
+            params.append(to_ms(updated_since))
         if states:
             where.append(f"state IN ({', '.join('?' * len(states))})")
             params.extend(int(s) for s in states)
@@ -415,7 +433,7 @@ class SqlStore(JobStore):
                 cur, job_id, "owner, state, attempt, kill_requested")
             if owner is not None and owner != job_owner:
                 raise NotYours(f"job {job_id} belongs to another user; fix: kill your own jobs "
-                               "(`splitpilot job list`), or ask an admin")
+                               "(`splitpilot job status` lists them), or ask an admin")
             state = JobState(state)
             by = f"killed by {owner or 'an admin'}" + (f": {reason}" if reason else "")
             if state.final:
@@ -701,12 +719,76 @@ class SqlStore(JobStore):
             return previous
         return self._write(body)
 
-    def list_pilots(self, seen_since: datetime.datetime) -> list[PilotRecord]:
-        rows = self._read(lambda cur: cur.rows(
-            "SELECT pilot_id, site, node, first_seen, last_seen, jobs_matched, end_reason, cert_serial FROM pilots "
-            "WHERE last_seen >= ? ORDER BY last_seen DESC, pilot_id", (to_ms(seen_since),)))
-        return [PilotRecord(p, s, n, from_ms(f), from_ms(last), int(m), e, c)
-                for p, s, n, f, last, m, e, c in rows]
+    def list_pilots(self, seen_since: datetime.datetime, *, now: datetime.datetime | None = None, site: str = "",
+                    state: str = "", limit: int = 1000) -> list[PilotRecord]:
+        if state not in ("", *PILOT_STATES):
+            raise BadValue(f"pilot state {state[:40]!r} is not one of {', '.join(PILOT_STATES)}")
+        alive_since = to_ms(now or datetime.datetime.now(datetime.UTC)) - duration_ms(
+            self.settings.heartbeat_timeout)
+        alive = f"(ended IS NULL AND last_seen >= {int(alive_since)})"
+        where, params = ["last_seen >= ?"], [to_ms(seen_since)]
+        if site:
+            where.append("site = ?")
+            params.append(site)
+        if state:
+            where.append(alive if state == "alive" else f"NOT {alive}")
+
+        def body(cur: Cursor) -> list[PilotRecord]:
+            rows = cur.rows(
+                f"SELECT pilot_id, site, node, first_seen, last_seen, jobs_matched, end_reason, cert_serial, "
+                f"{alive}, jobs_run, ended FROM pilots WHERE {' AND '.join(where)} "
+                "ORDER BY last_seen DESC, pilot_id LIMIT ?", (*params, max(0, limit)))
+            held: dict[str, list[int]] = {}
+            for chunk in _chunks([row[0] for row in rows]):
+                for pilot_id, job_id in cur.rows(
+                        f"SELECT pilot_id, id FROM jobs WHERE fenced = 0 AND state IN ({ASSIGNED}, "
+                        f"{ALIVE_STATES[1:-1]}) AND pilot_id IN ({', '.join('?' * len(chunk))}) ORDER BY id",
+                        chunk):
+                    held.setdefault(pilot_id, []).append(int(job_id))
+            return [PilotRecord(p, s, n, from_ms(f), from_ms(last), int(m), e, c, bool(a), int(r),
+                                tuple(held.get(p, ())), from_ms(ended) if ended is not None else None)
+                    for p, s, n, f, last, m, e, c, a, r, ended in rows]
+        return self._read(body, snapshot=True)
+
+    def list_sites(self, now: datetime.datetime, failures_since: datetime.datetime) -> list[SiteRecord]:
+        alive_since = to_ms(now) - duration_ms(self.settings.heartbeat_timeout)
+        since = to_ms(failures_since)
+        failed = ", ".join(str(int(s)) for s in FAILURE_STATES)
+
+        def body(cur: Cursor) -> list[SiteRecord]:
+            states = {name: (state, reason, updated) for name, state, reason, updated in
+                      cur.rows("SELECT name, state, reason, updated FROM sites")}
+            alive = dict(cur.rows("SELECT site, count(*) FROM pilots WHERE ended IS NULL AND last_seen >= ? "
+                                  "GROUP BY site", (alive_since,)))
+            empty = dict(cur.rows("SELECT site, count(*) FROM pilots WHERE ended >= ? AND jobs_run = 0 "
+                                  "AND end_reason = 'empty' GROUP BY site", (since,)))
+            # Pilot records are kept for ever: a site is known from the recent ones (an index range).
+            known = set(states) | {row[0] for row in cur.rows("SELECT DISTINCT site FROM pilots WHERE last_seen >= ?",
+                                                              (to_ms(now) - SITE_MEMORY_MS,))}
+            running = dict(cur.rows(f"SELECT site, count(*) FROM jobs WHERE fenced = 0 AND state IN ({ASSIGNED}, "
+                                    f"{ALIVE_STATES[1:-1]}) GROUP BY site"))
+            failures: dict[str, dict[JobState, int]] = {}
+            for site, state, count in cur.rows(f"SELECT site, state, count(*) FROM jobs WHERE state IN ({failed}) "
+                                               "AND updated >= ? AND site <> '' GROUP BY site, state", (since,)):
+                failures.setdefault(site, {})[JobState(state)] = int(count)
+            known |= set(running) | set(failures)
+            # Waiting jobs per requirement class, then per site by the class's site lists: one row per class.
+            waiting_classes = cur.rows(
+                f"SELECT c.sites_allowed, c.sites_denied, count(*) FROM jobs j JOIN classes c ON c.id = j.class_id "
+                f"WHERE j.state = {WAITING} GROUP BY c.sites_allowed, c.sites_denied")
+            records = []
+            for site in sorted(known):
+                waiting = 0
+                for may, may_not, count in waiting_classes:
+                    if (may and site not in may.split(SEPARATOR)) or (may_not and site in may_not.split(SEPARATOR)):
+                        continue
+                    waiting += int(count)
+                state, reason, updated = states.get(site, ("enabled", "", None))
+                records.append(SiteRecord(site, state, reason, from_ms(updated) if updated is not None else None,
+                                          int(alive.get(site, 0)), int(running.get(site, 0)), waiting,
+                                          failures.get(site, {}), int(empty.get(site, 0))))
+            return records
+        return self._read(body, snapshot=True)
 
     def pilot_expiry(self, pilot_id: str) -> datetime.datetime | None:
         row = self._read(lambda cur: cur.row("SELECT cert_not_after FROM pilots WHERE pilot_id = ?", (pilot_id,)))
@@ -758,8 +840,15 @@ class SqlStore(JobStore):
             state, attempt, charged, max_attempts, kill_requested = self._lock_job(
                 cur, job_id, "state, attempt, charged, max_attempts, kill_requested")
             state = JobState(state)
-            if state.final:
-                raise InvalidTransition(job_id, state, JobState.WAITING, "the job is final")
+            if state.final and not (cause is RequeueCause.ADMIN and state in ADMIN_REQUEUABLE_FINAL):
+                raise InvalidTransition(job_id, state, JobState.WAITING, REQUEUE_REFUSAL)
+            if state.final:  # an admin's second chance: a new attempt, the attempts counted afresh
+                cur.run(f"UPDATE jobs SET state = {WAITING}, fenced = 1, charged = 0, kill_requested = 0, "
+                        "updated = ?, exit_code = NULL, message = '' WHERE id = ?", (ms, job_id))
+                self._event(cur, job_id, ms, JobState.WAITING, attempt,
+                            f"re-queued from {state.name}" + (f" ({detail})" if detail else "")
+                            + f"; {max_attempts} attempt(s) from now on")
+                return state, JobState.WAITING, attempt + 1
             if kill_requested:
                 raise InvalidTransition(job_id, state, JobState.WAITING, "its owner asked to kill it")
             if state is JobState.WAITING:

@@ -3,7 +3,7 @@
     view = BrokerView(admin_client, site="SITE-A", address="broker:7443", ca=ca, factory="f1")
     view.waiting(GlideinSlot(cores=1, memory_mb=2048, disk_mb=4096, time_s=6 * 3600, site="SITE-A"))
     view.pilots(seen_within_s=7200)          # the broker's pilot records (jobs matched, end reason, serial)
-    view.site_state()                         # 'enabled', 'draining or disabled', or 'unknown'
+    view.site_state()                         # 'enabled', 'draining', 'disabled' or 'unknown'
 
 Waiting jobs come from AdminService.ListAllJobs (WAITING), checked here
 against the slot a glidein of this factory offers (`GlideinSlot.unmet`, the
@@ -12,39 +12,35 @@ Pilot records come from AdminService.ListPilots; the factory finds its
 glideins' pilots there by the serial of the agent certificate it minted for
 their batch.
 
-The site's state: the admin API can set it (SetSiteState) but not read it.
-Until it can, the factory asks as a pilot of the site would: a
-PilotHeartbeat with an agent token it mints for itself (pilot id
-`factory-<name>-<serial>`, no jobs), whose `leave` answer is true when the
-site is draining or disabled. The cost: one pilot record per probe token
-(one token an hour), visible in ListPilots under that id.
+The site's state comes from AdminService.ListSites (a site the broker has
+no record of is enabled; a broker older than ListSites: 'unknown', which
+the policy treats as open). Before its first question the view checks that
+the factory's CA (which signs its glideins' agent tokens) is the one that
+issued the admin token the broker accepts: otherwise every glidein's token
+would be refused, and the cycle stops with the fix.
 """
 
 from __future__ import annotations
 
-import datetime
-import socket
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pilot.api.client import AgentClient, BrokerError
+from cryptography.exceptions import InvalidSignature
+
+from pilot.api.client import BrokerError
 from pilot.api.states import JobState
 from pilot.errors import SplitpilotError
-from pilot.tokens import TokenRole
 
-if TYPE_CHECKING:   # the token code is loaded when a probe is first made
-    from pilot.tokens import TokenFile
+if TYPE_CHECKING:   # the factory is handed the broker's CA by its caller (apps/)
+    from broker.ca import CertificateAuthority
 
 #: Time a glidein spends before its agent first asks for work (venv, self-tests), and the agent's own
 #: reserve (its Stop deadline at the slot's end): a job needing more than lifetime minus this never fits.
 STARTUP_MARGIN_S = 180
 #: Waiting jobs read per ListAllJobs page.
 PAGE = 5000
-#: A probe token is minted for this long, and replaced this long before it ends.
-PROBE_TTL = datetime.timedelta(hours=1)
-PROBE_RENEW = datetime.timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -117,16 +113,16 @@ def count_waiting(specs: Iterable, slot: GlideinSlot, site: str) -> Waiting:
 
 
 class BrokerView:
-    """The factory's questions to the broker, through an AdminClient (and, for the site's state, a probe)."""
+    """The factory's questions to the broker, through an AdminClient."""
 
-    def __init__(self, admin, site: str, *, address: str = "", ca=None, factory: str = "splitpilot") -> None:
+    def __init__(self, admin, site: str, *, address: str = "", ca: CertificateAuthority | None = None,
+                 factory: str = "splitpilot") -> None:
         self.admin = admin
         self.site = site
         self.address = address or admin.address
         self.ca = ca
         self.factory = factory
-        self._probe: TokenFile | None = None
-        self._probe_id = ""
+        self._ca_checked = ca is None
 
     def waiting(self, slot: GlideinSlot) -> Waiting:
         specs, before = [], 0
@@ -141,23 +137,34 @@ class BrokerView:
         return self.admin.list_pilots(seen_within_s=min(max(1, int(seen_within_s)), 2**32 - 1))
 
     def site_state(self) -> str:
-        """'enabled', 'draining or disabled', or 'unknown' (no CA to mint a probe token with)."""
-        if self.ca is None:
-            return "unknown"
-        now = datetime.datetime.now(datetime.UTC)
-        if self._probe is None or self._probe.certificate.not_valid_after_utc - now < PROBE_RENEW:
-            self._probe = self.ca.new_token(TokenRole.AGENT, f"factory-{self.factory}", site=self.site,
-                                            queue="default", ttl=PROBE_TTL)
-            self._probe_id = f"factory-{self.factory}-{self._probe.certificate.serial_number:x}"[:120]
+        """'enabled', 'draining' or 'disabled' (AdminService.ListSites), or 'unknown' from a broker older
+        than ListSites."""
+        self._check_ca()
         try:
-            with AgentClient(self.address, self._probe) as probe:
-                answer = probe.pilot_heartbeat(self._probe_id, socket.gethostname())
+            sites = self.admin.list_sites()
         except BrokerError as exc:
+            if exc.code.name == "UNIMPLEMENTED":
+                return "unknown"
+            raise SiteStateUnknown(f"could not read site {self.site}'s state (AdminService.ListSites): {exc}") \
+                from None
+        for site in sites:
+            if site.site == self.site:
+                return site.state
+        return "enabled"   # no admin state and no pilot yet
+
+    def _check_ca(self) -> None:
+        """Refuse a factory CA that did not issue the admin token the broker accepts (checked once)."""
+        if self._ca_checked or self.ca is None:
+            return
+        try:
+            self.admin.certificate.verify_directly_issued_by(self.ca.certificate)
+        except (ValueError, TypeError, InvalidSignature):
             raise SiteStateUnknown(
-                f"could not learn whether site {self.site} is draining (a PilotHeartbeat with an agent token "
-                f"from the factory's CA): {exc}; fix: when the broker refuses it, the factory's --ca is not the "
-                "broker's CA, and every glidein's agent token would be refused alike") from None
-        return "draining or disabled" if answer.leave else "enabled"
+                f"the factory's --ca ({self.ca.certificate.subject.rfc4514_string()}) did not issue the admin "
+                "token the broker accepts: the factory's --ca is not the broker's CA, and every glidein's agent "
+                "token it signs would be refused; fix: point --ca at the broker's CA folder (the broker's "
+                "--state-dir/ca), or use an admin token of the factory's CA") from None
+        self._ca_checked = True
 
 
 class SiteStateUnknown(SplitpilotError):

@@ -111,6 +111,34 @@ class PilotInfo:
     end_reason: str = ""
     #: Serial (hex) of the agent certificate the pilot id is bound to ('' for a pilot not yet bound).
     certificate_serial: str = ""
+    #: Not ended, and seen within the broker's heartbeat timeout.
+    alive: bool = False
+    #: Jobs it reported having run when it ended.
+    jobs_run: int = 0
+    #: Jobs it holds now (an attempt under way).
+    current_job_ids: tuple[int, ...] = ()
+    #: When it reported its end (None: not reported).
+    ended: datetime.datetime | None = None
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One site as AdminService.ListSites reports it."""
+
+    site: str
+    #: 'enabled', 'draining' or 'disabled' ('unknown' for a state of a newer broker).
+    state: str
+    reason: str
+    #: When an admin set the state (None: never).
+    state_updated: datetime.datetime | None
+    pilots_alive: int
+    jobs_running: int
+    #: Waiting jobs whose site lists allow the site (resources not compared).
+    jobs_waiting: int
+    #: Jobs that ended unsuccessfully there within the window, by state name (e.g. 'FAILED_EXECUTION').
+    failures: dict[str, int]
+    #: Pilots that ended within the window without running a job.
+    empty_pilots: int
 
 
 @dataclass(frozen=True)
@@ -360,6 +388,11 @@ class _TokenClient(BaseClient):
         self.identity: Identity = parse_identity(tf.chain[0])
         super().__init__(address, certificate_pem([tf.chain[0]]), private_key_pem(tf.key), _read_ca(ca_pem, tf.chain),
                          timeout=timeout, server_name=server_name)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The certificate of the client's own token (its leaf)."""
+        return self._chain[0]
 
     def _token_problem(self) -> str | None:
         return token_problem(self._chain, self.ca_pem) if self.CHECKS_OWN_TOKEN else None
@@ -628,18 +661,40 @@ class AdminClient(_TokenClient):
                               pb.SetSiteStateRequest(site=site, state=_SITE_STATES[state], reason=reason))
         return {v: k for k, v in _SITE_STATES.items()}.get(response.previous, "unknown")
 
-    def list_pilots(self, seen_within_s: int = 0) -> list[PilotInfo]:
-        response = self._call("ListPilots", self._stub.ListPilots, pb.ListPilotsRequest(seen_within_s=seen_within_s))
+    def list_pilots(self, seen_within_s: int = 0, *, site: str = "", state: str = "",
+                    limit: int = 0) -> list[PilotInfo]:
+        """Pilots seen within SEEN_WITHIN_S (0: an hour), most recent first; SITE and STATE ('alive',
+        'ended') filter; LIMIT 0: the broker's default page (1,000)."""
+        response = self._call("ListPilots", self._stub.ListPilots, pb.ListPilotsRequest(
+            seen_within_s=seen_within_s, site=site, state=state, limit=limit))
         return [PilotInfo(p.pilot_id, p.site, p.node, _from_ms(p.first_seen_unix_ms), _from_ms(p.last_seen_unix_ms),
-                          p.jobs_matched, p.end_reason, p.certificate_serial) for p in response.pilots]
+                          p.jobs_matched, p.end_reason, p.certificate_serial, p.alive, p.jobs_run,
+                          tuple(p.current_job_ids), _from_ms(p.ended_unix_ms) if p.ended_unix_ms else None)
+                for p in response.pilots]
+
+    def list_sites(self, failures_within_s: int = 0) -> list[SiteInfo]:
+        """Every site the broker knows, by name; failures counted over FAILURES_WITHIN_S (0: an hour)."""
+        response = self._call("ListSites", self._stub.ListSites,
+                              pb.ListSitesRequest(failures_within_s=failures_within_s))
+        names = {v: k for k, v in _SITE_STATES.items()}
+        return [SiteInfo(s.site, names.get(s.state, "unknown"), s.reason,
+                         _from_ms(s.state_updated_unix_ms) if s.state_updated_unix_ms else None, s.pilots_alive,
+                         s.jobs_running, s.jobs_waiting,
+                         {name.removeprefix("JOB_STATE_"): n for name, n in sorted(s.failures_by_class.items())},
+                         s.empty_pilots) for s in response.sites]
 
     def requeue(self, job_id: int, reason: str = "") -> int:
         """End the job's current attempt and queue the next; returns the new attempt number."""
         return self._call("Requeue", self._stub.Requeue, pb.RequeueRequest(job_id=job_id, reason=reason)).attempt
 
-    def list_all_jobs(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0) -> JobListing:
+    def list_all_jobs(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0, *,
+                      owner: str = "", site: str = "", updated_since: datetime.datetime | None = None) -> JobListing:
+        """Any owner's jobs, newest first; OWNER, SITE (of the current or last attempt) and UPDATED_SINCE
+        filter (the counts cover OWNER's jobs, or everyone's)."""
+        since_ms = int(updated_since.timestamp() * 1000) if updated_since is not None else 0
         response = self._call("ListAllJobs", self._stub.ListAllJobs, pb.ListAllJobsRequest(
-            states=_wire_states(states), limit=limit, before_job_id=before_job_id))
+            states=_wire_states(states), limit=limit, before_job_id=before_job_id, owner=owner, site=site,
+            updated_since_unix_ms=since_ms))
         return _listing(response)
 
     def revoke_token(self, reason: str, *, serial: str | None = None, subject: str | None = None,
@@ -674,7 +729,7 @@ def _revoked(info: pb.RevokedToken) -> RevokedToken:
 __all__ = [
     "AccessDenied", "AdminClient", "AgentClient", "BrokerClient", "BrokerError", "BrokerUnavailable", "Download",
     "HeartbeatAnswer", "InvalidRequest", "JobClient", "JobEvent", "JobListing", "JobStatus", "MatchedJob",
-    "NoMatch", "NotFound", "OutputFile", "PilotInfo", "PreconditionFailed", "RevokedToken", "SiteWait",
+    "NoMatch", "NotFound", "OutputFile", "PilotInfo", "PreconditionFailed", "RevokedToken", "SiteInfo", "SiteWait",
     "SubmitWarning", "Submission", "TokenUnusable", "Unmet", "UpdateResult", "WaitReport", "WrongBroker",
     "token_problem",
 ]

@@ -238,14 +238,20 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., counts_by_state: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListAllJobsRequest(_message.Message):
-    __slots__ = ("states", "limit", "before_job_id")
+    __slots__ = ("states", "limit", "before_job_id", "owner", "site", "updated_since_unix_ms")
     STATES_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     BEFORE_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[_job_pb2.JobState]
     limit: int
     before_job_id: int
-    def __init__(self, states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., limit: _Optional[int] = ..., before_job_id: _Optional[int] = ...) -> None: ...
+    owner: str
+    site: str
+    updated_since_unix_ms: int
+    def __init__(self, states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., limit: _Optional[int] = ..., before_job_id: _Optional[int] = ..., owner: _Optional[str] = ..., site: _Optional[str] = ..., updated_since_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListAllJobsResponse(_message.Message):
     __slots__ = ("jobs", "counts_by_state")
@@ -497,13 +503,19 @@ class SetSiteStateResponse(_message.Message):
     def __init__(self, previous: _Optional[_Union[SiteState, str]] = ...) -> None: ...
 
 class ListPilotsRequest(_message.Message):
-    __slots__ = ("seen_within_s",)
+    __slots__ = ("seen_within_s", "site", "state", "limit")
     SEEN_WITHIN_S_FIELD_NUMBER: _ClassVar[int]
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
     seen_within_s: int
-    def __init__(self, seen_within_s: _Optional[int] = ...) -> None: ...
+    site: str
+    state: str
+    limit: int
+    def __init__(self, seen_within_s: _Optional[int] = ..., site: _Optional[str] = ..., state: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class PilotInfo(_message.Message):
-    __slots__ = ("pilot_id", "site", "node", "first_seen_unix_ms", "last_seen_unix_ms", "jobs_matched", "end_reason", "certificate_serial")
+    __slots__ = ("pilot_id", "site", "node", "first_seen_unix_ms", "last_seen_unix_ms", "jobs_matched", "end_reason", "certificate_serial", "alive", "jobs_run", "current_job_ids", "ended_unix_ms")
     PILOT_ID_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
@@ -512,6 +524,10 @@ class PilotInfo(_message.Message):
     JOBS_MATCHED_FIELD_NUMBER: _ClassVar[int]
     END_REASON_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_RUN_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_JOB_IDS_FIELD_NUMBER: _ClassVar[int]
+    ENDED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     pilot_id: str
     site: str
     node: str
@@ -520,7 +536,11 @@ class PilotInfo(_message.Message):
     jobs_matched: int
     end_reason: str
     certificate_serial: str
-    def __init__(self, pilot_id: _Optional[str] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., jobs_matched: _Optional[int] = ..., end_reason: _Optional[str] = ..., certificate_serial: _Optional[str] = ...) -> None: ...
+    alive: bool
+    jobs_run: int
+    current_job_ids: _containers.RepeatedScalarFieldContainer[int]
+    ended_unix_ms: int
+    def __init__(self, pilot_id: _Optional[str] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., first_seen_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., jobs_matched: _Optional[int] = ..., end_reason: _Optional[str] = ..., certificate_serial: _Optional[str] = ..., alive: _Optional[bool] = ..., jobs_run: _Optional[int] = ..., current_job_ids: _Optional[_Iterable[int]] = ..., ended_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ListPilotsResponse(_message.Message):
     __slots__ = ("pilots",)
@@ -589,6 +609,49 @@ class RevokeTokenResponse(_message.Message):
     revoked: RevokedToken
     already_revoked: bool
     def __init__(self, revoked: _Optional[_Union[RevokedToken, _Mapping]] = ..., already_revoked: _Optional[bool] = ...) -> None: ...
+
+class ListSitesRequest(_message.Message):
+    __slots__ = ("failures_within_s",)
+    FAILURES_WITHIN_S_FIELD_NUMBER: _ClassVar[int]
+    failures_within_s: int
+    def __init__(self, failures_within_s: _Optional[int] = ...) -> None: ...
+
+class SiteInfo(_message.Message):
+    __slots__ = ("site", "state", "reason", "state_updated_unix_ms", "pilots_alive", "jobs_running", "jobs_waiting", "failures_by_class", "empty_pilots")
+    class FailuresByClassEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    PILOTS_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    JOBS_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    JOBS_WAITING_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_BY_CLASS_FIELD_NUMBER: _ClassVar[int]
+    EMPTY_PILOTS_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    state: SiteState
+    reason: str
+    state_updated_unix_ms: int
+    pilots_alive: int
+    jobs_running: int
+    jobs_waiting: int
+    failures_by_class: _containers.ScalarMap[str, int]
+    empty_pilots: int
+    def __init__(self, site: _Optional[str] = ..., state: _Optional[_Union[SiteState, str]] = ..., reason: _Optional[str] = ..., state_updated_unix_ms: _Optional[int] = ..., pilots_alive: _Optional[int] = ..., jobs_running: _Optional[int] = ..., jobs_waiting: _Optional[int] = ..., failures_by_class: _Optional[_Mapping[str, int]] = ..., empty_pilots: _Optional[int] = ...) -> None: ...
+
+class ListSitesResponse(_message.Message):
+    __slots__ = ("sites", "failures_within_s")
+    SITES_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_WITHIN_S_FIELD_NUMBER: _ClassVar[int]
+    sites: _containers.RepeatedCompositeFieldContainer[SiteInfo]
+    failures_within_s: int
+    def __init__(self, sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., failures_within_s: _Optional[int] = ...) -> None: ...
 
 class ListRevokedRequest(_message.Message):
     __slots__ = ()

@@ -836,6 +836,11 @@ class AdminServiceStub:
                 request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.SerializeToString,
                 response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.FromString,
                 _registered_method=True)
+        self.ListSites = channel.unary_unary(
+                '/splitpilot.broker.v1.AdminService/ListSites',
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesRequest.SerializeToString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -857,7 +862,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Requeue(self, request, context):
-        """Put a job back into the queue with a new attempt.
+        """Put a job back into the queue with a new attempt: a job waiting or under way (its attempt
+        ends, not charged to the job), or one ended in FAILED_*, LOST or EXPIRED (its attempts are
+        counted afresh). DONE and KILLED jobs are refused with FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -881,6 +888,14 @@ class AdminServiceServicer:
 
     def ListRevoked(self, request, context):
         """The revocations recorded, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSites(self, request, context):
+        """Every site known (an admin state, a pilot seen within 30 days, a job under way or a recent
+        failure there): state, pilots alive now, jobs running and waiting, recent failures by class.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -918,6 +933,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListRevoked,
                     request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.FromString,
                     response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.SerializeToString,
+            ),
+            'ListSites': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSites,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesRequest.FromString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1083,6 +1103,33 @@ class AdminService:
             '/splitpilot.broker.v1.AdminService/ListRevoked',
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedRequest.SerializeToString,
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListRevokedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSites(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitpilot.broker.v1.AdminService/ListSites',
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesRequest.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListSitesResponse.FromString,
             options,
             channel_credentials,
             insecure,
