@@ -34,6 +34,10 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
     return {option for action in parser._actions for option in action.option_strings}
 
 
+def _remainder(parser: argparse.ArgumentParser, option: str) -> bool:
+    return any(option in action.option_strings and action.nargs == argparse.REMAINDER for action in parser._actions)
+
+
 def problem(command: str, parser: argparse.ArgumentParser) -> str | None:
     """Why COMMAND ('splitpilot job status ID') does not parse down PARSER's tree (None: it does)."""
     words = command.split()[1:]
@@ -45,6 +49,8 @@ def problem(command: str, parser: argparse.ArgumentParser) -> str | None:
             name = word.split("=")[0]
             if not all(name in _options(leaf) for leaf in leaves):
                 return f"{command!r}: no option {name}"
+            if any(_remainder(leaf, name) for leaf in leaves):
+                break   # the rest is another command's words (config show --for broker --config FILE ...)
             continue
         choices = [_subcommands(leaf) for leaf in leaves]
         if any(c is None for c in choices):   # a command's own arguments follow
