@@ -65,7 +65,8 @@ state directory:
   DIR/address     the address actually bound (with port 0, the chosen port)
 
 Give each user a token:  splitpilot token issue --ca DIR/ca --role user --subject alice --out alice.pem
-Stop with SIGTERM or Ctrl-C: running calls get --grace seconds to finish.
+Stop with SIGTERM or Ctrl-C: running calls get --grace seconds to finish. Exit code after a
+clean stop: 0 for SIGTERM (how a service manager stops it), 130 for Ctrl-C (SIGINT).
 """
 
 CLIENT_EPILOG = f"""\
@@ -224,7 +225,13 @@ def _serve(args: argparse.Namespace) -> int:
         threads=args.threads, offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+")),
         job_token_ttl=parse_duration(args.job_token_ttl, what="--job-token-ttl") if args.job_token_ttl else None)
     server = BrokerServer(config)
-    previous = {sig: signal.signal(sig, lambda *_: server.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    caught: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        caught.append(signum)
+        server.request_stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     log = logging.getLogger("splitpilot.broker")
     try:
         server.start()
@@ -238,7 +245,9 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    # SIGTERM is how a service manager stops it: a normal end (the systemd unit in contrib/ counts on 0).
+    # Ctrl-C is an interruption, as for every other long-running command: 130, after the same clean stop.
+    return 130 if caught and caught[0] == signal.SIGINT else 0
 
 
 def _tune_gc() -> None:

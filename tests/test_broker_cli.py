@@ -192,6 +192,22 @@ def test_serve_stops_cleanly_on_sigterm(broker):
         assert words in log, log
 
 
+def test_serve_exits_130_on_ctrl_c_after_the_same_clean_stop(broker, tmp_path):
+    # A job queued before: the clean stop keeps it (the store is closed, not lost).
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    broker.process.send_signal(signal.SIGINT)
+    assert broker.process.wait(timeout=60) == 130
+    log = broker.log.read_text()
+    assert "shutting down" in log and "broker stopped" in log, log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    (broker.state / "address").unlink()  # the restart writes its own port
+    with serving(tmp_path) as again:  # same state directory: the lock was released, the jobs are there
+        table = job(again, "status")
+        assert table.returncode == 0, table.stderr
+        assert "2 job(s) (all shown): 2 WAITING" in table.stdout
+
+
 def test_serve_logs_one_format_with_time_and_level_and_no_pool_chatter(tmp_path, pg_url):  # noqa: F811
     """`broker serve` on PostgreSQL configures logging once: every line carries a timestamp and a level
     (the lines' words as before), and psycopg_pool's per-connection INFO lines stay out of the log

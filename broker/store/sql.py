@@ -415,7 +415,7 @@ class SqlStore(JobStore):
                 cur, job_id, "owner, state, attempt, kill_requested")
             if owner is not None and owner != job_owner:
                 raise NotYours(f"job {job_id} belongs to another user; fix: kill your own jobs "
-                               "(`splitpilot job list`), or ask an admin")
+                               "(`splitpilot job status` lists them), or ask an admin")
             state = JobState(state)
             by = f"killed by {owner or 'an admin'}" + (f": {reason}" if reason else "")
             if state.final:
