@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import pathlib
 import re
@@ -19,6 +20,7 @@ from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL 
 from broker.ca import CertificateAuthority
 from pilot.api.client import AgentClient, MatchedJob
 from pilot.api.states import JobState
+from pilot.errors import UsageError
 from pilot.tokens import TokenRole
 from pilot.tokens.files import write_private
 
@@ -347,3 +349,161 @@ def test_client_config_mistakes_name_the_file_key_and_fix(tmp_path, text, words)
     assert message.startswith(f"config file {config}:") and err.value.exit_code == 2
     for word in words:
         assert word in message, (word, message)
+
+
+# ------------------------------------------------------------------ jobs in bulk
+
+def submitted_range(result: subprocess.CompletedProcess) -> list[str]:
+    """The range exactly as `job submit` prints it on stderr ("...: 4 .. 53"), split as a shell would."""
+    match = re.search(r"submitted \d+ job\(s\) to \S+: (\d+ \.\. \d+)$", result.stderr, re.M)
+    assert match, result.stderr
+    return match.group(1).split()
+
+
+def finish(broker, agent_token, tmp_path, *, detail: str = "", fail: bool = False) -> int:
+    """Match one job as SITE-A and run it to DONE with one output (or fail it with DETAIL)."""
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            wrapper.update_state(JobState.RUNNING)
+            if fail:
+                wrapper.update_state(JobState.FAILED_EXECUTION, detail=detail, exit_code=3)
+                return matched.job_id
+            sandbox = tmp_path / f"sandbox-{matched.job_id}"
+            sandbox.mkdir()
+            (sandbox / "result.out").write_text(f"job {matched.job_id}\n")
+            wrapper.put_output(str(sandbox / "result.out"))
+            wrapper.update_state(JobState.SAVING)
+            wrapper.update_state(JobState.DONE, exit_code=0)
+    return matched.job_id
+
+
+def test_status_output_kill_take_the_range_submit_prints(broker, tmp_path):
+    path = write_job_file(tmp_path)
+    pathlib.Path(path).write_text(pathlib.Path(path).read_text().replace("count = 2", "count = 4"))
+    submitted = job(broker, "submit", path)
+    assert submitted.returncode == 0, submitted.stderr
+    ids = [int(line) for line in submitted.stdout.split()]
+    pasted = submitted_range(submitted)          # ["4", "..", "7"]: pasted as it was printed
+    assert pasted == [str(ids[0]), "..", str(ids[-1])]
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    done = [finish(broker, agent_token, tmp_path) for _ in range(3)]
+    assert done == ids[:3]
+
+    # status of the range: a table of exactly those jobs; --json: one object per job and line.
+    table = job(broker, "status", *pasted)
+    assert table.returncode == 0, table.stderr
+    assert "4 job(s) (all shown): 1 WAITING, 3 DONE" in table.stdout, table.stdout
+    as_json = job(broker, "status", f"{ids[0]}-{ids[-1]}", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["job_id"] for r in records] == ids
+    assert [r["state"] for r in records] == ["DONE", "DONE", "DONE", "WAITING"]
+    assert records[0]["outputs"] == [{"name": "result.out", "size": len(f"job {ids[0]}\n"),
+                                      "sha256": records[0]["outputs"][0]["sha256"]}]
+    assert records[0]["site"] == "SITE-A" and records[0]["exit_code"] == 0 and records[0]["final"] is True
+    assert records[3]["waiting"] and records[3]["exit_code"] is None
+    assert set(records[0]) == JSON_FIELDS
+    listed = [json.loads(line) for line in job(broker, "status", "--json").stdout.splitlines()]
+    assert sorted(r["job_id"] for r in listed) == ids and set(listed[0]) == JSON_FIELDS
+
+    # output of the done ones, by range: DIR/JOBID/NAME.
+    out = tmp_path / "results"
+    fetched = job(broker, "output", f"{ids[0]}..{ids[2]}", str(out))
+    assert fetched.returncode == 0, fetched.stderr
+    for job_id in ids[:3]:
+        assert (out / str(job_id) / "result.out").read_text() == f"job {job_id}\n"
+    assert sorted(os.listdir(out)) == sorted(str(i) for i in ids[:3])
+
+    # kill the range: the done ones say so, the waiting one is killed.
+    killed = job(broker, "kill", *pasted, "--reason", "enough")
+    assert killed.returncode == 0, killed.stderr
+    assert f"job {ids[3]}: KILLED" in killed.stdout
+    assert all(f"job {i} had already ended: DONE" in killed.stdout for i in ids[:3])
+
+
+JSON_FIELDS = {"job_id", "name", "owner", "state", "final", "attempt", "exit_code", "message", "site", "node",
+               "pilot_id", "submitted", "updated", "executable", "arguments", "history", "outputs", "waiting"}
+
+
+@pytest.mark.parametrize("words, message", [
+    (["1..4000000000"], "would name more than 10000 jobs"),
+    (["9..3"], "the range 9..3 runs backwards; fix: write 3..9"),
+    (["4..x"], "'4..x' is not a job id or range"),
+    (["1", ".."], "'..' needs a job id on each side"),
+    (["0"], "'0' is not a job id (ids start at 1)"),
+    (["\x1b]0;owned\x07"], "is not a job id or range"),
+])
+def test_bad_ids_and_ranges_are_refused_before_anything_changes(broker, tmp_path, words, message):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    for command in (("kill", *words), ("status", *words), ("output", *words, str(tmp_path / "out"))):
+        result = job(broker, *command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert message in result.stderr and "fix:" in result.stderr, result.stderr
+        assert "\x1b" not in result.stderr  # a hostile word is shown escaped
+    assert not (tmp_path / "out").exists()
+    assert "2 job(s) (all shown): 2 WAITING" in job(broker, "status").stdout  # nothing was killed
+
+
+def test_a_range_over_other_users_jobs_kills_only_the_callers(broker, tmp_path):
+    alice = job(broker, "submit", write_job_file(tmp_path))
+    assert alice.returncode == 0, alice.stderr
+    alice_ids = [int(line) for line in alice.stdout.split()]
+    bob_token = tmp_path / "bob.pem"
+    assert run("token", "issue", "--ca", str(broker.state / "ca"), "--role", "user", "--subject", "bob",
+               "--out", str(bob_token)).returncode == 0
+    bob_config = tmp_path / "bob.toml"
+    bob_config.write_text(f'[client]\nbroker = "{broker.address}"\ntoken = "{bob_token}"\n')
+    bob = run("job", "submit", write_job_file(tmp_path), "--config", str(bob_config))
+    assert bob.returncode == 0, bob.stderr
+    bob_ids = [int(line) for line in bob.stdout.split()]
+
+    # Bob kills "everything": the range covers alice's jobs too.
+    killed = run("job", "kill", f"{alice_ids[0]}..{bob_ids[-1]}", "--config", str(bob_config))
+    assert killed.returncode == 1
+    for job_id in alice_ids:
+        assert f"error: job {job_id}: " in killed.stderr and "belongs to another user" in killed.stderr
+    assert "2 of 4 job(s) could not be killed" in killed.stderr
+    assert all(f"job {i}: KILLED" in killed.stdout for i in bob_ids)
+    # Alice's jobs are untouched; bob cannot even read them in bulk.
+    assert "2 job(s) (all shown): 2 WAITING" in job(broker, "status").stdout
+    peek = run("job", "status", f"{alice_ids[0]}..{alice_ids[1]}", "--json", "--config", str(bob_config))
+    assert peek.returncode == 1 and peek.stdout == "" and "alice" not in peek.stdout
+
+
+def test_status_table_is_whole_and_escaped_when_not_a_terminal(broker, tmp_path):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    hostile = "segfault in reco step 7 of 12 after 4711 events; see the log \x1b[2J\x1b]0;owned\x07 for more"
+    failed = finish(broker, agent_token, tmp_path, detail=hostile, fail=True)
+    table = job(broker, "status")
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout and "\x07" not in table.stdout
+    assert "…" not in table.stdout  # a pipe gets whole cells
+    line = next(row for row in table.stdout.splitlines() if row.startswith(str(failed)))
+    # Whole (not cut at 40 characters), and no control character reaches the terminal (the broker
+    # already replaces them in what a job reports; the table escapes whatever else could come).
+    assert "segfault in reco step 7 of 12 after 4711 events; see the log " in line and line.endswith(" for more")
+    assert "json" not in table.stdout
+    one = job(broker, "status", str(failed), "--json")
+    assert json.loads(one.stdout)["message"].endswith(" for more")
+    assert "\x1b" not in one.stdout
+
+
+def test_job_ids_parse_as_submit_prints_them():
+    from broker.jobids import parse_job_ids
+
+    assert parse_job_ids(["4", "..", "7"]) == [4, 5, 6, 7]
+    assert parse_job_ids(["4..6", "9-10", "5", "11"]) == [4, 5, 6, 9, 10, 11]
+    assert parse_job_ids(["3"]) == [3]
+    assert parse_job_ids(["1..10000"]) == list(range(1, 10001))
+    with pytest.raises(UsageError, match="more than 10000"):
+        parse_job_ids(["1..10000", "10001"])
+    with pytest.raises(UsageError, match="not a job id"):
+        parse_job_ids(["99999999999999999999999"])
+    with pytest.raises(UsageError, match="no job id given"):
+        parse_job_ids([])
