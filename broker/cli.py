@@ -465,6 +465,7 @@ def _status_one(client, job_id: int, watch: bool, interval: float) -> int:
     job = client.status(job_id)
     if not watch:
         _print_job(job)
+        _print_stderr_tail(client, job)
         return 0
     shown = 0
     print(f"job {job.job_id} {job.name or ''}".rstrip())
@@ -478,7 +479,37 @@ def _status_one(client, job_id: int, watch: bool, interval: float) -> int:
         time.sleep(interval)
         job = client.status(job_id)
     _print_job(job)
+    _print_stderr_tail(client, job)
     return 0 if job.state is JobState.DONE else 1
+
+
+#: The payload's stderr, as the wrapper saves it among a job's outputs (pilot.wrapper.payload.STDERR_FILE).
+STDERR_OUTPUT = "payload.stderr"
+#: Lines of a failed job's stderr `job status ID` shows.
+STDERR_TAIL_LINES = 20
+
+
+def _print_stderr_tail(client, job) -> None:
+    """The last lines of a failed job's stderr, escaped (the job wrote them: no escape sequence reaches
+    the terminal). Only for jobs that failed; nothing when the job saved no stderr."""
+    if not job.state.name.startswith("FAILED_") or not any(o.name == STDERR_OUTPUT for o in job.outputs):
+        return
+    try:
+        data = client.output_tail(job.job_id, STDERR_OUTPUT)
+    except SplitpilotError as exc:
+        print(f"stderr:    not shown: {_safe(str(exc))}")
+        return
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    size = next(o.size for o in job.outputs if o.name == STDERR_OUTPUT)
+    if size > len(data):
+        lines = lines[1:]   # the tail kept starts inside a line: not shown cut
+    lines = lines[-STDERR_TAIL_LINES:]
+    if not lines:
+        print(f"stderr:    ({STDERR_OUTPUT} is empty)")
+        return
+    print(f"stderr (last {len(lines)} lines of {STDERR_OUTPUT}):")
+    for line in lines:
+        print(f"  {shown(line)}")
 
 
 def _status_table(client, states, limit: int, watch: bool, interval: float) -> int:

@@ -20,7 +20,7 @@ from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL 
 from broker.ca import CertificateAuthority
 from pilot.api.client import AgentClient, MatchedJob
 from pilot.api.states import JobState
-from pilot.errors import UsageError
+from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import TokenRole
 from pilot.tokens.files import write_private
 
@@ -507,3 +507,42 @@ def test_job_ids_parse_as_submit_prints_them():
         parse_job_ids(["99999999999999999999999"])
     with pytest.raises(UsageError, match="no job id given"):
         parse_job_ids([])
+
+
+def test_status_of_a_failed_job_shows_the_end_of_its_stderr_escaped(broker, tmp_path):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    lines = [f"line {i}" for i in range(1, 31)]
+    lines[28] = "line 29 \x1b]0;owned\x07\x1b[2J C:\\path"   # the payload wrote escape sequences
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "payload.stderr").write_bytes(("\n".join(lines) + "\n").encode())
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            wrapper.update_state(JobState.RUNNING)
+            wrapper.update_state(JobState.SAVING)
+            wrapper.put_output(str(sandbox / "payload.stderr"))
+            wrapper.update_state(JobState.FAILED_EXECUTION, detail="exit code 3", exit_code=3)
+    shown_status = job(broker, "status", str(matched.job_id))
+    assert shown_status.returncode == 0, shown_status.stderr
+    out = shown_status.stdout
+    assert "stderr (last 20 lines of payload.stderr):" in out, out
+    assert "  line 11\n" in out and "  line 30\n" in out and "line 10\n" not in out
+    assert "  line 29 \\x1b]0;owned\\x07\\x1b[2J C:\\\\path\n" in out, out
+    assert "\x1b" not in out and "\x07" not in out
+
+    # A job that has not failed shows none.
+    assert "stderr" not in job(broker, "status", str(matched.job_id + 1)).stdout
+
+    # Too large to read for its end: not read, and the fix says how to fetch it.
+    from pilot.api.client import BrokerClient
+    token = broker.config.replace("client.toml", "alice.pem")
+    with BrokerClient(broker.address, token) as client:
+        assert client.output_tail(matched.job_id, "payload.stderr", max_bytes=8).endswith(b"30\n")
+        with pytest.raises(SplitpilotError, match=rf"more than the 100 read to show its end; fix: splitpilot job "
+                                                  rf"output {matched.job_id} DIR --name payload.stderr"):
+            client.output_tail(matched.job_id, "payload.stderr", max_size=100)

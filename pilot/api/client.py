@@ -331,6 +331,11 @@ class HeartbeatAnswer:
 
 # ------------------------------------------------------------------ the base client
 
+#: output_tail: bytes kept (the end of a failed job's stderr), and the largest output read for it.
+TAIL_BYTES = 64 * 1024
+TAIL_MAX_SIZE = 16 * 1024 * 1024
+
+
 def _from_ms(ms: int) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
 
@@ -517,6 +522,42 @@ class BrokerClient(_TokenClient):
             return directory.write(name, (chunk.data for chunk in stream), header.size, header.sha256)
         finally:
             stream.close()  # ends the call if the output was refused before its data was read
+
+    def output_tail(self, job_id: int, name: str, *, max_bytes: int = TAIL_BYTES,
+                    max_size: int = TAIL_MAX_SIZE) -> bytes:
+        """The last MAX_BYTES bytes of output NAME of a job (a failed job's payload.stderr), read into
+        memory: the whole output is streamed and checked against the size and sha256 the broker
+        announced, but only its tail is kept. An output larger than MAX_SIZE is not read at all
+        (SplitpilotError with the fix: download it)."""
+        import hashlib  # why: only this method hashes in memory
+
+        check_sandbox_name(name, "output name")
+        stream = self._stream("DownloadOutput", self._stub.DownloadOutput,
+                              pb.DownloadOutputRequest(job_id=job_id, name=name))
+        try:
+            first = next(stream, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise SplitpilotError(f"output {name!r} of job {job_id}: the broker's stream did not start with a "
+                                      "header; fix: try again")
+            size, sha256 = first.header.size, first.header.sha256
+            if size > max_size:
+                raise SplitpilotError(f"output {name!r} of job {job_id} is {size} bytes, more than the {max_size} "
+                                      f"read to show its end; fix: splitpilot job output {job_id} DIR --name {name}")
+            digest, tail, seen = hashlib.sha256(), bytearray(), 0
+            for chunk in stream:
+                seen += len(chunk.data)
+                if seen > size:  # bound what a peer sends to what it announced
+                    raise SplitpilotError(f"output {name!r} of job {job_id}: the broker sent more than the {size} "
+                                          "bytes it announced; fix: try again")
+                digest.update(chunk.data)
+                tail += chunk.data
+                del tail[:-max_bytes]
+            if seen != size or digest.hexdigest() != sha256:
+                raise SplitpilotError(f"output {name!r} of job {job_id}: the copy received does not match the size "
+                                      "and sha256 the broker announced; fix: try again")
+            return bytes(tail)
+        finally:
+            stream.close()
 
     def kill(self, job_id: int, reason: str = "") -> JobState:
         """Kill a job: at once when queued, at its next heartbeat when running."""
