@@ -440,6 +440,8 @@ def job_record(job) -> dict:
                     for e in job.history],
         "outputs": [{"name": o.name, "size": o.size, "sha256": o.sha256} for o in job.outputs],
         "waiting": job.wait.summary if job.wait is not None else None,
+        "cpu_seconds": job.cpu_seconds, "rss_bytes": job.rss_bytes,
+        "usage_time": when(job.usage_at) if job.usage_at else None,
     }
 
 
@@ -582,6 +584,9 @@ def _print_job(job) -> None:
     print(f"updated:   {_when(job.updated)}")
     if job.wait is not None:
         _print_wait(job.wait)
+    if job.cpu_seconds is not None:
+        print(f"usage:     CPU {format_duration(datetime.timedelta(seconds=round(job.cpu_seconds)))}, memory "
+              f"{format_size(job.rss_bytes or 0)}" + (f" (heartbeat {_when(job.usage_at)})" if job.usage_at else ""))
     spec = job.spec
     print(_safe(f"runs:      {spec.executable} {' '.join(spec.arguments)}".rstrip()))
     if job.history:

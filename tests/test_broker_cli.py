@@ -425,7 +425,8 @@ def test_status_output_kill_take_the_range_submit_prints(broker, tmp_path):
 
 
 JSON_FIELDS = {"job_id", "name", "owner", "state", "final", "attempt", "exit_code", "message", "site", "node",
-               "pilot_id", "submitted", "updated", "executable", "arguments", "history", "outputs", "waiting"}
+               "pilot_id", "submitted", "updated", "executable", "arguments", "history", "outputs", "waiting",
+               "cpu_seconds", "rss_bytes", "usage_time"}
 
 
 @pytest.mark.parametrize("words, message", [
@@ -546,3 +547,32 @@ def test_status_of_a_failed_job_shows_the_end_of_its_stderr_escaped(broker, tmp_
         with pytest.raises(SplitpilotError, match=rf"more than the 100 read to show its end; fix: splitpilot job "
                                                   rf"output {matched.job_id} DIR --name payload.stderr"):
             client.output_tail(matched.job_id, "payload.stderr", max_size=100)
+
+
+def test_status_of_a_running_job_shows_cpu_and_memory_of_its_last_heartbeat(broker, tmp_path):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            wrapper.update_state(JobState.RUNNING)
+            before = job(broker, "status", str(matched.job_id))
+            assert "usage:" not in before.stdout  # no heartbeat yet: nothing made up
+            assert wrapper.heartbeat(cpu_seconds=754.4, rss_bytes=300 << 20, sandbox_bytes=1 << 20) is False
+            shown_status = job(broker, "status", str(matched.job_id))
+            assert shown_status.returncode == 0, shown_status.stderr
+            assert "usage:     CPU 12m34s, memory 300 MiB (heartbeat " in shown_status.stdout, shown_status.stdout
+            record = json.loads(job(broker, "status", str(matched.job_id), "--json").stdout)
+            assert (record["cpu_seconds"], record["rss_bytes"]) == (754.4, 300 << 20) and record["usage_time"]
+            # A hostile wrapper's figures: accepted as liveness, shown bounded, never an error.
+            assert wrapper.heartbeat(cpu_seconds=float("nan"), rss_bytes=2**64 - 1) is False
+            hostile = json.loads(job(broker, "status", str(matched.job_id), "--json").stdout)
+            assert hostile["cpu_seconds"] == 0 and hostile["rss_bytes"] == 2**62
+            wrapper.update_state(JobState.SAVING)
+            wrapper.update_state(JobState.DONE, exit_code=0)
+    ended = job(broker, "status", str(matched.job_id))
+    assert "usage:" not in ended.stdout  # a final job's figures are no longer "now"
+    assert json.loads(job(broker, "status", str(matched.job_id), "--json").stdout)["cpu_seconds"] is None

@@ -190,6 +190,11 @@ class JobStatus:
     spec: job_pb2.JobSpec
     #: Why a waiting job has not matched (status() of a WAITING job; None otherwise).
     wait: WaitReport | None = None
+    #: The payload's CPU seconds and resident memory (bytes) at its last heartbeat, and when: a running
+    #: job's, once it has sent one (None otherwise, and from brokers older than this field).
+    cpu_seconds: float | None = None
+    rss_bytes: int | None = None
+    usage_at: datetime.datetime | None = None
 
     @classmethod
     def from_proto(cls, info: pb.JobInfo) -> JobStatus:
@@ -200,7 +205,10 @@ class JobStatus:
                    history=tuple(JobEvent(_from_ms(e.time_unix_ms), read_state(e.state), e.attempt, e.detail)
                                  for e in info.history),
                    outputs=tuple(OutputFile(o.name, o.size, o.sha256) for o in info.outputs), spec=info.spec,
-                   wait=WaitReport.from_proto(info.wait) if info.HasField("wait") else None)
+                   wait=WaitReport.from_proto(info.wait) if info.HasField("wait") else None,
+                   cpu_seconds=info.cpu_seconds if info.HasField("cpu_seconds") else None,
+                   rss_bytes=info.rss_bytes if info.HasField("rss_bytes") else None,
+                   usage_at=_from_ms(info.usage_unix_ms) if info.usage_unix_ms else None)
 
     @property
     def final(self) -> bool:
