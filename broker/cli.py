@@ -396,6 +396,9 @@ def _submit(args: argparse.Namespace) -> int:
         print(job_id)
     print(f"submitted {len(ids)} job(s) to {client.address}" +
           (f": {ids[0]}" if len(ids) == 1 else f": {ids[0]} .. {ids[-1]}" if ids else ""), file=sys.stderr)
+    if submission.reused:
+        print(f"{submission.reused} input file(s) already on the broker: named by sha256, not uploaded again"
+              f"; {submission.uploaded} uploaded", file=sys.stderr)
     for warning in submission.warnings:  # queued all the same: a warning, not a failure
         names = ", ".join(descriptions[i].source for i in warning.job_indexes[:3] if i < len(descriptions))
         more = f" and {len(warning.job_indexes) - 3} more" if len(warning.job_indexes) > 3 else ""

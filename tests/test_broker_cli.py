@@ -23,6 +23,8 @@ from pilot.api.states import JobState
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import TokenRole
 from pilot.tokens.files import write_private
+from splitpilot.broker.v1 import broker_pb2 as pb
+from splitpilot.job.v1 import job_pb2
 
 BIN = pathlib.Path(sys.executable).parent / "splitpilot"
 SLOT = {"cores": 1, "memory_mb": 4000, "disk_mb": 4000, "time_left_s": 86400}
@@ -576,3 +578,68 @@ def test_status_of_a_running_job_shows_cpu_and_memory_of_its_last_heartbeat(brok
     ended = job(broker, "status", str(matched.job_id))
     assert "usage:" not in ended.stdout  # a final job's figures are no longer "now"
     assert json.loads(job(broker, "status", str(matched.job_id), "--json").stdout)["cpu_seconds"] is None
+
+
+# ------------------------------------------------------------------ inputs already on the broker
+
+def test_an_input_already_on_the_broker_is_not_uploaded_again(broker, tmp_path):
+    from pilot.api.client import BrokerClient
+
+    path = write_job_file(tmp_path)
+    first = job(broker, "submit", path)
+    assert first.returncode == 0, first.stderr
+    assert "already on the broker" not in first.stderr
+    again = job(broker, "submit", path)
+    assert again.returncode == 0, again.stderr
+    assert "1 input file(s) already on the broker: named by sha256, not uploaded again; 0 uploaded" in again.stderr
+
+    # Counted on the wire: no UploadFile call the second time; a changed file is uploaded.
+    with BrokerClient(broker.address, str(tmp_path / "alice.pem")) as client:
+        calls = []
+        real = client._stub.UploadFile
+        client._stub.UploadFile = lambda *a, **k: calls.append(1) or real(*a, **k)
+        submission = client.submit_checked(path)
+        assert (len(calls), submission.uploaded, submission.reused) == (0, 0, 1)
+        (tmp_path / "data" / "input.txt").write_text("changed\n")
+        submission = client.submit_checked(path)
+        assert (len(calls), submission.uploaded, submission.reused) == (1, 1, 0)
+    # The jobs named by digest run with the right content.
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            (tmp_path / "sandbox").mkdir()
+            got = wrapper.get_input("input.txt", str(tmp_path / "sandbox"))
+            assert pathlib.Path(got).read_text() == "input data\n"
+
+
+def test_find_files_reveals_no_other_users_content_and_refuses_garbage(broker, tmp_path):
+    import hashlib
+
+    from pilot.api.base import InvalidRequest
+    from pilot.api.client import BrokerClient
+
+    assert job(broker, "submit", write_job_file(tmp_path)).returncode == 0
+    alice_sha = hashlib.sha256(b"input data\n").hexdigest()
+    bob_token = tmp_path / "bob.pem"
+    assert run("token", "issue", "--ca", str(broker.state / "ca"), "--role", "user", "--subject", "bob",
+               "--out", str(bob_token)).returncode == 0
+    with BrokerClient(broker.address, str(tmp_path / "alice.pem")) as alice:
+        assert alice.find_files([alice_sha, "0" * 64]) == {alice_sha: len(b"input data\n")}
+    with BrokerClient(broker.address, str(bob_token)) as bob:
+        # The curious user: alice's digest is answered exactly like content the broker does not have.
+        assert bob.find_files([alice_sha]) == {}
+        # ... and asking made nothing bob's: naming it in a job is still refused.
+        spec = job_pb2.JobSpec(executable="run.sh")
+        spec.requirements.walltime_s = 3600
+        spec.input_files.add(name="input.txt", size=len(b"input data\n"), sha256=alice_sha)
+        with pytest.raises(SplitpilotError, match="is not in the broker's file store"):
+            bob.submit_checked(spec)
+        for garbage, words in (([alice_sha.upper()], "sha256[0]"), (["../../etc/passwd"], "sha256[0]"),
+                               ([alice_sha] * 10_001, "at most 10000")):
+            with pytest.raises(InvalidRequest, match=re.escape(words)) as refused:
+                bob._call("FindFiles", bob._stub.FindFiles, pb.FindFilesRequest(sha256=garbage))
+            assert "fix:" in str(refused.value)
+        assert bob.list().jobs == []
