@@ -9,7 +9,8 @@ root (the top layer) imports none of them by name. Nothing is configured at
 import time: configuration files are read by the handlers.
 
 Exit codes: 0 success, 1 the operation failed, 2 bad usage or input,
-130 interrupted.
+130 interrupted, 141 the reader of the output went away (`splitpilot ... |
+head`: quietly, no traceback, as for any tool SIGPIPE ends).
 
 gRPC's C core logs to stderr on its own (a failed TLS handshake, a refused
 connection), around the command's own message: `main` turns that off before
@@ -34,7 +35,8 @@ HELP_ORDER: tuple[str, ...] = ("demo", "tokens", "broker", "admin", "agent", "wr
                                "config", "pipe")
 
 EPILOG = """\
-exit codes: 0 success, 1 the operation failed, 2 bad usage or input, 130 interrupted.
+exit codes: 0 success, 1 the operation failed, 2 bad usage or input, 130 interrupted,
+141 the output's reader went away (as `splitpilot ... | head`: quietly, like any tool SIGPIPE ends).
 Run 'splitpilot COMMAND --help' for the options of one command.
 """
 

@@ -19,19 +19,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import logging
 import os
 import signal
 import sys
 import time
 
+from broker.jobids import FORMS, parse_job_ids
 from pilot import logconfig
 from pilot.api.files import format_size, parse_size, shown
 from pilot.api.jobfile import load_job_file
 from pilot.api.states import JobState
 from pilot.configfile import ConfigSpec, make_configurable, resolve
 from pilot.durations import format_duration, parse_duration
-from pilot.errors import UsageError
+from pilot.errors import SplitpilotError, UsageError
 from pilot.tomlschema import Checker
 
 DEFAULT_BROKER = "localhost:7443"
@@ -65,7 +67,8 @@ state directory:
   DIR/address     the address actually bound (with port 0, the chosen port)
 
 Give each user a token:  splitpilot token issue --ca DIR/ca --role user --subject alice --out alice.pem
-Stop with SIGTERM or Ctrl-C: running calls get --grace seconds to finish.
+Stop with SIGTERM or Ctrl-C: running calls get --grace seconds to finish. Exit code after a
+clean stop: 0 for SIGTERM (how a service manager stops it), 130 for Ctrl-C (SIGINT).
 """
 
 CLIENT_EPILOG = f"""\
@@ -224,7 +227,13 @@ def _serve(args: argparse.Namespace) -> int:
         threads=args.threads, offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+")),
         job_token_ttl=parse_duration(args.job_token_ttl, what="--job-token-ttl") if args.job_token_ttl else None)
     server = BrokerServer(config)
-    previous = {sig: signal.signal(sig, lambda *_: server.request_stop()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    caught: list[int] = []
+
+    def on_signal(signum, _frame) -> None:
+        caught.append(signum)
+        server.request_stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     log = logging.getLogger("splitpilot.broker")
     try:
         server.start()
@@ -238,7 +247,9 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 0
+    # SIGTERM is how a service manager stops it: a normal end (the systemd unit in contrib/ counts on 0).
+    # Ctrl-C is an interruption, as for every other long-running command: 130, after the same clean stop.
+    return 130 if caught and caught[0] == signal.SIGINT else 0
 
 
 def _tune_gc() -> None:
@@ -282,11 +293,14 @@ def _register_job(subparsers) -> None:
     submit.set_defaults(handler=_submit)
 
     status = sub.add_parser("status", help="a table of your jobs, or one job with its history",
-                            description="Without ID: your newest jobs and the count per state. With ID: that job, "
-                                        "its attempts' history and its outputs.",
-                            epilog="with --watch: exit 0 when every job shown ends DONE, 1 otherwise.\n"
+                            description="Without ID: your newest jobs and the count per state. With one ID: that "
+                                        "job, its attempts' history and its outputs. With several IDs or a range: "
+                                        "a table of those jobs.",
+                            epilog="job ids: " + FORMS + ".\n"
+                                   "with --watch: exit 0 when every job shown ends DONE, 1 otherwise.\n"
+                                   "--json: one JSON object per job and line (fields: docs/broker.md).\n"
                                    + CLIENT_EPILOG, formatter_class=fmt)
-    status.add_argument("job_id", nargs="?", type=int, metavar="ID")
+    status.add_argument("job_ids", nargs="*", metavar="ID", help="job ids or ranges (default: your newest jobs)")
     status.add_argument("--watch", action="store_true",
                         help="refresh until every job shown is in a final state")
     status.add_argument("--interval", default="2s", metavar="DURATION",
@@ -294,28 +308,33 @@ def _register_job(subparsers) -> None:
     status.add_argument("--state", action="append", choices=STATE_NAMES, metavar="STATE",
                         help="only jobs in this state (repeatable): " + ", ".join(STATE_NAMES))
     status.add_argument("--limit", type=int, default=50, metavar="N", help="jobs in the table (default: %(default)s)")
+    status.add_argument("--json", action="store_true",
+                        help="print one JSON object per job and line, with stable field names (not with --watch)")
     _client_options(status)
     status.set_defaults(handler=_status)
 
     output = sub.add_parser("output", help="download jobs' outputs (sha256 verified, never over existing files)",
                             usage="splitpilot job output [-h] [--name NAME] [--force] ID [ID ...] DIR",
                             description="Download every output of job ID into DIR (created if needed); with\n"
-                                        "several jobs, each into DIR/ID/. Outputs are written only below DIR: a name\n"
-                                        "with control characters, or a symbolic link or a file in the way, fails\n"
-                                        "that output (the others are still fetched). Existing files are left alone\n"
-                                        "unless --force.",
+                                        "several jobs or a range, each into DIR/ID/. Outputs are written only\n"
+                                        "below DIR: a name with control characters, or a symbolic link or a file\n"
+                                        "in the way, fails that output (the others are still fetched). Existing\n"
+                                        "files are left alone unless --force.",
                             epilog="exit code 1 when any output failed (each is listed on stderr with the fix).\n"
                                    + CLIENT_EPILOG, formatter_class=fmt)
-    output.add_argument("targets", nargs="+", metavar="ID [ID ...] DIR", help=argparse.SUPPRESS)
+    output.add_argument("targets", nargs="+", metavar="ID [ID ...] DIR",
+                        help="job ids or ranges (" + FORMS + "), then the folder")
     output.add_argument("--name", action="append", metavar="NAME", help="only this output (repeatable)")
     output.add_argument("--force", action="store_true",
                         help="replace existing regular files of the same name (never symbolic links or folders)")
     _client_options(output)
     output.set_defaults(handler=_output)
 
-    kill = sub.add_parser("kill", help="kill a job (at once if queued, at its next heartbeat if running)",
-                          epilog=CLIENT_EPILOG, formatter_class=fmt)
-    kill.add_argument("job_id", type=int, metavar="ID")
+    kill = sub.add_parser("kill", help="kill jobs (at once if queued, at their next heartbeat if running)",
+                          epilog="job ids: " + FORMS + ".\n"
+                                 "exit code 1 when any job could not be killed (each is listed on stderr).\n"
+                                 + CLIENT_EPILOG, formatter_class=fmt)
+    kill.add_argument("job_ids", nargs="+", metavar="ID", help="job ids or ranges")
     kill.add_argument("--reason", default="", help="recorded in the job's history")
     _client_options(kill)
     kill.set_defaults(handler=_kill)
@@ -377,6 +396,9 @@ def _submit(args: argparse.Namespace) -> int:
         print(job_id)
     print(f"submitted {len(ids)} job(s) to {client.address}" +
           (f": {ids[0]}" if len(ids) == 1 else f": {ids[0]} .. {ids[-1]}" if ids else ""), file=sys.stderr)
+    if submission.reused:
+        print(f"{submission.reused} input file(s) already on the broker: named by sha256, not uploaded again"
+              f"; {submission.uploaded} uploaded", file=sys.stderr)
     for warning in submission.warnings:  # queued all the same: a warning, not a failure
         names = ", ".join(descriptions[i].source for i in warning.job_indexes[:3] if i < len(descriptions))
         more = f" and {len(warning.job_indexes) - 3} more" if len(warning.job_indexes) > 3 else ""
@@ -387,16 +409,68 @@ def _submit(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     interval = parse_duration(args.interval, what="--interval").total_seconds()
     states = [JobState[s] for s in args.state or ()]
+    if args.json and args.watch:
+        raise UsageError("--json prints the jobs once; fix: leave out --watch (or poll: repeat the command)")
+    job_ids = parse_job_ids(args.job_ids) if args.job_ids else []
+    if job_ids and args.state:
+        raise UsageError("--state filters your newest jobs, not the ids given; fix: give either ids or --state")
     with _user_client(args) as client:
-        if args.job_id is not None:
-            return _status_one(client, args.job_id, args.watch, interval)
+        if args.json:
+            jobs = [client.status(i) for i in job_ids] if job_ids else client.list(states=states,
+                                                                                   limit=args.limit).jobs
+            for job in jobs:
+                print(json.dumps(job_record(job), sort_keys=True))
+            return 0
+        if len(args.job_ids) == 1 and args.job_ids[0].isdigit():   # one id, not a range: the detailed view
+            return _status_one(client, job_ids[0], args.watch, interval)
+        if job_ids:
+            return _status_ids(client, job_ids, args.watch, interval)
         return _status_table(client, states, args.limit, args.watch, interval)
+
+
+def job_record(job) -> dict:
+    """One job for --json: the stable field names of docs/broker.md ("job status --json"). Times are
+    UTC, ISO 8601 with a Z; texts are as the broker has them (JSON escapes what needs escaping)."""
+    def when(moment: datetime.datetime) -> str:
+        return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return {
+        "job_id": job.job_id, "name": job.name, "owner": job.owner, "state": job.state.name,
+        "final": job.final, "attempt": job.attempt, "exit_code": job.exit_code, "message": job.message,
+        "site": job.site, "node": job.node, "pilot_id": job.pilot_id,
+        "submitted": when(job.submitted), "updated": when(job.updated),
+        "executable": job.spec.executable, "arguments": list(job.spec.arguments),
+        "history": [{"time": when(e.time), "attempt": e.attempt, "state": e.state.name, "detail": e.detail}
+                    for e in job.history],
+        "outputs": [{"name": o.name, "size": o.size, "sha256": o.sha256} for o in job.outputs],
+        "waiting": job.wait.summary if job.wait is not None else None,
+        "cpu_seconds": job.cpu_seconds, "rss_bytes": job.rss_bytes,
+        "usage_time": when(job.usage_at) if job.usage_at else None,
+    }
+
+
+def _status_ids(client, job_ids: list[int], watch: bool, interval: float) -> int:
+    """A table of the jobs JOB_IDS (one GetJob each: the broker lists by owner and state, not by id)."""
+    from pilot.api.client import JobListing  # why: grpc; `splitpilot` loads every command's module
+
+    while True:
+        jobs = [client.status(i) for i in job_ids]
+        counts: dict[JobState, int] = {}
+        for job in jobs:
+            counts[job.state] = counts.get(job.state, 0) + 1
+        listing = JobListing(jobs=jobs, counts=counts, other_counts={})
+        final = all(j.final for j in jobs)
+        if not watch or final:
+            _print_table(listing)
+            return 0 if not watch or all(j.state is JobState.DONE for j in jobs) else 1
+        print(f"{_when(datetime.datetime.now(datetime.UTC))}  {_progress(jobs)}", flush=True)
+        time.sleep(interval)
 
 
 def _status_one(client, job_id: int, watch: bool, interval: float) -> int:
     job = client.status(job_id)
     if not watch:
         _print_job(job)
+        _print_stderr_tail(client, job)
         return 0
     shown = 0
     print(f"job {job.job_id} {job.name or ''}".rstrip())
@@ -410,7 +484,37 @@ def _status_one(client, job_id: int, watch: bool, interval: float) -> int:
         time.sleep(interval)
         job = client.status(job_id)
     _print_job(job)
+    _print_stderr_tail(client, job)
     return 0 if job.state is JobState.DONE else 1
+
+
+#: The payload's stderr, as the wrapper saves it among a job's outputs (pilot.wrapper.payload.STDERR_FILE).
+STDERR_OUTPUT = "payload.stderr"
+#: Lines of a failed job's stderr `job status ID` shows.
+STDERR_TAIL_LINES = 20
+
+
+def _print_stderr_tail(client, job) -> None:
+    """The last lines of a failed job's stderr, escaped (the job wrote them: no escape sequence reaches
+    the terminal). Only for jobs that failed; nothing when the job saved no stderr."""
+    if not job.state.name.startswith("FAILED_") or not any(o.name == STDERR_OUTPUT for o in job.outputs):
+        return
+    try:
+        data = client.output_tail(job.job_id, STDERR_OUTPUT)
+    except SplitpilotError as exc:
+        print(f"stderr:    not shown: {_safe(str(exc))}")
+        return
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    size = next(o.size for o in job.outputs if o.name == STDERR_OUTPUT)
+    if size > len(data):
+        lines = lines[1:]   # the tail kept starts inside a line: not shown cut
+    lines = lines[-STDERR_TAIL_LINES:]
+    if not lines:
+        print(f"stderr:    ({STDERR_OUTPUT} is empty)")
+        return
+    print(f"stderr (last {len(lines)} lines of {STDERR_OUTPUT}):")
+    for line in lines:
+        print(f"  {shown(line)}")
 
 
 def _status_table(client, states, limit: int, watch: bool, interval: float) -> int:
@@ -452,10 +556,12 @@ def _progress(jobs) -> str:
 
 
 def _print_table(listing) -> None:
+    # Cut to fit a terminal only: into a file or a pipe, every cell goes whole (escaped all the same).
+    cut = _cut if sys.stdout.isatty() else (lambda text, _width: text)
     rows = [("ID", "NAME", "STATE", "TRY", "SITE", "UPDATED", "MESSAGE")]
     for job in listing.jobs:
-        rows.append((str(job.job_id), _cut(job.name, 24), job.state.name, str(job.attempt), _cut(job.site, 16),
-                     _when(job.updated), _cut(job.message, 40)))
+        rows.append((str(job.job_id), _safe(cut(job.name, 24)), job.state.name, str(job.attempt),
+                     _safe(cut(job.site, 16)), _when(job.updated), _safe(cut(job.message, 40))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -481,6 +587,9 @@ def _print_job(job) -> None:
     print(f"updated:   {_when(job.updated)}")
     if job.wait is not None:
         _print_wait(job.wait)
+    if job.cpu_seconds is not None:
+        print(f"usage:     CPU {format_duration(datetime.timedelta(seconds=round(job.cpu_seconds)))}, memory "
+              f"{format_size(job.rss_bytes or 0)}" + (f" (heartbeat {_when(job.usage_at)})" if job.usage_at else ""))
     spec = job.spec
     print(_safe(f"runs:      {spec.executable} {' '.join(spec.arguments)}".rstrip()))
     if job.history:
@@ -515,21 +624,22 @@ def _safe(text: str) -> str:
     return shown(text, backslash=False)
 
 
-def _output_targets(targets: list[str]) -> tuple[list[int], str]:
-    """(job ids, DIR) from `ID [ID ...] DIR`."""
+def _output_targets(targets: list[str]) -> tuple[list[int], str, bool]:
+    """(job ids, DIR, whether each job gets DIR/ID/) from `ID [ID ...] DIR`: one folder per job unless
+    a single plain id was given (a range gets them even when it names one job: the layout follows what
+    was asked, not what it expanded to)."""
     if len(targets) < 2:
         raise UsageError("give the job id(s) and the folder: splitpilot job output ID [ID ...] DIR")
-    *ids, directory = targets
-    bad = [i for i in ids if not i.isdigit()]
-    if bad:
-        raise UsageError(f"{_safe(bad[0])!r} is not a job id; fix: splitpilot job output ID [ID ...] DIR "
-                         "(the folder comes last)")
-    return [int(i) for i in ids], directory
+    *words, directory = targets
+    try:
+        job_ids = parse_job_ids(words)
+    except UsageError as exc:
+        raise UsageError(f"{exc} (splitpilot job output ID [ID ...] DIR: the folder comes last)") from None
+    return job_ids, directory, not (len(words) == 1 and words[0].isdigit())
 
 
 def _output(args: argparse.Namespace) -> int:
-    job_ids, directory = _output_targets(args.targets)
-    several = len(job_ids) > 1
+    job_ids, directory, several = _output_targets(args.targets)
     written = failed = 0
     with _user_client(args) as client:
         for job_id in job_ids:
@@ -558,14 +668,29 @@ def _output(args: argparse.Namespace) -> int:
 
 
 def _kill(args: argparse.Namespace) -> int:
+    from pilot.api.base import BrokerUnavailable, TokenUnusable  # why: grpc, as in _user_client
+
+    job_ids = parse_job_ids(args.job_ids)
+    failed = 0
     with _user_client(args) as client:
-        state = client.kill(args.job_id, args.reason)
-    if state is JobState.KILLED:
-        print(f"job {args.job_id}: KILLED")
-    elif state.final:
-        print(f"job {args.job_id} had already ended: {state.name}")
-    else:
-        print(f"job {args.job_id}: kill requested; it is {state.name} and stops at its next heartbeat")
+        for job_id in job_ids:
+            try:
+                state = client.kill(job_id, args.reason)
+            except (BrokerUnavailable, TokenUnusable):
+                raise   # the same for every job: stop at the first
+            except SplitpilotError as exc:   # this job's refusal (unknown, not yours): the others go on
+                failed += 1
+                print(f"error: job {job_id}: {_safe(str(exc))}", file=sys.stderr)
+                continue
+            if state is JobState.KILLED:
+                print(f"job {job_id}: KILLED")
+            elif state.final:
+                print(f"job {job_id} had already ended: {state.name}")
+            else:
+                print(f"job {job_id}: kill requested; it is {state.name} and stops at its next heartbeat")
+    if failed:
+        print(f"{failed} of {len(job_ids)} job(s) could not be killed; see the errors above", file=sys.stderr)
+        return 1
     return 0
 
 

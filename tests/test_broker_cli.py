@@ -20,8 +20,11 @@ from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL 
 from broker.ca import CertificateAuthority
 from pilot.api.client import AgentClient, MatchedJob
 from pilot.api.states import JobState
+from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import TokenRole
 from pilot.tokens.files import write_private
+from splitpilot.broker.v1 import broker_pb2 as pb
+from splitpilot.job.v1 import job_pb2
 
 BIN = pathlib.Path(sys.executable).parent / "splitpilot"
 SLOT = {"cores": 1, "memory_mb": 4000, "disk_mb": 4000, "time_left_s": 86400}
@@ -191,6 +194,22 @@ def test_serve_stops_cleanly_on_sigterm(broker):
     for words in ("created CA", "issued host token", "listening on 127.0.0.1:", "ready:", "shutting down",
                   "broker stopped"):
         assert words in log, log
+
+
+def test_serve_exits_130_on_ctrl_c_after_the_same_clean_stop(broker, tmp_path):
+    # A job queued before: the clean stop keeps it (the store is closed, not lost).
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    broker.process.send_signal(signal.SIGINT)
+    assert broker.process.wait(timeout=60) == 130
+    log = broker.log.read_text()
+    assert "shutting down" in log and "broker stopped" in log, log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log
+    (broker.state / "address").unlink()  # the restart writes its own port
+    with serving(tmp_path) as again:  # same state directory: the lock was released, the jobs are there
+        table = job(again, "status")
+        assert table.returncode == 0, table.stderr
+        assert "2 job(s) (all shown): 2 WAITING" in table.stdout
 
 
 def test_serve_logs_one_format_with_time_and_level_and_no_pool_chatter(tmp_path, pg_url):  # noqa: F811
@@ -446,3 +465,295 @@ def test_admin_usage_mistakes_exit_2_naming_the_fix(broker, tmp_path, args, word
     refused = admin(config, *args)
     assert refused.returncode == 2, refused.stderr
     assert words in refused.stderr
+
+
+# ------------------------------------------------------------------ jobs in bulk
+
+def submitted_range(result: subprocess.CompletedProcess) -> list[str]:
+    """The range exactly as `job submit` prints it on stderr ("...: 4 .. 53"), split as a shell would."""
+    match = re.search(r"submitted \d+ job\(s\) to \S+: (\d+ \.\. \d+)$", result.stderr, re.M)
+    assert match, result.stderr
+    return match.group(1).split()
+
+
+def finish(broker, agent_token, tmp_path, *, detail: str = "", fail: bool = False) -> int:
+    """Match one job as SITE-A and run it to DONE with one output (or fail it with DETAIL)."""
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            wrapper.update_state(JobState.RUNNING)
+            if fail:
+                wrapper.update_state(JobState.FAILED_EXECUTION, detail=detail, exit_code=3)
+                return matched.job_id
+            sandbox = tmp_path / f"sandbox-{matched.job_id}"
+            sandbox.mkdir()
+            (sandbox / "result.out").write_text(f"job {matched.job_id}\n")
+            wrapper.put_output(str(sandbox / "result.out"))
+            wrapper.update_state(JobState.SAVING)
+            wrapper.update_state(JobState.DONE, exit_code=0)
+    return matched.job_id
+
+
+def test_status_output_kill_take_the_range_submit_prints(broker, tmp_path):
+    path = write_job_file(tmp_path)
+    pathlib.Path(path).write_text(pathlib.Path(path).read_text().replace("count = 2", "count = 4"))
+    submitted = job(broker, "submit", path)
+    assert submitted.returncode == 0, submitted.stderr
+    ids = [int(line) for line in submitted.stdout.split()]
+    pasted = submitted_range(submitted)          # ["4", "..", "7"]: pasted as it was printed
+    assert pasted == [str(ids[0]), "..", str(ids[-1])]
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    done = [finish(broker, agent_token, tmp_path) for _ in range(3)]
+    assert done == ids[:3]
+
+    # status of the range: a table of exactly those jobs; --json: one object per job and line.
+    table = job(broker, "status", *pasted)
+    assert table.returncode == 0, table.stderr
+    assert "4 job(s) (all shown): 1 WAITING, 3 DONE" in table.stdout, table.stdout
+    as_json = job(broker, "status", f"{ids[0]}-{ids[-1]}", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    records = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert [r["job_id"] for r in records] == ids
+    assert [r["state"] for r in records] == ["DONE", "DONE", "DONE", "WAITING"]
+    assert records[0]["outputs"] == [{"name": "result.out", "size": len(f"job {ids[0]}\n"),
+                                      "sha256": records[0]["outputs"][0]["sha256"]}]
+    assert records[0]["site"] == "SITE-A" and records[0]["exit_code"] == 0 and records[0]["final"] is True
+    assert records[3]["waiting"] and records[3]["exit_code"] is None
+    assert set(records[0]) == JSON_FIELDS
+    listed = [json.loads(line) for line in job(broker, "status", "--json").stdout.splitlines()]
+    assert sorted(r["job_id"] for r in listed) == ids and set(listed[0]) == JSON_FIELDS
+
+    # output of the done ones, by range: DIR/JOBID/NAME.
+    out = tmp_path / "results"
+    fetched = job(broker, "output", f"{ids[0]}..{ids[2]}", str(out))
+    assert fetched.returncode == 0, fetched.stderr
+    for job_id in ids[:3]:
+        assert (out / str(job_id) / "result.out").read_text() == f"job {job_id}\n"
+    assert sorted(os.listdir(out)) == sorted(str(i) for i in ids[:3])
+
+    # kill the range: the done ones say so, the waiting one is killed.
+    killed = job(broker, "kill", *pasted, "--reason", "enough")
+    assert killed.returncode == 0, killed.stderr
+    assert f"job {ids[3]}: KILLED" in killed.stdout
+    assert all(f"job {i} had already ended: DONE" in killed.stdout for i in ids[:3])
+
+
+JSON_FIELDS = {"job_id", "name", "owner", "state", "final", "attempt", "exit_code", "message", "site", "node",
+               "pilot_id", "submitted", "updated", "executable", "arguments", "history", "outputs", "waiting",
+               "cpu_seconds", "rss_bytes", "usage_time"}
+
+
+@pytest.mark.parametrize("words, message", [
+    (["1..4000000000"], "would name more than 10000 jobs"),
+    (["9..3"], "the range 9..3 runs backwards; fix: write 3..9"),
+    (["4..x"], "'4..x' is not a job id or range"),
+    (["1", ".."], "'..' needs a job id on each side"),
+    (["0"], "'0' is not a job id (ids start at 1)"),
+    (["\x1b]0;owned\x07"], "is not a job id or range"),
+])
+def test_bad_ids_and_ranges_are_refused_before_anything_changes(broker, tmp_path, words, message):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    for command in (("kill", *words), ("status", *words), ("output", *words, str(tmp_path / "out"))):
+        result = job(broker, *command)
+        assert result.returncode == 2, (command, result.stderr)
+        assert message in result.stderr and "fix:" in result.stderr, result.stderr
+        assert "\x1b" not in result.stderr  # a hostile word is shown escaped
+    assert not (tmp_path / "out").exists()
+    assert "2 job(s) (all shown): 2 WAITING" in job(broker, "status").stdout  # nothing was killed
+
+
+def test_a_range_over_other_users_jobs_kills_only_the_callers(broker, tmp_path):
+    alice = job(broker, "submit", write_job_file(tmp_path))
+    assert alice.returncode == 0, alice.stderr
+    alice_ids = [int(line) for line in alice.stdout.split()]
+    bob_token = tmp_path / "bob.pem"
+    assert run("token", "issue", "--ca", str(broker.state / "ca"), "--role", "user", "--subject", "bob",
+               "--out", str(bob_token)).returncode == 0
+    bob_config = tmp_path / "bob.toml"
+    bob_config.write_text(f'[client]\nbroker = "{broker.address}"\ntoken = "{bob_token}"\n')
+    bob = run("job", "submit", write_job_file(tmp_path), "--config", str(bob_config))
+    assert bob.returncode == 0, bob.stderr
+    bob_ids = [int(line) for line in bob.stdout.split()]
+
+    # Bob kills "everything": the range covers alice's jobs too.
+    killed = run("job", "kill", f"{alice_ids[0]}..{bob_ids[-1]}", "--config", str(bob_config))
+    assert killed.returncode == 1
+    for job_id in alice_ids:
+        assert f"error: job {job_id}: " in killed.stderr and "belongs to another user" in killed.stderr
+    assert "2 of 4 job(s) could not be killed" in killed.stderr
+    assert all(f"job {i}: KILLED" in killed.stdout for i in bob_ids)
+    # Alice's jobs are untouched; bob cannot even read them in bulk.
+    assert "2 job(s) (all shown): 2 WAITING" in job(broker, "status").stdout
+    peek = run("job", "status", f"{alice_ids[0]}..{alice_ids[1]}", "--json", "--config", str(bob_config))
+    assert peek.returncode == 1 and peek.stdout == "" and "alice" not in peek.stdout
+
+
+def test_status_table_is_whole_and_escaped_when_not_a_terminal(broker, tmp_path):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    hostile = "segfault in reco step 7 of 12 after 4711 events; see the log \x1b[2J\x1b]0;owned\x07 for more"
+    failed = finish(broker, agent_token, tmp_path, detail=hostile, fail=True)
+    table = job(broker, "status")
+    assert table.returncode == 0, table.stderr
+    assert "\x1b" not in table.stdout and "\x07" not in table.stdout
+    assert "…" not in table.stdout  # a pipe gets whole cells
+    line = next(row for row in table.stdout.splitlines() if row.startswith(str(failed)))
+    # Whole (not cut at 40 characters), and no control character reaches the terminal (the broker
+    # already replaces them in what a job reports; the table escapes whatever else could come).
+    assert "segfault in reco step 7 of 12 after 4711 events; see the log " in line and line.endswith(" for more")
+    assert "json" not in table.stdout
+    one = job(broker, "status", str(failed), "--json")
+    assert json.loads(one.stdout)["message"].endswith(" for more")
+    assert "\x1b" not in one.stdout
+
+
+def test_job_ids_parse_as_submit_prints_them():
+    from broker.jobids import parse_job_ids
+
+    assert parse_job_ids(["4", "..", "7"]) == [4, 5, 6, 7]
+    assert parse_job_ids(["4..6", "9-10", "5", "11"]) == [4, 5, 6, 9, 10, 11]
+    assert parse_job_ids(["3"]) == [3]
+    assert parse_job_ids(["1..10000"]) == list(range(1, 10001))
+    with pytest.raises(UsageError, match="more than 10000"):
+        parse_job_ids(["1..10000", "10001"])
+    with pytest.raises(UsageError, match="not a job id"):
+        parse_job_ids(["99999999999999999999999"])
+    with pytest.raises(UsageError, match="no job id given"):
+        parse_job_ids([])
+
+
+def test_status_of_a_failed_job_shows_the_end_of_its_stderr_escaped(broker, tmp_path):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    lines = [f"line {i}" for i in range(1, 31)]
+    lines[28] = "line 29 \x1b]0;owned\x07\x1b[2J C:\\path"   # the payload wrote escape sequences
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "payload.stderr").write_bytes(("\n".join(lines) + "\n").encode())
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            wrapper.update_state(JobState.RUNNING)
+            wrapper.update_state(JobState.SAVING)
+            wrapper.put_output(str(sandbox / "payload.stderr"))
+            wrapper.update_state(JobState.FAILED_EXECUTION, detail="exit code 3", exit_code=3)
+    shown_status = job(broker, "status", str(matched.job_id))
+    assert shown_status.returncode == 0, shown_status.stderr
+    out = shown_status.stdout
+    assert "stderr (last 20 lines of payload.stderr):" in out, out
+    assert "  line 11\n" in out and "  line 30\n" in out and "line 10\n" not in out
+    assert "  line 29 \\x1b]0;owned\\x07\\x1b[2J C:\\\\path\n" in out, out
+    assert "\x1b" not in out and "\x07" not in out
+
+    # A job that has not failed shows none.
+    assert "stderr" not in job(broker, "status", str(matched.job_id + 1)).stdout
+
+    # Too large to read for its end: not read, and the fix says how to fetch it.
+    from pilot.api.client import BrokerClient
+    token = broker.config.replace("client.toml", "alice.pem")
+    with BrokerClient(broker.address, token) as client:
+        assert client.output_tail(matched.job_id, "payload.stderr", max_bytes=8).endswith(b"30\n")
+        with pytest.raises(SplitpilotError, match=rf"more than the 100 read to show its end; fix: splitpilot job "
+                                                  rf"output {matched.job_id} DIR --name payload.stderr"):
+            client.output_tail(matched.job_id, "payload.stderr", max_size=100)
+
+
+def test_status_of_a_running_job_shows_cpu_and_memory_of_its_last_heartbeat(broker, tmp_path):
+    submitted = job(broker, "submit", write_job_file(tmp_path))
+    assert submitted.returncode == 0, submitted.stderr
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            wrapper.update_state(JobState.RUNNING)
+            before = job(broker, "status", str(matched.job_id))
+            assert "usage:" not in before.stdout  # no heartbeat yet: nothing made up
+            assert wrapper.heartbeat(cpu_seconds=754.4, rss_bytes=300 << 20, sandbox_bytes=1 << 20) is False
+            shown_status = job(broker, "status", str(matched.job_id))
+            assert shown_status.returncode == 0, shown_status.stderr
+            assert "usage:     CPU 12m34s, memory 300 MiB (heartbeat " in shown_status.stdout, shown_status.stdout
+            record = json.loads(job(broker, "status", str(matched.job_id), "--json").stdout)
+            assert (record["cpu_seconds"], record["rss_bytes"]) == (754.4, 300 << 20) and record["usage_time"]
+            # A hostile wrapper's figures: accepted as liveness, shown bounded, never an error.
+            assert wrapper.heartbeat(cpu_seconds=float("nan"), rss_bytes=2**64 - 1) is False
+            hostile = json.loads(job(broker, "status", str(matched.job_id), "--json").stdout)
+            assert hostile["cpu_seconds"] == 0 and hostile["rss_bytes"] == 2**62
+            wrapper.update_state(JobState.SAVING)
+            wrapper.update_state(JobState.DONE, exit_code=0)
+    ended = job(broker, "status", str(matched.job_id))
+    assert "usage:" not in ended.stdout  # a final job's figures are no longer "now"
+    assert json.loads(job(broker, "status", str(matched.job_id), "--json").stdout)["cpu_seconds"] is None
+
+
+# ------------------------------------------------------------------ inputs already on the broker
+
+def test_an_input_already_on_the_broker_is_not_uploaded_again(broker, tmp_path):
+    from pilot.api.client import BrokerClient
+
+    path = write_job_file(tmp_path)
+    first = job(broker, "submit", path)
+    assert first.returncode == 0, first.stderr
+    assert "already on the broker" not in first.stderr
+    again = job(broker, "submit", path)
+    assert again.returncode == 0, again.stderr
+    assert "1 input file(s) already on the broker: named by sha256, not uploaded again; 0 uploaded" in again.stderr
+
+    # Counted on the wire: no UploadFile call the second time; a changed file is uploaded.
+    with BrokerClient(broker.address, str(tmp_path / "alice.pem")) as client:
+        calls = []
+        real = client._stub.UploadFile
+        client._stub.UploadFile = lambda *a, **k: calls.append(1) or real(*a, **k)
+        submission = client.submit_checked(path)
+        assert (len(calls), submission.uploaded, submission.reused) == (0, 0, 1)
+        (tmp_path / "data" / "input.txt").write_text("changed\n")
+        submission = client.submit_checked(path)
+        assert (len(calls), submission.uploaded, submission.reused) == (1, 1, 0)
+    # The jobs named by digest run with the right content.
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    with AgentClient(broker.address, agent_token) as agent:
+        matched = agent.match(SLOT, "pilot-1", "node-1")
+        assert isinstance(matched, MatchedJob)
+        with matched.job_client() as wrapper:
+            wrapper.update_state(JobState.STARTED)
+            (tmp_path / "sandbox").mkdir()
+            got = wrapper.get_input("input.txt", str(tmp_path / "sandbox"))
+            assert pathlib.Path(got).read_text() == "input data\n"
+
+
+def test_find_files_reveals_no_other_users_content_and_refuses_garbage(broker, tmp_path):
+    import hashlib
+
+    from pilot.api.base import InvalidRequest
+    from pilot.api.client import BrokerClient
+
+    assert job(broker, "submit", write_job_file(tmp_path)).returncode == 0
+    alice_sha = hashlib.sha256(b"input data\n").hexdigest()
+    bob_token = tmp_path / "bob.pem"
+    assert run("token", "issue", "--ca", str(broker.state / "ca"), "--role", "user", "--subject", "bob",
+               "--out", str(bob_token)).returncode == 0
+    with BrokerClient(broker.address, str(tmp_path / "alice.pem")) as alice:
+        assert alice.find_files([alice_sha, "0" * 64]) == {alice_sha: len(b"input data\n")}
+    with BrokerClient(broker.address, str(bob_token)) as bob:
+        # The curious user: alice's digest is answered exactly like content the broker does not have.
+        assert bob.find_files([alice_sha]) == {}
+        # ... and asking made nothing bob's: naming it in a job is still refused.
+        spec = job_pb2.JobSpec(executable="run.sh")
+        spec.requirements.walltime_s = 3600
+        spec.input_files.add(name="input.txt", size=len(b"input data\n"), sha256=alice_sha)
+        with pytest.raises(SplitpilotError, match="is not in the broker's file store"):
+            bob.submit_checked(spec)
+        for garbage, words in (([alice_sha.upper()], "sha256[0]"), (["../../etc/passwd"], "sha256[0]"),
+                               ([alice_sha] * 10_001, "at most 10000")):
+            with pytest.raises(InvalidRequest, match=re.escape(words)) as refused:
+                bob._call("FindFiles", bob._stub.FindFiles, pb.FindFilesRequest(sha256=garbage))
+            assert "fix:" in str(refused.value)
+        assert bob.list().jobs == []

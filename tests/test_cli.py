@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -143,3 +146,160 @@ def test_python_dash_m_pilot_is_the_node_command_and_offers_no_server_side():
         refused = subprocess.run([sys.executable, "-m", "pilot", command, "--help"], capture_output=True,
                                  timeout=60, env=env)
         assert refused.returncode == 2 and b"invalid choice" in refused.stderr, command
+
+
+# ------------------------------------------------------------------ broken pipes and suggested commands
+
+def run_into_closed_pipe(*args: str) -> subprocess.CompletedProcess:
+    """ARGS with stdout a pipe whose reader is already gone (`splitpilot ... | head` after head left):
+    every write to stdout fails with EPIPE, deterministically."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run([str(BIN), *args], stdout=writer, stderr=subprocess.PIPE, timeout=120)
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("args", [("minicondor", "status"), ("config", "show", "--for", "broker"),
+                                  ("job", "submit", "--dry-run")])
+def test_output_into_a_closed_pipe_ends_quietly_with_141(tmp_path, args):
+    if args[0] == "minicondor":
+        args = (*args, "--state-dir", str(tmp_path / "pool"))
+    if args[:2] == ("job", "submit"):
+        (tmp_path / "run.sh").write_text("#!/bin/sh\n")
+        (tmp_path / "job.toml").write_text('[job]\nexecutable = "run.sh"\ncount = 3\n'
+                                          '[job.requirements]\nwalltime = "1h"\n')
+        args = (*args, str(tmp_path / "job.toml"))
+    result = run_into_closed_pipe(*args)
+    assert result.returncode == 141, result.stderr
+    # No BrokenPipeError traceback, no "Exception ignored" at exit: only what the command says on stderr.
+    assert b"Traceback" not in result.stderr and b"Exception ignored" not in result.stderr, result.stderr
+    assert b"BrokenPipe" not in result.stderr
+    if args[0] != "job":
+        assert result.stderr == b"", result.stderr
+    assert not (tmp_path / "pool").exists()  # status only looked
+
+
+def test_help_into_a_closed_pipe_has_no_traceback():
+    for args in (("--help",), ("job", "status", "--help"), ("broker", "serve", "--help")):
+        result = run_into_closed_pipe(*args)
+        assert result.returncode in (0, 141), result.stderr
+        assert b"Traceback" not in result.stderr and b"Exception ignored" not in result.stderr, result.stderr
+
+
+def test_a_pipe_of_the_command_s_own_still_fails_loudly():
+    """A BrokenPipeError that is not about stdout (a child's pipe) is a real error: no quiet 141."""
+    import argparse
+
+    from pilot.cli import run as run_cli
+
+    parser = argparse.ArgumentParser()
+
+    def broken(_args):
+        raise BrokenPipeError("a child's stdin")
+    parser.set_defaults(handler=broken)
+    with pytest.raises(BrokenPipeError):
+        run_cli(parser, [])
+
+
+#: Strings that say "splitpilot <word>" as prose, not as a command to run (each checked to still exist).
+PROSE = ("splitpilot major version", "splitpilot token name", "splitpilot test root", "splitpilot readable",
+         "splitpilot software area", "splitpilot mini-condor", "splitpilot node root", "splitpilot broker monitor")
+SOURCES = ("apps", "broker", "pilot", "condor_plugin", "submit")
+SUGGESTION = re.compile(r"splitpilot ([a-z][^`'\"();<\n]*)")
+
+
+def suggested_commands() -> list[tuple[str, str]]:
+    """(where, text after 'splitpilot ') of every string in the sources (docstrings excepted: they
+    describe, they do not tell a user what to run) that names a splitpilot command."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    found = []
+    for source in SOURCES:
+        for path in sorted((root / source).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                          if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                          and node.body and isinstance(node.body[0], ast.Expr)
+                          and isinstance(node.body[0].value, ast.Constant)}
+            for node in ast.walk(tree):
+                if not (isinstance(node, ast.Constant) and isinstance(node.value, str)) or id(node) in docstrings:
+                    continue
+                for match in SUGGESTION.finditer(node.value):
+                    if any(match.group(0).startswith(p) for p in PROSE) or match.group(1).split()[0].endswith(":"):
+                        continue  # prose, or "splitpilot isolate: ..." (the speaker of a message)
+                    # A later word ending in ':' ends the command ("splitpilot factory run: stopped").
+                    words = []
+                    for word in match.group(1).split():
+                        words.append(word.rstrip(":,."))
+                        if word.endswith(":"):
+                            break
+                    found.append((f"{path.relative_to(root)}:{node.lineno}", " ".join(words)))
+    return found
+
+
+def check_suggestion(parser: argparse.ArgumentParser, text: str) -> str | None:
+    """Why TEXT ("job status --watch ...") is not a command of PARSER's tree, or None if it is: every
+    subcommand word exists, and every --option it names is an option of that (sub)command."""
+    words = text.split()
+    current = parser
+    path = ["splitpilot"]
+    while words:
+        choices = next((a.choices for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if choices is None or words[0].startswith("-"):
+            break
+        if "|" in words[0]:   # alternatives ("token revoke|revoked"): each must be a command
+            first, *rest = words
+            return next((why for alternative in first.split("|")
+                         if (why := check_suggestion(current, " ".join([alternative, *rest])))), None)
+        if words[0] not in choices:
+            return f"{' '.join(path)} has no command {words[0]!r} (it has: {', '.join(choices)})"
+        path.append(words.pop(0))
+        current = choices[path[-1]]
+    options = {o: a for a in current._actions for o in a.option_strings}
+    for word in words:
+        for option in word.split("/") if word.startswith("--") else ():  # "--max-file-size/--max-job-size"
+            action = options.get(option.split("=")[0])
+            if action is None:
+                return f"{' '.join(path)} has no option {option}"
+            if action.nargs == argparse.REMAINDER:
+                return None  # what follows is another command's options ("config show --for broker ...")
+    return None
+
+
+def test_every_suggested_command_exists():
+    from apps.cli import build_parser
+
+    parser = build_parser()
+    suggestions = suggested_commands()
+    assert len(suggestions) > 30  # the collector finds them (it would pass vacuously otherwise)
+    assert any("job output" in text for _, text in suggestions)
+    wrong = [f"{where}: splitpilot {text}: {why}" for where, text in suggestions
+             if (why := check_suggestion(parser, text))]
+    assert not wrong, "\n".join(wrong)
+    # The check itself catches what the issue found.
+    assert "no command 'list'" in check_suggestion(parser, "job list")
+    assert "no option --all" in check_suggestion(parser, "job kill --all")
+    assert "no command 'forget'" in check_suggestion(parser, "token revoke|forget")
+    assert check_suggestion(parser, "admin site drain|enable|disable NAME --reason R") is None
+    # Every prose phrase still occurs (a stale entry would hide a future wrong command).
+    text = "\n".join(p.read_text() for s in SOURCES
+                     for p in (pathlib.Path(__file__).resolve().parent.parent / s).rglob("*.py"))
+    assert [p for p in PROSE if p not in text] == []
+
+
+@pytest.mark.parametrize("state_dir, hint", [("/run/splitpilot-minicondor", 'splitpilot minicondor env)"'),
+                                             ("/tmp/my pool", "splitpilot minicondor env --state-dir '/tmp/my pool')")])
+def test_minicondor_status_hint_names_the_state_folder_it_was_started_in(capsys, state_dir, hint):
+    """After `minicondor start --state-dir X`, the printed `env` hint must find the same pool."""
+    from types import SimpleNamespace
+
+    from condor_plugin.testing.cli import print_status
+    from condor_plugin.testing.minicondor import PoolState
+
+    status = SimpleNamespace(state=PoolState.READY, state_dir=pathlib.Path(state_dir), source="host", node_pid=1,
+                             collector="127.0.0.1:9618", client_config="/x/condor_config", shared_dirs=[],
+                             problem=None, daemons=[], slots=[])
+    print_status(SimpleNamespace(status=lambda: status))
+    out = capsys.readouterr().out
+    assert hint in out, out

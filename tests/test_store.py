@@ -505,6 +505,28 @@ def test_heartbeat_refreshes_and_fences(store):
         store.job_heartbeat(job_id, attempt + 1, 5.0, 0, 0, at(201))
 
 
+def test_heartbeat_usage_is_the_current_attempts_and_bounded(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id, when=0)
+    assert store.get(job_id).usage is None  # no heartbeat yet
+    store.job_heartbeat(job_id, attempt, 754.25, 300 << 20, 1 << 10, at(200))
+    usage = store.get(job_id).usage
+    assert (usage.cpu_seconds, usage.rss_bytes, usage.time) == (754.25, 300 << 20, at(200))
+    # A hostile wrapper's figures are clamped, never an error: the heartbeat is liveness first.
+    for cpu, rss in ((float("nan"), 2**64 - 1), (float("inf"), -5), (-3.0, 2**63)):
+        assert store.job_heartbeat(job_id, attempt, cpu, rss, 0, at(201)) is False
+        usage = store.get(job_id).usage
+        assert usage.cpu_seconds == 0 and 0 <= usage.rss_bytes <= 2**62
+    # A stale attempt's heartbeat changes nothing; the next attempt starts without figures.
+    store.job_heartbeat(job_id, attempt, 10.0, 1000, 0, at(202))
+    store.requeue(job_id, RequeueCause.ADMIN, "node drained", at(203))
+    with pytest.raises(StaleAttemptError):
+        store.job_heartbeat(job_id, attempt, 99.0, 99, 0, at(204))
+    assert store.get(job_id).usage.cpu_seconds == 10.0
+    assert start(store, job_id, when=205) == attempt + 1
+    assert store.get(job_id).usage is None
+
+
 # ---------------------------------------------------------------- outputs
 
 def test_outputs_belong_to_the_attempt(store):
@@ -860,7 +882,7 @@ def test_a_version_1_database_is_migrated_in_place(backend, tmp_path, request):
         else:
             with psycopg.connect(url) as conn:
                 version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        assert version == SCHEMA_VERSION == 3
+        assert version == SCHEMA_VERSION == 4
     finally:
         if drop is not None:
             drop()

@@ -60,6 +60,7 @@ from broker.store.base import (
 )
 from broker.waiting import OfferLog, OfferSettings
 from pilot.api.files import CHUNK_SIZE, FileRefused, FileTooLarge, MissingFile
+from pilot.api.states import JobState
 from pilot.errors import SplitpilotError, UsageError
 from pilot.tokens import Identity, TokenRole, TokenVerifier
 from pilot.tokens.errors import (
@@ -381,7 +382,15 @@ def job_info(record: JobRecord, *, history: bool = True) -> pb.JobInfo:
         info.history.extend(pb.JobEvent(time_unix_ms=to_ms(e.time), state=int(e.state), attempt=e.attempt,
                                         detail=e.detail) for e in record.history)
     info.outputs.extend(pb.OutputFile(name=o.name, size=o.size, sha256=o.sha256) for o in record.outputs)
+    if record.usage is not None and record.state in USAGE_STATES:   # a live attempt's use, not a past one's
+        info.cpu_seconds = record.usage.cpu_seconds
+        info.rss_bytes = record.usage.rss_bytes
+        info.usage_unix_ms = to_ms(record.usage.time)
     return info
+
+
+#: States whose attempt's last heartbeat figures JobInfo carries (the payload runs or saves).
+USAGE_STATES = frozenset({JobState.STARTED, JobState.RUNNING, JobState.SAVING})
 
 
 def job_public_key(data: bytes, field: str = "job_public_key"):

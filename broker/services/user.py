@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from collections.abc import Sequence
 
 from broker import waiting
@@ -54,6 +55,9 @@ log = logging.getLogger("splitpilot.broker")
 SERVICE = "UserService"
 #: The last millisecond a time filter may name (datetime's range ends in year 9999).
 LAST_MS = int(datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC).timestamp() * 1000)
+#: Most digests one FindFiles may ask about (one submission's inputs, as --max-jobs-per-submit).
+MAX_FIND_FILES = 10_000
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 class UserServicer(rpc_pb.UserServiceServicer):
@@ -223,6 +227,31 @@ class UserServicer(rpc_pb.UserServiceServicer):
         log.info("%s killed job %d (%s): now %s", identity.subject, request.job_id, request.reason or "no reason",
                  JobState(state).name)
         return pb.KillJobResponse(state=int(state))
+
+    @rpc(SERVICE)
+    async def FindFiles(self, identity: Identity, request: pb.FindFilesRequest, context) -> pb.FindFilesResponse:
+        digests = list(request.sha256)
+        if len(digests) > MAX_FIND_FILES:
+            raise BadRequest(f"{len(digests)} digests in one FindFiles; the broker takes at most {MAX_FIND_FILES}; "
+                             "fix: ask in several calls")
+        for i, digest in enumerate(digests):
+            if not SHA256_RE.fullmatch(digest):
+                raise BadRequest(f"sha256[{i}] {digest[:80]!r} is not 64 lower-case hexadecimal characters; fix: "
+                                 "send hashlib.sha256(content).hexdigest()")
+        if not digests:
+            return pb.FindFilesResponse()
+        found = await self.broker.call(self._find_files, identity.subject, sorted(set(digests)), heavy=True)
+        return pb.FindFilesResponse(files=[pb.FoundFile(sha256=sha, size=size) for sha, size in found])
+
+    def _find_files(self, owner: str, digests: list[str]) -> list[tuple[str, int]]:
+        """(sha256, size) of the DIGESTS OWNER may name as inputs (Submit's own rule, claim_inputs), and
+        that the file store holds. Claiming is what Submit would do with them: an output of OWNER's
+        job asked for here is OWNER's from now on (kept alive when the output is replaced)."""
+        store, files = self.broker.store, self.broker.files
+        with files.lock:   # as in _check_inputs: nothing frees content between the claim and the size
+            usable = store.claim_inputs(owner, digests, utcnow())
+            sizes = {sha: files.size_of(sha) for sha in usable}
+        return [(sha, size) for sha, size in sorted(sizes.items()) if size is not None]
 
     @rpc_stream(SERVICE)
     async def DownloadOutput(self, identity: Identity, request: pb.DownloadOutputRequest, context):

@@ -248,6 +248,17 @@ class JobRecord:
     kill_requested: bool = False
     history: tuple[JobEventRecord, ...] = ()
     outputs: tuple[OutputRecord, ...] = ()
+    #: The payload's use at the current attempt's last heartbeat (None: no heartbeat yet this attempt).
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a job's last heartbeat reported: CPU seconds, resident memory, and when."""
+
+    cpu_seconds: float
+    rss_bytes: int
+    time: datetime.datetime
 
 
 @dataclass(frozen=True)

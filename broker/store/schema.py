@@ -57,7 +57,7 @@ from dataclasses import dataclass
 
 from pilot.api.states import JobState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 UTC = datetime.UTC
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
@@ -143,7 +143,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     pilot_id TEXT NOT NULL,
     exit_code INTEGER,
     message TEXT NOT NULL,
-    spec {blob} NOT NULL
+    spec {blob} NOT NULL,
+    usage_cpu_ms BIGINT NOT NULL DEFAULT 0,
+    usage_rss BIGINT NOT NULL DEFAULT 0,
+    usage_time BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (class_id, priority DESC, id) WHERE state = {waiting};
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated);
@@ -257,4 +260,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE pilots ADD COLUMN cert_serial TEXT NOT NULL DEFAULT ''",
         "ALTER TABLE pilots ADD COLUMN cert_not_after BIGINT NOT NULL DEFAULT 0"),
     2: (),  # site_offers: a new table only
+    # Version 3 -> 4: the payload's CPU time and memory from the current attempt's last heartbeat
+    # (usage_time 0: none since the attempt began; `job status ID` of a running job shows them).
+    3: ("ALTER TABLE jobs ADD COLUMN usage_cpu_ms BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN usage_rss BIGINT NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN usage_time BIGINT NOT NULL DEFAULT 0"),
 }

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import abc
 import datetime
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -61,6 +62,7 @@ from broker.store.base import (
     TooManyJobs,
     UnknownJob,
     UpdateResult,
+    Usage,
 )
 from broker.store.classes import CLASS_COLUMNS, CLASS_INSERT_COLUMNS, SEPARATOR, ClassCache, RequirementClass
 from broker.store.schema import (
@@ -97,7 +99,7 @@ class Cursor(Protocol):
 
 
 JOB_COLUMNS = ("id, spec, owner, state, attempt, max_attempts, submitted, updated, site, node, pilot_id, "
-               "exit_code, message, kill_requested")
+               "exit_code, message, kill_requested, usage_cpu_ms, usage_rss, usage_time")
 JOB_INSERT_COLUMNS = ("id, class_id, owner, priority, state, attempt, charged, max_attempts, fenced, seq, "
                       "kill_requested, submitted, updated, heartbeat, site, node, pilot_id, exit_code, message, spec")
 EVENT_INSERT = "INSERT INTO events (job_id, time, state, attempt, detail) VALUES (?, ?, ?, ?, ?)"
@@ -106,7 +108,7 @@ HEAD_SQL = (f"SELECT priority, id FROM jobs WHERE class_id = ? AND state = {WAIT
             "ORDER BY priority DESC, id LIMIT 1")
 #: The claim's SET list; parameters: now, now, site, node, pilot_id.
 CLAIM_SET = (f"state = {ASSIGNED}, attempt = attempt + 1, fenced = 0, seq = 0, updated = ?, heartbeat = ?, "
-             "site = ?, node = ?, pilot_id = ?, exit_code = NULL, message = ''")
+             "site = ?, node = ?, pilot_id = ?, exit_code = NULL, message = '', usage_time = 0")
 REAP_BATCH = 500
 #: The largest id the databases hold (BIGINT); larger (or 0) ids name no job.
 MAX_ID = 2**63 - 1
@@ -172,7 +174,21 @@ def record(row: Sequence, history: Sequence[tuple] = (), outputs: Sequence[tuple
         max_attempts=int(row[5]), submitted=from_ms(row[6]), updated=from_ms(row[7]), site=row[8],
         node=row[9], pilot_id=row[10], exit_code=row[11], message=row[12], kill_requested=bool(row[13]),
         history=tuple(JobEventRecord(from_ms(t), JobState(s), int(a), d) for t, s, a, d in history),
-        outputs=tuple(OutputRecord(n, int(size), sha) for n, size, sha in outputs))
+        outputs=tuple(OutputRecord(n, int(size), sha) for n, size, sha in outputs),
+        usage=Usage(int(row[14]) / 1000, int(row[15]), from_ms(row[16])) if row[16] else None)
+
+
+#: Bounds of what a heartbeat's figures are stored as (a wrapper's garbage is clamped, never refused:
+#: the heartbeat is liveness first): 100 years of CPU time, 2**62 bytes.
+MAX_CPU_MS = 100 * 366 * 86400 * 1000
+MAX_RSS = 2**62
+
+
+def usage_values(cpu_seconds: float, rss_bytes: int) -> tuple[int, int]:
+    """(CPU milliseconds, RSS bytes) to store: NaN, infinities and negatives become 0, the rest is
+    bounded so that the database can hold it."""
+    cpu_ms = cpu_seconds * 1000 if math.isfinite(cpu_seconds) and cpu_seconds > 0 else 0
+    return int(min(cpu_ms, MAX_CPU_MS)), int(min(max(rss_bytes, 0), MAX_RSS))
 
 
 def matched_detail(slot: SlotOffer, pilot: PilotRef) -> str:
@@ -596,11 +612,13 @@ class SqlStore(JobStore):
                       sandbox_bytes: int, now: datetime.datetime) -> bool:
         ms = to_ms(now)
         known_id(job_id)
+        cpu_ms, rss = usage_values(cpu_seconds, rss_bytes)
 
         def body(cur: Cursor) -> bool:
             # One conditional statement: a reaper that ended the attempt first makes it change nothing.
-            row = cur.row("UPDATE jobs SET heartbeat = ? WHERE id = ? AND attempt = ? AND fenced = 0 "
-                          "RETURNING state, kill_requested", (ms, job_id, attempt))
+            row = cur.row("UPDATE jobs SET heartbeat = ?, usage_cpu_ms = ?, usage_rss = ?, usage_time = ? "
+                          "WHERE id = ? AND attempt = ? AND fenced = 0 RETURNING state, kill_requested",
+                          (ms, cpu_ms, rss, ms, job_id, attempt))
             if row is None:
                 found = cur.row("SELECT state, attempt FROM jobs WHERE id = ?", (job_id,))
                 if found is None:

@@ -139,7 +139,10 @@ def print_status(pool: MiniCondor) -> PoolState:
         return status.state
     print(f"daemons from: {status.source} (node PID {status.node_pid})")
     print(f"collector: {status.collector}")
-    print(f"client config: {status.client_config}  (eval \"$(splitpilot minicondor env)\")")
+    # The hint names the state folder when it is not the default: without it, `env` would look elsewhere.
+    where = ("" if Path(status.state_dir) == Path(DEFAULT_STATE_DIR)
+             else f" --state-dir {shlex.quote(str(status.state_dir))}")
+    print(f"client config: {status.client_config}  (eval \"$(splitpilot minicondor env{where})\")")
     print(f"shared folders: {' '.join(str(p) for p in status.shared_dirs)}")
     if status.problem:
         print(f"collector problem: {status.problem}")

@@ -42,7 +42,8 @@ from pilot.errors import SplitpilotError
 
 #: What to check when the broker refuses a glidein's agent token.
 REFUSED_FIX = ("the agent token must be issued by the broker's own CA, for the agent role, and be valid by the "
-               "broker's clock: check the factory's CA (splitpilot glidein/factory --ca: the broker's CA folder), "
+               "broker's clock: check the factory's CA (the --ca of splitpilot glidein submit or splitpilot factory "
+               "run: the broker's CA folder), "
                "its --site, the --broker address, and the clocks of factory, broker and node")
 EXPIRED_FIX = ("the glidein waited in the queue longer than its token lives, or this node's clock is wrong: "
                "submit fresh glideins (the factory mints a token per batch), shorten --max-idle, or fix the clock")

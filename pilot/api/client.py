@@ -218,6 +218,11 @@ class JobStatus:
     spec: job_pb2.JobSpec
     #: Why a waiting job has not matched (status() of a WAITING job; None otherwise).
     wait: WaitReport | None = None
+    #: The payload's CPU seconds and resident memory (bytes) at its last heartbeat, and when: a running
+    #: job's, once it has sent one (None otherwise, and from brokers older than this field).
+    cpu_seconds: float | None = None
+    rss_bytes: int | None = None
+    usage_at: datetime.datetime | None = None
 
     @classmethod
     def from_proto(cls, info: pb.JobInfo) -> JobStatus:
@@ -228,7 +233,10 @@ class JobStatus:
                    history=tuple(JobEvent(_from_ms(e.time_unix_ms), read_state(e.state), e.attempt, e.detail)
                                  for e in info.history),
                    outputs=tuple(OutputFile(o.name, o.size, o.sha256) for o in info.outputs), spec=info.spec,
-                   wait=WaitReport.from_proto(info.wait) if info.HasField("wait") else None)
+                   wait=WaitReport.from_proto(info.wait) if info.HasField("wait") else None,
+                   cpu_seconds=info.cpu_seconds if info.HasField("cpu_seconds") else None,
+                   rss_bytes=info.rss_bytes if info.HasField("rss_bytes") else None,
+                   usage_at=_from_ms(info.usage_unix_ms) if info.usage_unix_ms else None)
 
     @property
     def final(self) -> bool:
@@ -287,6 +295,9 @@ class Submission:
 
     job_ids: list[int]
     warnings: list[SubmitWarning]
+    #: Input files uploaded, and those the broker already held for the caller (named by digest only).
+    uploaded: int = 0
+    reused: int = 0
 
 
 @dataclass(frozen=True)
@@ -359,6 +370,13 @@ class HeartbeatAnswer:
 
 # ------------------------------------------------------------------ the base client
 
+#: Digests per FindFiles call (the broker's limit).
+FIND_FILES_BATCH = 10_000
+#: output_tail: bytes kept (the end of a failed job's stderr), and the largest output read for it.
+TAIL_BYTES = 64 * 1024
+TAIL_MAX_SIZE = 16 * 1024 * 1024
+
+
 def _from_ms(ms: int) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC)
 
@@ -417,6 +435,13 @@ def _load_token(token: TokenFile | str | os.PathLike) -> TokenFile:
     return read_token_file(os.path.expanduser(os.fspath(token)), KeyPermissions.REFUSE)
 
 
+def _digest(path: str) -> tuple[str, int]:
+    try:
+        return sha256_of_file(path)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
 def _file_chunks(path: str, name: str, size: int, sha256: str) -> Iterator[pb.UploadFileRequest]:
     yield pb.UploadFileRequest(header=pb.FileHeader(name=name, size=size, sha256=sha256))
     with open(path, "rb") as handle:
@@ -438,15 +463,33 @@ class BrokerClient(_TokenClient):
         """Upload the file at PATH; return the InputFile (name, size, sha256) to put in a spec."""
         path = os.fspath(path)
         name = check_sandbox_name(name or os.path.basename(path), "input name")
-        try:
-            sha256, size = sha256_of_file(path)
-        except OSError as exc:
-            raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+        sha256, size = _digest(path)
+        return self._upload_hashed(path, name, sha256, size)
+
+    def _upload_hashed(self, path: str, name: str, sha256: str, size: int) -> job_pb2.InputFile:
         try:
             response = self._stub.UploadFile(_file_chunks(path, name, size, sha256), timeout=STREAM_TIMEOUT)
         except grpc.RpcError as exc:
             raise self._failure("UploadFile", exc) from None
         return job_pb2.InputFile(name=name, size=response.size, sha256=response.sha256)
+
+    def find_files(self, sha256s: Iterable[str]) -> dict[str, int]:
+        """{sha256: size} of the contents among SHA256S this caller may name as inputs without uploading
+        them (its own uploads, its jobs' outputs). A broker older than FindFiles answers {} (everything
+        is uploaded, as before)."""
+        wanted = sorted(set(sha256s))
+        found: dict[str, int] = {}
+        for start in range(0, len(wanted), FIND_FILES_BATCH):
+            try:
+                response = self._call("FindFiles", self._stub.FindFiles,
+                                      pb.FindFilesRequest(sha256=wanted[start:start + FIND_FILES_BATCH]))
+            except BrokerError as exc:
+                if exc.code is grpc.StatusCode.UNIMPLEMENTED:
+                    return {}
+                raise
+            asked = set(wanted[start:start + FIND_FILES_BATCH])
+            found.update((f.sha256, f.size) for f in response.files if f.sha256 in asked)
+        return found
 
     def submit(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable) -> list[int]:
         """Queue jobs given as job file paths, JobDescriptions or JobSpecs (or a list
@@ -460,28 +503,45 @@ class BrokerClient(_TokenClient):
         their indexes counted over everything submitted in this call)."""
         if isinstance(jobs, (str, os.PathLike, JobDescription, job_pb2.JobSpec)):
             jobs = [jobs]
-        specs: list[job_pb2.JobSpec] = []
-        uploaded: dict[str, job_pb2.InputFile] = {}
+        items: list[JobDescription | job_pb2.JobSpec] = []
         for item in jobs:
             if isinstance(item, (str, os.PathLike)):
-                descriptions = load_job_file(item)
-            elif isinstance(item, JobDescription):
-                descriptions = [item]
-            elif isinstance(item, job_pb2.JobSpec):
-                specs.append(item)
-                continue
+                items.extend(load_job_file(item))
+            elif isinstance(item, (JobDescription, job_pb2.JobSpec)):
+                items.append(item)
             else:
                 raise UsageError(f"cannot submit a {type(item).__name__}: give job file paths, JobDescriptions "
                                  "or JobSpecs")
-            for description in descriptions:
-                spec = job_pb2.JobSpec()
-                spec.CopyFrom(description.spec)
-                for ref in description.inputs:
-                    if ref.path not in uploaded:
-                        uploaded[ref.path] = self.upload(ref.path, ref.name)
-                    done = uploaded[ref.path]
-                    spec.input_files.add(name=ref.name, size=done.size, sha256=done.sha256)
-                specs.append(spec)
+        # Each input file is hashed here once; what the broker already holds for this caller (an earlier
+        # submission's inputs: the store is content-addressed) is named by digest, not uploaded again.
+        digests: dict[str, tuple[str, int]] = {}
+        for item in items:
+            for ref in item.inputs if isinstance(item, JobDescription) else ():
+                if ref.path not in digests:
+                    digests[ref.path] = _digest(ref.path)
+        present = self.find_files(sha for sha, _size in digests.values()) if digests else {}
+        uploaded: dict[str, tuple[str, int]] = {}
+        reused: set[str] = set()
+        specs: list[job_pb2.JobSpec] = []
+        for item in items:
+            if isinstance(item, job_pb2.JobSpec):
+                specs.append(item)
+                continue
+            spec = job_pb2.JobSpec()
+            spec.CopyFrom(item.spec)
+            for ref in item.inputs:
+                if ref.path not in uploaded:
+                    sha256, size = digests[ref.path]
+                    if present.get(sha256) == size:
+                        reused.add(ref.path)
+                    else:
+                        done = self._upload_hashed(ref.path, check_sandbox_name(ref.name, "input name"), sha256,
+                                                   size)
+                        sha256, size = done.sha256, done.size
+                    uploaded[ref.path] = (sha256, size)
+                sha256, size = uploaded[ref.path]
+                spec.input_files.add(name=ref.name, size=size, sha256=sha256)
+            specs.append(spec)
         ids: list[int] = []
         warnings: list[SubmitWarning] = []
         for start in range(0, len(specs), SUBMIT_BATCH):
@@ -491,7 +551,7 @@ class BrokerClient(_TokenClient):
             warnings.extend(SubmitWarning(tuple(start + i for i in w.job_indexes), w.message,
                                           tuple(Unmet(u.requirement, u.wanted, u.offered) for u in w.unmet))
                             for w in response.warnings)
-        return Submission(ids, warnings)
+        return Submission(ids, warnings, uploaded=len(uploaded) - len(reused), reused=len(reused))
 
     def status(self, job_id: int) -> JobStatus:
         """One job with its history and outputs."""
@@ -550,6 +610,42 @@ class BrokerClient(_TokenClient):
             return directory.write(name, (chunk.data for chunk in stream), header.size, header.sha256)
         finally:
             stream.close()  # ends the call if the output was refused before its data was read
+
+    def output_tail(self, job_id: int, name: str, *, max_bytes: int = TAIL_BYTES,
+                    max_size: int = TAIL_MAX_SIZE) -> bytes:
+        """The last MAX_BYTES bytes of output NAME of a job (a failed job's payload.stderr), read into
+        memory: the whole output is streamed and checked against the size and sha256 the broker
+        announced, but only its tail is kept. An output larger than MAX_SIZE is not read at all
+        (SplitpilotError with the fix: download it)."""
+        import hashlib  # why: only this method hashes in memory
+
+        check_sandbox_name(name, "output name")
+        stream = self._stream("DownloadOutput", self._stub.DownloadOutput,
+                              pb.DownloadOutputRequest(job_id=job_id, name=name))
+        try:
+            first = next(stream, None)
+            if first is None or first.WhichOneof("kind") != "header":
+                raise SplitpilotError(f"output {name!r} of job {job_id}: the broker's stream did not start with a "
+                                      "header; fix: try again")
+            size, sha256 = first.header.size, first.header.sha256
+            if size > max_size:
+                raise SplitpilotError(f"output {name!r} of job {job_id} is {size} bytes, more than the {max_size} "
+                                      f"read to show its end; fix: splitpilot job output {job_id} DIR --name {name}")
+            digest, tail, seen = hashlib.sha256(), bytearray(), 0
+            for chunk in stream:
+                seen += len(chunk.data)
+                if seen > size:  # bound what a peer sends to what it announced
+                    raise SplitpilotError(f"output {name!r} of job {job_id}: the broker sent more than the {size} "
+                                          "bytes it announced; fix: try again")
+                digest.update(chunk.data)
+                tail += chunk.data
+                del tail[:-max_bytes]
+            if seen != size or digest.hexdigest() != sha256:
+                raise SplitpilotError(f"output {name!r} of job {job_id}: the copy received does not match the size "
+                                      "and sha256 the broker announced; fix: try again")
+            return bytes(tail)
+        finally:
+            stream.close()
 
     def kill(self, job_id: int, reason: str = "") -> JobState:
         """Kill a job: at once when queued, at its next heartbeat when running."""

@@ -145,7 +145,7 @@ class OutputFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "attempt", "submitted_unix_ms", "updated_unix_ms", "site", "node", "pilot_id", "exit_code", "message", "history", "outputs", "wait")
+    __slots__ = ("job_id", "spec", "state", "attempt", "submitted_unix_ms", "updated_unix_ms", "site", "node", "pilot_id", "exit_code", "message", "history", "outputs", "wait", "cpu_seconds", "rss_bytes", "usage_unix_ms")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,9 @@ class JobInfo(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     spec: _job_pb2.JobSpec
     state: _job_pb2.JobState
@@ -174,7 +177,10 @@ class JobInfo(_message.Message):
     history: _containers.RepeatedCompositeFieldContainer[JobEvent]
     outputs: _containers.RepeatedCompositeFieldContainer[OutputFile]
     wait: WaitAnalysis
-    def __init__(self, job_id: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., attempt: _Optional[int] = ..., submitted_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., pilot_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., history: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputFile, _Mapping]]] = ..., wait: _Optional[_Union[WaitAnalysis, _Mapping]] = ...) -> None: ...
+    cpu_seconds: float
+    rss_bytes: int
+    usage_unix_ms: int
+    def __init__(self, job_id: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., attempt: _Optional[int] = ..., submitted_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., pilot_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., history: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputFile, _Mapping]]] = ..., wait: _Optional[_Union[WaitAnalysis, _Mapping]] = ..., cpu_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., usage_unix_ms: _Optional[int] = ...) -> None: ...
 
 class WaitAnalysis(_message.Message):
     __slots__ = ("window_s", "sites", "summary", "never_runnable", "jobs_ahead")
@@ -662,3 +668,23 @@ class ListRevokedResponse(_message.Message):
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     revoked: _containers.RepeatedCompositeFieldContainer[RevokedToken]
     def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ...) -> None: ...
+
+class FindFilesRequest(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FindFilesResponse(_message.Message):
+    __slots__ = ("files",)
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    files: _containers.RepeatedCompositeFieldContainer[FoundFile]
+    def __init__(self, files: _Optional[_Iterable[_Union[FoundFile, _Mapping]]] = ...) -> None: ...
+
+class FoundFile(_message.Message):
+    __slots__ = ("sha256", "size")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...

@@ -67,6 +67,11 @@ class UserServiceStub:
                 request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputRequest.SerializeToString,
                 response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputResponse.FromString,
                 _registered_method=True)
+        self.FindFiles = channel.unary_unary(
+                '/splitpilot.broker.v1.UserService/FindFiles',
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesRequest.SerializeToString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -121,6 +126,15 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FindFiles(self, request, context):
+        """Which of these contents the caller may name as inputs without uploading them again: its own
+        uploads and its own jobs' outputs that the file store still holds. Another user's copy of the
+        same bytes is never reported (the same rule as Submit: no existence oracle).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +167,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.DownloadOutput,
                     request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputRequest.FromString,
                     response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputResponse.SerializeToString,
+            ),
+            'FindFiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindFiles,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesRequest.FromString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -320,6 +339,33 @@ class UserService:
             '/splitpilot.broker.v1.UserService/DownloadOutput',
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputRequest.SerializeToString,
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.DownloadOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitpilot.broker.v1.UserService/FindFiles',
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesRequest.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesResponse.FromString,
             options,
             channel_credentials,
             insecure,
