@@ -478,8 +478,11 @@ class Round:
                 fault.target, fault.duration_s = f"agent {slot} and {len(pids) - 1} process(es) under it", held
                 signal_all(pids, signal.SIGSTOP)
                 time.sleep(held)  # past the heartbeat timeout: the broker reaps its attempts meanwhile
-                signal_all(pids, signal.SIGCONT)
+                # Noted before the SIGCONT: a payload that writes its ledger at once must not appear to have
+                # run before its node resumed (with the time taken after, a second stop right behind the
+                # first made the first's 14 s look like a fenced payload running on).
                 self.resumed.append(time.time())
+                signal_all(pids, signal.SIGCONT)
             finally:
                 with self.lock:
                     self.paused.discard(slot)
