@@ -26,7 +26,13 @@ import pytest
 
 import tests.test_glidein as glidein_tests
 from condor_plugin.glidein.package import PackageBuilder
-from tests.test_glidein import factory_settings, spooled_tokens, wait_for_glideins_to_finish, wait_until_final
+from tests.test_glidein import (
+    factory_settings,
+    spool_emptied,
+    spooled_tokens,
+    wait_for_glideins_to_finish,
+    wait_until_final,
+)
 
 package = glidein_tests.package
 site = glidein_tests.site
@@ -138,7 +144,7 @@ def test_a_closed_site_gets_no_glideins_and_its_idle_ones_leave_with_their_token
         assert factory.run_once() == 0
         assert "the site is draining at the broker: no glideins; removing 1 idle glidein(s)" in lines
         wait_for(lambda: not queued(factory), 60, "the idle glidein to leave")
-        assert spooled_tokens(site, idle.cluster) == {}            # its agent token left with it
+        assert spool_emptied(site, idle.cluster)                    # its agent token left with it
         assert factory.run_once() == 0 and not queued(factory)
         assert factory.policy.backoff_s == 0                        # removed by the factory: not a failure
         admin_client.set_site_state("MINICONDOR", "enabled", "factory test over")
@@ -184,7 +190,7 @@ def test_ctrl_c_on_factory_run_removes_its_idle_glideins_and_exits_130(site, cli
     assert process.returncode == 130, err
     assert "stopped by SIGINT: removed 2 idle glidein(s)" in err, err
     wait_for(lambda: not queued(factory), 60, "the removed glideins to leave")
-    assert all(spooled_tokens(site, g.cluster) == {} for g in glideins)
+    assert all(spool_emptied(site, g.cluster) for g in glideins)
     assert "Traceback" not in err
     kill_waiting(client, ids)
 
@@ -209,7 +215,7 @@ def test_glidein_remove_one_batch_then_the_idle_ones(site, capsys):
     assert sorted((r["cluster"], r["proc"], r["batch"], r["status"]) for r in removed) == [
         (first.cluster, 0, first.batch, "IDLE"), (first.cluster, 1, first.batch, "IDLE")]
     wait_for(lambda: [g.cluster for g in queued(factory)] == [second.cluster], 60, "batch 1 to leave")
-    assert spooled_tokens(site, first.cluster) == {} and spooled_tokens(site, second.cluster)
+    assert spool_emptied(site, first.cluster) and spooled_tokens(site, second.cluster)
     args = parser.parse_args(["glidein", "status", "--json", *common])
     assert args.handler(args) == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -221,7 +227,7 @@ def test_glidein_remove_one_batch_then_the_idle_ones(site, capsys):
     assert args.handler(args) == 0
     assert capsys.readouterr().out.strip() == f"removed 1 idle glidein(s): {second.cluster}.0"
     wait_for(lambda: not queued(factory), 60, "every glidein to leave")
-    assert spooled_tokens(site, second.cluster) == {}
+    assert spool_emptied(site, second.cluster)
     args = parser.parse_args(["glidein", "remove", *common])
     assert args.handler(args) == 0
     assert "no glidein of factory removal for site MINICONDOR to remove" in capsys.readouterr().out
