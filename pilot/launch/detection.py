@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import tempfile
 import threading
 import time
@@ -61,6 +62,7 @@ log = logging.getLogger("splitpilot.launch")
 
 #: Bytes of the wrapper's stderr kept in a failure reason.
 _STDERR_TAIL = 600
+_EXIT_GRACE = 5.0  # seconds a failed wrapper gets to exit so its last stderr lines are in the reason
 
 #: The self-test's command inside the software area: prove the sandbox is
 #: writable, then start the protocol-only wrapper.
@@ -170,13 +172,30 @@ def self_test(launcher: Launcher, mounts: Mounts, argv: Sequence[str], *, timeou
                 return f"the wrapper exited with status {status} after a clean close{_tail(errors)}"
             return ""
         except SplitpilotError as exc:  # the protocol's errors name what the peer did
+            _let_it_end(process, deadline)
             return f"self-test failed while {stage}: {exc}{_tail(errors)}"
         except Exception as exc:  # OSError, subprocess.TimeoutExpired, ...: still only a failed runtime
+            _let_it_end(process, deadline)
             return f"self-test failed while {stage}: {type(exc).__name__}: {exc}{_tail(errors)}"
         finally:
             if process.poll() is None:
                 process.kill()
             process.wait()
+
+
+def _let_it_end(process, deadline: float) -> None:
+    """Give a failed wrapper a moment to exit before its stderr is read.
+
+    A runtime that relays the container's stderr (podman's conmon, docker)
+    may close the wrapper's stdout before the relay has written the last
+    lines: the pipe's end is seen first, and the reason would miss the
+    very message that explains it. The wait ends at the self-test's
+    deadline (at most _EXIT_GRACE), then the process is killed as before.
+    """
+    try:
+        process.wait(timeout=max(0.0, min(_EXIT_GRACE, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _tail(errors) -> str:
