@@ -66,7 +66,7 @@ FACTORY_CONFIG = ConfigSpec(
                 "max_idle": lambda v: parse_duration(v, what="max_idle"),
                 "idle_timeout": lambda v: parse_duration(v, what="idle_timeout"),
                 "submit_line": lambda v: _submit_lines([v])},
-    minimum={"cpus": 1, "memory": 1, "disk": 1, "max_per_cycle": 1, "jobs_per_glidein": 1, "interval": 1},
+    minimum={"cpus": 1, "memory": 1, "disk": 1, "max_per_cycle": 1, "jobs_per_glidein": 1},
     exclude=frozenset({"count", "idle", "batch"}))
 
 
@@ -99,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(run, need_broker=True)
     run.add_argument("--admin-token", required=True, metavar="FILE",
                      help="an admin token for the broker (to count the site's waiting jobs)")
-    run.add_argument("--interval", type=float, default=15.0, metavar="S", help="seconds between cycles (default 15)")
+    run.add_argument("--interval", default="15s", metavar="DURATION", help="time between cycles (default %(default)s)")
     run.add_argument("--max-queued", type=int, default=10, metavar="N", help="idle glideins at most (default 10)")
     run.add_argument("--max-running", type=int, default=50, metavar="N", help="running glideins at most (default 50)")
     run.add_argument("--max-per-cycle", type=int, default=5, metavar="N",
@@ -137,8 +137,8 @@ def _common(parser: argparse.ArgumentParser, need_broker: bool) -> None:
                              "--container-policy`)")
     parser.add_argument("--runtimes", default="apptainer", metavar="LIST",
                         help="container runtimes for the agent, comma-separated (default %(default)s)")
-    parser.add_argument("--image", default="", help="container image for the agent (default with --minicondor: "
-                                                    "its apptainer sandbox image)")
+    parser.add_argument("--image", default="", metavar="IMAGE",
+                        help="container image for the agent (default with --minicondor: its apptainer sandbox image)")
     parser.add_argument("--lifetime", default="6h", metavar="DURATION", help="glidein lifetime (default %(default)s)")
     parser.add_argument("--bind", action="append", default=[], metavar="SRC[:DST]", dest="binds",
                         help="a site bind for the agent's jobs: the node's SRC read-only at DST (default SRC) "
@@ -344,7 +344,8 @@ def run_factory(args) -> int:
     from condor_plugin.factory.brokerview import BrokerView  # why: grpc and htcondor2
     from pilot.api.client import AdminClient  # why: grpc; `splitpilot` loads every command's module
 
-    factory = _factory(args)
+    factory = _factory(args)  # resolves the configuration file's settings into args first
+    interval = parse_duration(args.interval, what="--interval").total_seconds()
     stop = threading.Event()
     caught: list[int] = []
 
@@ -357,7 +358,7 @@ def run_factory(args) -> int:
     try:
         with AdminClient(args.broker, args.admin_token) as admin:
             factory.broker = BrokerView(admin, args.site, ca=factory.ca, factory=args.factory)
-            factory.run(interval=args.interval, should_stop=stop.is_set, wake=stop)
+            factory.run(interval=interval, should_stop=stop.is_set, wake=stop)
         if not caught:
             return 0
         # Idle glideins would start later with nobody to serve; their spooled tokens leave with them.

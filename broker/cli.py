@@ -136,7 +136,7 @@ def _register_broker(subparsers) -> None:
     serve.add_argument("--monitor-public", action="store_true",
                        help="allow --monitor on an address other machines reach; it then shows aggregated counts "
                             "only (no site names, job ids or messages)")
-    serve.add_argument("--ca", metavar="CA_DIR", help="an existing CA directory (default: DIR/ca, created on first "
+    serve.add_argument("--ca", metavar="DIR", help="an existing CA directory (default: DIR/ca, created on first "
                                                       "start)")
     serve.add_argument("--host-name", action="append", default=[], metavar="NAME",
                        help="a DNS name or IP address clients use to reach the broker, for its certificate "
@@ -335,7 +335,7 @@ def _register_job(subparsers) -> None:
                                  "exit code 1 when any job could not be killed (each is listed on stderr).\n"
                                  + CLIENT_EPILOG, formatter_class=fmt)
     kill.add_argument("job_ids", nargs="+", metavar="ID", help="job ids or ranges")
-    kill.add_argument("--reason", default="", help="recorded in the job's history")
+    kill.add_argument("--reason", default="", metavar="TEXT", help="recorded in the job's history")
     _client_options(kill)
     kill.set_defaults(handler=_kill)
     job.set_defaults(handler=lambda _a: job.print_help(sys.stderr) or 2)

@@ -51,10 +51,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ca_sub = ca.add_subparsers(title="ca commands", metavar="CA_COMMAND")
     init = ca_sub.add_parser("init", help="create a new CA in DIR (refuses to overwrite one)",
                              description="Create a CA: DIR/ca.key (0600), DIR/ca.crt, DIR/policy.toml.")
-    init.add_argument("directory", metavar="DIR")
+    init.add_argument("directory", metavar="DIR", help="the new CA's folder (created 0700; must not hold a CA)")
     init.add_argument("--key-type", choices=("ec", "rsa"), default="ec",
                       help="CA key: ECDSA P-256 (default) or RSA-3072 for sites that need RSA")
-    init.add_argument("--name", default="splitpilot CA", help="the CA's common name (default: %(default)s)")
+    init.add_argument("--name", default="splitpilot CA", metavar="NAME",
+                      help="the CA's common name (default: %(default)s)")
     init.add_argument("--lifetime", default="3650d", metavar="DURATION",
                       help="validity of the CA certificate (default: %(default)s)")
     init.add_argument("--max-ttl", action="append", default=[], metavar="ROLE=DURATION",
@@ -62,7 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "defaults: user 31d, agent 2d, job 2d, host 365d, admin 31d)")
     init.set_defaults(handler=_ca_init)
     show = ca_sub.add_parser("show", help="print the CA's name, validity, fingerprint and policy")
-    show.add_argument("directory", metavar="DIR")
+    show.add_argument("directory", metavar="DIR", help="the CA's folder (as given to ca init)")
+    show.add_argument("--json", action="store_true",
+                      help="one JSON object: subject, key, not_before, not_after (ISO 8601, UTC), fingerprint "
+                           "(SHA-256 hex), max_lifetime_s {role: seconds}")
     show.set_defaults(handler=_ca_show)
     ca.set_defaults(handler=lambda _a: ca.print_help(sys.stderr) or 2)
 
@@ -73,14 +77,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                description="Issue a token. The key is generated here unless --public-key or "
                                            "--csr gives one (then --out receives the certificate only).")
     issue.add_argument("--ca", required=True, metavar="DIR", help="the CA directory")
-    issue.add_argument("--role", required=True, choices=ROLES)
+    issue.add_argument("--role", required=True, choices=ROLES,
+                       help="what the token may do: user submits, agent matches jobs of its site, job serves "
+                            "one attempt, admin operates the broker, host is a broker's own certificate")
     issue.add_argument("--subject", metavar="NAME",
                        help="holder name: user or admin name, pilot name, host name, or the job's owner "
                             "(default: the role name)")
-    issue.add_argument("--site", help="agent tokens: the site the agent may match for")
-    issue.add_argument("--queue", default=None, help="agent tokens: the queue (default: 'default')")
-    issue.add_argument("--job-id", type=int, help="job tokens: the job id")
-    issue.add_argument("--attempt", type=int, help="job tokens: the attempt number (from 1)")
+    issue.add_argument("--site", metavar="SITE", help="agent tokens: the site the agent may match for")
+    issue.add_argument("--queue", default=None, metavar="NAME", help="agent tokens: the queue (default: 'default')")
+    issue.add_argument("--job-id", type=int, metavar="N", help="job tokens: the job id")
+    issue.add_argument("--attempt", type=int, metavar="N", help="job tokens: the attempt number (from 1)")
     issue.add_argument("--dns", action="append", default=[], metavar="NAME",
                        help="host tokens: a DNS name of the broker (repeatable)")
     issue.add_argument("--ip", action="append", default=[], metavar="ADDRESS",
@@ -92,18 +98,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     issue.add_argument("--out", required=True, metavar="FILE", help="where to write the token")
     issue.set_defaults(handler=_token_issue)
     show = tok_sub.add_parser("show", help="print what a token says (never the key)")
-    show.add_argument("file", metavar="FILE")
+    show.add_argument("file", metavar="FILE", help="the token file (its key, if there, is never printed)")
     show.add_argument("--ca", metavar="DIR", help="also verify it against this CA")
+    show.add_argument("--json", action="store_true",
+                      help="one JSON object: role, subject (the DN), holder, site, queue, job_id, attempt, "
+                           "dns_names, issuer, not_before, not_after (ISO 8601, UTC), expired, serial (hex), "
+                           "fingerprint (SHA-256 hex), verified (absent facts are null)")
     show.set_defaults(handler=_token_show)
     verify = tok_sub.add_parser("verify", help="verify a token against a CA and an expectation",
                                 description="Exit 0 if FILE is a valid token meeting the expectation, "
                                             "1 with the reason otherwise.")
-    verify.add_argument("file", metavar="FILE")
-    verify.add_argument("--ca", required=True, metavar="DIR")
+    verify.add_argument("file", metavar="FILE", help="the token file")
+    verify.add_argument("--ca", required=True, metavar="DIR", help="the CA directory it must be signed by")
     verify.add_argument("--role", choices=ROLES, action="append", help="allowed role (repeatable; default: any)")
-    verify.add_argument("--site")
-    verify.add_argument("--job-id", type=int)
-    verify.add_argument("--attempt", type=int)
+    verify.add_argument("--site", metavar="SITE", help="agent tokens: it must be scoped to this site")
+    verify.add_argument("--job-id", type=int, metavar="N", help="job tokens: it must be bound to this job")
+    verify.add_argument("--attempt", type=int, metavar="N", help="job tokens: and to this attempt")
     verify.set_defaults(handler=_token_verify)
 
     add_revocation_commands(tok_sub, _admin_options, lambda handler: handler)
@@ -129,7 +139,8 @@ def add_revocation_commands(sub: argparse._SubParsersAction,
     which.add_argument("--subject", metavar="NAME", help="every token of this holder (with --role) issued until now")
     which.add_argument("--token-file", metavar="FILE", help="the token (or certificate) file of the token to revoke")
     revoke.add_argument("--role", choices=("user", "admin", "agent", "job"), help="with --subject: the role")
-    revoke.add_argument("--reason", required=True, help="why (recorded, and shown to the refused holder)")
+    revoke.add_argument("--reason", required=True, metavar="TEXT",
+                        help="why (recorded, and shown to the refused holder)")
     revoke.set_defaults(handler=wrap(_token_revoke))
     revoked = sub.add_parser("revoked", help="list the revocations the broker knows",
                                  description="The revocations recorded at the broker, oldest first.")
@@ -140,7 +151,7 @@ def add_revocation_commands(sub: argparse._SubParsersAction,
 
 def _admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--broker", required=True, metavar="HOST:PORT", help="the broker")
-    parser.add_argument("--token", required=True, metavar="ADMIN_TOKEN.pem", help="your admin token file")
+    parser.add_argument("--token", required=True, metavar="FILE", help="your admin token file")
     parser.add_argument("--ca-cert", metavar="FILE",
                         help="the broker's CA certificate (default: the last certificate of the token file)")
 
@@ -163,7 +174,17 @@ def _ca_init(args: argparse.Namespace) -> int:
 
 
 def _ca_show(args: argparse.Namespace) -> int:
-    _print_ca(CertificateAuthority.load(args.directory))
+    ca = CertificateAuthority.load(args.directory)
+    if args.json:
+        cert = ca.certificate
+        print(json.dumps({"subject": cert.subject.rfc4514_string(), "key": _key_description(cert.public_key()),
+                          "not_before": cert.not_valid_before_utc.isoformat(),
+                          "not_after": cert.not_valid_after_utc.isoformat(),
+                          "fingerprint": cert.fingerprint(hashes.SHA256()).hex(),
+                          "max_lifetime_s": {r.value: int(t.total_seconds())
+                                             for r, t in ca.policy.max_lifetime.items()}}))
+    else:
+        _print_ca(ca)
     return 0
 
 
@@ -231,8 +252,21 @@ def _token_show(args: argparse.Namespace) -> int:
     identity = parse_identity(chain[0])
     if args.ca:
         identity = TokenVerifier([CertificateAuthority.load(args.ca).certificate]).verify(list(chain))
-    _print_identity(identity, verified=bool(args.ca))
+    if args.json:
+        print(json.dumps(identity_record(identity, verified=bool(args.ca))))
+    else:
+        _print_identity(identity, verified=bool(args.ca))
     return 0
+
+
+def identity_record(identity: Identity, *, verified: bool) -> dict[str, object]:
+    """`token show --json`: stable field names (documented in its --help and docs/tokens.md)."""
+    return {"role": identity.role.value, "subject": identity.dn, "holder": identity.subject,
+            "site": identity.site, "queue": identity.queue, "job_id": identity.job_id,
+            "attempt": identity.attempt, "dns_names": list(identity.dns_names), "issuer": identity.issuer,
+            "not_before": identity.not_before.isoformat(), "not_after": identity.not_after.isoformat(),
+            "expired": identity.not_after <= datetime.datetime.now(datetime.UTC),
+            "serial": f"{identity.serial:x}", "fingerprint": identity.fingerprint, "verified": verified}
 
 
 def _token_verify(args: argparse.Namespace) -> int:

@@ -757,3 +757,29 @@ def test_find_files_reveals_no_other_users_content_and_refuses_garbage(broker, t
                 bob._call("FindFiles", bob._stub.FindFiles, pb.FindFilesRequest(sha256=garbage))
             assert "fix:" in str(refused.value)
         assert bob.list().jobs == []
+
+
+def test_token_show_and_ca_show_json_say_what_the_human_form_says_and_never_the_key(tmp_path):
+    """`--json` for scripts: stable fields; the key of a token file is never in the output."""
+    import json
+
+    ca = tmp_path / "ca"
+    assert run("ca", "init", str(ca), "--max-ttl", "agent=1d").returncode == 0
+    shown = run("ca", "show", str(ca), "--json")
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    assert set(document) == {"subject", "key", "not_before", "not_after", "fingerprint", "max_lifetime_s"}
+    assert document["max_lifetime_s"]["agent"] == 86400 and len(document["fingerprint"]) == 64
+    token = tmp_path / "agent.pem"
+    assert run("token", "issue", "--ca", str(ca), "--role", "agent", "--site", "SITE-A", "--ttl", "2h",
+               "--out", str(token)).returncode == 0
+    human = run("token", "show", str(token), "--ca", str(ca))
+    machine = run("token", "show", str(token), "--ca", str(ca), "--json")
+    assert machine.returncode == 0, machine.stderr
+    record = json.loads(machine.stdout)
+    assert (record["role"], record["site"], record["queue"], record["job_id"], record["verified"],
+            record["expired"]) == ("agent", "SITE-A", "default", None, True, False)
+    assert f"serial:      {record['serial']}" in human.stdout and record["fingerprint"] in human.stdout
+    assert "PRIVATE" not in machine.stdout and "BEGIN" not in machine.stdout
+    unverified = json.loads(run("token", "show", str(token), "--json").stdout)
+    assert unverified["verified"] is False and unverified["serial"] == record["serial"]

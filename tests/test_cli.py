@@ -303,3 +303,43 @@ def test_minicondor_status_hint_names_the_state_folder_it_was_started_in(capsys,
     print_status(SimpleNamespace(status=lambda: status))
     out = capsys.readouterr().out
     assert hint in out, out
+
+
+def _every_action():
+    """(command words, action) for every option and positional of the whole `splitpilot` tree."""
+    from apps.cli import build_parser
+
+    def walk(parser, words):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, words + (name,))
+            elif action.dest != "help" and not isinstance(action, argparse._VersionAction):
+                yield words, action
+    yield from walk(build_parser(), ())
+
+
+def test_every_flag_and_argument_of_every_command_has_help_text():
+    missing = [(" ".join(words), action.option_strings or action.dest) for words, action in _every_action()
+               if not action.help or action.help == argparse.SUPPRESS]
+    assert missing == []
+
+
+# One long option meaning two different things: each pair here was looked at and is meant.
+_TWO_MEANINGS = {"--dry-run": "agent: check a job file; glidein submit: print the description, submit nothing"}
+
+
+def test_one_placeholder_per_concept_across_commands():
+    """A flag spelled the same in two commands takes the same kind of value under the same placeholder
+    (the issue met LIFETIME/DURATION, S/DURATION, RUNTIMES/LIST for one concept)."""
+    seen: dict[str, dict[str, str]] = {}
+    for words, action in _every_action():
+        for flag in action.option_strings:
+            if flag.startswith("--") and action.nargs != 0 and flag not in _TWO_MEANINGS:
+                shown = action.metavar or (action.dest.upper() if action.choices is None else "{choices}")
+                seen.setdefault(flag, {})[" ".join(words)] = str(shown)
+    conflicting = {flag: uses for flag, uses in seen.items() if len(set(uses.values())) > 1}
+    assert conflicting == {}
+    durations = {flag for flag, uses in seen.items() if "DURATION" in uses.values()}
+    seconds = {flag for flag, uses in seen.items() if set(uses.values()) & {"S", "SECS", "LIFETIME", "TIMEOUT"}}
+    assert "--interval" in durations and seconds == set()

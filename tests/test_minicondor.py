@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -295,6 +296,22 @@ def test_cli_status_and_env(pool, capsys):
     args = parser.parse_args(["minicondor", "env", "--state-dir", state_dir])
     assert args.handler(args) == 0
     assert capsys.readouterr().out == f"export CONDOR_CONFIG={pool.client_config_path}\n"
+    args = parser.parse_args(["minicondor", "status", "--state-dir", state_dir, "--json"])
+    assert args.handler(args) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["state"] == "READY" and document["state_dir"] == state_dir
+    assert any(d["kind"] == "Scheduler" for d in document["daemons"])
+    assert any(s["name"].startswith("slot1@minicondor") and s["cpus"] >= 1 for s in document["slots"])
+    assert document["client_config"] == str(pool.client_config_path)
+
+
+def test_cli_status_json_of_a_pool_never_started(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    minicondor_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["minicondor", "status", "--state-dir", str(tmp_path), "--json"])
+    assert args.handler(args) == 1
+    document = json.loads(capsys.readouterr().out)
+    assert (document["state"], document["state_dir"], document["slots"]) == ("STOPPED", str(tmp_path), [])
 
 
 @pytest.mark.condor

@@ -3,7 +3,7 @@
   start    start the pool (building the cached node root first if needed) and wait
            until its schedd and a slot are advertised; nothing to do if it runs
   stop     stop it; checks that no process and no mount of it is left
-  status   state, daemons and slots; exits 1 unless the pool is READY
+  status   state, daemons and slots (--json: one object); exits 1 unless the pool is READY
   env      the environment a client needs, as shell lines:
                eval "$(splitpilot minicondor env)"
   build    build (or find) the cached node root only
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from condor_plugin.testing.minicondor import (
     MiniCondor,
     MiniCondorSettings,
     PoolState,
+    PoolStatus,
 )
 from condor_plugin.testing.noderoot import DEFAULT_CACHE_DIR, NodeRootCache, NodeRootRecipe
 
@@ -57,8 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "installed, else the cached Debian 13 node root)")
     start.add_argument("--cache-dir", type=Path, metavar="DIR", help=f"node root cache (default {DEFAULT_CACHE_DIR})")
     start.add_argument("--mirror", metavar="URL", help="Debian mirror for the build (default: the host's apt sources)")
-    start.add_argument("--timeout", type=float, metavar="S", help="seconds to wait for the pool (default 180)")
-    start.add_argument("--config", action="append", metavar="'NAME = VALUE'",
+    start.add_argument("--timeout", type=float, metavar="SECONDS", help="seconds to wait for the pool (default 180)")
+    start.add_argument("--condor-config", dest="config", action="append", metavar="'NAME = VALUE'",
                        help="a configuration line appended last to the daemons' configuration, overriding "
                             "ours (repeatable; e.g. 'CLAIM_WORKLIFE = 0')")
     start.set_defaults(handler=run_start)
@@ -69,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     status = sub.add_parser("status", help="state, daemons and slots; exit 1 unless READY")
     state_dir_option(status)
+    status.add_argument("--json", action="store_true",
+                        help="one JSON object: state, state_dir, source, node_pid, collector, client_config, "
+                             "shared_dirs, problem, daemons [{kind, name}], slots [{name, state, activity, cpus, "
+                             "memory_mb}] (absent facts are null or empty)")
     status.set_defaults(handler=run_status)
 
     env = sub.add_parser("env", help="print the environment a client needs, as shell export lines")
@@ -124,10 +130,28 @@ def run_stop(args: argparse.Namespace) -> int:
 
 def run_status(args: argparse.Namespace) -> int:
     if not (Path(args.state_dir) / "settings.json").is_file():
-        print(f"state: {PoolState.STOPPED.value} (nothing was ever started in {args.state_dir})")
+        if args.json:
+            print(json.dumps(status_record(PoolStatus(PoolState.STOPPED, Path(args.state_dir)))))
+        else:
+            print(f"state: {PoolState.STOPPED.value} (nothing was ever started in {args.state_dir})")
         return 1
     pool = MiniCondor.from_state_dir(args.state_dir)
+    if args.json:
+        status = pool.status()
+        print(json.dumps(status_record(status)))
+        return 0 if status.state is PoolState.READY else 1
     return 0 if print_status(pool) is PoolState.READY else 1
+
+
+def status_record(status: PoolStatus) -> dict[str, object]:
+    """`minicondor status --json`: stable field names (documented in --help and docs/htcondor.md)."""
+    return {"state": status.state.value, "state_dir": str(status.state_dir), "source": status.source,
+            "node_pid": status.node_pid, "collector": status.collector,
+            "client_config": None if status.client_config is None else str(status.client_config),
+            "shared_dirs": [str(p) for p in status.shared_dirs], "problem": status.problem,
+            "daemons": [{"kind": d.kind, "name": d.name} for d in status.daemons],
+            "slots": [{"name": s.name, "state": s.state, "activity": s.activity, "cpus": s.cpus,
+                       "memory_mb": s.memory_mb} for s in status.slots]}
 
 
 def print_status(pool: MiniCondor) -> PoolState:
