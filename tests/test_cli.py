@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import pathlib
 import re
@@ -116,6 +117,21 @@ def test_pipe_dump_of_a_captured_stream(tmp_path):
     assert b"2 frames" in result.stderr
     # Same from standard input.
     assert run("pipe", "dump", "--from", "agent", stdin=stream).stdout.decode() == out
+    lines = run("pipe", "dump", "--from", "agent", "--json", str(capture)).stdout.decode().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["index"], r["kind"]) for r in records] == [(0, "hello"), (1, "job_start")]
+    assert records[0]["message"]["agentId"] == "dump-me" and records[1]["offset"] == records[0]["bytes"] + 1
+    assert records[1]["message"]["jobId"] == "77"   # 64-bit numbers as strings: protobuf's JSON mapping
+
+
+def test_every_command_that_lists_or_shows_offers_json():
+    """The issue: `--json` on every command that lists or shows; a new such command without it fails here."""
+    shows = {"show", "status", "revoked", "sites", "pilots", "jobs", "batches", "dump", "remove"}
+    leaves: dict[tuple[str, ...], set[str]] = {}
+    for words, action in _every_action():
+        leaves.setdefault(words, set()).update(action.option_strings)
+    lacking = [" ".join(w) for w, flags in leaves.items() if w[-1] in shows and "--json" not in flags]
+    assert lacking == [] and len([w for w in leaves if w[-1] in shows]) >= 12
 
 
 def test_pipe_dump_refuses_garbage_and_missing_files(tmp_path):
