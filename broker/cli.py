@@ -64,7 +64,7 @@ state directory:
   DIR/host.pem    the broker's TLS certificate (a host token), renewed when needed
   DIR/broker.db   the SQLite database (unless --db names another store)
   DIR/files/      the content-addressed input and output store
-  DIR/address     the address actually bound (with port 0, the chosen port)
+  DIR/address     the address actually bound (with port 0, the chosen port); removed at stop
 
 Give each user a token:  splitpilot token issue --ca DIR/ca --role user --subject alice --out alice.pem
 Stop with SIGTERM or Ctrl-C: running calls get --grace seconds to finish. Exit code after a

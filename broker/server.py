@@ -32,6 +32,7 @@ health service (broker/health.py) shares the gRPC port and its mutual TLS.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -310,6 +311,11 @@ class BrokerServer:
         if self.store is not None and self._own_store:
             self.store.close()
         if self._lock_fd is not None:
+            # The address names a listener that is gone: removed while the lock is still ours (no next
+            # broker on this folder can have written its own yet), so nobody finds and dials a dead port.
+            if self.port:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.config.state_dir, "address"))
             os.close(self._lock_fd)
             self._lock_fd = None
         if self._server is not None:
