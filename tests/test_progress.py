@@ -275,3 +275,39 @@ def test_ctrl_c_mid_download_exits_130_and_leaves_no_half_written_output(broker,
     with BrokerClient(broker.address, str(tmp_path / "alice.pem")) as client:
         assert [r.ok for r in client.download(job_id, tmp_path / "again")] == [True]
     assert pathlib.Path(tmp_path / "again" / "result.out").stat().st_size == size
+
+
+def test_ctrl_c_mid_upload_exits_130_and_queues_nothing(broker, tmp_path):
+    """The same for `job submit`: interrupted while its input is on the way, it ends 130 and, once
+    the broker runs again, no job was queued and a new submission uploads the input whole."""
+    path = write_job_file(tmp_path, size=64 << 20)
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen([str(BIN), "job", "submit", path, "--config", broker.config],
+                                   stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+    finally:
+        os.close(slave)
+    frozen = False
+    try:
+        read_terminal(master, process, 120, until="big-input.dat")   # the upload has started
+        os.kill(broker.process.pid, signal.SIGSTOP)
+        frozen = True
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 130
+        screen = read_terminal(master, process, 30)
+        assert process.stdout.read() == b""                          # no job id printed
+    finally:
+        if frozen:
+            os.kill(broker.process.pid, signal.SIGCONT)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        os.close(master)
+    assert "interrupted" in screen
+    with BrokerClient(broker.address, str(tmp_path / "alice.pem")) as client:
+        assert client.list().jobs == []
+        calls: list[tuple[int, int, str]] = []
+        submission = client.submit_checked(path, on_progress=lambda *c: calls.append(c))
+    assert (submission.uploaded, submission.reused) == (1, 0)
+    assert_one_transfer(calls, 64 << 20, "big-input.dat")
