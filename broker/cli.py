@@ -43,6 +43,7 @@ CONFIG_ENV = "SPLITPILOT_CONFIG"
 CONFIG_KEYS = ("broker", "token", "ca_cert")
 CONFIG_EXAMPLES = {"broker": '"host:7443"', "token": f'"{DEFAULT_TOKEN}"', "ca_cert": '"~/.splitpilot/ca.crt"'}
 STATE_NAMES = [s.name for s in JobState]
+PROGRESS_MODES = ("auto", "always", "never")   # broker.progress.MODES, without importing it for --help
 
 #: `broker serve --config FILE`: a [broker] table, one key per option (pilot.configfile).
 SERVE_CONFIG = ConfigSpec(
@@ -289,6 +290,7 @@ def _register_job(subparsers) -> None:
                             epilog=JOBFILE_HELP + "\n" + CLIENT_EPILOG, formatter_class=fmt)
     submit.add_argument("files", nargs="+", metavar="FILE", help="job description files (TOML)")
     submit.add_argument("--dry-run", action="store_true", help="validate the files and print the jobs; submit nothing")
+    _progress_option(submit, "upload")
     _client_options(submit)
     submit.set_defaults(handler=_submit)
 
@@ -327,6 +329,7 @@ def _register_job(subparsers) -> None:
     output.add_argument("--name", action="append", metavar="NAME", help="only this output (repeatable)")
     output.add_argument("--force", action="store_true",
                         help="replace existing regular files of the same name (never symbolic links or folders)")
+    _progress_option(output, "download")
     _client_options(output)
     output.set_defaults(handler=_output)
 
@@ -339,6 +342,17 @@ def _register_job(subparsers) -> None:
     _client_options(kill)
     kill.set_defaults(handler=_kill)
     job.set_defaults(handler=lambda _a: job.print_help(sys.stderr) or 2)
+
+
+def _progress_option(parser: argparse.ArgumentParser, transfer: str) -> None:
+    parser.add_argument("--progress", choices=PROGRESS_MODES, default="auto", metavar="WHEN",
+                        help=f"show each {transfer} on one updating line on stderr (file, bytes, percent, rate, "
+                             "file k/n): auto (the default) only when stderr is a terminal, always, or never")
+
+
+def _transfer_progress(args: argparse.Namespace, files: int = 0):
+    from broker.progress import TransferProgress
+    return TransferProgress.for_stream(sys.stderr, args.progress, files=files)
 
 
 def client_settings(args: argparse.Namespace) -> tuple[str, str, str | None]:
@@ -389,8 +403,9 @@ def _submit(args: argparse.Namespace) -> int:
                   f"  inputs: {', '.join(i.name for i in d.inputs) or 'none'}")
         print(f"{len(descriptions)} job(s) valid; nothing submitted (--dry-run)", file=sys.stderr)
         return 0
-    with _user_client(args) as client:
-        submission = client.submit_checked(descriptions)
+    progress = _transfer_progress(args, files=len({ref.path for d in descriptions for ref in d.inputs}))
+    with _user_client(args) as client, progress:
+        submission = client.submit_checked(descriptions, on_progress=progress.callback)
     ids = submission.job_ids
     for job_id in ids:
         print(job_id)
@@ -641,7 +656,8 @@ def _output_targets(targets: list[str]) -> tuple[list[int], str, bool]:
 def _output(args: argparse.Namespace) -> int:
     job_ids, directory, several = _output_targets(args.targets)
     written = failed = 0
-    with _user_client(args) as client:
+    progress = _transfer_progress(args)
+    with _user_client(args) as client, progress:
         for job_id in job_ids:
             job = client.status(job_id)
             if not job.outputs and not args.name:
@@ -649,7 +665,14 @@ def _output(args: argparse.Namespace) -> int:
                 failed += 1
                 continue
             target = os.path.join(directory, str(job_id)) if several else directory
-            results = client.download(job_id, target, args.name, force=args.force, job=job)
+            progress.expect(len(args.name) if args.name else len(job.outputs))
+            on_progress = progress.callback
+            if on_progress is not None and several:  # the same output name in every job: say whose
+                def on_progress(done, total, name, _job=job_id, _show=progress.update):
+                    _show(done, total, f"{_job}/{name}")
+            results = client.download(job_id, target, args.name, force=args.force, job=job,
+                                      on_progress=on_progress)
+            progress.end_line()  # the finished line stays; the paths and errors go below it
             for result in results:
                 if result.ok:
                     written += 1

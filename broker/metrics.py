@@ -22,6 +22,7 @@ query storm on the database.
     splitpilot_rpc_duration_seconds{method=...}         histogram: time in handlers per RPC
     splitpilot_identity_cache_{hits,misses}_total       token verification cache (and _entries, a gauge)
     splitpilot_match_duration_seconds{result=...}       histogram: Match latency by result
+    splitpilot_queue_wait_seconds{site=...}             histogram: submission to each assignment (first and re-)
     splitpilot_pilots_alive                             gauge: pilots alive now (not ended, heard from lately)
     splitpilot_site_pilots{site=...,status=...}         gauge: alive / busy / idle pilots per site
     splitpilot_site_jobs{site=...,state=...}            gauge: jobs a site holds now, or ended there in the last hour
@@ -55,7 +56,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
-from broker.store.figures import SiteFigures
+from broker.store.figures import MAX_SITES, OTHER, SiteFigures, label
 from pilot.api.states import JobState
 
 log = logging.getLogger("splitpilot.broker.metrics")
@@ -70,6 +71,11 @@ MATCH_RESULTS = ("matched", "empty", "refused")
 
 #: Seconds. A Match is one store transaction plus, when matched, a job token's signature.
 MATCH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+#: Seconds from a job's submission to its assignment: a second on an idle test broker, hours on a
+#: busy grid, days for a job only a drained site can run.
+QUEUE_WAIT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 2 * 3600.0, 4 * 3600.0,
+                      8 * 3600.0, 12 * 3600.0, 86400.0, 2 * 86400.0, 4 * 86400.0, 7 * 86400.0)
 
 
 class Metrics:
@@ -91,6 +97,14 @@ class Metrics:
         self.match_duration = Histogram("splitpilot_match_duration_seconds",
                                         "Seconds a Match call took (the claim and the job token), by result.",
                                         ("result",), buckets=MATCH_BUCKETS, registry=r)
+        self.queue_wait = Histogram("splitpilot_queue_wait_seconds",
+                                    "Seconds from a job's submission to each of its assignments to a pilot "
+                                    "(the first and every re-assignment), by the pilot's site.",
+                                    ("site",), buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        # The in-process site labels: the first MAX_SITES sites keep theirs, later ones count as OTHER
+        # (the same cap and cleaning as the per-site figures read from the store).
+        self._site_labels: dict[str, str] = {}
+        self._site_lock = threading.Lock()
         self.broker_matches = Counter("splitpilot_broker_matches", "Jobs matched by this broker process.",
                                       registry=r)
         self.reaped = Counter("splitpilot_reaped", "Attempts ended by this process's reaper, by cause.", ("cause",),
@@ -117,6 +131,21 @@ class Metrics:
             self.match_duration.labels(result).observe(seconds)
         if result == "matched":
             self.broker_matches.inc()
+
+    def site_label(self, site: str) -> str:
+        """SITE as a label value of this process's per-site instruments: cleaned (broker.store.figures.label),
+        at most MAX_SITES distinct ones (a token may name any site: the label set must stay bounded)."""
+        with self._site_lock:
+            found = self._site_labels.get(site)
+            if found is None:
+                found = label(site) if len(self._site_labels) < MAX_SITES else OTHER
+                if found != OTHER:
+                    self._site_labels[site] = found
+            return found
+
+    def queued_for(self, site: str, seconds: float) -> None:
+        """A job assigned at SITE SECONDS after its submission (negative: clocks disagree, counted as 0)."""
+        self.queue_wait.labels(self.site_label(site)).observe(max(0.0, seconds))
 
     def render(self) -> bytes:
         """The registry in the text format (what the endpoint serves)."""

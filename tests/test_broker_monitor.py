@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
@@ -30,7 +31,7 @@ from broker.server import BrokerConfig, BrokerServer
 from broker.store import open_store
 from broker.store.base import PilotRef, SlotOffer
 from broker.store.figures import MAX_SITES, OTHER, cap_labels, site_figures
-from pilot.api.client import AgentClient, BrokerClient, MatchedJob, NoMatch
+from pilot.api.client import AdminClient, AgentClient, BrokerClient, MatchedJob, NoMatch
 from pilot.api.states import JobState
 from pilot.errors import UsageError
 from pilot.tokens import TokenRole
@@ -379,3 +380,73 @@ def test_the_history_ring_is_bounded(server):
     for _ in range(monitor.settings.history + 20):
         monitor.sample()
     assert len(monitor.snapshot()["history"]) == monitor.settings.history
+
+
+# ------------------------------------------------------------------ queue wait
+
+def test_queue_wait_is_observed_once_per_assignment_by_the_pilots_site(tmp_path, ca_dir, tokens):
+    """A job submitted, matched at SITE-B, requeued by an admin and matched again at SITE-A: one
+    observation each, under each site's label, their sum between 0 and the time the test took; a Match
+    that finds nothing, and a refused one (a disabled site), observe nothing. (The endpoint renders at
+    most once a second: each check polls until the scrape shows the Match counters of that step.)"""
+    admin = CertificateAuthority.load(ca_dir).new_token(TokenRole.ADMIN, "ops")
+    server = start_server(tmp_path, ca_dir)
+    clients = [BrokerClient(server.address, tokens.alice), AgentClient(server.address, tokens.agent_a),
+               AgentClient(server.address, tokens.agent_b), AdminClient(server.address, admin)]
+    alice, agent_a, agent_b, ops = clients
+
+    def after(matched: int, empty: int, refused: int) -> dict[str, tuple[float, float]]:
+        """{site: (count, sum)} of the queue wait, from the first scrape that counts these Match results."""
+        want = {"matched": matched, "empty": empty, "refused": refused}
+
+        def scraped() -> dict | None:
+            got = samples(server)
+            counted = {r: got.get(("splitpilot_match_requests_total", (("result", r),))) for r in want}
+            return got if counted == want else None
+
+        got = wait_for(scraped, 30, f"a scrape counting Match results {want}")
+        return {dict(labels)["site"]: (value, got[("splitpilot_queue_wait_seconds_sum", labels)])
+                for (name, labels), value in got.items() if name == "splitpilot_queue_wait_seconds_count"}
+
+    try:
+        assert after(0, 0, 0) == {}
+        began = time.monotonic()
+        job_id = alice.submit(job_pb2.JobSpec(executable="run.sh", name="q", requirements=WALLTIME))[0]
+        assert isinstance(agent_b.match(SLOT, "pilot-b0", "node-b"), MatchedJob)      # the job: SITE-B
+        first = after(1, 0, 0)
+        assert first.keys() == {"SITE-B"} and first["SITE-B"][0] == 1
+        assert 0 <= first["SITE-B"][1] <= time.monotonic() - began + 1   # + 1: the store keeps milliseconds
+        assert isinstance(agent_a.match(SLOT, "pilot-a0", "node-a"), NoMatch)           # nothing waits
+        assert after(1, 1, 0) == first
+
+        ops.requeue(job_id, "to SITE-A")
+        ops.set_site_state("SITE-B", "disabled", "test")
+        assert isinstance(agent_b.match(SLOT, "pilot-b1", "node-b"), NoMatch)           # refused: disabled
+        assert after(1, 1, 1) == first
+        matched = agent_a.match(SLOT, "pilot-a1", "node-a")                               # the re-assignment
+        assert isinstance(matched, MatchedJob) and matched.job_id == job_id and matched.attempt == 2
+        second = after(2, 1, 1)
+        assert second.keys() == {"SITE-A", "SITE-B"}
+        assert second["SITE-B"] == first["SITE-B"] and second["SITE-A"][0] == 1
+        assert first["SITE-B"][1] <= second["SITE-A"][1] <= time.monotonic() - began + 1
+        bucket = samples(server)[("splitpilot_queue_wait_seconds_bucket", (("le", "604800.0"), ("site", "SITE-A")))]
+        assert bucket == 1   # buckets reach a week: grid queues wait hours
+    finally:
+        for client in clients:
+            client.close()
+        server.stop()
+
+
+def test_queue_wait_site_labels_are_capped_and_cleaned():
+    """More sites than MAX_SITES (a CA may issue any number) fold into "other"; a site name with a line
+    break (the CA refuses one; the label is cleaned all the same) cannot forge a sample."""
+    from broker.metrics import Metrics
+
+    assert Metrics().site_label("EVIL\nsplitpilot_pilots_alive 99") == "EVIL?splitpilot_pilots_alive 99"
+    metrics = Metrics()
+    for i in range(MAX_SITES + 5):
+        metrics.queued_for(f"SITE-{i:03d}", 1.0)
+    metrics.queued_for("SITE-000", -5.0)   # clocks that disagree: counted as no wait, not a negative sum
+    families = {s.labels.get("site"): s.value for family in text_string_to_metric_families(metrics.render().decode())
+                for s in family.samples if s.name == "splitpilot_queue_wait_seconds_count"}
+    assert len(families) == MAX_SITES + 1 and families[OTHER] == 5 and families["SITE-000"] == 2

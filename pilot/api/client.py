@@ -68,7 +68,7 @@ from pilot.api.base import (  # noqa: F401 (re-exported: the API's names stay pi
     _receive,
     read_ca_pem,
 )
-from pilot.api.files import CHUNK_SIZE, check_sandbox_name, sha256_of_file
+from pilot.api.files import CHUNK_SIZE, OnProgress, check_sandbox_name, sha256_of_file
 from pilot.api.jobclient import JobClient, UpdateResult  # noqa: F401 (re-exported)
 from pilot.api.jobfile import JobDescription, load_job_file
 from pilot.api.outdir import OutputDirectory
@@ -442,11 +442,34 @@ def _digest(path: str) -> tuple[str, int]:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _file_chunks(path: str, name: str, size: int, sha256: str) -> Iterator[pb.UploadFileRequest]:
+def _file_chunks(path: str, name: str, size: int, sha256: str,
+                 on_progress: OnProgress | None = None) -> Iterator[pb.UploadFileRequest]:
     yield pb.UploadFileRequest(header=pb.FileHeader(name=name, size=size, sha256=sha256))
+    done = 0
+    if on_progress is not None:
+        on_progress(0, size, name)
     with open(path, "rb") as handle:
         while block := handle.read(CHUNK_SIZE):
             yield pb.UploadFileRequest(data=block)
+            # Counted once gRPC has taken the chunk: the bytes handed to the network, capped at the size
+            # hashed (a file that grew meanwhile is refused by the broker; the bar does not pass 100%).
+            done += len(block)
+            if on_progress is not None:
+                on_progress(min(done, size), size, name)
+
+
+def _counted(chunks: Iterable[bytes], size: int, name: str, on_progress: OnProgress | None) -> Iterator[bytes]:
+    """CHUNKS as they are, reporting the bytes received so far (capped at SIZE: a peer that sends more
+    is refused by the writer, not shown as 120%)."""
+    if on_progress is None:
+        yield from chunks
+        return
+    on_progress(0, size, name)
+    done = 0
+    for block in chunks:
+        yield block
+        done += len(block)
+        on_progress(min(done, size), size, name)
 
 
 # ------------------------------------------------------------------ users
@@ -459,16 +482,20 @@ class BrokerClient(_TokenClient):
     def _stubs(self) -> None:
         self._stub = rpc_pb.UserServiceStub(self._channel)
 
-    def upload(self, path: str | os.PathLike, name: str | None = None) -> job_pb2.InputFile:
-        """Upload the file at PATH; return the InputFile (name, size, sha256) to put in a spec."""
+    def upload(self, path: str | os.PathLike, name: str | None = None, *,
+               on_progress: OnProgress | None = None) -> job_pb2.InputFile:
+        """Upload the file at PATH; return the InputFile (name, size, sha256) to put in a spec.
+        ON_PROGRESS(done_bytes, total_bytes, name) watches the transfer (pilot.api.files.OnProgress)."""
         path = os.fspath(path)
         name = check_sandbox_name(name or os.path.basename(path), "input name")
         sha256, size = _digest(path)
-        return self._upload_hashed(path, name, sha256, size)
+        return self._upload_hashed(path, name, sha256, size, on_progress)
 
-    def _upload_hashed(self, path: str, name: str, sha256: str, size: int) -> job_pb2.InputFile:
+    def _upload_hashed(self, path: str, name: str, sha256: str, size: int,
+                       on_progress: OnProgress | None = None) -> job_pb2.InputFile:
         try:
-            response = self._stub.UploadFile(_file_chunks(path, name, size, sha256), timeout=STREAM_TIMEOUT)
+            response = self._stub.UploadFile(_file_chunks(path, name, size, sha256, on_progress),
+                                             timeout=STREAM_TIMEOUT)
         except grpc.RpcError as exc:
             raise self._failure("UploadFile", exc) from None
         return job_pb2.InputFile(name=name, size=response.size, sha256=response.sha256)
@@ -491,16 +518,19 @@ class BrokerClient(_TokenClient):
             found.update((f.sha256, f.size) for f in response.files if f.sha256 in asked)
         return found
 
-    def submit(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable) -> list[int]:
+    def submit(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable, *,
+               on_progress: OnProgress | None = None) -> list[int]:
         """Queue jobs given as job file paths, JobDescriptions or JobSpecs (or a list
         of them). Inputs of job files are uploaded first (each file once).
         More than 5,000 jobs go in several batches, each all-or-nothing. Returns the
         job ids; submit_checked also returns the broker's warnings."""
-        return self.submit_checked(jobs).job_ids
+        return self.submit_checked(jobs, on_progress=on_progress).job_ids
 
-    def submit_checked(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable) -> Submission:
+    def submit_checked(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable, *,
+                       on_progress: OnProgress | None = None) -> Submission:
         """Like submit; returns the ids and the broker's warnings (jobs no site has ever been able to run,
-        their indexes counted over everything submitted in this call)."""
+        their indexes counted over everything submitted in this call). ON_PROGRESS watches each upload;
+        an input already on the broker is reported once, whole, without a transfer."""
         if isinstance(jobs, (str, os.PathLike, JobDescription, job_pb2.JobSpec)):
             jobs = [jobs]
         items: list[JobDescription | job_pb2.JobSpec] = []
@@ -534,9 +564,11 @@ class BrokerClient(_TokenClient):
                     sha256, size = digests[ref.path]
                     if present.get(sha256) == size:
                         reused.add(ref.path)
+                        if on_progress is not None:
+                            on_progress(size, size, ref.name)
                     else:
                         done = self._upload_hashed(ref.path, check_sandbox_name(ref.name, "input name"), sha256,
-                                                   size)
+                                                   size, on_progress)
                         sha256, size = done.sha256, done.size
                     uploaded[ref.path] = (sha256, size)
                 sha256, size = uploaded[ref.path]
@@ -564,35 +596,38 @@ class BrokerClient(_TokenClient):
         return _listing(response)
 
     def output(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None, *,
-               force: bool = False) -> builtins.list[str]:
+               force: bool = False, on_progress: OnProgress | None = None) -> builtins.list[str]:
         """Download the outputs of a job (all, or NAMES) into DEST_DIR, verifying
         each sha256; return the paths written. Raises the first failure (after
         trying every output): see `download` for the per-output results."""
-        results = self.download(job_id, dest_dir, names, force=force)
+        results = self.download(job_id, dest_dir, names, force=force, on_progress=on_progress)
         for result in results:
             if result.error is not None:
                 raise result.error
         return [result.path for result in results if result.path is not None]   # (each one without error)
 
     def download(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None, *,
-                 force: bool = False, job: JobStatus | None = None) -> builtins.list[Download]:
+                 force: bool = False, job: JobStatus | None = None,
+                 on_progress: OnProgress | None = None) -> builtins.list[Download]:
         """Download the outputs of a job (all, or NAMES) into DEST_DIR: one Download per output, in name
         order; a failed output (an unsafe name, an existing file, a link or file in the way, a damaged
-        copy) does not stop the others. Existing files are kept unless FORCE (regular files only)."""
+        copy) does not stop the others. Existing files are kept unless FORCE (regular files only).
+        ON_PROGRESS(done_bytes, total_bytes, name) watches each transfer (pilot.api.files.OnProgress)."""
         job = job or self.status(job_id)
         known = {o.name: o for o in job.outputs}
         results = []
         with OutputDirectory(dest_dir, force=force) as directory:
             for name in (sorted(known) if names is None else list(names)):
                 try:
-                    path = self._download_one(job_id, name, known.get(name), directory)
+                    path = self._download_one(job_id, name, known.get(name), directory, on_progress)
                 except SplitpilotError as exc:
                     results.append(Download(job_id, name, error=exc))
                 else:
                     results.append(Download(job_id, name, path=path))
         return results
 
-    def _download_one(self, job_id: int, name: str, output: OutputFile | None, directory: OutputDirectory) -> str:
+    def _download_one(self, job_id: int, name: str, output: OutputFile | None, directory: OutputDirectory,
+                      on_progress: OnProgress | None = None) -> str:
         check_sandbox_name(name, "output name")  # the broker's rules, again, before anything is asked
         # Unknown names: the broker answers NOT_FOUND, listing the outputs.
         stream = self._stream("DownloadOutput", self._stub.DownloadOutput,
@@ -607,7 +642,8 @@ class BrokerClient(_TokenClient):
                 raise SplitpilotError(f"output {name!r} of job {job_id}: the broker announced size {header.size} "
                                       f"sha256 {header.sha256}, but listed {output.size} {output.sha256}; fix: "
                                       "download it again")
-            return directory.write(name, (chunk.data for chunk in stream), header.size, header.sha256)
+            return directory.write(name, _counted((chunk.data for chunk in stream), header.size, name, on_progress),
+                                   header.size, header.sha256)
         finally:
             stream.close()  # ends the call if the output was refused before its data was read
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 
 from pilot.errors import SplitpilotError, UsageError
 
@@ -23,6 +24,12 @@ CHUNK_SIZE = 1 << 20
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+#: A transfer's progress: called as on_progress(done_bytes, total_bytes, name) with DONE_BYTES 0 when
+#: a file's transfer starts, after each chunk, and equal to TOTAL_BYTES when it is whole (once, at
+#: once, for a file already on the broker). It only watches: it changes no result and no message sent.
+#: Upload callbacks may run in gRPC's thread that sends the request stream.
+OnProgress = Callable[[int, int, str], None]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _MAX_NAME = 1024
@@ -234,7 +241,8 @@ def copy_verified(source, dest_path: str, expected_sha256: str, expected_size: i
 
 
 __all__ = [
-    "CHUNK_SIZE", "BadFileHeader", "ChecksumMismatch", "FileRefused", "FileTooLarge", "MissingFile", "SizeMismatch",
+    "CHUNK_SIZE", "BadFileHeader", "ChecksumMismatch", "FileRefused", "FileTooLarge", "MissingFile", "OnProgress",
+    "SizeMismatch",
     "check_sandbox_name", "check_sha256", "copy_verified", "format_size", "name_problem", "parse_size",
     "sha256_of_file", "shown",
 ]
