@@ -114,24 +114,12 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
             broker.metrics.match_result("refused", time.monotonic() - started)
             raise
         broker.metrics.match_result("matched", time.monotonic() - started)
-        await self._observe_queue_wait(site, assignment.job_id, now)
+        broker.metrics.queued_for(site, (now - assignment.submitted).total_seconds())
         return pb.MatchResponse(job=pb.MatchedJob(
             job_id=assignment.job_id, attempt=assignment.attempt, spec=assignment.spec,
             job_token_pem=certificate.public_bytes(_PEM) + broker.ca_pem,
             token_not_after_unix=int(certificate.not_valid_after_utc.timestamp()),
             broker_heartbeat_s=broker.settings.broker_heartbeat_s))
-
-    async def _observe_queue_wait(self, site: str, job_id: int, now) -> None:
-        """The queue-wait histogram: NOW (the claim's time) minus the job's submission time. One read by
-        primary key after the answer's latency was measured (the claim does not return the submission
-        time); a failed read loses one observation, never the match."""
-        broker = self.broker
-        try:
-            record = await broker.call(broker.store.get, job_id, with_history=False)
-        except Exception as exc:  # noqa: BLE001 (a metric must not fail a match that succeeded)
-            log.warning("job %d: queue wait not recorded: %s", job_id, exc)
-            return
-        broker.metrics.queued_for(site, (now - record.submitted).total_seconds())
 
     async def _no_match(self, site: str, started: float) -> pb.MatchResponse:
         broker = self.broker

@@ -213,6 +213,7 @@ class Assignment:
     attempt: int
     spec: job_pb2.JobSpec
     owner: str
+    submitted: datetime.datetime  # for the queue-wait histogram: returned by the claim, no second read
 
 
 @dataclass(frozen=True)

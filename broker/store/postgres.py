@@ -59,7 +59,7 @@ import psycopg_pool
 from psycopg import errors as pgerrors
 
 from broker.store.base import Assignment, BadValue, PilotRef, SlotOffer, StoreError, StoreSettings, StoreUnavailable
-from broker.store.schema import ALIVE_STATES, ASSIGNED, POSTGRES, SCHEMA_VERSION, WAITING, ddl, to_ms
+from broker.store.schema import ALIVE_STATES, ASSIGNED, POSTGRES, SCHEMA_VERSION, WAITING, ddl, from_ms, to_ms
 from broker.store.sql import CLAIM_SET, JOB_COLUMNS, JOB_INSERT_COLUMNS, SqlStore, matched_detail
 from splitpilot.job.v1 import job_pb2
 
@@ -112,7 +112,7 @@ def _claim(class_expression: str) -> str:
         f"claimed AS (UPDATE jobs SET {_named(CLAIM_SET, ('now', 'now', 'site', 'node', 'pilot'))} "
         f"  WHERE id = (SELECT id FROM jobs WHERE class_id = {class_expression} AND state = {WAITING} "
         "               ORDER BY priority DESC, id LIMIT 1 FOR UPDATE SKIP LOCKED) "
-        f"    AND state = {WAITING} RETURNING id, attempt, owner, spec), "
+        f"    AND state = {WAITING} RETURNING id, attempt, owner, spec, submitted), "
         "history AS (INSERT INTO events (job_id, time, state, attempt, detail) "
         f"  SELECT id, %(now)s, {ASSIGNED}, attempt, %(detail)s FROM claimed), "
         "counted AS (INSERT INTO counters (name, shard, value) SELECT 'matches_total', %(shard)s, 1 FROM claimed "
@@ -134,13 +134,14 @@ MATCH_SQL = (
     "         ORDER BY head.priority DESC, head.id LIMIT 1), "
     + _claim("(SELECT class_id FROM best)") +
     "SELECT site.state, site.newest, site.bound, (SELECT count(*) FROM best), "
-    "       claimed.id, claimed.attempt, claimed.owner, claimed.spec "
+    "       claimed.id, claimed.attempt, claimed.owner, claimed.spec, claimed.submitted "
     "FROM site LEFT JOIN claimed ON true")
 
 #: Claim from one given class (after MATCH_SQL lost its best class to concurrent matchers).
 CLAIM_SQL = (
     "WITH " + _claim("%(class_id)s") +
-    "SELECT (SELECT count(*) FROM seen), claimed.id, claimed.attempt, claimed.owner, claimed.spec "
+    "SELECT (SELECT count(*) FROM seen), claimed.id, claimed.attempt, claimed.owner, claimed.spec, "
+    "       claimed.submitted "
     "FROM (SELECT 1) AS one LEFT JOIN claimed ON true")
 
 _PLACEHOLDERS: dict[str, str] = {}
@@ -321,7 +322,7 @@ class PostgresStore(SqlStore):
         with self._pool.connection() as conn:
             for _ in range(3):
                 params["classes"] = list(self._classes.fitting(slot))
-                site_state, newest, bound, heads, job_id, attempt, owner, blob = self._retry(
+                site_state, newest, bound, heads, job_id, attempt, owner, blob, submitted = self._retry(
                     lambda: conn.execute(MATCH_SQL, params).fetchone())
                 if not bound:
                     # First contact (or another certificate's pilot id): nothing was claimed. Bind the
@@ -337,7 +338,7 @@ class PostgresStore(SqlStore):
                 # The best class's waiting jobs were all being claimed: try the others, best first.
                 for class_id, _, _ in conn.execute(HEADS_SQL, params).fetchall():
                     params["class_id"] = class_id
-                    _seen, job_id, attempt, owner, blob = self._retry(
+                    _seen, job_id, attempt, owner, blob, submitted = self._retry(
                         lambda: conn.execute(CLAIM_SQL, params).fetchone())
                     if job_id is not None:
                         break
@@ -345,7 +346,7 @@ class PostgresStore(SqlStore):
             return None
         spec = job_pb2.JobSpec()
         spec.ParseFromString(blob)
-        return Assignment(job_id=job_id, attempt=attempt, spec=spec, owner=owner)
+        return Assignment(job_id=job_id, attempt=attempt, spec=spec, owner=owner, submitted=from_ms(submitted))
 
     @staticmethod
     def _retry(fn: Callable[[], T]) -> T:

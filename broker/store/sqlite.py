@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from broker.store.base import Assignment, BadValue, PilotRef, SlotOffer, StoreError, StoreSettings, StoreUnavailable
-from broker.store.schema import ALIVE_STATES, ASSIGNED, SCHEMA_VERSION, SQLITE, WAITING, ddl, to_ms
+from broker.store.schema import ALIVE_STATES, ASSIGNED, SCHEMA_VERSION, SQLITE, WAITING, ddl, from_ms, to_ms
 from broker.store.sql import (
     CLAIM_SET,
     EVENT_INSERT,
@@ -224,8 +224,9 @@ class SqliteStore(SqlStore):
             if best is None:
                 return None
             job_id = best[1]
-            attempt, owner, blob = cur.row(
-                f"UPDATE jobs SET {CLAIM_SET} WHERE id = ? AND state = {WAITING} RETURNING attempt, owner, spec",
+            attempt, owner, blob, submitted = cur.row(
+                f"UPDATE jobs SET {CLAIM_SET} WHERE id = ? AND state = {WAITING} "
+                "RETURNING attempt, owner, spec, submitted",
                 (ms, ms, slot.site, pilot.node, pilot.pilot_id, job_id))
             self._event(cur, job_id, ms, JobState.ASSIGNED, attempt,
                         matched_detail(slot, pilot))
@@ -233,7 +234,7 @@ class SqliteStore(SqlStore):
             cur.run("UPDATE pilots SET jobs_matched = jobs_matched + 1 WHERE pilot_id = ?", (pilot.pilot_id,))
             spec = job_pb2.JobSpec()
             spec.ParseFromString(blob)
-            return Assignment(job_id=job_id, attempt=attempt, spec=spec, owner=owner)
+            return Assignment(job_id=job_id, attempt=attempt, spec=spec, owner=owner, submitted=from_ms(submitted))
         return self._write(body)
 
     # ---------------------------------------------------------- diagnostics
