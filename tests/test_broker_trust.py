@@ -891,3 +891,26 @@ def test_a_flood_of_health_checks_cannot_become_a_flood_of_store_queries(tmp_pat
         assert statuses == {SERVING} and len(asked) == 1
     finally:
         server.stop()
+
+
+def test_revocations_are_listed_a_page_at_a_time_on_both_stores(server, tokens):
+    """ListRevoked is bounded (at most 10,000 per answer, `more` says another page follows); the client
+    follows the pages; a cursor past every id, even beyond the databases' integers, is an empty page."""
+    with AdminClient(server.address, tokens.admin) as admin:
+        reasons = [f"holder {i}" for i in range(5)]
+        for reason in reasons:
+            admin.revoke_token(reason, subject=f"user{reason[-1]}", role="user")
+        assert [r.reason for r in admin.list_revoked(page=2)] == reasons
+        assert [r.reason for r in admin.list_revoked()] == reasons
+    channel = user_channel(server, tokens.admin)
+    try:
+        stub = rpc_pb.AdminServiceStub(channel)
+        first = stub.ListRevoked(pb.ListRevokedRequest(limit=2), timeout=30)
+        assert [r.reason for r in first.revoked] == reasons[:2] and first.more
+        rest = stub.ListRevoked(pb.ListRevokedRequest(after_id=first.revoked[-1].id, limit=2**32 - 1), timeout=30)
+        assert [r.reason for r in rest.revoked] == reasons[2:] and not rest.more
+        for after in (rest.revoked[-1].id, 2**63, 2**64 - 1):
+            past = stub.ListRevoked(pb.ListRevokedRequest(after_id=after), timeout=30)
+            assert list(past.revoked) == [] and not past.more
+    finally:
+        channel.close()

@@ -36,6 +36,8 @@ SITE_STATE_VALUES = {name: value for value, name in SITE_STATES.items()}
 #: Roles a revocation may name (host tokens never call the broker).
 REVOCABLE_ROLES = tuple(r.value for r in (TokenRole.USER, TokenRole.ADMIN, TokenRole.AGENT, TokenRole.JOB))
 MAX_REASON = 500
+#: Revocations per ListRevoked answer: ~200 bytes each, well inside gRPC's 4 MiB message limit.
+MAX_REVOKED_PAGE = 10_000
 #: The longest failure window ListSites counts over.
 MAX_FAILURE_WINDOW_S = 7 * 86400
 _SERIAL_RE = re.compile(r"(?:0x)?([0-9a-f]{1,40})")
@@ -192,5 +194,9 @@ class AdminServicer(rpc_pb.AdminServiceServicer):
     async def ListRevoked(self, identity: Identity, request: pb.ListRevokedRequest,
                           context) -> pb.ListRevokedResponse:
         broker = self.broker
-        revocations = await broker.call(broker.store.revocations, heavy=True)
-        return pb.ListRevokedResponse(revoked=[revoked_info(r) for r in revocations])
+        limit = min(request.limit or MAX_REVOKED_PAGE, MAX_REVOKED_PAGE)
+        # One more than the page: whether another page follows, without a count.
+        after = min(request.after_id, 2**63 - 1)  # a uint64 beyond the databases' integers: nothing after it
+        revocations = await broker.call(broker.store.revocations, after, limit + 1, heavy=True)
+        return pb.ListRevokedResponse(revoked=[revoked_info(r) for r in revocations[:limit]],
+                                      more=len(revocations) > limit)

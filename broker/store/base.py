@@ -541,8 +541,8 @@ class JobStore(abc.ABC):
         existed already (nothing added)."""
 
     @abc.abstractmethod
-    def revocations(self) -> list[Revocation]:
-        """Every revocation, oldest first."""
+    def revocations(self, after_id: int = 0, limit: int | None = None) -> list[Revocation]:
+        """The revocations with an id above AFTER_ID, oldest first (at most LIMIT; None: all)."""
 
     @abc.abstractmethod
     def revocation_generation(self) -> tuple[int, int]:

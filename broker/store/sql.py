@@ -831,9 +831,10 @@ class SqlStore(JobStore):
             return _revocation(row), False
         return self._write(body)
 
-    def revocations(self) -> list[Revocation]:
+    def revocations(self, after_id: int = 0, limit: int | None = None) -> list[Revocation]:
+        page = "" if limit is None else f" LIMIT {int(limit)}"
         return [_revocation(row) for row in self._read(lambda cur: cur.rows(
-            f"SELECT {REVOKED_COLUMNS} FROM revoked ORDER BY id"))]
+            f"SELECT {REVOKED_COLUMNS} FROM revoked WHERE id > ? ORDER BY id{page}", (after_id,)))]
 
     def revocation_generation(self) -> tuple[int, int]:
         newest, count = self._read(lambda cur: cur.row("SELECT coalesce(max(id), 0), count(*) FROM revoked"))

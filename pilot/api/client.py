@@ -846,10 +846,18 @@ class AdminClient(_TokenClient):
         response = self._call("RevokeToken", self._stub.RevokeToken, request)
         return _revoked(response.revoked), response.already_revoked
 
-    def list_revoked(self) -> list[RevokedToken]:
-        """Every revocation, oldest first."""
-        response = self._call("ListRevoked", self._stub.ListRevoked, pb.ListRevokedRequest())
-        return [_revoked(r) for r in response.revoked]
+    def list_revoked(self, *, page: int = 0) -> list[RevokedToken]:
+        """Every revocation, oldest first, asked PAGE at a time (0: the broker's largest page, 10,000).
+        An older broker answers everything at once (no `more`): one call then."""
+        found: list[RevokedToken] = []
+        after = 0
+        while True:
+            response = self._call("ListRevoked", self._stub.ListRevoked,
+                                  pb.ListRevokedRequest(limit=page, after_id=after))
+            found.extend(_revoked(r) for r in response.revoked)
+            if not response.more or not response.revoked:
+                return found
+            after = response.revoked[-1].id
 
 
 def _revoked(info: pb.RevokedToken) -> RevokedToken:

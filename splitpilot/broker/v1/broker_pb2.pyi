@@ -660,14 +660,20 @@ class ListSitesResponse(_message.Message):
     def __init__(self, sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ..., failures_within_s: _Optional[int] = ...) -> None: ...
 
 class ListRevokedRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("limit", "after_id")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    after_id: int
+    def __init__(self, limit: _Optional[int] = ..., after_id: _Optional[int] = ...) -> None: ...
 
 class ListRevokedResponse(_message.Message):
-    __slots__ = ("revoked",)
+    __slots__ = ("revoked", "more")
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     revoked: _containers.RepeatedCompositeFieldContainer[RevokedToken]
-    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class FindFilesRequest(_message.Message):
     __slots__ = ("sha256",)
