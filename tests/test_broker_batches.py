@@ -14,6 +14,7 @@ import pilot.api.client
 from broker.store.base import UnknownBatch
 from pilot.api.client import AdminClient, AgentClient, BrokerClient, NotFound
 from pilot.api.states import JobState
+from pilot.errors import SplitpilotError
 from splitpilot.broker.v1 import broker_pb2 as pb
 from splitpilot.broker.v1 import broker_pb2_grpc as rpc_pb
 from splitpilot.job.v1 import job_pb2
@@ -140,3 +141,22 @@ def test_a_batch_shows_its_jobs_states_as_they_move(server, clients):
     (batch,) = alice.list_batches()
     assert batch.counts == {JobState.STARTED: 1, JobState.WAITING: 1, JobState.KILLED: 1} and batch.jobs == 3
     assert alice.list(states=[JobState.WAITING], batch_id=batch.batch_id).jobs[0].job_id == submission.job_ids[1]
+
+
+def test_against_a_broker_that_ignores_the_batch_filter_nothing_is_acted_on(server, clients):
+    """A broker older than batches drops ListJobsRequest.batch_id (an unknown field) and lists every job
+    of the caller: `kill|output --batch` would then act on all of them. The client notices jobs of other
+    batches in the answer and stops, naming the fix, before any job is named to a kill."""
+    alice = clients["alice"]
+    wanted = alice.submit_checked(specs(1)).batch_id
+    alice.submit(specs(2, "other"))
+    real = alice._stub.ListJobs
+
+    def older_broker(request, **kwargs):
+        request.ClearField("batch_id")   # what a broker without the field reads
+        return real(request, **kwargs)
+    alice._stub.ListJobs = older_broker
+    with pytest.raises(SplitpilotError, match="does not filter by batch .*; fix: name the jobs by id"):
+        alice.batch_jobs(wanted)
+    alice._stub.ListJobs = real
+    assert [j.state for j in alice.list().jobs] == [JobState.WAITING] * 3
