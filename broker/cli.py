@@ -291,6 +291,8 @@ def _register_job(subparsers) -> None:
     submit.add_argument("--dry-run", action="store_true", help="validate the files and print the jobs; submit nothing")
     submit.add_argument("--json", action="store_true",
                         help="print one JSON object (batch_id, job_ids, uploaded, reused, warnings) instead of the ids")
+    submit.add_argument("--label", default="", metavar="LABEL",
+                        help="a label for the batch, shown by job batches (1-64 letters, digits, . _ - or spaces)")
     _client_options(submit)
     submit.set_defaults(handler=_submit)
 
@@ -400,6 +402,10 @@ def _user_client(args: argparse.Namespace):
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from broker.store.sql import BATCH_LABEL_FORM, BATCH_LABEL_RE  # why: only submit checks a label
+
+    if args.label and not BATCH_LABEL_RE.fullmatch(args.label):   # before any file is read or uploaded
+        raise UsageError(f"--label {_safe(args.label[:64])!r} is not {BATCH_LABEL_FORM}")
     descriptions = []
     for path in args.files:
         descriptions.extend(load_job_file(path))  # every file checked before anything is uploaded
@@ -410,7 +416,7 @@ def _submit(args: argparse.Namespace) -> int:
         print(f"{len(descriptions)} job(s) valid; nothing submitted (--dry-run)", file=sys.stderr)
         return 0
     with _user_client(args) as client:
-        submission = client.submit_checked(descriptions)
+        submission = client.submit_checked(descriptions, label=args.label)
     ids = submission.job_ids
     if args.json:
         print(json.dumps({"batch_id": submission.batch_id or None, "job_ids": ids, "uploaded": submission.uploaded,
@@ -756,17 +762,20 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _batches(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 10_000:
+        raise UsageError(f"--limit {args.limit}: give 1 to 10000 (the broker's most per call)")
     with _user_client(args) as client:
         batches = client.list_batches(limit=args.limit)
     if args.json:
         for batch in batches:
             print(json.dumps(batch_record(batch), sort_keys=True))
         return 0
-    rows = [("BATCH", "CREATED", "JOBS", "STATES")]
+    rows = [("BATCH", "LABEL", "CREATED", "JOBS", "STATES")]
     for batch in batches:
         states = ", ".join([f"{n} {s.name}" for s, n in sorted(batch.counts.items()) if n]
                            + [f"{n} {_safe(name)}" for name, n in sorted(batch.other_counts.items()) if n])
-        rows.append((_safe(batch.batch_id), _when(batch.created), str(batch.jobs), states or "-"))
+        rows.append((_safe(batch.batch_id), _safe(batch.label) or "-", _when(batch.created), str(batch.jobs),
+                     states or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:   # never cut: the states go whole, on a terminal or not
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -777,7 +786,7 @@ def _batches(args: argparse.Namespace) -> int:
 
 def batch_record(batch) -> dict:
     """One batch for --json: the stable field names of docs/broker.md ("job batches --json")."""
-    return {"batch_id": batch.batch_id, "owner": batch.owner,
+    return {"batch_id": batch.batch_id, "owner": batch.owner, "label": batch.label,
             "created": batch.created.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace(
                 "+00:00", "Z"),
             "jobs": batch.jobs,

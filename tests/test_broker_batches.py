@@ -75,6 +75,23 @@ def test_one_submission_is_one_batch_however_many_requests_it_takes(server, clie
     assert [b.batch_id for b in alice.list_batches(before_batch_id=other.batch_id)] == [submission.batch_id]
 
 
+def test_a_label_names_a_new_batch_and_a_bad_one_is_refused_before_anything_is_stored(server, clients):
+    alice, admin = clients["alice"], clients["admin"]
+    labelled = alice.submit_checked(specs(1), label="calib run 7")
+    assert [(b.batch_id, b.label) for b in alice.list_batches()] == [(labelled.batch_id, "calib run 7")]
+    before = everything(admin), alice.list_batches()
+    for request, words in (
+            (pb.SubmitRequest(jobs=specs(1), batch_label="\x1b[2J" + "x" * 100), "is not 1 to 64 letters"),
+            (pb.SubmitRequest(jobs=specs(1), batch_label="x" * 65), "is not 1 to 64 letters"),
+            (pb.SubmitRequest(jobs=specs(1), batch_label=" leading space"), "is not 1 to 64 letters"),
+            (pb.SubmitRequest(jobs=specs(1), batch_label="other", batch_id=labelled.batch_id),
+             "batch_label goes with a new batch only")):
+        refused = rpc_error(alice._stub.Submit, request)
+        assert refused.code() is grpc.StatusCode.INVALID_ARGUMENT and words in refused.details()
+        assert "fix:" in refused.details() and "\x1b" not in refused.details()
+    assert (everything(admin), alice.list_batches()) == before
+
+
 def test_a_client_that_sends_no_batch_still_submits_and_gets_one(server, tokens):  # noqa: F811
     """A SubmitRequest without batch_id (what a client older than batches sends) queues its jobs in a new
     batch, as before; the answer's batch_id is an extra field such a client ignores."""

@@ -761,7 +761,7 @@ def test_find_files_reveals_no_other_users_content_and_refuses_garbage(broker, t
 
 # ------------------------------------------------------------------ batches
 
-BATCH_FIELDS = {"batch_id", "owner", "created", "jobs", "counts"}
+BATCH_FIELDS = {"batch_id", "owner", "label", "created", "jobs", "counts"}
 
 
 def user_config(broker, tmp_path, name: str) -> str:
@@ -783,17 +783,18 @@ def test_batches_from_submit_to_kill_status_and_output(broker, tmp_path):
     assert set(made) == {"batch_id", "job_ids", "uploaded", "reused", "warnings"} and len(made["job_ids"]) == 2
     batch_a, ids_a = made["batch_id"], made["job_ids"]
     assert f"batch {batch_a}: splitpilot job status|kill|output --batch {batch_a}" in first.stderr
-    second = job(broker, "submit", write_job_file(tmp_path))
+    second = job(broker, "submit", write_job_file(tmp_path), "--label", "calib run 7")
     ids_b = [int(line) for line in second.stdout.split()]
     batch_b = re.search(r"^batch (b-[0-9a-f]{10}):", second.stderr, re.M).group(1)
     assert batch_b != batch_a
 
     listed = [json.loads(line) for line in job(broker, "batches", "--json").stdout.splitlines()]
-    assert [(b["batch_id"], b["jobs"], b["counts"], b["owner"]) for b in listed] == \
-        [(batch_b, 2, {"WAITING": 2}, "alice"), (batch_a, 2, {"WAITING": 2}, "alice")]
+    assert [(b["batch_id"], b["jobs"], b["counts"], b["owner"], b["label"]) for b in listed] == \
+        [(batch_b, 2, {"WAITING": 2}, "alice", "calib run 7"), (batch_a, 2, {"WAITING": 2}, "alice", "")]
     assert all(set(b) == BATCH_FIELDS for b in listed)
     table = job(broker, "batches")
-    assert table.returncode == 0 and re.search(rf"^{batch_a}\s+\S+ \S+\s+2\s+2 WAITING$", table.stdout, re.M)
+    assert table.returncode == 0 and re.search(rf"^{batch_a}\s+-\s+\S+ \S+\s+2\s+2 WAITING$", table.stdout, re.M)
+    assert re.search(rf"^{batch_b}\s+calib run 7\s+", table.stdout, re.M), table.stdout
 
     # Batch A's first job runs to DONE with an output; its outputs come by batch into DIR/ID/.
     agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
@@ -838,7 +839,9 @@ def test_another_users_batch_is_refused_by_every_command_and_nothing_changes(bro
     (("status", "1..2", "--batch", "b-0123456789"), "give either job ids or --batch, not both; fix:"),
     (("output", "1", "DIR", "--batch", "b-0123456789"), "give either job ids or --batch, not both; fix:"),
     (("kill", "--batch", ""), "--batch is empty; fix:"),
+    (("submit", "jobs.toml", "--label", "\x1b]0;owned\x07"), "is not 1 to 64 letters, digits"),
     (("kill",), "no job id given; fix:"),
+    (("batches", "--limit", "-1"), "--limit -1: give 1 to 10000"),
 ])
 def test_batch_usage_mistakes_exit_2_naming_the_fix(broker, tmp_path, command, words):
     job(broker, "submit", write_job_file(tmp_path))

@@ -978,6 +978,14 @@ def test_batches_are_listed_newest_first_with_their_counts_and_paged(store):
     assert store.list_batches("alice", before=first) == []
     assert [j.batch for j in store.list("alice", batch=first)] == [first, first]
     assert store.list("bob", batch=first) == []   # the store filters; whose it is, the service checks
+    labelled, _ = store.submit_batch("alice", [spec()], at(4), label="calib run 7")
+    assert [(b.batch_id, b.label) for b in store.list_batches("alice", limit=2)] == \
+        [(labelled, "calib run 7"), (second, "")]
+    before = store.list(None), store.list_batches("alice")
+    for label in ("\x00", "x" * 65, "-starts-badly", "tab\there"):
+        with pytest.raises(BadValue, match="is not 1 to 64 letters"):
+            store.submit_batch("alice", [spec()], at(5), label=label)
+    assert (store.list(None), store.list_batches("alice")) == before
 
 
 def test_a_newer_schema_is_refused_with_the_fix(tmp_path):

@@ -42,7 +42,8 @@ from broker.services.base import (
 from broker.specs import MAX_PATTERN, SpecProblem, check_spec
 from broker.store.base import UnknownBatch
 from broker.store.classes import RequirementClass
-from pilot.api.files import BadFileHeader, check_sandbox_name, check_sha256, name_problem
+from broker.store.sql import BATCH_LABEL_FORM, BATCH_LABEL_RE
+from pilot.api.files import BadFileHeader, check_sandbox_name, check_sha256, name_problem, shown
 from pilot.api.states import JobState
 from pilot.tokens import Identity
 from pilot.tokens.errors import IssueError
@@ -74,13 +75,19 @@ class UserServicer(rpc_pb.UserServiceServicer):
             raise BadRequest("the request holds no jobs; fix: add at least one JobSpec")
         if len(specs) > limit:
             raise BadRequest(f"{len(specs)} jobs in one request; the broker takes at most {limit}; fix: submit "
-                             "them in several batches")
+                             "them in several requests (the first one's batch_id in the others)")
+        label = request.batch_label
+        if label and request.batch_id:
+            raise BadRequest("batch_label goes with a new batch only (a batch keeps the label it was made with); "
+                             "fix: leave batch_label empty when naming batch_id")
+        if label and not BATCH_LABEL_RE.fullmatch(label):
+            raise BadRequest(f"batch_label {shown(label[:64])!r} is not {BATCH_LABEL_FORM}")
         # Big batches are checked off the event loop, so that matching goes on meanwhile; so are batches
         # with inputs (their check takes the file store's lock).
         heavy = len(specs) > 100 or any(spec.input_files for spec in specs)
         cleaned = await broker.call(self._checked_specs, specs, identity.subject, heavy=heavy)
         batch, ids = await broker.call(broker.store.submit_batch, identity.subject, cleaned, utcnow(),
-                                       request.batch_id, heavy=True)
+                                       request.batch_id, label, heavy=True)
         log.info("%s submitted %d job(s) in batch %s: %s", identity.subject, len(ids), batch, _id_range(ids))
         warnings = await broker.call(self._never_runnable, cleaned, heavy=True)
         for warning in warnings:
@@ -264,7 +271,7 @@ class UserServicer(rpc_pb.UserServiceServicer):
         def build() -> pb.ListBatchesResponse:
             response = pb.ListBatchesResponse()
             for batch in broker.store.list_batches(identity.subject, limit, request.before_batch_id):
-                info = response.batches.add(batch_id=batch.batch_id, owner=batch.owner,
+                info = response.batches.add(batch_id=batch.batch_id, owner=batch.owner, label=batch.label,
                                             created_unix_ms=to_ms(batch.created), jobs=batch.jobs)
                 for state, count in batch.counts.items():
                     info.counts_by_state[job_pb2.JobState.Name(int(state))] = count

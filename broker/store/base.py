@@ -276,6 +276,8 @@ class BatchRecord:
     created: datetime.datetime
     #: Its jobs per state (states with none left out).
     counts: dict[JobState, int] = field(default_factory=dict)
+    #: The label it was made with ('' for none).
+    label: str = ""
 
     @property
     def jobs(self) -> int:
@@ -418,9 +420,10 @@ class JobStore(abc.ABC):
 
     @abc.abstractmethod
     def submit_batch(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime,
-                     batch: str = "") -> tuple[str, list[int]]:
+                     batch: str = "", label: str = "") -> tuple[str, list[int]]:
         """Queue SPECS (all or none) for OWNER into BATCH (one of OWNER's: else UnknownBatch, nothing
-        written), or into a new batch when BATCH is ''; return (the batch id, the job ids in order)."""
+        written), or into a new batch labelled LABEL when BATCH is ''; return (the batch id, the job
+        ids in order)."""
 
     @abc.abstractmethod
     def batch_owner(self, batch: str) -> str | None:

@@ -31,7 +31,7 @@ The tables:
             every few seconds from each broker's memory, never by a match.
   counters  the metrics, split into shards so that concurrent PostgreSQL
             transactions rarely wait on the same row.
-  batches   one row per submission (a batch): its public id, owner and creation time; jobs.batch
+  batches   one row per submission (a batch): its public id, owner, creation time and label; jobs.batch
             names it (NULL for jobs queued before version 5).
   meta      schema version and, for SQLite, the next job id.
 
@@ -248,7 +248,8 @@ CREATE TABLE IF NOT EXISTS batches (
     seq {id_column},
     id TEXT NOT NULL UNIQUE,
     owner TEXT NOT NULL,
-    created BIGINT NOT NULL
+    created BIGINT NOT NULL,
+    label TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS batches_owner ON batches (owner, seq);
 CREATE TABLE IF NOT EXISTS counters (

@@ -146,6 +146,12 @@ SITE_MEMORY_MS = 30 * 86_400_000
 BATCH_ID_RE = re.compile(r"b-[0-9a-f]{10}")
 
 
+#: Batch labels: a name for people (DIRAC's job group), shown, never used as a key.
+BATCH_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
+BATCH_LABEL_FORM = ("1 to 64 letters, digits, '.', '_', '-' or spaces, starting with a letter or digit; fix: "
+                    "choose such a label, or none")
+
+
 def new_batch_id() -> str:
     return "b-" + secrets.token_hex(5)
 
@@ -376,9 +382,11 @@ class SqlStore(JobStore):
 
     # ------------------------------------------------------------------ users
     def submit_batch(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime,
-                     batch: str = "") -> tuple[str, list[int]]:
+                     batch: str = "", label: str = "") -> tuple[str, list[int]]:
         if batch:
             known_batch(batch)
+        if label and not BATCH_LABEL_RE.fullmatch(label):
+            raise BadValue(f"batch label {label[:64]!r} is not {BATCH_LABEL_FORM}")
         if len(specs) > self.settings.max_jobs_per_submit:
             raise TooManyJobs(len(specs), self.settings.max_jobs_per_submit)
         if not specs:
@@ -400,7 +408,7 @@ class SqlStore(JobStore):
         def body(cur: Cursor) -> tuple[str, list[int]]:
             nonlocal new_classes
             # First, so that a refused batch leaves nothing behind (the whole body is one transaction).
-            batch_id = self._own_batch(cur, batch, owner) if batch else self._new_batch(cur, owner, ms)
+            batch_id = self._own_batch(cur, batch, owner) if batch else self._new_batch(cur, owner, ms, label)
             ids = {r.key: self._classes.id_of(r.key) for r in requirements}
             missing = {r.key: r for r in requirements if ids[r.key] is None}
             if missing:  # in this transaction: a refused submission leaves no class behind
@@ -422,11 +430,11 @@ class SqlStore(JobStore):
             raise UnknownBatch(batch)
         return batch
 
-    def _new_batch(self, cur: Cursor, owner: str, ms: int) -> str:
+    def _new_batch(self, cur: Cursor, owner: str, ms: int, label: str = "") -> str:
         for _ in range(8):   # 40 random bits: a clash is rare; a few draws make it vanishingly so
             batch_id = new_batch_id()
-            if cur.run("INSERT INTO batches (id, owner, created) VALUES (?, ?, ?) ON CONFLICT (id) DO NOTHING",
-                       (batch_id, owner, ms)):
+            if cur.run("INSERT INTO batches (id, owner, created, label) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (id) DO NOTHING", (batch_id, owner, ms, label)):
                 return batch_id
         raise StoreError("no free batch id was found; fix: submit again")
 
@@ -448,16 +456,16 @@ class SqlStore(JobStore):
                     raise UnknownBatch(before)
                 where += " AND seq < ?"
                 params.append(row[0])
-            rows = cur.rows(f"SELECT id, created FROM batches WHERE {where} ORDER BY seq DESC LIMIT ?",
+            rows = cur.rows(f"SELECT id, created, label FROM batches WHERE {where} ORDER BY seq DESC LIMIT ?",
                             (*params, max(0, limit)))
             counts: dict[str, dict[JobState, int]] = {}
-            for chunk in _chunks([batch_id for batch_id, _ in rows]):
+            for chunk in _chunks([batch_id for batch_id, _, _ in rows]):
                 for batch_id, state, count in cur.rows(
                         f"SELECT batch, state, count(*) FROM jobs WHERE batch IN ({', '.join('?' * len(chunk))}) "
                         "GROUP BY batch, state", chunk):
                     counts.setdefault(batch_id, {})[JobState(state)] = int(count)
-            return [BatchRecord(batch_id, owner, from_ms(created), counts.get(batch_id, {}))
-                    for batch_id, created in rows]
+            return [BatchRecord(batch_id, owner, from_ms(created), counts.get(batch_id, {}), label)
+                    for batch_id, created, label in rows]
         return self._read(body, snapshot=True)
 
     def _add_classes(self, cur: Cursor, classes: Sequence[RequirementClass], ms: int) -> dict[str, int]:

@@ -316,6 +316,8 @@ class BatchInfo:
     counts: dict[JobState, int]
     #: Counts of states this version does not know (a newer broker's), by the broker's name for them.
     other_counts: dict[str, int] = field(default_factory=dict)
+    #: The label it was made with ('' for none).
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -509,15 +511,17 @@ class BrokerClient(_TokenClient):
             found.update((f.sha256, f.size) for f in response.files if f.sha256 in asked)
         return found
 
-    def submit(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable) -> list[int]:
+    def submit(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable, *,
+               label: str = "") -> list[int]:
         """Queue jobs given as job file paths, JobDescriptions or JobSpecs (or a list
         of them). Inputs of job files are uploaded first (each file once).
         More than 5,000 jobs go in several requests, each all-or-nothing, all into one
         batch (the first request's). Returns the job ids; submit_checked also returns
-        the broker's warnings and the batch id."""
-        return self.submit_checked(jobs).job_ids
+        the broker's warnings and the batch id. LABEL names the batch (ListBatches shows it)."""
+        return self.submit_checked(jobs, label=label).job_ids
 
-    def submit_checked(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable) -> Submission:
+    def submit_checked(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable, *,
+                       label: str = "") -> Submission:
         """Like submit; returns the ids and the broker's warnings (jobs no site has ever been able to run,
         their indexes counted over everything submitted in this call)."""
         if isinstance(jobs, (str, os.PathLike, JobDescription, job_pb2.JobSpec)):
@@ -567,8 +571,8 @@ class BrokerClient(_TokenClient):
         for start in range(0, len(specs), SUBMIT_BATCH):
             chunk = specs[start:start + SUBMIT_BATCH]
             # One submission is one batch: the first request makes it, the others add to it.
-            response = self._call("Submit", self._stub.Submit, pb.SubmitRequest(jobs=chunk, batch_id=batch_id),
-                                  timeout=300)
+            request = pb.SubmitRequest(jobs=chunk, batch_id=batch_id, batch_label="" if batch_id else label)
+            response = self._call("Submit", self._stub.Submit, request, timeout=300)
             batch_id = batch_id or response.batch_id
             ids.extend(response.job_ids)
             warnings.extend(SubmitWarning(tuple(start + i for i in w.job_indexes), w.message,
@@ -614,7 +618,7 @@ class BrokerClient(_TokenClient):
         for info in response.batches:
             counts, other = _counts(info.counts_by_state)
             found.append(BatchInfo(info.batch_id, info.owner, _from_ms(info.created_unix_ms), info.jobs, counts,
-                                   other))
+                                   other, info.label))
         return found
 
     def output(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None, *,

@@ -87,12 +87,14 @@ class UploadFileResponse(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("jobs", "batch_id")
+    __slots__ = ("jobs", "batch_id", "batch_label")
     JOBS_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_LABEL_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobSpec]
     batch_id: str
-    def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.JobSpec, _Mapping]]] = ..., batch_id: _Optional[str] = ...) -> None: ...
+    batch_label: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.JobSpec, _Mapping]]] = ..., batch_id: _Optional[str] = ..., batch_label: _Optional[str] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("job_ids", "warnings", "batch_id")
@@ -708,7 +710,7 @@ class ListBatchesRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ..., before_batch_id: _Optional[str] = ...) -> None: ...
 
 class BatchInfo(_message.Message):
-    __slots__ = ("batch_id", "owner", "created_unix_ms", "jobs", "counts_by_state")
+    __slots__ = ("batch_id", "owner", "created_unix_ms", "jobs", "counts_by_state", "label")
     class CountsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -721,12 +723,14 @@ class BatchInfo(_message.Message):
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     JOBS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     batch_id: str
     owner: str
     created_unix_ms: int
     jobs: int
     counts_by_state: _containers.ScalarMap[str, int]
-    def __init__(self, batch_id: _Optional[str] = ..., owner: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., jobs: _Optional[int] = ..., counts_by_state: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    label: str
+    def __init__(self, batch_id: _Optional[str] = ..., owner: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., jobs: _Optional[int] = ..., counts_by_state: _Optional[_Mapping[str, int]] = ..., label: _Optional[str] = ...) -> None: ...
 
 class ListBatchesResponse(_message.Message):
     __slots__ = ("batches",)
