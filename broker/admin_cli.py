@@ -4,7 +4,8 @@
     splitpilot admin site drain|enable|disable NAME --reason TEXT
     splitpilot admin pilots [--site S] [--state alive|ended] [--seen-within DURATION] [--limit N] [--json]
     splitpilot admin requeue ID|FIRST..LAST ... [--reason TEXT]   (jobs under way, FAILED_*, LOST, EXPIRED)
-    splitpilot admin jobs [--all] [--owner O] [--site S] [--state STATE] [--since DURATION] [--limit N] [--json]
+    splitpilot admin jobs [--all] [--owner O] [--site S] [--batch B] [--state STATE] [--since DURATION] [--limit N]
+                          [--json]
     splitpilot admin token revoke|revoked ...    (the same as `splitpilot token revoke|revoked`)
 
 Every command talks to the broker through pilot.api's AdminClient only; the
@@ -110,6 +111,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     jobs.add_argument("--state", action="append", choices=STATE_NAMES, metavar="STATE",
                       help="only jobs in this state (repeatable): " + ", ".join(STATE_NAMES))
     jobs.add_argument("--since", metavar="DURATION", help="only jobs whose state changed within this past period")
+    jobs.add_argument("--batch", metavar="BATCH", help="only the jobs of this batch (any owner's)")
     jobs.add_argument("--limit", type=int, default=1000, metavar="N",
                       help="at most N jobs (default: %(default)s; the broker caps it at 10000)")
     _listing_options(jobs)
@@ -229,9 +231,10 @@ def _jobs(args: argparse.Namespace) -> int:
         since = datetime.datetime.now(datetime.UTC) - parse_duration(args.since, what="--since")
     with _admin(args) as admin:
         listing = admin.list_all_jobs(states, limit=_limit(args.limit), owner=args.owner or "",
-                                      site=args.site or "", updated_since=since)
+                                      site=args.site or "", updated_since=since, batch_id=args.batch or "")
     if args.json:
-        _print_json({"jobs": [{"job_id": j.job_id, "name": j.name, "owner": j.owner, "state": j.state.name,
+        _print_json({"jobs": [{"job_id": j.job_id, "batch_id": j.batch_id or None, "name": j.name, "owner": j.owner,
+                               "state": j.state.name,
                                "attempt": j.attempt, "site": j.site, "node": j.node, "pilot_id": j.pilot_id,
                                "submitted": _iso(j.submitted), "updated": _iso(j.updated),
                                "exit_code": j.exit_code, "message": j.message} for j in listing.jobs],
@@ -244,7 +247,7 @@ def _jobs(args: argparse.Namespace) -> int:
                      shown(j.node) or "-", _when(j.updated), shown(j.message, backslash=False)))
     _print_rows(rows)
     counts = ", ".join(f"{n} {s.name}" for s, n in sorted(listing.counts.items()) if n) or "none"
-    scope = f"of {args.owner}" if args.owner else "of every owner"
+    scope = (f"of {args.owner}" if args.owner else "of every owner") + (f" in batch {args.batch}" if args.batch else "")
     print(f"{len(listing.jobs)} job(s) shown; all jobs {scope}: {counts}", file=sys.stderr)
     return 0
 

@@ -291,14 +291,20 @@ def _register_job(subparsers) -> None:
     submit.add_argument("files", nargs="+", metavar="FILE", help="job description files (TOML)")
     submit.add_argument("--dry-run", action="store_true", help="validate the files and print the jobs; submit nothing")
     _progress_option(submit, "upload")
+    submit.add_argument("--json", action="store_true",
+                        help="print one JSON object (batch_id, job_ids, uploaded, reused, warnings) instead of the ids")
+    submit.add_argument("--label", default="", metavar="LABEL",
+                        help="a label for the batch, shown by job batches (1-64 letters, digits, . _ - or spaces)")
     _client_options(submit)
     submit.set_defaults(handler=_submit)
 
     status = sub.add_parser("status", help="a table of your jobs, or one job with its history",
                             description="Without ID: your newest jobs and the count per state. With one ID: that "
                                         "job, its attempts' history and its outputs. With several IDs or a range: "
-                                        "a table of those jobs.",
+                                        "a table of those jobs. With --batch B: the jobs of that batch of yours.",
                             epilog="job ids: " + FORMS + ".\n"
+                                   "--batch B names a whole submission (job submit and job batches print the id); "
+                                   "it goes with --state but not with ids.\n"
                                    "with --watch: exit 0 when every job shown ends DONE, 1 otherwise.\n"
                                    "--json: one JSON object per job and line (fields: docs/broker.md).\n"
                                    + CLIENT_EPILOG, formatter_class=fmt)
@@ -310,16 +316,18 @@ def _register_job(subparsers) -> None:
     status.add_argument("--state", action="append", choices=STATE_NAMES, metavar="STATE",
                         help="only jobs in this state (repeatable): " + ", ".join(STATE_NAMES))
     status.add_argument("--limit", type=int, default=50, metavar="N", help="jobs in the table (default: %(default)s)")
+    status.add_argument("--batch", metavar="BATCH", help="only the jobs of this batch of yours")
     status.add_argument("--json", action="store_true",
                         help="print one JSON object per job and line, with stable field names (not with --watch)")
     _client_options(status)
     status.set_defaults(handler=_status)
 
     output = sub.add_parser("output", help="download jobs' outputs (sha256 verified, never over existing files)",
-                            usage="splitpilot job output [-h] [--name NAME] [--force] ID [ID ...] DIR",
+                            usage="splitpilot job output [-h] [--name NAME] [--force] ID [ID ...] DIR\n"
+                                  "       splitpilot job output [-h] [--name NAME] [--force] --batch BATCH DIR",
                             description="Download every output of job ID into DIR (created if needed); with\n"
-                                        "several jobs or a range, each into DIR/ID/. Outputs are written only\n"
-                                        "below DIR: a name with control characters, or a symbolic link or a file\n"
+                                        "several jobs, a range or --batch, each into DIR/ID/. Outputs are written\n"
+                                        "only below DIR: a name with control characters, or a symbolic link or a file\n"
                                         "in the way, fails that output (the others are still fetched). Existing\n"
                                         "files are left alone unless --force.",
                             epilog="exit code 1 when any output failed (each is listed on stderr with the fix).\n"
@@ -327,6 +335,7 @@ def _register_job(subparsers) -> None:
     output.add_argument("targets", nargs="+", metavar="ID [ID ...] DIR",
                         help="job ids or ranges (" + FORMS + "), then the folder")
     output.add_argument("--name", action="append", metavar="NAME", help="only this output (repeatable)")
+    output.add_argument("--batch", metavar="BATCH", help="every job of this batch of yours (then give only DIR)")
     output.add_argument("--force", action="store_true",
                         help="replace existing regular files of the same name (never symbolic links or folders)")
     _progress_option(output, "download")
@@ -337,10 +346,23 @@ def _register_job(subparsers) -> None:
                           epilog="job ids: " + FORMS + ".\n"
                                  "exit code 1 when any job could not be killed (each is listed on stderr).\n"
                                  + CLIENT_EPILOG, formatter_class=fmt)
-    kill.add_argument("job_ids", nargs="+", metavar="ID", help="job ids or ranges")
+    kill.add_argument("job_ids", nargs="*", metavar="ID", help="job ids or ranges (or --batch)")
+    kill.add_argument("--batch", metavar="BATCH", help="every job of this batch of yours (not with ids)")
     kill.add_argument("--reason", default="", metavar="TEXT", help="recorded in the job's history")
     _client_options(kill)
     kill.set_defaults(handler=_kill)
+
+    batches = sub.add_parser("batches", help="your batches (one per submission) with their jobs per state",
+                             description="Your batches, newest first: each `job submit` makes one (however many "
+                                         "jobs it queues). Use an id with job status|kill|output --batch.",
+                             epilog="--json: one JSON object per batch and line (fields: docs/broker.md).\n"
+                                    + CLIENT_EPILOG, formatter_class=fmt)
+    batches.add_argument("--limit", type=int, default=50, metavar="N",
+                         help="batches shown (default: %(default)s)")
+    batches.add_argument("--json", action="store_true",
+                         help="print one JSON object per batch and line, with stable field names")
+    _client_options(batches)
+    batches.set_defaults(handler=_batches)
     job.set_defaults(handler=lambda _a: job.print_help(sys.stderr) or 2)
 
 
@@ -394,6 +416,10 @@ def _user_client(args: argparse.Namespace):
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from broker.store.sql import BATCH_LABEL_FORM, BATCH_LABEL_RE  # why: only submit checks a label
+
+    if args.label and not BATCH_LABEL_RE.fullmatch(args.label):   # before any file is read or uploaded
+        raise UsageError(f"--label {_safe(args.label[:64])!r} is not {BATCH_LABEL_FORM}")
     descriptions = []
     for path in args.files:
         descriptions.extend(load_job_file(path))  # every file checked before anything is uploaded
@@ -405,12 +431,21 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     progress = _transfer_progress(args, files=len({ref.path for d in descriptions for ref in d.inputs}))
     with _user_client(args) as client, progress:
-        submission = client.submit_checked(descriptions, on_progress=progress.callback)
+        submission = client.submit_checked(descriptions, label=args.label, on_progress=progress.callback)
     ids = submission.job_ids
-    for job_id in ids:
-        print(job_id)
+    if args.json:
+        print(json.dumps({"batch_id": submission.batch_id or None, "job_ids": ids, "uploaded": submission.uploaded,
+                          "reused": submission.reused,
+                          "warnings": [{"job_indexes": list(w.job_indexes), "message": w.message}
+                                       for w in submission.warnings]}, sort_keys=True))
+    else:
+        for job_id in ids:
+            print(job_id)
     print(f"submitted {len(ids)} job(s) to {client.address}" +
           (f": {ids[0]}" if len(ids) == 1 else f": {ids[0]} .. {ids[-1]}" if ids else ""), file=sys.stderr)
+    if submission.batch_id:   # its own line: the one above is pasted as a range
+        print(f"batch {submission.batch_id}: splitpilot job status|kill|output --batch {submission.batch_id}",
+              file=sys.stderr)
     if submission.reused:
         print(f"{submission.reused} input file(s) already on the broker: named by sha256, not uploaded again"
               f"; {submission.uploaded} uploaded", file=sys.stderr)
@@ -429,10 +464,11 @@ def _status(args: argparse.Namespace) -> int:
     job_ids = parse_job_ids(args.job_ids) if args.job_ids else []
     if job_ids and args.state:
         raise UsageError("--state filters your newest jobs, not the ids given; fix: give either ids or --state")
+    batch = _batch_option(args, job_ids)
     with _user_client(args) as client:
         if args.json:
-            jobs = [client.status(i) for i in job_ids] if job_ids else client.list(states=states,
-                                                                                   limit=args.limit).jobs
+            jobs = [client.status(i) for i in job_ids] if job_ids else client.list(
+                states=states, limit=args.limit, batch_id=batch).jobs
             for job in jobs:
                 print(json.dumps(job_record(job), sort_keys=True))
             return 0
@@ -440,7 +476,19 @@ def _status(args: argparse.Namespace) -> int:
             return _status_one(client, job_ids[0], args.watch, interval)
         if job_ids:
             return _status_ids(client, job_ids, args.watch, interval)
-        return _status_table(client, states, args.limit, args.watch, interval)
+        return _status_table(client, states, args.limit, args.watch, interval, batch)
+
+
+def _batch_option(args: argparse.Namespace, job_ids: list[int]) -> str:
+    """--batch, checked: ids and a batch are not mixed (which would win is not obvious: a job of another
+    batch, a range reaching past the batch), so that a kill or a download does exactly what was named."""
+    batch = (args.batch or "").strip()
+    if args.batch is not None and not batch:
+        raise UsageError("--batch is empty; fix: give a batch id as job submit or job batches prints it")
+    if batch and job_ids:
+        raise UsageError("give either job ids or --batch, not both; fix: run the command once per batch, or "
+                         "name the jobs by id only")
+    return batch
 
 
 def job_record(job) -> dict:
@@ -449,7 +497,8 @@ def job_record(job) -> dict:
     def when(moment: datetime.datetime) -> str:
         return moment.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return {
-        "job_id": job.job_id, "name": job.name, "owner": job.owner, "state": job.state.name,
+        "job_id": job.job_id, "batch_id": job.batch_id or None, "name": job.name, "owner": job.owner,
+        "state": job.state.name,
         "final": job.final, "attempt": job.attempt, "exit_code": job.exit_code, "message": job.message,
         "site": job.site, "node": job.node, "pilot_id": job.pilot_id,
         "submitted": when(job.submitted), "updated": when(job.updated),
@@ -532,11 +581,11 @@ def _print_stderr_tail(client, job) -> None:
         print(f"  {shown(line)}")
 
 
-def _status_table(client, states, limit: int, watch: bool, interval: float) -> int:
+def _status_table(client, states, limit: int, watch: bool, interval: float, batch: str = "") -> int:
     tty = sys.stdout.isatty()
     last_progress = None
     while True:
-        listing = client.list(states=states, limit=limit)
+        listing = client.list(states=states, limit=limit, batch_id=batch)
         final = all(j.final for j in listing.jobs)
         if not watch:
             _print_table(listing)
@@ -573,9 +622,10 @@ def _progress(jobs) -> str:
 def _print_table(listing) -> None:
     # Cut to fit a terminal only: into a file or a pipe, every cell goes whole (escaped all the same).
     cut = _cut if sys.stdout.isatty() else (lambda text, _width: text)
-    rows = [("ID", "NAME", "STATE", "TRY", "SITE", "UPDATED", "MESSAGE")]
+    rows = [("ID", "BATCH", "NAME", "STATE", "TRY", "SITE", "UPDATED", "MESSAGE")]
     for job in listing.jobs:
-        rows.append((str(job.job_id), _safe(cut(job.name, 24)), job.state.name, str(job.attempt),
+        rows.append((str(job.job_id), _safe(job.batch_id) or "-", _safe(cut(job.name, 24)), job.state.name,
+                     str(job.attempt),
                      _safe(cut(job.site, 16)), _when(job.updated), _safe(cut(job.message, 40))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -593,6 +643,7 @@ def _print_job(job) -> None:
     # the terminal.
     print(f"job:       {job.job_id}" + (f" ({_safe(job.name)})" if job.name else ""))
     print(f"owner:     {job.owner}")
+    print(f"batch:     {_safe(job.batch_id) or '-'}")
     print(f"state:     {job.state.name}" + (f", exit code {job.exit_code}" if job.exit_code is not None else ""))
     if job.message:
         print(f"message:   {_safe(job.message)}")
@@ -654,10 +705,21 @@ def _output_targets(targets: list[str]) -> tuple[list[int], str, bool]:
 
 
 def _output(args: argparse.Namespace) -> int:
-    job_ids, directory, several = _output_targets(args.targets)
+    if args.batch is not None:
+        if len(args.targets) != 1:
+            raise UsageError("give either job ids or --batch, not both; fix: splitpilot job output --batch BATCH DIR "
+                             "(the folder only), or name the jobs by id")
+        job_ids, directory, several = [], args.targets[0], True
+        batch = _batch_option(args, [])
+    else:
+        job_ids, directory, several = _output_targets(args.targets)
+        batch = ""
     written = failed = 0
     progress = _transfer_progress(args)
     with _user_client(args) as client, progress:
+        if batch:   # (a listing carries no outputs: each job is asked for them below, as by id)
+            job_ids = [job.job_id for job in client.batch_jobs(batch)]
+            print(f"batch {batch}: {len(job_ids)} job(s)", file=sys.stderr)
         for job_id in job_ids:
             job = client.status(job_id)
             if not job.outputs and not args.name:
@@ -693,9 +755,14 @@ def _output(args: argparse.Namespace) -> int:
 def _kill(args: argparse.Namespace) -> int:
     from pilot.api.base import BrokerUnavailable, TokenUnusable  # why: grpc, as in _user_client
 
-    job_ids = parse_job_ids(args.job_ids)
+    job_ids = parse_job_ids(args.job_ids) if args.job_ids or args.batch is None else []
+    batch = _batch_option(args, job_ids)
     failed = 0
     with _user_client(args) as client:
+        if batch:
+            jobs = client.batch_jobs(batch)
+            job_ids = [job.job_id for job in jobs if not job.final]
+            print(f"batch {batch}: {len(jobs)} job(s), {len(job_ids)} not ended", file=sys.stderr)
         for job_id in job_ids:
             try:
                 state = client.kill(job_id, args.reason)
@@ -715,6 +782,38 @@ def _kill(args: argparse.Namespace) -> int:
         print(f"{failed} of {len(job_ids)} job(s) could not be killed; see the errors above", file=sys.stderr)
         return 1
     return 0
+
+
+def _batches(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= 10_000:
+        raise UsageError(f"--limit {args.limit}: give 1 to 10000 (the broker's most per call)")
+    with _user_client(args) as client:
+        batches = client.list_batches(limit=args.limit)
+    if args.json:
+        for batch in batches:
+            print(json.dumps(batch_record(batch), sort_keys=True))
+        return 0
+    rows = [("BATCH", "LABEL", "CREATED", "JOBS", "STATES")]
+    for batch in batches:
+        states = ", ".join([f"{n} {s.name}" for s, n in sorted(batch.counts.items()) if n]
+                           + [f"{n} {_safe(name)}" for name, n in sorted(batch.other_counts.items()) if n])
+        rows.append((_safe(batch.batch_id), _safe(batch.label) or "-", _when(batch.created), str(batch.jobs),
+                     states or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:   # never cut: the states go whole, on a terminal or not
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    print(f"\n{len(batches)} batch(es) shown" + (f" (the newest {args.limit}: --limit N shows more)"
+                                                 if len(batches) == args.limit else ""))
+    return 0
+
+
+def batch_record(batch) -> dict:
+    """One batch for --json: the stable field names of docs/broker.md ("job batches --json")."""
+    return {"batch_id": batch.batch_id, "owner": batch.owner, "label": batch.label,
+            "created": batch.created.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace(
+                "+00:00", "Z"),
+            "jobs": batch.jobs,
+            "counts": {**{s.name: n for s, n in batch.counts.items()}, **batch.other_counts}}
 
 
 def _cut(text: str, width: int) -> str:

@@ -145,3 +145,36 @@ def make_postgres_v1(url: str, input_sha256: str, output_sha256: str) -> None:
         fill_v1(lambda sql, params=(): conn.execute(sql.replace("?", "%s"), params), input_sha256, output_sha256)
         for table, last in (("jobs", 2), ("classes", 1)):  # as if the ids had come from the sequences
             conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {last})")
+
+
+#: A database of schema version 4 (before batches): version 1's tables with the columns versions 2 to 4
+#: added (frozen copies of those migrations); the tables those versions added come from the store's own
+#: CREATE statements when it opens it, as they did then.
+V4_ALTERS = (
+    "ALTER TABLE pilots ADD COLUMN cert_serial TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE pilots ADD COLUMN cert_not_after BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN usage_cpu_ms BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN usage_rss BIGINT NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN usage_time BIGINT NOT NULL DEFAULT 0",
+)
+
+
+def make_sqlite_v4(path: str, input_sha256: str, output_sha256: str) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        for statement in (*v1_statements(SQLITE), *V4_ALTERS):
+            conn.execute(statement)
+        fill_v1(conn.execute, input_sha256, output_sha256)
+        conn.execute("UPDATE meta SET value = 4 WHERE key = 'schema_version'")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def make_postgres_v4(url: str, input_sha256: str, output_sha256: str) -> None:
+    import psycopg
+    make_postgres_v1(url, input_sha256, output_sha256)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in V4_ALTERS:
+            conn.execute(statement)
+        conn.execute("UPDATE meta SET value = 4 WHERE key = 'schema_version'")

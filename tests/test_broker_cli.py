@@ -381,8 +381,8 @@ SITE_FIELDS = {"site", "state", "reason", "state_updated", "pilots_alive", "jobs
                "failures", "empty_pilots"}
 PILOT_FIELDS = {"pilot_id", "site", "node", "state", "first_seen", "last_seen", "ended", "jobs_matched", "jobs_run",
                 "current_jobs", "end_reason", "certificate_serial"}
-JOB_FIELDS = {"job_id", "name", "owner", "state", "attempt", "site", "node", "pilot_id", "submitted", "updated",
-              "exit_code", "message"}
+JOB_FIELDS = {"job_id", "batch_id", "name", "owner", "state", "attempt", "site", "node", "pilot_id", "submitted",
+              "updated", "exit_code", "message"}
 
 
 def test_admin_commands_against_a_real_broker(broker, tmp_path):
@@ -541,8 +541,8 @@ def test_status_output_kill_take_the_range_submit_prints(broker, tmp_path):
     assert all(f"job {i} had already ended: DONE" in killed.stdout for i in ids[:3])
 
 
-JSON_FIELDS = {"job_id", "name", "owner", "state", "final", "attempt", "exit_code", "message", "site", "node",
-               "pilot_id", "submitted", "updated", "executable", "arguments", "history", "outputs", "waiting",
+JSON_FIELDS = {"job_id", "batch_id", "name", "owner", "state", "final", "attempt", "exit_code", "message", "site",
+               "node", "pilot_id", "submitted", "updated", "executable", "arguments", "history", "outputs", "waiting",
                "cpu_seconds", "rss_bytes", "usage_time"}
 
 
@@ -784,3 +784,93 @@ def test_token_show_and_ca_show_json_say_what_the_human_form_says_and_never_the_
     assert "PRIVATE" not in machine.stdout and "BEGIN" not in machine.stdout
     unverified = json.loads(run("token", "show", str(token), "--json").stdout)
     assert unverified["verified"] is False and unverified["serial"] == record["serial"]
+# ------------------------------------------------------------------ batches
+
+BATCH_FIELDS = {"batch_id", "owner", "label", "created", "jobs", "counts"}
+
+
+def user_config(broker, tmp_path, name: str) -> str:
+    """A client config file for another user NAME of the broker."""
+    token = tmp_path / f"{name}.pem"
+    assert run("token", "issue", "--ca", str(broker.state / "ca"), "--role", "user", "--subject", name,
+               "--out", str(token)).returncode == 0
+    config = tmp_path / f"{name}.toml"
+    config.write_text(f'[client]\nbroker = "{broker.address}"\ntoken = "{token}"\n')
+    return str(config)
+
+
+def test_batches_from_submit_to_kill_status_and_output(broker, tmp_path):
+    """The real CLI end to end: submit prints its batch (human and --json), job batches lists it, and
+    status|kill|output --batch act on exactly that batch's jobs: the other batch is untouched."""
+    first = job(broker, "submit", write_job_file(tmp_path), "--json")
+    assert first.returncode == 0, first.stderr
+    made = json.loads(first.stdout)
+    assert set(made) == {"batch_id", "job_ids", "uploaded", "reused", "warnings"} and len(made["job_ids"]) == 2
+    batch_a, ids_a = made["batch_id"], made["job_ids"]
+    assert f"batch {batch_a}: splitpilot job status|kill|output --batch {batch_a}" in first.stderr
+    second = job(broker, "submit", write_job_file(tmp_path), "--label", "calib run 7")
+    ids_b = [int(line) for line in second.stdout.split()]
+    batch_b = re.search(r"^batch (b-[0-9a-f]{10}):", second.stderr, re.M).group(1)
+    assert batch_b != batch_a
+
+    listed = [json.loads(line) for line in job(broker, "batches", "--json").stdout.splitlines()]
+    assert [(b["batch_id"], b["jobs"], b["counts"], b["owner"], b["label"]) for b in listed] == \
+        [(batch_b, 2, {"WAITING": 2}, "alice", "calib run 7"), (batch_a, 2, {"WAITING": 2}, "alice", "")]
+    assert all(set(b) == BATCH_FIELDS for b in listed)
+    table = job(broker, "batches")
+    assert table.returncode == 0 and re.search(rf"^{batch_a}\s+-\s+\S+ \S+\s+2\s+2 WAITING$", table.stdout, re.M)
+    assert re.search(rf"^{batch_b}\s+calib run 7\s+", table.stdout, re.M), table.stdout
+
+    # Batch A's first job runs to DONE with an output; its outputs come by batch into DIR/ID/.
+    agent_token = broker.ca.new_token(TokenRole.AGENT, "glidein", site="SITE-A", queue="default")
+    assert finish(broker, agent_token, tmp_path) == ids_a[0]
+    fetched = job(broker, "output", "--batch", batch_a, str(tmp_path / "results"))
+    assert fetched.returncode == 1   # the waiting one has no outputs yet: said, and counted
+    assert (tmp_path / "results" / str(ids_a[0]) / "result.out").read_text() == f"job {ids_a[0]}\n"
+    assert f"job {ids_a[1]} has no outputs (state WAITING)" in fetched.stderr
+    assert os.listdir(tmp_path / "results") == [str(ids_a[0])]
+
+    killed = job(broker, "kill", "--batch", batch_a, "--reason", "wrong input")
+    assert killed.returncode == 0, killed.stderr
+    assert killed.stdout == f"job {ids_a[1]}: KILLED\n"   # the done one is not named: nothing to kill
+    states = {r["job_id"]: (r["state"], r["batch_id"]) for r in
+              map(json.loads, job(broker, "status", "--json").stdout.splitlines())}
+    assert states == {ids_a[0]: ("DONE", batch_a), ids_a[1]: ("KILLED", batch_a),
+                      ids_b[0]: ("WAITING", batch_b), ids_b[1]: ("WAITING", batch_b)}
+    shown = job(broker, "status", "--batch", batch_b)
+    assert "2 job(s) (all shown): 2 WAITING" in shown.stdout and str(ids_a[0]) not in shown.stdout.split()
+    assert f"batch:     {batch_a}" in job(broker, "status", str(ids_a[0])).stdout
+
+
+def test_another_users_batch_is_refused_by_every_command_and_nothing_changes(broker, tmp_path):
+    alice = job(broker, "submit", write_job_file(tmp_path))
+    batch = re.search(r"^batch (b-[0-9a-f]{10}):", alice.stderr, re.M).group(1)
+    bob = user_config(broker, tmp_path, "bob")
+    before = job(broker, "status", "--json").stdout
+    for command in (("kill", "--batch", batch), ("status", "--batch", batch), ("status", "--batch", batch, "--json"),
+                    ("output", "--batch", batch, str(tmp_path / "loot")), ("kill", "--batch", "b-0000000000")):
+        refused = run("job", *command, "--config", bob)
+        assert refused.returncode == 1, (command, refused.stdout, refused.stderr)
+        assert "NOT_FOUND" in refused.stderr and "of yours; fix: check the id with `splitpilot job batches`" \
+            in refused.stderr, refused.stderr
+        assert refused.stdout == "" and "alice" not in refused.stderr
+    assert not (tmp_path / "loot").exists()
+    assert job(broker, "status", "--json").stdout == before           # alice's jobs untouched
+    assert run("job", "batches", "--json", "--config", bob).stdout == ""
+
+
+@pytest.mark.parametrize(("command", "words"), [
+    (("kill", "1", "--batch", "b-0123456789"), "give either job ids or --batch, not both; fix:"),
+    (("status", "1..2", "--batch", "b-0123456789"), "give either job ids or --batch, not both; fix:"),
+    (("output", "1", "DIR", "--batch", "b-0123456789"), "give either job ids or --batch, not both; fix:"),
+    (("kill", "--batch", ""), "--batch is empty; fix:"),
+    (("submit", "jobs.toml", "--label", "\x1b]0;owned\x07"), "is not 1 to 64 letters, digits"),
+    (("kill",), "no job id given; fix:"),
+    (("batches", "--limit", "-1"), "--limit -1: give 1 to 10000"),
+])
+def test_batch_usage_mistakes_exit_2_naming_the_fix(broker, tmp_path, command, words):
+    job(broker, "submit", write_job_file(tmp_path))
+    refused = job(broker, *command)
+    assert refused.returncode == 2, refused.stderr
+    assert words in refused.stderr
+    assert "2 job(s) (all shown): 2 WAITING" in job(broker, "status").stdout

@@ -206,7 +206,7 @@ def test_every_rpc_refuses_every_wrong_role(server, tokens):
                     checked += 1
         finally:
             channel.close()
-    assert checked == 62  # 23 RPCs; each role is refused by the services not its own
+    assert checked == 64  # 24 RPCs; each role is refused by the services not its own
     # ... and the broker still serves.
     with BrokerClient(server.address, tokens.alice) as alice:
         assert alice.list().jobs == []

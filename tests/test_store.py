@@ -13,6 +13,7 @@ import datetime
 import multiprocessing
 import os
 import pathlib
+import re
 import signal
 import sqlite3
 import tempfile
@@ -23,7 +24,7 @@ from collections import Counter
 import psycopg
 import pytest
 from pg import DATABASE, free_port, pg_server, pg_url  # noqa: F401  (fixtures)
-from store_v1 import make_postgres_v1, make_sqlite_v1
+from store_v1 import make_postgres_v1, make_postgres_v4, make_sqlite_v1, make_sqlite_v4
 
 from broker.lifecycle import TRANSITIONS, Actor, RequeueCause, allowed
 from broker.store import open_store
@@ -44,9 +45,11 @@ from broker.store.base import (
     StoreSettings,
     StoreUnavailable,
     TooManyJobs,
+    UnknownBatch,
     UnknownJob,
 )
 from broker.store.schema import SCHEMA_VERSION
+from broker.store.sql import BATCH_ID_RE
 from pilot.api.states import JobState
 from pilot.errors import UsageError
 from splitpilot.job.v1 import job_pb2
@@ -882,10 +885,107 @@ def test_a_version_1_database_is_migrated_in_place(backend, tmp_path, request):
         else:
             with psycopg.connect(url) as conn:
                 version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        assert version == SCHEMA_VERSION == 4
+        assert version == SCHEMA_VERSION == 5
     finally:
         if drop is not None:
             drop()
+
+
+@pytest.fixture
+def old_database(request, tmp_path):
+    """make_old_database(builder_sqlite, builder_postgres) -> URL of a database of an older schema, on the
+    backend of the test's parameter (PostgreSQL: a database of its own, dropped afterwards)."""
+    made = []
+
+    def make(backend: str, sqlite_builder, postgres_builder) -> str:
+        if backend == "sqlite":
+            sqlite_builder(str(tmp_path / "old.db"), "1" * 64, "2" * 64)
+            return f"sqlite:///{tmp_path}/old.db"
+        server = request.getfixturevalue("pg_server")
+        with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS splitpilot_old")
+            conn.execute("CREATE DATABASE splitpilot_old")
+        made.append(server)
+        postgres_builder(server.url("splitpilot_old"), "1" * 64, "2" * 64)
+        return server.url("splitpilot_old")
+    yield make
+    for server in made:
+        with psycopg.connect(server.url("postgres"), autocommit=True) as conn:
+            conn.execute("DROP DATABASE IF EXISTS splitpilot_old WITH (FORCE)")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_version_4_database_gains_batches_and_keeps_its_jobs_without_one(backend, old_database):
+    """A database of schema version 4 (before batches) opens with this broker: its jobs are kept, with no
+    batch (shown as "-"), listed and counted as before; they belong to no batch a listing names; new
+    submissions get batches; a second opening changes nothing."""
+    url = old_database(backend, make_sqlite_v4, make_postgres_v4)
+    for _ in range(2):
+        store = open_store(url, SETTINGS)
+        try:
+            assert [(j.job_id, j.state, j.batch) for j in store.list("alice")] == \
+                [(2, S.DONE, None), (1, S.WAITING, None)]
+            assert store.get(1).batch is None and store.list_batches("alice") == []
+        finally:
+            store.close()
+    store = open_store(url, SETTINGS)
+    try:
+        batch, ids = store.submit_batch("alice", [spec(), spec()], at(1))
+        assert ids == [3, 4] and [b.batch_id for b in store.list_batches("alice")] == [batch]
+        assert [j.job_id for j in store.list("alice", batch=batch)] == [4, 3]
+        assert store.counts("alice", batch) == {**{s: 0 for s in S}, S.WAITING: 2}
+        assert store.counts("alice")[S.DONE] == 1
+    finally:
+        store.close()
+
+
+def test_a_batch_gets_appended_only_by_its_owner(store):
+    """A submission is a batch with a random id; its owner may add to it (the client's requests of one big
+    submission). Another user naming it, or anyone naming an unknown or malformed id, is refused with the
+    same words (no oracle: the id is a handle, ownership the authority), and nothing is written: no job,
+    no batch, no class."""
+    batch, ids = store.submit_batch("alice", [spec(), spec()], at(0))
+    assert re.fullmatch(r"b-[0-9a-f]{10}", batch)
+    assert store.submit_batch("alice", [spec()], at(1), batch) == (batch, [ids[-1] + 1])
+    assert store.batch_owner(batch) == "alice" and store.batch_owner("b-0000000000") is None
+    before = (store.list(None), store.list_batches("alice"), store.list_batches("mallory"), store.counts())
+    words = set()
+    for thief, named in (("mallory", batch), ("mallory", "b-0000000000"), ("alice", "b-0000000000"),
+                         ("mallory", "x" * 300), ("mallory", "b-5F3A9C0E1D"), ("mallory", "b-00000\x00000")):
+        with pytest.raises(UnknownBatch) as refused:
+            store.submit_batch(thief, [spec(cores=7)], at(2), named)   # cores=7: a class not seen before
+        assert str(refused.value) == str(UnknownBatch(named))
+        assert "fix: check the id with `splitpilot job batches`" in str(refused.value)
+        if BATCH_ID_RE.fullmatch(named):
+            words.add(str(refused.value).replace(named, "ID"))
+    assert len(words) == 1, words   # one message for another's batch and for none at all
+    assert (store.list(None), store.list_batches("alice"), store.list_batches("mallory"), store.counts()) == before
+    assert all(b.owner == "alice" for b in store.list_batches("alice"))
+    with pytest.raises(UnknownBatch):   # paging from another's batch: the same refusal
+        store.list_batches("mallory", before=batch)
+
+
+def test_batches_are_listed_newest_first_with_their_counts_and_paged(store):
+    first, (a, _b) = store.submit_batch("alice", [spec(), spec()], at(0))
+    second, _ = store.submit_batch("alice", [spec()], at(1))
+    store.submit_batch("bob", [spec()], at(2))
+    store.kill(a, "alice", "", at(3))
+    listed = store.list_batches("alice")
+    assert [(b.batch_id, b.jobs, b.counts, b.created) for b in listed] == \
+        [(second, 1, {S.WAITING: 1}, at(1)), (first, 2, {S.WAITING: 1, S.KILLED: 1}, at(0))]
+    assert [b.batch_id for b in store.list_batches("alice", limit=1)] == [second]
+    assert [b.batch_id for b in store.list_batches("alice", before=second)] == [first]
+    assert store.list_batches("alice", before=first) == []
+    assert [j.batch for j in store.list("alice", batch=first)] == [first, first]
+    assert store.list("bob", batch=first) == []   # the store filters; whose it is, the service checks
+    labelled, _ = store.submit_batch("alice", [spec()], at(4), label="calib run 7")
+    assert [(b.batch_id, b.label) for b in store.list_batches("alice", limit=2)] == \
+        [(labelled, "calib run 7"), (second, "")]
+    before = store.list(None), store.list_batches("alice")
+    for label in ("\x00", "x" * 65, "-starts-badly", "tab\there"):
+        with pytest.raises(BadValue, match="is not 1 to 64 letters"):
+            store.submit_batch("alice", [spec()], at(5), label=label)
+    assert (store.list(None), store.list_batches("alice")) == before
 
 
 def test_a_newer_schema_is_refused_with_the_fix(tmp_path):
@@ -1003,7 +1103,8 @@ def test_plans_use_indexes(store, url):
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("ANALYZE")
     plans = store.plans()
-    assert {"claim", "lost heartbeats", "never started", "queue timeout", "owner's jobs", "history"} <= set(plans)
+    assert {"claim", "lost heartbeats", "never started", "queue timeout", "owner's jobs", "history", "batch's jobs",
+            "owner's batches"} <= set(plans)
     text = "\n".join(f"{name}: {plan}" for name, plan in plans.items())
     if url.startswith("sqlite"):
         assert "SCAN jobs" not in text and "SCAN events" not in text, text
@@ -1011,8 +1112,10 @@ def test_plans_use_indexes(store, url):
         assert "TEMP B-TREE" not in plans["class head"], text  # the index gives the order
         assert plans["class heads"].count("SEARCH jobs USING INDEX jobs_waiting") == 3, text
         assert "jobs_alive" in plans["lost heartbeats"], text
+        assert "jobs_batch" in plans["batch's jobs"] and "batches_owner" in plans["owner's batches"], text
     else:
         assert "Seq Scan on jobs" not in text and "Seq Scan on events" not in text, text
+        assert "jobs_batch" in plans["batch's jobs"], text
         for name in ("match", "class heads", "claim"):
             assert "Index" in plans[name] and "jobs_waiting" in plans[name], text
         assert "Sort" not in plans["claim"], text

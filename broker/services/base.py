@@ -56,6 +56,7 @@ from broker.store.base import (
     StoreError,
     StoreUnavailable,
     TooManyJobs,
+    UnknownBatch,
     UnknownJob,
 )
 from broker.waiting import OfferLog, OfferSettings
@@ -108,7 +109,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, StaleAttemptError):
         # The same words whether the token or the store noticed first.
         return grpc.StatusCode.FAILED_PRECONDITION, str(StaleAttempt(exc.job_id, exc.attempt, exc.current))
-    if isinstance(exc, (UnknownJob, NotFound, MissingFile, NotRevocable)):
+    if isinstance(exc, (UnknownJob, UnknownBatch, NotFound, MissingFile, NotRevocable)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (InvalidTransition, OutOfOrderUpdate, Conflict, IssueError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
@@ -374,7 +375,8 @@ def text(value: str, limit: int = MAX_TEXT) -> str:
 def job_info(record: JobRecord, *, history: bool = True) -> pb.JobInfo:
     info = pb.JobInfo(job_id=record.job_id, spec=record.spec, state=int(record.state), attempt=record.attempt,
                       submitted_unix_ms=to_ms(record.submitted), updated_unix_ms=to_ms(record.updated),
-                      site=record.site, node=record.node, pilot_id=record.pilot_id, message=record.message)
+                      site=record.site, node=record.node, pilot_id=record.pilot_id, message=record.message,
+                      batch_id=record.batch or "")
     info.spec.owner = record.owner
     if record.exit_code is not None:
         info.exit_code = record.exit_code

@@ -40,8 +40,10 @@ from broker.services.base import (
     utcnow,
 )
 from broker.specs import MAX_PATTERN, SpecProblem, check_spec
+from broker.store.base import UnknownBatch
 from broker.store.classes import RequirementClass
-from pilot.api.files import BadFileHeader, check_sandbox_name, check_sha256, name_problem
+from broker.store.sql import BATCH_LABEL_FORM, BATCH_LABEL_RE
+from pilot.api.files import BadFileHeader, check_sandbox_name, check_sha256, name_problem, shown
 from pilot.api.states import JobState
 from pilot.tokens import Identity
 from pilot.tokens.errors import IssueError
@@ -73,18 +75,25 @@ class UserServicer(rpc_pb.UserServiceServicer):
             raise BadRequest("the request holds no jobs; fix: add at least one JobSpec")
         if len(specs) > limit:
             raise BadRequest(f"{len(specs)} jobs in one request; the broker takes at most {limit}; fix: submit "
-                             "them in several batches")
+                             "them in several requests (the first one's batch_id in the others)")
+        label = request.batch_label
+        if label and request.batch_id:
+            raise BadRequest("batch_label goes with a new batch only (a batch keeps the label it was made with); "
+                             "fix: leave batch_label empty when naming batch_id")
+        if label and not BATCH_LABEL_RE.fullmatch(label):
+            raise BadRequest(f"batch_label {shown(label[:64])!r} is not {BATCH_LABEL_FORM}")
         # Big batches are checked off the event loop, so that matching goes on meanwhile; so are batches
         # with inputs (their check takes the file store's lock).
         heavy = len(specs) > 100 or any(spec.input_files for spec in specs)
         cleaned = await broker.call(self._checked_specs, specs, identity.subject, heavy=heavy)
-        ids = await broker.call(broker.store.submit, identity.subject, cleaned, utcnow(), heavy=True)
-        log.info("%s submitted %d job(s): %s", identity.subject, len(ids), _id_range(ids))
+        batch, ids = await broker.call(broker.store.submit_batch, identity.subject, cleaned, utcnow(),
+                                       request.batch_id, label, heavy=True)
+        log.info("%s submitted %d job(s) in batch %s: %s", identity.subject, len(ids), batch, _id_range(ids))
         warnings = await broker.call(self._never_runnable, cleaned, heavy=True)
         for warning in warnings:
             log.info("%s: %d job(s) no site has ever been able to run: %s", identity.subject,
                      len(warning.job_indexes), warning.message)
-        return pb.SubmitResponse(job_ids=ids, warnings=warnings)
+        return pb.SubmitResponse(job_ids=ids, warnings=warnings, batch_id=batch)
 
     def _never_runnable(self, specs: Sequence[job_pb2.JobSpec]) -> list[pb.SubmitWarning]:
         """One warning per requirement class of SPECS that no site has ever offered (none while no pilot was
@@ -253,6 +262,22 @@ class UserServicer(rpc_pb.UserServiceServicer):
             sizes = {sha: files.size_of(sha) for sha in usable}
         return [(sha, size) for sha, size in sorted(sizes.items()) if size is not None]
 
+    @rpc(SERVICE)
+    async def ListBatches(self, identity: Identity, request: pb.ListBatchesRequest,
+                          context) -> pb.ListBatchesResponse:
+        broker = self.broker
+        limit = min(request.limit or broker.settings.list_default, broker.settings.list_max)
+
+        def build() -> pb.ListBatchesResponse:
+            response = pb.ListBatchesResponse()
+            for batch in broker.store.list_batches(identity.subject, limit, request.before_batch_id):
+                info = response.batches.add(batch_id=batch.batch_id, owner=batch.owner, label=batch.label,
+                                            created_unix_ms=to_ms(batch.created), jobs=batch.jobs)
+                for state, count in batch.counts.items():
+                    info.counts_by_state[job_pb2.JobState.Name(int(state))] = count
+            return response
+        return await broker.call(build, heavy=True)
+
     @rpc_stream(SERVICE)
     async def DownloadOutput(self, identity: Identity, request: pb.DownloadOutputRequest, context):
         broker = self.broker
@@ -281,6 +306,11 @@ async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsReque
     limit = min(request.limit or settings.list_default, settings.list_max)
     before = request.before_job_id or None
     site, since = "", None
+    batch = request.batch_id
+    if batch:   # a user's own batch only; an admin's any batch (ListAllJobs): else the same NOT_FOUND
+        batch_owner = await broker.call(broker.store.batch_owner, batch)
+        if batch_owner is None or (owner is not None and batch_owner != owner):
+            raise UnknownBatch(batch)
     if isinstance(request, pb.ListAllJobsRequest):  # the admin's filters
         if request.owner:
             owner = checked_name("owner", request.owner)
@@ -292,9 +322,9 @@ async def list_jobs(broker: Broker, owner: str | None, request: pb.ListJobsReque
             since = datetime.datetime.fromtimestamp(request.updated_since_unix_ms / 1000, datetime.UTC)
 
     def build():  # in a thread: thousands of records are converted here
-        records = broker.store.list(owner, states, limit, before, site=site, updated_since=since)
+        records = broker.store.list(owner, states, limit, before, site=site, updated_since=since, batch=batch)
         response = response_type(jobs=[job_info(r, history=False) for r in records])
-        for state, count in broker.store.counts(owner).items():
+        for state, count in broker.store.counts(owner, batch).items():
             response.counts_by_state[job_pb2.JobState.Name(int(state))] = count
         return response
     return await broker.call(build, heavy=True)

@@ -148,6 +148,19 @@ class TooManyJobs(StoreError):
         self.limit = limit
 
 
+class UnknownBatch(StoreError):
+    """A batch id that names no batch of the caller's: unknown, or another user's (the same words for
+    both: the id is a handle, ownership the authority, and the answer no oracle). Attributes: batch_id."""
+
+    exit_code = 2
+
+    def __init__(self, batch_id: str) -> None:
+        shown = batch_id[:40].encode("unicode_escape").decode("ascii")
+        super().__init__(f"no batch {shown!r} of yours; fix: check the id with `splitpilot job batches` (job "
+                         "submit prints it), or leave the batch out")
+        self.batch_id = batch_id
+
+
 # ------------------------------------------------------------------ values
 
 @dataclass(frozen=True)
@@ -251,6 +264,25 @@ class JobRecord:
     outputs: tuple[OutputRecord, ...] = ()
     #: The payload's use at the current attempt's last heartbeat (None: no heartbeat yet this attempt).
     usage: Usage | None = None
+    #: The batch (submission) of the job (None: queued before batches existed, schema version 4).
+    batch: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch: the jobs of one submission (see broker.proto BatchInfo)."""
+
+    batch_id: str
+    owner: str
+    created: datetime.datetime
+    #: Its jobs per state (states with none left out).
+    counts: dict[JobState, int] = field(default_factory=dict)
+    #: The label it was made with ('' for none).
+    label: str = ""
+
+    @property
+    def jobs(self) -> int:
+        return sum(self.counts.values())
 
 
 @dataclass(frozen=True)
@@ -383,9 +415,25 @@ class JobStore(abc.ABC):
     settings: StoreSettings
 
     # --- users
-    @abc.abstractmethod
     def submit(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime) -> list[int]:
-        """Queue SPECS (all or none) for OWNER; return their ids in order."""
+        """Queue SPECS (all or none) for OWNER in a new batch; return their ids in order."""
+        return self.submit_batch(owner, specs, now)[1]
+
+    @abc.abstractmethod
+    def submit_batch(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime,
+                     batch: str = "", label: str = "") -> tuple[str, list[int]]:
+        """Queue SPECS (all or none) for OWNER into BATCH (one of OWNER's: else UnknownBatch, nothing
+        written), or into a new batch labelled LABEL when BATCH is ''; return (the batch id, the job
+        ids in order)."""
+
+    @abc.abstractmethod
+    def batch_owner(self, batch: str) -> str | None:
+        """The owner of BATCH (None: no such batch)."""
+
+    @abc.abstractmethod
+    def list_batches(self, owner: str, limit: int = 1000, before: str = "") -> list[BatchRecord]:
+        """OWNER's batches, newest first, with their jobs counted per state; BEFORE: only those made
+        before that batch of OWNER's (UnknownBatch when it is not one)."""
 
     @abc.abstractmethod
     def get(self, job_id: int, *, with_history: bool = True) -> JobRecord:
@@ -394,13 +442,14 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def list(self, owner: str | None, states: Sequence[JobState] = (), limit: int = 1000,
              before_job_id: int | None = None, *, site: str = "",
-             updated_since: datetime.datetime | None = None) -> list[JobRecord]:
+             updated_since: datetime.datetime | None = None, batch: str = "") -> list[JobRecord]:
         """Jobs of OWNER (None: everyone's), newest first, without history; SITE: only jobs whose
-        current or last attempt is there; UPDATED_SINCE: only jobs whose state changed since."""
+        current or last attempt is there; UPDATED_SINCE: only jobs whose state changed since; BATCH:
+        only that batch's jobs (the caller checks whose it is: batch_owner)."""
 
     @abc.abstractmethod
-    def counts(self, owner: str | None = None) -> dict[JobState, int]:
-        """Number of jobs per state (of OWNER, or all)."""
+    def counts(self, owner: str | None = None, batch: str = "") -> dict[JobState, int]:
+        """Number of jobs per state (of OWNER, or all; of BATCH only, if given)."""
 
     @abc.abstractmethod
     def kill(self, job_id: int, owner: str | None, reason: str, now: datetime.datetime) -> JobState:

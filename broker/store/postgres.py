@@ -372,6 +372,8 @@ class PostgresStore(SqlStore):
         "queue timeout": (f"SELECT id, attempt FROM jobs WHERE state = {WAITING} AND updated < %s", (0,)),
         "owner's jobs": (f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = %s ORDER BY id DESC LIMIT 10", ("x",)),
         "history": ("SELECT time, state, attempt, detail FROM events WHERE job_id = %s ORDER BY id", (1,)),
+        "batch's jobs": (f"SELECT {JOB_COLUMNS} FROM jobs WHERE batch = %s ORDER BY id DESC LIMIT 10", ("b",)),
+        "owner's batches": ("SELECT id, created FROM batches WHERE owner = %s ORDER BY seq DESC LIMIT 10", ("x",)),
     }
 
     def plans(self) -> dict[str, str]:

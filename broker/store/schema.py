@@ -31,6 +31,8 @@ The tables:
             every few seconds from each broker's memory, never by a match.
   counters  the metrics, split into shards so that concurrent PostgreSQL
             transactions rarely wait on the same row.
+  batches   one row per submission (a batch): its public id, owner, creation time and label; jobs.batch
+            names it (NULL for jobs queued before version 5).
   meta      schema version and, for SQLite, the next job id.
 
 The indexes exist for one query each (see `PLANNED_QUERIES` in the stores):
@@ -40,14 +42,17 @@ The indexes exist for one query each (see `PLANNED_QUERIES` in the stores):
   jobs_alive    (state, heartbeat) WHERE state IN (STARTED, RUNNING, SAVING): lost
                 heartbeats, an index as small as the running set;
   jobs_owner    (owner, id): a user's jobs, newest first;
+  jobs_batch    (batch, id): a batch's jobs, newest first, and its counts (made after the
+                migrations: AFTER_MIGRATIONS, since a version-4 table has no batch column yet);
+  batches_owner (owner, seq): a user's batches, newest first;
   events_job    (job_id, id): a job's history in order;
   outputs_sha256, file_owners_sha256: is this content still referenced
                 (before a replaced output's content is freed).
 
 Versions: 1 (first release); 2 adds pilot binding (pilots.cert_serial,
 cert_not_after), reservations, file_owners, revoked, tokens; 3 adds
-site_offers. `MIGRATIONS` takes a database of an older version forward in
-place (new tables come from the CREATE statements).
+site_offers; 4 adds the heartbeat's usage columns; 5 adds batches and jobs.batch. `MIGRATIONS`
+takes a database of an older version forward in place (new tables come from the CREATE statements).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from dataclasses import dataclass
 
 from pilot.api.states import JobState
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 UTC = datetime.UTC
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
@@ -146,7 +151,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     spec {blob} NOT NULL,
     usage_cpu_ms BIGINT NOT NULL DEFAULT 0,
     usage_rss BIGINT NOT NULL DEFAULT 0,
-    usage_time BIGINT NOT NULL DEFAULT 0
+    usage_time BIGINT NOT NULL DEFAULT 0,
+    batch TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_waiting ON jobs (class_id, priority DESC, id) WHERE state = {waiting};
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, updated);
@@ -238,6 +244,14 @@ CREATE TABLE IF NOT EXISTS site_offers (
     last_offer BIGINT NOT NULL,
     PRIMARY KEY (site, bucket)
 );
+CREATE TABLE IF NOT EXISTS batches (
+    seq {id_column},
+    id TEXT NOT NULL UNIQUE,
+    owner TEXT NOT NULL,
+    created BIGINT NOT NULL,
+    label TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS batches_owner ON batches (owner, seq);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL,
     shard INTEGER NOT NULL,
@@ -265,4 +279,12 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: ("ALTER TABLE jobs ADD COLUMN usage_cpu_ms BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE jobs ADD COLUMN usage_rss BIGINT NOT NULL DEFAULT 0",
         "ALTER TABLE jobs ADD COLUMN usage_time BIGINT NOT NULL DEFAULT 0"),
+    # Version 4 -> 5: each submission is a batch (the batches table comes from the CREATE statements);
+    # jobs queued before have none (NULL, shown as "-").
+    4: ("ALTER TABLE jobs ADD COLUMN batch TEXT",),
 }
+
+#: Run after the migrations (idempotent): indexes on columns a migration may just have added.
+AFTER_MIGRATIONS: tuple[str, ...] = (
+    "CREATE INDEX IF NOT EXISTS jobs_batch ON jobs (batch, id)",
+)

@@ -30,6 +30,8 @@ from __future__ import annotations
 import abc
 import datetime
 import math
+import re
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
@@ -39,6 +41,7 @@ from broker.store.base import (
     FAILURE_STATES,
     PILOT_STATES,
     BadValue,
+    BatchRecord,
     InvalidTransition,
     JobEventRecord,
     JobRecord,
@@ -60,12 +63,14 @@ from broker.store.base import (
     StoreError,
     StoreSettings,
     TooManyJobs,
+    UnknownBatch,
     UnknownJob,
     UpdateResult,
     Usage,
 )
 from broker.store.classes import CLASS_COLUMNS, CLASS_INSERT_COLUMNS, SEPARATOR, ClassCache, RequirementClass
 from broker.store.schema import (
+    AFTER_MIGRATIONS,
     ALIVE_STATES,
     ASSIGNED,
     COUNTERS,
@@ -99,9 +104,12 @@ class Cursor(Protocol):
 
 
 JOB_COLUMNS = ("id, spec, owner, state, attempt, max_attempts, submitted, updated, site, node, pilot_id, "
-               "exit_code, message, kill_requested, usage_cpu_ms, usage_rss, usage_time")
+               "exit_code, message, kill_requested, usage_cpu_ms, usage_rss, usage_time, batch")
 JOB_INSERT_COLUMNS = ("id, class_id, owner, priority, state, attempt, charged, max_attempts, fenced, seq, "
-                      "kill_requested, submitted, updated, heartbeat, site, node, pilot_id, exit_code, message, spec")
+                      "kill_requested, submitted, updated, heartbeat, site, node, pilot_id, exit_code, message, spec, "
+                      "batch")
+#: Columns of JOB_INSERT_COLUMNS (the backends' placeholders and COPY rows).
+JOB_INSERT_COUNT = JOB_INSERT_COLUMNS.count(",") + 1
 EVENT_INSERT = "INSERT INTO events (job_id, time, state, attempt, detail) VALUES (?, ?, ?, ?, ?)"
 #: The head of one class: the only read a match makes per class (jobs_waiting).
 HEAD_SQL = (f"SELECT priority, id FROM jobs WHERE class_id = ? AND state = {WAITING} "
@@ -128,6 +136,31 @@ REQUEUE_REFUSAL = ("only a job waiting, under way (ASSIGNED to SAVING) or ended 
 #: A site whose last pilot was seen longer ago than this (and that has no admin state, no job under
 #: way and no recent failure) is no longer listed by list_sites.
 SITE_MEMORY_MS = 30 * 86_400_000
+
+
+#: Batch ids: "b-" and 10 random hex digits (40 bits), e.g. "b-5f3a9c0e1d". Random rather than a
+#: sequence: short enough to read and type, unique per broker (the table's key; a clash is drawn
+#: again), and it tells nobody how many batches others submitted. It is a handle, not a secret:
+#: every use checks that the caller owns the batch, and another user's batch is refused exactly
+#: like an unknown one.
+BATCH_ID_RE = re.compile(r"b-[0-9a-f]{10}")
+
+
+#: Batch labels: a name for people (DIRAC's job group), shown, never used as a key.
+BATCH_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,63}")
+BATCH_LABEL_FORM = ("1 to 64 letters, digits, '.', '_', '-' or spaces, starting with a letter or digit; fix: "
+                    "choose such a label, or none")
+
+
+def new_batch_id() -> str:
+    return "b-" + secrets.token_hex(5)
+
+
+def known_batch(batch: str) -> str:
+    """BATCH, if it has the form of a batch id; else UnknownBatch (NOT_FOUND: the same as any unknown id)."""
+    if not BATCH_ID_RE.fullmatch(batch):
+        raise UnknownBatch(batch)
+    return batch
 
 
 def pilot_key(pilot: PilotRef) -> tuple[str, str, str, str]:
@@ -175,7 +208,8 @@ def record(row: Sequence, history: Sequence[tuple] = (), outputs: Sequence[tuple
         node=row[9], pilot_id=row[10], exit_code=row[11], message=row[12], kill_requested=bool(row[13]),
         history=tuple(JobEventRecord(from_ms(t), JobState(s), int(a), d) for t, s, a, d in history),
         outputs=tuple(OutputRecord(n, int(size), sha) for n, size, sha in outputs),
-        usage=Usage(int(row[14]) / 1000, int(row[15]), from_ms(row[16])) if row[16] else None)
+        usage=Usage(int(row[14]) / 1000, int(row[15]), from_ms(row[16])) if row[16] else None,
+        batch=row[17])
 
 
 #: Bounds of what a heartbeat's figures are stored as (a wrapper's garbage is clamped, never refused:
@@ -326,6 +360,8 @@ class SqlStore(JobStore):
                 self._own_existing_inputs(cur)
             version += 1
             cur.run("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+        for statement in AFTER_MIGRATIONS:
+            cur.run(statement)
 
     @staticmethod
     def _own_existing_inputs(cur: Cursor) -> None:
@@ -345,11 +381,16 @@ class SqlStore(JobStore):
                      "ON CONFLICT (owner, sha256) DO NOTHING", [(o, s, size, ms) for (o, s), size in owned.items()])
 
     # ------------------------------------------------------------------ users
-    def submit(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime) -> list[int]:
+    def submit_batch(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime,
+                     batch: str = "", label: str = "") -> tuple[str, list[int]]:
+        if batch:
+            known_batch(batch)
+        if label and not BATCH_LABEL_RE.fullmatch(label):
+            raise BadValue(f"batch label {label[:64]!r} is not {BATCH_LABEL_FORM}")
         if len(specs) > self.settings.max_jobs_per_submit:
             raise TooManyJobs(len(specs), self.settings.max_jobs_per_submit)
         if not specs:
-            return []
+            return batch, []
         ms = to_ms(now)
         requirements = [RequirementClass.of(spec.requirements) for spec in specs]
         for requirement in requirements:
@@ -364,21 +405,68 @@ class SqlStore(JobStore):
             prepared.append((stored.priority, stored.max_attempts, stored.SerializeToString()))
         new_classes = False
 
-        def body(cur: Cursor) -> list[int]:
+        def body(cur: Cursor) -> tuple[str, list[int]]:
             nonlocal new_classes
+            # First, so that a refused batch leaves nothing behind (the whole body is one transaction).
+            batch_id = self._own_batch(cur, batch, owner) if batch else self._new_batch(cur, owner, ms, label)
             ids = {r.key: self._classes.id_of(r.key) for r in requirements}
             missing = {r.key: r for r in requirements if ids[r.key] is None}
             if missing:  # in this transaction: a refused submission leaves no class behind
                 ids.update(self._add_classes(cur, list(missing.values()), ms))
                 new_classes = True
             rows = [[ids[requirement.key], owner, priority, WAITING, 0, 0, max_attempts, 1, 0, 0, ms, ms, ms,
-                     "", "", "", None, "", blob]
+                     "", "", "", None, "", blob, batch_id]
                     for requirement, (priority, max_attempts, blob) in zip(requirements, prepared, strict=True)]
-            return self._insert_jobs(cur, rows, f"submitted by {owner}", ms)
-        job_ids = self._write(body)
+            return batch_id, self._insert_jobs(cur, rows, f"submitted by {owner} in batch {batch_id}", ms)
+        batch_id, job_ids = self._write(body)
         if new_classes:
             self._read(self._refresh_classes)  # after the commit: the cache never holds a rolled-back class
-        return job_ids
+        return batch_id, job_ids
+
+    def _own_batch(self, cur: Cursor, batch: str, owner: str) -> str:
+        """BATCH, locked for the append, if OWNER's; UnknownBatch otherwise (another's or none: the same)."""
+        row = cur.row(f"SELECT owner FROM batches WHERE id = ?{self.FOR_UPDATE}", (batch,))
+        if row is None or row[0] != owner:
+            raise UnknownBatch(batch)
+        return batch
+
+    def _new_batch(self, cur: Cursor, owner: str, ms: int, label: str = "") -> str:
+        for _ in range(8):   # 40 random bits: a clash is rare; a few draws make it vanishingly so
+            batch_id = new_batch_id()
+            if cur.run("INSERT INTO batches (id, owner, created, label) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (id) DO NOTHING", (batch_id, owner, ms, label)):
+                return batch_id
+        raise StoreError("no free batch id was found; fix: submit again")
+
+    def batch_owner(self, batch: str) -> str | None:
+        if not BATCH_ID_RE.fullmatch(batch):
+            return None
+        row = self._read(lambda cur: cur.row("SELECT owner FROM batches WHERE id = ?", (batch,)))
+        return row[0] if row else None
+
+    def list_batches(self, owner: str, limit: int = 1000, before: str = "") -> list[BatchRecord]:
+        if before:
+            known_batch(before)
+
+        def body(cur: Cursor) -> list[BatchRecord]:
+            where, params = "owner = ?", [owner]
+            if before:
+                row = cur.row("SELECT seq FROM batches WHERE id = ? AND owner = ?", (before, owner))
+                if row is None:
+                    raise UnknownBatch(before)
+                where += " AND seq < ?"
+                params.append(row[0])
+            rows = cur.rows(f"SELECT id, created, label FROM batches WHERE {where} ORDER BY seq DESC LIMIT ?",
+                            (*params, max(0, limit)))
+            counts: dict[str, dict[JobState, int]] = {}
+            for chunk in _chunks([batch_id for batch_id, _, _ in rows]):
+                for batch_id, state, count in cur.rows(
+                        f"SELECT batch, state, count(*) FROM jobs WHERE batch IN ({', '.join('?' * len(chunk))}) "
+                        "GROUP BY batch, state", chunk):
+                    counts.setdefault(batch_id, {})[JobState(state)] = int(count)
+            return [BatchRecord(batch_id, owner, from_ms(created), counts.get(batch_id, {}), label)
+                    for batch_id, created, label in rows]
+        return self._read(body, snapshot=True)
 
     def _add_classes(self, cur: Cursor, classes: Sequence[RequirementClass], ms: int) -> dict[str, int]:
         """Insert CLASSES (unless present) in CUR's transaction; return their ids by key."""
@@ -411,9 +499,12 @@ class SqlStore(JobStore):
 
     def list(self, owner: str | None, states: Sequence[JobState] = (), limit: int = 1000,
              before_job_id: int | None = None, *, site: str = "",
-             updated_since: datetime.datetime | None = None) -> list[JobRecord]:
+             updated_since: datetime.datetime | None = None, batch: str = "") -> list[JobRecord]:
         where: list[str] = []
         params: list[Any] = []
+        if batch:
+            where.append("batch = ?")
+            params.append(batch)
         if owner is not None:
             where.append("owner = ?")
             params.append(owner)
@@ -433,11 +524,11 @@ class SqlStore(JobStore):
                + " ORDER BY id DESC LIMIT ?")
         return [record(row) for row in self._read(lambda cur: cur.rows(sql, (*params, max(0, limit))))]
 
-    def counts(self, owner: str | None = None) -> dict[JobState, int]:
-        if owner is None:
-            sql, params = "SELECT state, count(*) FROM jobs GROUP BY state", ()
-        else:
-            sql, params = "SELECT state, count(*) FROM jobs WHERE owner = ? GROUP BY state", (owner,)
+    def counts(self, owner: str | None = None, batch: str = "") -> dict[JobState, int]:
+        where = [(column, value) for column, value in (("owner", owner), ("batch", batch or None)) if value is not None]
+        sql = ("SELECT state, count(*) FROM jobs" + (" WHERE " + " AND ".join(f"{c} = ?" for c, _ in where)
+                                                      if where else "") + " GROUP BY state")
+        params = tuple(value for _, value in where)
         found = dict(self._read(lambda cur: cur.rows(sql, params)))
         return {state: int(found.get(int(state), 0)) for state in JobState}
 

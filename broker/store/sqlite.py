@@ -45,6 +45,7 @@ from broker.store.sql import (
     HEAD_SQL,
     JOB_COLUMNS,
     JOB_INSERT_COLUMNS,
+    JOB_INSERT_COUNT,
     SqlStore,
     matched_detail,
 )
@@ -199,7 +200,7 @@ class SqliteStore(SqlStore):
         count = len(rows)
         last = cur.row("UPDATE meta SET value = value + ? WHERE key = 'last_job_id' RETURNING value", (count,))[0]
         ids = list(range(last - count + 1, last + 1))
-        cur.many(f"INSERT INTO jobs ({JOB_INSERT_COLUMNS}) VALUES ({', '.join('?' * 20)})",
+        cur.many(f"INSERT INTO jobs ({JOB_INSERT_COLUMNS}) VALUES ({', '.join('?' * JOB_INSERT_COUNT)})",
                  [(job_id, *row) for job_id, row in zip(ids, rows, strict=True)])
         cur.many(EVENT_INSERT, [(job_id, now_ms, WAITING, 0, events_detail) for job_id in ids])
         return ids
@@ -249,6 +250,8 @@ class SqliteStore(SqlStore):
         "queue timeout": (f"SELECT id, attempt FROM jobs WHERE state = {WAITING} AND updated < ?", (0,)),
         "owner's jobs": (f"SELECT {JOB_COLUMNS} FROM jobs WHERE owner = ? ORDER BY id DESC LIMIT 10", ("x",)),
         "history": ("SELECT time, state, attempt, detail FROM events WHERE job_id = ? ORDER BY id", (1,)),
+        "batch's jobs": (f"SELECT {JOB_COLUMNS} FROM jobs WHERE batch = ? ORDER BY id DESC LIMIT 10", ("b",)),
+        "owner's batches": ("SELECT id, created FROM batches WHERE owner = ? ORDER BY seq DESC LIMIT 10", ("x",)),
     }
 
     def plans(self) -> dict[str, str]:

@@ -223,6 +223,8 @@ class JobStatus:
     cpu_seconds: float | None = None
     rss_bytes: int | None = None
     usage_at: datetime.datetime | None = None
+    #: The batch (submission) of the job ('' for jobs queued before batches existed, or from an older broker).
+    batch_id: str = ""
 
     @classmethod
     def from_proto(cls, info: pb.JobInfo) -> JobStatus:
@@ -236,7 +238,8 @@ class JobStatus:
                    wait=WaitReport.from_proto(info.wait) if info.HasField("wait") else None,
                    cpu_seconds=info.cpu_seconds if info.HasField("cpu_seconds") else None,
                    rss_bytes=info.rss_bytes if info.HasField("rss_bytes") else None,
-                   usage_at=_from_ms(info.usage_unix_ms) if info.usage_unix_ms else None)
+                   usage_at=_from_ms(info.usage_unix_ms) if info.usage_unix_ms else None,
+                   batch_id=info.batch_id)
 
     @property
     def final(self) -> bool:
@@ -298,6 +301,23 @@ class Submission:
     #: Input files uploaded, and those the broker already held for the caller (named by digest only).
     uploaded: int = 0
     reused: int = 0
+    #: The batch every job of the submission went into ('' from a broker older than batches).
+    batch_id: str = ""
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """One batch of the caller's (ListBatches): the jobs of one submission, counted per state."""
+
+    batch_id: str
+    owner: str
+    created: datetime.datetime
+    jobs: int
+    counts: dict[JobState, int]
+    #: Counts of states this version does not know (a newer broker's), by the broker's name for them.
+    other_counts: dict[str, int] = field(default_factory=dict)
+    #: The label it was made with ('' for none).
+    label: str = ""
 
 
 @dataclass(frozen=True)
@@ -519,15 +539,16 @@ class BrokerClient(_TokenClient):
         return found
 
     def submit(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable, *,
-               on_progress: OnProgress | None = None) -> list[int]:
+               label: str = "", on_progress: OnProgress | None = None) -> list[int]:
         """Queue jobs given as job file paths, JobDescriptions or JobSpecs (or a list
         of them). Inputs of job files are uploaded first (each file once).
-        More than 5,000 jobs go in several batches, each all-or-nothing. Returns the
-        job ids; submit_checked also returns the broker's warnings."""
-        return self.submit_checked(jobs, on_progress=on_progress).job_ids
+        More than 5,000 jobs go in several requests, each all-or-nothing, all into one
+        batch (the first request's). Returns the job ids; submit_checked also returns
+        the broker's warnings and the batch id. LABEL names the batch (ListBatches shows it)."""
+        return self.submit_checked(jobs, label=label, on_progress=on_progress).job_ids
 
     def submit_checked(self, jobs: str | os.PathLike | JobDescription | job_pb2.JobSpec | Iterable, *,
-                       on_progress: OnProgress | None = None) -> Submission:
+                       label: str = "", on_progress: OnProgress | None = None) -> Submission:
         """Like submit; returns the ids and the broker's warnings (jobs no site has ever been able to run,
         their indexes counted over everything submitted in this call). ON_PROGRESS watches each upload;
         an input already on the broker is reported once, whole, without a transfer."""
@@ -576,24 +597,59 @@ class BrokerClient(_TokenClient):
             specs.append(spec)
         ids: list[int] = []
         warnings: list[SubmitWarning] = []
+        batch_id = ""
         for start in range(0, len(specs), SUBMIT_BATCH):
-            batch = specs[start:start + SUBMIT_BATCH]
-            response = self._call("Submit", self._stub.Submit, pb.SubmitRequest(jobs=batch), timeout=300)
+            chunk = specs[start:start + SUBMIT_BATCH]
+            # One submission is one batch: the first request makes it, the others add to it.
+            request = pb.SubmitRequest(jobs=chunk, batch_id=batch_id, batch_label="" if batch_id else label)
+            response = self._call("Submit", self._stub.Submit, request, timeout=300)
+            batch_id = batch_id or response.batch_id
             ids.extend(response.job_ids)
             warnings.extend(SubmitWarning(tuple(start + i for i in w.job_indexes), w.message,
                                           tuple(Unmet(u.requirement, u.wanted, u.offered) for u in w.unmet))
                             for w in response.warnings)
-        return Submission(ids, warnings, uploaded=len(uploaded) - len(reused), reused=len(reused))
+        return Submission(ids, warnings, uploaded=len(uploaded) - len(reused), reused=len(reused),
+                          batch_id=batch_id)
 
     def status(self, job_id: int) -> JobStatus:
         """One job with its history and outputs."""
         return JobStatus.from_proto(self._call("GetJob", self._stub.GetJob, pb.GetJobRequest(job_id=job_id)).job)
 
-    def list(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0) -> JobListing:
-        """The caller's jobs, newest first (LIMIT 0: the broker's default, 1,000)."""
+    def list(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0, *,
+             batch_id: str = "") -> JobListing:
+        """The caller's jobs, newest first (LIMIT 0: the broker's default, 1,000); BATCH_ID: only that
+        batch's (the counts too). A batch that is not the caller's is NOT_FOUND (BrokerError)."""
         response = self._call("ListJobs", self._stub.ListJobs, pb.ListJobsRequest(
-            states=_wire_states(states), limit=limit, before_job_id=before_job_id))
+            states=_wire_states(states), limit=limit, before_job_id=before_job_id, batch_id=batch_id))
         return _listing(response)
+
+    def batch_jobs(self, batch_id: str) -> builtins.list[JobStatus]:
+        """Every job of the caller's batch BATCH_ID, lowest id first (paged: any size)."""
+        jobs: builtins.list[JobStatus] = []
+        before = 0
+        while True:
+            page = self.list(limit=10_000, before_job_id=before, batch_id=batch_id).jobs
+            if any(job.batch_id != batch_id for job in page):
+                # A broker older than batches ignores the filter and lists every job: never act on those.
+                raise SplitpilotError(f"the broker at {self.address} does not filter by batch (it is older than "
+                                      "batches); fix: name the jobs by id (job submit printed them), or upgrade "
+                                      "the broker")
+            jobs.extend(page)
+            if not page:
+                break
+            before = page[-1].job_id
+        return sorted(jobs, key=lambda job: job.job_id)
+
+    def list_batches(self, limit: int = 0, before_batch_id: str = "") -> builtins.list[BatchInfo]:
+        """The caller's batches, newest first (LIMIT 0: the broker's default, 1,000)."""
+        response = self._call("ListBatches", self._stub.ListBatches, pb.ListBatchesRequest(
+            limit=limit, before_batch_id=before_batch_id))
+        found = []
+        for info in response.batches:
+            counts, other = _counts(info.counts_by_state)
+            found.append(BatchInfo(info.batch_id, info.owner, _from_ms(info.created_unix_ms), info.jobs, counts,
+                                   other, info.label))
+        return found
 
     def output(self, job_id: int, dest_dir: str | os.PathLike, names: Iterable[str] | None = None, *,
                force: bool = False, on_progress: OnProgress | None = None) -> builtins.list[str]:
@@ -689,14 +745,19 @@ class BrokerClient(_TokenClient):
         return read_state(response.state)
 
 
-def _listing(response: pb.ListJobsResponse) -> JobListing:
+def _counts(by_name: Mapping[str, int]) -> tuple[dict[JobState, int], dict[str, int]]:
     counts: dict[JobState, int] = {}
     other: dict[str, int] = {}
-    for name, n in response.counts_by_state.items():
+    for name, n in by_name.items():
         if name in job_pb2.JobState.keys():  # noqa: SIM118 (an enum wrapper, not a dict)
             counts[read_state(job_pb2.JobState.Value(name))] = n
         else:  # a newer broker's state: shown by its name
             other[name] = n
+    return counts, other
+
+
+def _listing(response: pb.ListJobsResponse) -> JobListing:
+    counts, other = _counts(response.counts_by_state)
     return JobListing([JobStatus.from_proto(j) for j in response.jobs], counts, other)
 
 
@@ -820,13 +881,14 @@ class AdminClient(_TokenClient):
         return self._call("Requeue", self._stub.Requeue, pb.RequeueRequest(job_id=job_id, reason=reason)).attempt
 
     def list_all_jobs(self, states: Iterable[JobState] = (), limit: int = 0, before_job_id: int = 0, *,
-                      owner: str = "", site: str = "", updated_since: datetime.datetime | None = None) -> JobListing:
+                      owner: str = "", site: str = "", updated_since: datetime.datetime | None = None,
+                      batch_id: str = "") -> JobListing:
         """Any owner's jobs, newest first; OWNER, SITE (of the current or last attempt) and UPDATED_SINCE
         filter (the counts cover OWNER's jobs, or everyone's)."""
         since_ms = int(updated_since.timestamp() * 1000) if updated_since is not None else 0
         response = self._call("ListAllJobs", self._stub.ListAllJobs, pb.ListAllJobsRequest(
             states=_wire_states(states), limit=limit, before_job_id=before_job_id, owner=owner, site=site,
-            updated_since_unix_ms=since_ms))
+            updated_since_unix_ms=since_ms, batch_id=batch_id))
         return _listing(response)
 
     def revoke_token(self, reason: str, *, serial: str | None = None, subject: str | None = None,
@@ -867,7 +929,8 @@ def _revoked(info: pb.RevokedToken) -> RevokedToken:
 
 
 __all__ = [
-    "AccessDenied", "AdminClient", "AgentClient", "BrokerClient", "BrokerError", "BrokerUnavailable", "Download",
+    "AccessDenied", "AdminClient", "AgentClient", "BatchInfo", "BrokerClient", "BrokerError", "BrokerUnavailable",
+    "Download",
     "HeartbeatAnswer", "InvalidRequest", "JobClient", "JobEvent", "JobListing", "JobStatus", "MatchedJob",
     "NoMatch", "NotFound", "OutputFile", "PilotInfo", "PreconditionFailed", "RevokedToken", "SiteInfo", "SiteWait",
     "SubmitWarning", "Submission", "TokenUnusable", "Unmet", "UpdateResult", "WaitReport", "WrongBroker",

@@ -87,18 +87,24 @@ class UploadFileResponse(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., already_present: _Optional[bool] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("jobs",)
+    __slots__ = ("jobs", "batch_id", "batch_label")
     JOBS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_LABEL_FIELD_NUMBER: _ClassVar[int]
     jobs: _containers.RepeatedCompositeFieldContainer[_job_pb2.JobSpec]
-    def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.JobSpec, _Mapping]]] = ...) -> None: ...
+    batch_id: str
+    batch_label: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[_job_pb2.JobSpec, _Mapping]]] = ..., batch_id: _Optional[str] = ..., batch_label: _Optional[str] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
-    __slots__ = ("job_ids", "warnings")
+    __slots__ = ("job_ids", "warnings", "batch_id")
     JOB_IDS_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     job_ids: _containers.RepeatedScalarFieldContainer[int]
     warnings: _containers.RepeatedCompositeFieldContainer[SubmitWarning]
-    def __init__(self, job_ids: _Optional[_Iterable[int]] = ..., warnings: _Optional[_Iterable[_Union[SubmitWarning, _Mapping]]] = ...) -> None: ...
+    batch_id: str
+    def __init__(self, job_ids: _Optional[_Iterable[int]] = ..., warnings: _Optional[_Iterable[_Union[SubmitWarning, _Mapping]]] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class SubmitWarning(_message.Message):
     __slots__ = ("job_indexes", "message", "unmet")
@@ -145,7 +151,7 @@ class OutputFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class JobInfo(_message.Message):
-    __slots__ = ("job_id", "spec", "state", "attempt", "submitted_unix_ms", "updated_unix_ms", "site", "node", "pilot_id", "exit_code", "message", "history", "outputs", "wait", "cpu_seconds", "rss_bytes", "usage_unix_ms")
+    __slots__ = ("job_id", "spec", "state", "attempt", "submitted_unix_ms", "updated_unix_ms", "site", "node", "pilot_id", "exit_code", "message", "history", "outputs", "wait", "cpu_seconds", "rss_bytes", "usage_unix_ms", "batch_id")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +169,7 @@ class JobInfo(_message.Message):
     CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     USAGE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     spec: _job_pb2.JobSpec
     state: _job_pb2.JobState
@@ -180,7 +187,8 @@ class JobInfo(_message.Message):
     cpu_seconds: float
     rss_bytes: int
     usage_unix_ms: int
-    def __init__(self, job_id: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., attempt: _Optional[int] = ..., submitted_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., pilot_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., history: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputFile, _Mapping]]] = ..., wait: _Optional[_Union[WaitAnalysis, _Mapping]] = ..., cpu_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., usage_unix_ms: _Optional[int] = ...) -> None: ...
+    batch_id: str
+    def __init__(self, job_id: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., state: _Optional[_Union[_job_pb2.JobState, str]] = ..., attempt: _Optional[int] = ..., submitted_unix_ms: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ..., site: _Optional[str] = ..., node: _Optional[str] = ..., pilot_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., history: _Optional[_Iterable[_Union[JobEvent, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[OutputFile, _Mapping]]] = ..., wait: _Optional[_Union[WaitAnalysis, _Mapping]] = ..., cpu_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., usage_unix_ms: _Optional[int] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class WaitAnalysis(_message.Message):
     __slots__ = ("window_s", "sites", "summary", "never_runnable", "jobs_ahead")
@@ -219,14 +227,16 @@ class UnmetRequirement(_message.Message):
     def __init__(self, requirement: _Optional[str] = ..., wanted: _Optional[str] = ..., offered: _Optional[str] = ...) -> None: ...
 
 class ListJobsRequest(_message.Message):
-    __slots__ = ("states", "limit", "before_job_id")
+    __slots__ = ("states", "limit", "before_job_id", "batch_id")
     STATES_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     BEFORE_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[_job_pb2.JobState]
     limit: int
     before_job_id: int
-    def __init__(self, states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., limit: _Optional[int] = ..., before_job_id: _Optional[int] = ...) -> None: ...
+    batch_id: str
+    def __init__(self, states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., limit: _Optional[int] = ..., before_job_id: _Optional[int] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class ListJobsResponse(_message.Message):
     __slots__ = ("jobs", "counts_by_state")
@@ -244,20 +254,22 @@ class ListJobsResponse(_message.Message):
     def __init__(self, jobs: _Optional[_Iterable[_Union[JobInfo, _Mapping]]] = ..., counts_by_state: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListAllJobsRequest(_message.Message):
-    __slots__ = ("states", "limit", "before_job_id", "owner", "site", "updated_since_unix_ms")
+    __slots__ = ("states", "limit", "before_job_id", "owner", "site", "updated_since_unix_ms", "batch_id")
     STATES_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     BEFORE_JOB_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SITE_FIELD_NUMBER: _ClassVar[int]
     UPDATED_SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[_job_pb2.JobState]
     limit: int
     before_job_id: int
     owner: str
     site: str
     updated_since_unix_ms: int
-    def __init__(self, states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., limit: _Optional[int] = ..., before_job_id: _Optional[int] = ..., owner: _Optional[str] = ..., site: _Optional[str] = ..., updated_since_unix_ms: _Optional[int] = ...) -> None: ...
+    batch_id: str
+    def __init__(self, states: _Optional[_Iterable[_Union[_job_pb2.JobState, str]]] = ..., limit: _Optional[int] = ..., before_job_id: _Optional[int] = ..., owner: _Optional[str] = ..., site: _Optional[str] = ..., updated_since_unix_ms: _Optional[int] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class ListAllJobsResponse(_message.Message):
     __slots__ = ("jobs", "counts_by_state")
@@ -694,3 +706,40 @@ class FoundFile(_message.Message):
     sha256: str
     size: int
     def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ListBatchesRequest(_message.Message):
+    __slots__ = ("limit", "before_batch_id")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    before_batch_id: str
+    def __init__(self, limit: _Optional[int] = ..., before_batch_id: _Optional[str] = ...) -> None: ...
+
+class BatchInfo(_message.Message):
+    __slots__ = ("batch_id", "owner", "created_unix_ms", "jobs", "counts_by_state", "label")
+    class CountsByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    owner: str
+    created_unix_ms: int
+    jobs: int
+    counts_by_state: _containers.ScalarMap[str, int]
+    label: str
+    def __init__(self, batch_id: _Optional[str] = ..., owner: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., jobs: _Optional[int] = ..., counts_by_state: _Optional[_Mapping[str, int]] = ..., label: _Optional[str] = ...) -> None: ...
+
+class ListBatchesResponse(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[BatchInfo]
+    def __init__(self, batches: _Optional[_Iterable[_Union[BatchInfo, _Mapping]]] = ...) -> None: ...

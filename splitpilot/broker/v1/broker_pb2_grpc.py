@@ -72,6 +72,11 @@ class UserServiceStub:
                 request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesRequest.SerializeToString,
                 response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesResponse.FromString,
                 _registered_method=True)
+        self.ListBatches = channel.unary_unary(
+                '/splitpilot.broker.v1.UserService/ListBatches',
+                request_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListBatchesRequest.SerializeToString,
+                response_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListBatchesResponse.FromString,
+                _registered_method=True)
 
 
 class UserServiceServicer:
@@ -135,6 +140,14 @@ class UserServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBatches(self, request, context):
+        """The caller's batches (one per submission: SubmitResponse.batch_id), newest first, with their
+        jobs counted per state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UserServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +185,11 @@ def add_UserServiceServicer_to_server(servicer, server):
                     servicer.FindFiles,
                     request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesRequest.FromString,
                     response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesResponse.SerializeToString,
+            ),
+            'ListBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBatches,
+                    request_deserializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListBatchesRequest.FromString,
+                    response_serializer=splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListBatchesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -366,6 +384,33 @@ class UserService:
             '/splitpilot.broker.v1.UserService/FindFiles',
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesRequest.SerializeToString,
             splitpilot_dot_broker_dot_v1_dot_broker__pb2.FindFilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitpilot.broker.v1.UserService/ListBatches',
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListBatchesRequest.SerializeToString,
+            splitpilot_dot_broker_dot_v1_dot_broker__pb2.ListBatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,
