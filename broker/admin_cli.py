@@ -24,7 +24,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from broker.cli import STATE_NAMES, _client_options, client_settings
+from broker.cli import STATE_NAMES, _client_options, client_settings, listing_limit
 from broker.tokens_cli import add_revocation_commands
 from pilot.api.files import shown
 from pilot.api.states import FINAL_STATES, JobState
@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pilots.add_argument("--state", choices=PILOT_STATES, metavar="STATE", help="alive or ended (default: both)")
     pilots.add_argument("--seen-within", default="1h", metavar="DURATION",
                         help="only pilots seen within this past period (default: %(default)s)")
-    pilots.add_argument("--limit", type=int, default=1000, metavar="N",
+    pilots.add_argument("--limit", type=listing_limit, default=1000, metavar="N",
                         help="at most N pilots (default: %(default)s; the broker caps it at 10000)")
     _listing_options(pilots)
     pilots.set_defaults(handler=_pilots)
@@ -112,7 +112,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="only jobs in this state (repeatable): " + ", ".join(STATE_NAMES))
     jobs.add_argument("--since", metavar="DURATION", help="only jobs whose state changed within this past period")
     jobs.add_argument("--batch", metavar="BATCH", help="only the jobs of this batch (any owner's)")
-    jobs.add_argument("--limit", type=int, default=1000, metavar="N",
+    jobs.add_argument("--limit", type=listing_limit, default=1000, metavar="N",
                       help="at most N jobs (default: %(default)s; the broker caps it at 10000)")
     _listing_options(jobs)
     jobs.set_defaults(handler=_jobs)
@@ -181,7 +181,7 @@ def _pilots(args: argparse.Namespace) -> int:
     seen = parse_duration(args.seen_within, what="--seen-within")
     with _admin(args) as admin:
         pilots = admin.list_pilots(min(max(1, int(seen.total_seconds())), 2**32 - 1), site=args.site or "",
-                                   state=args.state or "", limit=_limit(args.limit))
+                                   state=args.state or "", limit=args.limit)
     if args.json:
         _print_json([{"pilot_id": p.pilot_id, "site": p.site, "node": p.node,
                       "state": "alive" if p.alive else "ended", "first_seen": _iso(p.first_seen),
@@ -230,7 +230,7 @@ def _jobs(args: argparse.Namespace) -> int:
     if args.since:
         since = datetime.datetime.now(datetime.UTC) - parse_duration(args.since, what="--since")
     with _admin(args) as admin:
-        listing = admin.list_all_jobs(states, limit=_limit(args.limit), owner=args.owner or "",
+        listing = admin.list_all_jobs(states, limit=args.limit, owner=args.owner or "",
                                       site=args.site or "", updated_since=since, batch_id=args.batch or "")
     if args.json:
         _print_json({"jobs": [{"job_id": j.job_id, "batch_id": j.batch_id or None, "name": j.name, "owner": j.owner,
@@ -269,12 +269,6 @@ def job_ids(texts: Sequence[str]) -> list[int]:
             raise UsageError(f"more than {MAX_REQUEUE} job ids; fix: requeue in smaller ranges")
         ids.update(dict.fromkeys(range(low, high + 1)))
     return list(ids)
-
-
-def _limit(limit: int) -> int:
-    if limit < 1:
-        raise UsageError(f"--limit {limit}: give at least 1")
-    return limit
 
 
 def _print_rows(rows: list[tuple[str, ...]]) -> None:

@@ -277,6 +277,18 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
                                                         f"{DEFAULT_CONFIG} if it exists)")
 
 
+def listing_limit(text: str) -> int:
+    """argparse type of every --limit N: 1 to 10,000 (a listing's most per call), checked before anything
+    is read or dialled (a negative one used to reach protobuf's uint32 as a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 to 10000") from None
+    if not 1 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 to 10000 (the broker's most per call)")
+    return value
+
+
 def _register_job(subparsers) -> None:
     job = subparsers.add_parser("job", help="submit jobs to the broker, follow them, fetch outputs, kill them",
                                 description="Jobs on the broker, with a user (or admin) token.",
@@ -315,7 +327,8 @@ def _register_job(subparsers) -> None:
                         help="--watch refresh period (default: %(default)s)")
     status.add_argument("--state", action="append", choices=STATE_NAMES, metavar="STATE",
                         help="only jobs in this state (repeatable): " + ", ".join(STATE_NAMES))
-    status.add_argument("--limit", type=int, default=50, metavar="N", help="jobs in the table (default: %(default)s)")
+    status.add_argument("--limit", type=listing_limit, default=50, metavar="N",
+                        help="jobs in the table, 1 to 10000 (default: %(default)s)")
     status.add_argument("--batch", metavar="BATCH", help="only the jobs of this batch of yours")
     status.add_argument("--json", action="store_true",
                         help="print one JSON object per job and line, with stable field names (not with --watch)")
@@ -357,7 +370,7 @@ def _register_job(subparsers) -> None:
                                          "jobs it queues). Use an id with job status|kill|output --batch.",
                              epilog="--json: one JSON object per batch and line (fields: docs/broker.md).\n"
                                     + CLIENT_EPILOG, formatter_class=fmt)
-    batches.add_argument("--limit", type=int, default=50, metavar="N",
+    batches.add_argument("--limit", type=listing_limit, default=50, metavar="N",
                          help="batches shown (default: %(default)s)")
     batches.add_argument("--json", action="store_true",
                          help="print one JSON object per batch and line, with stable field names")
@@ -785,8 +798,6 @@ def _kill(args: argparse.Namespace) -> int:
 
 
 def _batches(args: argparse.Namespace) -> int:
-    if not 1 <= args.limit <= 10_000:
-        raise UsageError(f"--limit {args.limit}: give 1 to 10000 (the broker's most per call)")
     with _user_client(args) as client:
         batches = client.list_batches(limit=args.limit)
     if args.json:

@@ -459,7 +459,8 @@ def test_admin_commands_refuse_a_user_token_and_change_nothing(broker, tmp_path)
     (("pilots", "--state", "asleep"), "invalid choice: 'asleep'"),
     (("jobs", "--since", "yesterday"), "--since"),
     (("site", "pause", "SITE-A", "--reason", "x"), "invalid choice: 'pause'"),
-    (("pilots", "--limit", "0"), "--limit 0: give at least 1"),
+    (("pilots", "--limit", "0"), "argument --limit: 0: give 1 to 10000"),
+    (("jobs", "--limit", "-1"), "argument --limit: -1: give 1 to 10000"),
 ])
 def test_admin_usage_mistakes_exit_2_naming_the_fix(broker, tmp_path, args, words):
     config = admin_config(broker, tmp_path)
@@ -866,7 +867,8 @@ def test_another_users_batch_is_refused_by_every_command_and_nothing_changes(bro
     (("kill", "--batch", ""), "--batch is empty; fix:"),
     (("submit", "jobs.toml", "--label", "\x1b]0;owned\x07"), "is not 1 to 64 letters, digits"),
     (("kill",), "no job id given; fix:"),
-    (("batches", "--limit", "-1"), "--limit -1: give 1 to 10000"),
+    (("batches", "--limit", "-1"), "argument --limit: -1: give 1 to 10000"),
+    (("status", "--limit", "-1"), "argument --limit: -1: give 1 to 10000"),
 ])
 def test_batch_usage_mistakes_exit_2_naming_the_fix(broker, tmp_path, command, words):
     job(broker, "submit", write_job_file(tmp_path))
