@@ -808,7 +808,8 @@ def test_store_and_input_errors_map_to_codes(server, clients, tokens, tmp_path):
     job_id = submit_one(clients.alice)
     with pytest.raises(AccessDenied) as info:
         clients.bob.status(job_id)
-    assert info.value.code is grpc.StatusCode.PERMISSION_DENIED and "belongs to 'alice'" in info.value.details
+    assert info.value.code is grpc.StatusCode.PERMISSION_DENIED and "belongs to another user" in info.value.details
+    assert "alice" not in info.value.details  # a user guessing ids learns no other user's name
     assert clients.admin.list_all_jobs().jobs[0].job_id == job_id
     with BrokerClient(server.address, tokens.admin) as admin_as_user:  # admins may use UserService on any job
         assert admin_as_user.status(job_id).owner == "alice"

@@ -421,7 +421,9 @@ def job_public_key(data: bytes, field: str = "job_public_key"):
 def check_owner(identity: Identity, record: JobRecord) -> None:
     """Users act on their own jobs only; admins on any."""
     if identity.role is TokenRole.USER and record.owner != identity.subject:
-        raise NotYours(f"job {record.job_id} belongs to {record.owner!r}, not to {identity.subject!r}; "
+        # Not whose it is: a user guessing ids learns no other user's name (ids are sequential, so
+        # that a job exists is no secret; who submitted it is).
+        raise NotYours(f"job {record.job_id} belongs to another user, not to {identity.subject!r}; "
                        "fix: use the owner's token, or an admin token")
 
 
