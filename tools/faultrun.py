@@ -257,6 +257,7 @@ class Round:
         self.seed = seed
         self.rng = random.Random(seed)
         self.s = settings
+        self.all_final = threading.Event()  # set once every job of the round is final
         self.software = software
         self.base = Path(tempfile.mkdtemp(prefix=f"round-{index}-", dir=work_root))
         os.chmod(self.base, 0o755)
@@ -579,9 +580,11 @@ class Round:
         while True:
             self.keep_agents()
             statuses = self.statuses()
-            if statuses is not None and all(st.final for st in statuses.values()) and not injector.is_alive():
-                finals = statuses
-                break
+            if statuses is not None and all(st.final for st in statuses.values()):
+                self.all_final.set()   # a fault still looking for its target gives up: there is none left
+                if not injector.is_alive():
+                    finals = statuses
+                    break
             if not injector.is_alive():
                 deadline = deadline or time.monotonic() + s.round_timeout_s
                 if time.monotonic() > deadline:
@@ -596,8 +599,10 @@ class Round:
             delay = at - self.now()
             if delay > 0:
                 time.sleep(delay)
-            # A fault that finds nothing to act on now (no wrapper yet) tries again shortly.
-            for _ in range(20):
+            # A fault that finds nothing to act on now (no wrapper yet: on a loaded machine the first payload
+            # can start many seconds late) tries again shortly, until every job is final or a minute passed.
+            give_up = time.monotonic() + 60
+            while time.monotonic() < give_up and not self.all_final.is_set():
                 try:
                     if self.inject(kind) is not None:
                         break
