@@ -1,0 +1,305 @@
+"""A broker fleet behind one address: 3 `splitpilot broker serve` processes on one PostgreSQL database
+behind a real HAProxy (TCP mode: mutual TLS ends at a broker), real agents (process launcher, as an
+unprivileged user) and their wrappers dialling HAProxy's address only. One broker is killed with SIGKILL
+while jobs run.
+
+What must hold afterwards (the issue's "every job DONE exactly once, no attempt won twice, the fleet's
+metrics add up"):
+- every job ends DONE, and its history holds exactly one DONE, reported by its last attempt;
+- no attempt acted after a later attempt of its job was matched (fencing: a stale attempt's updates are
+  refused, never applied), and every attempt that did not end the job ended by a re-queue;
+- no job is lost or stuck: attempts orphaned by the dead broker (a Match it committed but never
+  answered) are re-queued by the surviving brokers' reapers and run again;
+- the fleet's metrics add up: the durable counters come from the shared database, so every surviving
+  broker shows the same `splitpilot_jobs{state="DONE"}` (= the jobs) and `splitpilot_matches_total`
+  (= the attempts the jobs' histories show); the per-process `splitpilot_broker_matches_total` of the
+  survivors plus the victim's last scrape before the kill is at most that total (the victim's matches
+  after its last scrape are lost with it).
+
+Jobs WITH inputs and outputs cannot cross brokers until the shared content store lands (h-store): that
+case is a parameter, xfail(strict=True), so it fails the day the store lands and must be switched on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pwd
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from haproxy import haproxy_or_fail
+from pg import free_port, pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
+
+from broker.ca import CertificateAuthority
+from pilot.api.base import BrokerUnavailable
+from pilot.api.client import BrokerClient
+from pilot.api.states import JobState
+from pilot.launch import build_software_area
+from pilot.pipe import messages as m
+from pilot.tokens import TokenRole
+
+BIN = Path(sys.executable).parent / "splitpilot"
+HERE = Path(__file__).parent
+NOBODY = pwd.getpwnam("nobody")
+BROKERS = 3
+AGENTS = 4
+JOBS = 12
+#: The address clients dial: HAProxy's, on a loopback address no broker listens on, so the brokers' host
+#: certificates must name it (--host-name) or every TLS handshake through HAProxy fails.
+FRONT = "127.0.0.2"
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll CONDITION until it returns something true; fail naming WHAT after TIMEOUT seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.1)
+
+
+class Broker:
+    """One `splitpilot broker serve` process of the fleet."""
+
+    def __init__(self, base: Path, index: int, db: str, ca_dir: Path) -> None:
+        self.state = base / f"broker-{index}"
+        self.log = base / f"broker-{index}.log"
+        self.metrics_port = free_port()
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [str(BIN), "broker", "serve", "--state-dir", str(self.state), "--db", db, "--ca", str(ca_dir),
+                 "--listen", "127.0.0.1:0", "--host-name", FRONT, "--metrics", f"127.0.0.1:{self.metrics_port}",
+                 "--reap-interval", "1s", "--heartbeat-timeout", "6s", "--start-timeout", "8s",
+                 "--empty-retry", "1s", "--grace", "1s"],
+                stdout=subprocess.DEVNULL, stderr=log)
+        self.address = ""
+
+    def started(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"broker {self.state.name} ended at start:\n{self.log.read_text()[-3000:]}")
+        path = self.state / "address"
+        if path.exists() and (text := path.read_text().strip()):
+            self.address = text
+            return True
+        return False
+
+    def metrics(self) -> dict[str, float]:
+        """The /metrics page as {sample name with labels: value} (comments and _created samples dropped)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                if "_created" not in name:
+                    samples[name] = float(value)
+        return samples
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def fleet(pg_url):  # noqa: F811
+    """A CA, 3 brokers on one PostgreSQL database, HAProxy in front, a software area; all stopped after."""
+    base = Path(tempfile.mkdtemp(prefix="splitpilot-fleet-"))
+    os.chmod(base, 0o755)
+    ca = CertificateAuthority.init(str(base / "ca"))
+    brokers: list[Broker] = []
+    proxy = None
+    agents: list[subprocess.Popen] = []
+    try:
+        brokers = [Broker(base, index, pg_url, base / "ca") for index in range(BROKERS)]
+        wait_for(lambda: all(b.started() for b in brokers), 60, "the brokers to start")
+        proxy = haproxy_or_fail([b.address for b in brokers], host=FRONT)
+        wait_for(lambda: set(proxy.server_states().values()) == {"UP"}, 30, "HAProxy to see every broker up")
+        software = base / "software"
+        build_software_area(software)
+        yield {"base": base, "ca": ca, "brokers": brokers, "proxy": proxy, "software": software, "agents": agents}
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+            agent.wait()
+        if proxy is not None:
+            proxy.stop()
+        for broker in brokers:
+            broker.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def start_agent(fleet, index: int) -> subprocess.Popen:
+    """A real agent (process launcher, as nobody) dialling HAProxy's address; its token on stdin."""
+    token = fleet["ca"].new_token(TokenRole.AGENT, f"fleet-pilot-{index}", site="FLEET", queue="default",
+                                  ttl=datetime.timedelta(hours=1))
+    work = fleet["base"] / f"work-{index}"
+    work.mkdir()
+    os.chown(work, NOBODY.pw_uid, NOBODY.pw_gid)
+    argv = ["setpriv", f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups",
+            sys.executable, "-m", "pilot", "agent", "--broker", fleet["proxy"].address, "--token", "-",
+            "--work-dir", str(work), "--software-dir", str(fleet["software"]), "--idle-timeout", "4s",
+            "--lifetime", "30m", "--runtimes", "process", "--container-policy", "require",
+            "--min-job-time", "10s"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE.parent), "HOME": str(work)}
+    with open(fleet["base"] / f"agent-{index}.log", "wb") as log:
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, env=env)
+    fleet["agents"].append(process)
+    process.stdin.write(token.to_pem())
+    process.stdin.close()
+    return process
+
+
+def job_spec(index: int, script: m.InputFile | None) -> m.JobSpec:
+    requirements = m.Requirements(cores=1, memory_mb=256, disk_mb=100, walltime_s=600)
+    if script is None:   # no input; a small output
+        return m.JobSpec(name=f"fleet-{index}", executable="/bin/sh",
+                         arguments=["-c", f"sleep 4; echo job {index} > result.out"],
+                         output_patterns=["result.out"], max_attempts=3, requirements=requirements)
+    return m.JobSpec(name=f"fleet-{index}", executable="/bin/sh", arguments=[script.name, str(index)],
+                     input_files=[script], output_patterns=["result.out"], max_attempts=3,
+                     requirements=requirements)
+
+
+def calm(call, timeout: float = 30):
+    """CALL's result, retried while the broker behind HAProxy is unreachable (the test's own client
+    reconnects like any other: its channel may have been on the killed broker)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except BrokerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+SANDBOX = [
+    pytest.param(False, id="no-inputs-small-outputs"),
+    pytest.param(True, id="inputs-and-outputs",
+                 marks=pytest.mark.xfail(strict=True, reason="shared content store: h-store")),
+]
+
+
+@pytest.mark.parametrize("sandbox", SANDBOX)
+def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tmp_path):
+    proxy, brokers = fleet["proxy"], fleet["brokers"]
+    user = fleet["ca"].new_token(TokenRole.USER, "fleet-user")
+    with BrokerClient(proxy.address, user) as client:
+        script = None
+        if sandbox:
+            path = tmp_path / "job.sh"
+            path.write_text('#!/bin/sh\nsleep 4\necho "job $1" > result.out\n')
+            script = client.upload(str(path), "job.sh")
+        job_ids = client.submit([job_spec(index, script) for index in range(JOBS)])
+        assert len(job_ids) == JOBS
+        for index in range(AGENTS):
+            start_agent(fleet, index)
+
+        def running() -> list[int]:
+            listing = calm(lambda: client.list(limit=JOBS * 2))
+            failed = [f"job {s.job_id}: {s.state.name}: {s.message}" for s in listing.jobs
+                      if s.final and s.state is not JobState.DONE]
+            assert not failed, "jobs failed before the kill:\n" + "\n".join(failed)
+            return [s.job_id for s in listing.jobs if s.state is JobState.RUNNING]
+        wait_for(lambda: len(running()) >= AGENTS, 90, "every agent running a job")
+
+        # The victim: the broker holding the most connections (agents' and wrappers' channels).
+        sessions = proxy.sessions()
+        victim = max(brokers, key=lambda b: sessions.get(b.address, 0))
+        survivors = [b for b in brokers if b is not victim]
+        before_kill = victim.metrics()
+        active = [s.job_id for s in calm(lambda: client.list(limit=JOBS * 2)).jobs
+                  if s.state in (JobState.ASSIGNED, JobState.STARTED, JobState.RUNNING, JobState.SAVING)]
+        victim.process.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        killed_wall = datetime.datetime.now(datetime.UTC)
+        victim.process.wait()
+        wait_for(lambda: proxy.server_states().get(victim.address) == "DOWN", 30, "HAProxy to mark the victim down")
+        marked_down_s = time.monotonic() - killed_at
+
+        # Every job that was active at the kill is heard from again (through a surviving broker) or done.
+        def heard_again() -> bool:
+            for job_id in active:
+                status = calm(lambda job_id=job_id: client.status(job_id))
+                if not status.final and not any(e.time > killed_wall for e in status.history) and not (
+                        status.usage_at and status.usage_at > killed_wall):
+                    return False
+            return True
+        wait_for(heard_again, 60, "every job active at the kill to be heard from again")
+        active_again_s = time.monotonic() - killed_at
+
+        def all_final() -> list:
+            listing = calm(lambda: client.list(limit=JOBS * 2))
+            return listing.jobs if all(s.final for s in listing.jobs) else []
+        wait_for(all_final, 120, "every job to end")
+        all_done_s = time.monotonic() - killed_at
+        statuses = [calm(lambda job_id=job_id: client.status(job_id)) for job_id in job_ids]
+        if sandbox:
+            for status in statuses:
+                out = tmp_path / f"out-{status.job_id}"
+                calm(lambda status=status, out=out: client.output(status.job_id, out))
+                assert (out / "result.out").read_text() == f"job {status.name.split('-')[1]}\n"
+
+    # Every job DONE, exactly once, by its last attempt; no attempt acted after a later one was matched.
+    problems = []
+    attempts_seen = 0
+    for status in statuses:
+        history = status.history
+        dones = [e for e in history if e.state is JobState.DONE]
+        if status.state is not JobState.DONE or len(dones) != 1 or dones[0].attempt != status.attempt:
+            problems.append(f"job {status.job_id}: {status.state.name}, DONE events {dones}: {status.message}")
+        assigned = {e.attempt: e.time for e in history if e.state is JobState.ASSIGNED}
+        attempts_seen += len(assigned)
+        for event in history:
+            later = [t for a, t in assigned.items() if a > event.attempt]
+            if later and event.time > min(later) and event.state is not JobState.WAITING:
+                problems.append(f"job {status.job_id}: attempt {event.attempt} reported {event.state.name} "
+                                f"after attempt {event.attempt + 1} was matched")
+    assert not problems, "\n".join(problems)
+    assert attempts_seen >= JOBS
+
+    # The fleet's metrics add up (see the module's docstring for what that means).
+    scraped = [b.metrics() for b in survivors]
+    for samples in scraped:
+        assert samples['splitpilot_jobs{state="DONE"}'] == JOBS, samples
+        assert samples["splitpilot_matches_total"] == attempts_seen
+    per_process = sum(s["splitpilot_broker_matches_total"] for s in scraped)
+    per_process += before_kill["splitpilot_broker_matches_total"]
+    assert JOBS <= attempts_seen and per_process <= attempts_seen, (per_process, attempts_seen)
+
+    # Calls refused (fenced: FAILED_PRECONDITION) or failed over (UNAVAILABLE) at the survivors, and the
+    # clients' retries in the agents' logs (the wrappers log there too): reported, not asserted.
+    def count(code: str) -> int:
+        return int(sum(v for s in scraped for k, v in s.items()
+                       if k.startswith("splitpilot_rpc_requests_total") and f'code="{code}"' in k))
+    logs = "".join((fleet["base"] / f"agent-{i}.log").read_text(errors="replace") for i in range(AGENTS))
+    retried = len(re.findall(r"retrying in", logs))
+    heartbeat_failures = len(re.findall(r"heartbeat to the broker failed", logs))
+    print(f"\nFLEET: victim {victim.address} ({sessions.get(victim.address, 0)} sessions), "
+          f"{len(active)} jobs active at the kill; HAProxy marked it down after {marked_down_s:.2f} s; "
+          f"every active job heard from again after {active_again_s:.2f} s; all {JOBS} jobs final after "
+          f"{all_done_s:.2f} s; attempts {attempts_seen} for {JOBS} jobs; matches by process: victim "
+          f">= {before_kill['splitpilot_broker_matches_total']:.0f}, survivors "
+          f"{[s['splitpilot_broker_matches_total'] for s in scraped]}; refused FAILED_PRECONDITION "
+          f"{count('FAILED_PRECONDITION')}, UNAVAILABLE {count('UNAVAILABLE')} at the survivors; client "
+          f"retries logged {retried}, heartbeat failures logged {heartbeat_failures}")
+    for agent in fleet["agents"]:
+        assert agent.wait(timeout=60) == 0, logs[-3000:]
