@@ -14,8 +14,9 @@ broker.
 HAProxy's runtime API (a UNIX socket in the same private folder, mode 0600)
 tells the test which backends HAProxy sees up (`server_states`).
 
-The binary comes from Debian's `haproxy` package: installed with apt-get when
-it is missing (as root). If that is impossible the tests FAIL (never skip),
+The binary comes from Debian's `haproxy` package: installed when it is missing
+(as root, by scripts/install-system-deps.sh, which keeps Debian's own haproxy
+service from starting). If that is impossible the tests FAIL (never skip),
 naming the fix. `stop()` ends HAProxy (SIGTERM, then SIGKILL), waits for it and
 removes the folder: nothing is left behind.
 """
@@ -47,10 +48,12 @@ def find_haproxy() -> str:
         return found
     if os.geteuid() != 0:
         raise MissingHAProxy(f"haproxy is not installed and this test run is not root; {INSTALL_HINT}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # The project's installer: apt-get without starting Debian's haproxy service (policy-rc.d).
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                          "install-system-deps.sh")
     try:
-        done = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "haproxy"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        done = subprocess.run(["sh", script, "haproxy"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise MissingHAProxy(f"haproxy is not installed and apt-get could not run ({exc}); {INSTALL_HINT}") from None
     found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)

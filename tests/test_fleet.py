@@ -303,3 +303,23 @@ def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tm
           f"retries logged {retried}, heartbeat failures logged {heartbeat_failures}")
     for agent in fleet["agents"]:
         assert agent.wait(timeout=60) == 0, logs[-3000:]
+
+
+def test_the_contrib_haproxy_config_is_valid_and_passes_tls_through():
+    """contrib/haproxy.cfg as shipped: HAProxy accepts it, and it never ends TLS (mutual TLS must end at a
+    broker: a proxy holding the certificates would see every token)."""
+    from haproxy import find_haproxy
+
+    path = HERE.parent / "contrib" / "haproxy.cfg"
+    text = path.read_text()
+    check = subprocess.run([find_haproxy(), "-c", "-f", str(path)], capture_output=True, text=True, timeout=60)
+    # The stats socket's folder may be missing on a test machine: the only complaint allowed.
+    complaints = [line for line in (check.stdout + check.stderr).splitlines()
+                  if "ALERT" in line and "admin.sock" not in line and "stats socket" not in line]
+    assert not complaints, check.stdout + check.stderr
+    settings = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert ["mode", "tcp"] in settings
+    assert not [words for words in settings if "ssl" in words or "crt" in words or words[0] == "mode"
+                and words != ["mode", "tcp"]]
+    assert any("on-marked-down" in words and "check" in words for words in settings)
+    assert ["option", "redispatch"] in settings
