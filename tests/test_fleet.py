@@ -35,13 +35,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
 import pytest
 from haproxy import haproxy_or_fail
 from pg import free_port, pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 
 from broker.ca import CertificateAuthority
-from pilot.api.base import BrokerUnavailable
-from pilot.api.client import BrokerClient
+from pilot.api.base import BrokerUnavailable, PreconditionFailed
+from pilot.api.client import AdminClient, AgentClient, BrokerClient
+from pilot.api.jobclient import JobClient, UpdateResult
 from pilot.api.states import JobState
 from pilot.launch import build_software_area
 from pilot.pipe import messages as m
@@ -323,3 +325,59 @@ def test_the_contrib_haproxy_config_is_valid_and_passes_tls_through():
                 and words != ["mode", "tcp"]]
     assert any("on-marked-down" in words and "check" in words for words in settings)
     assert ["option", "redispatch"] in settings
+
+
+SLOT = {"cores": 1, "memory_mb": 4000, "disk_mb": 4000, "time_left_s": 86400}
+
+
+def test_across_the_fleet_a_replayed_report_counts_once_and_a_stale_attempt_is_refused_everywhere(fleet):
+    """What a wrapper's retry after a failover meets. Its report reached one broker, which applied it and
+    died before answering: the retry (same sequence number) reaches another broker, which must
+    acknowledge it as a replay, not apply it twice. And once the job has a newer attempt, the old
+    attempt's token is refused by EVERY broker of the fleet (each one checks the shared database, none
+    trusts a cache of its own), with nothing changed."""
+    proxy, brokers, ca = fleet["proxy"], fleet["brokers"], fleet["ca"]
+    user = ca.new_token(TokenRole.USER, "fleet-user")
+    agent_token = ca.new_token(TokenRole.AGENT, "fleet-rogue", site="FLEET", queue="default")
+    admin = ca.new_token(TokenRole.ADMIN, "fleet-ops")
+    with BrokerClient(proxy.address, user) as client, AgentClient(proxy.address, agent_token) as agent, \
+            AdminClient(proxy.address, admin) as ops:
+        (job_id,) = client.submit([m.JobSpec(name="fenced", executable="/bin/true", requirements=m.Requirements(
+            cores=1, memory_mb=256, disk_mb=100, walltime_s=600), max_attempts=3)])
+        first = agent.match(SLOT, "pilot-fleet-rogue", "node-1")
+        assert first.matched and first.job_id == job_id and first.attempt == 1
+        with first.job_client(retries=0) as wrapper:
+            assert wrapper.update_state(JobState.STARTED).replay is False
+            assert wrapper.update_state(JobState.RUNNING).replay is False   # sequence 2
+        # The retry of sequence 2, at each broker directly (whichever HAProxy would pick after a failover).
+        for broker in brokers:
+            with JobClient(broker.address, first.token_pem, first.key, first.ca_pem, retries=0,
+                           first_sequence=2) as retried:
+                assert retried.update_state(JobState.RUNNING) == UpdateResult(JobState.RUNNING, True), broker.address
+        history = client.status(job_id).history
+        assert [e.state for e in history].count(JobState.RUNNING) == 1, history
+
+        # A newer attempt: the old one is fenced at every broker, whatever it sends.
+        assert ops.requeue(job_id, "the fleet test") == 2
+        second = agent.match(SLOT, "pilot-fleet-rogue", "node-1")
+        assert second.matched and (second.job_id, second.attempt) == (job_id, 2)
+        before = client.status(job_id)
+        for broker in brokers:
+            with JobClient(broker.address, first.token_pem, first.key, first.ca_pem, retries=0,
+                           first_sequence=3) as stale:
+                with pytest.raises(PreconditionFailed) as refused:
+                    stale.update_state(JobState.DONE, "the old attempt claims the job", exit_code=0)
+                assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+                assert f"job {job_id}: token of attempt 1, but the job is at attempt 2" in refused.value.details
+                with pytest.raises(PreconditionFailed):
+                    stale.heartbeat()
+        after = client.status(job_id)
+        assert (after.state, after.attempt, after.history) == (before.state, before.attempt, before.history)
+        assert JobState.DONE not in [e.state for e in after.history]
+        # The current attempt is untouched by all this and ends the job.
+        with second.job_client(retries=0) as current:
+            for state in (JobState.STARTED, JobState.RUNNING, JobState.SAVING, JobState.DONE):
+                current.update_state(state, exit_code=0 if state is JobState.DONE else None)
+        done = client.status(job_id)
+        assert done.state is JobState.DONE and [(e.state, e.attempt) for e in done.history
+                                                if e.state is JobState.DONE] == [(JobState.DONE, 2)]
