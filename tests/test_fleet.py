@@ -289,9 +289,25 @@ def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tm
 
     # Calls refused (fenced: FAILED_PRECONDITION) or failed over (UNAVAILABLE) at the survivors, and the
     # clients' retries in the agents' logs (the wrappers log there too): reported, not asserted.
-    def count(code: str) -> int:
-        return int(sum(v for s in scraped for k, v in s.items()
-                       if k.startswith("splitpilot_rpc_requests_total") and f'code="{code}"' in k))
+    def count(code: str) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for samples in scraped:
+            for key, value in samples.items():
+                if key.startswith("splitpilot_rpc_requests_total") and f'code="{code}"' in key and value:
+                    method = re.search(r'method="([^"]*)"', key)
+                    name = method[1] if method else key
+                    found[name] = found.get(name, 0) + int(value)
+        return found
+    # Jobs that needed another attempt (orphaned by the kill): when the new attempt was matched and when
+    # the job ended, counted from the kill.
+    orphaned = []
+    for status in statuses:
+        if status.attempt > 1:
+            rematched = max(e.time for e in status.history if e.state is JobState.ASSIGNED)
+            causes = [e.detail for e in status.history if e.state is JobState.WAITING and e.attempt >= 1]
+            orphaned.append(f"job {status.job_id}: attempt {status.attempt} matched "
+                            f"{(rematched - killed_wall).total_seconds():.1f} s after the kill, DONE "
+                            f"{(status.updated - killed_wall).total_seconds():.1f} s after it ({causes})")
     logs = "".join((fleet["base"] / f"agent-{i}.log").read_text(errors="replace") for i in range(AGENTS))
     retried = len(re.findall(r"retrying in", logs))
     heartbeat_failures = len(re.findall(r"heartbeat to the broker failed", logs))
@@ -300,9 +316,16 @@ def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tm
           f"every active job heard from again after {active_again_s:.2f} s; all {JOBS} jobs final after "
           f"{all_done_s:.2f} s; attempts {attempts_seen} for {JOBS} jobs; matches by process: victim "
           f">= {before_kill['splitpilot_broker_matches_total']:.0f}, survivors "
-          f"{[s['splitpilot_broker_matches_total'] for s in scraped]}; refused FAILED_PRECONDITION "
-          f"{count('FAILED_PRECONDITION')}, UNAVAILABLE {count('UNAVAILABLE')} at the survivors; client "
-          f"retries logged {retried}, heartbeat failures logged {heartbeat_failures}")
+          f"{[s['splitpilot_broker_matches_total'] for s in scraped]}; refused at the survivors: FAILED_PRECONDITION "
+          f"{count('FAILED_PRECONDITION')}, UNAVAILABLE {count('UNAVAILABLE')}; client "
+          f"retries logged {retried}, heartbeat failures logged {heartbeat_failures}; orphaned: {orphaned}")
+    for status in statuses:   # what each side logged about a job that needed another attempt
+        if status.attempt > 1:
+            pattern = re.compile(rf"\bjob {status.job_id}\b|\bjob {status.job_id}\.")
+            for path in sorted(fleet["base"].glob("*.log")):
+                for line in path.read_text(errors="replace").splitlines():
+                    if pattern.search(line):
+                        print(f"  {path.name}: {line}")
     for agent in fleet["agents"]:
         assert agent.wait(timeout=60) == 0, logs[-3000:]
 
