@@ -8,8 +8,10 @@ metrics add up"):
 - every job ends DONE, and its history holds exactly one DONE, reported by its last attempt;
 - no attempt acted after a later attempt of its job was matched (fencing: a stale attempt's updates are
   refused, never applied), and every attempt that did not end the job ended by a re-queue;
-- no job is lost or stuck: attempts orphaned by the dead broker (a Match it committed but never
-  answered) are re-queued by the surviving brokers' reapers and run again;
+- no job is lost or stuck: an attempt orphaned by the dead broker (a Match it committed but whose
+  answer no agent runs, made here on purpose just before the kill) is re-queued by a surviving
+  broker's reaper (--start-timeout) and run again, and its token, coming back late through HAProxy, is
+  refused with nothing changed;
 - the fleet's metrics add up: the durable counters come from the shared database, so every surviving
   broker shows the same `splitpilot_jobs{state="DONE"}` (= the jobs) and `splitpilot_matches_total`
   (= the attempts the jobs' histories show); the per-process `splitpilot_broker_matches_total` of the
@@ -83,7 +85,7 @@ class Broker:
             self.process = subprocess.Popen(
                 [str(BIN), "broker", "serve", "--state-dir", str(self.state), "--db", db, "--ca", str(ca_dir),
                  "--listen", "127.0.0.1:0", "--host-name", FRONT, "--metrics", f"127.0.0.1:{self.metrics_port}",
-                 "--reap-interval", "1s", "--heartbeat-timeout", "6s", "--start-timeout", "8s",
+                 "--reap-interval", "1s", "--heartbeat-timeout", "6s", "--start-timeout", "15s",
                  "--empty-retry", "1s", "--grace", "1s"],
                 stdout=subprocess.DEVNULL, stderr=log)
         self.address = ""
@@ -200,6 +202,7 @@ SANDBOX = [
 ]
 
 
+@pytest.mark.slow   # 35-80 s on 2 cores: PostgreSQL, 3 brokers, a software area, 4 agents, 13 jobs
 @pytest.mark.parametrize("sandbox", SANDBOX)
 def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tmp_path):
     proxy, brokers = fleet["proxy"], fleet["brokers"]
@@ -212,6 +215,8 @@ def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tm
             script = client.upload(str(path), "job.sh")
         job_ids = client.submit([job_spec(index, script) for index in range(JOBS)])
         assert len(job_ids) == JOBS
+        victim = brokers[0]
+        survivors = [b for b in brokers if b is not victim]
         for index in range(AGENTS):
             start_agent(fleet, index)
 
@@ -223,13 +228,22 @@ def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tm
             return [s.job_id for s in listing.jobs if s.state is JobState.RUNNING]
         wait_for(lambda: len(running()) >= AGENTS, 90, "every agent running a job")
 
-        # The victim: the broker holding the most connections (agents' and wrappers' channels).
-        sessions = proxy.sessions()
-        victim = max(brokers, key=lambda b: sessions.get(b.address, 0))
-        survivors = [b for b in brokers if b is not victim]
+        # The victim holds live connections (agents' and wrappers' channels through HAProxy).
+        sessions = wait_for(lambda: (found := proxy.sessions()).get(victim.address) and found, 30,
+                            "a client connected to the victim through HAProxy")
+        # Just before it dies the victim answers a Match whose answer never reaches a running agent (as
+        # when a broker dies between its commit and its answer): an attempt nobody runs, which the
+        # surviving brokers' reapers must re-queue (--start-timeout), and whose token, coming back late
+        # through HAProxy, must be refused.
+        rogue = fleet["ca"].new_token(TokenRole.AGENT, "fleet-lost-answer", site="FLEET", queue="default")
+        with AgentClient(victim.address, rogue) as lost_agent:
+            lost = lost_agent.match(SLOT, "pilot-lost-answer", "node-lost")
+        assert lost.matched and lost.attempt == 1, lost
+        lost_matched = datetime.datetime.now(datetime.UTC)
         before_kill = victim.metrics()
         active = [s.job_id for s in calm(lambda: client.list(limit=JOBS * 2)).jobs
-                  if s.state in (JobState.ASSIGNED, JobState.STARTED, JobState.RUNNING, JobState.SAVING)]
+                  if s.state in (JobState.ASSIGNED, JobState.STARTED, JobState.RUNNING, JobState.SAVING)
+                  and s.job_id != lost.job_id]
         victim.process.send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         killed_wall = datetime.datetime.now(datetime.UTC)
@@ -254,6 +268,17 @@ def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tm
         wait_for(all_final, 120, "every job to end")
         all_done_s = time.monotonic() - killed_at
         statuses = [calm(lambda job_id=job_id: client.status(job_id)) for job_id in job_ids]
+
+        # The lost answer's attempt was re-queued by a survivor and run again; its token is refused now.
+        (orphan,) = [s for s in statuses if s.job_id == lost.job_id]
+        assert orphan.attempt >= 2 and any(e.state is JobState.WAITING and e.attempt == 1
+                                           and "start" in e.detail for e in orphan.history), orphan.history
+        orphan_rematched = min(e.time for e in orphan.history if e.state is JobState.ASSIGNED and e.attempt == 2)
+        with JobClient(proxy.address, lost.token_pem, lost.key, lost.ca_pem, retries=0) as late:
+            with pytest.raises(PreconditionFailed) as refused:
+                late.update_state(JobState.STARTED, "the lost answer's attempt, late")
+            assert f"token of attempt 1, but the job is at attempt {orphan.attempt}" in refused.value.details
+        assert calm(lambda: client.status(lost.job_id)).history == orphan.history   # nothing changed
         if sandbox:
             for status in statuses:
                 out = tmp_path / f"out-{status.job_id}"
@@ -318,7 +343,10 @@ def test_a_fleet_behind_haproxy_survives_the_loss_of_a_broker(fleet, sandbox, tm
           f">= {before_kill['splitpilot_broker_matches_total']:.0f}, survivors "
           f"{[s['splitpilot_broker_matches_total'] for s in scraped]}; refused at the survivors: FAILED_PRECONDITION "
           f"{count('FAILED_PRECONDITION')}, UNAVAILABLE {count('UNAVAILABLE')}; client "
-          f"retries logged {retried}, heartbeat failures logged {heartbeat_failures}; orphaned: {orphaned}")
+          f"retries logged {retried}, heartbeat failures logged {heartbeat_failures}; orphaned: {orphaned}; "
+          f"the lost Match answer's job re-matched {(orphan_rematched - lost_matched).total_seconds():.1f} s "
+          f"after that match ({(orphan_rematched - killed_wall).total_seconds():.1f} s after the kill), "
+          f"DONE {(orphan.updated - killed_wall).total_seconds():.1f} s after the kill")
     for status in statuses:   # what each side logged about a job that needed another attempt
         if status.attempt > 1:
             pattern = re.compile(rf"\bjob {status.job_id}\b|\bjob {status.job_id}\.")
