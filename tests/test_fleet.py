@@ -51,6 +51,7 @@ from pilot.api.states import JobState
 from pilot.launch import build_software_area
 from pilot.pipe import messages as m
 from pilot.tokens import TokenRole
+from tests.test_pilot_e2e import processes_in, wait_for
 
 BIN = Path(sys.executable).parent / "splitpilot"
 HERE = Path(__file__).parent
@@ -61,18 +62,6 @@ JOBS = 12
 #: The address clients dial: HAProxy's, on a loopback address no broker listens on, so the brokers' host
 #: certificates must name it (--host-name) or every TLS handshake through HAProxy fails.
 FRONT = "127.0.0.2"
-
-
-def wait_for(condition, timeout: float, what: str):
-    """Poll CONDITION until it returns something true; fail naming WHAT after TIMEOUT seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.1)
 
 
 class Broker:
@@ -140,10 +129,21 @@ def fleet(pg_url):  # noqa: F811
         build_software_area(software)
         yield {"base": base, "ca": ca, "brokers": brokers, "proxy": proxy, "software": software, "agents": agents}
     finally:
+        # Each agent runs in its own session: its guardian (the process started), the agent it forked,
+        # wrappers. A guardian killed alone would leave its agent running, so the whole group goes, then
+        # whatever still runs in the work folders (a payload in a session of its own).
         for agent in agents:
-            if agent.poll() is None:
-                agent.kill()
+            try:
+                os.killpg(agent.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             agent.wait()
+        for pid in processes_in(base):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not processes_in(base), 30, "no process left in the fleet's folders")
         if proxy is not None:
             proxy.stop()
         for broker in brokers:
@@ -165,7 +165,8 @@ def start_agent(fleet, index: int) -> subprocess.Popen:
             "--min-job-time", "10s"]
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(HERE.parent), "HOME": str(work)}
     with open(fleet["base"] / f"agent-{index}.log", "wb") as log:
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log, env=env,
+                                   start_new_session=True)
     fleet["agents"].append(process)
     process.stdin.write(token.to_pem())
     process.stdin.close()
