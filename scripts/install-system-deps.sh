@@ -11,11 +11,13 @@
 #   npm: installs buf (@bufbuild/buf) for the schema gate (scripts/schema-gate.sh)
 #   chromium: a headless browser that loads the broker's web monitor (tests/test_broker_monitor.py)
 #   systemd: systemd-analyze verify checks contrib/'s service units (tests/test_config.py)
+#   haproxy: the broker fleet behind one address (tests/haproxy.py, tests/test_fleet.py); the tests
+#            run a private one, never the system service
 # Usage: install-system-deps.sh [PACKAGE...]   (default: all of the above)
 set -eu
 
 packages="protobuf-compiler libprotobuf-java libprotobuf-dev g++ pkg-config bubblewrap podman runc debootstrap catatonit postgresql docker.io chromium"
-packages="$packages systemd"
+packages="$packages systemd haproxy"
 # Callers may name the packages they need instead (make demo: only debootstrap).
 [ "$#" -gt 0 ] && packages="$*"
 # A JDK and npm are asked for only when their commands are missing: machines often have them from
@@ -44,11 +46,11 @@ fi
 echo "system packages: installing$missing"
 export DEBIAN_FRONTEND=noninteractive
 # Installing docker.io would start Docker's system service: a docker0 bridge and iptables rules on
-# this host. Forbid service starts while installing it (the tests start a private daemon of their
-# own), unless the machine already has a policy.
+# this host (haproxy: its system service). Forbid service starts while installing them (the tests
+# start private daemons of their own), unless the machine already has a policy.
 policy=/usr/sbin/policy-rc.d
 own_policy=""
-case " $missing " in *" docker.io "*) docker_missing=1 ;; *) docker_missing="" ;; esac
+case " $missing " in *" docker.io "*|*" haproxy "*) docker_missing=1 ;; *) docker_missing="" ;; esac
 if [ -n "$docker_missing" ] && [ ! -e "$policy" ]; then
     printf '#!/bin/sh\n# splitpilot install-system-deps: no service starts while installing\nexit 101\n' > "$policy"
     chmod 755 "$policy"
