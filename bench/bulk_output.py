@@ -129,13 +129,13 @@ def main() -> int:
             for n in sizes:
                 chosen = ids[:n]
 
-                def loop() -> None:
+                def loop(chosen: list[int] = chosen) -> None:
                     shutil.rmtree(out, ignore_errors=True)
                     for job_id in chosen:
                         cli("job", "output", str(job_id), str(out / str(job_id)), config=str(config))
                     check(out, chosen, payload)
 
-                def bulk() -> None:
+                def bulk(chosen: list[int] = chosen) -> None:
                     shutil.rmtree(out, ignore_errors=True)
                     cli("job", "output", str(chosen[0]), "..", str(chosen[-1]), str(out), config=str(config))
                     check(out, chosen, payload)
