@@ -68,6 +68,7 @@ T = TypeVar("T")
 #: Advisory lock keys (arbitrary, fixed): schema creation, class creation.
 _LOCK_SCHEMA = 0x5350_0001
 _LOCK_CLASSES = 0x5350_0002
+_LOCK_COLLECTOR = 0x5350_0003
 _COUNTER_SHARDS = 8
 _RETRIES = 8
 #: What every connection of the store is opened with.
@@ -230,6 +231,8 @@ class PostgresStore(SqlStore):
 
     FOR_UPDATE = " FOR UPDATE"
     FOR_UPDATE_SKIP = " FOR UPDATE SKIP LOCKED"
+    FOR_SHARE = " FOR SHARE"
+    SHARED = True
 
     def __init__(self, url: str, settings: StoreSettings | None = None) -> None:
         super().__init__(settings or StoreSettings())
@@ -248,8 +251,30 @@ class PostgresStore(SqlStore):
 
     # ----------------------------------------------------------- connections
     def _write(self, fn: Callable[[_Cursor], T]) -> T:
+        joined = getattr(self._thread, "cursor", None)
+        if joined is not None:  # inside transaction(): part of it (retried with it as a whole)
+            return fn(joined)
         with _translated(), self._pool.connection() as conn:
             return self._transact(conn, fn)
+
+    def transaction(self, fn: Callable[[_Cursor], T]) -> T:
+        """FN(cursor) in one transaction that the store's methods FN calls on this thread join (their
+        writes commit or roll back with FN's); retried as a whole after a deadlock."""
+        if getattr(self._thread, "cursor", None) is not None:
+            return fn(self._thread.cursor)
+
+        def joined(cur: _Cursor) -> T:
+            self._thread.cursor = cur
+            try:
+                return fn(cur)
+            finally:
+                self._thread.cursor = None
+        with _translated(), self._pool.connection() as conn:
+            return self._transact(conn, joined)
+
+    def _try_collector_lock(self, cur) -> bool:
+        # Held to the commit: one broker collects (contents, history) at a time; the others skip the pass.
+        return bool(cur.row("SELECT pg_try_advisory_xact_lock(?)", (_LOCK_COLLECTOR,))[0])
 
     def _transact(self, conn: psycopg.Connection, fn: Callable[[_Cursor], T]) -> T:
         """FN in a transaction on CONN, retried after a deadlock or serialization failure."""
