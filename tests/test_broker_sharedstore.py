@@ -333,3 +333,75 @@ def test_a_submission_whose_input_went_after_its_check_stores_nothing(two, token
     assert "not in the broker's file store" in str(info.value) and "fix: upload the file again" in str(info.value)
     assert (rows(pg_url, "SELECT count(*) FROM jobs"), rows(pg_url, "SELECT count(*) FROM batches"),
             rows(pg_url, "SELECT count(*) FROM job_inputs")) == before
+
+
+def test_a_real_agent_and_wrapper_of_broker_b_run_a_job_submitted_through_broker_a(two, tokens, tmp_path):
+    """The issue's failure, end to end with real processes: Alice submits through A a job with a 3 MiB
+    input; a real agent (bubblewrap) connected to B only runs it: its wrapper downloads the input from B
+    and uploads the output to B; the job is DONE (it was FAILED_INPUT before), and Alice fetches the
+    output through A, byte-exact."""
+    import tempfile
+
+    from test_pilot_e2e import agent_command, wait_final
+
+    from pilot.launch import build_software_area
+    a, b = two
+    base = pathlib.Path(tempfile.mkdtemp(prefix="splitpilot-shared-"))
+    try:
+        os.chmod(base, 0o755)
+        build_software_area(base / "software")
+        world = {"server": b, "base": base, "software": base / "software"}
+        data = os.urandom(3 * MiB)
+        script = write(tmp_path / "copy.sh", b"#!/bin/sh\nset -e\ncat data.bin data.bin > doubled.out\n")
+        with BrokerClient(a.address, tokens.alice) as alice:
+            inputs = [alice.upload(script, "copy.sh"), alice.upload(write(tmp_path / "data.bin", data), "data.bin")]
+            job_id = alice.submit(job_pb2.JobSpec(
+                name="shared", executable="./copy.sh", input_files=inputs, output_patterns=["*.out"],
+                requirements=job_pb2.Requirements(cores=1, memory_mb=512, disk_mb=2048, walltime_s=600)))[0]
+            argv, env, token = agent_command(world, "b", "bubblewrap")
+            import subprocess
+            result = subprocess.run(argv, input=token, capture_output=True, timeout=240, env=env)
+            assert result.returncode == 0, result.stderr.decode()[-3000:]
+            status = wait_final(alice, job_id)
+            assert status.state is JobState.DONE, (status, result.stderr.decode()[-3000:])
+            paths = alice.output(job_id, tmp_path / "fetched", ["doubled.out"])
+            assert [pathlib.Path(p).read_bytes() for p in paths] == [data + data]
+    finally:
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(two, tokens, tmp_path, pg_url):
+    """A job on broker A saves output X and replaces it at once by Y (A frees X unless referenced), while
+    Bob uploads the same bytes X through broker B, both started together, 12 times with new bytes. Bob's
+    upload succeeds each time, so his owner row names X: X must be in the store afterwards, every time.
+    At the end no owner or output row names content the store lacks."""
+    a, b = two
+    with BrokerClient(a.address, tokens.alice) as alice, AgentClient(a.address, tokens.agent) as agent, \
+            BrokerClient(b.address, tokens.bob) as bob:
+        submit_one(alice)
+        with running(match(agent)) as job:
+            for round_ in range(12):
+                x = write(tmp_path / f"x{round_}", os.urandom(256 * 1024) + b"%d" % round_)
+                y = write(tmp_path / f"y{round_}", b"replacement %d\n" % round_)
+                barrier = threading.Barrier(2)
+                failures = []
+
+                def replace(x=x, y=y, barrier=barrier, failures=failures) -> None:
+                    try:
+                        barrier.wait(10)
+                        job.put_output(x, "o")
+                        job.put_output(y, "o")
+                    except Exception as exc:  # noqa: BLE001 (reported by the main thread)
+                        failures.append(exc)
+
+                thread = threading.Thread(target=replace)
+                thread.start()
+                barrier.wait(10)
+                uploaded = bob.upload(x, "x.dat")
+                thread.join()
+                assert failures == []
+                assert rows(pg_url, "SELECT size FROM contents WHERE sha256 = %s", (uploaded.sha256,)) == \
+                    [(uploaded.size,)], f"round {round_}: Bob's upload lost its content"
+    assert rows(pg_url, "SELECT sha256 FROM file_owners UNION SELECT sha256 FROM outputs "
+                        "EXCEPT SELECT sha256 FROM contents") == []

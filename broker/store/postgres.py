@@ -272,6 +272,13 @@ class PostgresStore(SqlStore):
         with _translated(), self._pool.connection() as conn:
             return self._transact(conn, joined)
 
+    def content_chunk(self, sha256: str, seq: int) -> tuple[bytes, bytes] | None:
+        # Binary results: a 1 MiB bytea comes as its bytes, not as 2 MiB of hex text to decode.
+        with _translated(), self._pool.connection() as conn:
+            row = conn.execute("SELECT digest, data FROM chunks WHERE sha256 = %s AND seq = %s", (sha256, seq),
+                               binary=True).fetchone()
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
+
     def _try_collector_lock(self, cur) -> bool:
         # Held to the commit: one broker collects (contents, history) at a time; the others skip the pass.
         return bool(cur.row("SELECT pg_try_advisory_xact_lock(?)", (_LOCK_COLLECTOR,))[0])
@@ -313,6 +320,8 @@ class PostgresStore(SqlStore):
         cur.run("SELECT pg_advisory_xact_lock(?)", (_LOCK_SCHEMA,))  # brokers starting (or migrating) together
         for statement in ddl(POSTGRES):
             cur.run(statement)
+        # Sandbox content is mostly compressed already: stored as is, no compression attempt per chunk.
+        cur.run("ALTER TABLE chunks ALTER COLUMN data SET STORAGE EXTERNAL")
         cur.run("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                 (SCHEMA_VERSION,))
         self._migrate(cur)
