@@ -529,7 +529,7 @@ class BrokerServer:
         config = self.config
         limits = {"max_file_size": config.max_file_size, "max_job_bytes": config.max_job_bytes,
                   "max_job_files": config.max_job_files}
-        kind = file_store_kind(config.file_store, config.store_url)
+        kind = file_store_kind(config.file_store, bool(getattr(self.store, "SHARED", False)))
         if kind == "database":
             if not getattr(self.store, "SHARED", False):
                 raise BrokerStartError("file_store = \"database\" needs a PostgreSQL store (the content is "
@@ -615,10 +615,11 @@ class BrokerServer:
 FILE_STORES = ("local", "database")
 
 
-def file_store_kind(choice: str | None, store_url: str) -> str:
-    """The file store to use: CHOICE, or by default "database" for a PostgreSQL store and "local" otherwise."""
+def file_store_kind(choice: str | None, shared_store: bool) -> str:
+    """The file store to use: CHOICE, or by default "database" for a store several brokers may share
+    (PostgreSQL) and "local" otherwise."""
     if choice is None:
-        return "database" if store_url.startswith(("postgres:", "postgresql:", "postgresql+")) else "local"
+        return "database" if shared_store else "local"
     if choice not in FILE_STORES:
         raise BrokerStartError(f"file store {choice!r} is not one of {', '.join(FILE_STORES)}; fix: "
                                "--file-store local or --file-store database")

@@ -405,3 +405,32 @@ def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(two
                     [(uploaded.size,)], f"round {round_}: Bob's upload lost its content"
     assert rows(pg_url, "SELECT sha256 FROM file_owners UNION SELECT sha256 FROM outputs "
                         "EXCEPT SELECT sha256 FROM contents") == []
+
+
+@pytest.mark.parametrize("choice, words", [
+    ("database", 'file_store = "database" needs a PostgreSQL store (the content is shared through it); '
+                 "fix: --db postgresql://..., or --file-store local"),
+    ("xrootd", "file store 'xrootd' is not one of local, database; fix: --file-store local or --file-store "
+               "database")])
+def test_a_file_store_the_database_cannot_hold_is_refused_at_start(tmp_path, ca_dir, choice, words):
+    """SQLite cannot share content between brokers: asking for the database store there (or for a store
+    that does not exist) stops the start with the fix, before anything listens; nothing is left running."""
+    from broker.server import BrokerStartError
+    with pytest.raises(BrokerStartError) as info:
+        start_server(tmp_path, ca_dir, file_store=choice)
+    assert words in str(info.value)
+
+
+def test_one_broker_of_the_database_collects_at_a_time(two, tokens, tmp_path, pg_url):
+    """While one broker's collection holds the collector lock (taken here by hand, as a pass of broker A
+    would hold it), broker B's pass removes and prunes nothing and does not wait; once it is free, B's
+    pass collects."""
+    a, b = two
+    with BrokerClient(a.address, tokens.alice) as alice:
+        alice.upload(write(tmp_path / "unused", b"unused\n"))
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (0x5350_0003,))
+        assert b.collect_once(utcnow() + 2 * DAY) == (0, 0, 0)
+        assert rows(pg_url, "SELECT count(*) FROM contents") == [(1,)]
+        holder.execute("SELECT pg_advisory_unlock(%s)", (0x5350_0003,))
+    assert b.collect_once(utcnow() + 2 * DAY) == (1, len(b"unused\n"), 0)
