@@ -64,7 +64,8 @@ state directory:
   DIR/ca/         the CA, created on first start (unless --ca names an existing one)
   DIR/host.pem    the broker's TLS certificate (a host token), renewed when needed
   DIR/broker.db   the SQLite database (unless --db names another store)
-  DIR/files/      the content-addressed input and output store
+  DIR/files/      the content-addressed input and output store (--file-store local)
+  DIR/staging/    uploads in flight (--file-store database: the content itself is in the database)
   DIR/address     the address actually bound (with port 0, the chosen port); removed at stop
 
 Give each user a token:  splitpilot token issue --ca DIR/ca --role user --subject alice --out alice.pem
@@ -159,6 +160,16 @@ def _register_broker(subparsers) -> None:
                        help="largest total of a job's inputs, and of its outputs (default: %(default)s)")
     serve.add_argument("--max-outputs", type=int, default=1000, metavar="N",
                        help="most output files one job attempt may save (default: %(default)s)")
+    serve.add_argument("--file-store", choices=("local", "database"), default=None,
+                       help="where input and output content lives: local (DIR/files, one broker) or database (in "
+                            "the PostgreSQL store, shared by every broker of it) (default: database with a "
+                            "PostgreSQL --db, local otherwise)")
+    serve.add_argument("--file-grace", default="1d", metavar="DURATION",
+                       help="content no job refers to any more is removed once older than this; an upload not "
+                            "yet used by a submission is kept this long (default: %(default)s)")
+    serve.add_argument("--history-retention", default="90d", metavar="DURATION",
+                       help="the history events of jobs final for longer than this are pruned; the job keeps its "
+                            "final state, message and outputs (default: %(default)s)")
     serve.add_argument("--revocation-refresh", default="2s", metavar="DURATION",
                        help="how often revoked tokens are reloaded from the database: a token revoked through "
                             "another broker on the same database is refused here within this (default: "
@@ -221,6 +232,9 @@ def _serve(args: argparse.Namespace) -> int:
         reap_interval=parse_duration(args.reap_interval, what="--reap-interval").total_seconds(),
         max_file_size=parse_size(args.max_file_size, "--max-file-size"),
         max_job_bytes=parse_size(args.max_job_size, "--max-job-size"),
+        file_store=args.file_store,
+        file_grace=parse_duration(args.file_grace, what="--file-grace"),
+        history_retention=parse_duration(args.history_retention, what="--history-retention"),
         store_settings=store_settings, grace=parse_duration(args.grace, what="--grace").total_seconds())
     # The offload choice stays the server's (a network database: every store call in a thread).
     config.service = ServiceSettings(

@@ -18,6 +18,12 @@ free: a concurrent upload of the same bytes can never lose its file. (A
 broker's state directory is locked to one broker process, so a process lock
 is enough.)
 
+Two backends offer the same interface (`ContentStore`): this folder
+(`FileStore`, the default with SQLite) and the database (`broker.dbfiles`,
+the default with PostgreSQL, shared by every broker of the database).
+Garbage collection (`collect`) removes content nothing refers to any more;
+the rule is the store's (`SqlStore.unreferenced_contents`, docs/broker.md).
+
 The rules for names, sizes and digests, and the refusals, are shared with the
 clients: pilot.api.files.
 """
@@ -28,9 +34,9 @@ import hashlib
 import os
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 from pilot.api.files import (
     CHUNK_SIZE,
@@ -61,6 +67,49 @@ class StoredFile:
     already_present: bool = False
 
 
+class LostContent(MissingFile):
+    """Content a job's record names is gone from (or damaged in) the broker's file store: the broker's
+    fault, never the job's or its owner's (DATA_LOSS)."""
+
+    def __init__(self, name: str, sha256: str, why: str = "is no longer in the broker's file store") -> None:
+        FileRefused.__init__(self, name, f"the content (sha256 {sha256}) {why}: the broker's fault, not the "
+                                         "job's; fix: the broker's operator restores it (or the owner uploads "
+                                         "the file again and resubmits)")
+        self.sha256 = sha256
+
+
+class Referee(Protocol):
+    """What garbage collection asks the job store (broker.store.sql.SqlStore)."""
+
+    def unreferenced_contents(self, sha256s: Sequence[str], cutoff) -> list[str]: ...
+
+    def forget_contents(self, sha256s: Sequence[str]) -> None: ...
+
+
+class ContentStore(Protocol):
+    """What the services use of a file store (FileStore here, broker.dbfiles.DatabaseFileStore)."""
+
+    kind: str
+    max_file_size: int
+    max_job_bytes: int
+    max_job_files: int
+    lock: threading.RLock
+
+    def check_header(self, name: str, size: int, sha256: str, *, what: str = "file name") -> None: ...
+
+    def receive(self, name: str, size: int, sha256: str, *, what: str = "file name") -> Incoming: ...
+
+    def open(self, sha256: str, name: str = "") -> BinaryIO: ...
+
+    def size_of(self, sha256: str) -> int | None: ...
+
+    def free(self, sha256: str) -> bool: ...
+
+    def usage(self) -> tuple[int, int]: ...
+
+    def collect(self, referee, cutoff, limit: int = 100) -> list[tuple[str, int]]: ...
+
+
 # ------------------------------------------------------------------ the store
 
 class FileStore:
@@ -72,6 +121,10 @@ class FileStore:
     says whether the broker's records still refer to some content (`free`
     keeps it then).
     """
+
+    kind = "local"
+    #: The staged file becomes the stored one: durable before it is renamed into place.
+    fsync_staged = True
 
     def __init__(self, root: str, *, max_file_size: int = DEFAULT_MAX_FILE_SIZE,
                  max_job_bytes: int = DEFAULT_MAX_JOB_BYTES, max_job_files: int = DEFAULT_MAX_JOB_FILES,
@@ -145,8 +198,74 @@ class FileStore:
                 total += os.stat(os.path.join(directory, entry)).st_size
         return count, total
 
+    def _place(self, incoming: Incoming, record: Callable[[StoredFile], T]) -> T:
+        """Make INCOMING's verified temporary file part of the store and call RECORD, under the lock."""
+        final = self.path(incoming.sha256)
+        with self.lock:
+            present = os.path.exists(final)
+            if present:
+                os.unlink(incoming._tmp_path)
+            else:
+                directory = os.path.dirname(final)
+                os.makedirs(directory, mode=0o755, exist_ok=True)
+                os.chmod(incoming._tmp_path, stat.S_IRUSR | stat.S_IRGRP)  # immutable by convention
+                os.replace(incoming._tmp_path, final)
+                _fsync_directory(directory)
+            try:
+                return record(StoredFile(incoming.sha256, incoming.size, present))
+            except BaseException:
+                if not present:
+                    try:
+                        self.free(incoming.sha256)
+                    except Exception:  # noqa: BLE001 (the record's error matters; an orphan file is harmless)
+                        pass
+                raise
+
     def temp_files(self) -> list[str]:
         return os.listdir(self._tmp)
+
+    def collect(self, referee: Referee, cutoff, limit: int = 500) -> list[tuple[str, int]]:
+        """Remove the files older than CUTOFF (a datetime) that REFEREE says nothing refers to (asked LIMIT
+        at a time); return (sha256, size) of each. Under the lock, which a submission holds from its input
+        check to its commit: a submission either sees the content present and its jobs keep it, or not
+        at all."""
+        removed: list[tuple[str, int]] = []
+        batch: dict[str, int] = {}
+        for sha, size in self._older_than(cutoff.timestamp()):
+            batch[sha] = size
+            if len(batch) >= limit:
+                removed += self._remove_unreferenced(referee, batch, cutoff)
+                batch = {}
+        if batch:
+            removed += self._remove_unreferenced(referee, batch, cutoff)
+        return removed
+
+    def _older_than(self, oldest: float):
+        for directory, _dirs, files in os.walk(self.root):
+            if directory == self._tmp:
+                continue
+            for entry in files:
+                sha = os.path.basename(directory) + entry
+                try:
+                    info = os.stat(os.path.join(directory, entry))
+                except FileNotFoundError:
+                    continue
+                if info.st_mtime < oldest and len(sha) == 64:
+                    yield sha, info.st_size
+
+    def _remove_unreferenced(self, referee: Referee, candidates: dict[str, int], cutoff) -> list[tuple[str, int]]:
+        removed = []
+        with self.lock:
+            garbage = referee.unreferenced_contents(sorted(candidates), cutoff)
+            if garbage:
+                referee.forget_contents(garbage)   # first: a crash between leaves a file nobody may name
+            for sha in garbage:
+                try:
+                    os.unlink(self.path(sha))
+                except FileNotFoundError:
+                    continue
+                removed.append((sha, candidates[sha]))
+        return removed
 
 
 class Incoming:
@@ -156,7 +275,7 @@ class Incoming:
     removes the temporary file.
     """
 
-    def __init__(self, store: FileStore, name: str, size: int, sha256: str) -> None:
+    def __init__(self, store, name: str, size: int, sha256: str) -> None:
         self.store = store
         self.name = name
         self.size = size
@@ -197,38 +316,20 @@ class Incoming:
         if actual != self.sha256:
             self.abort()
             raise ChecksumMismatch(self.name, self.sha256, actual)
-        os.fsync(self._fd)
+        if self.store.fsync_staged:
+            os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
-        final = self.store.path(self.sha256)
-        with self.store.lock:
-            present = os.path.exists(final)
-            if present:
-                os.unlink(self._tmp_path)
-            else:
-                directory = os.path.dirname(final)
-                os.makedirs(directory, mode=0o755, exist_ok=True)
-                os.chmod(self._tmp_path, stat.S_IRUSR | stat.S_IRGRP)  # immutable by convention
-                os.replace(self._tmp_path, final)
-                _fsync_directory(directory)
-            try:
-                return record(StoredFile(self.sha256, self.size, present))
-            except BaseException:
-                if not present:
-                    try:
-                        self.store.free(self.sha256)
-                    except Exception:  # noqa: BLE001 (the record's error matters; an orphan file is harmless)
-                        pass
-                raise
+        return self.store._place(self, record)
 
     def abort(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-            try:
-                os.unlink(self._tmp_path)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(self._tmp_path)
+        except FileNotFoundError:
+            pass
 
     def __enter__(self) -> Incoming:
         return self
@@ -245,5 +346,5 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-__all__ = ["DEFAULT_MAX_FILE_SIZE", "DEFAULT_MAX_JOB_BYTES", "DEFAULT_MAX_JOB_FILES", "FileStore", "Incoming",
-           "StoredFile"]
+__all__ = ["DEFAULT_MAX_FILE_SIZE", "DEFAULT_MAX_JOB_BYTES", "DEFAULT_MAX_JOB_FILES", "ContentStore", "FileStore",
+           "Incoming", "LostContent", "StoredFile"]

@@ -17,6 +17,9 @@ query storm on the database.
     splitpilot_pilots_seen                              gauge: pilots the broker has seen
     splitpilot_empty_pilots_total                       pilots that left without running a job
     splitpilot_reaped_total{cause=...}                  attempts ended by this process's reaper
+    splitpilot_gc_files_freed_total                     unreferenced contents removed by this process's collector
+    splitpilot_gc_bytes_freed_total                     their bytes
+    splitpilot_history_events_pruned_total              history events of long-final jobs pruned by this process
     splitpilot_rpc_requests_total{method=...,code=...}  calls per RPC and status code
     splitpilot_rpc_errors_total{method=...}             calls that did not end OK
     splitpilot_rpc_duration_seconds{method=...}         histogram: time in handlers per RPC
@@ -112,6 +115,12 @@ class Metrics:
         self.file_bytes_received = Counter("splitpilot_file_bytes_received", "File bytes accepted into the store.",
                                            registry=r)
         self.file_bytes_sent = Counter("splitpilot_file_bytes_sent", "File bytes streamed to clients.", registry=r)
+        self.gc_files_freed = Counter("splitpilot_gc_files_freed", "Unreferenced contents removed by this "
+                                      "process's garbage collection.", registry=r)
+        self.gc_bytes_freed = Counter("splitpilot_gc_bytes_freed", "Bytes of the unreferenced contents removed by "
+                                      "this process's garbage collection.", registry=r)
+        self.history_pruned = Counter("splitpilot_history_events_pruned", "History events of jobs final for "
+                                      "longer than the retention, pruned by this process.", registry=r)
         Gauge("splitpilot_broker_start_time_seconds", "Unix time the broker process started.",
               registry=r).set(self.started)
         for result in MATCH_RESULTS:  # every result shown from the start, so that rate() sees the first one

@@ -41,6 +41,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -48,7 +49,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2_grpc
 
 from broker.ca import CertificateAuthority
-from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, FileStore
+from broker.files import DEFAULT_MAX_FILE_SIZE, DEFAULT_MAX_JOB_BYTES, DEFAULT_MAX_JOB_FILES, ContentStore, FileStore
 from broker.health import BrokerHealth
 from broker.metrics import BrokerCollector, Metrics, MetricsServer
 from broker.monitor import Monitor, MonitorServer, MonitorSettings, unrunnable
@@ -136,6 +137,15 @@ class BrokerConfig:
     max_file_size: int = DEFAULT_MAX_FILE_SIZE
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
     max_job_files: int = DEFAULT_MAX_JOB_FILES
+    #: Where sandbox content lives: "local" (STATE/files), "database" (the job store's database, shared by
+    #: every broker of it; PostgreSQL only); None: "database" with PostgreSQL, "local" with SQLite.
+    file_store: str | None = None
+    #: Content nothing refers to any more is removed once older than this (None: never collected).
+    file_grace: datetime.timedelta | None = datetime.timedelta(days=1)
+    #: The history events of jobs final for longer than this are pruned (None: kept for ever).
+    history_retention: datetime.timedelta | None = datetime.timedelta(days=90)
+    #: Seconds between garbage collection passes of the reaper thread.
+    gc_interval: float = 300.0
     store_settings: StoreSettings = field(default_factory=StoreSettings)
     #: None: derived (offload store calls to threads for PostgreSQL).
     service: ServiceSettings | None = None
@@ -222,8 +232,7 @@ class BrokerServer:
             host_token = self._host_token(host)
             if self.store is None:
                 self.store = self._open_store()
-            files = FileStore(os.path.join(config.state_dir, "files"), max_file_size=config.max_file_size,
-                              max_job_bytes=config.max_job_bytes, max_job_files=config.max_job_files)
+            files = self._open_files()
             settings = dataclasses.replace(config.service or ServiceSettings(
                 offload_store=config.store_url.startswith(("postgres:", "postgresql:", "postgresql+"))),
                 broker_heartbeat_s=heartbeat_s)
@@ -347,7 +356,14 @@ class BrokerServer:
         return reaped
 
     def _reap_loop(self) -> None:
+        next_collection = time.monotonic() + min(self.config.gc_interval, 60.0)
         while not self._stopping.wait(self.config.reap_interval):
+            if self.config.gc_interval > 0 and time.monotonic() >= next_collection:
+                next_collection = time.monotonic() + self.config.gc_interval
+                try:
+                    self.collect_once()
+                except Exception:  # noqa: BLE001 (collection is housekeeping: the next pass tries again)
+                    log.exception("garbage collection: pass failed; trying again in %.0fs", self.config.gc_interval)
             try:
                 self.reap_once()
             except Exception:  # noqa: BLE001 (the reaper must survive a bad moment of the database)
@@ -509,6 +525,54 @@ class BrokerServer:
             return f"does not name {', '.join(missing)}"
         return None
 
+    def _open_files(self) -> ContentStore:
+        config = self.config
+        limits = {"max_file_size": config.max_file_size, "max_job_bytes": config.max_job_bytes,
+                  "max_job_files": config.max_job_files}
+        kind = file_store_kind(config.file_store, bool(getattr(self.store, "SHARED", False)))
+        if kind == "database":
+            if not getattr(self.store, "SHARED", False):
+                raise BrokerStartError("file_store = \"database\" needs a PostgreSQL store (the content is "
+                                       "shared through it); fix: --db postgresql://..., or --file-store local")
+            from broker.dbfiles import DatabaseFileStore  # why: only with PostgreSQL
+            store = DatabaseFileStore(self.store, os.path.join(config.state_dir, "staging"), **limits)
+            folder = os.path.join(config.state_dir, "files")
+            if os.path.isdir(folder):  # content a broker before schema 6 kept here: into the shared store
+                copied, size = store.import_folder(folder)
+                if copied:
+                    log.info("file store: %d file(s) of %d bytes copied from %s into the database; the folder "
+                             "is no longer used and may be removed", copied, size, folder)
+            return store
+        return FileStore(os.path.join(config.state_dir, "files"), **limits)
+
+    def collect_once(self, now: datetime.datetime | None = None) -> tuple[int, int, int]:
+        """One garbage collection pass (the reaper thread calls this every gc_interval): unreferenced
+        content older than file_grace, history of jobs final for longer than history_retention. Returns
+        (files freed, bytes freed, events pruned) by this pass."""
+        now = now or utcnow()
+        files = freed = events = 0
+        broker, config = self.broker, self.config
+        if broker is None or not isinstance(self.store, SqlStore):
+            return 0, 0, 0
+        if config.file_grace is not None:
+            while removed := broker.files.collect(self.store, now - config.file_grace):
+                files += len(removed)
+                freed += sum(size for _sha, size in removed)
+                self.metrics.gc_files_freed.inc(len(removed))
+                self.metrics.gc_bytes_freed.inc(sum(size for _sha, size in removed))
+                if self._stopping.is_set():
+                    break
+        if config.history_retention is not None:
+            while pruned := self.store.prune_history(now - config.history_retention):
+                events += pruned
+                self.metrics.history_pruned.inc(pruned)
+                if self._stopping.is_set():
+                    break
+        if files or events:
+            log.info("garbage collection: %d unreferenced content(s) of %d bytes removed, %d history events "
+                     "pruned", files, freed, events)
+        return files, freed, events
+
     def _open_store(self) -> JobStore:
         url = self.config.store_url
         try:
@@ -546,6 +610,20 @@ class BrokerServer:
         await server.start()
         self._server = server
         return bound
+
+
+FILE_STORES = ("local", "database")
+
+
+def file_store_kind(choice: str | None, shared_store: bool) -> str:
+    """The file store to use: CHOICE, or by default "database" for a store several brokers may share
+    (PostgreSQL) and "local" otherwise."""
+    if choice is None:
+        return "database" if shared_store else "local"
+    if choice not in FILE_STORES:
+        raise BrokerStartError(f"file store {choice!r} is not one of {', '.join(FILE_STORES)}; fix: "
+                               "--file-store local or --file-store database")
+    return choice
 
 
 def _loopback(host: str) -> bool:

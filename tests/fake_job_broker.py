@@ -12,6 +12,8 @@ into files the test reads afterwards:
   DIR/unavailable.json  {"update_state": N, "get_input": N, "put_output": N, "heartbeat": N}: the next N
                      calls of each raise the client's real BrokerUnavailable (UNAVAILABLE), as a broker
                      restarting would (counted down; every failed call is recorded in DIR/unavailable.log)
+  DIR/LOST_INPUT     if present, get_input raises the client's real BrokerError with DATA_LOSS, as a broker
+                     whose file store lost (or holds damaged) the content answers
   DIR/FENCED         if present, heartbeat, update_state and put_output raise the client's real
                      PreconditionFailed (FAILED_PRECONDITION), as for an attempt another one replaced
 """
@@ -74,6 +76,12 @@ class FakeJobBroker:
 
     def get_input(self, name, destination):
         self._faults("get_input")
+        if os.path.exists(os.path.join(self.dir, "LOST_INPUT")):
+            import grpc
+
+            from pilot.api.base import BrokerError
+            raise BrokerError("GetInput", grpc.StatusCode.DATA_LOSS, f"file {name!r}: the content (sha256 ...) is "
+                              "no longer in the broker's file store: the broker's fault, not the job's; fix: ...")
         with open(os.path.join(self.dir, "inputs.json")) as handle:
             expected = json.load(handle)[name]
         source = os.path.join(self.dir, "inputs", name)

@@ -178,3 +178,39 @@ def make_postgres_v4(url: str, input_sha256: str, output_sha256: str) -> None:
         for statement in V4_ALTERS:
             conn.execute(statement)
         conn.execute("UPDATE meta SET value = 4 WHERE key = 'schema_version'")
+
+
+#: A database of schema version 5 (before the shared content store): version 4 plus the batch column and the
+#: tables of versions 2 to 5 that the test rows use (frozen copies), with alice owning her input and output.
+V5_STATEMENTS = (
+    "ALTER TABLE jobs ADD COLUMN batch TEXT",
+    "CREATE TABLE IF NOT EXISTS file_owners (owner TEXT NOT NULL, sha256 TEXT NOT NULL, size BIGINT NOT NULL, "
+    "time BIGINT NOT NULL, PRIMARY KEY (owner, sha256))",
+)
+
+
+def _fill_v5(execute, input_sha256: str, output_sha256: str) -> None:
+    execute("INSERT INTO file_owners (owner, sha256, size, time) VALUES ('alice', ?, 5, 0)", (input_sha256,))
+    execute("INSERT INTO file_owners (owner, sha256, size, time) VALUES ('alice', ?, 7, 0)", (output_sha256,))
+    execute("UPDATE meta SET value = 5 WHERE key = 'schema_version'")
+
+
+def make_sqlite_v5(path: str, input_sha256: str, output_sha256: str) -> None:
+    make_sqlite_v4(path, input_sha256, output_sha256)
+    conn = sqlite3.connect(path)
+    try:
+        for statement in V5_STATEMENTS:
+            conn.execute(statement)
+        _fill_v5(conn.execute, input_sha256, output_sha256)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def make_postgres_v5(url: str, input_sha256: str, output_sha256: str) -> None:
+    import psycopg
+    make_postgres_v4(url, input_sha256, output_sha256)
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in V5_STATEMENTS:
+            conn.execute(statement)
+        _fill_v5(lambda sql, params=(): conn.execute(sql.replace("?", "%s"), params), input_sha256, output_sha256)

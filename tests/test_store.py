@@ -24,7 +24,14 @@ from collections import Counter
 import psycopg
 import pytest
 from pg import DATABASE, free_port, pg_server, pg_url  # noqa: F401  (fixtures)
-from store_v1 import make_postgres_v1, make_postgres_v4, make_sqlite_v1, make_sqlite_v4
+from store_v1 import (
+    make_postgres_v1,
+    make_postgres_v4,
+    make_postgres_v5,
+    make_sqlite_v1,
+    make_sqlite_v4,
+    make_sqlite_v5,
+)
 
 from broker.lifecycle import TRANSITIONS, Actor, RequeueCause, allowed
 from broker.store import open_store
@@ -48,7 +55,7 @@ from broker.store.base import (
     UnknownBatch,
     UnknownJob,
 )
-from broker.store.schema import SCHEMA_VERSION
+from broker.store.schema import SCHEMA_VERSION, from_ms
 from broker.store.sql import BATCH_ID_RE
 from pilot.api.states import JobState
 from pilot.errors import UsageError
@@ -885,7 +892,7 @@ def test_a_version_1_database_is_migrated_in_place(backend, tmp_path, request):
         else:
             with psycopg.connect(url) as conn:
                 version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
-        assert version == SCHEMA_VERSION == 5
+        assert version == SCHEMA_VERSION == 6
     finally:
         if drop is not None:
             drop()
@@ -937,6 +944,45 @@ def test_a_version_4_database_gains_batches_and_keeps_its_jobs_without_one(backe
         assert store.counts("alice")[S.DONE] == 1
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_version_5_database_keeps_everything_and_lists_the_inputs_of_its_jobs(backend, old_database):
+    """Schema 5 -> 6: jobs, outputs and owner rows are kept; the inputs of the jobs already stored are
+    listed in job_inputs, so garbage collection keeps the waiting job's input (and the output, which an
+    output row names) however old; a second opening changes nothing."""
+    url = old_database(backend, make_sqlite_v5, make_postgres_v5)
+    inputs, outputs = "1" * 64, "2" * 64
+    for _ in range(2):
+        store = open_store(url, SETTINGS)
+        try:
+            assert [(j.job_id, j.state) for j in store.list("alice")] == [(2, S.DONE), (1, S.WAITING)]
+            assert store.get(2).outputs[0].sha256 == outputs
+            assert store.claim_inputs("alice", [inputs, outputs], at(0)) == {inputs, outputs}
+            assert store._read(lambda cur: cur.rows("SELECT job_id, sha256 FROM job_inputs")) == [(1, inputs)]
+            # Everything is older than a cutoff far in the future: still, nothing is garbage.
+            assert store.unreferenced_contents([inputs, outputs], at(10**6)) == []
+        finally:
+            store.close()
+    store = open_store(url, SETTINGS)
+    try:
+        store.kill(1, "alice", "done with it", at(1))     # final now: its input is no longer needed
+        assert store.unreferenced_contents([inputs, outputs], at(10**6)) == [inputs]
+        assert store.unreferenced_contents([inputs, outputs], from_ms(0)) == []   # owner rows within the grace
+    finally:
+        store.close()
+
+
+def test_history_retention_prunes_only_the_events_of_long_final_jobs(store):
+    """prune_history deletes the events of jobs final since before the cutoff; their rows keep the final
+    state and message; a waiting job's history and a recently finished job's are untouched."""
+    old, recent, waiting = store.submit("alice", [spec(), spec(), spec()], at(0))
+    store.kill(old, "alice", "old", at(1))
+    store.kill(recent, "alice", "recent", at(100))
+    assert store.prune_history(at(50)) == 2          # old: WAITING (submitted) and KILLED
+    assert store.get(old).state is S.KILLED and store.get(old).history == ()
+    assert len(store.get(recent).history) == 2 and len(store.get(waiting).history) == 1
+    assert store.prune_history(at(50)) == 0          # nothing left to prune: idempotent
 
 
 def test_a_batch_gets_appended_only_by_its_owner(store):

@@ -220,6 +220,21 @@ def test_a_broker_away_during_inputs_reports_and_outputs_costs_nothing(run_job):
     assert (run.broker_dir / "outputs" / "copy.out").read_bytes() == b"hello input\n"
 
 
+def test_an_input_the_broker_lost_is_not_the_jobs_fault(run_job):
+    """GetInput answered DATA_LOSS (the broker's store lost or holds damaged content): the wrapper ends the
+    attempt as an infrastructure failure for the agent to report (re-queued while attempts remain), never
+    FAILED_INPUT, and says whose fault it is."""
+    run = run_job("#!/bin/sh\ntrue\n", inputs={"data.txt": b"x"})
+    (run.broker_dir / "LOST_INPUT").write_text("")
+    run.start()
+    result = run.result()
+    run.finish()
+    assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_WRAPPER,
+                                                          F.FAILURE_CLASS_INFRASTRUCTURE), result.message
+    assert "not the job's fault" in result.message and "the broker's fault" in result.message
+    assert S.JOB_STATE_FAILED_INPUT not in run.states()
+
+
 def test_a_broker_away_past_the_tokens_end_is_a_requeue_never_a_final_state(run_job):
     run = run_job("#!/bin/sh\ntrue\n", inputs={"data.txt": b"x"})
     run.job.token.not_after_unix = int(time.time()) + 7        # retried until 5 s before the token's end

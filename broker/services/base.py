@@ -40,7 +40,7 @@ from google.protobuf.message import DecodeError
 
 from broker.auth import SERVICE_ROLES, Authoriser, Unauthenticated
 from broker.ca import CertificateAuthority, public_key_from_request
-from broker.files import FileStore, StoredFile
+from broker.files import ContentStore, LostContent, StoredFile
 from broker.metrics import Metrics
 from broker.specs import JobStartBudget
 from broker.store.base import (
@@ -109,6 +109,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, StaleAttemptError):
         # The same words whether the token or the store noticed first.
         return grpc.StatusCode.FAILED_PRECONDITION, str(StaleAttempt(exc.job_id, exc.attempt, exc.current))
+    if isinstance(exc, LostContent):  # the broker's fault: DATA_LOSS, never the job's NOT_FOUND
+        return grpc.StatusCode.DATA_LOSS, str(exc)
     if isinstance(exc, (UnknownJob, UnknownBatch, NotFound, MissingFile, NotRevocable)):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, (InvalidTransition, OutOfOrderUpdate, Conflict, IssueError)):
@@ -175,11 +177,13 @@ def heartbeat_interval(timeout: datetime.timedelta) -> int:
 class Broker:
     """What every servicer needs: store, files, CA, authoriser, metrics."""
 
-    def __init__(self, store: JobStore, files: FileStore, ca: CertificateAuthority, *,
+    def __init__(self, store: JobStore, files: ContentStore, ca: CertificateAuthority, *,
                  settings: ServiceSettings | None = None, metrics: Metrics | None = None) -> None:
         self.store = store
         self.files = files
-        if files.referenced is None:  # replaced outputs free their content only when nothing refers to it
+        # Replaced outputs free their content only when nothing refers to it (the local store asks the
+        # job store; the database store checks in its own transaction).
+        if getattr(files, "referenced", False) is None:
             files.referenced = store.content_referenced
         self.ca = ca
         self.ca_pem = certificate_pem([ca.certificate])
@@ -478,8 +482,14 @@ async def receive_file(broker: Broker, request_iterator, *, what: str,
 
 async def send_file(broker: Broker, name: str, size: int, sha256: str, message):
     """Yield a stored file as MESSAGEs (GetInputResponse, DownloadOutputResponse): header, then data of
-    at most 1 MiB each."""
-    handle = broker.files.open(sha256, name)
+    at most 1 MiB each. Content a job's record names and the store lacks is the broker's loss
+    (LostContent: DATA_LOSS), not the caller's mistake."""
+    try:
+        handle = await broker.io(broker.files.open, sha256, name)
+    except LostContent:
+        raise
+    except MissingFile:
+        raise LostContent(name, sha256) from None
     try:
         yield message(header=pb.FileHeader(name=name, size=size, sha256=sha256))
         while block := await broker.io(handle.read, CHUNK_SIZE):

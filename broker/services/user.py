@@ -84,10 +84,8 @@ class UserServicer(rpc_pb.UserServiceServicer):
             raise BadRequest(f"batch_label {shown(label[:64])!r} is not {BATCH_LABEL_FORM}")
         # Big batches are checked off the event loop, so that matching goes on meanwhile; so are batches
         # with inputs (their check takes the file store's lock).
-        heavy = len(specs) > 100 or any(spec.input_files for spec in specs)
-        cleaned = await broker.call(self._checked_specs, specs, identity.subject, heavy=heavy)
-        batch, ids = await broker.call(broker.store.submit_batch, identity.subject, cleaned, utcnow(),
-                                       request.batch_id, label, heavy=True)
+        cleaned, (batch, ids) = await broker.call(self._check_and_store, specs, identity.subject,
+                                                  request.batch_id, label, heavy=True)
         log.info("%s submitted %d job(s) in batch %s: %s", identity.subject, len(ids), batch, _id_range(ids))
         warnings = await broker.call(self._never_runnable, cleaned, heavy=True)
         for warning in warnings:
@@ -120,6 +118,19 @@ class UserServicer(rpc_pb.UserServiceServicer):
                     "queued anyway, they wait until a site offers it; fix: ask for less (kill and resubmit), or "
                     "ask the sites' operators for such slots")))
         return found
+
+    def _check_and_store(self, specs: list[job_pb2.JobSpec], owner: str, batch: str,
+                         label: str) -> tuple[list[job_pb2.JobSpec], tuple[str, list[int]]]:
+        """Check SPECS and store them (in a thread). With inputs, under the file store's lock from the input
+        check to the commit: the local store's garbage collection (which takes the lock) then never removes
+        content between the two. (The database store locks the content rows in the submission's own
+        transaction instead: SqlStore.submit_batch.)"""
+        if not any(spec.input_files for spec in specs):
+            cleaned = self._checked_specs(specs, owner)
+            return cleaned, self.broker.store.submit_batch(owner, cleaned, utcnow(), batch, label)
+        with self.broker.files.lock:
+            cleaned = self._checked_specs(specs, owner)
+            return cleaned, self.broker.store.submit_batch(owner, cleaned, utcnow(), batch, label)
 
     def _checked_specs(self, specs: list[job_pb2.JobSpec], owner: str) -> list[job_pb2.JobSpec]:
         cleaned = [self._checked_spec(index, spec, owner) for index, spec in enumerate(specs)]

@@ -148,6 +148,18 @@ class TooManyJobs(StoreError):
         self.limit = limit
 
 
+class MissingContent(StoreError):
+    """A submission names content the file store no longer holds (collected as garbage after the
+    inputs were checked, or never there): nothing was stored. Attributes: sha256s."""
+
+    def __init__(self, sha256s: Sequence[str]) -> None:
+        shown_digests = ", ".join(sha256s[:3]) + (f" and {len(sha256s) - 3} more" if len(sha256s) > 3 else "")
+        super().__init__(f"input content sha256 {shown_digests} is not in the broker's file store (removed as "
+                         "unused content while this submission was checked); nothing was submitted; fix: upload "
+                         "the file again and submit again")
+        self.sha256s = list(sha256s)
+
+
 class UnknownBatch(StoreError):
     """A batch id that names no batch of the caller's: unknown, or another user's (the same words for
     both: the id is a handle, ownership the authority, and the answer no oracle). Attributes: batch_id."""

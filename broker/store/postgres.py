@@ -68,6 +68,7 @@ T = TypeVar("T")
 #: Advisory lock keys (arbitrary, fixed): schema creation, class creation.
 _LOCK_SCHEMA = 0x5350_0001
 _LOCK_CLASSES = 0x5350_0002
+_LOCK_COLLECTOR = 0x5350_0003
 _COUNTER_SHARDS = 8
 _RETRIES = 8
 #: What every connection of the store is opened with.
@@ -230,6 +231,8 @@ class PostgresStore(SqlStore):
 
     FOR_UPDATE = " FOR UPDATE"
     FOR_UPDATE_SKIP = " FOR UPDATE SKIP LOCKED"
+    FOR_SHARE = " FOR SHARE"
+    SHARED = True
 
     def __init__(self, url: str, settings: StoreSettings | None = None) -> None:
         super().__init__(settings or StoreSettings())
@@ -248,8 +251,37 @@ class PostgresStore(SqlStore):
 
     # ----------------------------------------------------------- connections
     def _write(self, fn: Callable[[_Cursor], T]) -> T:
+        joined = getattr(self._thread, "cursor", None)
+        if joined is not None:  # inside transaction(): part of it (retried with it as a whole)
+            return fn(joined)
         with _translated(), self._pool.connection() as conn:
             return self._transact(conn, fn)
+
+    def transaction(self, fn: Callable[[_Cursor], T]) -> T:
+        """FN(cursor) in one transaction that the store's methods FN calls on this thread join (their
+        writes commit or roll back with FN's); retried as a whole after a deadlock."""
+        if getattr(self._thread, "cursor", None) is not None:
+            return fn(self._thread.cursor)
+
+        def joined(cur: _Cursor) -> T:
+            self._thread.cursor = cur
+            try:
+                return fn(cur)
+            finally:
+                self._thread.cursor = None
+        with _translated(), self._pool.connection() as conn:
+            return self._transact(conn, joined)
+
+    def content_chunk(self, sha256: str, seq: int) -> tuple[bytes, bytes] | None:
+        # Binary results: a 1 MiB bytea comes as its bytes, not as 2 MiB of hex text to decode.
+        with _translated(), self._pool.connection() as conn:
+            row = conn.execute("SELECT digest, data FROM chunks WHERE sha256 = %s AND seq = %s", (sha256, seq),
+                               binary=True).fetchone()
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
+
+    def _try_collector_lock(self, cur) -> bool:
+        # Held to the commit: one broker collects (contents, history) at a time; the others skip the pass.
+        return bool(cur.row("SELECT pg_try_advisory_xact_lock(?)", (_LOCK_COLLECTOR,))[0])
 
     def _transact(self, conn: psycopg.Connection, fn: Callable[[_Cursor], T]) -> T:
         """FN in a transaction on CONN, retried after a deadlock or serialization failure."""
@@ -288,6 +320,8 @@ class PostgresStore(SqlStore):
         cur.run("SELECT pg_advisory_xact_lock(?)", (_LOCK_SCHEMA,))  # brokers starting (or migrating) together
         for statement in ddl(POSTGRES):
             cur.run(statement)
+        # Sandbox content is mostly compressed already: stored as is, no compression attempt per chunk.
+        cur.run("ALTER TABLE chunks ALTER COLUMN data SET STORAGE EXTERNAL")
         cur.run("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
                 (SCHEMA_VERSION,))
         self._migrate(cur)

@@ -33,6 +33,11 @@ The tables:
             transactions rarely wait on the same row.
   batches   one row per submission (a batch): its public id, owner, creation time and label; jobs.batch
             names it (NULL for jobs queued before version 5).
+  job_inputs  (job_id, sha256) of every input of every job (written with the jobs): which content
+            a job not yet final still needs (garbage collection keeps it).
+  contents  the database file store's content catalogue (sha256, size, created); its bytes are in
+  chunks    (sha256, seq): at most 1 MiB each with the chunk's own SHA-256 (checked on every read).
+            Both are empty with the local file store (content in the broker's state folder).
   meta      schema version and, for SQLite, the next job id.
 
 The indexes exist for one query each (see `PLANNED_QUERIES` in the stores):
@@ -51,7 +56,8 @@ The indexes exist for one query each (see `PLANNED_QUERIES` in the stores):
 
 Versions: 1 (first release); 2 adds pilot binding (pilots.cert_serial,
 cert_not_after), reservations, file_owners, revoked, tokens; 3 adds
-site_offers; 4 adds the heartbeat's usage columns; 5 adds batches and jobs.batch. `MIGRATIONS`
+site_offers; 4 adds the heartbeat's usage columns; 5 adds batches and jobs.batch;
+6 adds job_inputs (filled from the specs of the jobs already queued), contents and chunks. `MIGRATIONS`
 takes a database of an older version forward in place (new tables come from the CREATE statements).
 """
 
@@ -62,7 +68,7 @@ from dataclasses import dataclass
 
 from pilot.api.states import JobState
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 UTC = datetime.UTC
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
@@ -252,6 +258,25 @@ CREATE TABLE IF NOT EXISTS batches (
     label TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS batches_owner ON batches (owner, seq);
+CREATE TABLE IF NOT EXISTS job_inputs (
+    job_id BIGINT NOT NULL,
+    sha256 TEXT NOT NULL,
+    PRIMARY KEY (job_id, sha256)
+);
+CREATE INDEX IF NOT EXISTS job_inputs_sha256 ON job_inputs (sha256);
+CREATE TABLE IF NOT EXISTS contents (
+    sha256 TEXT PRIMARY KEY,
+    size BIGINT NOT NULL,
+    created BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS contents_created ON contents (created);
+CREATE TABLE IF NOT EXISTS chunks (
+    sha256 TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    digest {blob} NOT NULL,
+    data {blob} NOT NULL,
+    PRIMARY KEY (sha256, seq)
+);
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL,
     shard INTEGER NOT NULL,
@@ -282,6 +307,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Version 4 -> 5: each submission is a batch (the batches table comes from the CREATE statements);
     # jobs queued before have none (NULL, shown as "-").
     4: ("ALTER TABLE jobs ADD COLUMN batch TEXT",),
+    # Version 5 -> 6: job_inputs, contents, chunks are new tables; job_inputs is filled from the jobs'
+    # specs by SqlStore._migrate (contents stay empty: the content of a version-5 broker is in its folder).
+    5: (),
 }
 
 #: Run after the migrations (idempotent): indexes on columns a migration may just have added.

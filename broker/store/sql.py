@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import abc
 import datetime
+import hashlib
 import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from broker.lifecycle import ADMIN_REQUEUABLE_FINAL, FREE_CAUSES, Actor, RequeueCause, allowed, requeue_target
@@ -47,6 +48,7 @@ from broker.store.base import (
     JobRecord,
     JobStore,
     LimitExceeded,
+    MissingContent,
     NotYours,
     OfferRecord,
     OutOfOrderUpdate,
@@ -83,11 +85,14 @@ from broker.store.schema import (
     to_ms,
 )
 from pilot.api.files import format_size
-from pilot.api.states import ACTIVE_STATES, JobState
+from pilot.api.states import ACTIVE_STATES, FINAL_STATES, JobState
 from pilot.errors import UsageError
 from splitpilot.job.v1 import job_pb2
 
 T = TypeVar("T")
+
+#: The final states, literally (SQL text): their jobs' inputs are no longer needed.
+_FINAL = "(" + ", ".join(str(int(state)) for state in sorted(FINAL_STATES)) + ")"
 
 
 class Cursor(Protocol):
@@ -243,6 +248,10 @@ class SqlStore(JobStore):
     FOR_UPDATE = ""
     #: Same, for the reaper: rows a concurrent call holds are left for later.
     FOR_UPDATE_SKIP = ""
+    #: Several broker processes may share this store (and so the database file store).
+    SHARED = False
+    #: Appended to a SELECT of rows that must not be deleted before the commit.
+    FOR_SHARE = ""
 
     def __init__(self, settings: StoreSettings) -> None:
         self.settings = settings
@@ -358,6 +367,8 @@ class SqlStore(JobStore):
                 cur.run(statement)
             if version == 1:
                 self._own_existing_inputs(cur)
+            if version == 5:
+                self._record_existing_inputs(cur)
             version += 1
             cur.run("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
         for statement in AFTER_MIGRATIONS:
@@ -379,6 +390,21 @@ class SqlStore(JobStore):
                     owned[(owner, item.sha256)] = item.size
             cur.many("INSERT INTO file_owners (owner, sha256, size, time) VALUES (?, ?, ?, ?) "
                      "ON CONFLICT (owner, sha256) DO NOTHING", [(o, s, size, ms) for (o, s), size in owned.items()])
+
+    @staticmethod
+    def _record_existing_inputs(cur: Cursor) -> None:
+        """Version 6 lists every job's inputs in job_inputs (what garbage collection keeps): filled from
+        the specs of the jobs already stored."""
+        last = 0
+        while rows := cur.rows("SELECT id, spec FROM jobs WHERE id > ? ORDER BY id LIMIT 2000", (last,)):
+            inputs = set()
+            for job_id, blob in rows:
+                last = job_id
+                spec = job_pb2.JobSpec()
+                spec.ParseFromString(bytes(blob))
+                inputs.update((job_id, item.sha256) for item in spec.input_files)
+            cur.many("INSERT INTO job_inputs (job_id, sha256) VALUES (?, ?) ON CONFLICT (job_id, sha256) DO NOTHING",
+                     sorted(inputs))
 
     # ------------------------------------------------------------------ users
     def submit_batch(self, owner: str, specs: Sequence[job_pb2.JobSpec], now: datetime.datetime,
@@ -403,12 +429,18 @@ class SqlStore(JobStore):
             stored.owner = owner
             stored.max_attempts = spec.max_attempts or self.settings.default_max_attempts
             prepared.append((stored.priority, stored.max_attempts, stored.SerializeToString()))
+        inputs = [sorted({item.sha256 for item in spec.input_files}) for spec in specs]
+        wanted = sorted({sha for digests in inputs for sha in digests})
         new_classes = False
 
         def body(cur: Cursor) -> tuple[str, list[int]]:
             nonlocal new_classes
             # First, so that a refused batch leaves nothing behind (the whole body is one transaction).
             batch_id = self._own_batch(cur, batch, owner) if batch else self._new_batch(cur, owner, ms, label)
+            if wanted and self.contents_in_database:
+                # Locked (shared) to the commit: garbage collection (which locks a content row for update
+                # and then re-checks job_inputs) either removed it before (refused here) or sees our rows.
+                self._lock_contents(cur, wanted)
             ids = {r.key: self._classes.id_of(r.key) for r in requirements}
             missing = {r.key: r for r in requirements if ids[r.key] is None}
             if missing:  # in this transaction: a refused submission leaves no class behind
@@ -417,11 +449,25 @@ class SqlStore(JobStore):
             rows = [[ids[requirement.key], owner, priority, WAITING, 0, 0, max_attempts, 1, 0, 0, ms, ms, ms,
                      "", "", "", None, "", blob, batch_id]
                     for requirement, (priority, max_attempts, blob) in zip(requirements, prepared, strict=True)]
-            return batch_id, self._insert_jobs(cur, rows, f"submitted by {owner} in batch {batch_id}", ms)
+            job_ids = self._insert_jobs(cur, rows, f"submitted by {owner} in batch {batch_id}", ms)
+            cur.many("INSERT INTO job_inputs (job_id, sha256) VALUES (?, ?)",
+                     [(job_id, sha) for job_id, digests in zip(job_ids, inputs, strict=True) for sha in digests])
+            return batch_id, job_ids
         batch_id, job_ids = self._write(body)
         if new_classes:
             self._read(self._refresh_classes)  # after the commit: the cache never holds a rolled-back class
         return batch_id, job_ids
+
+    def _lock_contents(self, cur: Cursor, sha256s: Sequence[str]) -> None:
+        """Lock the contents rows of SHA256S against removal to the commit; MissingContent if any is gone."""
+        present: set[str] = set()
+        for chunk in _chunks(sha256s):
+            present.update(row[0] for row in cur.rows(
+                f"SELECT sha256 FROM contents WHERE sha256 IN ({', '.join('?' * len(chunk))}) "
+                f"ORDER BY sha256{self.FOR_SHARE}", chunk))
+        missing = [sha for sha in sha256s if sha not in present]
+        if missing:
+            raise MissingContent(missing)
 
     def _own_batch(self, cur: Cursor, batch: str, owner: str) -> str:
         """BATCH, locked for the append, if OWNER's; UnknownBatch otherwise (another's or none: the same)."""
@@ -777,9 +823,16 @@ class SqlStore(JobStore):
 
     # ------------------------------------------------------ content ownership
     def add_file_owner(self, owner: str, sha256: str, size: int, now: datetime.datetime) -> bool:
-        return bool(self._write(lambda cur: cur.run(
-            "INSERT INTO file_owners (owner, sha256, size, time) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (owner, sha256) DO NOTHING", (owner, sha256, size, to_ms(now)))))
+        ms = to_ms(now)
+
+        def body(cur: Cursor) -> bool:
+            # An upload again refreshes the time: garbage collection keeps content uploaded within its grace
+            # period, so that a user who uploads again never sees it vanish before their submission.
+            if cur.run("UPDATE file_owners SET time = ? WHERE owner = ? AND sha256 = ?", (ms, owner, sha256)):
+                return False
+            return bool(cur.run("INSERT INTO file_owners (owner, sha256, size, time) VALUES (?, ?, ?, ?) "
+                                "ON CONFLICT (owner, sha256) DO NOTHING", (owner, sha256, size, ms)))
+        return self._write(body)
 
     def claim_inputs(self, owner: str, sha256s: Sequence[str], now: datetime.datetime) -> set[str]:
         wanted = sorted(set(sha256s))
@@ -813,6 +866,142 @@ class SqlStore(JobStore):
         return self._read(lambda cur: cur.row(
             "SELECT 1 FROM outputs WHERE sha256 = ? UNION ALL SELECT 1 FROM file_owners WHERE sha256 = ? LIMIT 1",
             (sha256, sha256))) is not None
+
+    # ------------------------------------------------ content in the database
+    #: True once a database file store uses this store: a submission then locks the contents rows of its
+    #: inputs in its transaction (MissingContent if gone), so garbage collection never races it.
+    contents_in_database = False
+
+    def transaction(self, fn: Callable[[Cursor], T]) -> T:
+        """FN(cursor) in one write transaction; the store's own methods called by FN (on the same thread)
+        join it where the backend supports that (PostgreSQL), so that content and the row naming it are
+        committed together."""
+        return self._write(fn)
+
+    def put_content(self, cur: Cursor, sha256: str, size: int, chunks: Callable[[], Iterator[bytes]],
+                    ms: int) -> bool:
+        """In CUR's transaction: store content SHA256 of SIZE bytes from CHUNKS() unless present, and
+        lock its row (shared) to the commit, so that no free or collection removes it meanwhile. True if it
+        was present already."""
+        while True:
+            if cur.row("INSERT INTO contents (sha256, size, created) VALUES (?, ?, ?) ON CONFLICT (sha256) "
+                       "DO NOTHING RETURNING sha256", (sha256, size, ms)) is not None:
+                for seq, data in enumerate(chunks()):
+                    cur.run("INSERT INTO chunks (sha256, seq, digest, data) VALUES (?, ?, ?, ?)",
+                            (sha256, seq, hashlib.sha256(data).digest(), data))
+                return False
+            if cur.row(f"SELECT size FROM contents WHERE sha256 = ?{self.FOR_SHARE}", (sha256,)) is not None:
+                return True
+            # Removed between our insert attempt and the lock (a free or a collection committed): again.
+
+    def content_size(self, sha256: str) -> int | None:
+        row = self._read(lambda cur: cur.row("SELECT size FROM contents WHERE sha256 = ?", (sha256,)))
+        return None if row is None else int(row[0])
+
+    def content_chunk(self, sha256: str, seq: int) -> tuple[bytes, bytes] | None:
+        """(SHA-256 digest, data) of chunk SEQ of content SHA256, or None."""
+        row = self._read(lambda cur: cur.row("SELECT digest, data FROM chunks WHERE sha256 = ? AND seq = ?",
+                                             (sha256, seq)))
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
+
+    def free_content(self, sha256: str) -> bool:
+        """Remove content SHA256 from the database unless an output or owner row refers to it (checked
+        under the content row's lock, in one transaction: a concurrent upload of the same bytes either
+        committed its row first, seen here, or waits and stores the content again)."""
+        def body(cur: Cursor) -> bool:
+            if cur.row(f"SELECT 1 FROM contents WHERE sha256 = ?{self.FOR_UPDATE}", (sha256,)) is None:
+                return False
+            if cur.row("SELECT 1 FROM outputs WHERE sha256 = ? UNION ALL SELECT 1 FROM file_owners "
+                       "WHERE sha256 = ? LIMIT 1", (sha256, sha256)) is not None:
+                return False
+            cur.run("DELETE FROM chunks WHERE sha256 = ?", (sha256,))
+            cur.run("DELETE FROM contents WHERE sha256 = ?", (sha256,))
+            return True
+        return self._write(body)
+
+    def content_usage(self) -> tuple[int, int]:
+        count, total = self._read(lambda cur: cur.row("SELECT count(*), coalesce(sum(size), 0) FROM contents"))
+        return int(count), int(total)
+
+    # ------------------------------------------------------ garbage collection
+    @staticmethod
+    def _unreferenced(column: str) -> str:
+        """SQL: content COLUMN is garbage: no output row names it, no owner row newer than the cutoff
+        (parameter) does, and no job that is not final takes it as an input."""
+        return (f"NOT EXISTS (SELECT 1 FROM outputs o WHERE o.sha256 = {column}) "
+                f"AND NOT EXISTS (SELECT 1 FROM file_owners f WHERE f.sha256 = {column} AND f.time >= ?) "
+                f"AND NOT EXISTS (SELECT 1 FROM job_inputs i JOIN jobs j ON j.id = i.job_id "
+                f"WHERE i.sha256 = {column} AND j.state NOT IN {_FINAL})")
+
+    def _try_collector_lock(self, cur: Cursor) -> bool:
+        """One collector at a time over the whole database (PostgreSQL: an advisory lock; SQLite: one
+        writer anyway)."""
+        return True
+
+    def collect_contents(self, cutoff: datetime.datetime, limit: int = 100) -> list[tuple[str, int]]:
+        """Remove up to LIMIT unreferenced contents (database file store) created before CUTOFF, with their
+        owner rows; return (sha256, size) of each removed. Empty when another broker is collecting."""
+        ms = to_ms(cutoff)
+
+        def body(cur: Cursor) -> list[tuple[str, int]]:
+            if not self._try_collector_lock(cur):
+                return []
+            candidates = cur.rows(f"SELECT sha256, size FROM contents WHERE created < ? AND "
+                                  f"{self._unreferenced('contents.sha256')} ORDER BY created, sha256 LIMIT ?"
+                                  f"{self.FOR_UPDATE_SKIP}", (ms, ms, limit))
+            if not candidates:
+                return []
+            # Locked now: checked again by a new statement, which sees every reference committed before
+            # the lock (a submission or upload that holds the row shared was skipped, or has committed).
+            sizes = dict(candidates)
+            gone = self._still_unreferenced(cur, sorted(sizes), ms)
+            for chunk in _chunks(gone):
+                marks = ", ".join("?" * len(chunk))
+                cur.run(f"DELETE FROM chunks WHERE sha256 IN ({marks})", chunk)
+                cur.run(f"DELETE FROM contents WHERE sha256 IN ({marks})", chunk)
+                cur.run(f"DELETE FROM file_owners WHERE sha256 IN ({marks})", chunk)
+            return [(sha, int(sizes[sha])) for sha in gone]
+        return self._write(body)
+
+    def _still_unreferenced(self, cur: Cursor, sha256s: Sequence[str], ms: int) -> list[str]:
+        return [sha for sha in sha256s
+                if cur.row(f"SELECT 1 WHERE {self._unreferenced('?')}", (sha, sha, ms, sha)) is not None]
+
+    def unreferenced_contents(self, sha256s: Sequence[str], cutoff: datetime.datetime) -> list[str]:
+        """Which of SHA256S (files of the local file store, older than CUTOFF) nothing refers to any more."""
+        ms = to_ms(cutoff)
+        found: list[str] = []
+
+        def body(cur: Cursor) -> None:
+            found.extend(self._still_unreferenced(cur, sha256s, ms))
+        self._read(body, snapshot=True)
+        return found
+
+    def forget_contents(self, sha256s: Sequence[str]) -> None:
+        """Drop the owner rows of contents the local file store is about to remove."""
+        def body(cur: Cursor) -> None:
+            for chunk in _chunks(sha256s):
+                cur.run(f"DELETE FROM file_owners WHERE sha256 IN ({', '.join('?' * len(chunk))})", chunk)
+        self._write(body)
+
+    def prune_history(self, cutoff: datetime.datetime, limit: int = 5000) -> int:
+        """Delete the events of up to LIMIT jobs final since before CUTOFF (their rows keep their final
+        state, message and outputs); return the number of events deleted."""
+        ms = to_ms(cutoff)
+
+        def body(cur: Cursor) -> int:
+            if not self._try_collector_lock(cur):
+                return 0
+            jobs = [row[0] for row in cur.rows(
+                f"SELECT id FROM jobs WHERE state IN {_FINAL} AND updated < ? AND EXISTS "
+                "(SELECT 1 FROM events e WHERE e.job_id = jobs.id) ORDER BY id LIMIT ?", (ms, limit))]
+            deleted = 0
+            for chunk in _chunks(jobs):
+                marks = ", ".join("?" * len(chunk))
+                deleted += cur.run(f"DELETE FROM events WHERE job_id IN ({marks})", chunk)
+                cur.run(f"DELETE FROM job_inputs WHERE job_id IN ({marks})", chunk)
+            return deleted
+        return self._write(body)
 
     # ------------------------------------------------------ admins and reaper
     def set_site_state(self, site: str, state: str, reason: str, now: datetime.datetime) -> str:

@@ -302,7 +302,8 @@ class Wrapper:
 
     def _not_the_jobs_fault(self, what: str, exc: BaseException) -> Outcome | None:
         """The Outcome for a failed transfer that is not the job's fault (broker away past the token's end,
-        token refused), or None when it is (a missing input, a checksum mismatch, an output refused)."""
+        token refused, content the broker lost: DATA_LOSS), or None when it is (a checksum mismatch, an
+        output refused)."""
         kind = classify(exc)
         code = getattr(getattr(exc, "code", None), "name", "")
         if kind in (TRANSIENT, DOUBTFUL):
@@ -311,6 +312,11 @@ class Wrapper:
         if code in _TOKEN_REFUSED:
             return Outcome(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE,
                            f"{what}: the broker refused the job token: {exc}", report=False)
+        if code == "DATA_LOSS":
+            # The broker lost (or holds damaged) content the job's record names: its fault, so the agent
+            # ends the attempt as an infrastructure failure (re-queued while attempts remain), not FAILED_INPUT.
+            return Outcome(S.JOB_STATE_FAILED_WRAPPER, F.FAILURE_CLASS_INFRASTRUCTURE,
+                           f"{what}: not the job's fault: {exc}", report=False)
         return None
 
     # --------------------------------------------------------------- phases
