@@ -19,8 +19,9 @@ metrics add up"):
   up to that total, less what the victim matched between that scrape and its death (at most one Match
   per agent).
 
-Jobs WITH inputs and outputs cannot cross brokers until the shared content store lands (h-store): that
-case is a parameter, xfail(strict=True), so it fails the day the store lands and must be switched on.
+Both with and without inputs and outputs: the jobs' content lives in the database (the shared content
+store, --file-store database, the default on PostgreSQL), so a job uploaded through one broker runs
+through another and its outputs come back through a third.
 """
 
 from __future__ import annotations
@@ -199,8 +200,7 @@ def calm(call, timeout: float = 30):
 
 SANDBOX = [
     pytest.param(False, id="no-inputs-small-outputs"),
-    pytest.param(True, id="inputs-and-outputs",
-                 marks=pytest.mark.xfail(strict=True, reason="shared content store: h-store")),
+    pytest.param(True, id="inputs-and-outputs"),
 ]
 
 
