@@ -352,8 +352,10 @@ class Probe:
         self.brokers, self.db_pid = brokers, db_pid
 
     def sample(self) -> dict:
+        # The process's own counters: they keep the time of threads that have ended (gRPC's event-engine
+        # pool and the store's thread pools grow and shrink; a sum over live threads would lose theirs).
+        brokers = [_proc_stat(f"/proc/{b.proc.pid}/stat")[1] for b in self.brokers]
         threads = [_threads(b.proc.pid) for b in self.brokers]
-        brokers = [sum(t for _, t in found.values()) for found in threads]
         db = {}
         if self.db_pid:
             for pid in [self.db_pid, *_children_of(self.db_pid)]:
