@@ -170,6 +170,9 @@ def _register_broker(subparsers) -> None:
     serve.add_argument("--history-retention", default="90d", metavar="DURATION",
                        help="the history events of jobs final for longer than this are pruned; the job keeps its "
                             "final state, message and outputs (default: %(default)s)")
+    serve.add_argument("--output-retention", default=None, metavar="DURATION",
+                       help="the outputs of jobs final for longer than this are forgotten and their content "
+                            "collected (fetch them before; default: kept for ever)")
     serve.add_argument("--revocation-refresh", default="2s", metavar="DURATION",
                        help="how often revoked tokens are reloaded from the database: a token revoked through "
                             "another broker on the same database is refused here within this (default: "
@@ -235,6 +238,8 @@ def _serve(args: argparse.Namespace) -> int:
         file_store=args.file_store,
         file_grace=parse_duration(args.file_grace, what="--file-grace"),
         history_retention=parse_duration(args.history_retention, what="--history-retention"),
+        output_retention=(None if args.output_retention is None
+                          else parse_duration(args.output_retention, what="--output-retention")),
         store_settings=store_settings, grace=parse_duration(args.grace, what="--grace").total_seconds())
     # The offload choice stays the server's (a network database: every store call in a thread).
     config.service = ServiceSettings(

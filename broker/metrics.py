@@ -121,6 +121,8 @@ class Metrics:
                                       "this process's garbage collection.", registry=r)
         self.history_pruned = Counter("splitpilot_history_events_pruned", "History events of jobs final for "
                                       "longer than the retention, pruned by this process.", registry=r)
+        self.outputs_pruned = Counter("splitpilot_outputs_pruned", "Output rows of jobs final for longer than "
+                                      "the output retention, forgotten by this process.", registry=r)
         Gauge("splitpilot_broker_start_time_seconds", "Unix time the broker process started.",
               registry=r).set(self.started)
         for result in MATCH_RESULTS:  # every result shown from the start, so that rate() sees the first one

@@ -144,6 +144,8 @@ class BrokerConfig:
     file_grace: datetime.timedelta | None = datetime.timedelta(days=1)
     #: The history events of jobs final for longer than this are pruned (None: kept for ever).
     history_retention: datetime.timedelta | None = datetime.timedelta(days=90)
+    #: The outputs of jobs final for longer than this are forgotten, then collected (None: kept for ever).
+    output_retention: datetime.timedelta | None = None
     #: Seconds between garbage collection passes of the reaper thread.
     gc_interval: float = 300.0
     store_settings: StoreSettings = field(default_factory=StoreSettings)
@@ -554,6 +556,16 @@ class BrokerServer:
         broker, config = self.broker, self.config
         if broker is None or not isinstance(self.store, SqlStore):
             return 0, 0, 0
+        if config.output_retention is not None:   # first: what it frees is collected in this same pass
+            outputs = 0
+            while pruned := self.store.prune_outputs(now - config.output_retention):
+                outputs += pruned
+                self.metrics.outputs_pruned.inc(pruned)
+                if self._stopping.is_set():
+                    break
+            if outputs:
+                log.info("output retention: %d output(s) of jobs final for longer than %s forgotten", outputs,
+                         config.output_retention)
         if config.file_grace is not None:
             while removed := broker.files.collect(self.store, now - config.file_grace):
                 files += len(removed)

@@ -1003,6 +1003,24 @@ class SqlStore(JobStore):
             return deleted
         return self._write(body)
 
+    def prune_outputs(self, cutoff: datetime.datetime, limit: int = 5000) -> int:
+        """Forget the output rows of up to LIMIT jobs final since before CUTOFF (output retention); their
+        content, referenced by nothing else, is then collected like any other after the grace period.
+        Returns the number of output rows deleted."""
+        ms = to_ms(cutoff)
+
+        def body(cur: Cursor) -> int:
+            if not self._try_collector_lock(cur):
+                return 0
+            jobs = [row[0] for row in cur.rows(
+                f"SELECT id FROM jobs WHERE state IN {_FINAL} AND updated < ? AND EXISTS "
+                "(SELECT 1 FROM outputs o WHERE o.job_id = jobs.id) ORDER BY id LIMIT ?", (ms, limit))]
+            deleted = 0
+            for chunk in _chunks(jobs):
+                deleted += cur.run(f"DELETE FROM outputs WHERE job_id IN ({', '.join('?' * len(chunk))})", chunk)
+            return deleted
+        return self._write(body)
+
     # ------------------------------------------------------ admins and reaper
     def set_site_state(self, site: str, state: str, reason: str, now: datetime.datetime) -> str:
         if state not in SITE_STATES:
