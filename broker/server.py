@@ -557,12 +557,8 @@ class BrokerServer:
         if broker is None or not isinstance(self.store, SqlStore):
             return 0, 0, 0
         if config.output_retention is not None:   # first: what it frees is collected in this same pass
-            outputs = 0
-            while pruned := self.store.prune_outputs(now - config.output_retention):
-                outputs += pruned
-                self.metrics.outputs_pruned.inc(pruned)
-                if self._stopping.is_set():
-                    break
+            outputs = self._drain(self.store.prune_outputs, now - config.output_retention,
+                                  self.metrics.outputs_pruned)
             if outputs:
                 log.info("output retention: %d output(s) of jobs final for longer than %s forgotten", outputs,
                          config.output_retention)
@@ -575,15 +571,23 @@ class BrokerServer:
                 if self._stopping.is_set():
                     break
         if config.history_retention is not None:
-            while pruned := self.store.prune_history(now - config.history_retention):
-                events += pruned
-                self.metrics.history_pruned.inc(pruned)
-                if self._stopping.is_set():
-                    break
+            events = self._drain(self.store.prune_history, now - config.history_retention,
+                                 self.metrics.history_pruned)
         if files or events:
             log.info("garbage collection: %d unreferenced content(s) of %d bytes removed, %d history events "
                      "pruned", files, freed, events)
         return files, freed, events
+
+    def _drain(self, prune, cutoff: datetime.datetime, counter) -> int:
+        """Call PRUNE(CUTOFF) (one bounded batch each) until it finds nothing or the broker stops;
+        count each batch in COUNTER; return the total."""
+        total = 0
+        while pruned := prune(cutoff):
+            total += pruned
+            counter.inc(pruned)
+            if self._stopping.is_set():
+                break
+        return total
 
     def _open_store(self) -> JobStore:
         url = self.config.store_url

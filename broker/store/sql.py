@@ -992,16 +992,20 @@ class SqlStore(JobStore):
         def body(cur: Cursor) -> int:
             if not self._try_collector_lock(cur):
                 return 0
-            jobs = [row[0] for row in cur.rows(
-                f"SELECT id FROM jobs WHERE state IN {_FINAL} AND updated < ? AND EXISTS "
-                "(SELECT 1 FROM events e WHERE e.job_id = jobs.id) ORDER BY id LIMIT ?", (ms, limit))]
             deleted = 0
-            for chunk in _chunks(jobs):
+            for chunk in _chunks(self._final_jobs_with(cur, "events", ms, limit)):
                 marks = ", ".join("?" * len(chunk))
                 deleted += cur.run(f"DELETE FROM events WHERE job_id IN ({marks})", chunk)
                 cur.run(f"DELETE FROM job_inputs WHERE job_id IN ({marks})", chunk)
             return deleted
         return self._write(body)
+
+    @staticmethod
+    def _final_jobs_with(cur: Cursor, table: str, ms: int, limit: int) -> list[int]:
+        """Up to LIMIT ids of jobs final since before MS that still have rows in TABLE (a retention's work)."""
+        return [row[0] for row in cur.rows(
+            f"SELECT id FROM jobs WHERE state IN {_FINAL} AND updated < ? AND EXISTS "
+            f"(SELECT 1 FROM {table} t WHERE t.job_id = jobs.id) ORDER BY id LIMIT ?", (ms, limit))]
 
     def prune_outputs(self, cutoff: datetime.datetime, limit: int = 5000) -> int:
         """Forget the output rows of up to LIMIT jobs final since before CUTOFF (output retention); their
@@ -1012,11 +1016,8 @@ class SqlStore(JobStore):
         def body(cur: Cursor) -> int:
             if not self._try_collector_lock(cur):
                 return 0
-            jobs = [row[0] for row in cur.rows(
-                f"SELECT id FROM jobs WHERE state IN {_FINAL} AND updated < ? AND EXISTS "
-                "(SELECT 1 FROM outputs o WHERE o.job_id = jobs.id) ORDER BY id LIMIT ?", (ms, limit))]
             deleted = 0
-            for chunk in _chunks(jobs):
+            for chunk in _chunks(self._final_jobs_with(cur, "outputs", ms, limit)):
                 deleted += cur.run(f"DELETE FROM outputs WHERE job_id IN ({', '.join('?' * len(chunk))})", chunk)
             return deleted
         return self._write(body)
