@@ -51,6 +51,13 @@ def _into_block(text: str, opening: str, addition: str) -> str:
     return text[:line_start] + addition + text[line_start:]
 
 
+def _next_number(text: str, header: str) -> int:
+    """One more than the highest field number of the (unnested) message HEADER opens."""
+    start = text.index(header)
+    body = text[start:text.index("\n}", start)]
+    return 1 + max(int(n) for n in re.findall(r"= (\d+);", body))
+
+
 def _next_pipe(text: str) -> str:
     text = _into_block(text, "message AgentMessage {", "")  # checks it exists
     text = re.sub(r"(message AgentMessage \{.*?oneof kind \{.*?)(\n  \})",
@@ -59,10 +66,11 @@ def _next_pipe(text: str) -> str:
                   r"\1\n    // next minor: a new kind.\n    Progress progress = 8;\2", text, count=1, flags=re.S)
     text = re.sub(r"(message Result \{.*?oneof termination \{.*?)(\n  \})",
                   r"\1\n    // next minor: a new member.\n    string not_started = 10;\2", text, count=1, flags=re.S)
-    text = _into_block(text, "message Hello {", "  // next minor.\n  string site = 5;\n")
-    text = _into_block(text, "message Ready {", "  // next minor.\n  repeated string features = 6;\n")
-    text = _into_block(text, "message JobStart {", "  // next minor.\n  string priority_class = 12;\n")
-    text = _into_block(text, "message Heartbeat {", "  // next minor.\n  uint64 gpu_memory_bytes = 8;\n")
+    for header, field in (("message Hello {", "string site"), ("message Ready {", "repeated string features"),
+                          ("message JobStart {", "string priority_class"),
+                          ("message Heartbeat {", "uint64 gpu_memory_bytes")):
+        # The next free number: fields this minor adds must not make the next one's collide.
+        text = _into_block(text, header, f"  // next minor.\n  {field} = {_next_number(text, header)};\n")
     text = _into_block(text, "enum StopReason {", f"  // next minor.\n  STOP_REASON_NEXT = {NEW_STOP_REASON};\n")
     text = _into_block(text, "enum LogStream {", f"  // next minor.\n  LOG_STREAM_TRACE = {NEW_LOG_STREAM};\n")
     text = _into_block(text, "enum FailureClass {",

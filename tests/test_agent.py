@@ -58,7 +58,7 @@ class FakeAgentBroker:
                     return Offer(self._next, 1, spec, b"CERT", b"KEY", int(time.time()) + self.token_life)
         return NoOffer("queue empty", 0.2)
 
-    def pilot_heartbeat(self, pilot_id, node, running, cores_in_use):
+    def pilot_heartbeat(self, pilot_id, node, running, cores_in_use, usage=None):
         return [], False
 
     def report_pilot_end(self, pilot_id, node, jobs_run, reason):

@@ -212,6 +212,8 @@ def test_an_agent_cannot_act_for_a_pilot_of_another_certificate(server, clients)
             lambda a=attacker: a.report_attempt_failure(victim, 1, "limit", "over the memory limit", shown_pilot),
             lambda a=attacker: a.report_attempt_failure(victim, 1, "wrapper", "died", shown_pilot),
             lambda a=attacker: a.pilot_heartbeat(shown_pilot, "evil-node", [(victim, 1)]),
+            lambda a=attacker: a.pilot_heartbeat(shown_pilot, "evil-node", [(victim, 1)],
+                                                 usage={(victim, 1): (1.0, 1, 1)}),
             lambda a=attacker: a.report_pilot_end(shown_pilot, "evil-node", 0, "bye", abandoned=True),
             lambda a=attacker: a.match(SLOT, shown_pilot, "evil-node"),
         )
@@ -229,6 +231,37 @@ def test_an_agent_cannot_act_for_a_pilot_of_another_certificate(server, clients)
     pilot = clients.admin.list_pilots()[0]
     assert (pilot.site, pilot.node) == ("SITE-A", "node-1")
     assert pilot.certificate_serial == f"{clients.agent.identity.serial:x}"
+
+
+def test_an_agent_keeps_alive_only_the_attempts_its_own_pilot_holds(server, clients):
+    """Liveness rides on pilot heartbeats (MatchedJob.liveness_from_pilot). SITE-B's agent, under its own
+    pilot id, vouches for SITE-A's running job with made-up usage; so does SITE-A's agent under another pilot
+    id, and for a made-up attempt: each is told to stop it, and the job's record (usage, state) is unchanged.
+    The rightful pilot's vouching lands. A heartbeat listing more attempts than a pilot can hold is
+    INVALID_ARGUMENT naming the bound, with nothing changed."""
+    victim = submit_one(clients.alice)
+    matched = match(clients.agent, "pilot-1", "node-1")
+    assert (matched.job_id, matched.liveness_from_pilot) == (victim, True)
+    with matched.job_client() as job:
+        job.update_state(JobState.STARTED)
+        job.update_state(JobState.RUNNING)
+    before = clients.alice.status(victim)
+    assert before.cpu_seconds is None          # no heartbeat yet
+    forged = {(victim, 1): (9999.0, 1 << 40, 1), (victim, 2): (1.0, 1, 1)}
+    for agent, pilot in ((clients.agent_b, "pilot-b"), (clients.agent, "pilot-other"), (clients.agent_a2, "p2")):
+        answer = agent.pilot_heartbeat(pilot, "node-x", list(forged), usage=forged)
+        assert sorted(answer.stop) == sorted(forged)
+    assert clients.alice.status(victim) == before
+    flood = [(victim, 1)] * 1025
+    with pytest.raises(InvalidRequest) as info:
+        clients.agent.pilot_heartbeat("pilot-1", "node-1", flood, usage={(victim, 1): (5.0, 7, 0)})
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than the 1024 one pilot may hold" in info.value.details and "fix:" in info.value.details
+    assert clients.alice.status(victim) == before
+    answer = clients.agent.pilot_heartbeat("pilot-1", "node-1", [(victim, 1)], usage={(victim, 1): (5.0, 7 << 20, 0)})
+    assert answer.stop == []
+    after = clients.alice.status(victim)
+    assert (after.state, after.cpu_seconds, after.rss_bytes) == (JobState.RUNNING, 5.0, 7 << 20)
 
 
 def test_refreshed_job_tokens_never_outlive_the_holding_pilots_certificate(tmp_path, ca_dir, ca, tokens, backend):

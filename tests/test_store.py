@@ -673,6 +673,45 @@ def test_pilot_heartbeat_lists_what_to_stop(store):
     assert sorted(stop) == sorted([(killed, 1), (requeued, 1), (theirs, 1), (424242, 1), (running, 7)])
 
 
+def test_pilot_heartbeat_keeps_alive_only_its_own_current_attempts(store):
+    """The agent vouches for its attempts (usage set): they stay alive as with their own heartbeat. An
+    attempt of another pilot, a stale attempt, a killed one or an unknown id is refused silently: it is
+    in the stop list and its row is unchanged (no heartbeat, no usage)."""
+    mine, theirs, killed = (submit_one(store, priority=p) for p in (1, 2, 3))
+    for job_id in (killed, theirs, mine):  # in priority order
+        assignment = store.match(slot(), OTHER_PILOT if job_id == theirs else PILOT, at(0))
+        assert assignment.job_id == job_id
+        store.job_update(job_id, 1, S.STARTED, 1, "", None, at(10))
+        drive(store, job_id, 1, [S.RUNNING], when=10)
+    store.kill(killed, "alice", "", at(20))
+    before = {job_id: store.get(job_id) for job_id in (theirs, killed)}
+    usage = {(mine, 1): (12.5, 64 << 20), (theirs, 1): (1.0, 1), (killed, 1): (1.0, 1), (mine, 2): (1.0, 1),
+             (424242, 1): (1.0, 1)}
+    stop = store.pilot_heartbeat(PILOT, list(usage), at(200), usage)
+    assert sorted(stop) == sorted([(theirs, 1), (killed, 1), (mine, 2), (424242, 1)])
+    got = store.get(mine).usage
+    assert (got.cpu_seconds, got.rss_bytes, got.time) == (12.5, 64 << 20, at(200))
+    for job_id, was in before.items():
+        now = store.get(job_id)
+        assert (now.state, now.attempt, now.usage, now.updated) == (was.state, was.attempt, was.usage, was.updated)
+    # 300 s after their last sign of life (10 s) the others are reaped; mine, vouched for at 200 s, is alive.
+    reaped = store.reap(at(311))
+    assert sorted(r.job_id for r in reaped) == sorted([theirs, killed])
+    assert store.reap(at(499)) == []
+    # A listed attempt without usage is not vouched for: mine is reaped 300 s after its last vouching.
+    assert store.pilot_heartbeat(PILOT, [(mine, 1)], at(400)) == []
+    assert [(r.job_id, r.attempt) for r in store.reap(at(501))] == [(mine, 1)]
+
+
+def test_pilot_heartbeat_usage_is_clamped_like_the_jobs_own(store):
+    job_id = submit_one(store)
+    attempt = start(store, job_id, when=0)
+    for cpu, rss in ((float("nan"), 2**64 - 1), (float("inf"), -5), (-3.0, 2**63)):
+        assert store.pilot_heartbeat(PILOT, [(job_id, attempt)], at(100), {(job_id, attempt): (cpu, rss)}) == []
+        usage = store.get(job_id).usage
+        assert usage.cpu_seconds == 0 and 0 <= usage.rss_bytes <= 2**62
+
+
 # ------------------------------------------------------------------ reaping
 
 def test_lost_heartbeat_requeues_with_next_attempt(store):

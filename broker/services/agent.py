@@ -37,6 +37,8 @@ FAILURE_CAUSES = {
     pb.ATTEMPT_FAILURE_AGENT: RequeueCause.AGENT,
 }
 _unknown_failures: set[int] = set()
+#: Attempts one pilot heartbeat may list: more cores than any worker node has (a bound on what a peer sends).
+MAX_RUNNING = 1024
 
 
 def failure_cause(value: int) -> RequeueCause | None:
@@ -119,7 +121,7 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
             job_id=assignment.job_id, attempt=assignment.attempt, spec=assignment.spec,
             job_token_pem=certificate.public_bytes(_PEM) + broker.ca_pem,
             token_not_after_unix=int(certificate.not_valid_after_utc.timestamp()),
-            broker_heartbeat_s=broker.settings.broker_heartbeat_s))
+            broker_heartbeat_s=broker.settings.broker_heartbeat_s, liveness_from_pilot=True))
 
     async def _no_match(self, site: str, started: float) -> pb.MatchResponse:
         broker = self.broker
@@ -137,8 +139,15 @@ class AgentServicer(rpc_pb.AgentServiceServicer):
                              context) -> pb.PilotHeartbeatResponse:
         broker = self.broker
         pilot = _pilot(identity, request.pilot_id, request.node)
+        if len(request.running) > MAX_RUNNING:
+            raise BadRequest(f"the heartbeat lists {len(request.running)} running attempts, more than the "
+                             f"{MAX_RUNNING} one pilot may hold; fix: list only the attempts this pilot runs")
         running = [(r.job_id, r.attempt) for r in request.running]
-        stop = await broker.call(broker.store.pilot_heartbeat, pilot, running, utcnow())
+        # The agent vouches for the attempts whose wrapper it heard from (usage set): they stay alive as with
+        # their own Heartbeat. The store refreshes only attempts this pilot holds (see pilot_heartbeat).
+        usage = {(r.job_id, r.attempt): (r.usage.cpu_seconds, r.usage.rss_bytes)
+                 for r in request.running if r.HasField("usage")}
+        stop = await broker.call(broker.store.pilot_heartbeat, pilot, running, utcnow(), usage)
         state = await broker.call(broker.store.site_state, pilot.site)
         return pb.PilotHeartbeatResponse(stop=[pb.RunningAttempt(job_id=j, attempt=a) for j, a in stop],
                                          leave=state != "enabled")

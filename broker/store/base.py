@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import datetime
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from broker.lifecycle import RequeueCause
@@ -478,9 +478,13 @@ class JobStore(abc.ABC):
         not enabled)."""
 
     @abc.abstractmethod
-    def pilot_heartbeat(self, pilot: PilotRef, running: Sequence[tuple[int, int]],
-                        now: datetime.datetime) -> list[tuple[int, int]]:
-        """Record the pilot; return the (job, attempt) pairs it must stop."""
+    def pilot_heartbeat(self, pilot: PilotRef, running: Sequence[tuple[int, int]], now: datetime.datetime,
+                        usage: Mapping[tuple[int, int], tuple[float, int]] | None = None) -> list[tuple[int, int]]:
+        """Record the pilot; return the (job, attempt) pairs it must stop.
+
+        USAGE maps attempts whose wrapper the agent heard from to (CPU seconds, RSS bytes): each such
+        attempt that this pilot holds, current, unfenced and active, is kept alive exactly as by its own
+        job heartbeat (heartbeat time and usage figures); any other entry changes nothing."""
 
     @abc.abstractmethod
     def pilot_end(self, pilot: PilotRef, jobs_run: int, reason: str, now: datetime.datetime, *,

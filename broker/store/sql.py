@@ -34,7 +34,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 from broker.lifecycle import ADMIN_REQUEUABLE_FINAL, FREE_CAUSES, Actor, RequeueCause, allowed, requeue_target
@@ -603,8 +603,8 @@ class SqlStore(JobStore):
         return self._write(body)
 
     # ----------------------------------------------------------------- agents
-    def pilot_heartbeat(self, pilot: PilotRef, running: Sequence[tuple[int, int]],
-                        now: datetime.datetime) -> list[tuple[int, int]]:
+    def pilot_heartbeat(self, pilot: PilotRef, running: Sequence[tuple[int, int]], now: datetime.datetime,
+                        usage: Mapping[tuple[int, int], tuple[float, int]] | None = None) -> list[tuple[int, int]]:
         ms = to_ms(now)
 
         def body(cur: Cursor) -> list[tuple[int, int]]:
@@ -621,6 +621,13 @@ class SqlStore(JobStore):
                 if (job is None or job[1] != attempt or job[2] or job[3] or job[4] != pilot.pilot_id
                         or JobState(job[0]) not in ACTIVE_STATES):
                     stop.append((job_id, attempt))
+                elif usage and (job_id, attempt) in usage:
+                    # The job heartbeat's conditional UPDATE, also bound to this pilot: a reaper or a kill
+                    # that fenced the attempt since the SELECT above makes it change nothing.
+                    cpu_ms, rss = usage_values(*usage[(job_id, attempt)])
+                    cur.run("UPDATE jobs SET heartbeat = ?, usage_cpu_ms = ?, usage_rss = ?, usage_time = ? "
+                            "WHERE id = ? AND attempt = ? AND fenced = 0 AND pilot_id = ?",
+                            (ms, cpu_ms, rss, ms, job_id, attempt, pilot.pilot_id))
             return stop
         return self._write(body)
 

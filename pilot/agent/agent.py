@@ -90,6 +90,8 @@ class AgentSettings:
 
 #: The agent's log lines (`agent: ...`); where they go is set once by the process (pilot.logconfig).
 log = logging.getLogger("splitpilot.agent")
+#: The broker's wrapper heartbeat interval when its Match answer names none (the wrapper's own default).
+DEFAULT_BROKER_HEARTBEAT_S = 30
 
 
 def call_failure(error: BaseException) -> CallFailure:
@@ -284,8 +286,10 @@ class Agent:
                                                     f"{type(exc).__name__}: {exc}")
             return
         self.running[key] = run
+        # The broker keeps this attempt alive from our heartbeats: they must come as often as its wrapper's would.
+        liveness_s = float(offer.broker_heartbeat_s or DEFAULT_BROKER_HEARTBEAT_S) if offer.liveness_from_pilot else 0.0
         self._policy.matched(time.monotonic(), key, run.limits.cores, run.limits.memory_mb, run.limits.disk_mb,
-                            token_deadline)
+                            token_deadline, liveness_s)
         alone = " (one job at a time)" if self.settings.one_job_at_a_time else ""
         log.info(f"job {offer.job_id}.{offer.attempt} matched ({offer.spec.name or offer.spec.executable[:80]}): "
                  f"{run.limits.cores} core(s), {run.limits.memory_mb} MiB; isolation: "
@@ -322,7 +326,8 @@ class Agent:
     def _pilot_heartbeat(self, action: policy.PilotHeartbeat) -> None:
         s = self.settings
         try:
-            stop, leave = self.broker.pilot_heartbeat(s.pilot_id, s.node, list(action.running), action.cores_in_use)
+            stop, leave = self.broker.pilot_heartbeat(s.pilot_id, s.node, list(action.running), action.cores_in_use,
+                                                      self._vouched(action.running))
         except Exception as exc:  # noqa: BLE001 - sorted for the policy
             failure = call_failure(exc)
             if isinstance(exc, AgentTokenRefused):   # (what call_failure calls REFUSED)
@@ -331,6 +336,19 @@ class Agent:
                                          getattr(exc, "exit_code", exitcodes.TOKEN_REFUSED))
             return
         self._policy.heartbeat_answered(time.monotonic(), [(job_id, attempt) for job_id, attempt in stop], leave)
+
+    def _vouched(self, keys) -> dict[tuple[int, int], tuple[float, int, int]]:
+        """The attempts this heartbeat keeps alive at the broker, with their payload's figures: those matched
+        with liveness from the pilot whose wrapper still runs (zeros before its first pipe heartbeat). A wrapper
+        that died is not vouched for: the agent reports its end, or the broker reaps it."""
+        vouched = {}
+        for key in keys:
+            run = self.running.get(key)
+            if run is None or not run.offer.liveness_from_pilot or not run.wrapper_alive():
+                continue
+            beat = run.last_heartbeat
+            vouched[key] = (beat.cpu_seconds, beat.rss_bytes, beat.sandbox_bytes) if beat else (0.0, 0, 0)
+        return vouched
 
     def _refresh(self, key: tuple[int, int]) -> None:
         run = self.running.get(key)

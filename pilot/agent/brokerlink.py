@@ -44,6 +44,7 @@ class Offer:
     private_key_pem: bytes    # made on this node; goes to the wrapper over the pipe only
     token_not_after: int
     broker_heartbeat_s: int = 0   # how often the wrapper heartbeats the broker (0: the wrapper's default)
+    liveness_from_pilot: bool = False   # the broker keeps the attempt alive from pilot heartbeats (see agent._vouched)
 
 
 @dataclass(frozen=True)
@@ -68,9 +69,11 @@ class AgentBroker(Protocol):
 
     def match(self, slot: SlotRequest, pilot_id: str, node: str) -> Offer | NoOffer: ...
 
-    def pilot_heartbeat(self, pilot_id: str, node: str, running: list[tuple[int, int]],
-                        cores_in_use: int) -> tuple[list[tuple[int, int]], bool]:
-        """Attempts to stop, and whether to leave."""
+    def pilot_heartbeat(self, pilot_id: str, node: str, running: list[tuple[int, int]], cores_in_use: int,
+                        usage: dict[tuple[int, int], tuple[float, int, int]] | None = None,
+                        ) -> tuple[list[tuple[int, int]], bool]:
+        """Attempts to stop, and whether to leave. USAGE: the attempts this heartbeat keeps alive (those matched
+        with liveness_from_pilot whose wrapper runs), with their payload's CPU s, RSS and sandbox bytes."""
 
     def report_pilot_end(self, pilot_id: str, node: str, jobs_run: int, reason: str,
                          abandoned: bool = False) -> None:
@@ -122,10 +125,10 @@ class GrpcAgentBroker:
         if not answer.matched:
             return NoOffer(answer.reason, float(answer.retry_after_s or 1), answer.leave)
         return Offer(answer.job_id, answer.attempt, answer.spec, answer.token_pem, answer.key_pem,
-                     int(answer.not_after.timestamp()), answer.broker_heartbeat_s)
+                     int(answer.not_after.timestamp()), answer.broker_heartbeat_s, answer.liveness_from_pilot)
 
-    def pilot_heartbeat(self, pilot_id, node, running, cores_in_use):
-        answer = self._guard(self._client.pilot_heartbeat, pilot_id, node, running, cores_in_use)
+    def pilot_heartbeat(self, pilot_id, node, running, cores_in_use, usage=None):
+        answer = self._guard(self._client.pilot_heartbeat, pilot_id, node, running, cores_in_use, usage)
         return answer.stop, answer.leave
 
     def report_pilot_end(self, pilot_id, node, jobs_run, reason, abandoned=False):

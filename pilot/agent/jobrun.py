@@ -97,6 +97,7 @@ class JobRun(threading.Thread):
         self.started_at = time.monotonic()
         self.state = m.JobState.JOB_STATE_ASSIGNED
         self.last_heartbeat: m.Heartbeat | None = None
+        self._process = None      # the wrapper, once spawned
         self.peak_rss = 0
         # The job's current token (the agent refreshes it with this one: see deliver_token).
         self.token_pem, self.key_pem, self.token_not_after = offer.token_pem, offer.private_key_pem, \
@@ -117,6 +118,11 @@ class JobRun(threading.Thread):
             if self._stop_request is None or deadline_s < self._stop_request[2]:
                 self._stop_request = (reason, detail, deadline_s)
             self._waker.wake()   # under the lock: never into a descriptor closed (and reused) meanwhile
+
+    def wrapper_alive(self) -> bool:
+        """The wrapper was started and has not exited (thread-safe: Popen.poll takes its own lock)."""
+        process = self._process
+        return process is not None and process.poll() is None
 
     def deliver_token(self, token_pem: bytes, key_pem: bytes, not_after: int) -> None:
         """A refreshed job token (thread-safe): the job thread passes it on to the wrapper (TokenRefresh)."""
@@ -148,7 +154,8 @@ class JobRun(threading.Thread):
             job_id=offer.job_id, attempt=offer.attempt, spec=offer.spec, token=token,
             broker=m.BrokerEndpoint(address=self.broker_address, ca_pem=self.ca_pem),
             sandbox_dir=self.sandbox_inside, software_dir=self.software_inside, limits=self.limits,
-            deadline_unix=self.deadline_unix, broker_heartbeat_s=offer.broker_heartbeat_s)
+            deadline_unix=self.deadline_unix, broker_heartbeat_s=offer.broker_heartbeat_s,
+            liveness_from_agent=offer.liveness_from_pilot)
 
     def _run(self) -> Outcome:
         offer = self.offer
@@ -163,6 +170,7 @@ class JobRun(threading.Thread):
                 process, channel = self.spawn_wrapper()
             except OSError as exc:
                 return self._outcome(Ending.INFRASTRUCTURE, f"cannot start the wrapper: {exc}")
+            self._process = process
             if cgroup is not None:
                 cgroup.add(process.pid)
             try:

@@ -189,6 +189,7 @@ class _Job:
     next_refresh: float = math.inf
     refreshing: bool = False
     stopping: bool = False
+    liveness_s: float = 0.0     # >0: the broker keeps this job alive from pilot heartbeats at least this often
 
 
 #: How many times a report failing with CallFailure.DOUBTFUL is tried.
@@ -232,10 +233,15 @@ class AgentPolicy:
 
     # ================================================================ events
 
-    def matched(self, now: float, key: Key, cores: int, memory_mb: int, disk_mb: int, token_deadline: float) -> None:
-        """A job was matched and its run started (KEY's resources are taken)."""
+    def matched(self, now: float, key: Key, cores: int, memory_mb: int, disk_mb: int, token_deadline: float,
+                liveness_s: float = 0.0) -> None:
+        """A job was matched and its run started (KEY's resources are taken). LIVENESS_S > 0: the broker
+        keeps the attempt alive from this pilot's heartbeats, which must then come at least that often."""
         self._answered()
-        self.jobs[key] = job = _Job(max(1, cores), memory_mb, disk_mb, token_deadline, now)
+        self.jobs[key] = job = _Job(max(1, cores), memory_mb, disk_mb, token_deadline, now,
+                                    liveness_s=max(0.0, liveness_s))
+        if job.liveness_s:
+            self.next_heartbeat_at = min(self.next_heartbeat_at, now + job.liveness_s)
         job.next_refresh = self._refresh_time(job, now)
         self.jobs_run += 1
         self.idle_since = now
@@ -414,7 +420,7 @@ class AgentPolicy:
                     self._begin_leave("too little time left for any job", STOP_AGENT_SHUTDOWN)
         if self._heartbeating() and now >= self.next_heartbeat_at:
             out.append(PilotHeartbeat(tuple(self.jobs), sum(j.cores for j in self.jobs.values())))
-            self.next_heartbeat_at = now + s.pilot_heartbeat_s
+            self.next_heartbeat_at = now + self.heartbeat_interval()
         if self.refused_exit is None:
             for key, job in self.jobs.items():
                 if not job.refreshing and not job.stopping and now >= job.next_refresh:
@@ -457,6 +463,11 @@ class AgentPolicy:
         return max(now, min(times))
 
     # ============================================================= internals
+
+    def heartbeat_interval(self) -> float:
+        """Seconds between pilot heartbeats: the pilot's own interval, shorter while a job's liveness rides
+        on them (its wrapper sends no heartbeat of its own)."""
+        return min([self.settings.pilot_heartbeat_s, *(j.liveness_s for j in self.jobs.values() if j.liveness_s)])
 
     def _heartbeating(self) -> bool:
         """Pilot heartbeats go out while jobs run, and while idle (the broker sees the pilot live), not once

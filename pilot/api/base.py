@@ -160,9 +160,13 @@ class BaseClient:
     """A channel with a client certificate (PEM bytes), and the error mapping."""
 
     def __init__(self, address: str, certificate_pem: bytes, key_pem: bytes, ca_pem: bytes, *,
-                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None,
+                 idle_timeout: float | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        # gRPC closes the connection after this long without a call and reopens it for the next one
+        # (grpc.client_idle_timeout_ms): a client that calls rarely holds no connection at the broker between.
+        self._idle_timeout = idle_timeout
         self.ca_pem = ca_pem
         self._server_name = server_name
         problem = self._token_problem()
@@ -179,6 +183,8 @@ class BaseClient:
         credentials = grpc.ssl_channel_credentials(root_certificates=self.ca_pem, private_key=key_pem,
                                                    certificate_chain=certificate_pem)
         options: list[tuple[str, int | str]] = list(CLIENT_OPTIONS)
+        if self._idle_timeout is not None:
+            options.append(("grpc.client_idle_timeout_ms", max(1000, int(self._idle_timeout * 1000))))
         if self._server_name:
             options.append(("grpc.ssl_target_name_override", self._server_name))
         self._channel = grpc.secure_channel(self.address, credentials, options=options)

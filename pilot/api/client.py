@@ -357,6 +357,8 @@ class MatchedJob:
     ca_pem: bytes = field(default=b"", repr=False)
     #: How often the job's wrapper should heartbeat the broker, seconds (0: the wrapper's default).
     broker_heartbeat_s: int = 0
+    #: The broker keeps the attempt alive from the pilot's heartbeats (see AgentClient.pilot_heartbeat's USAGE).
+    liveness_from_pilot: bool = False
     matched = True
 
     @property
@@ -803,13 +805,27 @@ class AgentClient(_TokenClient):
         job = response.job
         return MatchedJob(job_id=job.job_id, attempt=job.attempt, spec=job.spec, token_pem=job.job_token_pem,
                           key=key, not_after=datetime.datetime.fromtimestamp(job.token_not_after_unix, datetime.UTC),
-                          address=self.address, ca_pem=self.ca_pem, broker_heartbeat_s=job.broker_heartbeat_s)
+                          address=self.address, ca_pem=self.ca_pem, broker_heartbeat_s=job.broker_heartbeat_s,
+                          liveness_from_pilot=job.liveness_from_pilot)
 
     def pilot_heartbeat(self, pilot_id: str, node: str, running: Iterable[tuple[int, int]] = (),
-                        cores_in_use: int = 0) -> HeartbeatAnswer:
+                        cores_in_use: int = 0,
+                        usage: Mapping[tuple[int, int], tuple[float, int, int]] | None = None) -> HeartbeatAnswer:
+        """The pilot is alive and runs RUNNING (job, attempt) pairs. USAGE maps the attempts whose wrapper
+        the agent heard from to (CPU seconds, RSS bytes, sandbox bytes): a broker that matched them with
+        liveness_from_pilot keeps them alive with it. Answers which attempts to stop and whether to leave."""
+        usage = usage or {}
+
+        def attempt(job_id: int, number: int) -> pb.RunningAttempt:
+            figures = usage.get((job_id, number))
+            if figures is None:
+                return pb.RunningAttempt(job_id=job_id, attempt=number)
+            cpu, rss, sandbox = figures
+            return pb.RunningAttempt(job_id=job_id, attempt=number, usage=pb.AttemptUsage(
+                cpu_seconds=cpu, rss_bytes=max(0, rss), sandbox_bytes=max(0, sandbox)))
+
         response = self._call("PilotHeartbeat", self._stub.PilotHeartbeat, pb.PilotHeartbeatRequest(
-            pilot_id=pilot_id, node=node, cores_in_use=cores_in_use,
-            running=[pb.RunningAttempt(job_id=j, attempt=a) for j, a in running]))
+            pilot_id=pilot_id, node=node, cores_in_use=cores_in_use, running=[attempt(j, a) for j, a in running]))
         return HeartbeatAnswer([(r.job_id, r.attempt) for r in response.stop], response.leave)
 
     def report_pilot_end(self, pilot_id: str, node: str, jobs_run: int, reason: str, abandoned: bool = False) -> None:

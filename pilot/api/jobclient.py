@@ -66,7 +66,7 @@ class JobClient(BaseClient):
 
     def __init__(self, address: str, certificate_pem: bytes, private_key_pem: bytes | PrivateKey,
                  ca_pem=None, *, timeout: float = DEFAULT_TIMEOUT, server_name: str | None = None,
-                 retries: int = 3, first_sequence: int = 1) -> None:
+                 retries: int = 3, first_sequence: int = 1, idle_timeout: float | None = None) -> None:
         self._job = _job_scope(certificate_pem)   # before connecting: another role's token is refused by name
         self._token_pem = certificate_pem
         self._key_pem = _key_bytes(private_key_pem)
@@ -75,7 +75,7 @@ class JobClient(BaseClient):
         self._next_sequence = first_sequence
         ca = read_ca_pem(ca_pem) if ca_pem is not None else _chain_root(certificate_pem)
         super().__init__(address, leaf_pem(certificate_pem, "job token"), self._key_pem, ca, timeout=timeout,
-                         server_name=server_name)
+                         server_name=server_name, idle_timeout=idle_timeout)
 
     def _stubs(self) -> None:
         self._stub = rpc_pb.JobServiceStub(self._channel)

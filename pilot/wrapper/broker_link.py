@@ -16,7 +16,10 @@ implements it over gRPC with the token held in memory. Around it:
   the final report is awaited before the wrapper sends its Result.
 - `BrokerHeartbeat` heartbeats the broker from its own thread for the whole
   job, at the interval the broker asked for (JobStart.broker_heartbeat_s),
-  and records a kill or a fencing for the main loop.
+  and records a kill or a fencing for the main loop. Only when the agent does
+  not carry the job's liveness (JobStart.liveness_from_agent unset: an older
+  agent or broker); otherwise the wrapper connects only for its calls, and
+  the connection closes after IDLE_CONNECTION_S without one.
 """
 
 from __future__ import annotations
@@ -115,15 +118,22 @@ class JobBroker(Protocol):
 BrokerFactory = Callable[[m.JobStart], JobBroker]
 
 
+#: Without a heartbeat of its own, the wrapper's connection to the broker closes after this long without a
+#: call (and reopens for the next): a running job holds no connection at the broker between its state reports.
+IDLE_CONNECTION_S = 10.0
+
+
 def connect_grpc(job: m.JobStart) -> JobBroker:
     """The real link: a JobClient on the JobStart's broker endpoint and token.
 
     The client does not retry itself (retries=0): the wrapper retries every
-    call up to the token's end (see `retry`)."""
+    call up to the token's end (see `retry`). When the agent carries the job's
+    liveness (JobStart.liveness_from_agent) the connection closes when idle."""
     from pilot.api.jobclient import JobClient  # why: grpc (~15 MiB) only once a job runs, in the background
 
     return JobClient(job.broker.address, ca_pem=job.broker.ca_pem, certificate_pem=job.token.certificate_pem,
-                     private_key_pem=job.token.private_key_pem, retries=0)
+                     private_key_pem=job.token.private_key_pem, retries=0,
+                     idle_timeout=IDLE_CONNECTION_S if job.liveness_from_agent else None)
 
 
 class LazyBroker:

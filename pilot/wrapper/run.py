@@ -174,10 +174,6 @@ class Wrapper:
         return _started(self.reporter, "the reporter")
 
     @property
-    def _beat(self) -> BrokerHeartbeat:
-        return _started(self.beat, "the broker heartbeat")
-
-    @property
     def _payload(self) -> Payload:
         return _started(self.payload, "the payload")
 
@@ -235,9 +231,13 @@ class Wrapper:
             self.reporter = Reporter(self.broker, deadline=self._retry_deadline, log=log.warning,
                                      first_delay=self.settings.retry_first_s, max_delay=self.settings.retry_max_s)
             self._state(S.JOB_STATE_STARTED, f"wrapper pid {os.getpid()}, sandbox {job.sandbox_dir}")
-            self.beat = BrokerHeartbeat(self.broker, job.broker_heartbeat_s or self.settings.broker_heartbeat_s,
-                                        lambda: self._usage, log.warning)
-            self.beat.start()
+            if not job.liveness_from_agent:
+                # An older agent or broker: the job's liveness is this wrapper's own heartbeat. Otherwise the
+                # agent's pilot heartbeats carry it (from our pipe heartbeats), and a kill or a fencing reaches
+                # us as the agent's Stop.
+                self.beat = BrokerHeartbeat(self.broker, job.broker_heartbeat_s or self.settings.broker_heartbeat_s,
+                                            lambda: self._usage, log.warning)
+                self.beat.start()
             problem = spec_problem(job.spec.executable, job.spec.arguments, job.spec.environment)
             if problem:
                 raise Outcome(S.JOB_STATE_FAILED_INPUT, F.FAILURE_CLASS_INPUT, f"the job cannot be started: {problem}")
@@ -374,7 +374,7 @@ class Wrapper:
                 self._tick(job, tails)
                 next_tick = now + self.settings.tick_s
             self._serve_agent(min(0.05, max(0.0, next_tick - time.monotonic())))
-            if self._beat.killed and not self.kill_reason:
+            if self.beat is not None and self.beat.killed and not self.kill_reason:
                 self.kill_reason = "killed at the broker (by its owner or an administrator)"
             if self._fencing() is not None:
                 return payload.terminate(self.settings.fenced_grace_s)

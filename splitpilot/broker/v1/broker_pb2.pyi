@@ -339,20 +339,22 @@ class MatchRequest(_message.Message):
     def __init__(self, slot: _Optional[_Union[Slot, _Mapping]] = ..., pilot_id: _Optional[str] = ..., node: _Optional[str] = ..., job_public_key: _Optional[bytes] = ...) -> None: ...
 
 class MatchedJob(_message.Message):
-    __slots__ = ("job_id", "attempt", "spec", "job_token_pem", "token_not_after_unix", "broker_heartbeat_s")
+    __slots__ = ("job_id", "attempt", "spec", "job_token_pem", "token_not_after_unix", "broker_heartbeat_s", "liveness_from_pilot")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     JOB_TOKEN_PEM_FIELD_NUMBER: _ClassVar[int]
     TOKEN_NOT_AFTER_UNIX_FIELD_NUMBER: _ClassVar[int]
     BROKER_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FROM_PILOT_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     attempt: int
     spec: _job_pb2.JobSpec
     job_token_pem: bytes
     token_not_after_unix: int
     broker_heartbeat_s: int
-    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., job_token_pem: _Optional[bytes] = ..., token_not_after_unix: _Optional[int] = ..., broker_heartbeat_s: _Optional[int] = ...) -> None: ...
+    liveness_from_pilot: bool
+    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., job_token_pem: _Optional[bytes] = ..., token_not_after_unix: _Optional[int] = ..., broker_heartbeat_s: _Optional[int] = ..., liveness_from_pilot: _Optional[bool] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
     __slots__ = ("job", "no_match")
@@ -385,12 +387,24 @@ class PilotHeartbeatRequest(_message.Message):
     def __init__(self, pilot_id: _Optional[str] = ..., node: _Optional[str] = ..., running: _Optional[_Iterable[_Union[RunningAttempt, _Mapping]]] = ..., cores_in_use: _Optional[int] = ...) -> None: ...
 
 class RunningAttempt(_message.Message):
-    __slots__ = ("job_id", "attempt")
+    __slots__ = ("job_id", "attempt", "usage")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     attempt: int
-    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+    usage: AttemptUsage
+    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., usage: _Optional[_Union[AttemptUsage, _Mapping]] = ...) -> None: ...
+
+class AttemptUsage(_message.Message):
+    __slots__ = ("cpu_seconds", "rss_bytes", "sandbox_bytes")
+    CPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    cpu_seconds: float
+    rss_bytes: int
+    sandbox_bytes: int
+    def __init__(self, cpu_seconds: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., sandbox_bytes: _Optional[int] = ...) -> None: ...
 
 class PilotHeartbeatResponse(_message.Message):
     __slots__ = ("stop", "leave")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitpilot.job.v1 import job_pb2 as splitpilot_dot_job_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitpilot/pipe/v1/pipe.proto\x12\x12splitpilot.pipe.v1\x1a\x1bsplitpilot/job/v1/job.proto\"\x84\x02\n\x0c\x41gentMessage\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.splitpilot.pipe.v1.HelloH\x00\x12\x31\n\tjob_start\x18\x02 \x01(\x0b\x32\x1c.splitpilot.pipe.v1.JobStartH\x00\x12(\n\x04stop\x18\x03 \x01(\x0b\x32\x18.splitpilot.pipe.v1.StopH\x00\x12\x39\n\rtoken_refresh\x18\x04 \x01(\x0b\x32 .splitpilot.pipe.v1.TokenRefreshH\x00\x12(\n\x04ping\x18\x05 \x01(\x0b\x32\x18.splitpilot.pipe.v1.PingH\x00\x42\x06\n\x04kind\"\xe8\x02\n\x0eWrapperMessage\x12*\n\x05ready\x18\x01 \x01(\x0b\x32\x19.splitpilot.pipe.v1.ReadyH\x00\x12\x37\n\x0cstate_change\x18\x02 \x01(\x0b\x32\x1f.splitpilot.pipe.v1.StateChangeH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.splitpilot.pipe.v1.HeartbeatH\x00\x12\x31\n\tlog_chunk\x18\x04 \x01(\x0b\x32\x1c.splitpilot.pipe.v1.LogChunkH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.splitpilot.pipe.v1.ResultH\x00\x12(\n\x04pong\x18\x06 \x01(\x0b\x32\x18.splitpilot.pipe.v1.PongH\x00\x12*\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.splitpilot.pipe.v1.ErrorH\x00\x42\x06\n\x04kind\"c\n\x05Hello\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12\x16\n\x0eprotocol_minor\x18\x02 \x01(\r\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x18\n\x10software_version\x18\x04 \x01(\t\"T\n\x08JobToken\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x17\n\x0fprivate_key_pem\x18\x02 \x01(\x0c\x12\x16\n\x0enot_after_unix\x18\x03 \x01(\x03\"1\n\x0e\x42rokerEndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\"O\n\x06Limits\x12\r\n\x05\x63ores\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0f\n\x07\x64isk_mb\x18\x03 \x01(\x04\x12\x12\n\nwalltime_s\x18\x04 \x01(\x04\"\xe1\x02\n\x08JobStart\x12\x0e\n\x06job_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12(\n\x04spec\x18\x03 \x01(\x0b\x32\x1a.splitpilot.job.v1.JobSpec\x12+\n\x05token\x18\x04 \x01(\x0b\x32\x1c.splitpilot.pipe.v1.JobToken\x12\x32\n\x06\x62roker\x18\x05 \x01(\x0b\x32\".splitpilot.pipe.v1.BrokerEndpoint\x12\x13\n\x0bsandbox_dir\x18\x06 \x01(\t\x12\x14\n\x0csoftware_dir\x18\x07 \x01(\t\x12*\n\x06limits\x18\x08 \x01(\x0b\x32\x1a.splitpilot.pipe.v1.Limits\x12\x15\n\rdeadline_unix\x18\t \x01(\x03\x12\x1f\n\x17\x65xpose_token_to_payload\x18\n \x01(\x08\x12\x1a\n\x12\x62roker_heartbeat_s\x18\x0b \x01(\r\"Z\n\x04Stop\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.splitpilot.pipe.v1.StopReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x12\n\ndeadline_s\x18\x03 \x01(\r\";\n\x0cTokenRefresh\x12+\n\x05token\x18\x01 \x01(\x0b\x32\x1c.splitpilot.pipe.v1.JobToken\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"t\n\x05Ready\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12\x16\n\x0eprotocol_minor\x18\x02 \x01(\r\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x18\n\x10software_version\x18\x05 \x01(\t\"_\n\x0bStateChange\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.splitpilot.job.v1.JobState\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x03\"\x9e\x01\n\tHeartbeat\x12\x13\n\x0bpayload_pid\x18\x01 \x01(\r\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x11\n\trss_bytes\x18\x03 \x01(\x04\x12\x15\n\rsandbox_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cwall_seconds\x18\x05 \x01(\x01\x12\x11\n\tprocesses\x18\x06 \x01(\r\x12\x14\n\x0ctime_unix_ms\x18\x07 \x01(\x03\"o\n\x08LogChunk\x12-\n\x06stream\x18\x01 \x01(\x0e\x32\x1d.splitpilot.pipe.v1.LogStream\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x16\n\x0eskipped_before\x18\x04 \x01(\x08\"\xab\x02\n\x06Result\x12\x30\n\x0b\x66inal_state\x18\x01 \x01(\x0e\x32\x1b.splitpilot.job.v1.JobState\x12\x13\n\texit_code\x18\x02 \x01(\x05H\x00\x12\x10\n\x06signal\x18\x03 \x01(\x05H\x00\x12\x37\n\rfailure_class\x18\x04 \x01(\x0e\x32 .splitpilot.pipe.v1.FailureClass\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0b\x63pu_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x07 \x01(\x01\x12\x15\n\rmax_rss_bytes\x18\x08 \x01(\x04\x12-\n\x07outputs\x18\t \x03(\x0b\x32\x1c.splitpilot.job.v1.InputFileB\r\n\x0btermination\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"E\n\x05\x45rror\x12+\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1d.splitpilot.pipe.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t*\xb6\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_REASON_SLOT_END\x10\x01\x12\x19\n\x15STOP_REASON_PREEMPTED\x10\x02\x12\x16\n\x12STOP_REASON_KILLED\x10\x03\x12\x1e\n\x1aSTOP_REASON_LIMIT_EXCEEDED\x10\x04\x12\x1e\n\x1aSTOP_REASON_AGENT_SHUTDOWN\x10\x05*U\n\tLogStream\x12\x1a\n\x16LOG_STREAM_UNSPECIFIED\x10\x00\x12\x15\n\x11LOG_STREAM_STDOUT\x10\x01\x12\x15\n\x11LOG_STREAM_STDERR\x10\x02*\xb8\x02\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46\x41ILURE_CLASS_PAYLOAD\x10\x01\x12\x17\n\x13\x46\x41ILURE_CLASS_INPUT\x10\x02\x12\x18\n\x14\x46\x41ILURE_CLASS_OUTPUT\x10\x03\x12\x19\n\x15\x46\x41ILURE_CLASS_WRAPPER\x10\x04\x12 \n\x1c\x46\x41ILURE_CLASS_INFRASTRUCTURE\x10\x05\x12\x18\n\x14\x46\x41ILURE_CLASS_KILLED\x10\x06\x12\x19\n\x15\x46\x41ILURE_CLASS_STOPPED\x10\x07\x12\x16\n\x12\x46\x41ILURE_CLASS_NONE\x10\x08\x12\x17\n\x13\x46\x41ILURE_CLASS_LIMIT\x10\t\x12\x18\n\x14\x46\x41ILURE_CLASS_FENCED\x10\n*\x89\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45RROR_CODE_PROTOCOL\x10\x01\x12\x16\n\x12\x45RROR_CODE_VERSION\x10\x02\x12\x16\n\x12\x45RROR_CODE_BAD_JOB\x10\x03\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x04\x42}\n\x16org.splitpilot.pipe.v1B\tPipeProtoP\x01ZAgithub.com/splitpilot/splitpilot/gen/go/splitpilot/pipe/v1;pipev1\xaa\x02\x12Splitpilot.Pipe.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitpilot/pipe/v1/pipe.proto\x12\x12splitpilot.pipe.v1\x1a\x1bsplitpilot/job/v1/job.proto\"\x84\x02\n\x0c\x41gentMessage\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.splitpilot.pipe.v1.HelloH\x00\x12\x31\n\tjob_start\x18\x02 \x01(\x0b\x32\x1c.splitpilot.pipe.v1.JobStartH\x00\x12(\n\x04stop\x18\x03 \x01(\x0b\x32\x18.splitpilot.pipe.v1.StopH\x00\x12\x39\n\rtoken_refresh\x18\x04 \x01(\x0b\x32 .splitpilot.pipe.v1.TokenRefreshH\x00\x12(\n\x04ping\x18\x05 \x01(\x0b\x32\x18.splitpilot.pipe.v1.PingH\x00\x42\x06\n\x04kind\"\xe8\x02\n\x0eWrapperMessage\x12*\n\x05ready\x18\x01 \x01(\x0b\x32\x19.splitpilot.pipe.v1.ReadyH\x00\x12\x37\n\x0cstate_change\x18\x02 \x01(\x0b\x32\x1f.splitpilot.pipe.v1.StateChangeH\x00\x12\x32\n\theartbeat\x18\x03 \x01(\x0b\x32\x1d.splitpilot.pipe.v1.HeartbeatH\x00\x12\x31\n\tlog_chunk\x18\x04 \x01(\x0b\x32\x1c.splitpilot.pipe.v1.LogChunkH\x00\x12,\n\x06result\x18\x05 \x01(\x0b\x32\x1a.splitpilot.pipe.v1.ResultH\x00\x12(\n\x04pong\x18\x06 \x01(\x0b\x32\x18.splitpilot.pipe.v1.PongH\x00\x12*\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x19.splitpilot.pipe.v1.ErrorH\x00\x42\x06\n\x04kind\"c\n\x05Hello\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12\x16\n\x0eprotocol_minor\x18\x02 \x01(\r\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x18\n\x10software_version\x18\x04 \x01(\t\"T\n\x08JobToken\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x17\n\x0fprivate_key_pem\x18\x02 \x01(\x0c\x12\x16\n\x0enot_after_unix\x18\x03 \x01(\x03\"1\n\x0e\x42rokerEndpoint\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\"O\n\x06Limits\x12\r\n\x05\x63ores\x18\x01 \x01(\r\x12\x11\n\tmemory_mb\x18\x02 \x01(\x04\x12\x0f\n\x07\x64isk_mb\x18\x03 \x01(\x04\x12\x12\n\nwalltime_s\x18\x04 \x01(\x04\"\xfe\x02\n\x08JobStart\x12\x0e\n\x06job_id\x18\x01 \x01(\x04\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12(\n\x04spec\x18\x03 \x01(\x0b\x32\x1a.splitpilot.job.v1.JobSpec\x12+\n\x05token\x18\x04 \x01(\x0b\x32\x1c.splitpilot.pipe.v1.JobToken\x12\x32\n\x06\x62roker\x18\x05 \x01(\x0b\x32\".splitpilot.pipe.v1.BrokerEndpoint\x12\x13\n\x0bsandbox_dir\x18\x06 \x01(\t\x12\x14\n\x0csoftware_dir\x18\x07 \x01(\t\x12*\n\x06limits\x18\x08 \x01(\x0b\x32\x1a.splitpilot.pipe.v1.Limits\x12\x15\n\rdeadline_unix\x18\t \x01(\x03\x12\x1f\n\x17\x65xpose_token_to_payload\x18\n \x01(\x08\x12\x1a\n\x12\x62roker_heartbeat_s\x18\x0b \x01(\r\x12\x1b\n\x13liveness_from_agent\x18\x0c \x01(\x08\"Z\n\x04Stop\x12.\n\x06reason\x18\x01 \x01(\x0e\x32\x1e.splitpilot.pipe.v1.StopReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x12\n\ndeadline_s\x18\x03 \x01(\r\";\n\x0cTokenRefresh\x12+\n\x05token\x18\x01 \x01(\x0b\x32\x1c.splitpilot.pipe.v1.JobToken\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"t\n\x05Ready\x12\x16\n\x0eprotocol_major\x18\x01 \x01(\r\x12\x16\n\x0eprotocol_minor\x18\x02 \x01(\r\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x18\n\x10software_version\x18\x05 \x01(\t\"_\n\x0bStateChange\x12*\n\x05state\x18\x01 \x01(\x0e\x32\x1b.splitpilot.job.v1.JobState\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\x12\x14\n\x0ctime_unix_ms\x18\x03 \x01(\x03\"\x9e\x01\n\tHeartbeat\x12\x13\n\x0bpayload_pid\x18\x01 \x01(\r\x12\x13\n\x0b\x63pu_seconds\x18\x02 \x01(\x01\x12\x11\n\trss_bytes\x18\x03 \x01(\x04\x12\x15\n\rsandbox_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cwall_seconds\x18\x05 \x01(\x01\x12\x11\n\tprocesses\x18\x06 \x01(\r\x12\x14\n\x0ctime_unix_ms\x18\x07 \x01(\x03\"o\n\x08LogChunk\x12-\n\x06stream\x18\x01 \x01(\x0e\x32\x1d.splitpilot.pipe.v1.LogStream\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x16\n\x0eskipped_before\x18\x04 \x01(\x08\"\xab\x02\n\x06Result\x12\x30\n\x0b\x66inal_state\x18\x01 \x01(\x0e\x32\x1b.splitpilot.job.v1.JobState\x12\x13\n\texit_code\x18\x02 \x01(\x05H\x00\x12\x10\n\x06signal\x18\x03 \x01(\x05H\x00\x12\x37\n\rfailure_class\x18\x04 \x01(\x0e\x32 .splitpilot.pipe.v1.FailureClass\x12\x0f\n\x07message\x18\x05 \x01(\t\x12\x13\n\x0b\x63pu_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwall_seconds\x18\x07 \x01(\x01\x12\x15\n\rmax_rss_bytes\x18\x08 \x01(\x04\x12-\n\x07outputs\x18\t \x03(\x0b\x32\x1c.splitpilot.job.v1.InputFileB\r\n\x0btermination\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\"E\n\x05\x45rror\x12+\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1d.splitpilot.pipe.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t*\xb6\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14STOP_REASON_SLOT_END\x10\x01\x12\x19\n\x15STOP_REASON_PREEMPTED\x10\x02\x12\x16\n\x12STOP_REASON_KILLED\x10\x03\x12\x1e\n\x1aSTOP_REASON_LIMIT_EXCEEDED\x10\x04\x12\x1e\n\x1aSTOP_REASON_AGENT_SHUTDOWN\x10\x05*U\n\tLogStream\x12\x1a\n\x16LOG_STREAM_UNSPECIFIED\x10\x00\x12\x15\n\x11LOG_STREAM_STDOUT\x10\x01\x12\x15\n\x11LOG_STREAM_STDERR\x10\x02*\xb8\x02\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x46\x41ILURE_CLASS_PAYLOAD\x10\x01\x12\x17\n\x13\x46\x41ILURE_CLASS_INPUT\x10\x02\x12\x18\n\x14\x46\x41ILURE_CLASS_OUTPUT\x10\x03\x12\x19\n\x15\x46\x41ILURE_CLASS_WRAPPER\x10\x04\x12 \n\x1c\x46\x41ILURE_CLASS_INFRASTRUCTURE\x10\x05\x12\x18\n\x14\x46\x41ILURE_CLASS_KILLED\x10\x06\x12\x19\n\x15\x46\x41ILURE_CLASS_STOPPED\x10\x07\x12\x16\n\x12\x46\x41ILURE_CLASS_NONE\x10\x08\x12\x17\n\x13\x46\x41ILURE_CLASS_LIMIT\x10\t\x12\x18\n\x14\x46\x41ILURE_CLASS_FENCED\x10\n*\x89\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45RROR_CODE_PROTOCOL\x10\x01\x12\x16\n\x12\x45RROR_CODE_VERSION\x10\x02\x12\x16\n\x12\x45RROR_CODE_BAD_JOB\x10\x03\x12\x17\n\x13\x45RROR_CODE_INTERNAL\x10\x04\x42}\n\x16org.splitpilot.pipe.v1B\tPipeProtoP\x01ZAgithub.com/splitpilot/splitpilot/gen/go/splitpilot/pipe/v1;pipev1\xaa\x02\x12Splitpilot.Pipe.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,14 +33,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitpilot.pipe.v1.pipe_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\026org.splitpilot.pipe.v1B\tPipeProtoP\001ZAgithub.com/splitpilot/splitpilot/gen/go/splitpilot/pipe/v1;pipev1\252\002\022Splitpilot.Pipe.V1'
-  _globals['_STOPREASON']._serialized_start=2445
-  _globals['_STOPREASON']._serialized_end=2627
-  _globals['_LOGSTREAM']._serialized_start=2629
-  _globals['_LOGSTREAM']._serialized_end=2714
-  _globals['_FAILURECLASS']._serialized_start=2717
-  _globals['_FAILURECLASS']._serialized_end=3029
-  _globals['_ERRORCODE']._serialized_start=3032
-  _globals['_ERRORCODE']._serialized_end=3169
+  _globals['_STOPREASON']._serialized_start=2474
+  _globals['_STOPREASON']._serialized_end=2656
+  _globals['_LOGSTREAM']._serialized_start=2658
+  _globals['_LOGSTREAM']._serialized_end=2743
+  _globals['_FAILURECLASS']._serialized_start=2746
+  _globals['_FAILURECLASS']._serialized_end=3058
+  _globals['_ERRORCODE']._serialized_start=3061
+  _globals['_ERRORCODE']._serialized_end=3198
   _globals['_AGENTMESSAGE']._serialized_start=83
   _globals['_AGENTMESSAGE']._serialized_end=343
   _globals['_WRAPPERMESSAGE']._serialized_start=346
@@ -54,25 +54,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LIMITS']._serialized_start=946
   _globals['_LIMITS']._serialized_end=1025
   _globals['_JOBSTART']._serialized_start=1028
-  _globals['_JOBSTART']._serialized_end=1381
-  _globals['_STOP']._serialized_start=1383
-  _globals['_STOP']._serialized_end=1473
-  _globals['_TOKENREFRESH']._serialized_start=1475
-  _globals['_TOKENREFRESH']._serialized_end=1534
-  _globals['_PING']._serialized_start=1536
-  _globals['_PING']._serialized_end=1557
-  _globals['_READY']._serialized_start=1559
-  _globals['_READY']._serialized_end=1675
-  _globals['_STATECHANGE']._serialized_start=1677
-  _globals['_STATECHANGE']._serialized_end=1772
-  _globals['_HEARTBEAT']._serialized_start=1775
-  _globals['_HEARTBEAT']._serialized_end=1933
-  _globals['_LOGCHUNK']._serialized_start=1935
-  _globals['_LOGCHUNK']._serialized_end=2046
-  _globals['_RESULT']._serialized_start=2049
-  _globals['_RESULT']._serialized_end=2348
-  _globals['_PONG']._serialized_start=2350
-  _globals['_PONG']._serialized_end=2371
-  _globals['_ERROR']._serialized_start=2373
-  _globals['_ERROR']._serialized_end=2442
+  _globals['_JOBSTART']._serialized_end=1410
+  _globals['_STOP']._serialized_start=1412
+  _globals['_STOP']._serialized_end=1502
+  _globals['_TOKENREFRESH']._serialized_start=1504
+  _globals['_TOKENREFRESH']._serialized_end=1563
+  _globals['_PING']._serialized_start=1565
+  _globals['_PING']._serialized_end=1586
+  _globals['_READY']._serialized_start=1588
+  _globals['_READY']._serialized_end=1704
+  _globals['_STATECHANGE']._serialized_start=1706
+  _globals['_STATECHANGE']._serialized_end=1801
+  _globals['_HEARTBEAT']._serialized_start=1804
+  _globals['_HEARTBEAT']._serialized_end=1962
+  _globals['_LOGCHUNK']._serialized_start=1964
+  _globals['_LOGCHUNK']._serialized_end=2075
+  _globals['_RESULT']._serialized_start=2078
+  _globals['_RESULT']._serialized_end=2377
+  _globals['_PONG']._serialized_start=2379
+  _globals['_PONG']._serialized_end=2400
+  _globals['_ERROR']._serialized_start=2402
+  _globals['_ERROR']._serialized_end=2471
 # @@protoc_insertion_point(module_scope)

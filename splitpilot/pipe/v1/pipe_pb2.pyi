@@ -145,7 +145,7 @@ class Limits(_message.Message):
     def __init__(self, cores: _Optional[int] = ..., memory_mb: _Optional[int] = ..., disk_mb: _Optional[int] = ..., walltime_s: _Optional[int] = ...) -> None: ...
 
 class JobStart(_message.Message):
-    __slots__ = ("job_id", "attempt", "spec", "token", "broker", "sandbox_dir", "software_dir", "limits", "deadline_unix", "expose_token_to_payload", "broker_heartbeat_s")
+    __slots__ = ("job_id", "attempt", "spec", "token", "broker", "sandbox_dir", "software_dir", "limits", "deadline_unix", "expose_token_to_payload", "broker_heartbeat_s", "liveness_from_agent")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class JobStart(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     EXPOSE_TOKEN_TO_PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     BROKER_HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    LIVENESS_FROM_AGENT_FIELD_NUMBER: _ClassVar[int]
     job_id: int
     attempt: int
     spec: _job_pb2.JobSpec
@@ -168,7 +169,8 @@ class JobStart(_message.Message):
     deadline_unix: int
     expose_token_to_payload: bool
     broker_heartbeat_s: int
-    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., token: _Optional[_Union[JobToken, _Mapping]] = ..., broker: _Optional[_Union[BrokerEndpoint, _Mapping]] = ..., sandbox_dir: _Optional[str] = ..., software_dir: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., deadline_unix: _Optional[int] = ..., expose_token_to_payload: _Optional[bool] = ..., broker_heartbeat_s: _Optional[int] = ...) -> None: ...
+    liveness_from_agent: bool
+    def __init__(self, job_id: _Optional[int] = ..., attempt: _Optional[int] = ..., spec: _Optional[_Union[_job_pb2.JobSpec, _Mapping]] = ..., token: _Optional[_Union[JobToken, _Mapping]] = ..., broker: _Optional[_Union[BrokerEndpoint, _Mapping]] = ..., sandbox_dir: _Optional[str] = ..., software_dir: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., deadline_unix: _Optional[int] = ..., expose_token_to_payload: _Optional[bool] = ..., broker_heartbeat_s: _Optional[int] = ..., liveness_from_agent: _Optional[bool] = ...) -> None: ...
 
 class Stop(_message.Message):
     __slots__ = ("reason", "detail", "deadline_s")
