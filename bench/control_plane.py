@@ -110,9 +110,25 @@ class Wrapper:
         self.sequence = 1
 
 
+class Pilot:
+    """One simulated pilot (design "pilot"): its own channel with the agent token, the jobs it runs."""
+
+    __slots__ = ("pilot_id", "channel", "stub", "jobs")
+
+    def __init__(self, pilot_id: str) -> None:
+        self.pilot_id = pilot_id
+        self.channel = self.stub = None
+        self.jobs: list[Wrapper] = []
+
+
 class Generator:
     def __init__(self, spec: dict) -> None:
         self.spec = spec
+        #: "wrapper": every wrapper holds a channel and heartbeats; "pilot": the pilot's heartbeat carries its
+        #: jobs' liveness (RunningAttempt.usage) and a wrapper connects only for its state reports.
+        self.design = spec.get("design", "wrapper")
+        self.per_pilot = int(spec.get("per_pilot", 1))
+        self.pilots: list[Pilot] = []
         self.wrappers: list[Wrapper] = []
         self.errors: dict[str, int] = {}
         self.first_error = ""
@@ -150,9 +166,9 @@ class Generator:
         self.slot = pb.Slot(**SHAPES[0])
         self.leaf_pem = leaf_pem
 
-        async def match_one() -> Wrapper | None:
+        async def match_one(pilot_id: str = spec["pilot"]) -> Wrapper | None:
             key = ec.generate_private_key(ec.SECP256R1())
-            request = pb.MatchRequest(slot=self.slot, pilot_id=spec["pilot"], node=spec["node"],
+            request = pb.MatchRequest(slot=self.slot, pilot_id=pilot_id, node=spec["node"],
                                       job_public_key=key.public_key().public_bytes(der, spki))
             for _ in range(5):
                 try:
@@ -169,6 +185,9 @@ class Generator:
             return None
 
         self.match_one = match_one
+        self.agent_credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.root, private_key=private_key_pem(agent.key),
+            certificate_chain=certificate_pem([agent.chain[0]]))
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
         while True:
@@ -184,27 +203,37 @@ class Generator:
             with open(path, "wb") as handle:
                 pickle.dump(result, handle)
             print(f"done {path}", flush=True)
-        for wrapper in self.wrappers:
-            if wrapper.channel is not None:
-                await wrapper.channel.close()
+        for holder in [*self.wrappers, *self.pilots]:
+            if holder.channel is not None:
+                await holder.channel.close()
         await agent_channel.close()
         return 0
 
     def live(self) -> int:
-        return sum(1 for w in self.wrappers if w.channel is not None)
+        return sum(1 for w in [*self.wrappers, *self.pilots] if w.channel is not None)
 
     # ------------------------------------------------------------ phases
 
     async def phase_match(self, count: str) -> dict:
         count = int(count)
         done: list[Wrapper] = []
+        if self.design == "pilot":
+            # Each job is matched under the pilot that will carry its liveness (PER_PILOT jobs each).
+            self.pilots = [Pilot(f"{self.spec['pilot']}-{i}") for i in range(-(-count // self.per_pilot))]
+            owners = [p for p in self.pilots for _ in range(self.per_pilot)][:count]
+        else:
+            owners = [None] * count
+        todo = list(reversed(owners))
 
         async def agent() -> None:
-            while len(done) < count:
-                wrapper = await self.match_one()
+            while todo:
+                pilot = todo.pop()
+                wrapper = await (self.match_one(pilot.pilot_id) if pilot is not None else self.match_one())
                 if wrapper is None:
                     return
                 done.append(wrapper)
+                if pilot is not None:
+                    pilot.jobs.append(wrapper)
 
         await asyncio.gather(*(agent() for _ in range(AGENTS_PER_PROCESS)))
         self.wrappers.extend(done[:count])
@@ -225,15 +254,40 @@ class Generator:
         wrapper.channel, wrapper.stub = channel, self.rpc_pb.JobServiceStub(channel)
         return True
 
+    async def open_pilot(self, pilot: Pilot) -> bool:
+        channel = self.grpc.aio.secure_channel(self.spec["address"], self.agent_credentials, options=self.options)
+        try:
+            await asyncio.wait_for(channel.channel_ready(), 60)
+        except TimeoutError as exc:
+            self.error("connect", exc)
+            await channel.close()
+            return False
+        pilot.channel, pilot.stub = channel, self.rpc_pb.AgentServiceStub(channel)
+        return True
+
     async def phase_connect(self) -> dict:
         limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-        async def one(wrapper: Wrapper) -> None:
+        async def one(holder) -> None:
             async with limit:
-                await self.open(wrapper)
+                await (self.open_pilot(holder) if isinstance(holder, Pilot) else self.open(holder))
 
-        await asyncio.gather(*(one(w) for w in self.wrappers if w.channel is None))
+        holders = self.pilots if self.design == "pilot" else self.wrappers
+        await asyncio.gather(*(one(h) for h in holders if h.channel is None))
         return {}
+
+    async def report(self, wrapper: Wrapper, states: tuple[int, ...]) -> bool:
+        """Design "pilot": the wrapper connects for its reports and closes its channel after them."""
+        if not await self.open(wrapper):
+            return False
+        try:
+            for state in states:
+                if not await self.update(wrapper, state):
+                    return False
+            return True
+        finally:
+            await wrapper.channel.close()
+            wrapper.channel = wrapper.stub = None
 
     async def update(self, wrapper: Wrapper, state: int) -> bool:
         request = self.pb.UpdateStateRequest(state=state, sequence=wrapper.sequence)
@@ -253,11 +307,16 @@ class Generator:
 
         async def one(wrapper: Wrapper) -> None:
             async with limit:
+                if self.design == "pilot":
+                    await self.report(wrapper, states)
+                    return
                 for state in states:
                     if not await self.update(wrapper, state):
                         return
 
-        await asyncio.gather(*(one(w) for w in self.wrappers if w.stub is not None))
+        live = {id(w) for p in self.pilots for w in p.jobs}
+        await asyncio.gather(*(one(w) for w in self.wrappers
+                               if (id(w) in live if self.design == "pilot" else w.stub is not None)))
 
     async def phase_start(self) -> dict:
         js = self.job_pb2
@@ -326,7 +385,62 @@ class Generator:
                     old.channel = old.stub = None
                 churned[0] += 1
 
+        if self.design == "pilot":
+            return await self.pilot_beat(t0, end, interval, churn_rate, rng)
         tasks = [beat(i, rng.uniform(0, interval)) for i in range(len(slots))]
+        await asyncio.gather(churn(), *tasks)
+        return {"records": records, "churned": churned[0]}
+
+    async def pilot_beat(self, t0: float, end: float, interval: float, churn_rate: float,
+                         rng: random.Random) -> dict:
+        """Design "pilot": each pilot's heartbeat lists its jobs with their usage; churn as in beat."""
+        records: list[tuple[float, float, float]] = []
+        churned = [0]
+        pb, js = self.pb, self.job_pb2
+        usage = pb.AttemptUsage(cpu_seconds=1.0, rss_bytes=1 << 28, sandbox_bytes=1 << 20)
+
+        async def beat(pilot: Pilot, phase: float) -> None:
+            scheduled = t0 + phase
+            while scheduled < end:
+                delay = scheduled - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                request = pb.PilotHeartbeatRequest(
+                    pilot_id=pilot.pilot_id, node=self.spec["node"], cores_in_use=len(pilot.jobs),
+                    running=[pb.RunningAttempt(job_id=w.job_id, attempt=w.attempt, usage=usage) for w in pilot.jobs])
+                started = time.monotonic()
+                try:
+                    answer = await pilot.stub.PilotHeartbeat(request, timeout=30)
+                except self.grpc.aio.AioRpcError as exc:
+                    self.error("PilotHeartbeat", exc)
+                else:
+                    done = time.monotonic()
+                    records.append((done, done - started, started - scheduled))
+                    if answer.stop:
+                        self.errors["PilotHeartbeat: told to stop"] = \
+                            self.errors.get("PilotHeartbeat: told to stop", 0) + len(answer.stop)
+                scheduled += interval
+
+        async def churn() -> None:
+            if churn_rate <= 0:
+                return
+            await asyncio.sleep(max(0.0, t0 - time.monotonic()))
+            while True:
+                await asyncio.sleep(rng.expovariate(churn_rate))
+                if time.monotonic() >= end:
+                    return
+                pilot = rng.choice(self.pilots)
+                index = rng.randrange(len(pilot.jobs))
+                old = pilot.jobs[index]
+                new = await self.match_one(pilot.pilot_id)
+                if new is None or not await self.report(new, (js.JOB_STATE_STARTED, js.JOB_STATE_RUNNING)):
+                    continue
+                self.wrappers.append(new)
+                pilot.jobs[index] = new
+                await self.report(old, (js.JOB_STATE_SAVING, js.JOB_STATE_DONE))
+                churned[0] += 1
+
+        tasks = [beat(p, rng.uniform(0, interval)) for p in self.pilots if p.stub is not None]
         await asyncio.gather(churn(), *tasks)
         return {"records": records, "churned": churned[0]}
 
@@ -428,6 +542,7 @@ class Bench:
                 broker = brokers[p % len(brokers)]
                 spec = {"address": broker.address, "agent_token": self.agent_tokens[p],
                         "pilot": f"cp-{self.run_count}-{p}", "node": f"wn{p:03d}.bench",
+                        "design": a.design, "per_pilot": a.jobs_per_pilot,
                         "result": os.path.join(self.workdir, f"result-{self.run_count}-{p}")}
                 spec_path = os.path.join(self.workdir, f"spec-{self.run_count}-{p}.json")
                 with open(spec_path, "w") as handle:
@@ -467,8 +582,14 @@ class Bench:
             connect, results = phase("connect")
             channels = sum(r["channels"] for r in results)
             cost["connect"] = connect["broker"] / max(1, channels)
+            time.sleep(3)
+            rss_connected = [_rss(b.proc.pid) for b in brokers]
             start, results = phase("start")
-            cost["update"] = start["broker"] / max(1, 2 * channels)
+            pilot_design = a.design == "pilot"
+            if pilot_design:   # each wrapper opened its own channel for STARTED + RUNNING, then closed it
+                cost["update"] = max(0.0, start["broker"] - matched * cost["connect"]) / max(1, 2 * matched)
+            else:
+                cost["update"] = start["broker"] / max(1, 2 * channels)
             errors = _errors(results)
             time.sleep(3)   # let the broker settle: what stays resident is what idle channels hold
             rss1 = [_rss(b.proc.pid) for b in brokers]
@@ -480,14 +601,19 @@ class Bench:
             idle = Probe.delta(idle_before, probe.sample())
             cost["idle_cores"] = idle["broker"] / idle["seconds"]
             cost["idle_db_cores"] = idle["db"] / idle["seconds"]
-            per_channel = (sum(rss1) - sum(rss_matched)) / max(1, channels)
+            # Design pilot: the channels are the pilots' (measured right after they connected); per job is
+            # everything the running jobs added, the allocator's high-water mark of the wrappers' short
+            # connections included.
+            per_channel = (sum(rss_connected if pilot_design else rss1) - sum(rss_matched)) / max(1, channels)
+            per_job = (sum(rss1) - sum(rss_matched)) / max(1, matched)
             print(f"{label}, {size:,} wrappers in {procs} generator processes: matched {matched:,} "
                   f"({matched / match['seconds']:,.0f}/s, broker {cost['match'] * 1e3:.2f} ms CPU each), "
                   f"{channels:,} channels connected in {connect['seconds']:.1f} s (broker "
                   f"{cost['connect'] * 1e3:.2f} ms CPU per TLS handshake), STARTED+RUNNING "
                   f"{start['seconds']:.1f} s ({cost['update'] * 1e3:.2f} ms CPU per update); broker RSS "
                   f"{sum(rss0) / 2**20:,.0f} MiB at start, {sum(rss_matched) / 2**20:,.0f} after matching, "
-                  f"{sum(rss1) / 2**20:,.0f} with the channels: {per_channel / 1024:.1f} KiB per channel; fds "
+                  f"{sum(rss1) / 2**20:,.0f} with the channels: {per_channel / 1024:.1f} KiB per channel, "
+                  f"{per_job / 1024:.1f} KiB per running job; fds "
                   f"{sum(fds0)} -> {sum(fds1)}; idle with the channels open: broker {cost['idle_cores']:.3f} cores"
                   + (f", PostgreSQL {cost['idle_db_cores']:.3f}" if db_pid else "")
                   + (f"; errors {errors}" if errors else ""), flush=True)
@@ -516,10 +642,13 @@ class Bench:
                 if spy is not None:
                     self.finish_profile(spy)
                 row = self.beat_row(label, size, len(brokers), interval, beat, results, cost, per_channel,
-                                    sum(fds1), sum(rss1))
+                                    sum(fds1), sum(rss1), per_job)
                 rows.append(row)
             end, results = phase("end")
-            cost["end_update"] = end["broker"] / max(1, 2 * channels)
+            if pilot_design:
+                cost["end_update"] = max(0.0, end["broker"] - matched * cost["connect"]) / max(1, 2 * matched)
+            else:
+                cost["end_update"] = end["broker"] / max(1, 2 * channels)
             for row in rows:
                 row["end_update"] = cost["end_update"]
             for proc, _log in workers:
@@ -542,28 +671,30 @@ class Bench:
         return max(10.0, interval * (1 if self.args.quick else 2))
 
     def beat_row(self, label: str, size: int, nbrokers: int, interval: float, beat: dict, results: list[dict],
-                 cost: dict, per_channel: float, fds: int, rss: int) -> dict:
+                 cost: dict, per_channel: float, fds: int, rss: int, per_job: float) -> dict:
         records = sorted(r for result in results for r in result["records"])
         latencies = sorted(r[1] for r in records)
         late = sorted(r[2] for r in records)
         heartbeats = len(records)
         churned = sum(r["churned"] for r in results)
         seconds = beat["seconds"]
-        churn_cpu = churned * (cost["match"] + cost["connect"] + 4 * cost["update"])
+        handshakes = 2 if self.args.design == "pilot" else 1   # design pilot: a channel for the start, one for the end
+        churn_cpu = churned * (cost["match"] + handshakes * cost["connect"] + 4 * cost["update"])
         idle_cpu = cost["idle_cores"] * seconds
         per_hb = max(0.0, beat["broker"] - churn_cpu - idle_cpu) / max(1, heartbeats)
         db_per_hb = max(0.0, beat["db"] - cost["idle_db_cores"] * seconds) / max(1, heartbeats)
         gen_cpu = sum(r["cpu"] for r in results) / max(1e-9, max(r["seconds"] for r in results))
+        senders = -(-size // self.args.jobs_per_pilot) if self.args.design == "pilot" else size
         row = {"label": label, "size": size, "brokers": nbrokers, "interval": interval,
-               "hb_rate": heartbeats / seconds, "expected_rate": size / interval, "churn_rate": churned / seconds,
+               "hb_rate": heartbeats / seconds, "churn_rate": churned / seconds, "expected_rate": senders / interval,
                "broker_cores": beat["broker"] / seconds, "per_broker_cores": [c / seconds for c in beat["brokers"]],
                "db_cores": beat["db"] / seconds, "gen_cores": gen_cpu, "machine_cores": beat["machine_cores"],
                "cpu_per_hb": per_hb, "db_per_hb": db_per_hb,
                "p50": _quantile(latencies, 0.5), "p99": _quantile(latencies, 0.99),
                "max": latencies[-1] if latencies else float("nan"), "late_p99": _quantile(late, 0.99),
-               "per_channel": per_channel, "fds": fds, "rss": rss, "errors": _errors(results),
+               "per_channel": per_channel, "per_job": per_job, "fds": fds, "rss": rss, "errors": _errors(results),
                **{f"c_{k}": v for k, v in cost.items()}}
-        print(f"  {label}, {size:,} wrappers, heartbeat every {interval:g} s: {row['hb_rate']:,.0f} heartbeats/s "
+        print(f"  {label}, {size:,} jobs, heartbeat every {interval:g} s: {row['hb_rate']:,.0f} heartbeats/s "
               f"(offered {row['expected_rate']:,.0f}/s), {row['churn_rate']:.2f} jobs/s churned; broker "
               f"{row['broker_cores']:.3f} cores" + (f" ({' + '.join(f'{c:.3f}' for c in row['per_broker_cores'])})"
                                                      if nbrokers > 1 else "")
@@ -654,7 +785,7 @@ class Bench:
         print()
         print(f"{'run':<22} {'wrappers':>8} {'I s':>4} {'hb/s':>6} {'broker':>6} {'us/hb':>6} {'pg':>5} "
               f"{'p50 ms':>7} {'p99 ms':>7} {'late99':>6} {'KiB/ch':>6} {'fds':>6} {'RSS MiB':>7} {'match':>6} "
-              f"{'tls':>6} {'upd':>6} {'gen':>5}")
+              f"{'tls':>6} {'upd':>6} {'gen':>5} {'KiB/job':>7}")
         for r in self.rows:
             db = f"{r['db_cores']:.2f}" if r["db_cores"] else "-"
             print(f"{r['label']:<22} {r['size']:>8,} {r['interval']:>4g} {r['hb_rate']:>6,.0f} "
@@ -663,7 +794,7 @@ class Bench:
                   f"{r['p50'] * 1e3:>7.1f} {r['p99'] * 1e3:>7.1f} {r['late_p99'] * 1e3:>6.0f} "
                   f"{r['per_channel'] / 1024:>6.1f} {r['fds']:>6,} {r['rss'] / 2**20:>7,.0f} "
                   f"{r['c_match'] * 1e3:>6.2f} {r['c_connect'] * 1e3:>6.2f} {r['c_update'] * 1e3:>6.2f} "
-                  f"{r['gen_cores']:>5.2f}")
+                  f"{r['gen_cores']:>5.2f} {r['per_job'] / 1024:>7.1f}")
         print("  (broker: cores used by the broker process(es) in the window; us/hb: broker CPU per heartbeat, the "
               "churn's share taken out; pg: PostgreSQL cores; late99: how late the generators sent, p99 ms; "
               "KiB/ch: broker RSS per idle connected channel; match/tls/upd: broker CPU ms per Match, per TLS "
@@ -672,19 +803,27 @@ class Bench:
         if not sqlite:
             return 1
         model = sqlite[-1]
-        c_hb = model["cpu_per_hb"]
-        c_job = model["c_match"] + model["c_connect"] + 2 * model["c_update"] + 2 * model["end_update"]
-        c_idle = model["c_idle_cores"] / model["size"]      # core-seconds per second per idle channel
+        pilot_design = a.design == "pilot"
+        per_hb_jobs = a.jobs_per_pilot if pilot_design else 1    # jobs whose liveness one heartbeat carries
+        c_hb = model["cpu_per_hb"] / per_hb_jobs
+        c_job = (model["c_match"] + (2 if pilot_design else 1) * model["c_connect"] + 2 * model["c_update"]
+                 + 2 * model["end_update"])
+        c_idle = model["c_idle_cores"] / model["size"]      # core-seconds per second per running job
         per_wrapper = c_idle + c_hb / a.interval + c_job / a.job_length
         per_core = int(1 / per_wrapper) if per_wrapper > 0 else 0
         if self.profile_text:
             print("\nWhere the broker's event-loop thread spends its time (py-spy, heartbeat window):")
             print(self.profile_text)
-        print(f"\nModel (SQLite, {model['size']:,} wrappers): one wrapper costs c_idle + c_hb / I + c_job / L = "
+        if pilot_design:
+            print(f"\nDesign 'pilot': {a.jobs_per_pilot} jobs per pilot; one heartbeat carries them all (c_hb below "
+                  f"is per job: {model['cpu_per_hb'] * 1e6:,.0f} us per pilot heartbeat / {a.jobs_per_pilot}); "
+                  "each job's wrapper opens a channel for its start and one for its end.")
+        print(f"\nModel (SQLite, {model['size']:,} jobs): one running job costs c_idle + c_hb / I + c_job / L = "
               f"{c_idle * 1e6:.1f} us/s + {c_hb * 1e6:,.0f} us / {a.interval:g} s + {c_job * 1e3:.2f} ms / "
               f"{a.job_length:,.0f} s = "
               f"{per_wrapper * 1e6:.1f} us of broker CPU per second, so one core holds {per_core:,} wrappers "
-              f"(c_job = match {model['c_match'] * 1e3:.2f} + TLS handshake {model['c_connect'] * 1e3:.2f} + "
+              f"(c_job = match {model['c_match'] * 1e3:.2f} + {2 if pilot_design else 1} x TLS handshake "
+              f"{model['c_connect'] * 1e3:.2f} + "
               f"2 x {model['c_update'] * 1e3:.2f} + 2 x {model['end_update'] * 1e3:.2f} ms).")
         sweep = [r for r in self.rows if r["brokers"] == 1 and r["size"] == model["size"]]
         ok = [r for r in self.rows if r["brokers"] == 1 and r["p99"] < TARGET_P99_S and r["late_p99"] < 0.5]
@@ -692,7 +831,7 @@ class Bench:
             best = max(ok, key=lambda r: r["hb_rate"])
             print(f"Highest heartbeat rate measured with p99 < 1 s: {best['hb_rate']:,.0f}/s ({best['size']:,} "
                   f"wrappers every {best['interval']:g} s) at {best['broker_cores']:.2f} broker cores: "
-                  f"{best['hb_rate'] * a.interval:,.0f} wrappers at {a.interval:g} s heartbeats.")
+                  f"{best['hb_rate'] * a.interval * per_hb_jobs:,.0f} running jobs at {a.interval:g} s heartbeats.")
         if len(sweep) > 1:
             print("Sweep at " + f"{model['size']:,} wrappers: " + "; ".join(
                 f"I={r['interval']:g} s: {r['hb_rate']:,.0f}/s, {r['broker_cores']:.2f} cores, "
@@ -716,10 +855,13 @@ class Bench:
                   f"and {hb_rate * p['db_per_hb']:.1f} cores for the heartbeats alone")
         print("\nTargets:")
         mem = max(r["per_channel"] for r in self.rows) / 1024
+        per_job_mem = max(r["per_job"] for r in self.rows) / 1024
         print(f"  >= {TARGET_PER_CORE:,} wrappers per broker core at {a.interval:g} s: {per_core:,} "
               f"{'met' if per_core >= TARGET_PER_CORE else 'MISSED'}")
         print(f"  <= {TARGET_CHANNEL_KB:.0f} KB broker memory per idle channel: {mem:.1f} KiB (worst size) "
-              f"{'met' if mem * 1.024 <= TARGET_CHANNEL_KB else 'MISSED'}")
+              f"{'met' if mem * 1.024 <= TARGET_CHANNEL_KB else 'MISSED'}; per running job (what the target "
+              f"is for: one channel per {per_hb_jobs} job(s)): {per_job_mem:.1f} KiB "
+              f"{'met' if per_job_mem * 1.024 <= TARGET_CHANNEL_KB else 'MISSED'}")
         print(f"wrappers_per_broker_core: {per_core}")
         return 0
 
@@ -747,6 +889,12 @@ def main() -> int:
     parser.add_argument("--churn-scale", type=float, default=1.0, help="multiply the churn rate (0: none)")
     parser.add_argument("--processes", type=int, default=4, help="generator processes (default 4)")
     parser.add_argument("--no-pg", action="store_true", help="skip PostgreSQL")
+    parser.add_argument("--design", choices=("wrapper", "pilot"), default="wrapper",
+                        help="wrapper: every wrapper holds a channel and heartbeats (brokers before liveness from "
+                             "the pilot, and older agents); pilot: pilot heartbeats carry their jobs' liveness and "
+                             "wrappers connect only for their state reports (default: wrapper)")
+    parser.add_argument("--jobs-per-pilot", type=int, default=8,
+                        help="design pilot: jobs one pilot runs (an 8-core slot of 1-core jobs: 8; default 8)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the broker during the first window of the largest SQLite size "
                              "(pip install py-spy)")
@@ -766,7 +914,10 @@ def main() -> int:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     wanted = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    too_big = [n for n in args.sizes if n + 500 > wanted] + [n for n in args.pg_sizes if n // 2 + 500 > wanted]
+    # A connection per wrapper, or per pilot (design pilot: wrappers connect only for their reports).
+    per = args.jobs_per_pilot if args.design == "pilot" else 1
+    too_big = [n for n in args.sizes if n // per + 500 > wanted] + \
+        [n for n in args.pg_sizes if n // per // 2 + 500 > wanted]
     if too_big:
         parser.error(f"sizes {too_big} need more descriptors than RLIMIT_NOFILE allows here ({wanted}; the hard "
                      "limit can only be raised with CAP_SYS_RESOURCE): use smaller sizes")
