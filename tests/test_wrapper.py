@@ -653,3 +653,20 @@ def test_an_input_that_does_not_fit_the_nodes_disk_is_not_the_jobs_fault(run_job
     assert (result.final_state, result.failure_class) == (S.JOB_STATE_FAILED_WRAPPER,
                                                           F.FAILURE_CLASS_INFRASTRUCTURE), result.message
     assert "this node's disk is full" in result.message and S.JOB_STATE_FAILED_INPUT not in run.states()
+
+
+def test_the_payloads_exit_wakes_the_wrapper_through_its_pidfd(tmp_path):
+    """The wrapper's loop waits on the payload's pidfd (with the pipe) instead of finding its exit at the next
+    50 ms poll: the descriptor is readable once the payload exits, and closed once the exit is collected."""
+    import select
+
+    from pilot.wrapper.payload import Payload
+
+    payload = Payload(["/bin/sh", "-c", "while [ ! -e go ]; do sleep 0.05; done; exit 3"], str(tmp_path),
+                      {"PATH": os.defpath})
+    fd = payload.exit_fd
+    assert fd is not None, "no pidfd: os.pidfd_open needs Linux >= 5.3"
+    assert select.select([fd], [], [], 0.2)[0] == []          # still running: not readable
+    (tmp_path / "go").touch()
+    assert select.select([fd], [], [], 60)[0] == [fd]         # readable at its exit, before anyone polled
+    assert payload.poll().exit_code == 3 and payload.exit_fd is None

@@ -80,13 +80,26 @@ class Payload:
         self.started = time.monotonic()
         self.exit: Exit | None = None
         self.max_rss = 0
+        # Readable the moment the payload exits (Linux >= 5.3): the wrapper's loop wakes on it instead of
+        # finding the exit at its next poll. None where pidfds are missing (the loop's poll still finds it).
+        self.exit_fd: int | None = None
+        try:
+            self.exit_fd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            pass
 
     def poll(self) -> Exit | None:
         if self.exit is None:
             status = self.process.poll()
             if status is not None:
                 self.exit = Exit(status, None) if status >= 0 else Exit(None, -status)
+                self._close_exit_fd()
         return self.exit
+
+    def _close_exit_fd(self) -> None:
+        if self.exit_fd is not None:
+            os.close(self.exit_fd)
+            self.exit_fd = None
 
     def usage(self) -> TreeUsage:
         """The payload's live tree: its session, plus whatever was re-parented to us."""

@@ -46,7 +46,7 @@ from typing import TypeVar
 
 from pilot import __version__
 from pilot.pipe import messages as m
-from pilot.pipe.channel import PipeChannel, PipeTimeout
+from pilot.pipe.channel import WOKEN, PipeChannel, PipeTimeout
 from pilot.pipe.enums import name_of
 from pilot.pipe.errors import PeerClosed, UnsupportedVersion
 from pilot.pipe.protocol import ConnectionClosed
@@ -373,7 +373,8 @@ class Wrapper:
             if now >= next_tick:
                 self._tick(job, tails)
                 next_tick = now + self.settings.tick_s
-            self._serve_agent(min(0.05, max(0.0, next_tick - time.monotonic())))
+            # The payload's exit wakes us at once (its pidfd); the 50 ms bound is for the flags other threads set.
+            self._serve_agent(min(0.05, max(0.0, next_tick - time.monotonic())), wake_fd=payload.exit_fd)
             if self.beat is not None and self.beat.killed and not self.kill_reason:
                 self.kill_reason = "killed at the broker (by its owner or an administrator)"
             if self._fencing() is not None:
@@ -408,13 +409,15 @@ class Wrapper:
         except PeerClosed:
             self.agent_gone = True
 
-    def _serve_agent(self, timeout: float) -> None:
+    def _serve_agent(self, timeout: float, wake_fd: int | None = None) -> None:
         try:
-            event = self.channel.receive(timeout=timeout)
+            event = self.channel.receive(timeout=timeout, wake_fd=wake_fd)
         except PipeTimeout:
             return
         except PeerClosed:
             self.agent_gone = True
+            return
+        if event is WOKEN:
             return
         if event is ConnectionClosed:
             self.agent_gone = True
