@@ -160,10 +160,12 @@ def _register_broker(subparsers) -> None:
                        help="largest total of a job's inputs, and of its outputs (default: %(default)s)")
     serve.add_argument("--max-outputs", type=int, default=1000, metavar="N",
                        help="most output files one job attempt may save (default: %(default)s)")
-    serve.add_argument("--file-store", choices=("local", "database"), default=None,
-                       help="where input and output content lives: local (DIR/files, one broker) or database (in "
-                            "the PostgreSQL store, shared by every broker of it) (default: database with a "
-                            "PostgreSQL --db, local otherwise)")
+    serve.add_argument("--file-store", default=None, metavar="local|database|xrootd://...",
+                       help="where input and output content lives: local (DIR/files, one broker), database (in "
+                            "the PostgreSQL store, shared by every broker of it) or xrootd://HOST:PORT/PATH"
+                            "[?keytab=FILE] (an XRootD server, sss authentication, catalogued in PostgreSQL; "
+                            "keytab default DIR/xrootd.keytab) (default: database with a PostgreSQL --db, local "
+                            "otherwise)")
     serve.add_argument("--file-grace", default="1d", metavar="DURATION",
                        help="content no job refers to any more is removed once older than this; an upload not "
                             "yet used by a submission is kept this long (default: %(default)s)")
