@@ -65,7 +65,7 @@ state directory:
   DIR/host.pem    the broker's TLS certificate (a host token), renewed when needed
   DIR/broker.db   the SQLite database (unless --db names another store)
   DIR/files/      the content-addressed input and output store (--file-store local)
-  DIR/staging/    uploads in flight (--file-store database: the content itself is in the database)
+  DIR/staging/    uploads in flight (--file-store database or xrootd://: the content is elsewhere)
   DIR/address     the address actually bound (with port 0, the chosen port); removed at stop
 
 Give each user a token:  splitpilot token issue --ca DIR/ca --role user --subject alice --out alice.pem

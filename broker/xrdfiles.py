@@ -135,6 +135,11 @@ def use_keytab(path: str) -> None:
                                       "broker process (the XRootD client takes it from the process environment)")
         os.environ["XrdSecPROTOCOL"] = "sss"
         os.environ["XrdSecSSSKT"] = path
+        # Fail fast when the server is down (the library's default waits out 5 connection windows of
+        # 120 s): the caller gets UNAVAILABLE and retries, instead of an RPC hanging for minutes. Read
+        # once, when the library first connects; an operator's own values win.
+        os.environ.setdefault("XRD_CONNECTIONRETRY", "1")
+        os.environ.setdefault("XRD_CONNECTIONWINDOW", "10")
 
 
 class XRootDFileStore:
@@ -149,6 +154,8 @@ class XRootDFileStore:
     def __init__(self, store, server: str, base: str, staging: str, keytab: str, *,
                  max_file_size: int = DEFAULT_MAX_FILE_SIZE, max_job_bytes: int = DEFAULT_MAX_JOB_BYTES,
                  max_job_files: int = DEFAULT_MAX_JOB_FILES) -> None:
+        check_keytab(keytab)
+        use_keytab(keytab)   # before the library is loaded: it reads some of its settings once
         from XRootD import client  # why: the optional `xrootd` extra, only for this store
         from XRootD.client.flags import MkDirFlags
 
@@ -160,8 +167,6 @@ class XRootDFileStore:
         self.max_job_files = max_job_files
         #: Orders this process's own callers only; the database's row locks make concurrent brokers safe.
         self.lock = threading.RLock()
-        check_keytab(keytab)
-        use_keytab(keytab)
         self._tmp = os.path.abspath(staging)
         os.makedirs(self._tmp, mode=0o700, exist_ok=True)
         os.chmod(self._tmp, 0o700)
@@ -221,7 +226,7 @@ class XRootDFileStore:
         handle = self._client.File()
         status, _ = handle.open(self._url(self._remote(sha256)), timeout=TIMEOUT)
         if not status.ok:
-            if status.errno == 3011 or "No such file" in status.message or "not found" in status.message:
+            if _not_found(status):
                 raise LostContent(name, sha256, "is no longer on the broker's XRootD server")
             raise XRootDUnavailable(f"opening {self._remote(sha256)}", status.message.strip())
         status, info = handle.stat(timeout=TIMEOUT)
@@ -260,8 +265,10 @@ class XRootDFileStore:
         gone = []
         for sha in sha256s:
             status, _ = self.fs.rm(self._remote(sha), timeout=TIMEOUT)
-            if status.ok or status.errno == 3011 or "No such file" in status.message:
+            if status.ok or _not_found(status):
                 gone.append(sha)
+            elif not status.errno:   # the server is unreachable, not refusing this one: stop this batch
+                break
         return gone
 
     # ------------------------------------------------------------ writing
@@ -313,6 +320,11 @@ class XRootDFileStore:
                 handle.close(timeout=TIMEOUT)
             self.fs.rm(temporary, timeout=TIMEOUT)
             raise
+
+
+def _not_found(status) -> bool:
+    """Whether an XRootD status says the file does not exist (kXR_NotFound)."""
+    return status.errno == 3011 or "No such file" in status.message
 
 
 class ObjectReader:

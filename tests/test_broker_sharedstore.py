@@ -462,12 +462,13 @@ def test_a_real_agent_and_wrapper_of_broker_b_run_a_job_submitted_through_broker
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(two, tokens, tmp_path, pg_url):
+def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(shared_two, tokens, tmp_path,
+                                                                            pg_url):
     """A job on broker A saves output X and replaces it at once by Y (A frees X unless referenced), while
     Bob uploads the same bytes X through broker B, both started together, 12 times with new bytes. Bob's
     upload succeeds each time, so his owner row names X: X must be in the store afterwards, every time.
     At the end no owner or output row names content the store lacks."""
-    a, b = two
+    a, b = shared_two
     with BrokerClient(a.address, tokens.alice) as alice, AgentClient(a.address, tokens.agent) as agent, \
             BrokerClient(b.address, tokens.bob) as bob:
         submit_one(alice)
@@ -494,6 +495,8 @@ def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(two
                 assert failures == []
                 assert rows(pg_url, "SELECT size FROM contents WHERE sha256 = %s", (uploaded.sha256,)) == \
                     [(uploaded.size,)], f"round {round_}: Bob's upload lost its content"
+                with b.broker.files.open(uploaded.sha256) as stored:   # the bytes too, not only the row
+                    assert stored.read(MiB) == pathlib.Path(x).read_bytes(), f"round {round_}: bytes lost"
     assert rows(pg_url, "SELECT sha256 FROM file_owners UNION SELECT sha256 FROM outputs "
                         "EXCEPT SELECT sha256 FROM contents") == []
 

@@ -32,10 +32,11 @@ from test_broker_trust import (  # noqa: F401  (fixtures)
     start_server,
     submit_one,
     tokens,
+    upload_raw,
     user_channel,
     write,
 )
-from xrootd import make_keytab, xrootd_server, xrootd_url  # noqa: F401  (fixtures: a private XRootD server)
+from xrootd import XRootDServer, make_keytab, xrootd_server, xrootd_url  # noqa: F401  (fixtures: a private XRootD server)
 
 from broker.services.base import utcnow
 from broker.store.base import StoreError
@@ -310,3 +311,34 @@ def test_collection_deletes_objects_on_the_server_and_keeps_what_jobs_need(
             assert alice.output(done_job, tmp_path / "fetched")
     finally:
         server.stop()
+
+
+def test_a_server_outage_is_unavailable_and_changes_nothing(tmp_path, ca_dir, pg_url, xrootd_server, tokens):
+    """The XRootD server goes down (a private one, sharing the session's key). An upload is UNAVAILABLE with
+    the fix (retry later) and leaves no row and no staged file; a job's download is UNAVAILABLE (not
+    DATA_LOSS: nothing is lost); a collection pass removes nothing and keeps every row (not "gone")."""
+    with XRootDServer(keytab=xrootd_server.keytab) as own:
+        server = start_server(tmp_path, ca_dir, db_url=pg_url, file_store=own.url("outage"))
+        try:
+            data = b"a waiting job's input\n" * 100
+            with BrokerClient(server.address, tokens.alice) as alice, \
+                    AgentClient(server.address, tokens.agent) as agent:
+                kept = alice.upload(write(tmp_path / "in", data))
+                alice.upload(write(tmp_path / "garbage", b"garbage\n"))
+                submit_one(alice, input_files=[kept])
+                job = running(match(agent))
+                own.pause()
+                before = content_state(pg_url)
+                with pytest.raises(grpc.RpcError) as info:
+                    upload_raw(server, tokens.alice, "new.dat", b"new bytes\n")
+                assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert "the broker's XRootD file store is unavailable" in info.value.details()
+                assert "fix: retry later" in info.value.details()
+                with pytest.raises(BrokerError) as failed:
+                    job.get_input("in", tmp_path / "sandbox" / "in")
+                assert failed.value.code is grpc.StatusCode.UNAVAILABLE, failed.value.details
+                assert server.collect_once(utcnow() + 2 * DAY)[:2] == (0, 0)
+                assert content_state(pg_url) == before
+                assert os.listdir(os.path.join(server.state_dir, "staging")) == []
+        finally:
+            server.stop()

@@ -96,8 +96,11 @@ def make_keytab(path: str, user: str = "splitpilot") -> None:
 class XRootDServer:
     """A throw-away xrootd server requiring sss; a context manager. `url(base)` is a --file-store URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, keytab: str | None = None) -> None:
         self.binary = find_xrootd()
+        #: The broker's keytab: KEYTAB (another server's, whose key this one then shares: the XRootD client
+        #: takes one keytab per process), else a new one in this server's folder.
+        self._keytab = keytab
         self.dir = ""
         self.port = 0
         self.process: subprocess.Popen | None = None
@@ -112,7 +115,7 @@ class XRootDServer:
     @property
     def keytab(self) -> str:
         """The broker's keytab (this process's user, 0600)."""
-        return os.path.join(self.dir, "broker.keytab")
+        return self._keytab or os.path.join(self.dir, "broker.keytab")
 
     @property
     def log_path(self) -> str:
@@ -141,7 +144,8 @@ class XRootDServer:
         server_keytab = os.path.join(self.dir, "server.keytab")
         os.mkdir(self.export, 0o700)
         os.mkdir(admin, 0o700)
-        make_keytab(self.keytab)
+        if self._keytab is None:
+            make_keytab(self.keytab)
         shutil.copyfile(self.keytab, server_keytab)
         os.chmod(server_keytab, 0o600)
         if owner is not None:
@@ -209,6 +213,10 @@ sec.protbind * only sss
             self._log.close()
             self._log = None
 
+    def pause(self) -> None:
+        """Stop the server as an outage would (its folder stays for inspection; stop() removes it)."""
+        self._terminate()
+
     def stop(self) -> None:
         self._terminate()
         if self.dir:
@@ -234,18 +242,31 @@ sec.protbind * only sss
         self.stop()
 
 
+_session: dict = {"server": None, "users": 0}
+
+
 @pytest.fixture(scope="session")
 def xrootd_server():
-    """The test session's XRootD server (fails, never skips, when xrootd is missing)."""
-    missing = ""
+    """The test session's XRootD server (fails, never skips, when xrootd is missing). One for the whole run
+    however many test modules import this fixture (pytest makes each import a fixture of its own, and the
+    XRootD client takes one keytab per process): started by the first, stopped after the last."""
+    if _session["server"] is None:
+        missing = ""
+        try:
+            server = XRootDServer()
+        except MissingXRootD as exc:
+            missing = str(exc)
+        if missing:
+            pytest.fail(missing, pytrace=False)  # outside the except: no chained traceback
+        _session["server"] = server.__enter__()
+    _session["users"] += 1
     try:
-        server = XRootDServer()
-    except MissingXRootD as exc:
-        missing = str(exc)
-    if missing:
-        pytest.fail(missing, pytrace=False)  # outside the except: no chained traceback
-    with server:
-        yield server
+        yield _session["server"]
+    finally:
+        _session["users"] -= 1
+        if not _session["users"]:
+            _session["server"].stop()
+            _session["server"] = None
 
 
 @pytest.fixture
