@@ -18,9 +18,11 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 from urllib.parse import urlsplit
 
 import grpc
+import psycopg
 import pytest
 from pg import pg_server, pg_url  # noqa: F401  (fixtures: a private PostgreSQL server)
 from test_broker_sharedstore import content_state, rows
@@ -36,6 +38,7 @@ from test_broker_trust import (  # noqa: F401  (fixtures)
     user_channel,
     write,
 )
+from test_pilot_e2e import wait_for
 from xrootd import XRootDServer, make_keytab, xrootd_server, xrootd_url  # noqa: F401  (fixtures: a private XRootD server)
 
 from broker.services.base import utcnow
@@ -342,3 +345,45 @@ def test_a_server_outage_is_unavailable_and_changes_nothing(tmp_path, ca_dir, pg
                 assert os.listdir(os.path.join(server.state_dir, "staging")) == []
         finally:
             server.stop()
+
+
+def test_an_upload_never_sends_before_it_holds_its_row_so_a_collection_cannot_orphan_it(
+        two, tokens, tmp_path, pg_url, xrootd_server, xrootd_url):
+    """The race the design exists for, made deterministic: a collection (here by hand, as a pass of broker A
+    does it) holds content X's row FOR UPDATE and is about to delete X's object and row, when Bob uploads the
+    same bytes through broker B. B's upload must wait for the row before it touches the server (had it sent
+    first, the collection would delete the object Bob's new row then names: content lost). After the
+    collection commits, Bob's upload stores X again: row and object, byte-exact."""
+    a, b = two
+    data = os.urandom(300 * 1024)
+    with BrokerClient(a.address, tokens.alice) as alice:
+        x = alice.upload(write(tmp_path / "x", data))
+    path = pathlib.Path(xrootd_server.local(base_of(xrootd_url), x.sha256))
+    with psycopg.connect(pg_url) as collector:
+        assert collector.execute("SELECT sha256 FROM contents WHERE sha256 = %s FOR UPDATE",
+                                 (x.sha256,)).fetchall() == [(x.sha256,)]
+        done, failures = [], []
+
+        def bob_uploads() -> None:
+            try:
+                done.append(upload_raw(b, tokens.bob, "x.dat", data))
+            except Exception as exc:  # noqa: BLE001 (reported by the main thread)
+                failures.append(exc)
+        thread = threading.Thread(target=bob_uploads)
+        thread.start()
+        try:
+            wait_for(lambda: rows(pg_url, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0] > 0, 60,
+                     "Bob's upload to wait for the collected row")
+            assert path.read_bytes() == data and not done
+            # The collection: object first (under the row lock), then the rows; commit.
+            assert a.broker.files._remove([x.sha256]) == [x.sha256]
+            collector.execute("DELETE FROM file_owners WHERE sha256 = %s", (x.sha256,))
+            collector.execute("DELETE FROM contents WHERE sha256 = %s", (x.sha256,))
+            collector.commit()
+        finally:
+            thread.join(120)
+    assert failures == [] and len(done) == 1 and not done[0].already_present
+    assert rows(pg_url, "SELECT sha256, size FROM contents") == [(x.sha256, len(data))]
+    assert path.read_bytes() == data, "Bob's row names an object the collection deleted"
+    with b.broker.files.open(x.sha256) as stored:
+        assert stored.read(len(data)) == data
