@@ -18,7 +18,11 @@ if the row is new, copies the staged file to PATH/tmp/<sha256>.<random> in
 chunks of 1 MiB and renames it to PATH/<sha256> (atomic on the server's
 file system: a reader never sees half an object), then writes the record
 (an owner row, an output row). An error before the commit removes the object
-again (still under the row's lock).
+again (still under the row's lock). Temporary objects of uploads a crash
+interrupted are removed at start once older than STALE_UPLOAD. An object
+renamed into place whose commit then fails (the connection breaks at that
+instant) has no row and stays on the server: nothing names it, nothing
+collects it.
 
 Reading streams one chunk per read. The object's size is checked against the
 catalogue when it is opened, and the whole digest before the last chunk is
@@ -45,6 +49,7 @@ import hashlib
 import os
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -67,6 +72,8 @@ T = TypeVar("T")
 SCHEMES = ("xrootd", "root")
 #: Seconds one XRootD request may take before it fails (the client library's own default is 30 minutes).
 TIMEOUT = 60
+#: A temporary object this old is a crashed upload's (the largest upload takes minutes), removed at start.
+STALE_UPLOAD = datetime.timedelta(hours=6)
 
 
 class XRootDSettingsError(StoreError):
@@ -182,7 +189,21 @@ class XRootDFileStore:
                                       f"fix: start it, give it the same sss key as {keytab} "
                                       "(sec.protocol sss -s SERVER_KEYTAB; sec.protbind * only sss), and export "
                                       f"{self.base} writable")
+        self._remove_stale_uploads()
         store.contents_in_database = True
+
+    def _remove_stale_uploads(self) -> None:
+        """Temporary objects of uploads interrupted by a crash (of any broker of the server) are never part
+        of the store; those older than STALE_UPLOAD go (younger ones may be another broker's upload in
+        flight)."""
+        from XRootD.client.flags import DirListFlags
+        status, listing = self.fs.dirlist(self._remote_tmp(), DirListFlags.STAT, timeout=TIMEOUT)
+        if not status.ok or listing is None:
+            return
+        oldest = time.time() - STALE_UPLOAD.total_seconds()
+        for entry in listing:
+            if entry.statinfo is not None and entry.statinfo.modtime < oldest:
+                self.fs.rm(self._remote_tmp(entry.name), timeout=TIMEOUT)
 
     @classmethod
     def from_url(cls, store, url: str, state_dir: str, staging: str, **limits) -> XRootDFileStore:

@@ -387,3 +387,23 @@ def test_an_upload_never_sends_before_it_holds_its_row_so_a_collection_cannot_or
     assert path.read_bytes() == data, "Bob's row names an object the collection deleted"
     with b.broker.files.open(x.sha256) as stored:
         assert stored.read(len(data)) == data
+
+
+def test_a_crashed_uploads_temporary_object_is_removed_at_start_and_a_fresh_one_kept(
+        tmp_path, ca_dir, pg_url, xrootd_server, xrootd_url):
+    """A broker that died mid-upload left PATH/tmp/<name> on the server. The next start of a broker removes
+    such objects once older than 6 hours, and keeps a fresh one (another broker's upload in flight)."""
+    first = start_server(tmp_path, ca_dir, db_url=pg_url, file_store=xrootd_url)
+    first.stop()
+    folder = pathlib.Path(xrootd_server.local(base_of(xrootd_url), "tmp"))
+    stale, fresh = folder / "0123456789abcdef.stale", folder / "0123456789abcdef.fresh"
+    for path in (stale, fresh):
+        path.write_bytes(b"half an upload")
+    day_ago = datetime.datetime.now().timestamp() - 86400
+    os.utime(stale, (day_ago, day_ago))
+    server = start_server(tmp_path, ca_dir, db_url=pg_url, file_store=xrootd_url)
+    try:
+        assert sorted(p.name for p in folder.iterdir()) == [fresh.name]
+        assert server.broker.files.remote_temp_files() == [fresh.name]
+    finally:
+        server.stop()
