@@ -1,22 +1,27 @@
 #!/usr/bin/env python3
-"""Sandbox transfer throughput: the PostgreSQL file store against the local folder, in the same run.
+"""Sandbox transfer throughput: the PostgreSQL and XRootD file stores against the local folder, in one run.
 
     python bench/sandbox_store.py [--size MiB] [--rounds N]
 
 A real broker (BrokerServer over mutual TLS, its own CA) runs once with
 SQLite and the local folder (`--file-store local`), once on a private
 PostgreSQL server (tests/pg.py: fsync off, as in every store benchmark here)
-with the database store (`--file-store database`). For each round a fresh
+with the database store (`--file-store database`), then on the same
+PostgreSQL with a private XRootD server (tests/xrootd.py: sss authentication,
+Debian's xrootd 5.5.3, the `xrootd` PyPI client) as the store
+(`--file-store xrootd://...`). For each round a fresh
 random file of --size MiB (default 256) is uploaded with the user API
 (BrokerClient.upload: hashing, streaming, the broker's staging, digest check
 and commit) and downloaded as a job input (JobClient.get_input of a matched
 job: the broker reads and checks each chunk; the client verifies the digest
 and writes the file atomically). Printed: MiB/s per round and the medians;
 the last line is `sandbox_db_download_mib_s: N MiB/s` (the database store's
-median download).
+median download), just before it `sandbox_xrootd_download_mib_s: N MiB/s`.
 
 Measured (2 cores shared with other work, load average 12-15; 256 MiB, medians of 3):
 local folder 67 MiB/s up, 76 MiB/s down; PostgreSQL store 42 MiB/s up, 66 MiB/s down.
+With the XRootD store (load average ~3; 256 MiB, medians of 3): local folder 107 up, 108 down;
+PostgreSQL store 39 up, 78 down; XRootD store 53 MiB/s up, 153 MiB/s down.
 """
 
 from __future__ import annotations
@@ -92,6 +97,7 @@ def main() -> int:
     args = parser.parse_args()
     size = args.size * MiB
     from pg import PostgresCluster
+    from xrootd import XRootDServer
     with tempfile.TemporaryDirectory(prefix="sandbox-bench-") as directory:
         ca_dir = os.path.join(directory, "ca")
         CertificateAuthority.init(ca_dir)
@@ -99,10 +105,16 @@ def main() -> int:
         with PostgresCluster() as cluster:
             database = measure(directory, ca_dir, "database", size, args.rounds, db_url=cluster.url(),
                                file_store="database")
+            with XRootDServer() as xrootd:
+                cluster.reset()
+                on_xrootd = measure(directory, ca_dir, "xrootd", size, args.rounds, db_url=cluster.url(),
+                                    file_store=xrootd.url("bench"))
     print(f"{args.size} MiB file, median of {args.rounds}:")
-    for label, (ups, downs) in (("local folder (SQLite)", local), ("PostgreSQL store", database)):
+    for label, (ups, downs) in (("local folder (SQLite)", local), ("PostgreSQL store", database),
+                                ("XRootD store", on_xrootd)):
         print(f"  {label:22s} upload {statistics.median(ups):6.0f} MiB/s   download {statistics.median(downs):6.0f} "
               "MiB/s")
+    print(f"sandbox_xrootd_download_mib_s: {statistics.median(on_xrootd[1]):.0f} MiB/s")
     print(f"sandbox_db_download_mib_s: {statistics.median(database[1]):.0f} MiB/s")
     return 0
 

@@ -65,7 +65,7 @@ state directory:
   DIR/host.pem    the broker's TLS certificate (a host token), renewed when needed
   DIR/broker.db   the SQLite database (unless --db names another store)
   DIR/files/      the content-addressed input and output store (--file-store local)
-  DIR/staging/    uploads in flight (--file-store database: the content itself is in the database)
+  DIR/staging/    uploads in flight (--file-store database or xrootd://: the content is elsewhere)
   DIR/address     the address actually bound (with port 0, the chosen port); removed at stop
 
 Give each user a token:  splitpilot token issue --ca DIR/ca --role user --subject alice --out alice.pem
@@ -160,10 +160,12 @@ def _register_broker(subparsers) -> None:
                        help="largest total of a job's inputs, and of its outputs (default: %(default)s)")
     serve.add_argument("--max-outputs", type=int, default=1000, metavar="N",
                        help="most output files one job attempt may save (default: %(default)s)")
-    serve.add_argument("--file-store", choices=("local", "database"), default=None,
-                       help="where input and output content lives: local (DIR/files, one broker) or database (in "
-                            "the PostgreSQL store, shared by every broker of it) (default: database with a "
-                            "PostgreSQL --db, local otherwise)")
+    serve.add_argument("--file-store", default=None, metavar="local|database|xrootd://...",
+                       help="where input and output content lives: local (DIR/files, one broker), database (in "
+                            "the PostgreSQL store, shared by every broker of it) or xrootd://HOST:PORT/PATH"
+                            "[?keytab=FILE] (an XRootD server, sss authentication, catalogued in PostgreSQL; "
+                            "keytab default DIR/xrootd.keytab) (default: database with a PostgreSQL --db, local "
+                            "otherwise)")
     serve.add_argument("--file-grace", default="1d", metavar="DURATION",
                        help="content no job refers to any more is removed once older than this; an upload not "
                             "yet used by a submission is kept this long (default: %(default)s)")

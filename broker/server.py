@@ -138,7 +138,8 @@ class BrokerConfig:
     max_job_bytes: int = DEFAULT_MAX_JOB_BYTES
     max_job_files: int = DEFAULT_MAX_JOB_FILES
     #: Where sandbox content lives: "local" (STATE/files), "database" (the job store's database, shared by
-    #: every broker of it; PostgreSQL only); None: "database" with PostgreSQL, "local" with SQLite.
+    #: every broker of it; PostgreSQL only), "xrootd://HOST:PORT/PATH[?keytab=FILE]" (an XRootD server,
+    #: catalogued in PostgreSQL: broker.xrdfiles); None: "database" with PostgreSQL, "local" with SQLite.
     file_store: str | None = None
     #: Content nothing refers to any more is removed once older than this (None: never collected).
     file_grace: datetime.timedelta | None = datetime.timedelta(days=1)
@@ -532,6 +533,17 @@ class BrokerServer:
         limits = {"max_file_size": config.max_file_size, "max_job_bytes": config.max_job_bytes,
                   "max_job_files": config.max_job_files}
         kind = file_store_kind(config.file_store, bool(getattr(self.store, "SHARED", False)))
+        if kind == "xrootd":
+            if not getattr(self.store, "SHARED", False):
+                raise BrokerStartError("an xrootd file store needs a PostgreSQL store (its catalogue and locks are "
+                                       "there); fix: --db postgresql://..., or --file-store local")
+            from broker.xrdfiles import XRootDFileStore  # why: the optional `xrootd` extra
+            try:
+                return XRootDFileStore.from_url(self.store, config.file_store or "", config.state_dir,
+                                                os.path.join(config.state_dir, "staging"), **limits)
+            except ImportError as exc:
+                raise BrokerStartError(f"an xrootd file store needs the XRootD client ({exc}); fix: pip install "
+                                       "'splitpilot[xrootd]'") from None
         if kind == "database":
             if not getattr(self.store, "SHARED", False):
                 raise BrokerStartError("file_store = \"database\" needs a PostgreSQL store (the content is "
@@ -636,9 +648,11 @@ def file_store_kind(choice: str | None, shared_store: bool) -> str:
     (PostgreSQL) and "local" otherwise."""
     if choice is None:
         return "database" if shared_store else "local"
+    if choice.startswith(("xrootd://", "root://")):
+        return "xrootd"
     if choice not in FILE_STORES:
-        raise BrokerStartError(f"file store {choice!r} is not one of {', '.join(FILE_STORES)}; fix: "
-                               "--file-store local or --file-store database")
+        raise BrokerStartError(f"file store {choice!r} is not one of {', '.join(FILE_STORES)}, xrootd://HOST:PORT/"
+                               "PATH; fix: --file-store local, --file-store database or --file-store xrootd://...")
     return choice
 
 

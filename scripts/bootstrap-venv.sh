@@ -27,5 +27,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 echo "bootstrap-venv: installing splitpilot and its test dependencies into $venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e '.[broker,condor,test]'
+"$venv/bin/python" -m pip install --quiet -e '.[broker,condor,xrootd,test]'
 echo "bootstrap-venv: ready ($("$venv/bin/splitpilot" --version))"

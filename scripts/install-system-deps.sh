@@ -13,11 +13,13 @@
 #   systemd: systemd-analyze verify checks contrib/'s service units (tests/test_config.py)
 #   haproxy: the broker fleet behind one address (tests/haproxy.py, tests/test_fleet.py); the tests
 #            run a private one, never the system service
+#   xrootd-server: the XRootD sandbox store (tests/xrootd.py runs a private server; Debian's package
+#            starts no service)
 # Usage: install-system-deps.sh [PACKAGE...]   (default: all of the above)
 set -eu
 
 packages="protobuf-compiler libprotobuf-java libprotobuf-dev g++ pkg-config bubblewrap podman runc debootstrap catatonit postgresql docker.io chromium"
-packages="$packages systemd haproxy"
+packages="$packages systemd haproxy xrootd-server"
 # Callers may name the packages they need instead (make demo: only debootstrap).
 [ "$#" -gt 0 ] && packages="$*"
 # A JDK and npm are asked for only when their commands are missing: machines often have them from

@@ -1,6 +1,8 @@
-# ruff: noqa: F811  (pytest fixtures imported from test_broker_trust and pg are parameters here)
+# ruff: noqa: F811  (pytest fixtures imported from test_broker_trust, pg and xrootd are parameters here)
 """The shared sandbox store: two real brokers (BrokerServer over mutual TLS) on one real PostgreSQL database,
-content in the database (broker.dbfiles), and garbage collection on both file stores.
+content in the database (broker.dbfiles) or on a real XRootD server (broker.xrdfiles, where marked:
+shared_two, the collection tests; tests/test_broker_xrootd.py has the rest), and garbage collection on
+every file store.
 
 Each test attacks one promise: a job runs through the other broker with its inputs and outputs byte-exact;
 the per-owner rule holds across brokers; damaged or lost content is reported as the broker's fault and never
@@ -35,10 +37,12 @@ from test_broker_trust import (  # noqa: F401  (fixtures)
     write,
 )
 from test_pilot_e2e import wait_for
+from xrootd import xrootd_server, xrootd_url  # noqa: F401  (fixtures: a private XRootD server)
 
 from broker.dbfiles import DatabaseFileStore
 from broker.files import FileStore
 from broker.services.base import utcnow
+from broker.xrdfiles import XRootDFileStore
 from pilot.api.base import BrokerError
 from pilot.api.client import AgentClient, BrokerClient, PreconditionFailed
 from pilot.api.states import JobState
@@ -58,6 +62,31 @@ def two(tmp_path, ca_dir, pg_url):
     yield a, b
     b.stop()
     a.stop()
+
+
+@pytest.fixture(params=["database", "xrootd"])
+def shared_two(request, tmp_path, ca_dir, pg_url):
+    """Brokers A and B on one PostgreSQL database, with each shared file store: the database, an XRootD server."""
+    store = {"file_store": request.getfixturevalue("xrootd_url")} if request.param == "xrootd" else {}
+    a = start_server(tmp_path, ca_dir, db_url=pg_url, **store)
+    b = start_server(tmp_path, ca_dir, db_url=pg_url, **store)
+    yield a, b
+    b.stop()
+    a.stop()
+
+
+def store_overrides(kind: str, request) -> dict:
+    """BrokerConfig overrides for a KIND of the parametrised collection tests."""
+    if kind == "local-sqlite":
+        return {}
+    overrides = {"db_url": request.getfixturevalue("pg_url")}
+    if kind.startswith("xrootd"):
+        overrides["file_store"] = request.getfixturevalue("xrootd_url")
+    return overrides
+
+
+STORE_TYPES = {"local-sqlite": FileStore, "database-postgresql": DatabaseFileStore,
+               "xrootd-postgresql": XRootDFileStore}
 
 
 def rows(url: str, sql: str, params=()) -> list[tuple]:
@@ -201,12 +230,12 @@ def test_an_upload_interrupted_mid_stream_leaves_no_row(two, tokens, pg_url):
     assert content_state(pg_url) == ([], [], [], [])
 
 
-def test_collection_never_removes_content_a_submission_names(two, tokens, tmp_path, pg_url):
+def test_collection_never_removes_content_a_submission_names(shared_two, tokens, tmp_path, pg_url):
     """Garbage collection on B runs flat out (its cutoff in the future: everything unreferenced is
     garbage at once) while Alice, on A, uploads, submits a job naming the content, and kills it (which
     makes it garbage again). Every submission either is refused (the content went first) or its job's
     input is present while the job waits; the collector did remove content meanwhile (the race ran)."""
-    a, b = two
+    a, b = shared_two
     data = b"raced content\n" * 1000
     stop = threading.Event()
     removed = []
@@ -240,7 +269,8 @@ def test_collection_never_removes_content_a_submission_names(two, tokens, tmp_pa
                 assert rows(pg_url, "SELECT size FROM contents WHERE sha256 = %s", (uploaded.sha256,)) == \
                     [(len(data),)], "a waiting job's input vanished"
                 b.collect_once(utcnow() + 2 * DAY)
-                assert rows(pg_url, "SELECT count(*) FROM chunks WHERE sha256 = %s", (uploaded.sha256,)) == [(1,)]
+                with a.broker.files.open(uploaded.sha256) as stored:   # every byte still there, checked
+                    assert stored.read(len(data)) == data and stored.read() == b""
                 alice.kill(job_id)
     finally:
         stop.set()
@@ -248,17 +278,16 @@ def test_collection_never_removes_content_a_submission_names(two, tokens, tmp_pa
     assert accepted > 0 and sum(removed) > 0, (accepted, refused, sum(removed))
 
 
-@pytest.mark.parametrize("kind", ["local-sqlite", "database-postgresql"])
+@pytest.mark.parametrize("kind", ["local-sqlite", "database-postgresql", "xrootd-postgresql"])
 def test_collection_removes_only_old_content_nothing_refers_to(kind, tmp_path, ca_dir, tokens, request):
     """On both file stores: an upload never used is kept within the grace period and removed after it
     (with its owner row: naming it again says "upload it first"); a waiting job's input and a finished
     job's output are kept however old; the input goes once its job is final. The freed files and bytes
     are counted in the metrics."""
-    overrides = {"db_url": request.getfixturevalue("pg_url")} if kind.endswith("postgresql") else {}
-    server = start_server(tmp_path, ca_dir, **overrides)
+    server = start_server(tmp_path, ca_dir, **store_overrides(kind, request))
     try:
         files = server.broker.files
-        assert isinstance(files, DatabaseFileStore if overrides else FileStore)
+        assert isinstance(files, STORE_TYPES[kind])
         unused, needed, output = b"never used\n" * 10, b"a waiting job's input\n" * 10, b"an output\n" * 10
         with BrokerClient(server.address, tokens.alice) as alice, \
                 AgentClient(server.address, tokens.agent) as agent:
@@ -288,15 +317,15 @@ def test_collection_removes_only_old_content_nothing_refers_to(kind, tmp_path, c
         server.stop()
 
 
-@pytest.mark.parametrize("kind", ["local-sqlite", "database-postgresql"])
+@pytest.mark.parametrize("kind", ["local-sqlite", "database-postgresql", "xrootd-postgresql"])
 def test_output_retention_forgets_old_outputs_and_their_content_goes(kind, tmp_path, ca_dir, tokens, request):
     """--output-retention: the outputs of a job final for longer are forgotten (the job keeps its final
     state) and their content is collected in the same pass; a recent job's outputs, and a running job's,
     are untouched; without the setting nothing is forgotten however old."""
-    overrides = {"db_url": request.getfixturevalue("pg_url")} if kind.endswith("postgresql") else {}
-    server = start_server(tmp_path, ca_dir, output_retention=DAY, **overrides)
+    server = start_server(tmp_path, ca_dir, output_retention=DAY, **store_overrides(kind, request))
     try:
         files = server.broker.files
+        assert isinstance(files, STORE_TYPES[kind])
         old, recent = b"an old output\n" * 10, b"a recent output\n" * 10
         with BrokerClient(server.address, tokens.alice) as alice, \
                 AgentClient(server.address, tokens.agent) as agent:
@@ -397,7 +426,7 @@ def test_a_submission_whose_input_went_after_its_check_stores_nothing(two, token
             rows(pg_url, "SELECT count(*) FROM job_inputs")) == before
 
 
-def test_a_real_agent_and_wrapper_of_broker_b_run_a_job_submitted_through_broker_a(two, tokens, tmp_path):
+def test_a_real_agent_and_wrapper_of_broker_b_run_a_job_submitted_through_broker_a(shared_two, tokens, tmp_path):
     """The issue's failure, end to end with real processes: Alice submits through A a job with a 3 MiB
     input; a real agent (bubblewrap) connected to B only runs it: its wrapper downloads the input from B
     and uploads the output to B; the job is DONE (it was FAILED_INPUT before), and Alice fetches the
@@ -407,7 +436,7 @@ def test_a_real_agent_and_wrapper_of_broker_b_run_a_job_submitted_through_broker
     from test_pilot_e2e import agent_command, wait_final
 
     from pilot.launch import build_software_area
-    a, b = two
+    a, b = shared_two
     base = pathlib.Path(tempfile.mkdtemp(prefix="splitpilot-shared-"))
     try:
         os.chmod(base, 0o755)
@@ -433,12 +462,13 @@ def test_a_real_agent_and_wrapper_of_broker_b_run_a_job_submitted_through_broker
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(two, tokens, tmp_path, pg_url):
+def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(shared_two, tokens, tmp_path,
+                                                                            pg_url):
     """A job on broker A saves output X and replaces it at once by Y (A frees X unless referenced), while
     Bob uploads the same bytes X through broker B, both started together, 12 times with new bytes. Bob's
     upload succeeds each time, so his owner row names X: X must be in the store afterwards, every time.
     At the end no owner or output row names content the store lacks."""
-    a, b = two
+    a, b = shared_two
     with BrokerClient(a.address, tokens.alice) as alice, AgentClient(a.address, tokens.agent) as agent, \
             BrokerClient(b.address, tokens.bob) as bob:
         submit_one(alice)
@@ -465,6 +495,8 @@ def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(two
                 assert failures == []
                 assert rows(pg_url, "SELECT size FROM contents WHERE sha256 = %s", (uploaded.sha256,)) == \
                     [(uploaded.size,)], f"round {round_}: Bob's upload lost its content"
+                with b.broker.files.open(uploaded.sha256) as stored:   # the bytes too, not only the row
+                    assert stored.read(MiB) == pathlib.Path(x).read_bytes(), f"round {round_}: bytes lost"
     assert rows(pg_url, "SELECT sha256 FROM file_owners UNION SELECT sha256 FROM outputs "
                         "EXCEPT SELECT sha256 FROM contents") == []
 
@@ -472,8 +504,10 @@ def test_an_upload_through_b_racing_a_free_through_a_never_loses_its_content(two
 @pytest.mark.parametrize("choice, words", [
     ("database", 'file_store = "database" needs a PostgreSQL store (the content is shared through it); '
                  "fix: --db postgresql://..., or --file-store local"),
-    ("xrootd", "file store 'xrootd' is not one of local, database; fix: --file-store local or --file-store "
-               "database")])
+    ("xrootd", "file store 'xrootd' is not one of local, database, xrootd://HOST:PORT/PATH; fix: --file-store "
+               "local, --file-store database or --file-store xrootd://..."),
+    ("xrootd://127.0.0.1:1094/store", "an xrootd file store needs a PostgreSQL store (its catalogue and locks "
+                                      "are there); fix: --db postgresql://..., or --file-store local")])
 def test_a_file_store_the_database_cannot_hold_is_refused_at_start(tmp_path, ca_dir, choice, words):
     """SQLite cannot share content between brokers: asking for the database store there (or for a store
     that does not exist) stops the start with the fix, before anything listens; nothing is left running."""

@@ -911,15 +911,18 @@ class SqlStore(JobStore):
                                              (sha256, seq)))
         return None if row is None else (bytes(row[0]), bytes(row[1]))
 
-    def free_content(self, sha256: str) -> bool:
+    def free_content(self, sha256: str, remove: Callable[[Sequence[str]], list[str]] | None = None) -> bool:
         """Remove content SHA256 from the database unless an output or owner row refers to it (checked
         under the content row's lock, in one transaction: a concurrent upload of the same bytes either
-        committed its row first, seen here, or waits and stores the content again)."""
+        committed its row first, seen here, or waits and stores the content again). REMOVE: deletes the
+        bytes kept outside the database (broker.xrdfiles), under that lock; the shas it deleted."""
         def body(cur: Cursor) -> bool:
             if cur.row(f"SELECT 1 FROM contents WHERE sha256 = ?{self.FOR_UPDATE}", (sha256,)) is None:
                 return False
             if cur.row("SELECT 1 FROM outputs WHERE sha256 = ? UNION ALL SELECT 1 FROM file_owners "
                        "WHERE sha256 = ? LIMIT 1", (sha256, sha256)) is not None:
+                return False
+            if remove is not None and not remove([sha256]):
                 return False
             cur.run("DELETE FROM chunks WHERE sha256 = ?", (sha256,))
             cur.run("DELETE FROM contents WHERE sha256 = ?", (sha256,))
@@ -945,9 +948,12 @@ class SqlStore(JobStore):
         writer anyway)."""
         return True
 
-    def collect_contents(self, cutoff: datetime.datetime, limit: int = 100) -> list[tuple[str, int]]:
+    def collect_contents(self, cutoff: datetime.datetime, limit: int = 100,
+                         remove: Callable[[Sequence[str]], list[str]] | None = None) -> list[tuple[str, int]]:
         """Remove up to LIMIT unreferenced contents (database file store) created before CUTOFF, with their
-        owner rows; return (sha256, size) of each removed. Empty when another broker is collecting."""
+        owner rows; return (sha256, size) of each removed. Empty when another broker is collecting.
+        REMOVE: deletes the bytes kept outside the database (broker.xrdfiles) while the rows are locked;
+        returns the shas it deleted (the others keep their rows)."""
         ms = to_ms(cutoff)
 
         def body(cur: Cursor) -> list[tuple[str, int]]:
@@ -962,6 +968,8 @@ class SqlStore(JobStore):
             # the lock (a submission or upload that holds the row shared was skipped, or has committed).
             sizes = dict(candidates)
             gone = self._still_unreferenced(cur, sorted(sizes), ms)
+            if remove is not None and gone:
+                gone = remove(gone)
             for chunk in _chunks(gone):
                 marks = ", ".join("?" * len(chunk))
                 cur.run(f"DELETE FROM chunks WHERE sha256 IN ({marks})", chunk)
