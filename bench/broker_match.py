@@ -76,6 +76,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -276,7 +277,8 @@ def free_port() -> int:
 class BrokerProcess:
     """`python -m pilot broker serve` on its own state directory."""
 
-    def __init__(self, name: str, workdir: str, db_url: str, ca_dir: str, cpus: set[int] | None = None) -> None:
+    def __init__(self, name: str, workdir: str, db_url: str, ca_dir: str, cpus: set[int] | None = None,
+                 extra: Sequence[str] = ()) -> None:
         self.name = name
         self.state_dir = os.path.join(workdir, "brokers", name)
         self.log_path = os.path.join(workdir, "logs", f"broker-{name}.log")
@@ -284,7 +286,7 @@ class BrokerProcess:
         argv = [sys.executable, "-m", "apps", "broker", "serve", "--state-dir", self.state_dir, "--db", db_url,
                 "--listen", "127.0.0.1:0", "--ca", ca_dir, "--metrics", f"127.0.0.1:{self.metrics_port}",
                 # Nothing here starts a job: the reaper must not re-queue matched jobs during the run.
-                "--start-timeout", "1h", "--grace", "1s"]
+                "--start-timeout", "1h", "--grace", "1s", *extra]
         os.makedirs(self.state_dir, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.state_dir, "address"))

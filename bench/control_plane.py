@@ -739,7 +739,9 @@ class Bench:
     # ------------------------------------------------------------ scenarios
 
     def broker(self, name: str, db_url: str) -> BrokerProcess:
-        broker = BrokerProcess(name, self.workdir, db_url, self.ca_dir)
+        # Nothing here heartbeats while thousands of jobs are matched and started (several minutes at 50k):
+        # the reaper must not end the first ones meanwhile. The interval the broker advertises stays 30 s.
+        broker = BrokerProcess(name, self.workdir, db_url, self.ca_dir, extra=("--heartbeat-timeout", "2h"))
         broker.wait_ready()
         return broker
 
